@@ -1,0 +1,225 @@
+"""The site: a Flower ClientApp (Message API) that trains and evaluates the global adapter.
+
+What a site needs to know arrives two ways:
+- from the coordinator, in each message: the global adapter (``arrays``) and the run's
+  configuration (``config["fedtune-config"]``, JSON of FedTuneConfig) plus ``server-round``.
+  Everything that must be the same at every site (model, adapter, hyper-parameters) comes
+  from there, so sites cannot drift apart;
+- locally, never sent: which files hold this site's data. In deployment that is
+  ``node_config["data-path"]`` (and ``eval-data-path``, ``site-name``); in ftsim each virtual
+  site's ``partition-id`` indexes the site table given to :func:`make_client_app`.
+
+The base model and tokenizer are cached per process (``_RUNTIME``): in ftsim a Ray worker
+lives for the whole run and serves many virtual sites, so it loads the model once and
+memory does not grow with the number of sites. Tokenized site data is cached per process too.
+
+Only counts and metrics leave the site; data problems are logged locally and reported
+upstream as counts and a category.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.common import adapters
+from fedtune.common.config import FedTuneConfig
+from fedtune.common.data import DataError, Example, load_site_data, split_examples, tokenize_all
+from fedtune.common.evaluation import evaluate_examples
+from fedtune.common.modeling import load_base_model, wrap_peft
+
+from .trainer import train_round
+
+log = logging.getLogger("fedtune.client")
+CONFIG_KEY = "fedtune-config"
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    name: str
+    train: str
+    eval: str | None = None
+
+
+@dataclass
+class Runtime:
+    model: object  # PeftModel
+    tokenizer: object
+    device: object
+    key: tuple
+
+
+@dataclass
+class SiteState:
+    n_records: int
+    n_invalid: int
+    train_items: list
+    dropped_too_long: int
+    eval_examples: list[Example]
+    problem: str | None = None  # a category only; details stay in the site's log
+
+
+_RUNTIME: Runtime | None = None
+_SITE_CACHE: dict[tuple, SiteState] = {}
+
+
+def runtime(cfg: FedTuneConfig, device: str | None = None) -> Runtime:
+    """The process's base model + adapter, loaded once and reused for every task."""
+    global _RUNTIME
+    key = (cfg.model.model_dump_json(), cfg.peft.model_dump_json(), device)
+    if _RUNTIME is None or _RUNTIME.key != key:
+        _RUNTIME = None  # drop the old model before loading another
+        model, tokenizer, dev = load_base_model(cfg.model, device)
+        model = wrap_peft(model, cfg.peft, seed=cfg.train.seed)
+        _RUNTIME = Runtime(model=model, tokenizer=tokenizer, device=dev, key=key)
+    return _RUNTIME
+
+
+def _file_key(path: str | None) -> tuple:
+    if path is None:
+        return (None,)
+    try:
+        st = os.stat(path)
+        return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return (path,)
+
+
+def site_seed(cfg: FedTuneConfig, name: str) -> int:
+    return (cfg.train.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**32)
+
+
+def site_state(site: SiteFiles, cfg: FedTuneConfig, rt: Runtime) -> SiteState:
+    key = (_file_key(site.train), _file_key(site.eval), cfg.data.model_dump_json(), cfg.train.seed, rt.key)
+    if key in _SITE_CACHE:
+        return _SITE_CACHE[key]
+    try:
+        data = load_site_data(site.train, cfg.data)
+        train_ex, eval_ex = data.examples, []
+        if site.eval:
+            eval_ex = load_site_data(site.eval, cfg.data).examples
+        else:
+            train_ex, eval_ex = split_examples(train_ex, cfg.data.eval_fraction, site_seed(cfg, site.name))
+        tok = tokenize_all(train_ex, rt.tokenizer, cfg.data)
+        state = SiteState(data.records_read, data.n_invalid, tok.items, tok.dropped_too_long, eval_ex)
+        if data.invalid:
+            log.warning("site %s: skipped %d of %d records as unusable", site.name, data.n_invalid, data.records_read)
+    except DataError as e:
+        # Full detail (file, line, field) stays in this site's log; upstream gets a category.
+        print(f"[fedtune site {site.name}] data error: {e}", file=sys.stderr, flush=True)
+        state = SiteState(0, 0, [], 0, [], problem="data-error")
+    if not state.problem and not state.train_items:
+        state.problem = "no-usable-examples"
+    _SITE_CACHE[key] = state
+    return state
+
+
+def resolve_site(context: Context, sites: list[SiteFiles] | None) -> SiteFiles:
+    nc = context.node_config
+    if "data-path" in nc:
+        name = str(nc.get("site-name") or f"site-{context.node_id}")
+        return SiteFiles(name, str(nc["data-path"]), str(nc["eval-data-path"]) if nc.get("eval-data-path") else None)
+    if sites is not None and "partition-id" in nc:
+        pid = int(nc["partition-id"])
+        if not 0 <= pid < len(sites):
+            raise ValueError(f"partition-id {pid} has no site (there are {len(sites)})")
+        return sites[pid]
+    raise ValueError("this node has no data: set node_config data-path (ftclient --data FILE)")
+
+
+def _read_message(msg: Message) -> tuple[FedTuneConfig, int, dict]:
+    conf = msg.content["config"]
+    cfg = FedTuneConfig.from_json(str(conf[CONFIG_KEY]))
+    return cfg, int(conf["server-round"]), adapters.to_tensors(adapters.from_arrays(msg.content["arrays"]))
+
+
+def _reply(msg: Message, site: SiteFiles, status: str, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, "status": status})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+def handle_train(msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None) -> Message:
+    cfg, server_round, global_state = _read_message(msg)
+    site = resolve_site(context, sites)
+    rt = runtime(cfg, device)
+    st = site_state(site, cfg, rt)
+    counts = {"records": st.n_records, "invalid-records": st.n_invalid, "dropped-too-long": st.dropped_too_long}
+    if st.problem:
+        # A site with nothing usable never sends an update.
+        return _reply(msg, site, st.problem, {"num-examples": 0, **counts})
+    adapters.set_trainable_state(rt.model, global_state)
+    stats = train_round(
+        rt.model,
+        st.train_items,
+        rt.tokenizer.pad_token_id,
+        cfg.train,
+        rt.device,
+        server_round=server_round,
+        total_rounds=cfg.federation.rounds,
+        seed=site_seed(cfg, site.name),
+    )
+    update = adapters.to_arrays(adapters.delta(adapters.get_trainable_state(rt.model), global_state))
+    metrics = {
+        "num-examples": len(st.train_items),
+        "train-loss": stats.loss_mean,
+        "train-loss-first": stats.loss_first,
+        "train-loss-last": stats.loss_last,
+        "train-steps": stats.steps,
+        "train-seconds": stats.seconds,
+        "train-tokens": stats.tokens,
+        "upload-bytes": adapters.record_nbytes(update),
+        **counts,
+    }
+    return _reply(msg, site, "ok", metrics, update)
+
+
+def handle_evaluate(msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None) -> Message:
+    cfg, _, global_state = _read_message(msg)
+    site = resolve_site(context, sites)
+    rt = runtime(cfg, device)
+    st = site_state(site, cfg, rt)
+    if st.problem or not st.eval_examples:
+        return _reply(msg, site, st.problem or "no-eval-examples", {"num-examples": 0})
+    adapters.set_trainable_state(rt.model, global_state)
+    res = evaluate_examples(rt.model, rt.tokenizer, st.eval_examples, cfg.data, cfg.eval, rt.device)
+    metrics = {"num-examples": res.examples, "eval-loss": res.loss, "answer-tokens": res.answer_tokens}
+    if res.exact_match is not None:
+        metrics["exact-match"] = res.exact_match
+    return _reply(msg, site, "ok", metrics)
+
+
+def make_client_app(sites: list[SiteFiles] | None = None, device: str | None = None) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, sites, device)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, sites, device)
+
+    return app
+
+
+def sites_from_config(cfg: FedTuneConfig, base_dir: str | Path | None = None) -> list[SiteFiles]:
+    def _abs(p: str | None) -> str | None:
+        if p is None:
+            return None
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() or base_dir is None else Path(base_dir) / q)
+
+    return [SiteFiles(s.name, _abs(s.train), _abs(s.eval)) for s in cfg.federation.sites]
+
+
+# For deployment (`flwr` loads "fedtune.client.app:app"): data comes from node_config.
+app = make_client_app()

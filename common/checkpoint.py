@@ -1,0 +1,78 @@
+"""Atomic save/load of global adapters in PEFT format, and of run state.
+
+Each file is written to a temporary name in the same folder, fsync'd, then renamed over
+the target, so a crash leaves either the old file or the new one, never half of one.
+The adapter folder is what ``PeftModel.from_pretrained(base, path)`` reads as is:
+``adapter_config.json`` + ``adapter_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def save_adapter(directory: str | Path, state: Mapping[str, torch.Tensor], peft_config) -> Path:
+    """Write a PEFT adapter folder. ``peft_config``: a peft PeftConfig (e.g. LoraConfig)."""
+    from safetensors.torch import save as save_bytes
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    atomic_write_bytes(d / ADAPTER_WEIGHTS, save_bytes(tensors, metadata={"format": "pt"}))
+    cfg = peft_config.to_dict()
+    # peft writes sets as lists; json can't take sets.
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    atomic_write_json(d / ADAPTER_CONFIG, cfg)
+    return d
+
+
+def load_adapter_state(directory: str | Path) -> OrderedDict[str, torch.Tensor]:
+    d = Path(directory)
+    f = d / ADAPTER_WEIGHTS
+    if not f.is_file():
+        raise FileNotFoundError(f"{d}: no {ADAPTER_WEIGHTS}; not a PEFT adapter folder")
+    return OrderedDict(load_file(str(f)))
+

@@ -1,0 +1,258 @@
+"""The one configuration schema, shared by ftsim, fteval, ftserver and ftclient.
+
+A config file (YAML or TOML) and command-line overrides both feed the same pydantic
+models. Every model forbids unknown keys and non-finite numbers, and every number has
+bounds, so a typo or a NaN fails at start with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MODEL = "default"
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can act on: names the file and the key."""
+
+
+class _Strict(BaseModel):
+    # strict: "3" is not an int, 1 is not a bool; allow_inf_nan: NaN/Inf never get in.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which base model, and where it runs."""
+
+    name: str = Field(
+        DEFAULT_MODEL,
+        description="'default' (SmolLM2-135M-Instruct, provisioned locally), a local HF directory, "
+        "a .gguf file, or a hub id (the only case that reaches the network).",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `name` when `name` is a directory or hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on a GPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_dir: str | None = Field(None, description="Where provisioned models live (default: $FEDTUNE_CACHE or ~/.cache/fedtune).")
+
+    @field_validator("name")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a model: 'default', a directory, a .gguf file or a hub id")
+        return v
+
+
+class PeftSettings(_Strict):
+    """The adapter that sites train and the federation averages."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0, le=1e4)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _nonempty_modules(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and (not v or any(not m.strip() for m in v)):
+            raise ValueError("must be 'all-linear' or a non-empty list of module names")
+        return v
+
+
+DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text"]
+
+
+class DataConfig(_Strict):
+    """How a site's file becomes training examples."""
+
+    format: DataFormat = "auto"
+    max_length: int = Field(512, ge=8, le=131072, description="Tokens per example; longer ones are truncated.")
+    eval_fraction: float = Field(
+        0.1, ge=0.0, le=0.9, description="Share of the train file held out for evaluation when a site has no eval file."
+    )
+    max_invalid_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Bad records skipped and counted up to this share; above it the file is refused."
+    )
+    system_prompt: str | None = Field(None, description="Prepended as a system message (else the chat template's default).")
+
+
+class TrainConfig(_Strict):
+    """Local training at each site, per round."""
+
+    local_steps: int | None = Field(10, ge=1, le=1_000_000, description="Optimizer steps per round.")
+    local_epochs: float | None = Field(None, gt=0, le=1000, description="Or: passes over the site's data per round.")
+    batch_size: int = Field(4, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=4096)
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, le=1.0, description="Share of all steps (over all rounds) spent warming up.")
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm; 0 turns clipping off.")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        if self.local_epochs is not None and self.local_steps is not None:
+            # local_epochs given explicitly wins over the default local_steps.
+            if "local_steps" in self.model_fields_set:
+                raise ValueError("set one of train.local_steps and train.local_epochs, not both")
+            object.__setattr__(self, "local_steps", None)
+        if self.local_epochs is None and self.local_steps is None:
+            raise ValueError("set train.local_steps or train.local_epochs")
+        return self
+
+
+class EvalConfig(_Strict):
+    """What sites measure on their evaluation split each round."""
+
+    max_examples: int = Field(64, ge=1, le=1_000_000, description="Evaluation examples per site (first N of the split).")
+    batch_size: int = Field(8, ge=1, le=4096)
+    exact_match: bool = Field(True, description="Also generate greedy answers and score exact match.")
+    max_new_tokens: int = Field(16, ge=1, le=4096)
+
+
+class SiteConfig(_Strict):
+    """A virtual site in ftsim: a name and its files."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    train: str
+    eval: str | None = None
+
+
+class FederationConfig(_Strict):
+    rounds: int = Field(3, ge=1, le=100_000)
+    strategy: Literal["fedavg"] = "fedavg"
+    min_sites: int = Field(1, ge=1, le=100_000, description="Fewest valid updates a round needs to change the model.")
+    round_timeout_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
+    max_examples_per_update: int = Field(
+        10_000_000, ge=1, le=2**31 - 1, description="An update claiming more examples than this is rejected."
+    )
+    sites: list[SiteConfig] = Field(default_factory=list)
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_names(cls, v: list[SiteConfig]) -> list[SiteConfig]:
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"site names must be unique; repeated: {', '.join(dup)}")
+        return v
+
+
+class SimulationConfig(_Strict):
+    cpus_per_site: float = Field(2.0, gt=0, le=1024, description="Ray resources per virtual site (one worker per this many CPUs).")
+    gpus_per_site: float = Field(0.0, ge=0, le=64)
+
+
+class OutputConfig(_Strict):
+    dir: str | None = Field(None, description="Where a run writes its outputs (ftsim default: ftsim-runs/<time>).")
+    plots: bool = True
+
+
+class FedTuneConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    peft: PeftSettings = Field(default_factory=PeftSettings)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> FedTuneConfig:
+        return cls.model_validate(json.loads(text))
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration ({err.error_count()} problem{'s' if err.error_count() != 1 else ''}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = e["msg"]
+        got = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, (dict, list)) else f" (got {got!r})"
+        lines.append(f"  - {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML or TOML file into a plain dict; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    text = p.read_bytes()
+    try:
+        if p.suffix.lower() == ".toml":
+            data = tomllib.loads(text.decode("utf-8"))
+        elif p.suffix.lower() in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(text.decode("utf-8"))
+        else:
+            raise ConfigError(f"{p}: unknown config type {p.suffix!r}; expected .yaml, .yml, .toml or .json")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where}: YAML syntax error: {getattr(e, 'problem', e)}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: TOML syntax error: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections (model, peft, data, ...) at the top level")
+    return data
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """tree['a']['b'] = value for key 'a.b', creating sections as needed."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: '{part}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-4' -> ('train.lr', 0.0001). Values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FedTuneConfig:
+    """Config file (optional) + dotted overrides -> validated FedTuneConfig."""
+    data = read_config_file(path) if path is not None else {}
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    source = str(path) if path is not None else "configuration"
+    if overrides:
+        source += " (with command-line overrides)" if path is not None else " from command line"
+    try:
+        return FedTuneConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None

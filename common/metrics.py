@@ -1,0 +1,47 @@
+"""Pure metric functions: loss, perplexity, exact match, label accuracy."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+
+def mean_loss(total_nll: float, n_tokens: int) -> float:
+    """Mean negative log-likelihood per answer token (nan when there are none)."""
+    return total_nll / n_tokens if n_tokens > 0 else float("nan")
+
+
+def perplexity(loss: float) -> float:
+    if not math.isfinite(loss):
+        return float("nan")
+    return math.exp(min(loss, 700.0))  # exp(>709) overflows a float
+
+
+def normalize_answer(text: str) -> str:
+    """First non-empty line, trimmed, lower-case, inner whitespace collapsed, trailing period dropped."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return re.sub(r"\s+", " ", line).lower().rstrip(".").strip()
+    return ""
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    if len(predictions) != len(references):
+        raise ValueError(f"exact_match: {len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return float("nan")
+    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
+    return hits / len(references)
+
+
+def label_accuracy(chosen: Sequence[str], references: Sequence[str]) -> float:
+    """Share of examples whose most likely label equals the reference (normalised)."""
+    return exact_match(chosen, references)
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    pairs = [(v, w) for v, w in zip(values, weights) if w > 0 and math.isfinite(v)]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else float("nan")

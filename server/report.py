@@ -1,0 +1,137 @@
+"""report.md and PNG plots from a run's metrics document (metrics.json).
+
+Plotting needs matplotlib (the ``plot`` extra); without it the report still lists the
+numbers and says how to get the plots.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from fedtune.common.checkpoint import atomic_write_bytes
+
+
+def _fmt(x, spec=".3f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return format(x, spec)
+
+
+def site_names(doc: dict) -> list[str]:
+    names: set[str] = set()
+    for r in doc["rounds"]:
+        names.update(r.get("sites", {}))
+    return sorted(names)
+
+
+def series(doc: dict, site: str, key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in doc["rounds"]:
+        v = r.get("sites", {}).get(site, {}).get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            xs.append(r["round"])
+            ys.append(float(v))
+    return xs, ys
+
+
+def write_plots(out: Path, doc: dict) -> list[str]:
+    """loss.png (train and eval loss per site per round) and exact_match.png. -> file names."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    names = site_names(doc)
+    made = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for name in names:
+        for ax, key in zip(axes, ("train_loss", "eval_loss")):
+            xs, ys = series(doc, name, key)
+            if xs:
+                ax.plot(xs, ys, marker="o", label=name)
+    for ax, title in zip(axes, ("train loss (mean over local steps)", "eval loss (answer tokens)")):
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+    made.append("loss.png")
+    if any(series(doc, n, "exact_match")[0] for n in names):
+        fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+        for name in names:
+            xs, ys = series(doc, name, "exact_match")
+            if xs:
+                ax.plot(xs, ys, marker="o", label=name)
+        ax.set_title("exact match of the greedy answer, per site")
+        ax.set_xlabel("round (0 = base model)")
+        ax.set_ylabel("exact match")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        fig.savefig(out / "exact_match.png", dpi=110)
+        plt.close(fig)
+        made.append("exact_match.png")
+    return made
+
+
+def render_markdown(doc: dict, plots: list[str]) -> str:
+    names = site_names(doc)
+    rounds = doc["rounds"]
+    last = rounds[-1]["round"] if rounds else 0
+    lines = [
+        "# fedtune run report",
+        "",
+        f"- model: `{doc['model']}`; adapter: {doc['fedtune']['peft']} ({doc['trainable_params']:,} trainable parameters); "
+        f"aggregation: {doc['fedtune']['strategy']} over {doc['fedtune']['update']}s",
+        f"- sites: {', '.join(names) or 'none'}; rounds: {last}; wall time: {doc['elapsed_s']:.0f} s",
+        "- final adapter: `adapter/` (loads with `PeftModel.from_pretrained(base, 'adapter')`); per-round checkpoints in `checkpoints/`",
+        "",
+        "## Per site: base model (round 0) against the final round",
+        "",
+        "| site | eval loss, base | eval loss, final | exact match, base | exact match, final | examples | bytes sent / round |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    first = rounds[0]["sites"] if rounds else {}
+    final = rounds[-1]["sites"] if rounds else {}
+    for n in names:
+        f0, f1 = first.get(n, {}), final.get(n, {})
+        sent = f1.get("bytes_sent")
+        lines.append(
+            f"| {n} | {_fmt(f0.get('eval_loss'))} | {_fmt(f1.get('eval_loss'))} | {_fmt(f0.get('exact_match'), '.2f')} | "
+            f"{_fmt(f1.get('exact_match'), '.2f')} | {f1.get('examples', '–')} | {f'{sent:,}' if isinstance(sent, int) else '–'} |"
+        )
+    lines += ["", "## Rounds", "", "| round | site | status | train loss | eval loss | exact match | steps | train s | bytes sent |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rounds:
+        for n in names:
+            s = r.get("sites", {}).get(n)
+            if s is None:
+                continue
+            lines.append(
+                f"| {r['round']} | {n} | {s.get('status', 'ok' if r['round'] == 0 else '–')} | {_fmt(s.get('train_loss'))} | "
+                f"{_fmt(s.get('eval_loss'))} | {_fmt(s.get('exact_match'), '.2f')} | {s.get('steps', '–')} | "
+                f"{_fmt(s.get('train_seconds'), '.1f')} | {s.get('bytes_sent', '–')} |"
+            )
+    rejected = [(r["round"], x) for r in rounds for x in r.get("rejected", [])]
+    if rejected:
+        lines += ["", "## Rejected updates", ""]
+        lines += [f"- round {rnd}, {x['site']}: {x['reason']}" for rnd, x in rejected]
+    lines += ["", "## Plots", ""]
+    if plots:
+        lines += [f"![{p}]({p})" for p in plots]
+    else:
+        lines.append("No plots: install the plot extra (`pip install 'fedtune[plot]'`) to get loss.png and exact_match.png.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, doc: dict, plots: bool = True) -> Path:
+    made = write_plots(out, doc) if plots else []
+    path = out / "report.md"
+    atomic_write_bytes(path, render_markdown(doc, made).encode("utf-8"))
+    return path

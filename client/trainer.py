@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,9 +75,12 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int, start_step: in
     name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
     warmup = int(round(cfg.warmup_ratio * total_steps))
     sched = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
-    # Fast-forward to where this round starts. LambdaLR.step is just a multiply per group.
-    for _ in range(start_step):
-        sched.step()
+    # Fast-forward to where this round starts. LambdaLR.step is just a multiply per group;
+    # torch warns that it precedes optimizer.step(), which is the point here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start_step):
+            sched.step()
     return sched
 
 

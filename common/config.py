@@ -8,6 +8,7 @@ bounds, so a typo or a NaN fails at start with a message that names the key.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,28 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL = "default"
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-4 as a float, as YAML 1.2 and TOML do (PyYAML's 1.1 rules need '1.0e-4')."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -201,7 +224,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if p.suffix.lower() == ".toml":
             data = tomllib.loads(text.decode("utf-8"))
         elif p.suffix.lower() in (".yaml", ".yml", ".json"):
-            data = yaml.safe_load(text.decode("utf-8"))
+            data = yaml_load(text.decode("utf-8"))
         else:
             raise ConfigError(f"{p}: unknown config type {p.suffix!r}; expected .yaml, .yml, .toml or .json")
     except UnicodeDecodeError as e:
@@ -238,7 +261,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
+        value = yaml_load(raw) if raw.strip() else raw
     except yaml.YAMLError:
         value = raw
     return key, value

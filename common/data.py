@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +37,7 @@ FORMAT_KEYS = {
     "text": ("text",),
 }
 ROLES = ("system", "user", "assistant")
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,39}$")
 # Used only when a tokenizer ships no chat template (e.g. a plain base model).
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
@@ -182,10 +184,14 @@ def detect_format(record: Any) -> str:
     for fmt, keys in FORMAT_KEYS.items():
         if all(k in record for k in keys):
             return fmt
-    raise RecordError(
-        "cannot tell the format from fields "
-        f"{sorted(record)[:8]}; expected instruction+output, messages, prompt+completion, or text"
-    )
+    # Field names are shown only when they look like names: in a CSV without a header row
+    # the "names" are the first record's content, which must not reach a log.
+    names = sorted(record)
+    if all(isinstance(k, str) and _FIELD_NAME.match(k) for k in names):
+        shown = f"fields {names[:8]}"
+    else:
+        shown = f"{len(names)} fields whose names are not identifiers (is a CSV header row missing?)"
+    raise RecordError(f"cannot tell the format from {shown}; expected instruction+output, messages, prompt+completion, or text")
 
 
 def _text_field(record: dict, key: str, required: bool = True) -> str:

@@ -83,18 +83,16 @@ def generate_answers(model, tokenizer, prompts: list[str], device, max_new_token
 
 
 def choose_labels(model, tokenizer, examples: list[Example], labels: list[str], data_cfg: DataConfig, device, batch_size: int) -> list[str]:
-    """For each chat example, the label whose rendered answer has the lowest NLL."""
-    chosen = []
+    """For each chat example, the label whose rendered answer (label + end of turn) has the lowest NLL."""
+    items = []
     for ex in examples:
         last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
-        prefix = ex.messages[:last]
-        items = []
         for label in labels:
-            t = tokenize_example(Example(messages=[*prefix, {"role": "assistant", "content": label}]), tokenizer, 10**9, data_cfg.system_prompt)
-            items.append(t)
-        _, _, per_item = answer_nll(model, items, tokenizer.pad_token_id, device, batch_size)
-        chosen.append(labels[min(range(len(labels)), key=per_item.__getitem__)])
-    return chosen
+            answer = Example(messages=[*ex.messages[:last], {"role": "assistant", "content": label}])
+            items.append(tokenize_example(answer, tokenizer, 10**9, data_cfg.system_prompt))
+    _, _, nll = answer_nll(model, items, tokenizer.pad_token_id, device, batch_size)
+    k = len(labels)
+    return [labels[min(range(k), key=lambda j: nll[i * k + j])] for i in range(len(examples))]
 
 
 def evaluate_examples(

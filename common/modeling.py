@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -194,11 +195,18 @@ def load_base_model(cfg: ModelConfig, device: str | None = None):
     """-> (model, tokenizer, device). fp32 on CPU, bf16 on a GPU unless cfg.dtype says otherwise."""
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     source, is_local = resolve_model_source(cfg)
     dev = pick_device(cfg, device)
     dtype = pick_dtype(cfg, dev)
     tokenizer = load_tokenizer(source, is_local)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=is_local)
+    # A per-tensor progress bar for a 1-second local load is noise in every worker's log.
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=is_local)
+    finally:
+        hf_logging.enable_progress_bar()
     model.to(dev)
     model.config.use_cache = False
     return model, tokenizer, dev
@@ -225,4 +233,7 @@ def wrap_peft(model, peft: PeftSettings, seed: int = 0):
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    return get_peft_model(model, lora_config(peft, getattr(model.config, "_name_or_path", None)))
+    with warnings.catch_warnings():
+        # peft 0.21 calls transformers' deprecated is_gradient_checkpointing; not ours to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora_config(peft, getattr(model.config, "_name_or_path", None)))

@@ -1,0 +1,185 @@
+"""Figure 1: local training throughput in the ClientApp path vs a plain peft+torch loop.
+
+A  fedtune.client.app.handle_train, called with a hand-built Flower TRAIN Message and Context,
+   exactly as the ClientApp's @app.train() calls it: decode the global adapter, load it,
+   fedtune.client.trainer.train_round, delta, encode the reply. Timed as a whole (wall).
+B  a plain loop on a second copy of the same base model: peft.get_peft_model + AdamW +
+   model(input_ids, attention_mask, labels=labels).loss.backward(); clip; step.
+C  (diagnostic, full run only) B with the loss computed the way train_round computes it
+   (logits[:, :-1].float().transpose(1, 2) -> cross_entropy(reduction="sum") / n_tokens),
+   to attribute an A/B gap to the loss formulation or to the rest of the path.
+
+All arms see the same batches: the token ids train_round picks for site "medical" in round 1
+(its batch order, batch size and max length from default.yaml), starting from the same
+adapter weights and the same dropout seed, so their first-step losses must agree.
+Arms are interleaved (A B [C] A B [C] ...) after one unmeasured warm-up each; the figure is
+the median over repetitions of the per-repetition ratio, so a shared, noisy machine slows
+both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from _common import DATA, DEFAULT_CONFIG, median, say
+
+DROPOUT_SEED = 1234
+
+
+def _pad(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad one batch (independent of fedtune's collate; checked equal to it below)."""
+    width = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for r, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[r, :n] = torch.tensor(it["input_ids"])
+        labels[r, :n] = torch.tensor(it["labels"])
+        mask[r, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def run(steps: int = 3, reps: int = 4, diagnostic: bool = True) -> dict:
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: F401
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from fedtune.client import app as capp
+    from fedtune.client.trainer import batch_order
+    from fedtune.common import adapters
+    from fedtune.common.config import load_config
+    from fedtune.common.data import collate
+    from fedtune.common.modeling import load_base_model
+
+    cfg = load_config(DEFAULT_CONFIG, {"train.local_steps": steps})
+    site = capp.SiteFiles("medical", str(DATA / "medical" / "train.jsonl"), str(DATA / "medical" / "eval.jsonl"))
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+
+    # --- A: the ClientApp's own runtime (base model + adapter, cached per process) and data.
+    rt = capp.runtime(cfg, None)
+    init_state = adapters.get_trainable_state(rt.model)  # = the server's initial adapter (same seed)
+    st = capp.site_state(site, cfg, rt)
+    items, pad_id = st.train_items, rt.tokenizer.pad_token_id
+    seed = capp.site_seed(cfg, site.name)
+    order = batch_order(len(items), cfg.train.batch_size, steps * cfg.train.grad_accum, seed, 0)  # round 1
+    batches = [_pad([items[i] for i in idx], pad_id) for idx in order]
+    for idx, b in zip(order, batches):  # same tensors as the trainer's collate
+        ref = collate([items[i] for i in idx], pad_id)
+        assert all(torch.equal(b[k], ref[k]) for k in ref), "padding differs from fedtune.common.data.collate"
+    tokens_per_rep = int(sum(int(b["attention_mask"].sum()) for b in batches))
+
+    def message() -> Message:
+        content = RecordDict(
+            {
+                "arrays": adapters.to_arrays(init_state),
+                "config": ConfigRecord({capp.CONFIG_KEY: cfg.to_json(), "server-round": 1}),
+            }
+        )
+        return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+    def arm_a() -> dict:
+        msg = message()  # built outside the timing: Flower decodes it before the ClientApp runs
+        torch.manual_seed(DROPOUT_SEED)
+        t0 = time.perf_counter()
+        reply = capp.handle_train(msg, ctx, [site])
+        wall = time.perf_counter() - t0
+        m = reply.content["metrics"]
+        assert reply.content["site"]["status"] == "ok", reply.content["site"]["status"]
+        return {"wall": wall, "loop": float(m["train-seconds"]), "tokens": int(m["train-tokens"]), "loss0": float(m["train-loss-first"])}
+
+    # --- B/C: a plain peft + torch loop on a second copy of the base model.
+    base, _, dev = load_base_model(cfg.model)
+    lcfg = LoraConfig(
+        r=cfg.peft.r,
+        lora_alpha=cfg.peft.alpha,
+        lora_dropout=cfg.peft.dropout,
+        target_modules=cfg.peft.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    plain = get_peft_model(base, lcfg)
+    params = [p for p in plain.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    assert n_trainable == adapters.num_params(init_state), "plain LoRA differs in size from fedtune's"
+    dev_batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
+
+    def arm_plain(lib_loss: bool) -> dict:
+        res = set_peft_model_state_dict(plain, dict(init_state))
+        assert not getattr(res, "unexpected_keys", None)
+        torch.manual_seed(DROPOUT_SEED)
+        t0 = time.perf_counter()
+        opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        plain.train()
+        loss0 = None
+        for b in dev_batches:
+            if lib_loss:
+                logits = plain(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                lab = b["labels"][:, 1:]
+                n_tok = int((lab != -100).sum())
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().transpose(1, 2), lab, ignore_index=-100, reduction="sum"
+                ) / max(n_tok, 1)
+            else:
+                loss = plain(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+            loss.backward()
+            if cfg.train.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if loss0 is None:
+                loss0 = float(loss.detach())
+        wall = time.perf_counter() - t0
+        return {"wall": wall, "loop": wall, "tokens": tokens_per_rep, "loss0": loss0}
+
+    arms = {"A": arm_a, "B": lambda: arm_plain(False)}
+    if diagnostic:
+        arms["C"] = lambda: arm_plain(True)
+    say(f"fig 1: warm-up ({', '.join(arms)}), then {reps} interleaved repetitions of {steps} steps each")
+    warm = {k: f() for k, f in arms.items()}
+    runs: dict[str, list[dict]] = {k: [] for k in arms}
+    for r in range(reps):
+        names = list(arms) if r % 2 == 0 else list(arms)[::-1]  # A B C, C B A, ... : no arm always goes first
+        for k in names:
+            runs[k].append(arms[k]())
+        say(
+            f"  rep {r + 1}/{reps}: "
+            + "  ".join(f"{k} {runs[k][-1]['wall']:.1f} s" for k in arms)
+            + f"  (A's train_round loop {runs['A'][-1]['loop']:.1f} s)"
+        )
+
+    ratio = [b["wall"] / a["wall"] for a, b in zip(runs["A"], runs["B"])]  # tokens equal, so time ratio = throughput ratio
+    ratio_loop = [b["wall"] / a["loop"] for a, b in zip(runs["A"], runs["B"])]
+    out = {
+        "train_throughput_ratio": median(ratio),
+        "train_throughput_ratio_loop_only": median(ratio_loop),
+        "ratios": ratio,
+        "a_tokens_per_s": median([a["tokens"] / a["wall"] for a in runs["A"]]),
+        "b_tokens_per_s": median([tokens_per_rep / b["wall"] for b in runs["B"]]),
+        "a_steps_per_s": median([steps / a["wall"] for a in runs["A"]]),
+        "b_steps_per_s": median([steps / b["wall"] for b in runs["B"]]),
+        "a_overhead_s": median([a["wall"] - a["loop"] for a in runs["A"]]),
+        "loss0": {k: warm[k]["loss0"] for k in arms},
+        "tokens_a": runs["A"][0]["tokens"],
+        "tokens_b": tokens_per_rep,
+        "inputs": {
+            "model": cfg.model.name,
+            "site": "medical (bundled train.jsonl)",
+            "batch_size": cfg.train.batch_size,
+            "max_length": cfg.data.max_length,
+            "batch_shapes": [list(b["input_ids"].shape) for b in batches],
+            "steps_per_rep": steps,
+            "reps": reps,
+            "tokens_per_rep": tokens_per_rep,
+            "lora": f"r={cfg.peft.r} alpha={cfg.peft.alpha:g} dropout={cfg.peft.dropout} {cfg.peft.target_modules}",
+            "trainable_params": n_trainable,
+            "torch_threads": torch.get_num_threads(),
+            "device": str(dev),
+        },
+    }
+    if diagnostic:
+        out["c_over_b"] = median([c["wall"] / b["wall"] for b, c in zip(runs["B"], runs["C"])])
+        out["a_loop_over_c"] = median([a["loop"] / c["wall"] for a, c in zip(runs["A"], runs["C"])])
+    del plain, base
+    return out

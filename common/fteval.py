@@ -1,0 +1,112 @@
+"""fteval: score a base model, or a base model with an adapter, on any site data file.
+
+    fteval --data eval.jsonl                               # the default model
+    fteval --model default --adapter RUN/adapter --data eval.jsonl --labels positive,negative,neutral --out scores.json
+
+Prints and writes: number of examples, mean answer-token loss, perplexity, exact match of
+the greedy answer (first line, trimmed, case-insensitive) and, with --labels, the accuracy
+of choosing the most likely label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .checkpoint import ADAPTER_CONFIG, atomic_write_json
+from .config import DEFAULT_MODEL, ConfigError, DataConfig, EvalConfig, ModelConfig
+from .data import DataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fteval", description="Score a model (optionally with a PEFT adapter) on a data file.")
+    p.add_argument("--model", help="'default', a local HF directory, a .gguf file or a hub id (default: the adapter's base, else 'default')")
+    p.add_argument("--adapter", help="PEFT adapter directory (e.g. an ftsim run's adapter/)")
+    p.add_argument("--data", required=True, help="JSONL, JSON, CSV or Parquet in any supported record format")
+    p.add_argument("--labels", help="comma-separated label set: also score by the most likely label")
+    p.add_argument("--out", help="write the scores as JSON here")
+    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "prompt_completion", "text"])
+    p.add_argument("--max-examples", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-generate", action="store_true", help="skip greedy generation (loss only; faster)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--max-invalid-fraction", type=float, default=0.0, help="skip up to this share of bad records")
+    return p
+
+
+def base_of(adapter: str | None) -> str:
+    if adapter:
+        cfg_file = Path(adapter) / ADAPTER_CONFIG
+        if cfg_file.is_file():
+            name = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+            if name:
+                return name
+    return DEFAULT_MODEL
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
+    from .data import load_site_data
+    from .evaluation import evaluate_examples
+    from .modeling import ModelError, load_base_model
+
+    try:
+        model_cfg = ModelConfig(name=args.model or base_of(args.adapter), device=args.device)
+        data_cfg = DataConfig(format=args.format, max_length=args.max_length, max_invalid_fraction=args.max_invalid_fraction)
+        eval_cfg = EvalConfig(
+            max_examples=args.max_examples or 1_000_000,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            exact_match=not args.no_generate,
+        )
+        labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
+        if args.labels is not None and not labels:
+            raise ConfigError("--labels: give at least one label, e.g. --labels positive,negative,neutral")
+        data = load_site_data(args.data, data_cfg)
+        if args.adapter and not (Path(args.adapter) / ADAPTER_CONFIG).is_file():
+            raise ConfigError(f"--adapter {args.adapter}: no {ADAPTER_CONFIG}; not a PEFT adapter folder")
+        t0 = time.time()
+        model, tokenizer, device = load_base_model(model_cfg)
+        if args.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, args.adapter)
+        res = evaluate_examples(model, tokenizer, data.examples, data_cfg, eval_cfg, device, labels=labels)
+    except (ConfigError, DataError, ModelError) as e:
+        print(f"fteval: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        print(f"fteval: invalid option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    out = {
+        "model": model_cfg.name,
+        "adapter": args.adapter,
+        "data": args.data,
+        "format": data.format,
+        "records": data.records_read,
+        "invalid_records": data.n_invalid,
+        **res.as_dict(),
+        "seconds": round(time.time() - t0, 2),
+    }
+    print(f"examples        {res.examples}" + (f"  (skipped {data.n_invalid} invalid records)" if data.n_invalid else ""))
+    print(f"loss            {res.loss:.4f}  (mean over {res.answer_tokens} answer tokens)")
+    print(f"perplexity      {res.perplexity:.3f}")
+    if res.exact_match is not None:
+        print(f"exact match     {res.exact_match:.4f}")
+    if res.label_accuracy is not None:
+        print(f"label accuracy  {res.label_accuracy:.4f}  (labels: {', '.join(labels)})")
+    if args.out:
+        atomic_write_json(args.out, out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""client/app.py: handle_train / handle_evaluate called directly with hand-built Flower messages."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+
+from fedtune.client import app as client_app
+from fedtune.client.app import SiteFiles, handle_evaluate, handle_train, resolve_site, sites_from_config
+from fedtune.common import adapters
+from fedtune.common.modeling import load_base_model, wrap_peft
+from fedtune.server.aggregation import spec_of, validate_update
+
+SECRET = "SECRET-ACCOUNT-4242-7777"
+NODE = 7
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches(monkeypatch):
+    """The app caches the model and site data per process; every test starts clean."""
+    monkeypatch.setattr(client_app, "_RUNTIME", None)
+    monkeypatch.setattr(client_app, "_SITE_CACHE", {})
+
+
+@pytest.fixture
+def global_state(tiny_config):
+    model, _, _ = load_base_model(tiny_config.model, "cpu")
+    state = adapters.get_trainable_state(wrap_peft(model, tiny_config.peft, seed=tiny_config.train.seed))
+    # Move B away from zero so the global adapter is not the fresh init the site would build anyway.
+    g = torch.Generator().manual_seed(3)
+    return {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+def message(cfg, state, server_round: int, kind: str) -> Message:
+    content = RecordDict(
+        {
+            "arrays": adapters.to_arrays(state),
+            "config": ConfigRecord({"fedtune-config": cfg.to_json(), "server-round": server_round}),
+        }
+    )
+    md = Metadata(
+        run_id=1,
+        message_id=f"msg-{kind}-{server_round}",
+        src_node_id=0,
+        dst_node_id=NODE,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=kind,
+    )
+    return Message(content=content, metadata=md)
+
+
+def context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=NODE, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def write_site(path: Path, n: int = 8) -> Path:
+    recs = [
+        {"instruction": f"Classify the payment for {SECRET} number {i}.", "output": ["groceries", "travel"][i % 2]}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    return path
+
+
+def all_strings(content: RecordDict) -> list[str]:
+    """Every record name, key and (non-tensor) value in a reply, as text."""
+    out = []
+    for name in content.keys():
+        rec = content[name]
+        out.append(name)
+        if isinstance(rec, (ConfigRecord, MetricRecord)):
+            out += [f"{k}={v}" for k, v in rec.items()]
+        else:
+            assert isinstance(rec, ArrayRecord)
+            out += list(rec.keys())
+    return out
+
+
+def test_good_site_replies_with_a_matching_delta(tmp_path, tiny_config, global_state):
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.data.eval_fraction = 0.25
+    data = write_site(tmp_path / "bank.jsonl", 8)
+    msg = message(cfg, global_state, 1, MessageType.TRAIN)
+    reply = handle_train(msg, context({"data-path": str(data), "site-name": "bank"}), None, "cpu")
+
+    assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+    assert reply.metadata.dst_node_id == 0 and reply.metadata.src_node_id == NODE
+    site = reply.content["site"]
+    assert site["name"] == "bank" and site["status"] == "ok"
+    m = reply.content["metrics"]
+    assert m["num-examples"] == 6  # 8 records, round(8 * 0.25) = 2 held out
+    assert m["records"] == 8 and m["invalid-records"] == 0 and m["dropped-too-long"] == 0
+    assert m["train-steps"] == cfg.train.local_steps == 2
+    assert math.isfinite(m["train-loss"]) and m["train-loss-first"] > 0
+
+    arrays = adapters.from_arrays(reply.content["arrays"])
+    assert list(arrays) == list(global_state)
+    assert {k: a.shape for k, a in arrays.items()} == {k: tuple(v.shape) for k, v in global_state.items()}
+    assert all(a.dtype == np.float32 for a in arrays.values())
+    assert validate_update(arrays, spec_of(global_state), m["num-examples"], cfg.federation.max_examples_per_update) == []
+    assert m["upload-bytes"] == adapters.record_nbytes(reply.content["arrays"])
+    assert any(np.abs(a).max() > 0 for a in arrays.values())
+
+    # The reply is local - global: global + delta is the site's trained adapter.
+    local = adapters.get_trainable_state(client_app._RUNTIME.model)
+    rebuilt = adapters.apply_delta(global_state, adapters.to_tensors(arrays))
+    for k in local:
+        torch.testing.assert_close(rebuilt[k], local[k], rtol=0, atol=1e-6)
+
+    # Nothing from the records leaves the site.
+    assert all(isinstance(v, (int, float)) for v in m.values())
+    assert not any(SECRET in s or "groceries" in s for s in all_strings(reply.content))
+
+
+def test_site_with_no_usable_records_sends_no_update(tmp_path, tiny_config, global_state, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"instruction": f"{SECRET} {i}"}) + "\n" for i in range(4)), encoding="utf-8")
+    reply = handle_train(message(tiny_config, global_state, 1, MessageType.TRAIN), context({"data-path": str(bad), "site-name": "broken"}), None, "cpu")
+    assert "arrays" not in reply.content
+    assert reply.content["metrics"]["num-examples"] == 0
+    assert reply.content["site"]["status"] == "data-error"
+    assert not any(SECRET in s for s in all_strings(reply.content))
+    # Detail (file and line) stays in the site's own log.
+    err = capsys.readouterr().err
+    assert str(bad) in err and "line 1" in err
+
+
+def test_site_whose_examples_are_all_too_long(tmp_path, tiny_config, global_state):
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.data.max_length = 8  # every prompt is longer: no answer token survives
+    cfg.data.eval_fraction = 0.0
+    data = write_site(tmp_path / "long.jsonl", 4)
+    reply = handle_train(message(cfg, global_state, 1, MessageType.TRAIN), context({"data-path": str(data)}), None, "cpu")
+    assert "arrays" not in reply.content
+    m = reply.content["metrics"]
+    assert m["num-examples"] == 0 and m["dropped-too-long"] == 4 and m["records"] == 4
+    assert reply.content["site"]["status"] == "no-usable-examples"
+    assert reply.content["site"]["name"] == f"site-{NODE}"  # no site-name given
+
+
+def test_evaluate_on_held_out_split(tmp_path, tiny_config, global_state):
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.data.eval_fraction = 0.5
+    data = write_site(tmp_path / "bank.jsonl", 6)
+    msg = message(cfg, global_state, 0, MessageType.EVALUATE)
+    reply = handle_evaluate(msg, context({"data-path": str(data), "site-name": "bank"}), None, "cpu")
+    assert "arrays" not in reply.content
+    assert reply.content["site"]["status"] == "ok"
+    m = reply.content["metrics"]
+    assert m["num-examples"] == 3
+    assert math.isfinite(m["eval-loss"]) and m["eval-loss"] > 0
+    assert m["answer-tokens"] > 0
+    assert 0.0 <= m["exact-match"] <= 1.0
+    assert not any(SECRET in s for s in all_strings(reply.content))
+
+
+def test_evaluate_uses_the_eval_file_and_the_global_adapter(tmp_path, tiny_config, global_state):
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.eval.exact_match = False
+    train = write_site(tmp_path / "t.jsonl", 4)
+    ev = write_site(tmp_path / "e.jsonl", 3)
+    ctx = context({"data-path": str(train), "eval-data-path": str(ev)})
+    r1 = handle_evaluate(message(cfg, global_state, 1, MessageType.EVALUATE), ctx, None, "cpu")
+    m1 = r1.content["metrics"]
+    assert m1["num-examples"] == 3 and "exact-match" not in m1
+    other = {k: v * 3.0 for k, v in global_state.items()}
+    r2 = handle_evaluate(message(cfg, other, 1, MessageType.EVALUATE), ctx, None, "cpu")
+    assert r2.content["metrics"]["eval-loss"] != pytest.approx(m1["eval-loss"])
+
+
+def test_evaluate_on_a_broken_site(tmp_path, tiny_config, global_state):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"")
+    reply = handle_evaluate(message(tiny_config, global_state, 1, MessageType.EVALUATE), context({"data-path": str(bad)}), None, "cpu")
+    assert reply.content["metrics"]["num-examples"] == 0 and reply.content["site"]["status"] == "data-error"
+
+
+def test_resolve_site():
+    sites = [SiteFiles("a", "a.jsonl"), SiteFiles("b", "b.jsonl", "b-eval.jsonl")]
+    assert resolve_site(context({"partition-id": 1, "num-partitions": 2}), sites) == sites[1]
+    assert resolve_site(context({"data-path": "/d/x.csv", "site-name": "x"}), sites) == SiteFiles("x", "/d/x.csv", None)
+    assert resolve_site(context({"data-path": "x.csv", "eval-data-path": "y.csv"}), None) == SiteFiles(f"site-{NODE}", "x.csv", "y.csv")
+    with pytest.raises(ValueError, match="partition-id 2 has no site"):
+        resolve_site(context({"partition-id": 2}), sites)
+    with pytest.raises(ValueError, match="data-path"):
+        resolve_site(context({}), None)
+
+
+def test_sites_from_config(tmp_path):
+    from fedtune.common.config import load_config
+
+    cfg = load_config(None, {"federation.sites": [{"name": "a", "train": "d/a.jsonl", "eval": "/abs/e.jsonl"}]})
+    assert sites_from_config(cfg, tmp_path) == [SiteFiles("a", str(tmp_path / "d/a.jsonl"), "/abs/e.jsonl")]
+    assert sites_from_config(cfg) == [SiteFiles("a", "d/a.jsonl", "/abs/e.jsonl")]
+
+
+def test_site_seed_differs_by_site_and_is_stable(tiny_config):
+    a = client_app.site_seed(tiny_config, "a")
+    assert a == client_app.site_seed(tiny_config, "a") != client_app.site_seed(tiny_config, "b")
+    assert 0 <= a < 2**32

@@ -1,0 +1,103 @@
+"""server/report.py: report.md and the PNG plots from a hand-made metrics document."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedtune.server.report import render_markdown, series, site_names, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_doc(with_em: bool = True) -> dict:
+    def em(x):
+        return x if with_em else None
+
+    return {
+        "fedtune": {"peft": "lora", "strategy": "fedavg", "update": "delta"},
+        "model": "tiny-llama",
+        "trainable_params": 4096,
+        "config": {},
+        "elapsed_s": 42.4,
+        "rounds": [
+            {
+                "round": 0,
+                "sites": {
+                    "clinic": {"eval_loss": 2.5, "exact_match": em(0.25), "eval_examples": 4},
+                    "bank": {"eval_loss": 3.0, "exact_match": em(0.0), "eval_examples": 4},
+                },
+                "aggregate": {"eval_loss": 2.75},
+            },
+            {
+                "round": 1,
+                "sites": {
+                    "clinic": {"status": "ok", "train_loss": 2.25, "eval_loss": 2.0, "exact_match": em(0.5), "examples": 10, "steps": 2, "train_seconds": 1.25, "bytes_sent": 16384},
+                    "bank": {"status": "rejected", "reason": "a: 2 non-finite value(s)", "train_loss": float("nan"), "eval_loss": 2.9, "exact_match": em(0.0), "examples": 8, "steps": 2, "train_seconds": 1.0, "bytes_sent": 16384},
+                },
+                "rejected": [{"site": "bank", "reason": "a: 2 non-finite value(s)"}],
+                "aggregate": {},
+            },
+            {
+                "round": 2,
+                "sites": {
+                    "clinic": {"status": "ok", "train_loss": 1.75, "eval_loss": 1.5, "exact_match": em(0.75), "examples": 10, "steps": 2, "train_seconds": 1.5, "bytes_sent": 16384},
+                    "bank": {"status": "ok", "train_loss": 2.5, "eval_loss": 2.625, "exact_match": em(0.25), "examples": 8, "steps": 2, "train_seconds": 1.0, "bytes_sent": 16384},
+                },
+                "rejected": [],
+                "aggregate": {},
+            },
+        ],
+    }
+
+
+def test_helpers():
+    doc = make_doc()
+    assert site_names(doc) == ["bank", "clinic"]
+    assert series(doc, "clinic", "eval_loss") == ([0, 1, 2], [2.5, 2.0, 1.5])
+    assert series(doc, "bank", "train_loss") == ([2], [2.5])  # NaN and missing skipped
+
+
+def test_write_report_with_plots(tmp_path):
+    path = write_report(tmp_path, make_doc())
+    assert path == tmp_path / "report.md"
+    md = path.read_text(encoding="utf-8")
+    assert "| site | eval loss, base | eval loss, final | exact match, base | exact match, final | examples | bytes sent / round |" in md
+    assert "| clinic | 2.500 | 1.500 | 0.25 | 0.75 | 10 | 16,384 |" in md
+    assert "| bank | 3.000 | 2.625 | 0.00 | 0.25 | 8 | 16,384 |" in md
+    assert "| 1 | bank | rejected | – | 2.900 | 0.00 | 2 | 1.0 | 16384 |" in md
+    assert "| 0 | clinic | ok | – | 2.500 | 0.25 | – | – | – |" in md
+    assert "- round 1, bank: a: 2 non-finite value(s)" in md
+    assert "sites: bank, clinic; rounds: 2; wall time: 42 s" in md
+    assert "4,096 trainable parameters" in md
+    for png in ("loss.png", "exact_match.png"):
+        f = tmp_path / png
+        assert f.read_bytes()[:8] == PNG_MAGIC and f.stat().st_size > 5000
+        assert f"![{png}]({png})" in md
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_no_exact_match_plot_without_exact_match(tmp_path):
+    md = write_report(tmp_path, make_doc(with_em=False)).read_text()
+    assert (tmp_path / "loss.png").is_file()
+    assert not (tmp_path / "exact_match.png").exists()
+    assert "| clinic | 2.500 | 1.500 | – | – | 10 | 16,384 |" in md
+
+
+def test_report_without_plots(tmp_path):
+    md = write_report(tmp_path, make_doc(), plots=False).read_text()
+    assert not list(tmp_path.glob("*.png"))
+    assert "No plots" in md
+
+
+def test_report_of_a_run_with_no_rounds():
+    doc = make_doc()
+    doc["rounds"] = []
+    md = render_markdown(doc, [])
+    assert "sites: none; rounds: 0" in md
+
+
+@pytest.mark.parametrize("plots", [True, False])
+def test_report_overwrites(tmp_path, plots):
+    (tmp_path / "report.md").write_text("old")
+    write_report(tmp_path, make_doc(), plots=plots)
+    assert (tmp_path / "report.md").read_text().startswith("# fedtune run report")

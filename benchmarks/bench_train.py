@@ -43,7 +43,7 @@ def _pad(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def run(steps: int = 3, reps: int = 4, diagnostic: bool = True) -> dict:
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: F401
+    from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     from fedtune.client import app as capp
@@ -77,7 +77,12 @@ def run(steps: int = 3, reps: int = 4, diagnostic: bool = True) -> dict:
                 "config": ConfigRecord({capp.CONFIG_KEY: cfg.to_json(), "server-round": 1}),
             }
         )
-        return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+        # As a SuperNode hands it to the ClientApp: metadata filled in by the SuperLink.
+        meta = Metadata(
+            run_id=1, message_id=f"bench-{time.monotonic_ns()}", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+            group_id="1", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN,
+        )
+        return Message(content=content, metadata=meta)
 
     def arm_a() -> dict:
         msg = message()  # built outside the timing: Flower decodes it before the ClientApp runs

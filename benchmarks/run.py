@@ -1,0 +1,178 @@
+"""fedtune benchmarks: ratios measured side by side, printed with the inputs that produced them.
+
+    python benchmarks/run.py            # full run (~15 min on 2 shared CPU cores)
+    python benchmarks/run.py --quick    # smoke run: every figure, tiny sizes (not for reading off numbers)
+    python benchmarks/run.py --only train --only mem
+
+Figures (see README.md next to this file):
+  train_throughput_ratio         ClientApp training path vs a plain peft+torch loop, same batches (goal >= 0.95)
+  round_over_train               ftsim training-phase wall / sum of the sites' training time (goal <= 1.15)
+  round_with_eval_over_train     the same for the whole round, evaluation included (no goal; explained)
+  mem_12_over_3                  ftsim peak process-tree RSS, 12 sites / 3 sites (goal <= 1.25)
+  upload_bytes_per_site_round    bytes a site uploads per round; bytes_per_param = that / trainable params
+
+The last line printed is ``key=value`` pairs of every figure.
+Needs psutil (today it comes with ray; it should be a declared benchmark/dev dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import say, stray_ray_processes  # noqa: E402
+
+GOALS = {
+    "train_throughput_ratio": (">=", 0.95),
+    "round_over_train": ("<=", 1.15),
+    "mem_12_over_3": ("<=", 1.25),
+}
+
+
+def verdict(key: str, value: float) -> str:
+    op, goal = GOALS[key]
+    ok = value >= goal if op == ">=" else value <= goal
+    return f"goal {op} {goal}: {'MET' if ok else 'NOT MET'}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
+    ap.add_argument("--only", action="append", choices=["train", "round", "mem"], help="run only these figures (repeatable)")
+    ap.add_argument("--reps", type=int, help="fig 1: interleaved repetitions (full 3, quick 1)")
+    ap.add_argument("--steps", type=int, help="fig 1: optimizer steps per repetition (full 2, quick 1)")
+    ap.add_argument(
+        "--ray-niceness",
+        default="0",
+        help="RAY_worker_niceness for ftsim's Ray workers. Ray's own default is 15, which starves the sites "
+        "whenever anything else runs on the machine; 0 (our default) runs them like any process. "
+        "'ray' keeps Ray's default.",
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the ftsim output folders (printed)")
+    ap.add_argument("--json", help="also write every figure and input to this JSON file")
+    a = ap.parse_args(argv)
+    todo = set(a.only or ["train", "round", "mem"])
+    q = a.quick
+    env = {} if a.ray_niceness == "ray" else {"RAY_worker_niceness": str(a.ray_niceness)}
+    workdir = Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
+    t_start = time.time()
+    figures: dict[str, float] = {}
+    report: dict = {"mode": "quick" if q else "full", "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
+    docs = []
+    ours: list = []  # processes from our ftsim trees still alive after ftsim exited
+    say(f"mode {'quick' if q else 'full'}; {os.cpu_count()} CPUs; ftsim outputs under {workdir}; Ray worker niceness {a.ray_niceness}")
+    try:
+        if "train" in todo:
+            import bench_train
+
+            steps = a.steps or (1 if q else 2)
+            reps = a.reps or (1 if q else 3)
+            r = bench_train.run(steps=steps, reps=reps, diagnostic=not q)
+            figures["train_throughput_ratio"] = r["train_throughput_ratio"]
+            report["train"] = r
+            print("\n== 1. train_throughput_ratio: ClientApp path (handle_train -> train_round) / plain peft+torch loop")
+            print(f"   inputs: {json.dumps(r['inputs'])}")
+            print(f"   per-rep ratios (B time / A time, equal tokens): {', '.join(f'{x:.3f}' for x in r['ratios'])}")
+            print(f"   A ClientApp path: {r['a_tokens_per_s']:.1f} tok/s, {r['a_steps_per_s']:.3f} steps/s (of which outside train_round: {r['a_overhead_s']:.2f} s/call)")
+            print(f"   B plain loop:     {r['b_tokens_per_s']:.1f} tok/s, {r['b_steps_per_s']:.3f} steps/s")
+            print(f"   train_throughput_ratio = {r['train_throughput_ratio']:.3f}   ({verdict('train_throughput_ratio', r['train_throughput_ratio'])})")
+            print(f"   train_round loop alone vs B: {r['train_throughput_ratio_loop_only']:.3f}")
+            if "c_over_b" in r:
+                print(f"   diagnostic C (plain loop + train_round's loss formula): C time / B time = {r['c_over_b']:.3f}; A loop / C = {r['a_loop_over_c']:.3f}")
+            print(f"   check: first-step losses A {r['loss0']['A']:.4f} / B {r['loss0']['B']:.4f} (same batches, init and dropout seed); tokens A {r['tokens_a']} = B {r['tokens_b']}")
+
+        if "round" in todo:
+            import bench_sim
+
+            r = bench_sim.round_over_train(
+                workdir, rounds=1 if q else 2, local_steps=1 if q else 2, eval_examples=1 if q else 4, env=env
+            )
+            run = r.pop("run")
+            docs.append(r.pop("doc"))
+            figures["round_over_train"] = r["round_over_train"]
+            figures["round_with_eval_over_train"] = r["round_with_eval_over_train"]
+            report["round"] = r
+            print("\n== 2. round_over_train: ftsim round wall / sum of the sites' train_seconds")
+            print(f"   inputs: {json.dumps(r['inputs'])}")
+            for x in r["per_round"]:
+                print(
+                    f"   round {x['round']}: training phase {x['train_phase_s']:.1f} s, whole round {x['round_s']:.1f} s, "
+                    f"sum of {x['sites']} sites' train_seconds {x['sum_site_train_s']:.1f} s -> {x['train_phase_over_train']:.3f} / {x['round_over_train']:.3f}"
+                )
+            print(f"   round_over_train (training phase, all rounds) = {r['round_over_train']:.3f}   ({verdict('round_over_train', r['round_over_train'])})")
+            print(
+                f"   round_with_eval_over_train = {r['round_with_eval_over_train']:.3f}   (adds checkpointing and the evaluation of the new "
+                f"adapter at every site; round 0 alone, evaluation only, took {r['round0_eval_s']:.1f} s)"
+            )
+            ours.extend(run.leftovers)
+            if run.leftovers:
+                print(f"   LEFTOVER processes after ftsim exited (killed by pid): {run.leftovers}")
+
+        if "mem" in todo:
+            import bench_sim
+
+            n_small, n_large = (1, 2) if q else (3, 12)
+            r = bench_sim.memory_ratio(
+                workdir, n_small, n_large, local_steps=1, eval_examples=1 if q else 4, env=env, interval=0.2
+            )
+            runs = r.pop("runs")
+            docs.extend(run.metrics() for run in runs.values())
+            key = f"mem_{n_large}_over_{n_small}"
+            figures[key] = r["ratio"]
+            report["mem"] = {**r, "peak_mib": {str(k): v for k, v in r["peak_mib"].items()}}
+            print(f"\n== 3. {key}: ftsim peak summed RSS of the whole process tree, {n_large} sites / {n_small} sites")
+            print(f"   inputs: {json.dumps(r['inputs'])}")
+            print(f"   peak: {n_small} sites {r['peak_mib'][n_small]:.0f} MiB, {n_large} sites {r['peak_mib'][n_large]:.0f} MiB (at the peak sample):")
+            for role, v in r["breakdown_mib"].items():
+                print(f"     {role:48s} {v[n_small]:8.0f} {v[n_large]:8.0f} MiB")
+            goal = verdict("mem_12_over_3", r["ratio"]) if not q else "quick run: 1 vs 2 sites, not the 3 vs 12 figure"
+            print(f"   {key} = {r['ratio']:.3f}   ({goal})")
+            for n, run in runs.items():
+                ours.extend(run.leftovers)
+                if run.leftovers:
+                    print(f"   LEFTOVER processes after the {n}-site ftsim exited (killed by pid): {run.leftovers}")
+
+        if docs:
+            import bench_sim
+
+            u = bench_sim.upload_bytes(docs)
+            figures["upload_bytes_per_site_round"] = u["upload_bytes_per_site_round"]
+            figures["bytes_per_param"] = u["bytes_per_param"]
+            figures["trainable_params"] = u["trainable_params"]
+            report["upload"] = u
+            print("\n== 4. upload per site and round (metrics.json bytes_sent) and per trainable parameter")
+            print(
+                f"   inputs: {u['n_updates']} site updates from the ftsim runs above; all equal: {u['all_equal']}; "
+                f"trainable_params {u['trainable_params']:,}"
+            )
+            print(
+                f"   upload_bytes_per_site_round = {u['upload_bytes_per_site_round']:,.0f} B ({u['upload_bytes_per_site_round'] / 2**20:.2f} MiB); "
+                f"bytes_per_param = {u['bytes_per_param']:.4f} (float32 = 4; the {u['header_bytes']:,.0f} B beyond 4/param "
+                "are the per-array .npy headers that Flower's Array.data carries)"
+            )
+    finally:
+        stray = stray_ray_processes()
+        if a.keep:
+            say(f"ftsim outputs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nprocesses of our ftsim runs alive after they exited: {len(ours)}" + (f" (killed by pid): {ours}" if ours else ""))
+    print(f"ray/ftsim processes on the machine now (anyone's): {len(stray)}" + (f": {stray}" if stray else ""))
+    print(f"benchmark wall time: {time.time() - t_start:.0f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps({**report, "figures": figures}, indent=1, default=str))
+    figures["leftover_processes"] = len(ours)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

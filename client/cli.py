@@ -1,0 +1,79 @@
+"""ftclient: a site's command line.
+
+Available now:
+    ftclient check --data FILE [--model M] [--max-length N]
+        validates the site's data locally and prints counts, token-length statistics and
+        problems (file, line, field), without contacting anyone.
+
+Joining a federation over the network (``ftclient --server HOST:PORT --data FILE``) and
+``ftclient keygen`` arrive with the deployment work; until then they say so and exit 2
+rather than pretend. ``ftsim`` runs the same ClientApp with virtual sites today.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+NOT_YET = (
+    "ftclient: joining a federation over the network is not available in this version yet "
+    "(it comes with the deployment work: ftserver/ftclient with TLS and site keys). "
+    "Use 'ftclient check --data FILE' to validate site data, and 'ftsim' to run sites locally."
+)
+
+
+def check(args: argparse.Namespace) -> int:
+    from fedtune.common.config import DataConfig, ModelConfig
+    from fedtune.common.data import DataError, load_site_data, tokenize_example
+    from fedtune.common.modeling import ModelError, load_tokenizer, resolve_model_source
+
+    try:
+        cfg = DataConfig(format=args.format, max_length=args.max_length, max_invalid_fraction=1.0)
+        data = load_site_data(args.data, cfg)
+        source, is_local = resolve_model_source(ModelConfig(name=args.model))
+        tok = load_tokenizer(source, is_local)
+    except (DataError, ModelError) as e:
+        print(f"ftclient check: {e}", file=sys.stderr)
+        return 2
+    # (untruncated, truncated) per example: lengths from the first, usability from the second.
+    pairs = [(tokenize_example(ex, tok, 10**9, cfg.system_prompt), tokenize_example(ex, tok, cfg.max_length, cfg.system_prompt)) for ex in data.examples]
+    lengths = sorted(len(full["input_ids"]) for full, _ in pairs if full is not None)
+    usable = sum(1 for _, cut in pairs if cut is not None)
+    print(f"file            {args.data}")
+    print(f"format          {data.format}")
+    print(f"records         {data.records_read}")
+    print(f"valid           {len(data.examples)}")
+    print(f"invalid         {data.n_invalid}")
+    if lengths:
+        p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
+        print(f"tokens/example  min {lengths[0]}  median {int(statistics.median(lengths))}  p95 {p95}  max {lengths[-1]}")
+        over = sum(1 for n in lengths if n > cfg.max_length)
+        print(f"over max_length {over} of {len(lengths)} (max_length {cfg.max_length}: truncated; {len(lengths) - usable} lose their whole answer and are dropped)")
+    for where, why in data.invalid[:20]:
+        print(f"problem         {args.data}: {where}: {why}")
+    if data.n_invalid > 20:
+        print(f"problem         ... and {data.n_invalid - 20} more")
+    ok = bool(data.examples) and usable > 0
+    print("verdict         " + ("usable" if ok and not data.n_invalid else "usable, with problems above" if ok else "NOT usable: no example to train on"))
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "check":
+        p = argparse.ArgumentParser(prog="ftclient check", description="Validate a site's data file locally; nothing is sent.")
+        p.add_argument("--data", required=True)
+        p.add_argument("--model", default="default", help="whose tokenizer measures lengths (default: the default model)")
+        p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "prompt_completion", "text"])
+        p.add_argument("--max-length", type=int, default=512)
+        return check(p.parse_args(argv[1:]))
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    print(NOT_YET, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""ftsim end to end, as a user runs it: a real process, Flower's simulation engine (Ray).
+
+- a 2-site, 2-round run on the tiny model, plus a third site whose file is unusable;
+- one run on the real default model (1 round, a few steps) that checks the loss falls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "simulations" / "data"
+
+
+def _ray_processes() -> set[int]:
+    """PIDs of Ray's daemons and workers on this machine."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    pids = set()
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if "raylet" in args or "gcs_server" in args or "ray::" in args or "ray/_private/workers" in args:
+            pids.add(int(pid))
+    return pids
+
+
+def _ftsim(args: list[str], timeout: int, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune.simulations.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def _wait_gone(before: set[int], seconds: float = 20.0) -> set[int]:
+    deadline = time.time() + seconds
+    left = _ray_processes() - before
+    while left and time.time() < deadline:
+        time.sleep(0.5)
+        left = _ray_processes() - before
+    return left
+
+
+def test_two_sites_two_rounds_tiny_model(tiny_model_dir, tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    secret = "PATIENT-SECRET-4711"
+    bad.write_bytes(b'{"prompt": "' + secret.encode() + b'"}\n{not json\n\xff\xfe\n')
+    out = tmp_path / "run"
+    before = _ray_processes()
+    proc = _ftsim(
+        [
+            "--model", str(tiny_model_dir),
+            "--site", f"medical={DATA / 'medical/train.jsonl'}:{DATA / 'medical/eval.jsonl'}",
+            "--site", f"legal={DATA / 'legal/train.jsonl'}",
+            "--site", f"broken={bad}",
+            "--rounds", "2", "--local-steps", "3", "--batch-size", "2", "--max-length", "160",
+            "--set", "eval.max_examples=6", "--set", "eval.max_new_tokens=4", "--set", "peft.r=4",
+            "--out", str(out),
+        ],
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert secret not in log  # site records never reach logs
+
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [0, 1, 2]
+    for r in doc["rounds"][1:]:
+        sites = r["sites"]
+        assert sites["medical"]["status"] == "ok" and sites["legal"]["status"] == "ok"
+        assert sites["broken"]["status"] == "data-error"  # never sends an update
+        assert r["accepted"] == 2 and r["applied"]
+        for name in ("medical", "legal"):
+            s = sites[name]
+            assert s["examples"] > 0 and s["steps"] == 3
+            assert s["bytes_sent"] >= 4 * doc["trainable_params"]
+            assert s["train_loss"] > 0 and s["eval_loss"] > 0
+        assert r["update_norm"] > 0
+    # legal had no eval file: a held-out split of its train file was used
+    assert doc["rounds"][2]["sites"]["legal"]["eval_examples"] > 0
+
+    # the adapter loads the ecosystem's own way and matches the last checkpoint
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.common.checkpoint import load_adapter_state
+
+    final = load_adapter_state(out / "adapter")
+    last = load_adapter_state(out / "checkpoints" / "round-0002")
+    first = load_adapter_state(out / "checkpoints" / "round-0000")
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    assert any(not torch.equal(final[k], first[k]) for k in final)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == doc["trainable_params"]
+
+    report = (out / "report.md").read_text()
+    assert "| medical |" in report and "loss.png" in report
+    assert (out / "loss.png").stat().st_size > 1000
+    left = _wait_gone(before)
+    assert not left, f"ftsim left Ray processes behind: {sorted(left)}"
+
+
+def test_bad_config_fails_at_start_naming_the_key(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  lrr: 0.1\nfederation:\n  rounds: .nan\n")
+    proc = _ftsim(["--config", str(cfg), "--site", f"a={DATA / 'legal/train.jsonl'}"], timeout=120)
+    assert proc.returncode == 2
+    assert "train.lrr: unknown key" in proc.stderr
+    assert "federation.rounds" in proc.stderr
+    assert str(cfg) in proc.stderr
+    proc = _ftsim(["--site", f"a={tmp_path / 'missing.jsonl'}"], timeout=120)
+    assert proc.returncode == 2 and "missing.jsonl" in proc.stderr and "not found" in proc.stderr
+
+
+def test_default_model_one_round_loss_falls(tmp_path):
+    """The real default model (SmolLM2-135M-Instruct, provisioned from its wheel on first use)."""
+    out = tmp_path / "run"
+    proc = _ftsim(
+        [
+            "--site", f"financial={DATA / 'financial/train.jsonl'}:{DATA / 'financial/eval.jsonl'}",
+            "--rounds", "1", "--local-steps", "6", "--lr", "0.001", "--max-length", "128",
+            "--set", "eval.max_examples=12", "--set", "eval.exact_match=false",
+            "--out", str(out), "--no-plots",
+        ],
+        timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["model"] == "default"
+    assert doc["trainable_params"] > 1_000_000
+    r0, r1 = doc["rounds"][0]["sites"]["financial"], doc["rounds"][1]["sites"]["financial"]
+    assert r1["train_loss_last"] < r1["train_loss_first"]
+    assert r1["eval_loss"] < r0["eval_loss"]

@@ -21,6 +21,7 @@ import torch
 
 from fedtune.common.config import TrainConfig
 from fedtune.common.data import IGNORE_INDEX, collate
+from fedtune.common.evaluation import token_nll
 
 
 @dataclass
@@ -117,11 +118,7 @@ def train_round(
         for batch in chunks:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-            )
+            loss_sum = token_nll(out.logits[:, :-1], batch["labels"][:, 1:]).sum()
             (loss_sum / max(n_tok, 1)).backward()
             step_loss += float(loss_sum.detach())
             tokens += int(batch["attention_mask"].sum())

@@ -45,36 +45,31 @@ def write_plots(out: Path, doc: dict) -> list[str]:
     except ImportError:
         return []
     names = site_names(doc)
-    made = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for name in names:
-        for ax, key in zip(axes, ("train_loss", "eval_loss")):
+
+    def panel(ax, key: str, title: str, xlabel: str, ylabel: str) -> None:
+        """One line per site of metric `key` over rounds."""
+        for name in names:
             xs, ys = series(doc, name, key)
             if xs:
                 ax.plot(xs, ys, marker="o", label=name)
-    for ax, title in zip(axes, ("train loss (mean over local steps)", "eval loss (answer tokens)")):
         ax.set_title(title)
-        ax.set_xlabel("round")
-        ax.set_ylabel("loss")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
+
+    made = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    panel(axes[0], "train_loss", "train loss (mean over local steps)", "round", "loss")
+    panel(axes[1], "eval_loss", "eval loss (answer tokens)", "round (0 = base model)", "loss")
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
     made.append("loss.png")
     if any(series(doc, n, "exact_match")[0] for n in names):
         fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
-        for name in names:
-            xs, ys = series(doc, name, "exact_match")
-            if xs:
-                ax.plot(xs, ys, marker="o", label=name)
-        ax.set_title("exact match of the greedy answer, per site")
-        ax.set_xlabel("round (0 = base model)")
-        ax.set_ylabel("exact match")
+        panel(ax, "exact_match", "exact match of the greedy answer, per site", "round (0 = base model)", "exact match")
         ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
         fig.savefig(out / "exact_match.png", dpi=110)
         plt.close(fig)
         made.append("exact_match.png")

@@ -89,6 +89,7 @@ class TreeSampler:
     peak_bytes: int = 0
     peak_breakdown: dict = field(default_factory=dict)
     peak_nprocs: int = 0
+    role_peaks: dict = field(default_factory=dict)  # each role's own maximum, whenever it happened
     samples: int = 0
     seen: dict = field(default_factory=dict)  # pid -> (create_time, role)
     sessions: set = field(default_factory=set)  # Ray session dirs seen in our tree
@@ -125,6 +126,8 @@ class TreeSampler:
             n += 1
             breakdown[role] = breakdown.get(role, 0) + rss
         self.samples += 1
+        for role, b in breakdown.items():
+            self.role_peaks[role] = max(self.role_peaks.get(role, 0), b)
         if total > self.peak_bytes:
             self.peak_bytes, self.peak_breakdown, self.peak_nprocs = total, breakdown, n
 
@@ -175,6 +178,7 @@ class SimRun:
     peak_rss_bytes: int
     peak_breakdown: dict
     peak_nprocs: int
+    role_peaks: dict
     samples: int
     leftovers: list
     log: Path
@@ -216,6 +220,7 @@ def run_ftsim(args: list[str], out: Path, interval: float = 0.2, timeout_s: floa
         peak_rss_bytes=sampler.peak_bytes,
         peak_breakdown=sampler.peak_breakdown,
         peak_nprocs=sampler.peak_nprocs,
+        role_peaks=sampler.role_peaks,
         samples=sampler.samples,
         leftovers=left,
         log=log,

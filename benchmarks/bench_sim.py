@@ -99,6 +99,7 @@ def memory_ratio(workdir: Path, n_small: int, n_large: int, local_steps: int, ev
         "n_large": n_large,
         "peak_mib": {n: r.peak_rss_bytes / 2**20 for n, r in runs.items()},
         "breakdown_mib": {role: {n: runs[n].peak_breakdown.get(role, 0) / 2**20 for n in runs} for role in roles},
+        "role_peak_mib": {role: {n: runs[n].role_peaks.get(role, 0) / 2**20 for n in runs} for role in roles},
         "runs": runs,
         "inputs": {
             "sites": f"{n_small} vs {n_large} (bundled domains repeated under new names)",

@@ -41,7 +41,7 @@ def _pad(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def run(steps: int = 2, reps: int = 7) -> dict:
+def run(steps: int = 4, reps: int = 6) -> dict:
     from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 

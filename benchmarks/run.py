@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
     ap.add_argument("--only", action="append", choices=["train", "round", "mem"], help="run only these figures (repeatable)")
-    ap.add_argument("--reps", type=int, help="fig 1: interleaved repetitions (full 7, quick 1)")
-    ap.add_argument("--steps", type=int, help="fig 1: optimizer steps per repetition (full 2, quick 1)")
+    ap.add_argument("--reps", type=int, help="fig 1: interleaved repetitions (full 6, quick 1)")
+    ap.add_argument("--steps", type=int, help="fig 1: optimizer steps per repetition, i.e. per handle_train call (full 4, quick 1)")
     ap.add_argument(
         "--ray-niceness",
         default="0",
@@ -73,8 +73,8 @@ def main(argv=None) -> int:
         if "train" in todo:
             import bench_train
 
-            steps = a.steps or (1 if q else 2)
-            reps = a.reps or (1 if q else 7)
+            steps = a.steps or (1 if q else 4)
+            reps = a.reps or (1 if q else 6)
             r = bench_train.run(steps=steps, reps=reps)
             figures["train_throughput_ratio"] = r["train_throughput_ratio"]
             report["train"] = r
@@ -131,9 +131,12 @@ def main(argv=None) -> int:
             report["mem"] = {**r, "peak_mib": {str(k): v for k, v in r["peak_mib"].items()}}
             print(f"\n== 3. {key}: ftsim peak summed RSS of the whole process tree, {n_large} sites / {n_small} sites")
             print(f"   inputs: {json.dumps(r['inputs'])}")
-            print(f"   peak: {n_small} sites {r['peak_mib'][n_small]:.0f} MiB, {n_large} sites {r['peak_mib'][n_large]:.0f} MiB (at the peak sample):")
+            print(f"   peak: {n_small} sites {r['peak_mib'][n_small]:.0f} MiB, {n_large} sites {r['peak_mib'][n_large]:.0f} MiB")
+            print(f"     {'process (MiB)':46s} {'at the peak sample':>22s}   {'own peak':>17s}")
+            print(f"     {'':46s} {n_small:>10d} {n_large:>11d}   {n_small:>8d} {n_large:>8d}")
             for role, v in r["breakdown_mib"].items():
-                print(f"     {role:48s} {v[n_small]:8.0f} {v[n_large]:8.0f} MiB")
+                o = r["role_peak_mib"][role]
+                print(f"     {role:46s} {v[n_small]:10.0f} {v[n_large]:11.0f}   {o[n_small]:8.0f} {o[n_large]:8.0f}")
             goal = verdict("mem_12_over_3", r["ratio"]) if not q else "quick run: 1 vs 2 sites, not the 3 vs 12 figure"
             print(f"   {key} = {r['ratio']:.3f}   ({goal})")
             for n, run in runs.items():

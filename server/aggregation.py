@@ -62,17 +62,40 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
         raise ValueError("weighted_mean: no updates")
     if len(updates) != len(weights):
         raise ValueError(f"weighted_mean: {len(updates)} updates, {len(weights)} weights")
-    w = np.asarray(weights, dtype=np.float64)
-    if not np.isfinite(w).all() or (w <= 0).any():
-        raise ValueError("weighted_mean: weights must be finite and positive")
-    total = float(w.sum())
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    for name in updates[0]:
-        acc = np.zeros(updates[0][name].shape, dtype=np.float64)
-        for u, wi in zip(updates, w):
-            acc += wi * u[name].astype(np.float64)
-        out[name] = (acc / total).astype(WIRE_DTYPE)
-    return out
+    mean = RunningMean()
+    for u, w in zip(updates, weights):
+        mean.add(u, float(w))
+    return mean.result()
+
+
+class RunningMean:
+    """Example-weighted mean of updates, folded in one at a time (float64 accumulator).
+
+    The server adds each update as it arrives and drops it, so its memory holds one
+    accumulator, not every site's update. Equal to :func:`weighted_mean` of the same inputs.
+    """
+
+    def __init__(self) -> None:
+        self._acc: OrderedDict[str, np.ndarray] | None = None
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError("RunningMean.add: weight must be finite and positive")
+        if self._acc is None:
+            self._acc = OrderedDict((k, np.zeros(v.shape, dtype=np.float64)) for k, v in update.items())
+        elif set(update) != set(self._acc):
+            raise KeyError("RunningMean.add: update keys differ from earlier updates")
+        for k, acc in self._acc.items():
+            acc += weight * update[k].astype(np.float64)
+        self.total_weight += weight
+        self.count += 1
+
+    def result(self) -> OrderedDict[str, np.ndarray]:
+        if self._acc is None:
+            raise ValueError("RunningMean.result: no updates")
+        return OrderedDict((k, (v / self.total_weight).astype(WIRE_DTYPE)) for k, v in self._acc.items())
 
 
 def add_update(global_state: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:

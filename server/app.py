@@ -29,8 +29,7 @@ from fedtune.common.config import FedTuneConfig
 from fedtune.common.metrics import weighted_mean
 from fedtune.common.modeling import load_base_model, lora_config, wrap_peft
 
-from .aggregation import add_update, l2_norm, spec_of, validate_update
-from .aggregation import weighted_mean as weighted_mean_update
+from .aggregation import RunningMean, add_update, l2_norm, spec_of, validate_update
 from .report import write_report
 
 CONFIG_KEY = "fedtune-config"
@@ -87,21 +86,21 @@ def wait_for_sites(grid: Grid, minimum: int, timeout: float, say: Printer) -> li
         time.sleep(0.5)
 
 
-def exchange(grid: Grid, nodes: list[int], content: RecordDict, kind: str, timeout: float, on_reply: Callable[[Message], None]) -> list[Message]:
-    """Send one message per node and collect replies until all arrive or the timeout passes."""
+def exchange(grid: Grid, nodes: list[int], content: RecordDict, kind: str, timeout: float, on_reply: Callable[[Message], None]) -> int:
+    """Send one message per node; hand each reply to on_reply as it arrives (and keep none of
+    them, so memory does not grow with the number of sites). -> number of replies in time."""
     msgs = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
     pending = set(grid.push_messages(msgs))
-    replies: list[Message] = []
+    received = 0
     deadline = time.time() + timeout
     while pending and time.time() < deadline:
-        got = list(grid.pull_messages(pending))
-        for m in got:
+        for m in grid.pull_messages(pending):
             pending.discard(m.metadata.reply_to_message_id)
-            replies.append(m)
+            received += 1
             on_reply(m)
         if pending:
             time.sleep(0.1)
-    return replies
+    return received
 
 
 def _site_of(m: Message) -> tuple[str, str]:
@@ -113,6 +112,10 @@ def _site_of(m: Message) -> tuple[str, str]:
     return str(site["name"]), str(site["status"])
 
 
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "?" if x is None else format(x, spec)
+
+
 def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(float(x)) else None
 
@@ -122,18 +125,20 @@ def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Pr
         {"arrays": adapters.to_arrays(adapters.to_tensors(rs.global_state)), "config": ConfigRecord({CONFIG_KEY: rs.cfg.to_json(), "server-round": rnd})}
     )
     results: dict[str, dict] = {}
-    replies = exchange(grid, nodes, content, MessageType.EVALUATE, rs.cfg.federation.round_timeout_s, lambda m: None)
-    for m in replies:
+
+    def absorb(m: Message) -> None:
         name, status = _site_of(m)
         if status != "ok":
             results[name] = {"status": status}
-            continue
+            return
         mr = m.content["metrics"]
         results[name] = {
             "eval_loss": _num(mr.get("eval-loss")),
             "exact_match": _num(mr.get("exact-match")),
-            "eval_examples": int(mr.get("num-examples", 0)),
+            "eval_examples": int(_num(mr.get("num-examples")) or 0),
         }
+
+    exchange(grid, nodes, content, MessageType.EVALUATE, rs.cfg.federation.round_timeout_s, absorb)
     ok = {k: v for k, v in results.items() if "eval_loss" in v and v["eval_examples"] > 0}
     agg = {}
     if ok:
@@ -157,35 +162,23 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
     )
     spec = spec_of(rs.global_state)
     t0 = time.time()
-    done = [0]
-
-    def progress(m: Message) -> None:
-        done[0] += 1
-        name, status = _site_of(m)
-        if status == "ok":
-            mr = m.content["metrics"]
-            say(
-                f"round {rnd}/{cfg.federation.rounds} train | {name}: loss {float(mr['train-loss-first']):.3f} -> "
-                f"{float(mr['train-loss-last']):.3f} in {int(mr['train-steps'])} steps, {float(mr['train-seconds']):.1f} s "
-                f"[{done[0]}/{len(nodes)} sites, {time.time() - t0:.0f} s]"
-            )
-        else:
-            reason = m.error.reason if m.has_error() else status
-            say(f"round {rnd}/{cfg.federation.rounds} train | {name}: no update ({reason.splitlines()[0][:200]}) [{done[0]}/{len(nodes)}]")
-
-    replies = exchange(grid, nodes, content, MessageType.TRAIN, cfg.federation.round_timeout_s, progress)
     sites: dict[str, dict] = {}
     rejected: list[dict] = []
-    accepted_deltas, weights = [], []
-    for m in replies:
+    mean = RunningMean()
+
+    def absorb(m: Message) -> None:
+        """Validate one reply and fold it into the running mean as it arrives."""
         name, status = _site_of(m)
+        where = f"round {rnd}/{cfg.federation.rounds} train | {name}"
+        count = f"[{len(sites) + 1}/{len(nodes)} sites, {time.time() - t0:.0f} s]"
         if status != "ok":
             reason = m.error.reason.splitlines()[0][:300] if m.has_error() else status
             sites[name] = {"status": status, "reason": reason}
             if not m.has_error() and "metrics" in m.content:
                 sites[name].update({k.replace("-", "_"): v for k, v in m.content["metrics"].items()})
-            continue
-        mr = m.content["metrics"]
+            say(f"{where}: no update ({reason}) {count}")
+            return
+        mr = m.content.get("metrics") or {}
         arrays = adapters.from_arrays(m.content["arrays"]) if "arrays" in m.content else {}
         n_ex = mr.get("num-examples")
         problems = validate_update(arrays, spec, n_ex, cfg.federation.max_examples_per_update)
@@ -193,37 +186,42 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             "train_loss": _num(mr.get("train-loss")),
             "train_loss_first": _num(mr.get("train-loss-first")),
             "train_loss_last": _num(mr.get("train-loss-last")),
-            "examples": int(n_ex) if isinstance(n_ex, (int, float)) and math.isfinite(n_ex) else None,
-            "steps": int(mr.get("train-steps", 0)),
+            "examples": int(n_ex) if not problems else None,
+            "steps": int(_num(mr.get("train-steps")) or 0),
             "train_seconds": _num(mr.get("train-seconds")),
             "bytes_sent": adapters.record_nbytes(m.content["arrays"]) if "arrays" in m.content else 0,
-            "invalid_records": int(mr.get("invalid-records", 0)),
+            "invalid_records": int(_num(mr.get("invalid-records")) or 0),
         }
         if problems:
             info["status"] = "rejected"
             info["reason"] = "; ".join(problems[:5])
             rejected.append({"site": name, "reason": info["reason"]})
-            say(f"round {rnd} | REJECTED update from {name}: {info['reason']}")
+            say(f"{where}: REJECTED update: {info['reason']} {count}")
         else:
             info["status"] = "ok"
-            accepted_deltas.append(arrays)
-            weights.append(float(n_ex))
+            mean.add(arrays, float(n_ex))
+            say(
+                f"{where}: loss {_fmt(info['train_loss_first'])} -> {_fmt(info['train_loss_last'])} in {info['steps']} steps, "
+                f"{_fmt(info['train_seconds'], '.1f')} s {count}"
+            )
         sites[name] = info
-    missing = len(nodes) - len(replies)
+
+    received = exchange(grid, nodes, content, MessageType.TRAIN, cfg.federation.round_timeout_s, absorb)
+    missing = len(nodes) - received
     if missing:
         say(f"round {rnd} | {missing} site(s) did not answer within {cfg.federation.round_timeout_s:.0f} s")
-    applied = len(accepted_deltas) >= cfg.federation.min_sites
+    applied = mean.count >= cfg.federation.min_sites and mean.count > 0
     if applied:
-        mean = weighted_mean_update(accepted_deltas, weights)
-        rs.global_state = add_update(rs.global_state, mean)
-        delta_norm = l2_norm(mean)
+        update = mean.result()
+        rs.global_state = add_update(rs.global_state, update)
+        delta_norm = l2_norm(update)
     else:
         delta_norm = 0.0
-        say(f"round {rnd} | only {len(accepted_deltas)} valid update(s), {cfg.federation.min_sites} needed: global adapter unchanged")
+        say(f"round {rnd} | only {mean.count} valid update(s), {cfg.federation.min_sites} needed: global adapter unchanged")
     return {
         "sites": sites,
         "rejected": rejected,
-        "accepted": len(accepted_deltas),
+        "accepted": mean.count,
         "applied": applied,
         "update_norm": delta_norm,
         "train_seconds": round(time.time() - t0, 3),

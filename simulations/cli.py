@@ -162,6 +162,9 @@ def run(cfg: FedTuneConfig, out: Path, say=print):
     client_app = make_client_app(sites, device=None if cfg.model.device == "auto" else cfg.model.device)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray starts workers at nice 15 by default; the sites' training *is* the job here, and on
+    # a shared machine a niced worker can run 10x slower than the coordinator waiting on it.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites), backend_config=backend_config)
     finally:

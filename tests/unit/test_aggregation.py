@@ -176,3 +176,20 @@ def test_reports_every_problem():
     u["extra"] = arr([0.0])
     problems = validate_update(u, SPEC, 0, 100)
     assert len(problems) == 4
+
+
+def test_running_mean_folds_updates_one_at_a_time():
+    from fedtune.server.aggregation import RunningMean
+
+    m = RunningMean()
+    m.add({"a": np.array([1.0, 2.0], dtype=np.float32)}, 1.0)
+    m.add({"a": np.array([4.0, 8.0], dtype=np.float32)}, 2.0)
+    assert m.count == 2 and m.total_weight == 3.0
+    np.testing.assert_allclose(m.result()["a"], [3.0, 6.0])  # (1*[1,2] + 2*[4,8]) / 3
+    assert m.result()["a"].dtype == np.float32
+    with pytest.raises(KeyError):
+        m.add({"b": np.zeros(2, dtype=np.float32)}, 1.0)
+    with pytest.raises(ValueError):
+        m.add({"a": np.zeros(2, dtype=np.float32)}, 0.0)
+    with pytest.raises(ValueError):
+        RunningMean().result()

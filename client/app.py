@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune.common import adapters
 from fedtune.common.config import FedTuneConfig
+from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY
 from fedtune.common.data import DataError, Example, load_site_data, split_examples, tokenize_all
 from fedtune.common.evaluation import evaluate_examples
 from fedtune.common.modeling import load_base_model, wrap_peft
@@ -38,7 +39,6 @@ from fedtune.common.modeling import load_base_model, wrap_peft
 from .trainer import train_round
 
 log = logging.getLogger("fedtune.client")
-CONFIG_KEY = "fedtune-config"
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def resolve_site(context: Context, sites: list[SiteFiles] | None) -> SiteFiles:
 def _read_message(msg: Message) -> tuple[FedTuneConfig, int, dict]:
     conf = msg.content["config"]
     cfg = FedTuneConfig.from_json(str(conf[CONFIG_KEY]))
-    return cfg, int(conf["server-round"]), adapters.to_tensors(adapters.from_arrays(msg.content["arrays"]))
+    return cfg, int(conf[ROUND_KEY]), adapters.to_tensors(adapters.from_arrays(msg.content["arrays"]))
 
 
 def _reply(msg: Message, site: SiteFiles, status: str, metrics: dict, arrays: ArrayRecord | None = None) -> Message:

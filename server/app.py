@@ -26,13 +26,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.common import adapters
 from fedtune.common.checkpoint import atomic_write_json, save_adapter
 from fedtune.common.config import FedTuneConfig
+from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY
 from fedtune.common.metrics import weighted_mean
 from fedtune.common.modeling import load_base_model, lora_config, wrap_peft
 
 from .aggregation import RunningMean, add_update, l2_norm, spec_of, validate_update
 from .report import write_report
 
-CONFIG_KEY = "fedtune-config"
 Printer = Callable[[str], None]
 
 
@@ -120,10 +120,18 @@ def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(float(x)) else None
 
 
-def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer) -> dict:
-    content = RecordDict(
-        {"arrays": adapters.to_arrays(adapters.to_tensors(rs.global_state)), "config": ConfigRecord({CONFIG_KEY: rs.cfg.to_json(), "server-round": rnd})}
+def broadcast_content(rs: RunState, rnd: int) -> RecordDict:
+    """What every site gets: the global adapter, the run's config and the round number."""
+    return RecordDict(
+        {
+            "arrays": adapters.to_arrays(adapters.to_tensors(rs.global_state)),
+            "config": ConfigRecord({CONFIG_KEY: rs.cfg.to_json(), ROUND_KEY: rnd}),
+        }
     )
+
+
+def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer) -> dict:
+    content = broadcast_content(rs, rnd)
     results: dict[str, dict] = {}
 
     def absorb(m: Message) -> None:
@@ -157,9 +165,7 @@ def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Pr
 
 def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer) -> dict:
     cfg = rs.cfg
-    content = RecordDict(
-        {"arrays": adapters.to_arrays(adapters.to_tensors(rs.global_state)), "config": ConfigRecord({CONFIG_KEY: cfg.to_json(), "server-round": rnd})}
-    )
+    content = broadcast_content(rs, rnd)
     spec = spec_of(rs.global_state)
     t0 = time.time()
     sites: dict[str, dict] = {}

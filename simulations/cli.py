@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -142,6 +144,33 @@ def make_say(t0: float):
     return say
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def start_ray() -> None:
+    """Start Ray here rather than inside Flower (which then reuses it), so that we can take SIGTERM back.
+
+    ray.init installs a native failure handler that turns SIGTERM into an abort, which would
+    skip our clean-up; re-registering ours afterwards makes SIGTERM behave like Ctrl-C.
+    """
+    import ray
+
+    # Ray starts workers at nice 15 by default; the sites' training *is* the job here, and on
+    # a shared machine a niced worker can run 10x slower than the coordinator waiting on it.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not ray.is_initialized():
+        ray.init(
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=True,
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+        )
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
 def run(cfg: FedTuneConfig, out: Path, say=print):
     """Run the simulation; returns the server's RunState. Ray is shut down on every path."""
     from flwr.simulation import run_simulation
@@ -153,19 +182,13 @@ def run(cfg: FedTuneConfig, out: Path, say=print):
     resolve_model_source(cfg.model)  # provision the model here, once, before workers start
     sites = sites_from_config(cfg)
     cpus = min(cfg.simulation.cpus_per_site, float(os.cpu_count() or 1))
-    backend_config = {
-        "client_resources": {"num_cpus": cpus, "num_gpus": cfg.simulation.gpus_per_site},
-        "init_args": {"logging_level": logging.ERROR, "log_to_driver": True},
-    }
+    backend_config = {"client_resources": {"num_cpus": cpus, "num_gpus": cfg.simulation.gpus_per_site}}
     result: list = []
     server_app = make_server_app(cfg, out, say, result)
     client_app = make_client_app(sites, device=None if cfg.model.device == "auto" else cfg.model.device)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Ray starts workers at nice 15 by default; the sites' training *is* the job here, and on
-    # a shared machine a niced worker can run 10x slower than the coordinator waiting on it.
-    os.environ.setdefault("RAY_worker_niceness", "0")
     try:
+        start_ray()
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites), backend_config=backend_config)
     finally:
         try:
@@ -196,11 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.federation.strategy}; {cfg.federation.rounds} rounds x "
         f"{cfg.train.local_steps or str(cfg.train.local_epochs) + ' epochs'} local steps; output {out}"
     )
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         rs = run(cfg, out, say)
     except KeyboardInterrupt:
-        print("ftsim: interrupted", file=sys.stderr)
-        return 130
+        # run() has shut Ray down; the ServerApp thread (not a daemon) may still be waiting on
+        # replies that will never come, so leave without joining it.
+        print(f"ftsim: interrupted; checkpoints so far are in {out / 'checkpoints'}", file=sys.stderr, flush=True)
+        os._exit(130)
     except Exception as e:  # noqa: BLE001 - one clear line for the user, details above
         print(f"ftsim: failed: {e}", file=sys.stderr)
         return 1

@@ -139,3 +139,26 @@ def test_default_model_one_round_loss_falls(tmp_path):
     r0, r1 = doc["rounds"][0]["sites"]["financial"], doc["rounds"][1]["sites"]["financial"]
     assert r1["train_loss_last"] < r1["train_loss_first"]
     assert r1["eval_loss"] < r0["eval_loss"]
+
+
+def test_sigterm_leaves_no_process_behind(tiny_model_dir, tmp_path):
+    """A user's Ctrl-C or a scheduler's SIGTERM mid-run: ftsim exits, and Ray goes with it."""
+    import signal
+
+    before = _ray_processes()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedtune.simulations.cli", "--model", str(tiny_model_dir),
+         "--site", f"a={DATA / 'legal/train.jsonl'}", "--rounds", "50", "--local-steps", "50",
+         "--batch-size", "2", "--set", "peft.r=4", "--set", "eval.max_examples=2", "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "run" / "metrics.json").exists():
+        time.sleep(0.5)
+    assert (tmp_path / "run" / "metrics.json").exists(), "ftsim never finished round 0"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out
+    left = _wait_gone(before)
+    assert not left, f"ftsim left Ray processes behind after SIGTERM: {sorted(left)}"

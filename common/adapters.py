@@ -15,7 +15,6 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-State = "OrderedDict[str, torch.Tensor]"
 
 
 def get_trainable_state(model) -> OrderedDict[str, torch.Tensor]:

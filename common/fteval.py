@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data import load_site_data
     from .evaluation import evaluate_examples
-    from .modeling import ModelError, load_base_model
+    from .modeling import ModelError, load_adapter, load_base_model
 
     try:
         model_cfg = ModelConfig(name=args.model or base_of(args.adapter), device=args.device)
@@ -75,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         model, tokenizer, device = load_base_model(model_cfg)
         if args.adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, args.adapter)
+            model = load_adapter(model, args.adapter)
         res = evaluate_examples(model, tokenizer, data.examples, data_cfg, eval_cfg, device, labels=labels)
     except (ConfigError, DataError, ModelError) as e:
         print(f"fteval: {e}", file=sys.stderr)

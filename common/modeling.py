@@ -233,7 +233,21 @@ def wrap_peft(model, peft: PeftSettings, seed: int = 0):
     from peft import get_peft_model
 
     torch.manual_seed(seed)
+    with _quiet_peft():
+        return get_peft_model(model, lora_config(peft, getattr(model.config, "_name_or_path", None)))
+
+
+def load_adapter(model, path: str | Path):
+    """PeftModel.from_pretrained(model, path): a saved adapter on a base model."""
+    from peft import PeftModel
+
+    with _quiet_peft():
+        return PeftModel.from_pretrained(model, str(path))
+
+
+@contextmanager
+def _quiet_peft():
     with warnings.catch_warnings():
         # peft 0.21 calls transformers' deprecated is_gradient_checkpointing; not ours to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, lora_config(peft, getattr(model.config, "_name_or_path", None)))
+        yield

@@ -3,11 +3,13 @@
 Each file is written to a temporary name in the same folder, fsync'd, then renamed over
 the target, so a crash leaves either the old file or the new one, never half of one.
 The adapter folder is what ``PeftModel.from_pretrained(base, path)`` reads as is:
-``adapter_config.json`` + ``adapter_model.safetensors``.
+``adapter_config.json`` + ``adapter_model.safetensors``, plus ``manifest.json`` with their
+sha256 hashes, which resume uses to skip a torn or corrupted checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MANIFEST = "manifest.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,18 +58,49 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_adapter(directory: str | Path, state: Mapping[str, torch.Tensor], peft_config) -> Path:
-    """Write a PEFT adapter folder. ``peft_config``: a peft PeftConfig (e.g. LoraConfig)."""
+    """Write a PEFT adapter folder. ``peft_config``: a peft PeftConfig (e.g. LoraConfig).
+
+    The manifest (sha256 of each file) is written last, so a folder whose manifest verifies
+    holds a complete checkpoint; a torn or corrupted one fails :func:`verify_checkpoint`.
+    """
     from safetensors.torch import save as save_bytes
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write_bytes(d / ADAPTER_WEIGHTS, save_bytes(tensors, metadata={"format": "pt"}))
+    weights = save_bytes(tensors, metadata={"format": "pt"})
     cfg = peft_config.to_dict()
     # peft writes sets as lists; json can't take sets.
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-    atomic_write_json(d / ADAPTER_CONFIG, cfg)
+    config_bytes = (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
+    (d / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
+    atomic_write_bytes(d / ADAPTER_WEIGHTS, weights)
+    atomic_write_bytes(d / ADAPTER_CONFIG, config_bytes)
+    manifest = {"files": {ADAPTER_WEIGHTS: _sha256(weights), ADAPTER_CONFIG: _sha256(config_bytes)}}
+    atomic_write_json(d / MANIFEST, manifest)
     return d
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_checkpoint(directory: str | Path) -> str | None:
+    """None when every file in the folder's manifest is present with its recorded hash; else why not."""
+    d = Path(directory)
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{d}: no readable {MANIFEST}"
+    for name, digest in files.items():
+        try:
+            actual = _sha256((d / name).read_bytes())
+        except OSError:
+            return f"{d / name}: missing"
+        if actual != digest:
+            return f"{d / name}: hash mismatch (corrupted or torn)"
+    return None
 
 
 def load_adapter_state(directory: str | Path) -> OrderedDict[str, torch.Tensor]:
@@ -75,4 +109,3 @@ def load_adapter_state(directory: str | Path) -> OrderedDict[str, torch.Tensor]:
     if not f.is_file():
         raise FileNotFoundError(f"{d}: no {ADAPTER_WEIGHTS}; not a PEFT adapter folder")
     return OrderedDict(load_file(str(f)))
-

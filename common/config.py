@@ -200,7 +200,7 @@ class FedTuneConfig(_Strict):
         return cls.model_validate(json.loads(text))
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration ({err.error_count()} problem{'s' if err.error_count() != 1 else ''}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -278,4 +278,4 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return FedTuneConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(format_errors(e, source)) from None

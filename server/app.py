@@ -13,6 +13,7 @@ model, so the report can show each domain's change.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import OrderedDict
@@ -24,7 +25,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.common import adapters
-from fedtune.common.checkpoint import atomic_write_json, save_adapter
+from fedtune.common.checkpoint import atomic_write_json, load_adapter_state, save_adapter, verify_checkpoint
 from fedtune.common.config import FedTuneConfig
 from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY
 from fedtune.common.metrics import weighted_mean
@@ -240,22 +241,57 @@ def save_round(rs: RunState, rnd: int) -> None:
     save_adapter(rs.out / "adapter", state, rs.peft_config)
 
 
-def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = print) -> RunState:
+def resume_point(out: Path, say: Printer) -> tuple[int, list[dict], OrderedDict, float]:
+    """The last round whose metrics were recorded and whose checkpoint verifies.
+
+    -> (round, round records up to it, global adapter state, elapsed seconds so far).
+    A round's checkpoint is written before its evaluation and its metrics after, so a
+    crash in between leaves the previous round as the resume point, and the round reruns.
+    """
+    path = out / "metrics.json"
+    try:
+        doc = json.loads(path.read_text())
+        rounds = list(doc["rounds"])
+    except (OSError, ValueError, KeyError) as e:
+        raise FederationError(f"{path}: cannot resume, no readable run record ({type(e).__name__})") from None
+    for rnd in sorted({int(r["round"]) for r in rounds}, reverse=True):
+        ck = out / "checkpoints" / f"round-{rnd:04d}"
+        why = verify_checkpoint(ck)
+        if why is None:
+            state = load_adapter_state(ck)
+            kept = [r for r in rounds if int(r["round"]) <= rnd]
+            return rnd, kept, OrderedDict((k, v.float().numpy()) for k, v in state.items()), float(doc.get("elapsed_s", 0.0))
+        say(f"resume: not using round {rnd}: {why}")
+    raise FederationError(f"{out}: no verified checkpoint to resume from")
+
+
+def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = print, resume: bool = False) -> RunState:
     out.mkdir(parents=True, exist_ok=True)
     say("preparing the initial adapter ...")
     state, peft_config = initial_adapter(cfg)
     rs = RunState(cfg=cfg, out=out, global_state=state, peft_config=peft_config, trainable_params=int(sum(v.size for v in state.values())))
     say(f"{cfg.peft.method} adapter: {rs.trainable_params:,} trainable parameters ({rs.trainable_params * 4 / 1e6:.1f} MB as float32)")
-    save_round(rs, 0)
+    first = 1
+    if resume:
+        done, rounds, saved, elapsed = resume_point(out, say)
+        if spec_of(saved) != spec_of(state):
+            raise FederationError(f"{out}: the checkpoint of round {done} does not fit this config's adapter (keys or shapes differ)")
+        rs.global_state, rs.rounds, rs.started = saved, rounds, time.time() - elapsed
+        first = done + 1
+        save_adapter(out / "adapter", adapters.to_tensors(saved), peft_config)
+        say(f"resuming after round {done} (verified checkpoint); rounds {first}..{cfg.federation.rounds} to go")
+    else:
+        save_round(rs, 0)
     fed = cfg.federation
     n_expected = max(fed.min_sites, len(fed.sites))
     nodes = wait_for_sites(grid, n_expected, fed.round_timeout_s, say)
-    say(f"{len(nodes)} site(s) connected; round 0 evaluates the base model")
-    t = time.time()
-    ev = run_evaluation(grid, nodes, rs, 0, say)
-    rs.rounds.append({"round": 0, **ev, "seconds": round(time.time() - t, 3)})
-    atomic_write_json(out / "metrics.json", rs.metrics_doc())
-    for rnd in range(1, fed.rounds + 1):
+    if not resume:
+        say(f"{len(nodes)} site(s) connected; round 0 evaluates the base model")
+        t = time.time()
+        ev = run_evaluation(grid, nodes, rs, 0, say)
+        rs.rounds.append({"round": 0, **ev, "seconds": round(time.time() - t, 3)})
+        atomic_write_json(out / "metrics.json", rs.metrics_doc())
+    for rnd in range(first, fed.rounds + 1):
         t = time.time()
         tr = run_training_round(grid, nodes, rs, rnd, say)
         save_round(rs, rnd)
@@ -265,19 +301,19 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             sites.setdefault(name, {}).update({k: v for k, v in e.items() if k != "status"})
         rs.rounds.append({"round": rnd, "sites": sites, "aggregate": ev["aggregate"], **tr, "seconds": round(time.time() - t, 3)})
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
-        eta = (time.time() - rs.started) / rnd * (fed.rounds - rnd)
+        eta = (time.time() - t) * (fed.rounds - rnd)
         say(f"round {rnd}/{fed.rounds} done in {time.time() - t:.0f} s; checkpoint {out / 'checkpoints' / f'round-{rnd:04d}'}; ETA {eta:.0f} s")
     write_report(out, rs.metrics_doc(), plots=cfg.output.plots)
     say(f"report: {out / 'report.md'}")
     return rs
 
 
-def make_server_app(cfg: FedTuneConfig, out: Path, say: Printer = print, result: list | None = None) -> ServerApp:
+def make_server_app(cfg: FedTuneConfig, out: Path, say: Printer = print, result: list | None = None, resume: bool = False) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        rs = run_federation(grid, cfg, out, say)
+        rs = run_federation(grid, cfg, out, say, resume=resume)
         if result is not None:
             result.append(rs)
 

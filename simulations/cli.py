@@ -17,6 +17,7 @@ so no process outlives ftsim.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -26,7 +27,9 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from fedtune.common.config import ConfigError, FedTuneConfig, load_config, parse_override, read_config_file
+from pydantic import ValidationError
+
+from fedtune.common.config import ConfigError, FedTuneConfig, format_errors, load_config, parse_override, read_config_file, set_dotted
 
 BUNDLED_DATA = "data"
 DEFAULT_CONFIG = "default.yaml"
@@ -71,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="tokens per example")
     p.add_argument("--seed", type=int, help="seed for adapter init, data order and splits")
     p.add_argument("--out", help="output directory (default: ftsim-runs/<time>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last verified checkpoint (add --rounds N to extend it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where sites train")
     p.add_argument("--cpus-per-site", type=float, help="Ray CPUs per virtual site (default 2: one site at a time on 2 cores)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -110,6 +114,23 @@ def resolve_config(args: argparse.Namespace) -> FedTuneConfig:
         overrides["output.dir"] = args.out
     if args.no_plots:
         overrides["output.plots"] = False
+    if args.resume:
+        # The run's own record holds its config; flags may change what is safe to change (e.g. --rounds).
+        if args.config or args.site or args.out:
+            raise ConfigError("--resume DIR takes the run's saved config and writes to DIR; don't combine it with --config, --site or --out")
+        record = Path(args.resume) / "metrics.json"
+        try:
+            saved = json.loads(record.read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            raise ConfigError(f"--resume {args.resume}: nothing to resume (no readable {record.name})") from None
+        saved.setdefault("output", {})["dir"] = str(Path(args.resume))
+        for key, value in overrides.items():
+            set_dotted(saved, key, value)
+        try:
+            cfg = FedTuneConfig.model_validate(saved)
+        except ValidationError as e:
+            raise ConfigError(format_errors(e, str(record))) from None
+        return _check_sites(cfg)
     if args.site:
         overrides["federation.sites"] = [parse_site(s) for s in args.site]
     elif cfg_path is not None:
@@ -126,7 +147,10 @@ def resolve_config(args: argparse.Namespace) -> FedTuneConfig:
                             s[key] = str((cfg_path.parent / s[key]).resolve())
                 fixed.append(s)
             overrides.setdefault("federation.sites", fixed)
-    cfg = load_config(cfg_path, overrides)
+    return _check_sites(load_config(cfg_path, overrides))
+
+
+def _check_sites(cfg: FedTuneConfig) -> FedTuneConfig:
     if not cfg.federation.sites:
         raise ConfigError("no sites: pass --site NAME=TRAIN[:EVAL] (repeatable) or list federation.sites in --config")
     for s in cfg.federation.sites:
@@ -171,7 +195,7 @@ def start_ray() -> None:
         signal.signal(signal.SIGTERM, _terminate)
 
 
-def run(cfg: FedTuneConfig, out: Path, say=print):
+def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
     """Run the simulation; returns the server's RunState. Ray is shut down on every path."""
     from flwr.simulation import run_simulation
 
@@ -184,7 +208,7 @@ def run(cfg: FedTuneConfig, out: Path, say=print):
     cpus = min(cfg.simulation.cpus_per_site, float(os.cpu_count() or 1))
     backend_config = {"client_resources": {"num_cpus": cpus, "num_gpus": cfg.simulation.gpus_per_site}}
     result: list = []
-    server_app = make_server_app(cfg, out, say, result)
+    server_app = make_server_app(cfg, out, say, result, resume=resume)
     client_app = make_client_app(sites, device=None if cfg.model.device == "auto" else cfg.model.device)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     try:
@@ -221,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        rs = run(cfg, out, say)
+        rs = run(cfg, out, say, resume=bool(args.resume))
     except KeyboardInterrupt:
         # run() has shut Ray down; the ServerApp thread (not a daemon) may still be waiting on
         # replies that will never come, so leave without joining it.

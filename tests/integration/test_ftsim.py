@@ -162,3 +162,55 @@ def test_sigterm_leaves_no_process_behind(tiny_model_dir, tmp_path):
     assert "interrupted" in out
     left = _wait_gone(before)
     assert not left, f"ftsim left Ray processes behind after SIGTERM: {sorted(left)}"
+
+
+def test_resume_after_kill_9_and_from_a_corrupted_checkpoint(tiny_model_dir, tmp_path):
+    """kill -9 mid-run, then --resume: rounds continue from the last verified checkpoint.
+    A corrupted checkpoint is detected by its hash and the one before it is used."""
+    import signal
+
+    from fedtune.common.checkpoint import ADAPTER_WEIGHTS, load_adapter_state, verify_checkpoint
+
+    out = tmp_path / "run"
+    args = [
+        "--model", str(tiny_model_dir), "--site", f"a={DATA / 'legal/train.jsonl'}", "--site", f"b={DATA / 'medical/train.jsonl'}",
+        "--local-steps", "2", "--batch-size", "2", "--set", "peft.r=4", "--set", "eval.max_examples=2", "--set", "eval.exact_match=false",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedtune.simulations.cli", *args, "--rounds", "40", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+    def recorded() -> list[int]:
+        try:
+            return [r["round"] for r in json.loads((out / "metrics.json").read_text())["rounds"]]
+        except (OSError, ValueError, KeyError):
+            return []
+
+    deadline = time.time() + 300
+    while time.time() < deadline and max(recorded(), default=0) < 2:
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: ftsim and its Ray processes
+    proc.wait(timeout=30)
+    done = max(recorded())
+    assert done >= 2
+
+    # Corrupt the newest recorded round's checkpoint: resume must fall back one round.
+    bad = out / "checkpoints" / f"round-{done:04d}" / ADAPTER_WEIGHTS
+    data = bytearray(bad.read_bytes())
+    data[-5] ^= 0xFF
+    bad.write_bytes(bytes(data))
+
+    res = _ftsim(["--resume", str(out), "--rounds", str(done + 1)], timeout=300)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    assert f"not using round {done}" in log and "hash mismatch" in log
+    assert f"resuming after round {done - 1}" in log
+    assert recorded() == list(range(done + 2))  # rounds 0..done+1, the corrupted one redone
+    for r in (done, done + 1):
+        assert verify_checkpoint(out / "checkpoints" / f"round-{r:04d}") is None
+    final, last = load_adapter_state(out / "adapter"), load_adapter_state(out / "checkpoints" / f"round-{done + 1:04d}")
+    assert all(torch.equal(final[k], last[k]) for k in final)
+
+    res = _ftsim(["--resume", str(tmp_path / "nowhere")], timeout=60)
+    assert res.returncode == 2 and "nothing to resume" in res.stderr

@@ -14,10 +14,12 @@ from fedtune.common import adapters
 from fedtune.common.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    MANIFEST,
     atomic_write_bytes,
     atomic_write_json,
     load_adapter_state,
     save_adapter,
+    verify_checkpoint,
 )
 from fedtune.common.modeling import lora_config
 
@@ -165,7 +167,7 @@ def test_save_adapter_loads_with_peft_and_gives_same_logits(tmp_path, tiny_peft_
         expected = model(input_ids=x).logits
     pc = lora_config(tiny_config.peft, base_name=tiny_config.model.name) if which_config == "from_settings" else model.peft_config["default"]
     out = save_adapter(tmp_path / "adapter", state, pc)
-    assert sorted(os.listdir(out)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+    assert sorted(os.listdir(out)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST])
     cfg = json.loads((out / ADAPTER_CONFIG).read_text())
     assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
 
@@ -195,7 +197,7 @@ def test_save_adapter_overwrites(tmp_path, tiny_config):
     save_adapter(d, {"w": torch.zeros(2)}, lora_config(tiny_config.peft))
     save_adapter(d, {"w": torch.ones(2)}, lora_config(tiny_config.peft))
     assert load_adapter_state(d)["w"].tolist() == [1.0, 1.0]
-    assert sorted(os.listdir(d)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+    assert sorted(os.listdir(d)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST])
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
@@ -217,3 +219,19 @@ def test_atomic_write_failure_keeps_old_file_and_cleans_up(tmp_path):
         atomic_write_bytes(p, "not bytes")  # fails inside, after the temp file exists
     assert json.loads(p.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_manifest_detects_torn_and_corrupted_checkpoints(tmp_path, tiny_peft_model, tiny_config):
+    model, _, _ = tiny_peft_model
+    pc = lora_config(tiny_config.peft)
+    d = save_adapter(tmp_path / "ck", adapters.get_trainable_state(model), pc)
+    assert verify_checkpoint(d) is None
+    data = bytearray((d / ADAPTER_WEIGHTS).read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the tensor data
+    (d / ADAPTER_WEIGHTS).write_bytes(bytes(data))
+    assert "hash mismatch" in verify_checkpoint(d)
+    d2 = save_adapter(tmp_path / "ck2", adapters.get_trainable_state(model), pc)
+    (d2 / ADAPTER_CONFIG).unlink()
+    assert "missing" in verify_checkpoint(d2)
+    (d2 / MANIFEST).unlink()
+    assert "manifest" in verify_checkpoint(d2)

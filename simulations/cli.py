@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -185,6 +186,7 @@ def start_ray() -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not ray.is_initialized():
+        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
         ray.init(
             include_dashboard=False,
             logging_level=logging.ERROR,
@@ -210,7 +212,10 @@ def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
     result: list = []
     server_app = make_server_app(cfg, out, say, result, resume=resume)
     client_app = make_client_app(sites, device=None if cfg.model.device == "auto" else cfg.model.device)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    # We use run_simulation on purpose (see the module docstring); its deprecation notice is not for our users.
+    flwr_log.addFilter(lambda record: "`run_simulation` function is deprecated" not in record.getMessage())
     try:
         start_ray()
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites), backend_config=backend_config)
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     say = make_say(t0)
     names = ", ".join(s.name for s in cfg.federation.sites)
     say(
-        f"{len(cfg.federation.sites)} sites ({names}); model {cfg.model.name}; {cfg.peft.method} r={cfg.peft.r}; "
+        f"{len(cfg.federation.sites)} site{'s' if len(cfg.federation.sites) != 1 else ''} ({names}); model {cfg.model.name}; {cfg.peft.method} r={cfg.peft.r}; "
         f"{cfg.federation.strategy}; {cfg.federation.rounds} rounds x "
         f"{cfg.train.local_steps or str(cfg.train.local_epochs) + ' epochs'} local steps; output {out}"
     )

@@ -4,10 +4,11 @@ Available now:
     ftclient check --data FILE [--model M] [--max-length N]
         validates the site's data locally and prints counts, token-length statistics and
         problems (file, line, field), without contacting anyone.
+    ftclient keygen --out DIR [--force]
+        makes the site's key pair: DIR/site_key stays here, DIR/site_key.pub goes to the coordinator.
 
-Joining a federation over the network (``ftclient --server HOST:PORT --data FILE``) and
-``ftclient keygen`` arrive with the deployment work; until then they say so and exit 2
-rather than pretend. ``ftsim`` runs the same ClientApp with virtual sites today.
+Joining a federation over the network (``ftclient --server HOST:PORT --data FILE``) arrives
+with the deployment work; until then it says so and exits 2 rather than pretend. ``ftsim`` runs the same ClientApp with virtual sites today.
 """
 
 from __future__ import annotations
@@ -68,6 +69,21 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "prompt_completion", "text"])
         p.add_argument("--max-length", type=int, default=512)
         return check(p.parse_args(argv[1:]))
+    if argv and argv[0] == "keygen":
+        from .keys import create_site_keys
+
+        p = argparse.ArgumentParser(prog="ftclient keygen", description="Make this site's key pair for site authentication.")
+        p.add_argument("--out", required=True, help="folder for site_key (private, stays here) and site_key.pub")
+        p.add_argument("--force", action="store_true", help="replace an existing key pair")
+        args = p.parse_args(argv[1:])
+        try:
+            priv, pub = create_site_keys(args.out, force=args.force)
+        except FileExistsError as e:
+            print(f"ftclient keygen: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {priv} (private: keep it here, mode 0600) and {pub}")
+        print(f"give {pub} to the coordinator to register this site")
+        return 0
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0

@@ -31,10 +31,10 @@ from flwr.clientapp import ClientApp
 
 from fedtune.common import adapters
 from fedtune.common.config import FedTuneConfig
-from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY
 from fedtune.common.data import DataError, Example, load_site_data, split_examples, tokenize_all
 from fedtune.common.evaluation import evaluate_examples
 from fedtune.common.modeling import load_base_model, wrap_peft
+from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY
 
 from .trainer import train_round
 

@@ -26,7 +26,7 @@ NOT_YET = (
 
 def check(args: argparse.Namespace) -> int:
     from fedtune.common.config import DataConfig, ModelConfig
-    from fedtune.common.data import DataError, load_site_data, tokenize_example
+    from fedtune.common.data import DataError, load_site_data, tokenize_example, truncate_item
     from fedtune.common.modeling import ModelError, load_tokenizer, resolve_model_source
 
     try:
@@ -37,10 +37,10 @@ def check(args: argparse.Namespace) -> int:
     except (DataError, ModelError) as e:
         print(f"ftclient check: {e}", file=sys.stderr)
         return 2
-    # (untruncated, truncated) per example: lengths from the first, usability from the second.
-    pairs = [(tokenize_example(ex, tok, 10**9, cfg.system_prompt), tokenize_example(ex, tok, cfg.max_length, cfg.system_prompt)) for ex in data.examples]
-    lengths = sorted(len(full["input_ids"]) for full, _ in pairs if full is not None)
-    usable = sum(1 for _, cut in pairs if cut is not None)
+    # Tokenize once untruncated (for lengths), then cut each to max_length (for usability).
+    full = [t for t in (tokenize_example(ex, tok, 10**9, cfg.system_prompt) for ex in data.examples) if t is not None]
+    lengths = sorted(len(t["input_ids"]) for t in full)
+    usable = sum(1 for t in full if truncate_item(t, cfg.max_length) is not None)
     print(f"file            {args.data}")
     print(f"format          {data.format}")
     print(f"records         {data.records_read}")

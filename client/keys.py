@@ -7,11 +7,12 @@ ECDSA on NIST P-384, the curve Flower's SuperNode authentication expects.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedtune.common.checkpoint import write_private_file
 
 PRIVATE, PUBLIC = "site_key", "site_key.pub"
 
@@ -24,9 +25,6 @@ def create_site_keys(directory: str | Path, force: bool = False) -> tuple[Path, 
     if existing and not force:
         raise FileExistsError(f"{d}: already holds {', '.join(existing)}; pass --force to replace them (the coordinator must register the new key)")
     key = ec.generate_private_key(ec.SECP384R1())
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
-    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    write_private_file(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
     return priv, pub

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 
-
 def get_trainable_state(model) -> OrderedDict[str, torch.Tensor]:
     """The adapter's trainable tensors as float32 CPU copies (PEFT's saved-adapter keys)."""
     from peft import get_peft_model_state_dict

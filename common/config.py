@@ -7,6 +7,7 @@ bounds, so a typo or a NaN fails at start with a message that names the key.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import tomllib
@@ -200,7 +201,7 @@ class FedTuneConfig(_Strict):
         return cls.model_validate(json.loads(text))
 
 
-def format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration ({err.error_count()} problem{'s' if err.error_count() != 1 else ''}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -267,15 +268,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FedTuneConfig:
-    """Config file (optional) + dotted overrides -> validated FedTuneConfig."""
-    data = read_config_file(path) if path is not None else {}
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None, source: str | None = None
+) -> FedTuneConfig:
+    """Config file (or an already-parsed ``base`` mapping, named ``source`` in errors) + dotted overrides -> FedTuneConfig."""
+    data = read_config_file(path) if path is not None else copy.deepcopy(base or {})
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
-    source = str(path) if path is not None else "configuration"
+    from_file = path is not None or base is not None
+    source = source or (str(path) if path is not None else "configuration")
     if overrides:
-        source += " (with command-line overrides)" if path is not None else " from command line"
+        source += " (with command-line overrides)" if from_file else " from command line"
     try:
         return FedTuneConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_errors(e, source)) from None
+        raise ConfigError(_format_errors(e, source)) from None

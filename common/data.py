@@ -348,7 +348,12 @@ def tokenize_example(example: Example, tokenizer, max_length: int, system_prompt
         toks = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids.extend(toks)
         labels.extend(toks if is_answer else [IGNORE_INDEX] * len(toks))
-    ids, labels = ids[:max_length], labels[:max_length]
+    return truncate_item({"input_ids": ids, "labels": labels}, max_length)
+
+
+def truncate_item(item: dict[str, list[int]], max_length: int) -> dict[str, list[int]] | None:
+    """Cut a tokenized example to max_length; None if no answer token (after the first) survives."""
+    ids, labels = item["input_ids"][:max_length], item["labels"][:max_length]
     if not ids or all(t == IGNORE_INDEX for t in labels[1:]):
         return None
     return {"input_ids": ids, "labels": labels}

@@ -194,7 +194,6 @@ def load_tokenizer(source: str, is_local: bool = True):
 def load_base_model(cfg: ModelConfig, device: str | None = None):
     """-> (model, tokenizer, device). fp32 on CPU, bf16 on a GPU unless cfg.dtype says otherwise."""
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     source, is_local = resolve_model_source(cfg)

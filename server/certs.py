@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedtune.common.checkpoint import write_private_file
 
 FILES = ("ca.crt", "ca.key", "server.crt", "server.key")
 
@@ -36,10 +37,7 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
 
 
 def _write_private(path: Path, key) -> None:
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    write_private_file(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
 def create_certificates(directory: str | Path, hosts: list[str], days: int = 365, force: bool = False) -> dict[str, Path]:

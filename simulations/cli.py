@@ -28,9 +28,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from fedtune.common.config import ConfigError, FedTuneConfig, format_errors, load_config, parse_override, read_config_file, set_dotted
+from fedtune.common.config import ConfigError, FedTuneConfig, load_config, parse_override, read_config_file
 
 BUNDLED_DATA = "data"
 DEFAULT_CONFIG = "default.yaml"
@@ -124,14 +122,8 @@ def resolve_config(args: argparse.Namespace) -> FedTuneConfig:
             saved = json.loads(record.read_text())["config"]
         except (OSError, ValueError, KeyError):
             raise ConfigError(f"--resume {args.resume}: nothing to resume (no readable {record.name})") from None
-        saved.setdefault("output", {})["dir"] = str(Path(args.resume))
-        for key, value in overrides.items():
-            set_dotted(saved, key, value)
-        try:
-            cfg = FedTuneConfig.model_validate(saved)
-        except ValidationError as e:
-            raise ConfigError(format_errors(e, str(record))) from None
-        return _check_sites(cfg)
+        overrides["output.dir"] = str(Path(args.resume))
+        return _check_sites(load_config(None, overrides, base=saved, source=str(record)))
     if args.site:
         overrides["federation.sites"] = [parse_site(s) for s in args.site]
     elif cfg_path is not None:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.common import adapters
@@ -147,7 +148,17 @@ def _reply(msg: Message, site: SiteFiles, status: str, metrics: dict, arrays: Ar
     return Message(content=content, reply_to=msg)
 
 
-def handle_train(msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None) -> Message:
+def _say(site: SiteFiles, text: str) -> None:
+    """Site-local progress (this site's own console/log; never sent): counts and losses only."""
+    print(f"[{time.strftime('%H:%M:%S')}] site {site.name}: {text}", file=sys.stderr, flush=True)
+
+
+def handle_train(
+    msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None, arrived: float | None = None
+) -> Message:
+    """``arrived``: when the task reached the site (the resident executor's clock); the reply
+    reports the seconds from then to the first training step as ``startup-seconds``."""
+    arrived = time.time() if arrived is None else arrived
     cfg, server_round, global_state = _read_message(msg)
     site = resolve_site(context, sites)
     rt = runtime(cfg, device)
@@ -157,6 +168,14 @@ def handle_train(msg: Message, context: Context, sites: list[SiteFiles] | None, 
         # A site with nothing usable never sends an update.
         return _reply(msg, site, st.problem, {"num-examples": 0, **counts})
     adapters.set_trainable_state(rt.model, global_state)
+    verbose = "data-path" in context.node_config  # a real site (ftclient); ftsim prints per round at the coordinator
+    if verbose:
+        _say(site, f"round {server_round}: training on {len(st.train_items)} examples")
+
+    def progress(step: int, n: int, loss: float) -> None:
+        if step == n or step % max(1, n // 4) == 0:
+            _say(site, f"round {server_round}: step {step}/{n} loss {loss:.3f}")
+
     stats = train_round(
         rt.model,
         st.train_items,
@@ -166,6 +185,7 @@ def handle_train(msg: Message, context: Context, sites: list[SiteFiles] | None, 
         server_round=server_round,
         total_rounds=cfg.federation.rounds,
         seed=site_seed(cfg, site.name),
+        progress=progress if verbose else None,
     )
     update = adapters.to_arrays(adapters.delta(adapters.get_trainable_state(rt.model), global_state))
     metrics = {
@@ -176,6 +196,7 @@ def handle_train(msg: Message, context: Context, sites: list[SiteFiles] | None, 
         "train-steps": stats.steps,
         "train-seconds": stats.seconds,
         "train-tokens": stats.tokens,
+        "startup-seconds": stats.first_step_at - arrived,
         "upload-bytes": adapters.record_nbytes(update),
         **counts,
     }
@@ -195,6 +216,16 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteFiles] | Non
     if res.exact_match is not None:
         metrics["exact-match"] = res.exact_match
     return _reply(msg, site, "ok", metrics)
+
+
+def handle(msg: Message, context: Context, arrived: float, device: str | None = None) -> Message:
+    """One task for the resident executor (:mod:`fedtune.client.worker`), by message type."""
+    kind = msg.metadata.message_type
+    if kind == MessageType.TRAIN:
+        return handle_train(msg, context, None, device, arrived=arrived)
+    if kind == MessageType.EVALUATE:
+        return handle_evaluate(msg, context, None, device)
+    raise ValueError(f"this site does not handle {kind!r} messages")
 
 
 def make_client_app(sites: list[SiteFiles] | None = None, device: str | None = None) -> ClientApp:

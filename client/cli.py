@@ -1,14 +1,19 @@
 """ftclient: a site's command line.
 
-Available now:
+    ftclient --server HOST:PORT --data FILE [--eval-data FILE] [--name NAME]
+             [--ca-cert ca.crt] [--key site_key] [--device auto|cpu|cuda]
+        joins the federation: starts a Flower SuperNode (TLS, authenticated by the site key)
+        and serves its tasks in this process, where the base model stays loaded between
+        rounds. The data paths and device stay here, in the SuperNode's node config; only
+        adapter updates, counts and metrics leave the site.
     ftclient check --data FILE [--model M] [--max-length N]
         validates the site's data locally and prints counts, token-length statistics and
         problems (file, line, field), without contacting anyone.
     ftclient keygen --out DIR [--force]
         makes the site's key pair: DIR/site_key stays here, DIR/site_key.pub goes to the coordinator.
 
-Joining a federation over the network (``ftclient --server HOST:PORT --data FILE``) arrives
-with the deployment work; until then it says so and exits 2 rather than pretend. ``ftsim`` runs the same ClientApp with virtual sites today.
+Exit codes: 0 the run ended; 2 bad arguments or data; 3 refused by the coordinator (this
+site's key is not registered there); 1 anything else.
 """
 
 from __future__ import annotations
@@ -16,13 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-
-NOT_YET = (
-    "ftclient: joining a federation over the network is not available in this version yet "
-    "(it comes with the deployment work: ftserver/ftclient with TLS and site keys). "
-    "Use 'ftclient check --data FILE' to validate site data, and 'ftsim' to run sites locally."
-)
-
 
 def check(args: argparse.Namespace) -> int:
     from fedtune.common.config import DataConfig, ModelConfig
@@ -87,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    print(NOT_YET, file=sys.stderr)
-    return 2
+    from .join import join, join_parser
+
+    return join(join_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ class TrainStats:
     loss_mean: float  # mean over all steps
     seconds: float
     tokens: int
+    first_step_at: float = 0.0  # wall clock (time.time()) when the first forward pass began
 
 
 def steps_per_round(cfg: TrainConfig, n_examples: int) -> int:
@@ -110,6 +111,7 @@ def train_round(
     losses: list[float] = []
     tokens = 0
     t0 = time.perf_counter()
+    first_step_at = time.time()
     for step in range(n_steps):
         step_loss = 0.0
         # Token-weighted loss over the micro-batches of one optimizer step.
@@ -139,4 +141,5 @@ def train_round(
         loss_mean=sum(losses) / len(losses),
         seconds=seconds,
         tokens=tokens,
+        first_step_at=first_step_at,
     )

@@ -64,8 +64,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
-def save_adapter(directory: str | Path, state: Mapping[str, torch.Tensor], peft_config) -> Path:
+def save_adapter(
+    directory: str | Path, state: Mapping[str, torch.Tensor], peft_config, extra_json: Mapping[str, Any] | None = None
+) -> Path:
     """Write a PEFT adapter folder. ``peft_config``: a peft PeftConfig (e.g. LoraConfig).
+    ``extra_json``: more files (name -> JSON-able object) under the same manifest, e.g. the
+    coordinator's optimizer and RNG state, so they verify (and resume) with the weights.
 
     The manifest (sha256 of each file) is written last, so a folder whose manifest verifies
     holds a complete checkpoint; a torn or corrupted one fails :func:`verify_checkpoint`.
@@ -84,6 +88,10 @@ def save_adapter(directory: str | Path, state: Mapping[str, torch.Tensor], peft_
     atomic_write_bytes(d / ADAPTER_WEIGHTS, weights)
     atomic_write_bytes(d / ADAPTER_CONFIG, config_bytes)
     manifest = {"files": {ADAPTER_WEIGHTS: _sha256(weights), ADAPTER_CONFIG: _sha256(config_bytes)}}
+    for name, obj in (extra_json or {}).items():
+        data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+        atomic_write_bytes(d / name, data)
+        manifest["files"][name] = _sha256(data)
     atomic_write_json(d / MANIFEST, manifest)
     return d
 

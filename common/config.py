@@ -156,12 +156,35 @@ class SiteConfig(_Strict):
 class FederationConfig(_Strict):
     rounds: int = Field(3, ge=1, le=100_000)
     strategy: Literal["fedavg"] = "fedavg"
-    min_sites: int = Field(1, ge=1, le=100_000, description="Fewest valid updates a round needs to change the model.")
-    round_timeout_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
+    min_sites: int = Field(
+        1,
+        ge=1,
+        le=100_000,
+        description="Fewest sites a round needs: with fewer connected, wait up to join_timeout_s, then stop; "
+        "with fewer valid updates by round_timeout_s, the round fails and the run stops (resume it later).",
+    )
+    expected_sites: int | None = Field(
+        None, ge=1, le=100_000, description="Start as soon as this many sites have joined (default: the sites listed, else min_sites)."
+    )
+    join_timeout_s: float = Field(
+        600.0, gt=0, le=7 * 24 * 3600, description="How long to wait for sites to join; then start with those present if at least min_sites."
+    )
+    round_timeout_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600, description="A site that has not answered by then is dropped from the round.")
+    sites_per_round: int | None = Field(
+        None, ge=1, le=100_000, description="Train on a random sample of this many connected sites each round (default: all)."
+    )
     max_examples_per_update: int = Field(
         10_000_000, ge=1, le=2**31 - 1, description="An update claiming more examples than this is rejected."
     )
     sites: list[SiteConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent_counts(self) -> "FederationConfig":
+        if self.sites_per_round is not None and self.sites_per_round < self.min_sites:
+            raise ValueError(f"sites_per_round ({self.sites_per_round}) is below min_sites ({self.min_sites}): no round could succeed")
+        if self.expected_sites is not None and self.expected_sites < self.min_sites:
+            raise ValueError(f"expected_sites ({self.expected_sites}) is below min_sites ({self.min_sites})")
+        return self
 
     @field_validator("sites")
     @classmethod

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -50,6 +51,23 @@ class RunState:
     trainable_params: int
     rounds: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    # The coordinator's own randomness (which sites train when sites_per_round is set); its
+    # state is checkpointed with every round so a resumed run draws what the original would have.
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    # Server-optimizer state (FedAvg keeps none); checkpointed beside the RNG for strategies that do.
+    optimizer_state: dict = field(default_factory=dict)
+
+    def server_state(self, rnd: int) -> dict:
+        return {
+            "round": rnd,
+            "strategy": self.cfg.federation.strategy,
+            "rng": self.rng.bit_generator.state,
+            "optimizer": self.optimizer_state,
+        }
+
+    def restore_server_state(self, doc: dict) -> None:
+        self.rng.bit_generator.state = doc["rng"]
+        self.optimizer_state = dict(doc.get("optimizer") or {})
 
     def metrics_doc(self) -> dict:
         return {
@@ -72,19 +90,41 @@ def initial_adapter(cfg: FedTuneConfig) -> tuple[OrderedDict, object]:
     return OrderedDict((k, v.numpy()) for k, v in state.items()), pc
 
 
-def wait_for_sites(grid: Grid, minimum: int, timeout: float, say: Printer) -> list[int]:
+def wait_for_sites(grid: Grid, wanted: int, minimum: int, timeout: float, say: Printer) -> list[int]:
+    """Connected sites, once ``wanted`` have joined; at the deadline, those present if at least
+    ``minimum``, else a FederationError that says how many joined and how many were needed."""
     deadline = time.time() + timeout
     last = -1
     while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= minimum:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted:
             return nodes
         if len(nodes) != last:
-            say(f"waiting for sites: {len(nodes)} connected, {minimum} needed")
+            say(f"waiting for sites: {len(nodes)} connected, {wanted} expected ({minimum} needed; deadline in {deadline - time.time():.0f} s)")
             last = len(nodes)
         if time.time() > deadline:
-            raise FederationError(f"only {len(nodes)} site(s) joined within {timeout:.0f} s; {minimum} needed")
+            if len(nodes) >= minimum:
+                say(f"join deadline passed: starting with the {len(nodes)} site(s) connected")
+                return nodes
+            raise FederationError(
+                f"only {len(nodes)} site(s) joined within {timeout:.0f} s (federation.join_timeout_s); "
+                f"federation.min_sites is {minimum}. Check that the sites are running, reach this server, and are registered."
+            )
         time.sleep(0.5)
+
+
+def sites_for_round(grid: Grid, rs: RunState, say: Printer) -> tuple[list[int], list[int]]:
+    """-> (sites that train this round, sites that evaluate). Sites are re-read every round, so a
+    site that dropped out is not waited for again and one that (re)joined takes part."""
+    fed = rs.cfg.federation
+    nodes = sorted(grid.get_node_ids())
+    if len(nodes) < fed.min_sites:
+        nodes = wait_for_sites(grid, fed.min_sites, fed.min_sites, fed.join_timeout_s, say)
+    train = nodes
+    if fed.sites_per_round is not None and fed.sites_per_round < len(nodes):
+        pick = rs.rng.choice(len(nodes), size=fed.sites_per_round, replace=False)
+        train = sorted(nodes[i] for i in pick)
+    return train, nodes
 
 
 def exchange(grid: Grid, nodes: list[int], content: RecordDict, kind: str, timeout: float, on_reply: Callable[[Message], None]) -> int:
@@ -196,6 +236,7 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             "examples": int(n_ex) if not problems else None,
             "steps": int(_num(mr.get("train-steps")) or 0),
             "train_seconds": _num(mr.get("train-seconds")),
+            "startup_seconds": _num(mr.get("startup-seconds")),
             "bytes_sent": adapters.record_nbytes(m.content["arrays"]) if "arrays" in m.content else 0,
             "invalid_records": int(_num(mr.get("invalid-records")) or 0),
         }
@@ -216,35 +257,49 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
     received = exchange(grid, nodes, content, MessageType.TRAIN, cfg.federation.round_timeout_s, absorb)
     missing = len(nodes) - received
     if missing:
-        say(f"round {rnd} | {missing} site(s) did not answer within {cfg.federation.round_timeout_s:.0f} s")
-    applied = mean.count >= cfg.federation.min_sites and mean.count > 0
-    if applied:
-        update = mean.result()
-        rs.global_state = add_update(rs.global_state, update)
-        delta_norm = l2_norm(update)
-    else:
-        delta_norm = 0.0
-        say(f"round {rnd} | only {mean.count} valid update(s), {cfg.federation.min_sites} needed: global adapter unchanged")
+        say(f"round {rnd} | {missing} site(s) did not answer within {cfg.federation.round_timeout_s:.0f} s (federation.round_timeout_s): dropped from this round")
+    if mean.count < cfg.federation.min_sites:
+        raise FederationError(
+            f"round {rnd}: only {mean.count} valid update(s) of {len(nodes)} site(s) asked "
+            f"({missing} did not answer, {len(rejected)} rejected, {len(sites) - mean.count - len(rejected)} sent none); "
+            f"federation.min_sites is {cfg.federation.min_sites}. The global adapter stays at round {rnd - 1}; "
+            "the run can be resumed from its last checkpoint."
+        )
+    update = mean.result()
+    rs.global_state = add_update(rs.global_state, update)
     return {
         "sites": sites,
         "rejected": rejected,
         "accepted": mean.count,
-        "applied": applied,
-        "update_norm": delta_norm,
+        "applied": True,
+        "update_norm": l2_norm(update),
         "train_seconds": round(time.time() - t0, 3),
     }
 
 
+SERVER_STATE = "server_state.json"
+
+
 def save_round(rs: RunState, rnd: int) -> None:
     state = adapters.to_tensors(rs.global_state)
-    save_adapter(rs.out / "checkpoints" / f"round-{rnd:04d}", state, rs.peft_config)
+    save_adapter(rs.out / "checkpoints" / f"round-{rnd:04d}", state, rs.peft_config, {SERVER_STATE: rs.server_state(rnd)})
     save_adapter(rs.out / "adapter", state, rs.peft_config)
 
 
-def resume_point(out: Path, say: Printer) -> tuple[int, list[dict], OrderedDict, float]:
+@dataclass
+class ResumePoint:
+    round: int
+    rounds: list[dict]
+    state: OrderedDict
+    elapsed: float
+    server_state: dict | None
+
+
+def resume_point(out: Path, say: Printer) -> ResumePoint:
     """The last round whose metrics were recorded and whose checkpoint verifies.
 
-    -> (round, round records up to it, global adapter state, elapsed seconds so far).
+    -> that round, the round records up to it, the global adapter, the coordinator's RNG and
+    optimizer state as they were after it, and the seconds the run had taken so far.
     A round's checkpoint is written before its evaluation and its metrics after, so a
     crash in between leaves the previous round as the resume point, and the round reruns.
     """
@@ -260,7 +315,10 @@ def resume_point(out: Path, say: Printer) -> tuple[int, list[dict], OrderedDict,
         if why is None:
             state = load_adapter_state(ck)
             kept = [r for r in rounds if int(r["round"]) <= rnd]
-            return rnd, kept, OrderedDict((k, v.float().numpy()) for k, v in state.items()), float(doc.get("elapsed_s", 0.0))
+            server_state = json.loads((ck / SERVER_STATE).read_text()) if (ck / SERVER_STATE).is_file() else None
+            return ResumePoint(
+                rnd, kept, OrderedDict((k, v.float().numpy()) for k, v in state.items()), float(doc.get("elapsed_s", 0.0)), server_state
+            )
         say(f"resume: not using round {rnd}: {why}")
     raise FederationError(f"{out}: no verified checkpoint to resume from")
 
@@ -269,31 +327,42 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
     out.mkdir(parents=True, exist_ok=True)
     say("preparing the initial adapter ...")
     state, peft_config = initial_adapter(cfg)
-    rs = RunState(cfg=cfg, out=out, global_state=state, peft_config=peft_config, trainable_params=int(sum(v.size for v in state.values())))
+    rs = RunState(
+        cfg=cfg,
+        out=out,
+        global_state=state,
+        peft_config=peft_config,
+        trainable_params=int(sum(v.size for v in state.values())),
+        rng=np.random.default_rng(cfg.train.seed),
+    )
     say(f"{cfg.peft.method} adapter: {rs.trainable_params:,} trainable parameters ({rs.trainable_params * 4 / 1e6:.1f} MB as float32)")
     first = 1
     if resume:
-        done, rounds, saved, elapsed = resume_point(out, say)
-        if spec_of(saved) != spec_of(state):
-            raise FederationError(f"{out}: the checkpoint of round {done} does not fit this config's adapter (keys or shapes differ)")
-        rs.global_state, rs.rounds, rs.started = saved, rounds, time.time() - elapsed
-        first = done + 1
-        save_adapter(out / "adapter", adapters.to_tensors(saved), peft_config)
-        say(f"resuming after round {done} (verified checkpoint); rounds {first}..{cfg.federation.rounds} to go")
+        rp = resume_point(out, say)
+        if spec_of(rp.state) != spec_of(state):
+            raise FederationError(f"{out}: the checkpoint of round {rp.round} does not fit this config's adapter (keys or shapes differ)")
+        rs.global_state, rs.rounds, rs.started = rp.state, rp.rounds, time.time() - rp.elapsed
+        if rp.server_state is not None:
+            rs.restore_server_state(rp.server_state)
+        first = rp.round + 1
+        save_adapter(out / "adapter", adapters.to_tensors(rp.state), peft_config)
+        say(f"resuming after round {rp.round} (verified checkpoint); rounds {first}..{cfg.federation.rounds} to go")
     else:
         save_round(rs, 0)
     fed = cfg.federation
-    n_expected = max(fed.min_sites, len(fed.sites))
-    nodes = wait_for_sites(grid, n_expected, fed.round_timeout_s, say)
+    wanted = fed.expected_sites or max(fed.min_sites, len(fed.sites))
+    nodes = wait_for_sites(grid, wanted, fed.min_sites, fed.join_timeout_s, say)
+    say(f"{len(nodes)} site(s) connected")
     if not resume:
-        say(f"{len(nodes)} site(s) connected; round 0 evaluates the base model")
+        say("round 0 evaluates the base model")
         t = time.time()
         ev = run_evaluation(grid, nodes, rs, 0, say)
         rs.rounds.append({"round": 0, **ev, "seconds": round(time.time() - t, 3)})
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
     for rnd in range(first, fed.rounds + 1):
         t = time.time()
-        tr = run_training_round(grid, nodes, rs, rnd, say)
+        train_nodes, nodes = sites_for_round(grid, rs, say)
+        tr = run_training_round(grid, train_nodes, rs, rnd, say)
         save_round(rs, rnd)
         ev = run_evaluation(grid, nodes, rs, rnd, say)
         sites = tr.pop("sites")

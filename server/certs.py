@@ -4,6 +4,7 @@
 (keys 0600). Sites get ``ca.crt`` only (Flower's SuperNode ``--root-certificates``); the SuperLink
 uses ``--ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile server.key``. Every name
 or IP that sites will dial must be listed with ``--host``: TLS checks it against the certificate.
+``localhost`` and ``127.0.0.1`` are always added, for ftserver's own connection to its SuperLink.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def create_certificates(directory: str | Path, hosts: list[str], days: int = 365
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(_san(hosts), critical=False)
+        # localhost too: ftserver itself talks to its SuperLink's Control API over loopback.
+        .add_extension(_san(list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA384())

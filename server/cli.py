@@ -1,26 +1,52 @@
-"""ftserver: the coordinator's command line.
+"""ftserver: the coordinator. Starts a Flower SuperLink and runs fedtune's ServerApp on it.
 
-Available now:
-    ftserver init DIR --host NAME [--host NAME ...] [--days N] [--force]
-        creates a private CA and a server certificate for those host names / IPs (TLS for
-        the SuperLink); hand DIR/ca.crt to every site.
+    ftserver init DIR --host NAME [--host NAME ...]      # CA + server certificate (once)
+    ftserver --certs DIR --authorized-keys KEYS --out RUN [--config FILE] [--host 0.0.0.0] [--port 8000]
+    ftserver --resume RUN                                # after a crash or kill -9
 
-Running a coordinator for remote sites (Flower SuperLink + our ServerApp, with TLS and site
-authentication) arrives with the deployment work. Until then ``ftserver`` says so and exits
-2 rather than pretend; ``ftsim`` runs the same ServerApp with virtual sites today.
+TLS is on unless ``--insecure`` (loudly warned). With TLS, site authentication is on: every
+``*.pub`` in ``--authorized-keys`` (an OpenSSH P-384 key from ``ftclient keygen``; the file
+name, less ``.pub``, names the site) is registered, and only those sites can join. A key
+dropped into that folder while the server runs is registered within seconds.
+
+What ftserver leaves in ``--out``: ``adapter/``, ``checkpoints/round-NNNN/`` (verified by a
+hash manifest), ``metrics.json``, ``report.md`` + plots, ``server.log`` (the progress lines it
+printed), ``config.json`` (the run's resolved config, used by ``--resume``), and ``.ftserver/``
+(the SuperLink's state and logs).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import signal
+import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
-NOT_YET = (
-    "ftserver: running a coordinator for remote sites is not available in this version yet "
-    "(it comes with the deployment work: SuperLink with TLS, site keys, resume). "
-    "Use 'ftsim' to run the same federation with virtual sites on this machine, and "
-    "'ftserver init DIR --host NAME' to prepare certificates."
-)
+from fedtune.common.checkpoint import atomic_write_bytes, atomic_write_json
+from fedtune.common.config import ConfigError, FedTuneConfig, load_config, parse_override, read_config_file
+from fedtune.common.procs import follow, spawn, stop, tail, tool, tool_env, wait_for_port
+
+CONN = "fedtune"
+STATE_DIR = ".ftserver"
+SERVER_JSON = "server.json"
+CONFIG_JSON = "config.json"
+CERT_FILES = ("ca.crt", "server.crt", "server.key")
+
+INSECURE_WARNING = """\
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+ftserver: WARNING: --insecure: TLS is OFF. Adapter updates and the global model travel
+in clear text, and any machine that reaches this port can join as a site unless
+--authorized-keys is given. Use this only on a trusted test network.
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
+
+
+class ServerError(RuntimeError):
+    pass
 
 
 def init(argv: list[str]) -> int:
@@ -38,20 +64,318 @@ def init(argv: list[str]) -> int:
         print(f"ftserver init: {e}", file=sys.stderr)
         return 2
     print(f"wrote {', '.join(str(x) for x in paths.values())}")
-    print(f"certificate valid for: {', '.join(args.host)} ({args.days} days)")
+    print(f"certificate valid for: {', '.join(args.host)} (and localhost, for ftserver itself) ({args.days} days)")
     print(f"give {paths['ca.crt']} to every site; keep ca.key and server.key here (mode 0600)")
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ftserver",
+        description="Run the coordinator: a Flower SuperLink with TLS and site authentication, and fedtune's ServerApp. "
+        "'ftserver init DIR --host NAME' makes the certificates.",
+    )
+    p.add_argument("--config", help="YAML/TOML run config (default: the bundled demo config; its site data paths are ignored)")
+    p.add_argument("--out", help="output directory for this run (required unless --resume)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last verified checkpoint")
+    p.add_argument("--certs", metavar="DIR", help="folder with ca.crt, server.crt, server.key (from 'ftserver init')")
+    p.add_argument("--authorized-keys", metavar="DIR", help="folder of SITE.pub files (from 'ftclient keygen'); only these sites may join")
+    p.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=None, help="port sites connect to (default 8000)")
+    p.add_argument("--rounds", type=int, help="federated rounds")
+    p.add_argument("--min-sites", type=int, help="fewest sites a round needs (federation.min_sites)")
+    p.add_argument("--expected-sites", type=int, help="start once this many sites have joined (federation.expected_sites)")
+    p.add_argument("--join-timeout", type=float, help="seconds to wait for sites to join (federation.join_timeout_s)")
+    p.add_argument("--round-timeout", type=float, help="seconds before a silent site is dropped from a round (federation.round_timeout_s)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=1e-4 (repeatable)")
+    return p
+
+
+FLAG_KEYS = {
+    "rounds": "federation.rounds",
+    "min_sites": "federation.min_sites",
+    "expected_sites": "federation.expected_sites",
+    "join_timeout": "federation.join_timeout_s",
+    "round_timeout": "federation.round_timeout_s",
+}
+
+
+def resolve(args: argparse.Namespace) -> tuple[FedTuneConfig, Path, dict]:
+    """-> (config, output dir, network settings). On --resume both come from the run's folder."""
+    overrides: dict = {}
+    for text in args.set:
+        k, v = parse_override(text)
+        overrides[k] = v
+    for attr, key in FLAG_KEYS.items():
+        if getattr(args, attr) is not None:
+            overrides[key] = getattr(args, attr)
+    if args.no_plots:
+        overrides["output.plots"] = False
+    net = {"certs": args.certs, "authorized_keys": args.authorized_keys, "insecure": args.insecure, "host": args.host, "port": args.port}
+    if args.resume:
+        if args.config or args.out:
+            raise ConfigError("--resume DIR takes the run's saved config and writes to DIR; don't combine it with --config or --out")
+        out = Path(args.resume).resolve()
+        saved_cfg, saved_net = out / CONFIG_JSON, out / SERVER_JSON
+        try:
+            base = json.loads(saved_cfg.read_text())
+            old_net = json.loads(saved_net.read_text())
+        except (OSError, ValueError):
+            raise ConfigError(f"--resume {args.resume}: nothing to resume (no readable {CONFIG_JSON} and {SERVER_JSON}: not an ftserver run folder)") from None
+        if not (out / "metrics.json").is_file():
+            raise ConfigError(f"--resume {args.resume}: the run never finished its first evaluation (no metrics.json); start it again instead")
+        for k, v in old_net.items():  # flags given now win over the saved ones
+            if net.get(k) in (None, False):
+                net[k] = v
+        return load_config(None, overrides, base=base, source=str(saved_cfg)), out, net
+    if not args.out:
+        raise ConfigError("--out DIR is required: where the run's adapter, checkpoints and metrics go")
+    out = Path(args.out).resolve()
+    if (out / "metrics.json").exists():
+        raise ConfigError(f"--out {args.out} already holds a run; continue it with --resume {args.out}, or choose another folder")
+    if args.config:
+        base, source = read_config_file(args.config), args.config
+    else:
+        from fedtune.simulations.cli import DEFAULT_CONFIG, bundled_path
+
+        path = bundled_path("configs", DEFAULT_CONFIG)
+        base, source = read_config_file(path), str(path)
+    fed = base.get("federation") if isinstance(base.get("federation"), dict) else None
+    if fed and isinstance(fed.get("sites"), list):
+        # Sites keep their data; a list of sites here only says how many to wait for.
+        fed = dict(fed)
+        n = len(fed.pop("sites"))
+        fed.setdefault("expected_sites", n)
+        base = {**base, "federation": fed}
+    return load_config(None, overrides, base=base, source=source), out, net
+
+
+def check_network(net: dict) -> dict:
+    net["host"] = net["host"] or "127.0.0.1"
+    if net["port"] is None:
+        net["port"] = 8000
+    if not 1 <= int(net["port"]) <= 65535:
+        raise ConfigError(f"--port {net['port']}: expected 1..65535")
+    if net["insecure"]:
+        net["certs"] = None
+    else:
+        if not net["certs"]:
+            raise ConfigError("TLS is on: pass --certs DIR (make one with 'ftserver init DIR --host NAME'), or --insecure for a test network")
+        d = Path(net["certs"]).resolve()
+        missing = [f for f in CERT_FILES if not (d / f).is_file()]
+        if missing:
+            raise ConfigError(f"--certs {d}: missing {', '.join(missing)} (make them with 'ftserver init {d} --host NAME')")
+        net["certs"] = str(d)
+        if not net["authorized_keys"]:
+            raise ConfigError(
+                "site authentication is on with TLS: pass --authorized-keys DIR, a folder of SITE.pub files "
+                "(each site makes its key with 'ftclient keygen --out DIR' and sends you site_key.pub)"
+            )
+    if net["authorized_keys"]:
+        d = Path(net["authorized_keys"]).resolve()
+        if not d.is_dir():
+            raise ConfigError(f"--authorized-keys {d}: not a folder (expected one SITE.pub file per site)")
+        net["authorized_keys"] = str(d)
+        for f in sorted(d.glob("*.pub")):
+            check_public_key(f)
+    return net
+
+
+def check_public_key(path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not an OpenSSH public key ({type(e).__name__}); expected site_key.pub from 'ftclient keygen'") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
+        raise ConfigError(f"{path}: expected an ECDSA P-384 key (ftclient keygen makes one), got {type(key).__name__}")
+
+
+def control_address(net: dict) -> str:
+    host = net["host"]
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "127.0.0.1", "localhost") else host
+    return f"{local}:{net['port']}"
+
+
+def write_flwr_home(home: Path, net: dict) -> None:
+    lines = ["[superlink]", f'default = "{CONN}"', "", f"[superlink.{CONN}]", f'address = "{control_address(net)}"']
+    if net["insecure"]:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{Path(net["certs"]) / "ca.crt"}"')
+    home.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(home / "config.toml", ("\n".join(lines) + "\n").encode())
+
+
+class Coordinator:
+    """The SuperLink child, key registration, and the run submitted to it."""
+
+    def __init__(self, cfg: FedTuneConfig, out: Path, net: dict, resume: bool):
+        self.cfg, self.out, self.net, self.resume = cfg, out, net, resume
+        self.state = out / STATE_DIR
+        self.env = tool_env({"FLWR_HOME": str(self.state / "flwr")})
+        self.link: subprocess.Popen | None = None
+        self.run_proc: subprocess.Popen | None = None
+        self.registered: set[str] = set()
+        self.stopping = threading.Event()
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([tool("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.state)
+
+    def start_link(self) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        write_flwr_home(self.state / "flwr", self.net)
+        cmd = [
+            tool("flower-superlink"),
+            "--host", self.net["host"],
+            "--port", str(self.net["port"]),
+            "--disable-runtime-dependency-installation",
+            # Registrations and node ids survive a restart, so sites reconnect to a resumed run.
+            "--database", str(self.state / "superlink.db"),
+        ]  # fmt: skip
+        if self.net["insecure"]:
+            cmd.append("--insecure")
+        else:
+            c = Path(self.net["certs"])
+            cmd += ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"), "--ssl-keyfile", str(c / "server.key")]
+        if self.net["authorized_keys"]:
+            cmd.append("--enable-supernode-auth")
+        log = self.state / "superlink.log"
+        self.link = spawn(cmd, log, env=self.env, cwd=self.state)
+        host, port = control_address(self.net).rsplit(":", 1)
+        if not wait_for_port(host, int(port), self.link, 60):
+            stop(self.link)
+            raise ServerError(f"the SuperLink did not start on {self.net['host']}:{self.net['port']} (port in use?). Its log ({log}):\n{tail(log)}")
+
+    def register_keys(self, say) -> None:
+        d = self.net["authorized_keys"]
+        if not d:
+            return
+        for f in sorted(Path(d).glob("*.pub")):
+            if f.name in self.registered:
+                continue
+            try:
+                check_public_key(f)
+            except ConfigError as e:
+                say(f"not registering {f.name}: {e}")
+                self.registered.add(f.name)
+                continue
+            r = self.flwr("supernode", "register", str(f), CONN, "--name", f.stem[:60])
+            text = (r.stdout + r.stderr).strip()
+            if r.returncode == 0 or "already" in text.lower():
+                say(f"site key registered: {f.stem} ({f.name})")
+            else:
+                say(f"could not register {f.name}: {text.splitlines()[-1] if text else r.returncode}")
+            self.registered.add(f.name)
+
+    def watch_keys(self, say) -> None:
+        while not self.stopping.wait(3.0):
+            try:
+                self.register_keys(say)
+            except Exception as e:  # noqa: BLE001 - keep watching
+                say(f"key registration: {e}")
+
+    def submit(self) -> None:
+        from .deploy import write_app_dir
+
+        app_dir = write_app_dir(self.state / "app")
+        run_config = f'config-path="{self.out / CONFIG_JSON}" out-dir="{self.out}" resume={"true" if self.resume else "false"}'
+        self.run_proc = spawn(
+            [tool("flwr"), "run", str(app_dir), CONN, "--run-config", run_config, "--stream"], self.state / "serverapp.log", env=self.env, cwd=self.state
+        )
+
+    def run_id(self) -> str | None:
+        m = re.search(r"started run (\d+)", tail(self.state / "serverapp.log", 400))
+        return m.group(1) if m else None
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        if self.run_proc is not None and self.run_proc.poll() is None:
+            rid = self.run_id()
+            if rid and self.link is not None and self.link.poll() is None:
+                try:
+                    self.flwr("stop", rid, CONN, timeout=20)
+                except subprocess.TimeoutExpired:
+                    pass
+        stop(self.run_proc, 10)
+        stop(self.link, 15)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        cfg, out, net = resolve(args)
+        net = check_network(net)
+    except ConfigError as e:
+        print(f"ftserver: {e}", file=sys.stderr)
+        return 2
+    if net["insecure"]:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+
+    def say(msg: str) -> None:
+        print(f"[ftserver {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / CONFIG_JSON, cfg.to_json().encode())
+    atomic_write_json(out / SERVER_JSON, net)
+    co = Coordinator(cfg, out, net, resume=bool(args.resume))
+    signal.signal(signal.SIGTERM, _terminate)
+    follower_stop = threading.Event()
+    follower = threading.Thread(target=follow, args=(out / "server.log", follower_stop, print), daemon=True)
+    try:
+        tls = "TLS" if not net["insecure"] else "NO TLS"
+        auth = f"site keys from {net['authorized_keys']}" if net["authorized_keys"] else "no site authentication"
+        say(f"starting the SuperLink on {net['host']}:{net['port']} ({tls}; {auth}; runtime dependency installation off)")
+        co.start_link()
+        co.register_keys(say)
+        threading.Thread(target=co.watch_keys, args=(say,), daemon=True).start()
+        fed = cfg.federation
+        say(
+            f"{'resuming' if args.resume else 'run'}: model {cfg.model.name}; {cfg.peft.method}; {fed.strategy}; {fed.rounds} rounds; "
+            f"waiting up to {fed.join_timeout_s:.0f} s for {fed.expected_sites or fed.min_sites} site(s) (min {fed.min_sites}); output {out}"
+        )
+        follower.start()
+        co.submit()
+        while co.run_proc.poll() is None:
+            if co.link.poll() is not None:
+                raise ServerError(f"the SuperLink exited (code {co.link.returncode}); its log:\n{tail(co.state / 'superlink.log')}")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        say(f"interrupted; checkpoints so far are in {out / 'checkpoints'}; continue with: ftserver --resume {out}")
+        return 130
+    except ServerError as e:
+        print(f"ftserver: {e}", file=sys.stderr)
+        return 1
+    finally:
+        co.shutdown()
+        follower_stop.set()
+        if follower.is_alive():
+            follower.join(5)
+    try:
+        status = json.loads((out / "run-status.json").read_text())
+    except (OSError, ValueError):
+        status = {"status": "unknown"}
+    if status.get("status") == "completed":
+        say(f"done: {status.get('rounds')} rounds. adapter: {out / 'adapter'}  metrics: {out / 'metrics.json'}  report: {out / 'report.md'}")
+        return 0
+    reason = status.get("reason") or f"the ServerApp ended without a result; see {co.state / 'serverapp.log'}:\n{tail(co.state / 'serverapp.log')}"
+    print(f"ftserver: run failed: {reason}", file=sys.stderr)
+    print(f"ftserver: checkpoints so far are in {out / 'checkpoints'}; continue with: ftserver --resume {out}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "init":
         return init(argv[1:])
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    print(NOT_YET, file=sys.stderr)
-    return 2
+    return serve(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,221 @@
+"""``ftclient --server HOST:PORT --data FILE``: join a federation as a site.
+
+Two processes per site: a Flower SuperNode (child; talks to the coordinator over TLS, signs
+in with the site key) and this one, the resident executor (:mod:`fedtune.client.worker`),
+which serves every task the SuperNode receives with the model kept loaded. The SuperNode's
+Runtime API listens on 127.0.0.1 only, on a free port, and hands tasks only to a holder of a
+per-run secret (a 0600 file in the work folder), so no other local process can take them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fedtune.common.checkpoint import write_private_file
+from fedtune.common.procs import follow, free_port, spawn, stop, tail, tool, tool_env
+
+EXIT_REFUSED = 3
+REFUSED_MARKERS = ("[code: 2004]", "Failed to activate SuperNode")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+INSECURE_WARNING = """\
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+ftclient: WARNING: --insecure: TLS is OFF. This site's adapter updates travel in clear
+text and the server is not authenticated. Use this only on a trusted test network.
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
+
+
+class JoinError(ValueError):
+    pass
+
+
+def join_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ftclient",
+        description="Join a federation as a site (subcommands: 'ftclient check', 'ftclient keygen'). "
+        "Data paths and the device stay at this site; only adapter updates and metrics are sent.",
+    )
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    p.add_argument("--data", required=True, metavar="FILE", help="this site's training data (JSONL, JSON, CSV or Parquet)")
+    p.add_argument("--eval-data", metavar="FILE", help="held-out evaluation data (default: a split of --data)")
+    p.add_argument("--name", help="this site's name in the coordinator's reports (default: the host name)")
+    p.add_argument("--ca-cert", metavar="FILE", help="the coordinator's ca.crt (required with TLS)")
+    p.add_argument("--key", metavar="FILE", help="this site's private key from 'ftclient keygen' (required with TLS)")
+    p.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where this site trains (default: cuda if available)")
+    p.add_argument("--work-dir", metavar="DIR", help="folder for the SuperNode's log and runtime secret (default: a new private temp folder)")
+    return p
+
+
+def key_fingerprint(pub_line: bytes) -> str:
+    """OpenSSH-style SHA256 fingerprint of a public key line ('ecdsa-sha2-nistp384 AAAA...')."""
+    blob = base64.b64decode(pub_line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[str, dict]:
+    """Validate everything local before any connection. -> (site name, summary counts)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedtune.common.config import DataConfig
+    from fedtune.common.data import DataError, load_site_data
+
+    host, sep, port = args.server.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise JoinError(f"--server {args.server!r}: expected HOST:PORT, e.g. coordinator.example:8000")
+    counts = {}
+    for label, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise JoinError(f"{label} {path}: file not found")
+        try:
+            d = load_site_data(path, DataConfig(max_invalid_fraction=1.0))
+        except DataError as e:
+            raise JoinError(f"{label}: {e}") from None
+        if not d.examples:
+            raise JoinError(f"{label} {path}: no usable record among {d.records_read} (run 'ftclient check --data {path}' for details)")
+        counts[label] = (len(d.examples), d.n_invalid)
+    if args.insecure:
+        return args.name or socket.gethostname(), counts
+    if not args.ca_cert:
+        raise JoinError("TLS is on: pass --ca-cert FILE (the coordinator's ca.crt), or --insecure for a test network")
+    if not args.key:
+        raise JoinError("site authentication is on with TLS: pass --key FILE (make it with 'ftclient keygen --out DIR'; send DIR/site_key.pub to the coordinator)")
+    from cryptography import x509
+
+    try:
+        x509.load_pem_x509_certificate(Path(args.ca_cert).read_bytes())
+    except (OSError, ValueError) as e:
+        raise JoinError(f"--ca-cert {args.ca_cert}: not a readable PEM certificate ({type(e).__name__})") from None
+    try:
+        key = serialization.load_ssh_private_key(Path(args.key).read_bytes(), None)
+    except (OSError, ValueError, TypeError) as e:
+        raise JoinError(f"--key {args.key}: not a readable OpenSSH private key ({type(e).__name__}); use site_key from 'ftclient keygen'") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":
+        raise JoinError(f"--key {args.key}: expected an ECDSA P-384 key (ftclient keygen makes one)")
+    return args.name or socket.gethostname(), counts
+
+
+def node_config(site: str, args: argparse.Namespace) -> str:
+    # TOML basic strings take JSON's escapes, so json.dumps quotes any path safely.
+    parts = {"site-name": site, "data-path": str(Path(args.data).resolve())}
+    if args.eval_data:
+        parts["eval-data-path"] = str(Path(args.eval_data).resolve())
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in parts.items())
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def join(args: argparse.Namespace) -> int:
+    def say(msg: str) -> None:
+        print(f"[ftclient {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        site, counts = check_inputs(args)
+    except JoinError as e:
+        print(f"ftclient: {e}", file=sys.stderr)
+        return 2
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="ftclient-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o700)
+    secret = os.urandom(32)
+    write_private_file(work / "runtime.secret", secret)
+    port = free_port()
+    log = work / "supernode.log"
+    cmd = [
+        tool("flower-supernode"),
+        "--superlink", args.server,
+        "--isolation", "process",  # no SuperExec: this process serves the tasks
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--superexec-auth-secret-file", str(work / "runtime.secret"),
+        "--node-config", node_config(site, args),
+    ]  # fmt: skip
+    if args.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(Path(args.ca_cert).resolve())]
+    if args.key:
+        cmd += ["--auth-supernode-private-key", str(Path(args.key).resolve())]
+    ev = counts.get("--eval-data")
+    say(
+        f"site {site}: {counts['--data'][0]} training records ({counts['--data'][1]} unusable)"
+        + (f", {ev[0]} evaluation records" if ev else ", evaluation on a held-out split")
+        + f"; device {args.device}; joining {args.server} ({'NO TLS' if args.insecure else 'TLS'})"
+    )
+    if args.key:
+        pub = Path(args.key).with_name(Path(args.key).name + ".pub")
+        if pub.is_file():
+            say(f"site key {key_fingerprint(pub.read_bytes())} ({pub})")
+    say(f"SuperNode log: {log}")
+
+    from .app import handle
+    from .worker import ResidentExecutor
+
+    device = None if args.device == "auto" else args.device
+    node = spawn(cmd, log, env=tool_env())
+    executor = ResidentExecutor(f"127.0.0.1:{port}", lambda m, c, t: handle(m, c, t, device), secret=secret)
+    log_stop = threading.Event()
+    seen: dict[str, bool] = {"refused": False}
+
+    def relay(line: str) -> None:
+        text = ANSI.sub("", line).strip()
+        if any(m in text for m in REFUSED_MARKERS):
+            seen["refused"] = True
+        if text.startswith(("ERROR", "WARNING")) or "CERTIFICATE_VERIFY_FAILED" in text:
+            say(f"SuperNode: {text}")
+
+    def watch_node() -> None:
+        node.wait()
+        executor.stop()
+
+    threading.Thread(target=follow, args=(log, log_stop, relay, True), daemon=True).start()
+    threading.Thread(target=watch_node, daemon=True).start()
+    signal.signal(signal.SIGTERM, _terminate)
+    code = 0
+    try:
+        say("ready: the model loads with the first task and then stays loaded")
+        executor.serve()
+        log_stop.set()
+        time.sleep(0.4)
+        if seen["refused"] or any(m in tail(log, 40) for m in REFUSED_MARKERS):
+            fp = ""
+            pub = Path(args.key).with_name(Path(args.key).name + ".pub") if args.key else None
+            if pub is not None and pub.is_file():
+                fp = f" ({pub}, {key_fingerprint(pub.read_bytes())})"
+            print(
+                f"ftclient: REFUSED by the coordinator at {args.server}: this site's key{fp} is not registered there. "
+                "Send site_key.pub to the coordinator, who adds it to ftserver's --authorized-keys folder; then start ftclient again.",
+                file=sys.stderr,
+                flush=True,
+            )
+            code = EXIT_REFUSED
+        else:
+            print(f"ftclient: the SuperNode exited (code {node.returncode}); its log ({log}):\n{tail(log)}", file=sys.stderr, flush=True)
+            code = 1
+    except KeyboardInterrupt:
+        say(f"stopping ({executor.tasks_done} task(s) served)")
+        code = 0
+    finally:
+        executor.stop()
+        log_stop.set()
+        stop(node, 10)
+    return code

@@ -1,0 +1,135 @@
+"""The site's resident executor: runs every task of the SuperNode in one long-lived process.
+
+In deployment Flower's SuperExec starts a fresh ``flwr-clientapp`` process for every message,
+so a plain ClientApp reloads the base model (and re-reads the site's data) every round. ftclient
+instead runs the SuperNode with ``--isolation process`` and serves its tasks itself, in this
+process, where the model, tokenizer and tokenized data stay loaded between rounds
+(:mod:`fedtune.client.app` caches them per process):
+
+    loop: AcquireTask (SuperNode Runtime API, localhost) -> pull the message + context
+          -> handle_train / handle_evaluate -> push the reply -> report the task done
+
+What this executor runs is always fedtune's installed ClientApp: the FAB a coordinator
+sends is never executed at the site, so a coordinator cannot make a site run its code.
+
+The Runtime API calls are Flower's own (``flwr.supernode.runtime.run_clientapp`` pulls and
+pushes the same way); only the process lifetime differs. flwr is pinned in pyproject.toml
+because these are internal modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+log = logging.getLogger("fedtune.client")
+
+Handler = Callable[[Message, object, float], Message]  # (message, context, arrived) -> reply
+
+
+def _client(address: str, interceptors: list, retry: bool = True) -> RuntimeHttpClient:
+    invoker = make_simple_http_retry_invoker()
+    if not retry:
+        invoker.max_tries = 1  # the poll loop is the retry; a backoff here would hide a dead SuperNode
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,  # the SuperNode's Runtime API listens on 127.0.0.1 only
+        root_certificates=None,
+        interceptors=interceptors,
+        retry_invoker=invoker,
+    )
+
+
+class ResidentExecutor:
+    """Polls the local SuperNode for ClientApp tasks and runs each with ``handler`` in this process."""
+
+    def __init__(self, runtime_address: str, handler: Handler, secret: bytes | None = None, poll_s: float = 0.1):
+        self.address = runtime_address
+        self.handler = handler
+        self.poll_s = poll_s
+        self.stop_event = threading.Event()
+        interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+        if secret:
+            interceptors.append(
+                SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}))
+            )
+        self.acquirer = _client(runtime_address, interceptors, retry=False)
+        self.tasks_done = 0
+
+    def acquire(self) -> str | None:
+        """-> a task token, or None when there is no ClientApp task waiting."""
+        try:
+            res = self.acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+        except httpx.HTTPError:
+            return None  # SuperNode not up yet, or going away
+        return res.token if res.HasField("task") and res.token else None
+
+    def run_task(self, token: str, arrived: float) -> None:
+        client = _client(
+            self.address,
+            [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
+        )
+        cancelled = threading.Event()
+
+        def heartbeat() -> bool:
+            try:
+                res = client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+            except httpx.HTTPError:
+                return False
+            if not res.success:
+                cancelled.set()  # the run was stopped; Flower's own sender would SIGINT the process
+            return True
+
+        beat = HeartbeatSender(heartbeat)
+        beat.start()
+        message = context = reply = None
+        status, details = SubStatus.FAILED, "ClientApp task failed"
+        try:
+            message, context, _run, _fab = pull_task_input(client)
+            reply = self.handler(message, context, arrived)
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as ex:  # noqa: BLE001 - any failure becomes an error reply, the executor lives on
+            log.exception("task failed")
+            details = f"{type(ex).__name__}: {ex}"
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None and not cancelled.is_set():
+                    push_message(client, reply, context)
+            except Exception:  # noqa: BLE001
+                log.exception("could not send the reply")
+            finally:
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+                beat.stop()
+                client.close()
+        self.tasks_done += 1
+
+    def serve(self) -> None:
+        while not self.stop_event.is_set():
+            token = self.acquire()
+            if token is None:
+                self.stop_event.wait(self.poll_s)
+                continue
+            self.run_task(token, time.time())
+
+    def stop(self) -> None:
+        self.stop_event.set()

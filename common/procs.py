@@ -1,0 +1,142 @@
+"""Child processes for ftserver, ftclient and the localhost demo: start, watch, stop.
+
+Every child gets the running interpreter's ``bin`` first on PATH (Flower's SuperLink and
+SuperNode start ``flower-superexec`` by name, and must find ours, not another install's), and,
+on Linux, dies with its parent (PR_SET_PDEATHSIG), so a ``kill -9`` of ftserver or ftclient
+does not leave a SuperLink or SuperNode holding the port.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+def tool(name: str) -> str:
+    """A console script installed beside the running interpreter (flower-superlink, ftclient, ...)."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def spawn(cmd: list[str], log_path: Path | None = None, env: dict[str, str] | None = None, cwd: Path | None = None, **kw) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, output appended to ``log_path`` (or piped when None)."""
+    out = open(log_path, "ab") if log_path is not None else subprocess.PIPE  # noqa: SIM115 - owned by the child
+    try:
+        return subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env or tool_env(),
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            **kw,
+        )
+    finally:
+        if log_path is not None:
+            out.close()
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 15.0, sig: int = signal.SIGTERM) -> int | None:
+    """Signal the child's whole process group, wait, then SIGKILL what is left. -> exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # helpers the child started (superexec, serverapp)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        return proc.wait(5)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float) -> bool:
+    """True once something listens on host:port; False if ``proc`` exits or time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if port_open(host, port):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def follow(path: Path, stop_event: threading.Event, emit, from_start: bool = False) -> None:
+    """Hand each line appended to ``path`` to ``emit`` until stop_event is set (then drain the rest)."""
+    pos = 0 if from_start or not path.exists() else path.stat().st_size
+    partial = ""
+    while True:
+        stopping = stop_event.is_set()
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+        except OSError:
+            chunk = ""
+        lines = (partial + chunk).split("\n")
+        partial = lines.pop()
+        for line in lines:
+            emit(line)
+        if stopping:
+            if partial:
+                emit(partial)
+            return
+        stop_event.wait(0.3)

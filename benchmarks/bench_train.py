@@ -72,7 +72,7 @@ def run(steps: int = 4, reps: int = 6) -> dict:
     def message() -> Message:
         content = RecordDict(
             {
-                "arrays": adapters.to_arrays(init_state),
+                **adapters.adapter_records(init_state),
                 "config": ConfigRecord({capp.CONFIG_KEY: cfg.to_json(), "server-round": 1}),
             }
         )

@@ -27,7 +27,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.common import adapters
@@ -138,13 +138,12 @@ def resolve_site(context: Context, sites: list[SiteFiles] | None) -> SiteFiles:
 def _read_message(msg: Message) -> tuple[FedTuneConfig, int, dict]:
     conf = msg.content["config"]
     cfg = FedTuneConfig.from_json(str(conf[CONFIG_KEY]))
-    return cfg, int(conf[ROUND_KEY]), adapters.to_tensors(adapters.from_arrays(msg.content["arrays"]))
+    return cfg, int(conf[ROUND_KEY]), adapters.to_tensors(adapters.read_adapter(msg.content))
 
 
-def _reply(msg: Message, site: SiteFiles, status: str, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, "status": status})})
-    if arrays is not None:
-        content["arrays"] = arrays
+def _reply(msg: Message, site: SiteFiles, status: str, metrics: dict, update: dict | None = None) -> Message:
+    """``update``: the records of :func:`fedtune.common.adapters.adapter_records`, for a train reply."""
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, "status": status}), **(update or {})})
     return Message(content=content, reply_to=msg)
 
 
@@ -154,11 +153,19 @@ def _say(site: SiteFiles, text: str) -> None:
 
 
 def handle_train(
-    msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None, arrived: float | None = None
+    msg: Message,
+    context: Context,
+    sites: list[SiteFiles] | None,
+    device: str | None = None,
+    arrived: float | None = None,
+    received: float | None = None,
 ) -> Message:
-    """``arrived``: when the task reached the site (the resident executor's clock); the reply
-    reports the seconds from then to the first training step as ``startup-seconds``."""
-    arrived = time.time() if arrived is None else arrived
+    """``arrived``: when the site learnt of the task; ``received``: when its message (the global
+    adapter) was in memory. The reply reports ``receive-seconds`` (arrived -> received: the
+    download) and ``startup-seconds`` (received -> first training step: what a resident model
+    keeps small)."""
+    received = time.time() if received is None else received
+    arrived = received if arrived is None else arrived
     cfg, server_round, global_state = _read_message(msg)
     site = resolve_site(context, sites)
     rt = runtime(cfg, device)
@@ -187,7 +194,7 @@ def handle_train(
         seed=site_seed(cfg, site.name),
         progress=progress if verbose else None,
     )
-    update = adapters.to_arrays(adapters.delta(adapters.get_trainable_state(rt.model), global_state))
+    update = adapters.adapter_records(adapters.delta(adapters.get_trainable_state(rt.model), global_state))
     metrics = {
         "num-examples": len(st.train_items),
         "train-loss": stats.loss_mean,
@@ -196,8 +203,9 @@ def handle_train(
         "train-steps": stats.steps,
         "train-seconds": stats.seconds,
         "train-tokens": stats.tokens,
-        "startup-seconds": stats.first_step_at - arrived,
-        "upload-bytes": adapters.record_nbytes(update),
+        "receive-seconds": received - arrived,
+        "startup-seconds": stats.first_step_at - received,
+        "upload-bytes": adapters.record_nbytes(update["arrays"]),
         **counts,
     }
     return _reply(msg, site, "ok", metrics, update)
@@ -218,11 +226,11 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteFiles] | Non
     return _reply(msg, site, "ok", metrics)
 
 
-def handle(msg: Message, context: Context, arrived: float, device: str | None = None) -> Message:
+def handle(msg: Message, context: Context, arrived: float, received: float, device: str | None = None) -> Message:
     """One task for the resident executor (:mod:`fedtune.client.worker`), by message type."""
     kind = msg.metadata.message_type
     if kind == MessageType.TRAIN:
-        return handle_train(msg, context, None, device, arrived=arrived)
+        return handle_train(msg, context, None, device, arrived=arrived, received=received)
     if kind == MessageType.EVALUATE:
         return handle_evaluate(msg, context, None, device)
     raise ValueError(f"this site does not handle {kind!r} messages")

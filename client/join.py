@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import json
 import os
 import re
 import signal
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 from fedtune.common.checkpoint import write_private_file
-from fedtune.common.procs import follow, free_port, spawn, stop, tail, tool, tool_env
+from fedtune.common.procs import flwr_config_string, follow, free_port, spawn, stop, tail, tool_env
 
 EXIT_REFUSED = 3
 REFUSED_MARKERS = ("[code: 2004]", "Failed to activate SuperNode")
@@ -55,6 +54,7 @@ def join_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", metavar="FILE", help="this site's private key from 'ftclient keygen' (required with TLS)")
     p.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where this site trains (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="CPU threads for training (default: torch's choice, all cores)")
     p.add_argument("--work-dir", metavar="DIR", help="folder for the SuperNode's log and runtime secret (default: a new private temp folder)")
     return p
 
@@ -111,11 +111,14 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def node_config(site: str, args: argparse.Namespace) -> str:
-    # TOML basic strings take JSON's escapes, so json.dumps quotes any path safely.
+    """The SuperNode's node config: where this site's data is (it never leaves this machine)."""
     parts = {"site-name": site, "data-path": str(Path(args.data).resolve())}
     if args.eval_data:
         parts["eval-data-path"] = str(Path(args.eval_data).resolve())
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in parts.items())
+    try:
+        return flwr_config_string(parts)
+    except ValueError as e:
+        raise JoinError(str(e)) from None
 
 
 def _terminate(signum, frame):
@@ -128,6 +131,7 @@ def join(args: argparse.Namespace) -> int:
 
     try:
         site, counts = check_inputs(args)
+        node_cfg = node_config(site, args)
     except JoinError as e:
         print(f"ftclient: {e}", file=sys.stderr)
         return 2
@@ -141,13 +145,13 @@ def join(args: argparse.Namespace) -> int:
     port = free_port()
     log = work / "supernode.log"
     cmd = [
-        tool("flower-supernode"),
+        sys.executable, "-m", "fedtune.client.supernode",  # flower-supernode, with shorter polls
         "--superlink", args.server,
         "--isolation", "process",  # no SuperExec: this process serves the tasks
         "--host", "127.0.0.1",
         "--port", str(port),
         "--superexec-auth-secret-file", str(work / "runtime.secret"),
-        "--node-config", node_config(site, args),
+        "--node-config", node_cfg,
     ]  # fmt: skip
     if args.insecure:
         cmd.append("--insecure")
@@ -171,8 +175,12 @@ def join(args: argparse.Namespace) -> int:
     from .worker import ResidentExecutor
 
     device = None if args.device == "auto" else args.device
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     node = spawn(cmd, log, env=tool_env())
-    executor = ResidentExecutor(f"127.0.0.1:{port}", lambda m, c, t: handle(m, c, t, device), secret=secret)
+    executor = ResidentExecutor(f"127.0.0.1:{port}", lambda m, c, t, r: handle(m, c, t, r, device), secret=secret)
     log_stop = threading.Event()
     seen: dict[str, bool] = {"refused": False}
 

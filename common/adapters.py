@@ -52,16 +52,58 @@ def apply_delta(base: Mapping[str, torch.Tensor], d: Mapping[str, torch.Tensor])
     return OrderedDict((k, base[k].float() + d[k].float()) for k in base)
 
 
-def to_arrays(state: Mapping[str, torch.Tensor]):
-    """-> flwr ArrayRecord of float32 arrays (ArrayRecord rejects bfloat16)."""
-    from flwr.app import ArrayRecord
-
-    return ArrayRecord(OrderedDict((k, v.detach().to("cpu", torch.float32)) for k, v in state.items()))
+LAYOUT_KEY = "adapter-layout"
 
 
-def from_arrays(record) -> OrderedDict[str, np.ndarray]:
-    """flwr ArrayRecord -> name -> numpy array (dtype as sent; validation checks it)."""
-    return OrderedDict((k, record[k].numpy()) for k in record.keys())
+def adapter_records(state: Mapping[str, torch.Tensor]) -> dict:
+    """-> message records for an adapter (or a delta): ``{"arrays": ArrayRecord, LAYOUT_KEY: ConfigRecord}``.
+
+    All tensors travel as ONE float32 vector (ArrayRecord key ``flat``; ArrayRecord rejects
+    bfloat16), with the names and shapes beside it. Flower stores and transfers every array as
+    separate objects, each fetched with its own signed request: one array per LoRA matrix
+    (420 for the default model) cost tens of seconds per message in deployment, while one
+    vector is a few 5 MB chunks.
+    """
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    names = list(state)
+    tensors = [state[k].detach().to("cpu", torch.float32).reshape(-1) for k in names]
+    flat = torch.cat(tensors) if tensors else torch.zeros(0)
+    shapes = [list(state[k].shape) for k in names]
+    layout = ConfigRecord({"names": names, "ndims": [len(s) for s in shapes], "dims": [d for s in shapes for d in s]})
+    return {"arrays": ArrayRecord(OrderedDict([("flat", flat)])), LAYOUT_KEY: layout}
+
+
+def read_adapter(content) -> OrderedDict[str, np.ndarray]:
+    """Message content -> name -> array (dtype as sent; validation checks it). ValueError when the
+    records are missing or do not describe the vector they came with."""
+    if "arrays" not in content or LAYOUT_KEY not in content:
+        raise ValueError(f"no adapter in the message (expected records 'arrays' and {LAYOUT_KEY!r})")
+    record, layout = content["arrays"], content[LAYOUT_KEY]
+    if list(record.keys()) != ["flat"]:
+        raise ValueError(f"adapter arrays: expected one vector 'flat', got {list(record.keys())[:3]}")
+    flat = record["flat"].numpy()
+    try:
+        names, ndims, dims = list(layout["names"]), list(layout["ndims"]), list(layout["dims"])
+    except KeyError as e:
+        raise ValueError(f"adapter layout: missing {e}") from None
+    if len(names) != len(ndims) or sum(ndims) != len(dims) or any(n < 0 for n in ndims) or any(d < 0 for d in dims):
+        raise ValueError("adapter layout: names, ndims and dims do not agree")
+    if flat.ndim != 1:
+        raise ValueError(f"adapter vector: expected 1-D, got shape {flat.shape}")
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    pos = dpos = 0
+    for name, nd in zip(names, ndims):
+        shape = tuple(int(d) for d in dims[dpos : dpos + nd])
+        dpos += nd
+        size = int(np.prod(shape, dtype=np.int64))
+        if pos + size > flat.size:
+            raise ValueError(f"adapter vector: {flat.size} values, fewer than its layout describes")
+        out[str(name)] = flat[pos : pos + size].reshape(shape)
+        pos += size
+    if pos != flat.size:
+        raise ValueError(f"adapter vector: {flat.size} values, its layout describes {pos}")
+    return out
 
 
 def to_tensors(arrays: Mapping[str, np.ndarray]) -> OrderedDict[str, torch.Tensor]:
@@ -69,7 +111,7 @@ def to_tensors(arrays: Mapping[str, np.ndarray]) -> OrderedDict[str, torch.Tenso
 
 
 def record_nbytes(record) -> int:
-    """Bytes of an update's serialised arrays: 4 per float32 value + a ~128-byte .npy header per tensor."""
+    """Bytes of an update's serialised arrays: 4 per float32 value + a ~128-byte .npy header."""
     return int(sum(len(record[k].data) for k in record.keys()))
 
 

@@ -140,3 +140,26 @@ def follow(path: Path, stop_event: threading.Event, emit, from_start: bool = Fal
                 emit(partial)
             return
         stop_event.wait(0.3)
+
+
+def flwr_config_string(pairs: dict[str, str | bool | int | float]) -> str:
+    """``key=value ...`` as Flower's --node-config/--run-config parse it (a regex, then TOML).
+
+    Flower's regex ends a quoted value at the next quote of its kind, with no escapes, so a
+    string goes in single quotes (a TOML literal string: backslashes are literal too) unless it
+    holds one, then in double quotes; one holding both kinds, or a line break, cannot be passed.
+    """
+    parts = []
+    for key, value in pairs.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        elif "\n" in value or "\r" in value or ("'" in value and '"' in value):
+            raise ValueError(f"{key}: {value!r} cannot be passed to Flower (it holds a line break, or both ' and \")")
+        elif "'" not in value:
+            text = f"'{value}'"
+        else:
+            text = '"' + value.replace("\\", "\\\\") + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)

@@ -56,6 +56,8 @@ class RunState:
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     # Server-optimizer state (FedAvg keeps none); checkpointed beside the RNG for strategies that do.
     optimizer_state: dict = field(default_factory=dict)
+    # Flower node id -> the site name it reported, so a site that later fails is still named.
+    node_names: dict = field(default_factory=dict)
 
     def server_state(self, rnd: int) -> dict:
         return {
@@ -127,29 +129,38 @@ def sites_for_round(grid: Grid, rs: RunState, say: Printer) -> tuple[list[int], 
     return train, nodes
 
 
-def exchange(grid: Grid, nodes: list[int], content: RecordDict, kind: str, timeout: float, on_reply: Callable[[Message], None]) -> int:
-    """Send one message per node; hand each reply to on_reply as it arrives (and keep none of
-    them, so memory does not grow with the number of sites). -> number of replies in time."""
+def exchange(
+    grid: Grid, nodes: list[int], content: RecordDict, kind: str, timeout: float, on_reply: Callable[[Message, int], None]
+) -> int:
+    """Send one message per node; hand each reply (and the node it was sent to) to on_reply as
+    it arrives, keeping none, so memory does not grow with the number of sites.
+    -> number of replies in time."""
     msgs = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
-    pending = set(grid.push_messages(msgs))
+    sent_to = dict(zip(grid.push_messages(msgs), nodes))
+    pending = set(sent_to)
     received = 0
     deadline = time.time() + timeout
     while pending and time.time() < deadline:
         for m in grid.pull_messages(pending):
             pending.discard(m.metadata.reply_to_message_id)
             received += 1
-            on_reply(m)
+            on_reply(m, sent_to.get(m.metadata.reply_to_message_id, m.metadata.src_node_id))
         if pending:
             time.sleep(0.1)
     return received
 
 
-def _site_of(m: Message) -> tuple[str, str]:
+def _site_of(m: Message, node: int, names: dict | None = None) -> tuple[str, str]:
+    """-> (site name, status) of a reply from ``node``; ``names`` remembers the names of nodes
+    seen before, so an error that Flower raises for a vanished node still names its site."""
+    names = {} if names is None else names
+    fallback = names.get(node, f"node-{node}")
     if m.has_error():
-        return f"node-{m.metadata.src_node_id}", "error"
+        return fallback, "error"
     site = m.content.get("site")
     if site is None:
-        return f"node-{m.metadata.src_node_id}", "unknown"
+        return fallback, "unknown"
+    names[node] = str(site["name"])
     return str(site["name"]), str(site["status"])
 
 
@@ -165,7 +176,7 @@ def broadcast_content(rs: RunState, rnd: int) -> RecordDict:
     """What every site gets: the global adapter, the run's config and the round number."""
     return RecordDict(
         {
-            "arrays": adapters.to_arrays(adapters.to_tensors(rs.global_state)),
+            **adapters.adapter_records(adapters.to_tensors(rs.global_state)),
             "config": ConfigRecord({CONFIG_KEY: rs.cfg.to_json(), ROUND_KEY: rnd}),
         }
     )
@@ -175,8 +186,8 @@ def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Pr
     content = broadcast_content(rs, rnd)
     results: dict[str, dict] = {}
 
-    def absorb(m: Message) -> None:
-        name, status = _site_of(m)
+    def absorb(m: Message, node: int) -> None:
+        name, status = _site_of(m, node, rs.node_names)
         if status != "ok":
             results[name] = {"status": status}
             return
@@ -213,9 +224,9 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
     rejected: list[dict] = []
     mean = RunningMean()
 
-    def absorb(m: Message) -> None:
+    def absorb(m: Message, node: int) -> None:
         """Validate one reply and fold it into the running mean as it arrives."""
-        name, status = _site_of(m)
+        name, status = _site_of(m, node, rs.node_names)
         where = f"round {rnd}/{cfg.federation.rounds} train | {name}"
         count = f"[{len(sites) + 1}/{len(nodes)} sites, {time.time() - t0:.0f} s]"
         if status != "ok":
@@ -226,9 +237,12 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             say(f"{where}: no update ({reason}) {count}")
             return
         mr = m.content.get("metrics") or {}
-        arrays = adapters.from_arrays(m.content["arrays"]) if "arrays" in m.content else {}
+        try:
+            arrays = adapters.read_adapter(m.content)
+            problems = validate_update(arrays, spec, mr.get("num-examples"), cfg.federation.max_examples_per_update)
+        except ValueError as e:
+            arrays, problems = {}, [str(e)]
         n_ex = mr.get("num-examples")
-        problems = validate_update(arrays, spec, n_ex, cfg.federation.max_examples_per_update)
         info = {
             "train_loss": _num(mr.get("train-loss")),
             "train_loss_first": _num(mr.get("train-loss-first")),
@@ -236,6 +250,7 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             "examples": int(n_ex) if not problems else None,
             "steps": int(_num(mr.get("train-steps")) or 0),
             "train_seconds": _num(mr.get("train-seconds")),
+            "receive_seconds": _num(mr.get("receive-seconds")),
             "startup_seconds": _num(mr.get("startup-seconds")),
             "bytes_sent": adapters.record_nbytes(m.content["arrays"]) if "arrays" in m.content else 0,
             "invalid_records": int(_num(mr.get("invalid-records")) or 0),

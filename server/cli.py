@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fedtune.common.checkpoint import atomic_write_bytes, atomic_write_json
 from fedtune.common.config import ConfigError, FedTuneConfig, load_config, parse_override, read_config_file
-from fedtune.common.procs import follow, spawn, stop, tail, tool, tool_env, wait_for_port
+from fedtune.common.procs import flwr_config_string, follow, spawn, stop, tail, tool, tool_env, wait_for_port
 
 CONN = "fedtune"
 STATE_DIR = ".ftserver"
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the coordinator: a Flower SuperLink with TLS and site authentication, and fedtune's ServerApp. "
         "'ftserver init DIR --host NAME' makes the certificates.",
     )
-    p.add_argument("--config", help="YAML/TOML run config (default: the bundled demo config; its site data paths are ignored)")
+    p.add_argument("--config", help="YAML/TOML run config, as for ftsim; site data paths in it are ignored (default: the built-in defaults)")
     p.add_argument("--out", help="output directory for this run (required unless --resume)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last verified checkpoint")
     p.add_argument("--certs", metavar="DIR", help="folder with ca.crt, server.crt, server.key (from 'ftserver init')")
@@ -135,13 +135,7 @@ def resolve(args: argparse.Namespace) -> tuple[FedTuneConfig, Path, dict]:
     out = Path(args.out).resolve()
     if (out / "metrics.json").exists():
         raise ConfigError(f"--out {args.out} already holds a run; continue it with --resume {args.out}, or choose another folder")
-    if args.config:
-        base, source = read_config_file(args.config), args.config
-    else:
-        from fedtune.simulations.cli import DEFAULT_CONFIG, bundled_path
-
-        path = bundled_path("configs", DEFAULT_CONFIG)
-        base, source = read_config_file(path), str(path)
+    base, source = (read_config_file(args.config), args.config) if args.config else ({}, "the built-in defaults")
     fed = base.get("federation") if isinstance(base.get("federation"), dict) else None
     if fed and isinstance(fed.get("sites"), list):
         # Sites keep their data; a list of sites here only says how many to wait for.
@@ -221,6 +215,7 @@ class Coordinator:
         self.link: subprocess.Popen | None = None
         self.run_proc: subprocess.Popen | None = None
         self.registered: set[str] = set()
+        self._control = None
         self.stopping = threading.Event()
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -251,26 +246,52 @@ class Coordinator:
             stop(self.link)
             raise ServerError(f"the SuperLink did not start on {self.net['host']}:{self.net['port']} (port in use?). Its log ({log}):\n{tail(log)}")
 
+    def control(self):
+        """A Control API client for our own SuperLink (Flower's CLI plumbing, in-process: one
+        ``flwr`` process per key would cost seconds each)."""
+        if self._control is None:
+            import contextlib
+            import io
+            import os
+
+            from flwr.cli.flower_config import read_superlink_connection
+            from flwr.cli.utils import init_http_client_from_connection
+
+            os.environ["FLWR_HOME"] = self.env["FLWR_HOME"]
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using SuperLink: ..."
+                self._control = init_http_client_from_connection(read_superlink_connection(CONN))
+        return self._control
+
     def register_keys(self, say) -> None:
+        """Register every new SITE.pub in the authorized-keys folder (each once per process;
+        a key the SuperLink's database already holds from before a restart is fine)."""
+        import httpx
+        from cryptography.hazmat.primitives import serialization
+        from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
         d = self.net["authorized_keys"]
         if not d:
             return
         for f in sorted(Path(d).glob("*.pub")):
             if f.name in self.registered:
                 continue
+            self.registered.add(f.name)
             try:
                 check_public_key(f)
             except ConfigError as e:
                 say(f"not registering {f.name}: {e}")
-                self.registered.add(f.name)
                 continue
-            r = self.flwr("supernode", "register", str(f), CONN, "--name", f.stem[:60])
-            text = (r.stdout + r.stderr).strip()
-            if r.returncode == 0 or "already" in text.lower():
+            key = public_key_to_bytes(serialization.load_ssh_public_key(f.read_bytes()))
+            try:
+                self.control().RegisterNode(RegisterNodeRequest(public_key=key, name=f.stem[:60]))
                 say(f"site key registered: {f.stem} ({f.name})")
-            else:
-                say(f"could not register {f.name}: {text.splitlines()[-1] if text else r.returncode}")
-            self.registered.add(f.name)
+            except httpx.HTTPStatusError as e:
+                text = e.response.text
+                if "already" in text.lower() or "in use" in text.lower():
+                    say(f"site key registered: {f.stem} ({f.name}, from before)")
+                else:
+                    say(f"could not register {f.name}: HTTP {e.response.status_code} {text[:200]}")
 
     def watch_keys(self, say) -> None:
         while not self.stopping.wait(3.0):
@@ -283,7 +304,7 @@ class Coordinator:
         from .deploy import write_app_dir
 
         app_dir = write_app_dir(self.state / "app")
-        run_config = f'config-path="{self.out / CONFIG_JSON}" out-dir="{self.out}" resume={"true" if self.resume else "false"}'
+        run_config = flwr_config_string({"config-path": str(self.out / CONFIG_JSON), "out-dir": str(self.out), "resume": self.resume})
         self.run_proc = spawn(
             [tool("flwr"), "run", str(app_dir), CONN, "--run-config", run_config, "--stream"], self.state / "serverapp.log", env=self.env, cwd=self.state
         )

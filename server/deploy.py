@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.common.checkpoint import atomic_write_json
 from fedtune.common.config import FedTuneConfig
+from fedtune.common.flwr_latency import tune_serverapp
 
 from .app import FederationError, run_federation
 
@@ -73,6 +74,7 @@ def make_logger(out: Path):
     return say
 
 
+tune_serverapp()  # this module runs in Flower's flwr-serverapp process
 app = ServerApp()
 
 

@@ -117,22 +117,52 @@ def test_delta_key_mismatch():
         adapters.apply_delta({"a": torch.zeros(1)}, {"a": torch.zeros(1), "b": torch.zeros(1)})
 
 
-def test_array_record_round_trip():
+def test_adapter_records_round_trip_as_one_vector():
     state = OrderedDict(
         x=torch.tensor([[1.0, -2.5], [3.25, 0.0]]),
         y=torch.arange(6, dtype=torch.float32).reshape(3, 2) / 7,
-        z=torch.tensor([1.0, 2.0], dtype=torch.bfloat16),  # ArrayRecord rejects bf16: to_arrays casts
+        z=torch.tensor([1.0, 2.0], dtype=torch.bfloat16),  # ArrayRecord rejects bf16: packing casts
+        s=torch.tensor(4.0),  # a 0-d tensor keeps its shape
     )
-    rec = adapters.to_arrays(state)
-    arrays = adapters.from_arrays(rec)
-    assert list(arrays) == ["x", "y", "z"]
+    content = adapters.adapter_records(state)
+    assert list(content["arrays"].keys()) == ["flat"]  # one array, whatever the number of tensors
+    assert tuple(content["arrays"]["flat"].shape) == (4 + 6 + 2 + 1,)
+    arrays = adapters.read_adapter(content)
+    assert list(arrays) == ["x", "y", "z", "s"]
     assert all(a.dtype == np.float32 for a in arrays.values())
     np.testing.assert_array_equal(arrays["x"], state["x"].numpy())
     np.testing.assert_array_equal(arrays["y"], state["y"].numpy())
     np.testing.assert_array_equal(arrays["z"], np.array([1.0, 2.0], dtype=np.float32))
+    assert arrays["s"].shape == () and float(arrays["s"]) == 4.0
     back = adapters.to_tensors(arrays)
     assert all(back[k].dtype == torch.float32 for k in back)
     assert torch.equal(back["y"], state["y"])
+
+
+@pytest.mark.parametrize(
+    "layout, match",
+    [
+        ({"names": ["a", "b"], "ndims": [1, 1], "dims": [2, 3]}, "fewer than its layout"),
+        ({"names": ["a"], "ndims": [1], "dims": [2]}, "its layout describes 2"),
+        ({"names": ["a"], "ndims": [2], "dims": [2]}, "do not agree"),
+        ({"names": ["a"], "ndims": [1], "dims": [-4]}, "do not agree"),
+        ({"names": ["a"], "ndims": [1]}, "missing"),
+    ],
+)
+def test_read_adapter_rejects_a_layout_that_does_not_fit_the_vector(layout, match):
+    from flwr.app import ConfigRecord
+
+    content = adapters.adapter_records(OrderedDict(a=torch.zeros(4)))
+    content[adapters.LAYOUT_KEY] = ConfigRecord(layout)
+    with pytest.raises(ValueError, match=match):
+        adapters.read_adapter(content)
+
+
+def test_read_adapter_needs_both_records():
+    content = adapters.adapter_records(OrderedDict(a=torch.zeros(4)))
+    del content[adapters.LAYOUT_KEY]
+    with pytest.raises(ValueError, match="no adapter"):
+        adapters.read_adapter(content)
 
 
 def test_num_params_hand_computed(tiny_peft_model):
@@ -146,8 +176,8 @@ def test_num_params_hand_computed(tiny_peft_model):
 def test_record_nbytes_counts_at_least_the_float32_payload(tiny_peft_model):
     model, _, _ = tiny_peft_model
     state = adapters.get_trainable_state(model)
-    n = adapters.record_nbytes(adapters.to_arrays(state))
-    assert 4 * adapters.num_params(state) <= n <= 4 * adapters.num_params(state) + 256 * len(state)
+    n = adapters.record_nbytes(adapters.adapter_records(state)["arrays"])
+    assert 4 * adapters.num_params(state) <= n <= 4 * adapters.num_params(state) + 256
 
 
 # ------------------------------------------------------------------ checkpoint

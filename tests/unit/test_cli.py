@@ -1,4 +1,4 @@
-"""The command lines a user meets: fteval, ftclient check, and the placeholders that must not pretend."""
+"""The command lines a user meets: fteval, ftclient check/keygen/join, ftserver: what they do and how they refuse bad input."""
 
 from __future__ import annotations
 
@@ -64,7 +64,105 @@ def test_ftclient_check_reports_counts_and_problems(tiny_model_dir, tmp_path, ca
     assert "empty file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("main", [ftserver.main, lambda a: ftclient.main(["--server", "127.0.0.1:9092", "--data", "x.jsonl"])])
-def test_deployment_placeholders_do_not_pretend(main, capsys):
-    assert main([]) == 2
-    assert "not available in this version" in capsys.readouterr().err
+@pytest.fixture
+def pki(tmp_path):
+    from fedtune.client.keys import create_site_keys
+    from fedtune.server.certs import create_certificates
+
+    create_certificates(tmp_path / "pki", ["localhost"], days=1)
+    priv, pub = create_site_keys(tmp_path / "site")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "alpha.pub").write_bytes(pub.read_bytes())
+    return {"pki": tmp_path / "pki", "keys": keys, "key": priv, "ca": tmp_path / "pki" / "ca.crt"}
+
+
+@pytest.mark.parametrize(
+    "make_args, expected",
+    [
+        (lambda t, p: [], "--out DIR is required"),
+        (lambda t, p: ["--out", str(t / "r")], "TLS is on: pass --certs DIR"),
+        (lambda t, p: ["--out", str(t / "r"), "--certs", str(t)], "missing ca.crt, server.crt, server.key"),
+        (lambda t, p: ["--out", str(t / "r"), "--certs", str(p["pki"])], "pass --authorized-keys DIR"),
+        (lambda t, p: ["--out", str(t / "r"), "--certs", str(p["pki"]), "--authorized-keys", str(t / "nope")], "not a folder"),
+        (lambda t, p: ["--out", str(t / "r"), "--insecure", "--port", "70000"], "--port 70000: expected 1..65535"),
+        (lambda t, p: ["--out", str(t / "r"), "--insecure", "--set", "federation.sites_per_round=0"], "federation.sites_per_round"),
+        (lambda t, p: ["--out", str(t / "r"), "--insecure", "--min-sites", "3", "--expected-sites", "2"], "expected_sites (2) is below min_sites (3)"),
+        (lambda t, p: ["--resume", str(t / "nothing")], "nothing to resume"),
+        (lambda t, p: ["--resume", str(t), "--out", str(t)], "don't combine it with --config or --out"),
+    ],
+)
+def test_ftserver_refuses_bad_input_naming_what_is_wrong(make_args, expected, pki, tmp_path, capsys):
+    assert ftserver.main(make_args(tmp_path, pki)) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "r" / "config.json").exists()  # nothing started, nothing written
+
+
+def test_ftserver_names_a_bad_site_key_file(pki, tmp_path, capsys):
+    (pki["keys"] / "mallory.pub").write_text("ssh-rsa AAAA not-a-key\n")
+    assert ftserver.main(["--out", str(tmp_path / "r"), "--certs", str(pki["pki"]), "--authorized-keys", str(pki["keys"])]) == 2
+    err = capsys.readouterr().err
+    assert "mallory.pub" in err and "ftclient keygen" in err
+
+
+def test_ftserver_will_not_overwrite_a_run(pki, tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.json").write_text("{}")
+    assert ftserver.main(["--out", str(tmp_path / "r"), "--insecure"]) == 2
+    assert "already holds a run; continue it with --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "make_args, expected",
+    [
+        (lambda d, p: ["--server", "coordinator", "--data", d], "expected HOST:PORT"),
+        (lambda d, p: ["--server", "h:0", "--data", d], "expected HOST:PORT"),
+        (lambda d, p: ["--server", "h:8000", "--data", "/no/such.jsonl"], "--data /no/such.jsonl: file not found"),
+        (lambda d, p: ["--server", "h:8000", "--data", d], "TLS is on: pass --ca-cert FILE"),
+        (lambda d, p: ["--server", "h:8000", "--data", d, "--ca-cert", str(p["ca"])], "pass --key FILE"),
+        (lambda d, p: ["--server", "h:8000", "--data", d, "--ca-cert", d, "--key", str(p["key"])], "not a readable PEM certificate"),
+        (lambda d, p: ["--server", "h:8000", "--data", d, "--ca-cert", str(p["ca"]), "--key", str(p["ca"])], "not a readable OpenSSH private key"),
+    ],
+)
+def test_ftclient_join_refuses_bad_input_before_connecting(make_args, expected, pki, capsys):
+    data = str(DATA_DIR / "medical" / "train.jsonl")
+    assert ftclient.main(make_args(data, pki)) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_ftclient_join_names_the_data_problem_without_its_content(tmp_path, pki, capsys):
+    bad = tmp_path / "site.jsonl"
+    bad.write_text('{"prompt": "PATIENT-SECRET-4711"}\n{"nonsense": 1}\n')
+    assert ftclient.main(["--server", "h:8000", "--data", str(bad), "--insecure"]) == 2
+    err = capsys.readouterr().err
+    assert "site.jsonl" in err and "no usable record among 2" in err
+    assert "PATIENT-SECRET-4711" not in err
+
+
+def test_key_fingerprint_matches_openssh_format(pki):
+    import base64
+    import hashlib
+
+    from fedtune.client.join import key_fingerprint
+
+    line = (pki["keys"] / "alpha.pub").read_bytes()
+    fp = key_fingerprint(line)
+    assert fp.startswith("SHA256:") and "=" not in fp
+    assert base64.b64decode(fp[7:] + "=") == hashlib.sha256(base64.b64decode(line.split()[1])).digest()
+
+
+def test_node_config_quotes_paths_safely(tmp_path):
+    import argparse
+
+    from flwr.common.config import parse_config_args
+
+    from fedtune.client.join import node_config
+
+    for name in ['we"ird dir', "it's here", "back\\slash"]:
+        weird = tmp_path / name / "train.jsonl"
+        args = argparse.Namespace(data=str(weird), eval_data=str(weird))
+        parsed = parse_config_args([node_config("site a", args)])
+        assert parsed == {"site-name": "site a", "data-path": str(weird.resolve()), "eval-data-path": str(weird.resolve())}
+    args = argparse.Namespace(data=str(tmp_path / "both'\"quotes.jsonl"), eval_data=None)
+    with pytest.raises(ValueError, match="cannot be passed to Flower"):
+        node_config("a", args)

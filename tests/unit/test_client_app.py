@@ -41,7 +41,7 @@ def global_state(tiny_config):
 def message(cfg, state, server_round: int, kind: str) -> Message:
     content = RecordDict(
         {
-            "arrays": adapters.to_arrays(state),
+            **adapters.adapter_records(state),
             "config": ConfigRecord({"fedtune-config": cfg.to_json(), "server-round": server_round}),
         }
     )
@@ -103,7 +103,7 @@ def test_good_site_replies_with_a_matching_delta(tmp_path, tiny_config, global_s
     assert m["train-steps"] == cfg.train.local_steps == 2
     assert math.isfinite(m["train-loss"]) and m["train-loss-first"] > 0
 
-    arrays = adapters.from_arrays(reply.content["arrays"])
+    arrays = adapters.read_adapter(reply.content)
     assert list(arrays) == list(global_state)
     assert {k: a.shape for k, a in arrays.items()} == {k: tuple(v.shape) for k, v in global_state.items()}
     assert all(a.dtype == np.float32 for a in arrays.values())

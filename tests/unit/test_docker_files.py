@@ -158,6 +158,8 @@ class Deployment:
             # Outputs the demo writes under docker/ (docker/runs) go to a scratch folder here;
             # other bind mounts (the sites' data) are the real, read-only folders.
             p = self.binds / real.relative_to(DOCKER) if real.is_relative_to(DOCKER) else real
+            if p.is_file():  # a single file mounted (the coordinator's run config)
+                return p
         p.mkdir(parents=True, exist_ok=True)
         return p
 
@@ -168,7 +170,8 @@ class Deployment:
             for m in mounts(self.compose["services"][service]):
                 link = root / m.target.lstrip("/")
                 link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(self.host(m), target_is_directory=True)
+                target = self.host(m)
+                link.symlink_to(target, target_is_directory=target.is_dir())
         return root
 
     def path(self, service: str, container_path: str) -> Path:

@@ -10,6 +10,8 @@ Figures (see README.md next to this file):
   round_with_eval_over_train     the same for the whole round, evaluation included (no goal; explained)
   mem_12_over_3                  ftsim peak process-tree RSS, 12 sites / 3 sites (goal <= 1.25)
   upload_bytes_per_site_round    bytes a site uploads per round; bytes_per_param = that / trainable params
+  deploy_round_over_sim_round    deploy_localhost (ftserver + 3 ftclients, TLS) round wall / ftsim round wall, same config (goal <= 1.3)
+  startup_s_after_first_round    a site's seconds from holding a round's message to its first training step, rounds >= 2 (goal <= 1)
 
 The last line printed is ``key=value`` pairs of every figure.
 Needs psutil (today it comes with ray; it should be a declared benchmark/dev dependency).
@@ -34,6 +36,8 @@ GOALS = {
     "train_throughput_ratio": (">=", 0.95),
     "round_over_train": ("<=", 1.15),
     "mem_12_over_3": ("<=", 1.25),
+    "deploy_round_over_sim_round": ("<=", 1.3),
+    "startup_s_after_first_round": ("<=", 1.0),
 }
 
 
@@ -46,7 +50,7 @@ def verdict(key: str, value: float) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
-    ap.add_argument("--only", action="append", choices=["train", "round", "mem"], help="run only these figures (repeatable)")
+    ap.add_argument("--only", action="append", choices=["train", "round", "mem", "deploy"], help="run only these figures (repeatable)")
     ap.add_argument("--reps", type=int, help="fig 1: interleaved repetitions (full 6, quick 1)")
     ap.add_argument("--steps", type=int, help="fig 1: optimizer steps per repetition, i.e. per handle_train call (full 4, quick 1)")
     ap.add_argument(
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the ftsim output folders (printed)")
     ap.add_argument("--json", help="also write every figure and input to this JSON file")
     a = ap.parse_args(argv)
-    todo = set(a.only or ["train", "round", "mem"])
+    todo = set(a.only or ["train", "round", "mem", "deploy"])
     q = a.quick
     env = {} if a.ray_niceness == "ray" else {"RAY_worker_niceness": str(a.ray_niceness)}
     workdir = Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
@@ -143,6 +147,37 @@ def main(argv=None) -> int:
                 ours.extend(run.leftovers)
                 if run.leftovers:
                     print(f"   LEFTOVER processes after the {n}-site ftsim exited (killed by pid): {run.leftovers}")
+
+        if "deploy" in todo:
+            import bench_deploy
+
+            r = bench_deploy.deploy_vs_sim(
+                workdir, rounds=2 if q else 3, local_steps=1 if q else 10, eval_examples=2 if q else 40, env=env
+            )
+            figures["deploy_round_over_sim_round"] = r["deploy_round_over_sim_round"]
+            figures["startup_s_after_first_round"] = r["startup_s_after_first_round_max"]
+            report["deploy"] = r
+            ours.extend(r["sim_leftovers"])
+            print("\n== 5. deploy_round_over_sim_round: deploy_localhost round wall / ftsim round wall, same config")
+            print(f"   inputs: {json.dumps(r['inputs'])}")
+            for x in r["per_round"]:
+                print(
+                    f"   round {x['round']}: ftsim {x['sim_s']:.1f} s (training phase {x['sim_train_phase_s']:.1f} s), "
+                    f"deployment {x['deploy_s']:.1f} s (training phase {x['deploy_train_phase_s']:.1f} s) -> {x['deploy_s'] / x['sim_s']:.3f}"
+                )
+            print(
+                f"   deploy_round_over_sim_round = {r['deploy_round_over_sim_round']:.3f}   "
+                f"({verdict('deploy_round_over_sim_round', r['deploy_round_over_sim_round'])}); whole runs: ftsim {r['sim_wall_s']:.0f} s, "
+                f"deployment {r['deploy_wall_s']:.0f} s (incl. certificates, keys, SuperLink start); intruder refused: {r['intruder_refused']}"
+            )
+            for rnd, xs in r["startup_s_by_round"].items():
+                rx = r["receive_s_by_round"][rnd]
+                print(f"   round {rnd}: startup_s per site {', '.join(f'{x:.3f}' for x in xs)}; receive_s {', '.join(f'{x:.2f}' for x in rx)}")
+            goal = verdict("startup_s_after_first_round", r["startup_s_after_first_round_max"]) if not q else "quick run: 2 rounds"
+            print(
+                f"   startup_s_after_first_round (max over sites, rounds >= 2) = {r['startup_s_after_first_round_max']:.3f} s, "
+                f"median {r['startup_s_after_first_round_median']:.3f} s   ({goal})"
+            )
 
         if docs:
             import bench_sim

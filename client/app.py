@@ -11,7 +11,8 @@ What a site needs to know arrives two ways:
 
 The base model and tokenizer are cached per process (``_RUNTIME``): in ftsim a Ray worker
 lives for the whole run and serves many virtual sites, so it loads the model once and
-memory does not grow with the number of sites. Tokenized site data is cached per process too.
+memory does not grow with the number of sites; in deployment ftclient's resident executor
+(:mod:`fedtune.client.worker`) is that process. Tokenized site data is cached per process too.
 
 Only counts and metrics leave the site; data problems are logged locally and reported
 upstream as counts and a category.
@@ -219,10 +220,15 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteFiles] | Non
     if st.problem or not st.eval_examples:
         return _reply(msg, site, st.problem or "no-eval-examples", {"num-examples": 0})
     adapters.set_trainable_state(rt.model, global_state)
+    verbose = "data-path" in context.node_config
+    if verbose:
+        _say(site, f"round {int(msg.content['config'][ROUND_KEY])}: evaluating on {len(st.eval_examples)} examples")
     res = evaluate_examples(rt.model, rt.tokenizer, st.eval_examples, cfg.data, cfg.eval, rt.device)
     metrics = {"num-examples": res.examples, "eval-loss": res.loss, "answer-tokens": res.answer_tokens}
     if res.exact_match is not None:
         metrics["exact-match"] = res.exact_match
+    if verbose:
+        _say(site, f"evaluation: loss {res.loss:.3f}" + (f", exact match {res.exact_match:.2f}" if res.exact_match is not None else ""))
     return _reply(msg, site, "ok", metrics)
 
 

@@ -200,7 +200,7 @@ def join(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     code = 0
     try:
-        say("ready: the model loads with the first task and then stays loaded")
+        say("ready; runs until stopped (Ctrl-C). The model loads with the first task and then stays loaded")
         executor.serve()
         log_stop.set()
         time.sleep(0.4)

@@ -66,6 +66,12 @@ def batch_order(n_items: int, batch_size: int, n_batches: int, seed: int, start_
     return out
 
 
+def dropout_seed(seed: int, server_round: int) -> int:
+    """The torch seed a site's round starts from: dropout draws are a function of (site seed,
+    round), so a rerun, or a run resumed after a crash, trains exactly as the original."""
+    return (seed * 1_000_003 + server_round * 7_919) % (2**63)
+
+
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -107,6 +113,7 @@ def train_round(
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, n_steps * total_rounds, (server_round - 1) * n_steps)
     params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(dropout_seed(seed, server_round))
     model.train()
     losses: list[float] = []
     tokens = 0

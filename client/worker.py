@@ -37,6 +37,7 @@ from flwr.supercore.interceptors import (
     SuperExecAuthHttpInterceptor,
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.common.serde import context_from_proto, run_from_proto
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
@@ -71,6 +72,7 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, object]:
     still fetching: Flower's default first backoff is 1 s (doubling to 10 s), which alone would
     add seconds to every round; locally a 20 ms start (capped at 0.25 s) costs nothing."""
     res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
     context = context_from_proto(res.context)
     run_from_proto(res.run)
     pulled = client.PullMessages(PullAppMessagesRequest())

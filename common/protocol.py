@@ -1,9 +1,11 @@
 """Names both sides use in Flower messages (the ServerApp writes them, the ClientApp reads them).
 
-Coordinator -> site: RecordDict {"arrays": global adapter (ArrayRecord), "config": ConfigRecord
-{CONFIG_KEY: FedTuneConfig JSON, "server-round": int}}.
-Site -> coordinator: {"arrays": delta (train only), "metrics": MetricRecord (num-examples, losses,
-timings, counts), "site": ConfigRecord {"name", "status"}}. Status "ok", or why no update
+Coordinator -> site: RecordDict {"arrays" + "adapter-layout": the global adapter (one float32
+vector plus names and shapes, see fedtune.common.adapters.adapter_records), "config":
+ConfigRecord {CONFIG_KEY: FedTuneConfig JSON, "server-round": int}}.
+Site -> coordinator: {"arrays" + "adapter-layout": the delta (train only), "metrics": MetricRecord
+(num-examples, losses, timings incl. receive-/startup-seconds, counts), "site": ConfigRecord
+{"name", "status"}}. Status "ok", or why no update
 ("data-error", "no-usable-examples", "no-eval-examples").
 """
 

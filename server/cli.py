@@ -363,6 +363,7 @@ def serve(args: argparse.Namespace) -> int:
             f"waiting up to {fed.join_timeout_s:.0f} s for {fed.expected_sites or fed.min_sites} site(s) (min {fed.min_sites}); output {out}"
         )
         follower.start()
+        (out / "run-status.json").unlink(missing_ok=True)  # only this run's ServerApp may write it
         co.submit()
         while co.run_proc.poll() is None:
             if co.link.poll() is not None:

@@ -41,6 +41,8 @@ build-backend = "hatchling.build"
 [project]
 name = "fedtune-run"
 version = "1.0.0"
+description = "A fedtune federated fine-tuning run"
+license = "Apache-2.0"
 
 [tool.flwr.app]
 publisher = "fedtune"

@@ -119,6 +119,27 @@ def test_train_round_is_deterministic(tiny_peft_model, items):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_dropout_draws_are_a_function_of_site_and_round(tiny_config, items):
+    """With dropout on, a round repeats exactly whatever the process's RNG did before (a resumed
+    run or another virtual site in between), and another round draws differently."""
+    from fedtune.common.modeling import load_base_model, wrap_peft
+
+    peft = tiny_config.peft.model_copy(update={"dropout": 0.3})
+    base, tok, dev = load_base_model(tiny_config.model, "cpu")
+    model = wrap_peft(base, peft, seed=0)
+    init = adapters.get_trainable_state(model)
+    cfg = _cfg(local_steps=2, batch_size=3, lr=5e-3)
+
+    def run(rnd: int) -> float:
+        adapters.set_trainable_state(model, init)
+        torch.rand(1000)  # whatever else used the global RNG before this round
+        return train_round(model, items, tok.pad_token_id, cfg, dev, server_round=rnd, total_rounds=3, seed=9).loss_first
+
+    first = run(2)
+    assert run(2) == first
+    assert run(3) != first  # different draws (and data) in another round
+
+
 def test_grad_accum_matches_one_big_batch(tiny_peft_model, items):
     """Token-weighted accumulation: 2 micro-batches of 1 == 1 batch of 2 (same items, same step)."""
     model, tok, dev = tiny_peft_model

@@ -1,0 +1,211 @@
+"""The coordinator's round logic against a fake Grid: deadlines, dropped and failing sites,
+min_sites, site sampling with a checkpointed RNG, and resume with the server state."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune.common import adapters
+from fedtune.server import app as server
+
+Handler = Callable[[Message], "RecordDict | Error | None"]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower's Message needs the process's task identity (set by Flower in a real ServerApp)."""
+    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+
+
+class FakeGrid:
+    """Sites are node ids with a handler: content of their reply, an Error, or None (silent)."""
+
+    def __init__(self, sites: dict[int, Handler]):
+        self.sites = dict(sites)
+        self.sent: list[Message] = []
+        self._ready: dict[str, Message] = {}
+
+    def get_node_ids(self):
+        return list(self.sites)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = f"m{len(self.sent)}"
+            m.metadata.__dict__["_message_id"] = mid
+            self.sent.append(m)
+            ids.append(mid)
+            out = self.sites[m.metadata.dst_node_id](m)
+            if out is not None:
+                self._ready[mid] = Message(out, reply_to=m)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self._ready.pop(i) for i in list(ids) if i in self._ready]
+
+
+def _state(shape=(2, 3), value=0.0) -> OrderedDict:
+    return OrderedDict(a=np.full(shape, value, np.float32), b=np.full((4,), value, np.float32))
+
+
+def trainer(name: str, value: float = 1.0, n: int = 10, bad: str | None = None) -> Handler:
+    """A site that answers TRAIN with a constant delta and EVALUATE with a loss."""
+
+    def handle(m: Message):
+        site = ConfigRecord({"name": name, "status": "ok"})
+        if m.metadata.message_type == "evaluate":
+            return RecordDict({"metrics": MetricRecord({"num-examples": 4, "eval-loss": 1.0 + value}), "site": site})
+        delta = adapters.to_tensors(_state(value=value))
+        if bad == "nan":
+            delta["a"][0, 0] = math.nan
+        content = RecordDict({"metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, "startup-seconds": 0.01}), "site": site})
+        for k, v in adapters.adapter_records(delta).items():
+            content[k] = v
+        if bad == "layout":
+            content[adapters.LAYOUT_KEY] = ConfigRecord({"names": ["a"], "ndims": [1], "dims": [1]})
+        return content
+
+    return handle
+
+
+def run_state(tiny_config, tmp_path, **federation) -> server.RunState:
+    cfg = tiny_config.model_copy(update={"federation": tiny_config.federation.model_copy(update=federation)})
+    return server.RunState(cfg=cfg, out=tmp_path, global_state=_state(), peft_config=None, trainable_params=10, rng=np.random.default_rng(0))
+
+
+def test_round_completes_without_a_silent_site_when_enough_remain(tiny_config, tmp_path):
+    rs = run_state(tiny_config, tmp_path, min_sites=2, round_timeout_s=0.5)
+    grid = FakeGrid({1: trainer("alpha", 1.0, n=10), 2: trainer("beta", 3.0, n=30), 3: lambda m: None})
+    said: list[str] = []
+    t = time.time()
+    r = server.run_training_round(grid, [1, 2, 3], rs, 1, said.append)
+    assert time.time() - t < 5  # the round ends at the deadline, not when the silent site wakes up
+    assert r["accepted"] == 2 and r["applied"]
+    np.testing.assert_allclose(rs.global_state["a"], (1.0 * 10 + 3.0 * 30) / 40)  # examples-weighted mean
+    assert any("1 site(s) did not answer" in s and "dropped" in s for s in said)
+    assert set(r["sites"]) == {"alpha", "beta"}
+
+
+def test_round_fails_clearly_below_min_sites_and_keeps_the_adapter(tiny_config, tmp_path):
+    rs = run_state(tiny_config, tmp_path, min_sites=3, round_timeout_s=0.5)
+    grid = FakeGrid({1: trainer("alpha"), 2: trainer("beta"), 3: lambda m: None})
+    with pytest.raises(server.FederationError, match=r"round 4: only 2 valid update\(s\) of 3 site\(s\) asked \(1 did not answer") as e:
+        server.run_training_round(grid, [1, 2, 3], rs, 4, lambda s: None)
+    assert "min_sites is 3" in str(e.value) and "stays at round 3" in str(e.value)
+    np.testing.assert_array_equal(rs.global_state["a"], 0.0)
+
+
+def test_bad_updates_are_rejected_with_reasons_not_averaged(tiny_config, tmp_path):
+    rs = run_state(tiny_config, tmp_path, min_sites=1, round_timeout_s=5)
+    grid = FakeGrid({1: trainer("alpha", 2.0), 2: trainer("nan", 9.0, bad="nan"), 3: trainer("torn", 9.0, bad="layout")})
+    r = server.run_training_round(grid, [1, 2, 3], rs, 1, lambda s: None)
+    assert r["accepted"] == 1
+    reasons = {x["site"]: x["reason"] for x in r["rejected"]}
+    assert "finite" in reasons["nan"]
+    assert "layout" in reasons["torn"]
+    np.testing.assert_allclose(rs.global_state["b"], 2.0)
+
+
+def test_a_site_that_vanishes_is_still_named_in_the_round_record(tiny_config, tmp_path):
+    rs = run_state(tiny_config, tmp_path, min_sites=1, round_timeout_s=5)
+    alive = {"gamma": True}
+
+    def gamma(m: Message):
+        if alive["gamma"]:
+            return trainer("gamma")(m)
+        return Error(code=0, reason="Node Unavailable: no heartbeat")
+
+    grid = FakeGrid({1: trainer("alpha"), 3: gamma})
+    server.run_evaluation(grid, [1, 3], rs, 0, lambda s: None)  # both answer: names learnt
+    alive["gamma"] = False
+    r = server.run_training_round(grid, [1, 3], rs, 1, lambda s: None)
+    assert r["sites"]["gamma"]["status"] == "error" and "Node Unavailable" in r["sites"]["gamma"]["reason"]
+
+
+def test_wait_for_sites_deadline(monkeypatch):
+    said: list[str] = []
+    grid = FakeGrid({1: trainer("a"), 2: trainer("b")})
+    assert server.wait_for_sites(grid, 2, 2, 5, said.append) == [1, 2]
+    # Fewer than wanted but enough at the deadline: go with those.
+    assert server.wait_for_sites(grid, 3, 2, 0.3, said.append) == [1, 2]
+    assert any("join deadline passed: starting with the 2 site(s)" in s for s in said)
+    with pytest.raises(server.FederationError, match=r"only 2 site\(s\) joined within 0 s \(federation.join_timeout_s\); federation.min_sites is 3"):
+        server.wait_for_sites(grid, 3, 3, 0.3, said.append)
+
+
+def test_site_sampling_continues_identically_after_restoring_the_server_state(tiny_config, tmp_path):
+    grid = FakeGrid({n: trainer(f"s{n}") for n in range(1, 7)})
+    straight = run_state(tiny_config, tmp_path, sites_per_round=2)
+    draws = [server.sites_for_round(grid, straight, print)[0] for _ in range(6)]
+    assert all(len(d) == 2 for d in draws) and len({tuple(d) for d in draws}) > 1  # a sample, and it varies
+    assert all(e == list(range(1, 7)) for e in [server.sites_for_round(grid, straight, print)[1]])  # all evaluate
+
+    first = run_state(tiny_config, tmp_path, sites_per_round=2)
+    head = [server.sites_for_round(grid, first, print)[0] for _ in range(3)]
+    saved = json.loads(json.dumps(first.server_state(3)))  # as checkpointed: through JSON
+    resumed = run_state(tiny_config, tmp_path, sites_per_round=2)
+    resumed.restore_server_state(saved)
+    tail = [server.sites_for_round(grid, resumed, print)[0] for _ in range(3)]
+    assert head + tail == draws
+
+
+def test_run_federation_resumes_with_round_numbering_and_server_state(tiny_config, tmp_path):
+    """A run that fails in round 2 (too few sites), resumed: rounds 2..3 run, history and RNG continue."""
+    cfg_kw = {"rounds": 3, "min_sites": 2, "round_timeout_s": 0.5, "join_timeout_s": 0.5, "sites_per_round": 2}
+    cfg = tiny_config.model_copy(update={"federation": tiny_config.federation.model_copy(update=cfg_kw)})
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"plots": False})})
+    import torch
+
+    def site(name, dies_in_round=None):
+        def handle(m: Message):
+            rnd = int(m.content["config"]["server-round"])
+            if dies_in_round is not None and rnd >= dies_in_round and m.metadata.message_type == "train":
+                return None
+            content = trainer(name, 0.0)(m)
+            if m.metadata.message_type == "train":  # a delta shaped like the real adapter
+                glob = adapters.read_adapter(m.content)
+                delta = OrderedDict((k, torch.full(v.shape, 0.01)) for k, v in glob.items())
+                for k, v in adapters.adapter_records(delta).items():
+                    content[k] = v
+            return content
+
+        return handle
+
+    out = tmp_path / "run"
+    grid = FakeGrid({1: site("a", dies_in_round=2), 2: site("b", dies_in_round=2), 3: site("c")})
+    with pytest.raises(server.FederationError, match="round 2"):
+        server.run_federation(grid, cfg, out, lambda s: None)
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [0, 1]
+    state_after_1 = json.loads((out / "checkpoints" / "round-0001" / "server_state.json").read_text())
+
+    grid2 = FakeGrid({1: site("a"), 2: site("b"), 3: site("c")})
+    said: list[str] = []
+    rs = server.run_federation(grid2, cfg, out, said.append, resume=True)
+    assert any("resuming after round 1" in s for s in said)
+    assert [r["round"] for r in rs.rounds] == [0, 1, 2, 3]
+    assert rs.rounds[1] == doc["rounds"][1]
+    # The RNG picked up where round 1 left it: round 2's sample is what a fresh generator in that state draws.
+    probe = np.random.default_rng(0)
+    probe.bit_generator.state = state_after_1["rng"]
+    expected = sorted(np.array([1, 2, 3])[probe.choice(3, size=2, replace=False)].tolist())
+    names = {1: "a", 2: "b", 3: "c"}
+    trained = sorted(n for n, s in rs.rounds[2]["sites"].items() if "train_loss" in s)
+    assert trained == [names[i] for i in expected]
+    # Three rounds of +0.01 from two sites each: the global adapter moved by 0.03 from its init.
+    init = server.initial_adapter(cfg)[0]
+    for k in init:
+        np.testing.assert_allclose(rs.global_state[k] - init[k], 0.03, atol=1e-6)

@@ -1,6 +1,6 @@
 """fedtune benchmarks: ratios measured side by side, printed with the inputs that produced them.
 
-    python benchmarks/run.py            # full run (~15 min on 2 shared CPU cores)
+    python benchmarks/run.py            # full run (~22 min on 2 idle CPU cores; --only deploy ~16 min)
     python benchmarks/run.py --quick    # smoke run: every figure, tiny sizes (not for reading off numbers)
     python benchmarks/run.py --only train --only mem
 

@@ -1,19 +1,19 @@
 """ftclient: a site's command line.
 
     ftclient --server HOST:PORT --data FILE [--eval-data FILE] [--name NAME]
-             [--ca-cert ca.crt] [--key site_key] [--device auto|cpu|cuda]
+             [--ca-cert ca.crt] [--key site_key] [--device auto|cpu|cuda] [--threads N]
         joins the federation: starts a Flower SuperNode (TLS, authenticated by the site key)
         and serves its tasks in this process, where the base model stays loaded between
         rounds. The data paths and device stay here, in the SuperNode's node config; only
-        adapter updates, counts and metrics leave the site.
+        adapter updates, counts and metrics leave the site. Runs until stopped (Ctrl-C, SIGTERM).
     ftclient check --data FILE [--model M] [--max-length N]
         validates the site's data locally and prints counts, token-length statistics and
         problems (file, line, field), without contacting anyone.
     ftclient keygen --out DIR [--force]
         makes the site's key pair: DIR/site_key stays here, DIR/site_key.pub goes to the coordinator.
 
-Exit codes: 0 the run ended; 2 bad arguments or data; 3 refused by the coordinator (this
-site's key is not registered there); 1 anything else.
+Exit codes: 0 stopped by the operator; 2 bad arguments or data; 3 refused by the coordinator
+(this site's key is not registered there); 1 anything else (TLS failures say so).
 """
 
 from __future__ import annotations

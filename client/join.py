@@ -182,12 +182,16 @@ def join(args: argparse.Namespace) -> int:
     node = spawn(cmd, log, env=tool_env())
     executor = ResidentExecutor(f"127.0.0.1:{port}", lambda m, c, t, r: handle(m, c, t, r, device), secret=secret)
     log_stop = threading.Event()
-    seen: dict[str, bool] = {"refused": False}
+    seen: dict[str, bool] = {"refused": False, "tls": False}
 
     def relay(line: str) -> None:
         text = ANSI.sub("", line).strip()
         if any(m in text for m in REFUSED_MARKERS):
             seen["refused"] = True
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            seen["tls"] = True
+        if "EXPERIMENTAL: SuperExec authentication" in text:
+            return  # Flower's notice about the secret we use for the local task API; not for the site's operator
         if text.startswith(("ERROR", "WARNING")) or "CERTIFICATE_VERIFY_FAILED" in text:
             say(f"SuperNode: {text}")
 
@@ -216,6 +220,15 @@ def join(args: argparse.Namespace) -> int:
                 flush=True,
             )
             code = EXIT_REFUSED
+        elif seen["tls"]:
+            print(
+                f"ftclient: TLS: the server at {args.server} presented a certificate that --ca-cert {args.ca_cert} does not vouch for "
+                "(another CA, or a host name the certificate does not list). Get the coordinator's current ca.crt, and dial a "
+                "name or IP given to 'ftserver init --host'.",
+                file=sys.stderr,
+                flush=True,
+            )
+            code = 1
         else:
             print(f"ftclient: the SuperNode exited (code {node.returncode}); its log ({log}):\n{tail(log)}", file=sys.stderr, flush=True)
             code = 1

@@ -154,9 +154,21 @@ def test_registered_sites_train_two_rounds_and_an_unregistered_site_is_refused(f
     said = fed.text("mallory.out")
     assert "REFUSED by the coordinator" in said and "not registered" in said and "--authorized-keys" in said
 
+    # A site that trusts another CA does not talk to this server, and is told why.
+    create_certificates(tmp_path / "other-pki", ["localhost"], days=1)
+    cmd = [str(BIN / "ftclient"), "--server", f"localhost:{fed.port}", "--data", str(DATA / "legal" / "train.jsonl")]
+    cmd += ["--ca-cert", str(tmp_path / "other-pki" / "ca.crt"), "--key", str(mallory), "--work-dir", str(tmp_path / "work" / "eve")]
+    eve = fed._spawn(cmd, tmp_path / "eve.out")
+    assert fed.finish(eve, 90, "eve.out") == 1
+    assert "TLS: the server at" in fed.text("eve.out") and "does not vouch for" in fed.text("eve.out")
+
+    # A key dropped into --authorized-keys while the server runs is registered.
+    (fed.authorized / "mallory.pub").write_bytes((mallory.parent / "site_key.pub").read_bytes())
+    fed.wait_for("server.out", "site key registered: mallory", 30)
+
     assert fed.finish(server, 240) == 0, fed.text("server.out")[-4000:]
     out = fed.text("server.out")
-    assert "round 2/2 done" in out and "mallory" not in out
+    assert "round 2/2 done" in out
     rounds = _rounds(fed.out)
     assert [r["round"] for r in rounds] == [0, 1, 2]
     for r in rounds[1:]:

@@ -397,7 +397,13 @@ def make_server_app(cfg: FedTuneConfig, out: Path, say: Printer = print, result:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        rs = run_federation(grid, cfg, out, say, resume=resume)
+        try:
+            rs = run_federation(grid, cfg, out, say, resume=resume)
+        except FederationError as e:
+            say(f"FAILED: {e}")
+            if result is not None:
+                result.append(e)
+            return
         if result is not None:
             result.append(rs)
 

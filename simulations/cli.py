@@ -146,6 +146,8 @@ def resolve_config(args: argparse.Namespace) -> FedTuneConfig:
 def _check_sites(cfg: FedTuneConfig) -> FedTuneConfig:
     if not cfg.federation.sites:
         raise ConfigError("no sites: pass --site NAME=TRAIN[:EVAL] (repeatable) or list federation.sites in --config")
+    if cfg.federation.min_sites > len(cfg.federation.sites):
+        raise ConfigError(f"federation.min_sites is {cfg.federation.min_sites} but only {len(cfg.federation.sites)} site(s) are given")
     for s in cfg.federation.sites:
         for label, f in (("train", s.train), ("eval", s.eval)):
             if f is not None and not Path(f).is_file():
@@ -221,6 +223,9 @@ def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
             pass
     if not result:
         raise RuntimeError("the simulation ended without finishing its rounds (see the messages above)")
+    if isinstance(result[0], Exception):
+        hint = f" (continue with: ftsim --resume {out})" if (out / "metrics.json").is_file() else ""
+        raise RuntimeError(f"{result[0]}{hint}")
     return result[0]
 
 

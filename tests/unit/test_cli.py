@@ -166,3 +166,11 @@ def test_node_config_quotes_paths_safely(tmp_path):
     args = argparse.Namespace(data=str(tmp_path / "both'\"quotes.jsonl"), eval_data=None)
     with pytest.raises(ValueError, match="cannot be passed to Flower"):
         node_config("a", args)
+
+
+def test_ftsim_refuses_more_min_sites_than_sites(capsys):
+    from fedtune.simulations import cli as ftsim
+
+    d = DATA_DIR / "medical" / "train.jsonl"
+    assert ftsim.main(["--site", f"a={d}", "--site", f"b={d}", "--set", "federation.min_sites=3"]) == 2
+    assert "federation.min_sites is 3 but only 2 site(s) are given" in capsys.readouterr().err

@@ -46,7 +46,7 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError, pull_and_inflate_object_from_tree
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger("fedtune.client")
@@ -67,10 +67,11 @@ def _client(address: str, interceptors: list, retry: bool = True) -> RuntimeHttp
     )
 
 
-def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, object]:
+def pull_task_input(client: RuntimeHttpClient, watch: Callable | None = None) -> tuple[Message, object]:
     """Flower's ``run_clientapp.pull_task_input`` with a short retry for objects the SuperNode is
     still fetching: Flower's default first backoff is 1 s (doubling to 10 s), which alone would
-    add seconds to every round; locally a 20 ms start (capped at 0.25 s) costs nothing."""
+    add seconds to every round; locally a 20 ms start (capped at 0.25 s) costs nothing.
+    ``watch`` wraps the object-pull function (see :meth:`ResidentExecutor._watch`)."""
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
     context = context_from_proto(res.context)
@@ -80,9 +81,10 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, object]:
         raise RuntimeError("the SuperNode handed out a task without a message")
     node = Node(node_id=context.node_id)
     tree = pulled.message_object_trees[0]
+    pull = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)
     message = pull_and_inflate_object_from_tree(
         tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        watch(pull) if watch is not None else pull,
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message,
         initial_backoff=0.02,
@@ -107,6 +109,7 @@ class ResidentExecutor:
             )
         self.acquirer = _client(runtime_address, interceptors, retry=False)
         self.tasks_done = 0
+        self.superseded_by: str | None = None  # a newer task's token, taken while the current one stalled
 
     def acquire(self) -> str | None:
         """-> a task token, or None when there is no ClientApp task waiting."""
@@ -115,6 +118,30 @@ class ResidentExecutor:
         except httpx.HTTPError:
             return None  # SuperNode not up yet, or going away
         return res.token if res.HasField("task") and res.token else None
+
+    def _watch(self, pull: Callable[[str], bytes], check_every_s: float = 2.0) -> Callable[[str], bytes]:
+        """Wrap an object pull: while the message's objects are not there yet, look every few
+        seconds for a newer task. The SuperNode fetches one message at a time, so a newer task
+        means it gave up on this one (say the coordinator restarted mid-transfer); without this
+        the executor would wait for those objects for Flower's two-hour pull limit."""
+        lock = threading.Lock()
+        next_check = [time.monotonic() + check_every_s]
+
+        def watched(object_id: str) -> bytes:
+            if self.superseded_by is not None:
+                raise ObjectPullError(object_id, "superseded by a newer task")
+            try:
+                return pull(object_id)
+            except ObjectUnavailableError:
+                with lock:
+                    if self.superseded_by is None and time.monotonic() >= next_check[0]:
+                        next_check[0] = time.monotonic() + check_every_s
+                        self.superseded_by = self.acquire()
+                if self.superseded_by is not None:
+                    raise ObjectPullError(object_id, "the SuperNode abandoned this task for a newer one") from None
+                raise
+
+        return watched
 
     def run_task(self, token: str, arrived: float) -> None:
         client = _client(
@@ -137,11 +164,12 @@ class ResidentExecutor:
         message = context = reply = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
         try:
-            message, context = pull_task_input(client)
+            message, context = pull_task_input(client, self._watch)
             reply = self.handler(message, context, arrived, time.time())
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # noqa: BLE001 - any failure becomes an error reply, the executor lives on
-            log.exception("task failed")
+            if self.superseded_by is None:
+                log.exception("task failed")
             details = f"{type(ex).__name__}: {ex}"
             if message is not None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
@@ -159,7 +187,7 @@ class ResidentExecutor:
 
     def serve(self) -> None:
         while not self.stop_event.is_set():
-            token = self.acquire()
+            token, self.superseded_by = self.superseded_by or self.acquire(), None
             if token is None:
                 self.stop_event.wait(self.poll_s)
                 continue

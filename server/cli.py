@@ -216,6 +216,7 @@ class Coordinator:
         self.run_proc: subprocess.Popen | None = None
         self.registered: set[str] = set()
         self._control = None
+        self.folder_lock = None  # hold_folder's open file: the lock lives as long as it does
         self.stopping = threading.Event()
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -326,6 +327,29 @@ class Coordinator:
         stop(self.link, 15)
 
 
+def hold_folder(out: Path):
+    """One ftserver per run folder: an exclusive lock held for this process's life (released by
+    the kernel even on kill -9, so --resume after a crash is never locked out)."""
+    import fcntl
+    import os
+
+    path = out / STATE_DIR / "ftserver.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")  # noqa: SIM115 - kept open (and locked) until the process exits
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise ConfigError(f"{out}: another ftserver (pid {pid}) is running this run") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -344,9 +368,15 @@ def serve(args: argparse.Namespace) -> int:
         print(f"[ftserver {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        owner = hold_folder(out)
+    except ConfigError as e:
+        print(f"ftserver: {e}", file=sys.stderr)
+        return 2
     atomic_write_bytes(out / CONFIG_JSON, cfg.to_json().encode())
     atomic_write_json(out / SERVER_JSON, net)
     co = Coordinator(cfg, out, net, resume=bool(args.resume))
+    co.folder_lock = owner
     signal.signal(signal.SIGTERM, _terminate)
     follower_stop = threading.Event()
     follower = threading.Thread(target=follow, args=(out / "server.log", follower_stop, print), daemon=True)

@@ -15,7 +15,7 @@ or ``{"status": "failed", "reason": ...}``, which decides ftserver's exit code.
 
 from __future__ import annotations
 
-import json
+import fcntl
 import time
 import traceback
 from pathlib import Path
@@ -64,6 +64,25 @@ def write_app_dir(directory: Path) -> Path:
     return directory
 
 
+def hold_run_lock(out: Path, wait_s: float = 60.0):
+    """Hold ``out/.ftserver/serverapp.lock`` for this process's life (the kernel drops it when
+    the process dies, even by SIGKILL). A resumed run's ServerApp waits here until the previous
+    one, which may outlive a killed ftserver by a few seconds, is gone: never two writers."""
+    path = out / ".ftserver" / "serverapp.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a")  # noqa: SIM115 - kept open (and locked) until the process exits
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.time() > deadline:
+                f.close()
+                raise FederationError(f"{path}: another ServerApp of this run is still running after {wait_s:.0f} s") from None
+            time.sleep(0.2)
+
+
 def make_logger(out: Path):
     log_path = out / SERVER_LOG
 
@@ -86,6 +105,11 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(rc["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)
     say = make_logger(out)
+    try:
+        lock = hold_run_lock(out)
+    except FederationError as e:
+        say(f"FAILED: {e}")
+        raise
     (out / RUN_STATUS).unlink(missing_ok=True)
     try:
         cfg = FedTuneConfig.from_json(Path(str(rc["config-path"])).read_text())
@@ -94,8 +118,13 @@ def main(grid: Grid, context: Context) -> None:
         say(f"FAILED: {e}")
         atomic_write_json(out / RUN_STATUS, {"status": "failed", "reason": str(e)})
         raise
+    except (KeyboardInterrupt, SystemExit):
+        say("stopped: the coordinator is shutting down (checkpoints so far are kept)")
+        atomic_write_json(out / RUN_STATUS, {"status": "stopped"})
+        raise
     except BaseException as e:
         say(f"FAILED: {type(e).__name__}: {e}")
         atomic_write_json(out / RUN_STATUS, {"status": "failed", "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
         raise
     atomic_write_json(out / RUN_STATUS, {"status": "completed", "rounds": rs.rounds[-1]["round"]})
+    lock.close()

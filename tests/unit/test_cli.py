@@ -174,3 +174,11 @@ def test_ftsim_refuses_more_min_sites_than_sites(capsys):
     d = DATA_DIR / "medical" / "train.jsonl"
     assert ftsim.main(["--site", f"a={d}", "--site", f"b={d}", "--set", "federation.min_sites=3"]) == 2
     assert "federation.min_sites is 3 but only 2 site(s) are given" in capsys.readouterr().err
+
+
+def test_one_ftserver_per_run_folder(tmp_path, capsys):
+    first = ftserver.hold_folder(tmp_path)
+    with pytest.raises(ftserver.ConfigError, match=r"another ftserver \(pid \d+\) is running this run"):
+        ftserver.hold_folder(tmp_path)
+    first.close()
+    ftserver.hold_folder(tmp_path).close()  # free again once the holder is gone

@@ -9,8 +9,9 @@ folder ftserver writes, see :func:`write_app_dir`):
 - ``resume``: continue from the last verified checkpoint in ``out-dir``.
 
 It appends every progress line to ``out-dir/server.log`` (which ftserver streams to its
-console) and, when it ends, writes ``out-dir/run-status.json``: ``{"status": "completed"}``
-or ``{"status": "failed", "reason": ...}``, which decides ftserver's exit code.
+console) and, when it ends, writes ``out-dir/run-status.json``: ``{"status": "completed"}``,
+``{"status": "failed", "reason": ...}`` or ``{"status": "stopped"}``, which decides
+ftserver's exit code.
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ def main(argv=None) -> int:
             print(
                 f"   upload_bytes_per_site_round = {u['upload_bytes_per_site_round']:,.0f} B ({u['upload_bytes_per_site_round'] / 2**20:.2f} MiB); "
                 f"bytes_per_param = {u['bytes_per_param']:.4f} (float32 = 4; the {u['header_bytes']:,.0f} B beyond 4/param "
-                "are the per-array .npy headers that Flower's Array.data carries)"
+                "are the .npy header(s) that Flower's Array.data carries: one, since the adapter travels as one vector)"
             )
     finally:
         stray = stray_ray_processes()

@@ -1,0 +1,291 @@
+"""Secure aggregation (SecAgg+, Bell et al. 2020 on Bonawitz et al. 2017): primitives and an
+in-memory reference of one round. Groundwork for issue 4: not yet wired into ftsim/ftserver.
+
+Primitives, all from ``cryptography``:
+- key agreement: X25519, the shared secret through HKDF-SHA256 with a per-round context;
+- shares travel sealed with AES-256-GCM (random 96-bit nonce, associated data binding sender,
+  receiver and round);
+- masks: a ChaCha20 keystream from a 256-bit seed (full entropy: ``os.urandom`` or HKDF output),
+  read as little-endian uint32, so no seed space can be searched;
+- Shamir sharing over the prime field GF(2^521 - 1) of 32-byte secrets (mask seeds, X25519
+  private keys);
+- updates quantized into Z_(2^32) with stochastic rounding: ``Quantizer`` clips each value to
+  [-clip, clip], folds in the site's weight (an integer example count, bounded by
+  ``max_weight``), and sizes its step so that ``n_sites`` sums cannot wrap. The coordinator
+  recovers the weighted mean; each coordinate is off by at most ``Quantizer.mean_error_bound``.
+
+The coordinator sees only masked vectors: a site's masked vector is its quantized update plus
+a uniformly random self-mask plus pairwise masks, hence itself uniform on Z_(2^32)^d whatever
+the update. Unmasking needs ``threshold`` of a site's share holders (its neighbours and itself); a site answers an unmask
+request only when the alive and dropped sets are disjoint and the alive set is at least the
+threshold, so a coordinator cannot ask for both a site's self-mask and its pairwise key.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+MOD_BITS = 32
+MOD = 1 << MOD_BITS
+PRIME = (1 << 521) - 1  # a Mersenne prime: 32-byte secrets fit with room to spare
+SECRET_BYTES = 32
+
+
+class SecAggError(RuntimeError):
+    """The round cannot go on safely: it aborts and releases nothing."""
+
+
+# ---------------------------------------------------------------- quantization
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """Weighted updates <-> Z_(2^32), with room for ``n_sites`` sums.
+
+    A site sends ``q = round_stochastic((w * clip(x) + max_weight * clip) / step)`` per value,
+    and ``w`` itself as the last element. Every q lies in [0, 2 * max_weight * clip / step],
+    so ``n_sites`` of them sum below 2^32.
+    """
+
+    clip: float
+    max_weight: int
+    n_sites: int
+
+    def __post_init__(self):
+        if not (self.clip > 0 and np.isfinite(self.clip)):
+            raise ValueError(f"clip {self.clip}: expected a positive finite number")
+        if not 1 <= self.max_weight < MOD // max(self.n_sites, 1):
+            raise ValueError(f"max_weight {self.max_weight}: expected 1..{MOD // max(self.n_sites, 1) - 1} for {self.n_sites} sites")
+        if self.n_sites < 1:
+            raise ValueError("n_sites must be at least 1")
+
+    @property
+    def span(self) -> float:
+        return 2.0 * self.max_weight * self.clip
+
+    @property
+    def step(self) -> float:
+        # The largest per-site code is span/step + 1 (stochastic rounding may round up).
+        return self.span * self.n_sites / (MOD - 1 - 2 * self.n_sites)
+
+    def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+        if isinstance(weight, bool) or int(weight) != weight or not 1 <= int(weight) <= self.max_weight:
+            raise SecAggError(f"weight {weight}: expected a whole number in 1..{self.max_weight}")
+        x = np.asarray(x, dtype=np.float64).ravel()
+        if not np.isfinite(x).all():
+            raise SecAggError(f"update has {int((~np.isfinite(x)).sum())} non-finite value(s): refused before masking")
+        y = (int(weight) * np.clip(x, -self.clip, self.clip) + self.max_weight * self.clip) / self.step
+        low = np.floor(y)
+        q = low + (rng.random(y.shape) < (y - low))
+        return np.concatenate([q.astype(np.uint64), [int(weight)]]).astype(np.uint32)
+
+    def decode_mean(self, total: np.ndarray, n_summed: int) -> tuple[np.ndarray, int]:
+        """Sum of ``n_summed`` codes -> (weighted mean, total weight)."""
+        total = np.asarray(total, dtype=np.uint64)
+        weight = int(total[-1])
+        if weight < 1:
+            raise SecAggError("the summed weight is zero: nothing to average")
+        values = total[:-1].astype(np.float64) * self.step - n_summed * self.max_weight * self.clip
+        return values / weight, weight
+
+    def mean_error_bound(self, total_weight: int, n_summed: int) -> float:
+        """Largest per-coordinate error of the decoded mean from quantization (clipping aside):
+        each site's stochastic rounding is off by less than one step."""
+        return n_summed * self.step / total_weight
+
+
+# ---------------------------------------------------------------- masks, keys, sealing
+
+
+def prg_mask(seed: bytes, length: int) -> np.ndarray:
+    """``length`` uint32 values of a ChaCha20 keystream keyed by a 32-byte seed."""
+    if len(seed) != SECRET_BYTES:
+        raise ValueError(f"mask seed: expected {SECRET_BYTES} bytes, got {len(seed)}")
+    enc = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
+    return np.frombuffer(enc.update(b"\x00" * (4 * length)), dtype="<u4").astype(np.uint32)
+
+
+def _hkdf(secret: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=SECRET_BYTES, salt=None, info=info).derive(secret)
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:
+    """A 32-byte key both ends derive: X25519, then HKDF-SHA256 bound to ``info`` (round, purpose)."""
+    return _hkdf(private.exchange(X25519PublicKey.from_public_bytes(peer_public)), info)
+
+
+def public_bytes(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def private_bytes(private: X25519PrivateKey) -> bytes:
+    return private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+
+def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def unseal(key: bytes, sealed: bytes, aad: bytes) -> bytes:
+    return AESGCM(key).decrypt(sealed[:12], sealed[12:], aad)
+
+
+# ---------------------------------------------------------------- Shamir
+
+
+def shamir_split(secret: bytes, threshold: int, holders: Iterable[int]) -> dict[int, int]:
+    """Shares of a 32-byte secret for each holder id (ids >= 1); any ``threshold`` rebuild it."""
+    holders = list(holders)
+    if len(secret) != SECRET_BYTES:
+        raise ValueError(f"secret: expected {SECRET_BYTES} bytes")
+    if not 1 <= threshold <= len(holders) or len(set(holders)) != len(holders) or min(holders) < 1:
+        raise ValueError(f"threshold {threshold} with {len(holders)} distinct holder ids >= 1 expected")
+    coeffs = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    return {h: sum(c * pow(h, k, PRIME) for k, c in enumerate(coeffs)) % PRIME for h in holders}
+
+
+def shamir_combine(shares: Mapping[int, int], threshold: int) -> bytes:
+    if len(shares) < threshold:
+        raise SecAggError(f"{len(shares)} share(s), {threshold} needed: the secret stays hidden")
+    pts = list(shares.items())[:threshold]
+    secret = 0
+    for i, (xi, yi) in enumerate(pts):
+        num = den = 1
+        for j, (xj, _) in enumerate(pts):
+            if i != j:
+                num = num * (-xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        secret = (secret + yi * num * pow(den, PRIME - 2, PRIME)) % PRIME
+    return secret.to_bytes(SECRET_BYTES, "big")
+
+
+# ---------------------------------------------------------------- neighbours, unmask checks
+
+
+def neighbours(ids: list[int], k: int) -> dict[int, list[int]]:
+    """A k-regular ring (Harary) graph over the sorted ids: each site's k nearest on the ring."""
+    ids = sorted(ids)
+    n = len(ids)
+    if not 1 <= k < n:
+        raise ValueError(f"neighbours {k}: expected 1..{n - 1} for {n} sites")
+    out: dict[int, list[int]] = {}
+    for pos, i in enumerate(ids):
+        near = {ids[(pos + d) % n] for d in range(1, k // 2 + 1)} | {ids[(pos - d) % n] for d in range(1, k // 2 + 1)}
+        if k % 2:
+            near.add(ids[(pos + n // 2) % n])
+        out[i] = sorted(near - {i})
+    return out
+
+
+def check_unmask_request(alive: Iterable[int], dropped: Iterable[int], threshold: int) -> None:
+    alive, dropped = set(alive), set(dropped)
+    if alive & dropped:
+        raise SecAggError(f"unmask request lists sites {sorted(alive & dropped)} as both alive and dropped: refused")
+    if len(alive) < threshold:
+        raise SecAggError(f"unmask request lists {len(alive)} alive site(s), fewer than the threshold {threshold}: refused")
+
+
+# ---------------------------------------------------------------- one round, in memory
+
+
+@dataclass
+class Site:
+    """One site's side of a round (in-memory reference; messages are the method calls)."""
+
+    sid: int
+    round_tag: bytes
+    c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)  # seals shares
+    s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)  # pairwise masks
+    self_seed: bytes = field(default_factory=lambda: os.urandom(SECRET_BYTES))
+    held: dict[int, tuple[int, int]] = field(default_factory=dict)  # from site j: (share of b_j, share of s_j)
+
+    def advertise(self) -> tuple[bytes, bytes]:
+        return public_bytes(self.c_key), public_bytes(self.s_key)
+
+    def share_keys(self, keys: Mapping[int, tuple[bytes, bytes]], nbrs: list[int], threshold: int) -> dict[int, bytes]:
+        """Shares of the self-mask seed and the pairwise-mask key for each neighbour (sealed to
+        it) and for this site itself (kept: an alive site helps rebuild its own self-mask)."""
+        holders = sorted({*nbrs, self.sid})
+        b_shares = shamir_split(self.self_seed, threshold, holders)
+        s_shares = shamir_split(private_bytes(self.s_key), threshold, holders)
+        self.held[self.sid] = (b_shares[self.sid], s_shares[self.sid])
+        out = {}
+        for j in nbrs:
+            key = agree(self.c_key, keys[j][0], b"fedtune-secagg-share" + self.round_tag)
+            plain = b_shares[j].to_bytes(66, "big") + s_shares[j].to_bytes(66, "big")
+            out[j] = seal(key, plain, self._aad(self.sid, j))
+        return out
+
+    def _aad(self, sender: int, receiver: int) -> bytes:
+        return self.round_tag + sender.to_bytes(8, "big") + receiver.to_bytes(8, "big")
+
+    def receive_shares(self, keys: Mapping[int, tuple[bytes, bytes]], sealed: Mapping[int, bytes]) -> None:
+        for j, ct in sealed.items():
+            key = agree(self.c_key, keys[j][0], b"fedtune-secagg-share" + self.round_tag)
+            plain = unseal(key, ct, self._aad(j, self.sid))
+            self.held[j] = (int.from_bytes(plain[:66], "big"), int.from_bytes(plain[66:], "big"))
+
+    def masked_input(self, code: np.ndarray, keys: Mapping[int, tuple[bytes, bytes]], nbrs: list[int]) -> np.ndarray:
+        y = code.astype(np.uint32) + prg_mask(self.self_seed, code.size)
+        for j in nbrs:
+            m = prg_mask(agree(self.s_key, keys[j][1], b"fedtune-secagg-mask" + self.round_tag), code.size)
+            y = y + m if self.sid < j else y - m  # uint32 arithmetic wraps: mod 2^32
+        return y
+
+    def unmask(self, alive: Iterable[int], dropped: Iterable[int], threshold: int) -> dict[str, dict[int, int]]:
+        alive, dropped = set(alive), set(dropped)
+        check_unmask_request(alive, dropped, threshold)
+        return {
+            "self_seed": {j: b for j, (b, _) in self.held.items() if j in alive},
+            "pair_key": {j: s for j, (_, s) in self.held.items() if j in dropped and j != self.sid},
+        }
+
+
+def pair_mask(private_raw: bytes, peer_public: bytes, round_tag: bytes, length: int) -> np.ndarray:
+    key = agree(X25519PrivateKey.from_private_bytes(private_raw), peer_public, b"fedtune-secagg-mask" + round_tag)
+    return prg_mask(key, length)
+
+
+def unmask_sum(
+    masked: Mapping[int, np.ndarray],
+    keys: Mapping[int, tuple[bytes, bytes]],
+    shared: Iterable[int],
+    nbrs: Mapping[int, list[int]],
+    answers: Mapping[int, dict[str, dict[int, int]]],
+    threshold: int,
+    round_tag: bytes,
+) -> np.ndarray:
+    """The coordinator's last step: remove survivors' self-masks and the pairwise masks that
+    dropped sites' partners added. ``shared``: the sites that completed key sharing (each
+    masked with exactly those of its neighbours). Raises SecAggError (nothing released) below
+    the threshold."""
+    alive = set(masked)
+    if len(answers) < threshold:
+        raise SecAggError(f"only {len(answers)} site(s) answered the unmask request, {threshold} needed: round aborted, nothing released")
+    length = next(iter(masked.values())).size
+    total = np.zeros(length, dtype=np.uint32)
+    for y in masked.values():
+        total = total + y
+    for i in alive:
+        shares = {h: a["self_seed"][i] for h, a in answers.items() if i in a["self_seed"]}
+        total = total - prg_mask(shamir_combine(shares, threshold), length)
+    dropped = set(shared) - alive
+    for j in dropped:
+        shares = {h: a["pair_key"][j] for h, a in answers.items() if j in a["pair_key"]}
+        s_j = shamir_combine(shares, threshold)
+        for i in nbrs[j]:
+            if i in alive:  # i added +m_ij if i < j else -m_ij; take it back
+                m = pair_mask(s_j, keys[i][1], round_tag, length)
+                total = total - m if i < j else total + m
+    return total

@@ -291,6 +291,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def flag_overrides(args, flag_keys: dict[str, str]) -> dict[str, Any]:
+    """A command line's overrides: every ``--set KEY=VALUE``, then each flag given (attribute
+    name -> dotted key in ``flag_keys``), then ``--no-plots``. Flags win over ``--set``."""
+    overrides = dict(parse_override(text) for text in args.set)
+    for attr, key in flag_keys.items():
+        if getattr(args, attr) is not None:
+            overrides[key] = getattr(args, attr)
+    if args.no_plots:
+        overrides["output.plots"] = False
+    return overrides
+
+
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None, source: str | None = None
 ) -> FedTuneConfig:

@@ -85,6 +85,16 @@ def stop(proc: subprocess.Popen | None, timeout: float = 15.0, sig: int = signal
         return None
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def sigterm_as_interrupt() -> None:
+    """Make SIGTERM behave like Ctrl-C in this process (main thread only), so the same
+    clean-up (stop children, keep checkpoints) runs for both."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -28,8 +27,8 @@ import time
 from pathlib import Path
 
 from fedtune.common.checkpoint import atomic_write_bytes, atomic_write_json
-from fedtune.common.config import ConfigError, FedTuneConfig, load_config, parse_override, read_config_file
-from fedtune.common.procs import flwr_config_string, follow, spawn, stop, tail, tool, tool_env, wait_for_port
+from fedtune.common.config import ConfigError, FedTuneConfig, flag_overrides, load_config, read_config_file
+from fedtune.common.procs import flwr_config_string, follow, sigterm_as_interrupt, spawn, stop, tail, tool, tool_env, wait_for_port
 
 CONN = "fedtune"
 STATE_DIR = ".ftserver"
@@ -104,15 +103,7 @@ FLAG_KEYS = {
 
 def resolve(args: argparse.Namespace) -> tuple[FedTuneConfig, Path, dict]:
     """-> (config, output dir, network settings). On --resume both come from the run's folder."""
-    overrides: dict = {}
-    for text in args.set:
-        k, v = parse_override(text)
-        overrides[k] = v
-    for attr, key in FLAG_KEYS.items():
-        if getattr(args, attr) is not None:
-            overrides[key] = getattr(args, attr)
-    if args.no_plots:
-        overrides["output.plots"] = False
+    overrides = flag_overrides(args, FLAG_KEYS)
     net = {"certs": args.certs, "authorized_keys": args.authorized_keys, "insecure": args.insecure, "host": args.host, "port": args.port}
     if args.resume:
         if args.config or args.out:
@@ -350,10 +341,6 @@ def hold_folder(out: Path):
     return f
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def serve(args: argparse.Namespace) -> int:
     try:
         cfg, out, net = resolve(args)
@@ -377,7 +364,7 @@ def serve(args: argparse.Namespace) -> int:
     atomic_write_json(out / SERVER_JSON, net)
     co = Coordinator(cfg, out, net, resume=bool(args.resume))
     co.folder_lock = owner
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm_as_interrupt()
     follower_stop = threading.Event()
     follower = threading.Thread(target=follow, args=(out / "server.log", follower_stop, print), daemon=True)
     try:

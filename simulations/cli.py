@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -28,7 +27,8 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from fedtune.common.config import ConfigError, FedTuneConfig, load_config, parse_override, read_config_file
+from fedtune.common.config import ConfigError, FedTuneConfig, flag_overrides, load_config, read_config_file
+from fedtune.common.procs import sigterm_as_interrupt
 
 BUNDLED_DATA = "data"
 DEFAULT_CONFIG = "default.yaml"
@@ -101,18 +101,9 @@ def resolve_config(args: argparse.Namespace) -> FedTuneConfig:
     cfg_path = Path(args.config) if args.config else None
     if cfg_path is None and not args.site:
         cfg_path = bundled_path("configs", DEFAULT_CONFIG)
-    overrides: dict = {}
-    for text in args.set:
-        k, v = parse_override(text)
-        overrides[k] = v
-    for attr, key in FLAG_KEYS.items():
-        v = getattr(args, attr)
-        if v is not None:
-            overrides[key] = v
+    overrides = flag_overrides(args, FLAG_KEYS)
     if args.out:
         overrides["output.dir"] = args.out
-    if args.no_plots:
-        overrides["output.plots"] = False
     if args.resume:
         # The run's own record holds its config; flags may change what is safe to change (e.g. --rounds).
         if args.config or args.site or args.out:
@@ -163,10 +154,6 @@ def make_say(t0: float):
     return say
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def start_ray() -> None:
     """Start Ray here rather than inside Flower (which then reuses it), so that we can take SIGTERM back.
 
@@ -188,7 +175,7 @@ def start_ray() -> None:
             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
         )
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        sigterm_as_interrupt()
 
 
 def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
@@ -245,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.federation.strategy}; {cfg.federation.rounds} rounds x "
         f"{cfg.train.local_steps or str(cfg.train.local_epochs) + ' epochs'} local steps; output {out}"
     )
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm_as_interrupt()
     try:
         rs = run(cfg, out, say, resume=bool(args.resume))
     except KeyboardInterrupt:

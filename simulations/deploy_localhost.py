@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from fedtune.common.procs import free_port, spawn, stop, tail, tool, tool_env
+from fedtune.common.procs import free_port, sigterm_as_interrupt, spawn, stop, tail, tool, tool_env
 from fedtune.simulations.cli import DEFAULT_CONFIG, bundled_path
 
 SITES = ("medical", "legal", "financial")
@@ -177,14 +176,10 @@ class Demo:
         return 0 if ok else 1
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     demo = Demo(args)
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm_as_interrupt()
     try:
         return demo.run()
     except KeyboardInterrupt:

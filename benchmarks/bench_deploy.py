@@ -16,6 +16,7 @@ startup_s (after the first round)
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,8 +52,6 @@ def run_deploy(out: Path, rounds: int, local_steps: int, eval_examples: int, tim
 
 
 def deploy_vs_sim(workdir: Path, rounds: int, local_steps: int, eval_examples: int, env: dict) -> dict:
-    import json
-
     inputs = {"config": "bundled demo (default model, 3 sites)", "rounds": rounds, "local_steps": local_steps, "eval_examples": eval_examples}
     say(f"fig 5: ftsim, then deploy_localhost, on {inputs}")
     sim = run_ftsim(

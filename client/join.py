@@ -14,7 +14,6 @@ import base64
 import hashlib
 import os
 import re
-import signal
 import socket
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 from fedtune.common.checkpoint import write_private_file
-from fedtune.common.procs import flwr_config_string, follow, free_port, spawn, stop, tail, tool_env
+from fedtune.common.procs import flwr_config_string, follow, free_port, sigterm_as_interrupt, spawn, stop, tail, tool_env
 
 EXIT_REFUSED = 3
 REFUSED_MARKERS = ("[code: 2004]", "Failed to activate SuperNode")
@@ -121,10 +120,6 @@ def node_config(site: str, args: argparse.Namespace) -> str:
         raise JoinError(str(e)) from None
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def join(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"[ftclient {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -165,10 +160,10 @@ def join(args: argparse.Namespace) -> int:
         + (f", {ev[0]} evaluation records" if ev else ", evaluation on a held-out split")
         + f"; device {args.device}; joining {args.server} ({'NO TLS' if args.insecure else 'TLS'})"
     )
-    if args.key:
-        pub = Path(args.key).with_name(Path(args.key).name + ".pub")
-        if pub.is_file():
-            say(f"site key {key_fingerprint(pub.read_bytes())} ({pub})")
+    pub = Path(args.key).with_name(Path(args.key).name + ".pub") if args.key else None
+    key_note = f"{pub}, {key_fingerprint(pub.read_bytes())}" if pub is not None and pub.is_file() else ""
+    if key_note:
+        say(f"site key ({key_note})")
     say(f"SuperNode log: {log}")
 
     from .app import handle
@@ -199,20 +194,18 @@ def join(args: argparse.Namespace) -> int:
         node.wait()
         executor.stop()
 
-    threading.Thread(target=follow, args=(log, log_stop, relay, True), daemon=True).start()
+    follower = threading.Thread(target=follow, args=(log, log_stop, relay, True), daemon=True)
+    follower.start()
     threading.Thread(target=watch_node, daemon=True).start()
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm_as_interrupt()
     code = 0
     try:
         say("ready; runs until stopped (Ctrl-C). The model loads with the first task and then stays loaded")
         executor.serve()
         log_stop.set()
-        time.sleep(0.4)
-        if seen["refused"] or any(m in tail(log, 40) for m in REFUSED_MARKERS):
-            fp = ""
-            pub = Path(args.key).with_name(Path(args.key).name + ".pub") if args.key else None
-            if pub is not None and pub.is_file():
-                fp = f" ({pub}, {key_fingerprint(pub.read_bytes())})"
+        follower.join(5)  # it reads the SuperNode's log to its end once stopped
+        if seen["refused"]:
+            fp = f" ({key_note})" if key_note else ""
             print(
                 f"ftclient: REFUSED by the coordinator at {args.server}: this site's key{fp} is not registered there. "
                 "Send site_key.pub to the coordinator, who adds it to ftserver's --authorized-keys folder; then start ftclient again.",

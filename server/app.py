@@ -237,12 +237,12 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             say(f"{where}: no update ({reason}) {count}")
             return
         mr = m.content.get("metrics") or {}
+        n_ex = mr.get("num-examples")
         try:
             arrays = adapters.read_adapter(m.content)
-            problems = validate_update(arrays, spec, mr.get("num-examples"), cfg.federation.max_examples_per_update)
+            problems = validate_update(arrays, spec, n_ex, cfg.federation.max_examples_per_update)
         except ValueError as e:
             arrays, problems = {}, [str(e)]
-        n_ex = mr.get("num-examples")
         info = {
             "train_loss": _num(mr.get("train-loss")),
             "train_loss_first": _num(mr.get("train-loss-first")),

@@ -156,11 +156,12 @@ class Demo:
         self.say(f"started ftclient '{INTRUDER}' with an unregistered key")
         refused, how = self.wait_refusal(intruder, 120)
         self.say(f"unregistered site: {'REFUSED' if refused else 'NOT REFUSED'} ({how})")
+        exited: set[str] = set()
         while server.poll() is None:
             for name in SITES:
                 p = self.procs[name]
-                if p.poll() is not None and not getattr(p, "_reported", False):
-                    p._reported = True  # type: ignore[attr-defined]
+                if p.poll() is not None and name not in exited:
+                    exited.add(name)
                     self.say(f"site {name} exited (code {p.returncode}); its log:\n{tail(self.work / 'logs' / f'{name}.log')}")
             time.sleep(1)
         code = server.returncode

@@ -37,7 +37,10 @@ from fedtune.common.data import DataError, Example, load_site_data, split_exampl
 from fedtune.common.evaluation import evaluate_examples
 from fedtune.common.modeling import load_base_model, wrap_peft
 from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY
+from fedtune.common.secagg import SecAggError
+from fedtune.common.secagg import protocol as secagg
 
+from . import secure
 from .trainer import train_round
 
 log = logging.getLogger("fedtune.client")
@@ -142,9 +145,11 @@ def _read_message(msg: Message) -> tuple[FedTuneConfig, int, dict]:
     return cfg, int(conf[ROUND_KEY]), adapters.to_tensors(adapters.read_adapter(msg.content))
 
 
-def _reply(msg: Message, site: SiteFiles, status: str, metrics: dict, update: dict | None = None) -> Message:
-    """``update``: the records of :func:`fedtune.common.adapters.adapter_records`, for a train reply."""
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, "status": status}), **(update or {})})
+def _reply(msg: Message, site: SiteFiles, status: str, metrics: dict, records: dict | None = None, reason: str | None = None) -> Message:
+    """``records``: more records to send, e.g. the update (:func:`fedtune.common.adapters.adapter_records`).
+    ``reason``: why the site refused (a protocol reason, never data)."""
+    info = {"name": site.name, "status": status, **({"reason": reason} if reason else {})}
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(info), **(records or {})})
     return Message(content=content, reply_to=msg)
 
 
@@ -195,7 +200,7 @@ def handle_train(
         seed=site_seed(cfg, site.name),
         progress=progress if verbose else None,
     )
-    update = adapters.adapter_records(adapters.delta(adapters.get_trainable_state(rt.model), global_state))
+    delta = adapters.delta(adapters.get_trainable_state(rt.model), global_state)
     metrics = {
         "num-examples": len(st.train_items),
         "train-loss": stats.loss_mean,
@@ -206,10 +211,39 @@ def handle_train(
         "train-tokens": stats.tokens,
         "receive-seconds": received - arrived,
         "startup-seconds": stats.first_step_at - received,
-        "upload-bytes": adapters.record_nbytes(update["arrays"]),
         **counts,
     }
+    if secagg.RECORD in msg.content:
+        # Secure round: the update stays here, quantized; only public keys go back now.
+        try:
+            flat = secure.flatten_update(delta, global_state)
+            keys, extra = secure.setup(context, msg.content[secagg.RECORD], flat, len(st.train_items), site_seed(cfg, site.name) + server_round)
+        except SecAggError as e:
+            return _reply(msg, site, "refused", metrics, reason=str(e))
+        return _reply(msg, site, "ok", {**metrics, **extra}, {secagg.RECORD: keys})
+    update = adapters.adapter_records(delta)
+    metrics["upload-bytes"] = adapters.record_nbytes(update["arrays"])
     return _reply(msg, site, "ok", metrics, update)
+
+
+def handle_secure_stage(msg: Message, context: Context, sites: list[SiteFiles] | None) -> Message:
+    """Stages 2-4 of a secure round (key sharing, masked upload, unmasking): no model needed."""
+    site = resolve_site(context, sites)
+    kind = msg.metadata.message_type
+    sa = msg.content[secagg.RECORD]
+    try:
+        if kind == secagg.SHARE_KEYS:
+            return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.share_keys(context, sa)})
+        if kind == secagg.MASKED_INPUT:
+            y = secure.masked_input(context, sa)
+            return _reply(msg, site, "ok", {"upload-bytes": 4 * y.size}, {secagg.MASKED: secagg.masked_record(y)})
+        if kind == secagg.UNMASK:
+            return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.unmask(context, sa)})
+    except SecAggError as e:  # the site has forgotten the round
+        if "data-path" in context.node_config:
+            _say(site, f"secure aggregation: {e}")
+        return _reply(msg, site, "refused", {}, reason=str(e))
+    raise ValueError(f"this site does not handle {kind!r} messages")
 
 
 def handle_evaluate(msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None) -> Message:
@@ -239,6 +273,8 @@ def handle(msg: Message, context: Context, arrived: float, received: float, devi
         return handle_train(msg, context, None, device, arrived=arrived, received=received)
     if kind == MessageType.EVALUATE:
         return handle_evaluate(msg, context, None, device)
+    if kind in secagg.STAGES:
+        return handle_secure_stage(msg, context, None)
     raise ValueError(f"this site does not handle {kind!r} messages")
 
 
@@ -252,6 +288,9 @@ def make_client_app(sites: list[SiteFiles] | None = None, device: str | None = N
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, sites, device)
+
+    for stage in secagg.STAGES:
+        app.train(stage.split(".", 1)[1])(lambda msg, context: handle_secure_stage(msg, context, sites))
 
     return app
 

@@ -18,7 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save as save_numpy
 from safetensors.torch import load_file
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -65,11 +68,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_adapter(
-    directory: str | Path, state: Mapping[str, torch.Tensor], peft_config, extra_json: Mapping[str, Any] | None = None
+    directory: str | Path,
+    state: Mapping[str, torch.Tensor],
+    peft_config,
+    extra_json: Mapping[str, Any] | None = None,
+    extra_arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> Path:
     """Write a PEFT adapter folder. ``peft_config``: a peft PeftConfig (e.g. LoraConfig).
     ``extra_json``: more files (name -> JSON-able object) under the same manifest, e.g. the
-    coordinator's optimizer and RNG state, so they verify (and resume) with the weights.
+    coordinator's RNG state; ``extra_arrays``: more safetensors files (name -> arrays by key),
+    e.g. a server optimizer's moments. They verify (and resume) with the weights.
 
     The manifest (sha256 of each file) is written last, so a folder whose manifest verifies
     holds a complete checkpoint; a torn or corrupted one fails :func:`verify_checkpoint`.
@@ -88,8 +96,9 @@ def save_adapter(
     atomic_write_bytes(d / ADAPTER_WEIGHTS, weights)
     atomic_write_bytes(d / ADAPTER_CONFIG, config_bytes)
     manifest = {"files": {ADAPTER_WEIGHTS: _sha256(weights), ADAPTER_CONFIG: _sha256(config_bytes)}}
-    for name, obj in (extra_json or {}).items():
-        data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    extra = {name: (json.dumps(obj, indent=2) + "\n").encode("utf-8") for name, obj in (extra_json or {}).items()}
+    extra |= {name: save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}) for name, arrays in (extra_arrays or {}).items()}
+    for name, data in extra.items():
         atomic_write_bytes(d / name, data)
         manifest["files"][name] = _sha256(data)
     atomic_write_json(d / MANIFEST, manifest)
@@ -124,3 +133,8 @@ def load_adapter_state(directory: str | Path) -> OrderedDict[str, torch.Tensor]:
     if not f.is_file():
         raise FileNotFoundError(f"{d}: no {ADAPTER_WEIGHTS}; not a PEFT adapter folder")
     return OrderedDict(load_file(str(f)))
+
+
+def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """A safetensors file written through ``save_adapter(extra_arrays=...)``."""
+    return dict(load_numpy(str(path)))

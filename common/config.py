@@ -153,9 +153,29 @@ class SiteConfig(_Strict):
     eval: str | None = None
 
 
+Strategy = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+
+
 class FederationConfig(_Strict):
     rounds: int = Field(3, ge=1, le=100_000)
-    strategy: Literal["fedavg"] = "fedavg"
+    strategy: Strategy = Field(
+        "fedavg",
+        description="How the server applies the round's mean update: fedavg adds it; fedavgm adds it with server momentum; "
+        "fedadam, fedyogi and fedadagrad use it as a pseudo-gradient for an adaptive server optimizer (Reddi et al. 2021).",
+    )
+    server_lr: float | None = Field(
+        None, gt=0, le=100.0, description="Server learning rate (default: 1.0 for fedavg/fedavgm, 1e-3 for the adaptive ones, sized for LoRA deltas)."
+    )
+    server_momentum: float = Field(0.9, ge=0, lt=1.0, description="fedavgm: momentum of the server's update.")
+    server_beta1: float = Field(0.9, ge=0, lt=1.0, description="fedadam/fedyogi: first-moment decay.")
+    server_beta2: float = Field(0.99, ge=0, lt=1.0, description="fedadam/fedyogi: second-moment decay.")
+    server_tau: float = Field(1e-6, gt=0, le=1.0, description="fedadam/fedyogi/fedadagrad: adaptivity (added to the root of the second moment).")
+    aggregator: Literal["mean", "median", "trimmed-mean"] = Field(
+        "mean",
+        description="How sites' updates combine: the example-weighted mean; or, robust to outlying sites, the coordinate-wise "
+        "median or trimmed mean (these inspect each site's update, so they cannot run under secure aggregation).",
+    )
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="trimmed-mean: share of sites dropped at each end, per coordinate.")
     min_sites: int = Field(
         1,
         ge=1,
@@ -196,6 +216,44 @@ class FederationConfig(_Strict):
         return v
 
 
+class SecureAggregationConfig(_Strict):
+    """SecAgg+ (Bell et al. 2020): the coordinator learns only the weighted mean of the updates."""
+
+    enabled: bool | None = Field(
+        None, description="On or off; unset means the tool's default: on for ftserver, off for ftsim (--secure-aggregation)."
+    )
+    neighbours: int | None = Field(
+        None, ge=1, le=100_000, description="Sites each site shares its secrets with and masks against (default: every other site)."
+    )
+    threshold: int | None = Field(
+        None,
+        ge=2,
+        le=100_000,
+        description="Share holders needed to unmask, out of a site's neighbours and itself (default: a majority of them). "
+        "Private against a coordinator colluding with fewer than this many sites; a round survives while at least this many remain.",
+    )
+    clip: float = Field(
+        0.1, gt=0, le=1e6, description="Each update value is clipped to [-clip, clip] before quantization (LoRA deltas per round are ~1e-3)."
+    )
+    max_weight: int = Field(
+        10_000, ge=1, le=2**31 - 1, description="A site's weight is its example count, capped at this (it bounds the 32-bit field's range)."
+    )
+    stage_timeout_s: float = Field(
+        300.0, gt=0, le=24 * 3600, description="Deadline of each key-sharing, masked-upload and unmasking stage (training keeps federation.round_timeout_s)."
+    )
+
+    @model_validator(mode="after")
+    def _threshold_fits(self) -> "SecureAggregationConfig":
+        if self.threshold is not None and self.neighbours is not None:
+            holders = self.neighbours + 1
+            if not holders / 2 < self.threshold <= holders:
+                raise ValueError(
+                    f"threshold {self.threshold} with {self.neighbours} neighbours: expected more than half and at most all of "
+                    f"the {holders} share holders (neighbours + the site), i.e. {holders // 2 + 1}..{holders}"
+                )
+        return self
+
+
 class SimulationConfig(_Strict):
     cpus_per_site: float = Field(2.0, gt=0, le=1024, description="Ray resources per virtual site (one worker per this many CPUs).")
     gpus_per_site: float = Field(0.0, ge=0, le=64)
@@ -213,8 +271,28 @@ class FedTuneConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> "FedTuneConfig":
+        if self.secure_aggregation.enabled:
+            for problem in secure_aggregation_conflicts(self):
+                raise ValueError(problem)
+        return self
+
+    def with_secure_default(self, enabled: bool) -> "FedTuneConfig":
+        """This config with ``secure_aggregation.enabled`` set to the tool's default where it is
+        unset, re-validated (a ConfigError names what conflicts with secure aggregation)."""
+        if self.secure_aggregation.enabled is not None:
+            return self
+        data = json.loads(self.to_json())
+        data["secure_aggregation"]["enabled"] = enabled
+        try:
+            return FedTuneConfig.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(_format_errors(e, "configuration (secure aggregation is on by default here; set secure_aggregation.enabled: false to turn it off)")) from None
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -224,6 +302,32 @@ class FedTuneConfig(_Strict):
         return cls.model_validate(json.loads(text))
 
 
+def secure_aggregation_conflicts(cfg: "FedTuneConfig") -> list[str]:
+    """What in ``cfg`` cannot run under secure aggregation (the coordinator sees only the sum)."""
+    problems = []
+    fed = cfg.federation
+    if fed.aggregator != "mean":
+        problems.append(
+            f"federation.aggregator {fed.aggregator!r} inspects each site's update, which secure aggregation hides from the "
+            "coordinator: use aggregator 'mean', or turn secure_aggregation.enabled off"
+        )
+    if fed.sites:
+        n = len(fed.sites)
+        sa = cfg.secure_aggregation
+        if n < 2:
+            problems.append(f"secure aggregation needs at least 2 sites; federation.sites lists {n}")
+        elif sa.neighbours is not None and sa.neighbours > n - 1:
+            problems.append(f"secure_aggregation.neighbours {sa.neighbours}: at most {n - 1} with the {n} sites listed")
+        elif sa.threshold is not None and sa.threshold > min(n, (sa.neighbours or n - 1) + 1):
+            problems.append(
+                f"secure_aggregation.threshold {sa.threshold}: at most {min(n, (sa.neighbours or n - 1) + 1)} share holders per site "
+                f"with the {n} sites listed; no round could ever be unmasked"
+            )
+        if sa.max_weight >= (1 << 32) // n:
+            problems.append(f"secure_aggregation.max_weight {sa.max_weight}: must be below {(1 << 32) // n} for {n} sites (32-bit field)")
+    return problems
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration ({err.error_count()} problem{'s' if err.error_count() != 1 else ''}):"]
     for e in err.errors():
@@ -231,7 +335,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         else:
-            msg = e["msg"]
+            msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
         shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, (dict, list)) else f" (got {got!r})"
         lines.append(f"  - {key}: {msg}{shown}")

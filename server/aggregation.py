@@ -102,6 +102,19 @@ def add_update(global_state: Mapping[str, np.ndarray], update: Mapping[str, np.n
     return OrderedDict((k, (global_state[k].astype(np.float64) + update[k]).astype(WIRE_DTYPE)) for k in global_state)
 
 
+def unflatten(flat: np.ndarray, spec: Mapping[str, tuple[int, ...]]) -> OrderedDict[str, np.ndarray]:
+    """One vector (in ``spec``'s order) -> name -> float32 array of the spec's shape."""
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    pos = 0
+    for name, shape in spec.items():
+        size = int(np.prod(shape, dtype=np.int64))
+        out[name] = np.asarray(flat[pos : pos + size], dtype=WIRE_DTYPE).reshape(shape)
+        pos += size
+    if pos != len(flat):
+        raise ValueError(f"unflatten: {len(flat)} values, the spec describes {pos}")
+    return out
+
+
 def l2_norm(state: Mapping[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in state.values())))
 
@@ -113,3 +126,97 @@ def fedavg_step(
 ) -> OrderedDict[str, np.ndarray]:
     """FedAvg on deltas: global + example-weighted mean delta (= weighted mean of local models)."""
     return add_update(global_state, weighted_mean(deltas, num_examples))
+
+
+def robust_aggregate(updates: Sequence[Mapping[str, np.ndarray]], method: str, trim_fraction: float = 0.1) -> OrderedDict[str, np.ndarray]:
+    """Coordinate-wise ``median`` or ``trimmed-mean`` of the sites' updates (unweighted, as in
+    Yin et al. 2018: a site cannot buy influence by claiming many examples). The trimmed mean
+    drops ``floor(trim_fraction * n)`` values at each end of every coordinate."""
+    if not updates:
+        raise ValueError("robust_aggregate: no updates")
+    n = len(updates)
+    cut = int(math.floor(trim_fraction * n))
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for k in updates[0]:
+        stack = np.stack([u[k].astype(np.float64) for u in updates])
+        if method == "median":
+            agg = np.median(stack, axis=0)
+        elif method == "trimmed-mean":
+            agg = np.sort(stack, axis=0)[cut : n - cut].mean(axis=0)
+        else:
+            raise ValueError(f"robust_aggregate: unknown method {method!r}")
+        out[k] = agg.astype(WIRE_DTYPE)
+    return out
+
+
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-3, "fedyogi": 1e-3, "fedadagrad": 1e-3}
+
+
+class ServerOptimizer:
+    """What the server does with the round's mean update Δ (Reddi et al. 2021, "Adaptive
+    Federated Optimization"), per coordinate, with server learning rate η:
+
+    - fedavg:     x += η Δ
+    - fedavgm:    v = μ v + Δ;  x += η v
+    - fedadam:    m = β1 m + (1-β1) Δ;  v = β2 v + (1-β2) Δ²;  x += η_t m / (√v + τ)
+    - fedyogi:    as fedadam, but v -= (1-β2) Δ² sign(v - Δ²)
+    - fedadagrad: as fedadam, but v += Δ²
+
+    η_t = η √(1-β2^t) / (1-β1^t) for fedadam and fedyogi (bias correction, as Flower's). The
+    state (m, v, t) goes into every checkpoint, so a resumed run continues it exactly.
+    """
+
+    def __init__(self, strategy: str, lr: float | None = None, momentum: float = 0.9, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-6):
+        if strategy not in DEFAULT_SERVER_LR:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(DEFAULT_SERVER_LR)}")
+        self.strategy = strategy
+        self.lr = DEFAULT_SERVER_LR[strategy] if lr is None else lr
+        self.momentum, self.beta1, self.beta2, self.tau = momentum, beta1, beta2, tau
+        self.t = 0
+        self.m: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.v: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    @classmethod
+    def from_config(cls, fed) -> "ServerOptimizer":
+        return cls(fed.strategy, fed.server_lr, fed.server_momentum, fed.server_beta1, fed.server_beta2, fed.server_tau)
+
+    def step(self, global_state: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        self.t += 1
+        s = self.strategy
+        out: OrderedDict[str, np.ndarray] = OrderedDict()
+        for k, x in global_state.items():
+            d = delta[k].astype(np.float64)
+            if s == "fedavg":
+                step = self.lr * d
+            elif s == "fedavgm":
+                v = self.v[k] = self.momentum * self.v.get(k, 0.0) + d
+                step = self.lr * v
+            else:
+                m = self.m[k] = self.beta1 * self.m.get(k, 0.0) + (1 - self.beta1) * d
+                v_old = self.v.get(k, np.zeros_like(d))
+                d2 = d * d
+                if s == "fedadam":
+                    v = self.beta2 * v_old + (1 - self.beta2) * d2
+                elif s == "fedyogi":
+                    v = v_old - (1 - self.beta2) * d2 * np.sign(v_old - d2)
+                else:  # fedadagrad
+                    v = v_old + d2
+                self.v[k] = v
+                lr = self.lr
+                if s in ("fedadam", "fedyogi"):
+                    lr *= math.sqrt(1 - self.beta2**self.t) / (1 - self.beta1**self.t)
+                step = lr * m / (np.sqrt(v) + self.tau)
+            out[k] = (x.astype(np.float64) + step).astype(WIRE_DTYPE)
+        return out
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """-> (JSON-able scalars, arrays by name) for a checkpoint; empty arrays for fedavg."""
+        arrays = {f"m/{k}": v for k, v in self.m.items()} | {f"v/{k}": v for k, v in self.v.items()}
+        return {"strategy": self.strategy, "t": self.t}, arrays
+
+    def restore(self, doc: dict, arrays: Mapping[str, np.ndarray]) -> None:
+        if doc.get("strategy", self.strategy) != self.strategy:
+            raise ValueError(f"the checkpoint's server optimizer is {doc.get('strategy')!r}, this run's is {self.strategy!r}")
+        self.t = int(doc.get("t", 0))
+        self.m = OrderedDict((k[2:], np.asarray(v, dtype=np.float64)) for k, v in arrays.items() if k.startswith("m/"))
+        self.v = OrderedDict((k[2:], np.asarray(v, dtype=np.float64)) for k, v in arrays.items() if k.startswith("v/"))

@@ -17,7 +17,6 @@ import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,20 +25,16 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.common import adapters
-from fedtune.common.checkpoint import atomic_write_json, load_adapter_state, save_adapter, verify_checkpoint
+from fedtune.common.checkpoint import atomic_write_json, load_adapter_state, load_arrays, save_adapter, verify_checkpoint
 from fedtune.common.config import FedTuneConfig
 from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY
 from fedtune.common.metrics import weighted_mean
 from fedtune.common.modeling import load_base_model, lora_config, wrap_peft
 
-from .aggregation import RunningMean, add_update, l2_norm, spec_of, validate_update
+from .messaging import FederationError, Printer, exchange, site_of
+from .aggregation import RunningMean, ServerOptimizer, l2_norm, robust_aggregate, spec_of, unflatten, validate_update
 from .report import write_report
-
-Printer = Callable[[str], None]
-
-
-class FederationError(RuntimeError):
-    pass
+from .secure import secure_mean
 
 
 @dataclass
@@ -54,8 +49,8 @@ class RunState:
     # The coordinator's own randomness (which sites train when sites_per_round is set); its
     # state is checkpointed with every round so a resumed run draws what the original would have.
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
-    # Server-optimizer state (FedAvg keeps none); checkpointed beside the RNG for strategies that do.
-    optimizer_state: dict = field(default_factory=dict)
+    # The server optimizer (federation.strategy) and its moments, checkpointed every round.
+    optimizer: ServerOptimizer = field(default_factory=lambda: ServerOptimizer("fedavg"))
     # Flower node id -> the site name it reported, so a site that later fails is still named.
     node_names: dict = field(default_factory=dict)
 
@@ -64,16 +59,22 @@ class RunState:
             "round": rnd,
             "strategy": self.cfg.federation.strategy,
             "rng": self.rng.bit_generator.state,
-            "optimizer": self.optimizer_state,
+            "optimizer": self.optimizer.state()[0],
         }
 
-    def restore_server_state(self, doc: dict) -> None:
+    def restore_server_state(self, doc: dict, optimizer_arrays: dict | None = None) -> None:
         self.rng.bit_generator.state = doc["rng"]
-        self.optimizer_state = dict(doc.get("optimizer") or {})
+        self.optimizer.restore(doc.get("optimizer") or {}, optimizer_arrays or {})
 
     def metrics_doc(self) -> dict:
         return {
-            "fedtune": {"peft": self.cfg.peft.method, "strategy": self.cfg.federation.strategy, "update": "delta"},
+            "fedtune": {
+                "peft": self.cfg.peft.method,
+                "strategy": self.cfg.federation.strategy,
+                "aggregator": self.cfg.federation.aggregator,
+                "secure_aggregation": bool(self.cfg.secure_aggregation.enabled),
+                "update": "delta",
+            },
             "model": self.cfg.model.name,
             "trainable_params": self.trainable_params,
             "config": self.cfg.model_dump(mode="json"),
@@ -90,6 +91,14 @@ def initial_adapter(cfg: FedTuneConfig) -> tuple[OrderedDict, object]:
     pc = lora_config(cfg.peft, base_name=cfg.model.name)
     del peft_model, model
     return OrderedDict((k, v.numpy()) for k, v in state.items()), pc
+
+
+def fewest_sites(cfg: FedTuneConfig) -> int:
+    """Sites a round cannot do without: federation.min_sites, and under secure aggregation at
+    least 2 and the threshold (a sum of one site is that site's update)."""
+    if cfg.secure_aggregation.enabled:
+        return max(cfg.federation.min_sites, 2, cfg.secure_aggregation.threshold or 2)
+    return cfg.federation.min_sites
 
 
 def wait_for_sites(grid: Grid, wanted: int, minimum: int, timeout: float, say: Printer) -> list[int]:
@@ -110,7 +119,8 @@ def wait_for_sites(grid: Grid, wanted: int, minimum: int, timeout: float, say: P
                 return nodes
             raise FederationError(
                 f"only {len(nodes)} site(s) joined within {timeout:.0f} s (federation.join_timeout_s); "
-                f"federation.min_sites is {minimum}. Check that the sites are running, reach this server, and are registered."
+                f"{minimum} needed (federation.min_sites; under secure aggregation also at least 2 and secure_aggregation.threshold). "
+                "Check that the sites are running, reach this server, and are registered."
             )
         time.sleep(0.5)
 
@@ -120,48 +130,14 @@ def sites_for_round(grid: Grid, rs: RunState, say: Printer) -> tuple[list[int], 
     site that dropped out is not waited for again and one that (re)joined takes part."""
     fed = rs.cfg.federation
     nodes = sorted(grid.get_node_ids())
-    if len(nodes) < fed.min_sites:
-        nodes = wait_for_sites(grid, fed.min_sites, fed.min_sites, fed.join_timeout_s, say)
+    minimum = fewest_sites(rs.cfg)
+    if len(nodes) < minimum:
+        nodes = wait_for_sites(grid, minimum, minimum, fed.join_timeout_s, say)
     train = nodes
     if fed.sites_per_round is not None and fed.sites_per_round < len(nodes):
         pick = rs.rng.choice(len(nodes), size=fed.sites_per_round, replace=False)
         train = sorted(nodes[i] for i in pick)
     return train, nodes
-
-
-def exchange(
-    grid: Grid, nodes: list[int], content: RecordDict, kind: str, timeout: float, on_reply: Callable[[Message, int], None]
-) -> int:
-    """Send one message per node; hand each reply (and the node it was sent to) to on_reply as
-    it arrives, keeping none, so memory does not grow with the number of sites.
-    -> number of replies in time."""
-    msgs = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
-    sent_to = dict(zip(grid.push_messages(msgs), nodes))
-    pending = set(sent_to)
-    received = 0
-    deadline = time.time() + timeout
-    while pending and time.time() < deadline:
-        for m in grid.pull_messages(pending):
-            pending.discard(m.metadata.reply_to_message_id)
-            received += 1
-            on_reply(m, sent_to.get(m.metadata.reply_to_message_id, m.metadata.src_node_id))
-        if pending:
-            time.sleep(0.1)
-    return received
-
-
-def _site_of(m: Message, node: int, names: dict | None = None) -> tuple[str, str]:
-    """-> (site name, status) of a reply from ``node``; ``names`` remembers the names of nodes
-    seen before, so an error that Flower raises for a vanished node still names its site."""
-    names = {} if names is None else names
-    fallback = names.get(node, f"node-{node}")
-    if m.has_error():
-        return fallback, "error"
-    site = m.content.get("site")
-    if site is None:
-        return fallback, "unknown"
-    names[node] = str(site["name"])
-    return str(site["name"]), str(site["status"])
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -187,7 +163,7 @@ def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Pr
     results: dict[str, dict] = {}
 
     def absorb(m: Message, node: int) -> None:
-        name, status = _site_of(m, node, rs.node_names)
+        name, status = site_of(m, node, rs.node_names)
         if status != "ok":
             results[name] = {"status": status}
             return
@@ -216,21 +192,27 @@ def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Pr
 
 
 def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer) -> dict:
+    """One round of training: each site's update is validated and folded into the example-weighted
+    mean as it arrives (or, for a robust aggregator, kept for the coordinate-wise median or trimmed
+    mean); under secure aggregation the sites' updates stay masked and only their weighted mean
+    comes out (:mod:`fedtune.server.secure`). The server optimizer then applies the mean update."""
     cfg = rs.cfg
+    secure = bool(cfg.secure_aggregation.enabled)
     content = broadcast_content(rs, rnd)
     spec = spec_of(rs.global_state)
     t0 = time.time()
     sites: dict[str, dict] = {}
     rejected: list[dict] = []
     mean = RunningMean()
+    kept: list[dict] = []  # robust aggregators only
 
     def absorb(m: Message, node: int) -> None:
-        """Validate one reply and fold it into the running mean as it arrives."""
-        name, status = _site_of(m, node, rs.node_names)
+        """Record one site's training reply; validate a plain update and fold it in as it arrives."""
+        name, status = site_of(m, node, rs.node_names)
         where = f"round {rnd}/{cfg.federation.rounds} train | {name}"
         count = f"[{len(sites) + 1}/{len(nodes)} sites, {time.time() - t0:.0f} s]"
         if status != "ok":
-            reason = m.error.reason.splitlines()[0][:300] if m.has_error() else status
+            reason = m.error.reason.splitlines()[0][:300] if m.has_error() else str(m.content["site"].get("reason", status))[:300]
             sites[name] = {"status": status, "reason": reason}
             if not m.has_error() and "metrics" in m.content:
                 sites[name].update({k.replace("-", "_"): v for k, v in m.content["metrics"].items()})
@@ -238,66 +220,101 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             return
         mr = m.content.get("metrics") or {}
         n_ex = mr.get("num-examples")
+        info = {
+            "train_loss": _num(mr.get("train-loss")),
+            "train_loss_first": _num(mr.get("train-loss-first")),
+            "train_loss_last": _num(mr.get("train-loss-last")),
+            "examples": int(n_ex) if isinstance(n_ex, int) else None,
+            "steps": int(_num(mr.get("train-steps")) or 0),
+            "train_seconds": _num(mr.get("train-seconds")),
+            "receive_seconds": _num(mr.get("receive-seconds")),
+            "startup_seconds": _num(mr.get("startup-seconds")),
+            "invalid_records": int(_num(mr.get("invalid-records")) or 0),
+        }
+        trained = (
+            f"loss {_fmt(info['train_loss_first'])} -> {_fmt(info['train_loss_last'])} in {info['steps']} steps, "
+            f"{_fmt(info['train_seconds'], '.1f')} s"
+        )
+        sites[name] = info
+        if secure:  # the update stays at the site until the masked upload
+            info["status"] = "ok"
+            info["clipped_values"] = int(_num(mr.get("clipped-values")) or 0)
+            say(f"{where}: {trained}; update kept at the site for secure aggregation {count}")
+            return
         try:
             arrays = adapters.read_adapter(m.content)
             problems = validate_update(arrays, spec, n_ex, cfg.federation.max_examples_per_update)
         except ValueError as e:
             arrays, problems = {}, [str(e)]
-        info = {
-            "train_loss": _num(mr.get("train-loss")),
-            "train_loss_first": _num(mr.get("train-loss-first")),
-            "train_loss_last": _num(mr.get("train-loss-last")),
-            "examples": int(n_ex) if not problems else None,
-            "steps": int(_num(mr.get("train-steps")) or 0),
-            "train_seconds": _num(mr.get("train-seconds")),
-            "receive_seconds": _num(mr.get("receive-seconds")),
-            "startup_seconds": _num(mr.get("startup-seconds")),
-            "bytes_sent": adapters.record_nbytes(m.content["arrays"]) if "arrays" in m.content else 0,
-            "invalid_records": int(_num(mr.get("invalid-records")) or 0),
-        }
+        info["bytes_sent"] = adapters.record_nbytes(m.content["arrays"]) if "arrays" in m.content else 0
         if problems:
-            info["status"] = "rejected"
-            info["reason"] = "; ".join(problems[:5])
+            info.update(status="rejected", reason="; ".join(problems[:5]), examples=None)
             rejected.append({"site": name, "reason": info["reason"]})
             say(f"{where}: REJECTED update: {info['reason']} {count}")
-        else:
-            info["status"] = "ok"
+            return
+        info["status"] = "ok"
+        if cfg.federation.aggregator == "mean":
             mean.add(arrays, float(n_ex))
-            say(
-                f"{where}: loss {_fmt(info['train_loss_first'])} -> {_fmt(info['train_loss_last'])} in {info['steps']} steps, "
-                f"{_fmt(info['train_seconds'], '.1f')} s {count}"
-            )
-        sites[name] = info
+        else:
+            kept.append(arrays)
+        say(f"{where}: {trained} {count}")
 
-    received = exchange(grid, nodes, content, MessageType.TRAIN, cfg.federation.round_timeout_s, absorb)
-    missing = len(nodes) - received
-    if missing:
-        say(f"round {rnd} | {missing} site(s) did not answer within {cfg.federation.round_timeout_s:.0f} s (federation.round_timeout_s): dropped from this round")
-    if mean.count < cfg.federation.min_sites:
-        raise FederationError(
-            f"round {rnd}: only {mean.count} valid update(s) of {len(nodes)} site(s) asked "
-            f"({missing} did not answer, {len(rejected)} rejected, {len(sites) - mean.count - len(rejected)} sent none); "
-            f"federation.min_sites is {cfg.federation.min_sites}. The global adapter stays at round {rnd - 1}; "
-            "the run can be resumed from its last checkpoint."
+    record: dict = {}
+    if secure:
+        length = int(sum(int(np.prod(s_, dtype=np.int64)) for s_ in spec.values()))
+        out = secure_mean(grid, nodes, content, cfg, rnd, length, absorb, rs.node_names, say)
+        update = unflatten(out.mean, spec)
+        for name, info in sites.items():
+            if info.get("status") == "ok":
+                info["summed"] = name in out.summed
+                info["bytes_sent"] = int(out.stats["upload_bytes_per_param"] * length) if name in out.summed else 0
+        accepted = len(out.summed)
+        record["secure_aggregation"] = out.stats
+        say(
+            f"round {rnd} secure | weighted mean of {accepted} site(s) unmasked "
+            f"(threshold {out.stats['threshold']}, quantization error <= {out.stats['quantization_error_bound']:.2e} per value; "
+            f"stages {', '.join(f'{k} {v:.1f} s' for k, v in out.stats['stage_seconds'].items())})"
         )
-    update = mean.result()
-    rs.global_state = add_update(rs.global_state, update)
+    else:
+        received = exchange(grid, nodes, content, MessageType.TRAIN, cfg.federation.round_timeout_s, absorb)
+        missing = len(nodes) - received
+        if missing:
+            say(f"round {rnd} | {missing} site(s) did not answer within {cfg.federation.round_timeout_s:.0f} s (federation.round_timeout_s): dropped from this round")
+        accepted = mean.count + len(kept)
+        if accepted < cfg.federation.min_sites:
+            raise FederationError(
+                f"round {rnd}: only {accepted} valid update(s) of {len(nodes)} site(s) asked "
+                f"({missing} did not answer, {len(rejected)} rejected, {len(sites) - accepted - len(rejected)} sent none); "
+                f"federation.min_sites is {cfg.federation.min_sites}. The global adapter stays at round {rnd - 1}; "
+                "the run can be resumed from its last checkpoint."
+            )
+        update = mean.result() if cfg.federation.aggregator == "mean" else robust_aggregate(kept, cfg.federation.aggregator, cfg.federation.trim_fraction)
+    rs.global_state = rs.optimizer.step(rs.global_state, update)
     return {
         "sites": sites,
         "rejected": rejected,
-        "accepted": mean.count,
+        "accepted": accepted,
         "applied": True,
         "update_norm": l2_norm(update),
         "train_seconds": round(time.time() - t0, 3),
+        **record,
     }
 
 
 SERVER_STATE = "server_state.json"
+OPTIMIZER_ARRAYS = "server_optimizer.safetensors"
 
 
 def save_round(rs: RunState, rnd: int) -> None:
     state = adapters.to_tensors(rs.global_state)
-    save_adapter(rs.out / "checkpoints" / f"round-{rnd:04d}", state, rs.peft_config, {SERVER_STATE: rs.server_state(rnd)})
+    arrays = rs.optimizer.state()[1]
+    save_adapter(
+        rs.out / "checkpoints" / f"round-{rnd:04d}",
+        state,
+        rs.peft_config,
+        {SERVER_STATE: rs.server_state(rnd)},
+        {OPTIMIZER_ARRAYS: arrays} if arrays else None,
+    )
     save_adapter(rs.out / "adapter", state, rs.peft_config)
 
 
@@ -308,6 +325,7 @@ class ResumePoint:
     state: OrderedDict
     elapsed: float
     server_state: dict | None
+    optimizer_arrays: dict | None = None
 
 
 def resume_point(out: Path, say: Printer) -> ResumePoint:
@@ -331,8 +349,9 @@ def resume_point(out: Path, say: Printer) -> ResumePoint:
             state = load_adapter_state(ck)
             kept = [r for r in rounds if int(r["round"]) <= rnd]
             server_state = json.loads((ck / SERVER_STATE).read_text()) if (ck / SERVER_STATE).is_file() else None
+            arrays = load_arrays(ck / OPTIMIZER_ARRAYS) if (ck / OPTIMIZER_ARRAYS).is_file() else None
             return ResumePoint(
-                rnd, kept, OrderedDict((k, v.float().numpy()) for k, v in state.items()), float(doc.get("elapsed_s", 0.0)), server_state
+                rnd, kept, OrderedDict((k, v.float().numpy()) for k, v in state.items()), float(doc.get("elapsed_s", 0.0)), server_state, arrays
             )
         say(f"resume: not using round {rnd}: {why}")
     raise FederationError(f"{out}: no verified checkpoint to resume from")
@@ -349,6 +368,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         peft_config=peft_config,
         trainable_params=int(sum(v.size for v in state.values())),
         rng=np.random.default_rng(cfg.train.seed),
+        optimizer=ServerOptimizer.from_config(cfg.federation),
     )
     say(f"{cfg.peft.method} adapter: {rs.trainable_params:,} trainable parameters ({rs.trainable_params * 4 / 1e6:.1f} MB as float32)")
     first = 1
@@ -358,15 +378,19 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             raise FederationError(f"{out}: the checkpoint of round {rp.round} does not fit this config's adapter (keys or shapes differ)")
         rs.global_state, rs.rounds, rs.started = rp.state, rp.rounds, time.time() - rp.elapsed
         if rp.server_state is not None:
-            rs.restore_server_state(rp.server_state)
+            try:
+                rs.restore_server_state(rp.server_state, rp.optimizer_arrays)
+            except ValueError as e:
+                raise FederationError(f"{out}: cannot resume round {rp.round}'s server state: {e}") from None
         first = rp.round + 1
         save_adapter(out / "adapter", adapters.to_tensors(rp.state), peft_config)
         say(f"resuming after round {rp.round} (verified checkpoint); rounds {first}..{cfg.federation.rounds} to go")
     else:
         save_round(rs, 0)
     fed = cfg.federation
-    wanted = fed.expected_sites or max(fed.min_sites, len(fed.sites))
-    nodes = wait_for_sites(grid, wanted, fed.min_sites, fed.join_timeout_s, say)
+    minimum = fewest_sites(cfg)
+    wanted = max(fed.expected_sites or max(fed.min_sites, len(fed.sites)), minimum)
+    nodes = wait_for_sites(grid, wanted, minimum, fed.join_timeout_s, say)
     say(f"{len(nodes)} site(s) connected")
     if not resume:
         say("round 0 evaluates the base model")

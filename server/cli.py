@@ -43,6 +43,10 @@ in clear text, and any machine that reaches this port can join as a site unless
 --authorized-keys is given. Use this only on a trusted test network.
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
 
+NO_SECAGG_WARNING = """\
+ftserver: WARNING: secure aggregation is OFF (secure_aggregation.enabled: false or
+--no-secure-aggregation): this coordinator will see every site's individual update."""
+
 
 class ServerError(RuntimeError):
     pass
@@ -87,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-sites", type=int, help="start once this many sites have joined (federation.expected_sites)")
     p.add_argument("--join-timeout", type=float, help="seconds to wait for sites to join (federation.join_timeout_s)")
     p.add_argument("--round-timeout", type=float, help="seconds before a silent site is dropped from a round (federation.round_timeout_s)")
+    p.add_argument("--strategy", choices=["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"], help="server optimizer (default fedavg)")
+    p.add_argument(
+        "--no-secure-aggregation",
+        dest="secure_aggregation",
+        action="store_const",
+        const=False,
+        help="let the coordinator see each site's update (secure aggregation is on by default)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=1e-4 (repeatable)")
     return p
@@ -98,6 +110,8 @@ FLAG_KEYS = {
     "expected_sites": "federation.expected_sites",
     "join_timeout": "federation.join_timeout_s",
     "round_timeout": "federation.round_timeout_s",
+    "strategy": "federation.strategy",
+    "secure_aggregation": "secure_aggregation.enabled",
 }
 
 
@@ -120,7 +134,7 @@ def resolve(args: argparse.Namespace) -> tuple[FedTuneConfig, Path, dict]:
         for k, v in old_net.items():  # flags given now win over the saved ones
             if net.get(k) in (None, False):
                 net[k] = v
-        return load_config(None, overrides, base=base, source=str(saved_cfg)), out, net
+        return load_config(None, overrides, base=base, source=str(saved_cfg)).with_secure_default(True), out, net
     if not args.out:
         raise ConfigError("--out DIR is required: where the run's adapter, checkpoints and metrics go")
     out = Path(args.out).resolve()
@@ -134,7 +148,7 @@ def resolve(args: argparse.Namespace) -> tuple[FedTuneConfig, Path, dict]:
         n = len(fed.pop("sites"))
         fed.setdefault("expected_sites", n)
         base = {**base, "federation": fed}
-    return load_config(None, overrides, base=base, source=source), out, net
+    return load_config(None, overrides, base=base, source=source).with_secure_default(True), out, net
 
 
 def check_network(net: dict) -> dict:
@@ -350,6 +364,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if net["insecure"]:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    if not cfg.secure_aggregation.enabled:
+        print(NO_SECAGG_WARNING, file=sys.stderr, flush=True)
 
     def say(msg: str) -> None:
         print(f"[ftserver {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -376,7 +392,8 @@ def serve(args: argparse.Namespace) -> int:
         threading.Thread(target=co.watch_keys, args=(say,), daemon=True).start()
         fed = cfg.federation
         say(
-            f"{'resuming' if args.resume else 'run'}: model {cfg.model.name}; {cfg.peft.method}; {fed.strategy}; {fed.rounds} rounds; "
+            f"{'resuming' if args.resume else 'run'}: model {cfg.model.name}; {cfg.peft.method}; {fed.strategy}; "
+            f"secure aggregation {'on (SecAgg+)' if cfg.secure_aggregation.enabled else 'OFF'}; {fed.rounds} rounds; "
             f"waiting up to {fed.join_timeout_s:.0f} s for {fed.expected_sites or fed.min_sites} site(s) (min {fed.min_sites}); output {out}"
         )
         follower.start()

@@ -65,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", action="append", default=[], metavar="NAME=TRAIN[:EVAL]", help="a virtual site and its data files (repeatable)")
     p.add_argument("--model", help="'default', a local HF directory, a .gguf file, or a hub id")
     p.add_argument("--peft", help="fine-tuning method (lora)")
-    p.add_argument("--strategy", help="aggregation strategy (fedavg)")
+    p.add_argument("--strategy", choices=["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"], help="server optimizer (default fedavg)")
+    p.add_argument(
+        "--secure-aggregation",
+        action="store_const",
+        const=True,
+        help="SecAgg+: the coordinator sees only the weighted mean of the sites' updates (see secure_aggregation in the config)",
+    )
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--local-steps", type=int, help="optimizer steps per site per round")
     p.add_argument("--lr", type=float, help="learning rate")
@@ -85,6 +91,7 @@ FLAG_KEYS = {
     "model": "model.name",
     "peft": "peft.method",
     "strategy": "federation.strategy",
+    "secure_aggregation": "secure_aggregation.enabled",
     "rounds": "federation.rounds",
     "local_steps": "train.local_steps",
     "lr": "train.lr",
@@ -143,7 +150,7 @@ def _check_sites(cfg: FedTuneConfig) -> FedTuneConfig:
         for label, f in (("train", s.train), ("eval", s.eval)):
             if f is not None and not Path(f).is_file():
                 raise ConfigError(f"federation.sites[{s.name}].{label}: file {f} not found")
-    return cfg
+    return cfg.with_secure_default(False)
 
 
 def make_say(t0: float):

@@ -33,7 +33,10 @@ def run_round(updates, weights, threshold, k, q, drop_before_share=(), drop_afte
     }
     alive, dropped = set(masked), set(shared) - set(masked)
     answers = {i: sites[i].unmask(alive, dropped, threshold) for i in uploaders if i not in drop_after_upload}
-    return sa.unmask_sum(masked, keys, shared, nbrs, answers, threshold, TAG), sorted(masked)
+    total = np.zeros(len(updates[0]), dtype=np.uint32)
+    for y in masked.values():
+        total += y
+    return sa.unmask_sum(total, masked, keys, shared, nbrs, answers, threshold, TAG), sorted(masked)
 
 
 def weighted_mean(updates, weights, ids):
@@ -52,21 +55,34 @@ def five_sites():
 def test_quantized_weighted_mean_is_within_the_stated_bound(five_sites):
     updates, weights, q = five_sites
     rng = np.random.default_rng(3)
-    total = np.zeros(1001, dtype=np.uint32)
+    total = np.zeros(1000, dtype=np.uint32)
     for x, w in zip(updates, weights):
         total = total + q.encode(x, w, rng)
-    mean, weight = q.decode_mean(total, 5)
-    assert weight == sum(weights)
+    weight = sum(weights)
+    mean = q.decode_mean(total, 5, weight)
     bound = q.mean_error_bound(weight, 5)
     err = np.abs(mean - weighted_mean(updates, weights, range(1, 6))).max()
     assert err <= bound and bound < 1e-6  # small next to LoRA deltas of ~1e-2
     assert err > 0  # it is a quantization, not a copy
 
 
+def test_a_sum_that_is_not_of_updates_is_refused_not_decoded(five_sites):
+    """A wrong share or a tampered vector leaves masks in the sum: it decodes to values far beyond
+    the clip range, which the coordinator refuses rather than release."""
+    updates, weights, q = five_sites
+    total, ids = run_round(updates, weights, threshold=3, k=4, q=q)
+    total[7] += np.uint32(123_456_789)
+    with pytest.raises(sa.SecAggError, match="not a sum of updates"):
+        q.decode_mean(total, len(ids), sum(weights))
+    masked_only = np.random.default_rng(5).integers(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32)
+    with pytest.raises(sa.SecAggError, match="not a sum of updates"):
+        q.decode_mean(masked_only, 5, sum(weights))
+
+
 def test_full_round_equals_the_plain_sum_of_codes(five_sites):
     updates, weights, q = five_sites
     total, ids = run_round(updates, weights, threshold=3, k=4, q=q)
-    mean, _ = q.decode_mean(total, len(ids))
+    mean = q.decode_mean(total, len(ids), sum(weights))
     assert ids == [1, 2, 3, 4, 5]
     assert np.abs(mean - weighted_mean(updates, weights, ids)).max() <= q.mean_error_bound(sum(weights), 5)
 
@@ -79,8 +95,8 @@ def test_dropouts_at_each_stage_still_give_the_survivors_exact_mean(five_sites, 
     total, ids = run_round(updates, weights, threshold=3, k=4, q=q, **{f"drop_{stage}": gone})
     expected_ids = [1, 2, 3, 4, 5] if stage == "after_upload" else [i for i in range(1, 6) if i not in gone]
     assert ids == expected_ids
-    mean, weight = q.decode_mean(total, len(ids))
-    assert weight == sum(weights[i - 1] for i in ids)
+    weight = sum(weights[i - 1] for i in ids)
+    mean = q.decode_mean(total, len(ids), weight)
     assert np.abs(mean - weighted_mean(updates, weights, ids)).max() <= q.mean_error_bound(weight, len(ids))
 
 

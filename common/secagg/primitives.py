@@ -1,5 +1,5 @@
 """Secure aggregation (SecAgg+, Bell et al. 2020 on Bonawitz et al. 2017): primitives and an
-in-memory reference of one round. Groundwork for issue 4: not yet wired into ftsim/ftserver.
+in-memory reference of one round (the message flow in ftsim and deployment follows it step by step).
 
 Primitives, all from ``cryptography``:
 - key agreement: X25519, the shared secret through HKDF-SHA256 with a per-round context;
@@ -35,6 +35,28 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+__all__ = [
+    "MOD",
+    "MOD_BITS",
+    "PRIME",
+    "Quantizer",
+    "SECRET_BYTES",
+    "SecAggError",
+    "Site",
+    "agree",
+    "check_unmask_request",
+    "neighbours",
+    "pair_mask",
+    "prg_mask",
+    "private_bytes",
+    "public_bytes",
+    "seal",
+    "shamir_combine",
+    "shamir_split",
+    "unmask_sum",
+    "unseal",
+]
+
 MOD_BITS = 32
 MOD = 1 << MOD_BITS
 PRIME = (1 << 521) - 1  # a Mersenne prime: 32-byte secrets fit with room to spare
@@ -52,9 +74,11 @@ class SecAggError(RuntimeError):
 class Quantizer:
     """Weighted updates <-> Z_(2^32), with room for ``n_sites`` sums.
 
-    A site sends ``q = round_stochastic((w * clip(x) + max_weight * clip) / step)`` per value,
-    and ``w`` itself as the last element. Every q lies in [0, 2 * max_weight * clip / step],
-    so ``n_sites`` of them sum below 2^32.
+    A site sends ``q = round_stochastic((w * clip(x) + max_weight * clip) / step)`` per value
+    (4 bytes a value, nothing else). Every q lies in [0, 2 * max_weight * clip / step + 1], so
+    ``n_sites`` of them sum below 2^32. The weights ``w`` themselves are the sites' reported
+    example counts (capped at ``max_weight``): the coordinator needs their total to decode, and
+    counts already leave a site in its metrics.
     """
 
     clip: float
@@ -64,10 +88,10 @@ class Quantizer:
     def __post_init__(self):
         if not (self.clip > 0 and np.isfinite(self.clip)):
             raise ValueError(f"clip {self.clip}: expected a positive finite number")
-        if not 1 <= self.max_weight < MOD // max(self.n_sites, 1):
-            raise ValueError(f"max_weight {self.max_weight}: expected 1..{MOD // max(self.n_sites, 1) - 1} for {self.n_sites} sites")
         if self.n_sites < 1:
             raise ValueError("n_sites must be at least 1")
+        if not 1 <= self.max_weight < MOD // self.n_sites:
+            raise ValueError(f"max_weight {self.max_weight}: expected 1..{MOD // self.n_sites - 1} for {self.n_sites} sites")
 
     @property
     def span(self) -> float:
@@ -78,25 +102,33 @@ class Quantizer:
         # The largest per-site code is span/step + 1 (stochastic rounding may round up).
         return self.span * self.n_sites / (MOD - 1 - 2 * self.n_sites)
 
-    def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+    def check_weight(self, weight: int) -> int:
         if isinstance(weight, bool) or int(weight) != weight or not 1 <= int(weight) <= self.max_weight:
             raise SecAggError(f"weight {weight}: expected a whole number in 1..{self.max_weight}")
+        return int(weight)
+
+    def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+        weight = self.check_weight(weight)
         x = np.asarray(x, dtype=np.float64).ravel()
         if not np.isfinite(x).all():
             raise SecAggError(f"update has {int((~np.isfinite(x)).sum())} non-finite value(s): refused before masking")
-        y = (int(weight) * np.clip(x, -self.clip, self.clip) + self.max_weight * self.clip) / self.step
+        y = (weight * np.clip(x, -self.clip, self.clip) + self.max_weight * self.clip) / self.step
         low = np.floor(y)
-        q = low + (rng.random(y.shape) < (y - low))
-        return np.concatenate([q.astype(np.uint64), [int(weight)]]).astype(np.uint32)
+        return (low + (rng.random(y.shape) < (y - low))).astype(np.uint32)
 
-    def decode_mean(self, total: np.ndarray, n_summed: int) -> tuple[np.ndarray, int]:
-        """Sum of ``n_summed`` codes -> (weighted mean, total weight)."""
-        total = np.asarray(total, dtype=np.uint64)
-        weight = int(total[-1])
-        if weight < 1:
+    def decode_mean(self, total: np.ndarray, n_summed: int, total_weight: int) -> np.ndarray:
+        """Sum of ``n_summed`` codes whose weights add up to ``total_weight`` -> the weighted
+        mean. SecAggError when a value falls outside [-clip, clip] by more than the
+        quantization bound: then the sum was not of such codes (a wrong share or vector), and
+        nothing is released."""
+        if total_weight < 1:
             raise SecAggError("the summed weight is zero: nothing to average")
-        values = total[:-1].astype(np.float64) * self.step - n_summed * self.max_weight * self.clip
-        return values / weight, weight
+        values = np.asarray(total, dtype=np.uint32).astype(np.float64) * self.step - n_summed * self.max_weight * self.clip
+        mean = values / total_weight
+        slack = self.clip + self.mean_error_bound(total_weight, n_summed)
+        if mean.size and float(np.abs(mean).max()) > slack:
+            raise SecAggError("the unmasked sum is not a sum of updates (values beyond the clip range): a share or masked vector was wrong")
+        return mean
 
     def mean_error_bound(self, total_weight: int, n_summed: int) -> float:
         """Largest per-coordinate error of the decoded mean from quantization (clipping aside):
@@ -112,7 +144,7 @@ def prg_mask(seed: bytes, length: int) -> np.ndarray:
     if len(seed) != SECRET_BYTES:
         raise ValueError(f"mask seed: expected {SECRET_BYTES} bytes, got {len(seed)}")
     enc = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
-    return np.frombuffer(enc.update(b"\x00" * (4 * length)), dtype="<u4").astype(np.uint32)
+    return np.frombuffer(enc.update(bytes(4 * length)), dtype="<u4").astype(np.uint32, copy=False)
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:
@@ -237,10 +269,14 @@ class Site:
             self.held[j] = (int.from_bytes(plain[:66], "big"), int.from_bytes(plain[66:], "big"))
 
     def masked_input(self, code: np.ndarray, keys: Mapping[int, tuple[bytes, bytes]], nbrs: list[int]) -> np.ndarray:
-        y = code.astype(np.uint32) + prg_mask(self.self_seed, code.size)
+        y = code.astype(np.uint32)  # a copy; uint32 arithmetic wraps: mod 2^32
+        y += prg_mask(self.self_seed, code.size)
         for j in nbrs:
             m = prg_mask(agree(self.s_key, keys[j][1], b"fedtune-secagg-mask" + self.round_tag), code.size)
-            y = y + m if self.sid < j else y - m  # uint32 arithmetic wraps: mod 2^32
+            if self.sid < j:
+                y += m
+            else:
+                y -= m
         return y
 
     def unmask(self, alive: Iterable[int], dropped: Iterable[int], threshold: int) -> dict[str, dict[int, int]]:
@@ -258,7 +294,8 @@ def pair_mask(private_raw: bytes, peer_public: bytes, round_tag: bytes, length: 
 
 
 def unmask_sum(
-    masked: Mapping[int, np.ndarray],
+    total: np.ndarray,
+    alive: Iterable[int],
     keys: Mapping[int, tuple[bytes, bytes]],
     shared: Iterable[int],
     nbrs: Mapping[int, list[int]],
@@ -266,26 +303,28 @@ def unmask_sum(
     threshold: int,
     round_tag: bytes,
 ) -> np.ndarray:
-    """The coordinator's last step: remove survivors' self-masks and the pairwise masks that
-    dropped sites' partners added. ``shared``: the sites that completed key sharing (each
-    masked with exactly those of its neighbours). Raises SecAggError (nothing released) below
-    the threshold."""
-    alive = set(masked)
+    """The coordinator's last step: from ``total``, the mod-2^32 sum of the masked vectors of the
+    ``alive`` sites (it keeps only that sum, never one site's vector), remove the survivors'
+    self-masks and the pairwise masks that dropped sites' partners added. ``shared``: the sites
+    that completed key sharing (each masked with exactly those of its neighbours). Raises
+    SecAggError (nothing released) below the threshold."""
+    alive = set(alive)
     if len(answers) < threshold:
         raise SecAggError(f"only {len(answers)} site(s) answered the unmask request, {threshold} needed: round aborted, nothing released")
-    length = next(iter(masked.values())).size
-    total = np.zeros(length, dtype=np.uint32)
-    for y in masked.values():
-        total = total + y
-    for i in alive:
+    total = np.array(total, dtype=np.uint32)
+    length = total.size
+    for i in sorted(alive):
         shares = {h: a["self_seed"][i] for h, a in answers.items() if i in a["self_seed"]}
-        total = total - prg_mask(shamir_combine(shares, threshold), length)
+        total -= prg_mask(shamir_combine(shares, threshold), length)
     dropped = set(shared) - alive
-    for j in dropped:
+    for j in sorted(dropped):
         shares = {h: a["pair_key"][j] for h, a in answers.items() if j in a["pair_key"]}
         s_j = shamir_combine(shares, threshold)
         for i in nbrs[j]:
             if i in alive:  # i added +m_ij if i < j else -m_ij; take it back
                 m = pair_mask(s_j, keys[i][1], round_tag, length)
-                total = total - m if i < j else total + m
+                if i < j:
+                    total -= m
+                else:
+                    total += m
     return total

@@ -1,0 +1,234 @@
+"""Secure aggregation, side by side in one run: fedtune's SecAgg+ against plain FedAvg and against
+Flower 1.42's own (legacy) SecAgg+, with 10 sites and 1M and 10M parameters.
+
+    python benchmarks/secagg.py                 # 10 sites; 1M and 10M parameters; 3 repetitions
+    python benchmarks/secagg.py --quick         # 5 sites, 10k parameters, 1 repetition (smoke run)
+
+Every round runs in ``flwr.simulation.run_simulation`` (Ray), one repetition of each kind after
+the other, with no model: each virtual site's update is a given random vector (values ~1e-3,
+like LoRA deltas) and its weight a given example count, so what is timed is what secure
+aggregation adds, not training. Timing is the same for all three: the training round alone
+(sending the global adapter, every stage, unmasking, applying the mean), after a warm-up
+message has started every Ray actor (see flower_secagg.py, "What is timed").
+
+- ours: ``fedtune.server.app.run_training_round`` with ``secure_aggregation.enabled`` on and off,
+  talking to the sites' real handlers (``fedtune.client.secure``, ``client.app.handle_secure_stage``);
+- Flower: ``SecAggPlusWorkflow`` + ``secaggplus_mod`` (flower_secagg.py), every site every other's
+  neighbour as in ours, quantization settings as close to ours as Flower allows.
+
+It also checks that ours and Flower's agree, within the sum of both quantization bounds.
+The last line is ``key=value`` figures:
+
+  secure_over_plain       our secure round / our plain FedAvg round (median over repetitions; goal <= 1.3)
+  ours_over_flower        our secure round / Flower's SecAgg+ round (goal < 1)
+  upload_bytes_per_param  one site's masked upload / parameters, ours (goal <= 4; Flower's is 8)
+  flower_upload_bytes_per_param
+  secure_overhead_s       our secure round minus our plain round, seconds (at the largest size)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import flower_secagg as fs  # noqa: E402
+
+GOALS = {"secure_over_plain": ("<=", 1.3), "ours_over_flower": ("<", 1.0), "upload_bytes_per_param": ("<=", 4.0)}
+
+
+def _client_app(paths: list[str], weights: list[int]):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fedtune.client import app as client_app
+    from fedtune.client import secure
+    from fedtune.common import adapters
+    from fedtune.common.secagg import SecAggError
+    from fedtune.common.secagg import protocol as p
+
+    sites = [client_app.SiteFiles(f"site{i}", path) for i, path in enumerate(paths)]
+    app = ClientApp()
+
+    def reply(msg, i, status, metrics, records=None):
+        info = ConfigRecord({"name": sites[i].name, "status": status})
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics), "site": info, **(records or {})}), reply_to=msg)
+
+    @app.train()
+    def train(msg, context):
+        """What handle_train does after training, with the site's vector as its update."""
+        i = int(context.node_config["partition-id"])
+        glob = adapters.read_adapter(msg.content)
+        delta = {"w": np.load(paths[i]).astype(np.float32)}
+        metrics = {"num-examples": weights[i], "train-loss": 0.0}
+        if p.RECORD in msg.content:
+            try:
+                rec, extra = secure.setup(context, msg.content[p.RECORD], secure.flatten_update(delta, glob), weights[i], seed=i)
+            except SecAggError as e:
+                return reply(msg, i, "refused", metrics)
+            return reply(msg, i, "ok", {**metrics, **extra}, {p.RECORD: rec})
+        return reply(msg, i, "ok", metrics, adapters.adapter_records(adapters.to_tensors(delta)))
+
+    for stage in p.STAGES:
+        app.train(stage.split(".", 1)[1])(lambda msg, context: client_app.handle_secure_stage(msg, context, sites))
+
+    @app.evaluate()
+    def evaluate(msg, context):  # the warm-up
+        return reply(msg, int(context.node_config["partition-id"]), "ok", {"num-examples": 1})
+
+    return app
+
+
+def fedtune_round(vectors, weights, *, secure: bool, clip: float = 0.1, max_weight: int = 10_000, cpus_per_client: float = 1.0):
+    """One training round of ours over the vectors -> (new global vector from zeros, seconds, upload bytes per param)."""
+    from collections import OrderedDict
+
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedtune.common.config import FedTuneConfig
+    from fedtune.server import app as server
+    from fedtune.server.aggregation import ServerOptimizer
+    from fedtune.simulations.cli import start_ray
+
+    vecs, ws = fs._check_inputs(vectors, weights)
+    n = vecs[0].size
+    cfg = FedTuneConfig.model_validate(
+        {
+            "federation": {"rounds": 1, "min_sites": 2, "round_timeout_s": 3600},
+            "secure_aggregation": {"enabled": secure, "clip": clip, "max_weight": max_weight},
+        }
+    )
+    out: dict = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context) -> None:
+        fs._warm_up(grid, len(ws))
+        with tempfile.TemporaryDirectory() as run_dir:
+            rs = server.RunState(
+                cfg=cfg,
+                out=Path(run_dir),
+                global_state=OrderedDict(w=np.zeros(n, np.float32)),
+                peft_config=None,
+                trainable_params=n,
+                optimizer=ServerOptimizer.from_config(cfg.federation),
+            )
+            t0 = time.perf_counter()
+            rec = server.run_training_round(grid, sorted(grid.get_node_ids()), rs, 1, lambda s: None)
+            out["seconds"] = time.perf_counter() - t0
+            out["aggregate"] = rs.global_state["w"].astype(np.float64)
+            sites = [v for v in rec["sites"].values() if v.get("status") == "ok"]
+            out["upload"] = max(v.get("bytes_sent", 0) for v in sites) / n
+            out["secure"] = rec.get("secure_aggregation")
+
+    fs._quiet_flower()
+    with fs._ray_lock, tempfile.TemporaryDirectory(prefix="fedtune-secagg-") as tmp:
+        paths = []
+        for i, v in enumerate(vecs):
+            paths.append(os.path.join(tmp, f"site{i}.npy"))
+            np.save(paths[-1], v)
+        del vecs
+        start_ray()
+        fs._ship_by_value()
+        import ray.cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        with fs._flower_keeps_ray():
+            run_simulation(
+                server_app=server_app,
+                client_app=_client_app(paths, ws),
+                num_supernodes=len(paths),
+                backend_config={"client_resources": {"num_cpus": min(float(cpus_per_client), float(os.cpu_count() or 1)), "num_gpus": 0.0}},
+            )
+    if "aggregate" not in out:
+        raise RuntimeError("the round ended without an aggregate (see the messages above)")
+    return out
+
+
+def our_error_bound(weights, clip: float = 0.1, max_weight: int = 10_000) -> float:
+    from fedtune.common.secagg import Quantizer
+
+    q = Quantizer(clip, max_weight, len(weights))
+    return q.mean_error_bound(sum(weights), len(weights)) + 1e-7  # + float32 storage of the result
+
+
+def verdict(key: str, value: float) -> str:
+    op, goal = GOALS[key]
+    ok = value <= goal if op == "<=" else value < goal
+    return f"goal {op} {goal}: {'MET' if ok else 'NOT MET'}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="5 sites, 10k parameters, 1 repetition")
+    ap.add_argument("--sites", type=int)
+    ap.add_argument("--params", type=int, action="append", help="parameter counts (repeatable; default 1000000 and 10000000)")
+    ap.add_argument("--reps", type=int)
+    args = ap.parse_args(argv)
+    m = args.sites or (5 if args.quick else 10)
+    sizes = args.params or ([10_000] if args.quick else [1_000_000, 10_000_000])
+    reps = args.reps or (1 if args.quick else 3)
+    rng = np.random.default_rng(0)
+    weights = [int(w) for w in rng.integers(50, 500, m)]
+    # Flower's quantization, as close to ours as it allows: every weight fits (W = the largest),
+    # and the clip applies to (n_i / W) * x_i, so the same 0.1 covers the same updates.
+    flower_kw = dict(max_weight=float(max(weights)), clipping_range=0.1, quantization_range=2**32 // (m + 1) - 1)
+    figures: dict[str, float] = {}
+    print(f"secure aggregation benchmark: {m} sites, weights {weights}, sizes {sizes}, {reps} repetition(s) each, interleaved")
+    try:
+        for n in sizes:
+            xs = [rng.normal(0, 1e-3, n) for _ in range(m)]
+            want = fs.reference_mean(xs, weights)
+            times: dict[str, list[float]] = {"plain": [], "secure": [], "flower": []}
+            for rep in range(reps):
+                plain = fedtune_round(xs, weights, secure=False)
+                ours = fedtune_round(xs, weights, secure=True)
+                flower = fs.flower_secaggplus(xs, weights, **flower_kw)
+                times["plain"].append(plain["seconds"])
+                times["secure"].append(ours["seconds"])
+                times["flower"].append(flower.seconds)
+                err_ours = float(np.abs(ours["aggregate"] - want).max())
+                err_flower = float(np.abs(flower.aggregate - want).max())
+                gap = float(np.abs(ours["aggregate"] - flower.aggregate).max())
+                bound = our_error_bound(weights) + fs.aggregate_error_bound(weights, max_abs=float(max(np.abs(x).max() for x in xs)), **flower_kw)
+                print(
+                    f"  {n:>10,} params rep {rep + 1}: plain {plain['seconds']:.2f} s | ours secure {ours['seconds']:.2f} s "
+                    f"(stages {ours['secure']['stage_seconds']}) | Flower SecAgg+ {flower.seconds:.2f} s; "
+                    f"max |error| ours {err_ours:.2e} (bound {our_error_bound(weights):.2e}), Flower {err_flower:.2e}; "
+                    f"ours vs Flower {gap:.2e} (bound {bound:.2e})",
+                    flush=True,
+                )
+                if gap > bound:
+                    print(f"  MISMATCH: ours and Flower's aggregates differ by {gap:.3g} > {bound:.3g}")
+                    return 1
+            med = {k: statistics.median(v) for k, v in times.items()}
+            figures[f"secure_over_plain_{n}"] = med["secure"] / med["plain"]
+            figures[f"ours_over_flower_{n}"] = med["secure"] / med["flower"]
+            figures["upload_bytes_per_param"] = ours["upload"]
+            figures["flower_upload_bytes_per_param"] = flower.upload_bytes_per_param
+            figures["secure_overhead_s"] = med["secure"] - med["plain"]
+            print(
+                f"  {n:>10,} params: medians plain {med['plain']:.2f} s, ours {med['secure']:.2f} s, Flower {med['flower']:.2f} s; "
+                f"upload ours {ours['upload']:.4f} B/param, Flower {flower.upload_bytes_per_param:.4f} B/param"
+            )
+    finally:
+        fs.shutdown()
+    figures["secure_over_plain"] = max(v for k, v in figures.items() if k.startswith("secure_over_plain_"))
+    figures["ours_over_flower"] = max(v for k, v in figures.items() if k.startswith("ours_over_flower_"))
+    for key in GOALS:
+        print(f"{key} = {figures[key]:.3f}  ({verdict(key, figures[key])})")
+    print(" ".join(f"{k}={v:.4f}" for k, v in figures.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Secure aggregation over Flower messages: the coordinator's round (server/secure.py) against
+real site-side handlers (client/secure.py, client/app.py) through a fake Grid, with dropouts at
+every stage, aborts, refusals, and server optimizers on the unmasked mean."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedtune.client import app as client_app
+from fedtune.client import secure
+from fedtune.common import adapters
+from fedtune.common.config import ConfigError, FedTuneConfig, SecureAggregationConfig, load_config
+from fedtune.common.secagg import Quantizer, SecAggError
+from fedtune.common.secagg import protocol as p
+from fedtune.server import app as server
+from fedtune.server.aggregation import ServerOptimizer, weighted_mean
+
+from .test_server_rounds import FakeGrid, _task_identity  # noqa: F401  (fixture)
+
+SHAPES = {"a": (6, 5), "b": (7,)}
+
+
+def _global() -> OrderedDict:
+    return OrderedDict((k, np.zeros(s, np.float32)) for k, s in SHAPES.items())
+
+
+class SecureSite:
+    """A site as the coordinator meets it: trains (a fixed update), then runs the real secure
+    handlers on its own Flower context. ``silent_at``: the message type it never answers."""
+
+    def __init__(self, idx: int, update: OrderedDict, examples: int, silent_at: str | None = None):
+        self.name = f"site{idx}"
+        self.update, self.examples, self.silent_at = update, examples, silent_at
+        self.ctx = Context(run_id=1, node_id=idx, node_config={"partition-id": idx - 1}, state=RecordDict(), run_config={})
+        self.sites = [client_app.SiteFiles(f"site{i}", "unused") for i in range(1, 10)]
+        self.replies: list[RecordDict] = []
+
+    def __call__(self, m: Message):
+        kind = m.metadata.message_type
+        if kind == self.silent_at:
+            return None
+        if kind == "evaluate":
+            out = RecordDict({"metrics": MetricRecord({"num-examples": 4, "eval-loss": 1.0}), "site": self._site("ok")})
+        elif kind == "train":
+            glob = adapters.read_adapter(m.content)
+            try:
+                flat = secure.flatten_update(self.update, glob)
+                rec, extra = secure.setup(self.ctx, m.content[p.RECORD], flat, self.examples, seed=7)
+                metrics = MetricRecord({"num-examples": self.examples, "train-loss": 1.0, **extra})
+                out = RecordDict({"metrics": metrics, "site": self._site("ok"), p.RECORD: rec})
+            except SecAggError as e:
+                out = RecordDict({"metrics": MetricRecord({}), "site": self._site("refused", str(e))})
+        else:
+            out = client_app.handle_secure_stage(m, self.ctx, self.sites).content
+        self.replies.append(out)
+        return out
+
+    def _site(self, status: str, reason: str | None = None) -> ConfigRecord:
+        return ConfigRecord({"name": self.name, "status": status, **({"reason": reason} if reason else {})})
+
+
+def secure_state(tiny_config, tmp_path, sa: dict | None = None, **federation) -> server.RunState:
+    fed = tiny_config.federation.model_copy(update={"round_timeout_s": 2.0, **federation})
+    cfg = tiny_config.model_copy(
+        update={"federation": fed, "secure_aggregation": SecureAggregationConfig(enabled=True, stage_timeout_s=2.0, **(sa or {}))}
+    )
+    return server.RunState(
+        cfg=cfg,
+        out=tmp_path,
+        global_state=_global(),
+        peft_config=None,
+        trainable_params=37,
+        optimizer=ServerOptimizer.from_config(cfg.federation),
+    )
+
+
+def updates_for(n: int, seed: int = 0, scale: float = 0.01) -> list[OrderedDict]:
+    rng = np.random.default_rng(seed)
+    return [OrderedDict((k, rng.normal(0, scale, s).astype(np.float32)) for k, s in SHAPES.items()) for _ in range(n)]
+
+
+EXAMPLES = [120, 80, 200, 45, 160]
+
+
+def five(silent: dict[int, str] | None = None, updates=None) -> dict[int, SecureSite]:
+    ups = updates or updates_for(5)
+    return {i: SecureSite(i, ups[i - 1], EXAMPLES[i - 1], (silent or {}).get(i)) for i in range(1, 6)}
+
+
+def expected_mean(sites: dict[int, SecureSite], ids) -> OrderedDict:
+    return weighted_mean([sites[i].update for i in ids], [sites[i].examples for i in ids])
+
+
+def bound_for(rs, sites, ids) -> float:
+    q = Quantizer(rs.cfg.secure_aggregation.clip, rs.cfg.secure_aggregation.max_weight, len(sites))
+    return q.mean_error_bound(sum(sites[i].examples for i in ids), len(ids))
+
+
+def test_secure_round_gives_the_weighted_mean_within_the_stated_bound_and_never_an_update(tiny_config, tmp_path):
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+    said: list[str] = []
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, said.append)
+    want = expected_mean(sites, range(1, 6))
+    stats = r["secure_aggregation"]
+    bound = stats["quantization_error_bound"]
+    assert bound == pytest.approx(bound_for(rs, sites, range(1, 6))) and 0 < bound < 1e-6
+    for k in SHAPES:
+        err = np.abs(rs.global_state[k].astype(np.float64) - want[k]).max()
+        assert err <= bound + 1e-7  # + float32 storage of the result
+    # The weighting matters: the unweighted mean is far off.
+    plain = np.mean([s.update["a"] for s in sites.values()], axis=0)
+    assert np.abs(plain - want["a"]).max() > 100 * bound
+    assert r["accepted"] == 5 and stats["sites_per_stage"] == [5, 5, 5, 5, 5] and stats["threshold"] == 3
+    assert stats["upload_bytes_per_param"] <= 4.0 * (37 + 1) / 37 + 5  # 4 bytes a value + the .npy header
+    # Nothing a site sent is its update: no float adapter record in any reply.
+    assert all("arrays" not in reply for s in sites.values() for reply in s.replies)
+    assert any("weighted mean of 5 site(s) unmasked" in line for line in said)
+
+
+@pytest.mark.parametrize("n_drop", [1, 2])
+@pytest.mark.parametrize("stage", ["train", p.SHARE_KEYS, p.MASKED_INPUT, p.UNMASK])
+def test_dropouts_at_each_stage_still_give_the_survivors_exact_mean(tiny_config, tmp_path, stage, n_drop):
+    rs = secure_state(tiny_config, tmp_path)
+    dropped = [2, 4][:n_drop]
+    sites = five({i: stage for i in dropped})
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    # A site silent at unmasking had uploaded: its update is in the sum (others rebuild its self-mask).
+    summed = list(range(1, 6)) if stage == p.UNMASK else [i for i in range(1, 6) if i not in dropped]
+    want = expected_mean(sites, summed)
+    bound = bound_for(rs, sites, summed)
+    for k in SHAPES:
+        assert np.abs(rs.global_state[k].astype(np.float64) - want[k]).max() <= bound + 1e-7
+    assert r["accepted"] == len(summed)
+    assert sorted(n for n, v in r["sites"].items() if v.get("summed")) == [f"site{i}" for i in summed]
+    assert sum(len(v) for v in r["secure_aggregation"]["dropped"].values()) == n_drop
+
+
+@pytest.mark.parametrize("stage", ["train", p.SHARE_KEYS, p.MASKED_INPUT, p.UNMASK])
+def test_three_dropouts_abort_the_round_and_release_nothing(tiny_config, tmp_path, stage):
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five({1: stage, 3: stage, 5: stage})
+    with pytest.raises(server.FederationError, match=r"secure aggregation aborted .*2 site\(s\) left, 3 needed.*nothing was"):
+        server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    for k in SHAPES:
+        np.testing.assert_array_equal(rs.global_state[k], 0.0)
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedyogi", "fedavgm"])
+def test_server_optimizers_act_on_the_unmasked_mean(tiny_config, tmp_path, strategy):
+    rs = secure_state(tiny_config, tmp_path, strategy=strategy)
+    sites = five()
+    server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    reference = ServerOptimizer(strategy).step(_global(), expected_mean(sites, range(1, 6)))
+    for k in SHAPES:
+        # Adaptive steps are ~server_lr per value whatever the mean's scale: compare at that scale.
+        np.testing.assert_allclose(rs.global_state[k], reference[k], atol=1e-3 * 1e-2)
+    assert np.abs(rs.global_state["a"]).max() > 0
+
+
+def test_a_non_finite_update_is_refused_at_the_site_before_masking(tiny_config, tmp_path):
+    rs = secure_state(tiny_config, tmp_path)
+    ups = updates_for(5)
+    ups[2]["a"][0, 0] = math.nan
+    sites = five(updates=ups)
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    assert r["sites"]["site3"]["status"] == "refused" and "non-finite" in r["sites"]["site3"]["reason"]
+    assert r["accepted"] == 4 and p.STATE not in sites[3].ctx.state
+    want = expected_mean(sites, [1, 2, 4, 5])
+    assert np.abs(rs.global_state["b"].astype(np.float64) - want["b"]).max() <= bound_for(rs, sites, [1, 2, 4, 5]) + 1e-7
+
+
+def _site_after_upload():
+    """Five sites through stage 3 of one round, driven by hand; -> (sites, round tag)."""
+    sites = five()
+    tag = b"t" * p.TAG_BYTES
+    keys = {}
+    for i, s in sites.items():
+        rec = ConfigRecord({"round-tag": tag, "sid": i, "n-sites": 5, "clip": 0.1, "max-weight": 10_000})
+        pub, _ = secure.setup(s.ctx, rec, secure.flatten_update(s.update, _global()), s.examples, seed=i)
+        keys[i] = (pub["c-pub"], pub["s-pub"])
+    out = {}
+    for i, s in sites.items():
+        ids = [j for j in range(1, 6) if j != i]
+        rec = ConfigRecord({"round-tag": tag, "threshold": 3, "nbr-ids": ids, "nbr-c": [keys[j][0] for j in ids], "nbr-s": [keys[j][1] for j in ids]})
+        sealed = secure.share_keys(s.ctx, rec)
+        out[i] = dict(zip(sealed["to"], sealed["sealed"]))
+    for i, s in sites.items():
+        senders = [j for j in range(1, 6) if j != i]
+        secure.masked_input(s.ctx, ConfigRecord({"round-tag": tag, "from": senders, "sealed": [out[j][i] for j in senders]}))
+    return sites, tag
+
+
+def test_a_site_answers_one_unmask_request_per_round_and_refuses_unsafe_ones():
+    sites, tag = _site_after_upload()
+    ctx = sites[1].ctx
+    # Overlapping alive/dropped: the coordinator would get both a self-mask and a mask key.
+    with pytest.raises(SecAggError, match="both alive and dropped"):
+        secure.unmask(ctx, ConfigRecord({"round-tag": tag, "alive": [1, 2, 3], "dropped": [3]}))
+    # Refused requests end the round at that site: no second try with other sets.
+    with pytest.raises(SecAggError, match="no secure round in progress"):
+        secure.unmask(ctx, ConfigRecord({"round-tag": tag, "alive": [1, 2, 3], "dropped": []}))
+    # Too few alive.
+    with pytest.raises(SecAggError, match="fewer than the threshold"):
+        secure.unmask(sites[2].ctx, ConfigRecord({"round-tag": tag, "alive": [1, 2], "dropped": [3, 4, 5]}))
+    # A valid request is answered once; a second, different one finds nothing.
+    ans = secure.unmask(sites[3].ctx, ConfigRecord({"round-tag": tag, "alive": [1, 2, 3, 4], "dropped": [5]}))
+    assert list(ans["self-ids"]) == [1, 2, 3, 4] and list(ans["pair-ids"]) == [5]
+    with pytest.raises(SecAggError, match="no secure round in progress"):
+        secure.unmask(sites[3].ctx, ConfigRecord({"round-tag": tag, "alive": [1, 2, 3], "dropped": [4, 5]}))
+    # A request for another round is refused.
+    with pytest.raises(SecAggError, match="another round"):
+        secure.unmask(sites[4].ctx, ConfigRecord({"round-tag": b"x" * p.TAG_BYTES, "alive": [1, 2, 3, 4, 5], "dropped": []}))
+
+
+def test_a_site_refuses_out_of_order_or_unsafe_key_sharing():
+    s = five()[1]
+    tag = b"t" * p.TAG_BYTES
+    with pytest.raises(SecAggError, match="no secure round in progress"):
+        secure.share_keys(s.ctx, ConfigRecord({"round-tag": tag, "threshold": 3, "nbr-ids": [2], "nbr-c": [b"x"], "nbr-s": [b"y"]}))
+    rec = ConfigRecord({"round-tag": tag, "sid": 1, "n-sites": 5, "clip": 0.1, "max-weight": 10_000})
+    secure.setup(s.ctx, rec, secure.flatten_update(s.update, _global()), s.examples, seed=1)
+    others = [five()[j] for j in (2, 3)]
+    pubs = []
+    for j, o in zip((2, 3), others):
+        r = ConfigRecord({"round-tag": tag, "sid": j, "n-sites": 5, "clip": 0.1, "max-weight": 10_000})
+        pubs.append(secure.setup(o.ctx, r, secure.flatten_update(o.update, _global()), o.examples, seed=j)[0])
+    share = {"round-tag": tag, "nbr-ids": [2, 3], "nbr-c": [q["c-pub"] for q in pubs], "nbr-s": [q["s-pub"] for q in pubs]}
+    # A threshold of half the holders or less lets two disjoint groups rebuild both secrets.
+    with pytest.raises(SecAggError, match=r"threshold 1 with 3 share holders"):
+        secure.share_keys(s.ctx, ConfigRecord({**share, "threshold": 1}))
+    with pytest.raises(SecAggError, match="no secure round in progress"):  # a refusal ends the round here
+        secure.masked_input(s.ctx, ConfigRecord({"round-tag": tag, "from": [], "sealed": []}))
+
+
+def test_update_shapes_are_checked_before_masking():
+    glob = _global()
+    bad = OrderedDict(a=np.zeros((5, 6), np.float32), b=np.zeros(7, np.float32))
+    with pytest.raises(SecAggError, match=r"shape \(5, 6\), expected \(6, 5\)"):
+        secure.flatten_update(bad, glob)
+    with pytest.raises(SecAggError, match="missing"):
+        secure.flatten_update(OrderedDict(a=glob["a"]), glob)
+
+
+def test_configs_that_secure_aggregation_cannot_serve_fail_at_start(tmp_path):
+    with pytest.raises(ConfigError, match=r"aggregator 'median' inspects each site's update"):
+        load_config(overrides={"secure_aggregation.enabled": True, "federation.aggregator": "median"})
+    # ftserver turns it on by default, so the same config fails there unless it turns it off.
+    cfg = load_config(overrides={"federation.aggregator": "trimmed-mean"})
+    with pytest.raises(ConfigError, match="on by default here"):
+        cfg.with_secure_default(True)
+    assert load_config(overrides={"federation.aggregator": "median", "secure_aggregation.enabled": False}).with_secure_default(True).secure_aggregation.enabled is False
+    one_site = {"federation.sites": [{"name": "a", "train": "x.jsonl"}], "secure_aggregation.enabled": True}
+    with pytest.raises(ConfigError, match="needs at least 2 sites"):
+        load_config(overrides=one_site)
+    with pytest.raises(ConfigError, match=r"threshold 4: at most 3 share holders"):
+        load_config(
+            overrides={
+                "federation.sites": [{"name": n, "train": "x.jsonl"} for n in "abc"],
+                "secure_aggregation.enabled": True,
+                "secure_aggregation.threshold": 4,
+            }
+        )
+    with pytest.raises(ConfigError, match=r"threshold 2 with 3 neighbours: expected more than half"):
+        load_config(overrides={"secure_aggregation.neighbours": 3, "secure_aggregation.threshold": 2})
+    assert FedTuneConfig().with_secure_default(False).secure_aggregation.enabled is False
+
+
+def test_an_unusable_threshold_aborts_clearly_before_anything_is_sent(tiny_config, tmp_path):
+    rs = secure_state(tiny_config, tmp_path, sa={"threshold": 5})
+    sites = {i: s for i, s in five().items() if i != 2}
+    grid = FakeGrid(sites)
+    with pytest.raises(server.FederationError, match=r"secure aggregation cannot start: secure_aggregation.threshold 5 with 4 share holders"):
+        server.run_training_round(grid, list(sites), rs, 1, lambda s: None)
+    assert grid.sent == []
+
+
+def test_the_threshold_is_fixed_by_the_sites_invited_not_those_that_turn_up(tiny_config, tmp_path):
+    """Five invited (threshold 3): two sites that finish training cannot be unmasked on their own."""
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five({1: "train", 2: "train", 3: "train"})
+    with pytest.raises(server.FederationError, match=r"2 site\(s\) left, 3 needed"):
+        server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    assert all(s.replies == [] or p.RECORD in s.replies[0] for s in sites.values())
+    assert not any(m.metadata.message_type == p.SHARE_KEYS for m in FakeGrid(sites).sent)

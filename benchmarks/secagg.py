@@ -72,7 +72,7 @@ def _client_app(paths: list[str], weights: list[int]):
         if p.RECORD in msg.content:
             try:
                 rec, extra = secure.setup(context, msg.content[p.RECORD], secure.flatten_update(delta, glob), weights[i], seed=i)
-            except SecAggError as e:
+            except SecAggError:
                 return reply(msg, i, "refused", metrics)
             return reply(msg, i, "ok", {**metrics, **extra}, {p.RECORD: rec})
         return reply(msg, i, "ok", metrics, adapters.adapter_records(adapters.to_tensors(delta)))

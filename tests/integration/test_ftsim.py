@@ -214,3 +214,43 @@ def test_resume_after_kill_9_and_from_a_corrupted_checkpoint(tiny_model_dir, tmp
 
     res = _ftsim(["--resume", str(tmp_path / "nowhere")], timeout=60)
     assert res.returncode == 2 and "nothing to resume" in res.stderr
+
+
+def test_secure_aggregation_gives_the_plain_mean_within_its_bound(tiny_model_dir, tmp_path):
+    """The acceptance flag: ``ftsim --secure-aggregation``. Same seed, same sites, one run plain
+    and one secure: the sites train identically in round 1, so the two round-1 adapters differ
+    only by the quantization error the secure run reports, and only masked vectors reached the
+    coordinator."""
+    common = [
+        "--model", str(tiny_model_dir),
+        "--site", f"medical={DATA / 'medical/train.jsonl'}",
+        "--site", f"legal={DATA / 'legal/train.jsonl'}",
+        "--site", f"financial={DATA / 'financial/train.jsonl'}",
+        "--rounds", "2", "--local-steps", "2", "--batch-size", "2", "--max-length", "160",
+        "--set", "eval.max_examples=4", "--set", "eval.exact_match=false", "--set", "peft.r=4", "--no-plots",
+    ]  # fmt: skip
+    runs = {}
+    for mode, extra in (("plain", []), ("secure", ["--secure-aggregation"])):
+        out = tmp_path / mode
+        proc = _ftsim([*common, *extra, "--out", str(out)], timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        runs[mode] = (out, json.loads((out / "metrics.json").read_text()), proc.stdout + proc.stderr)
+    _, sec, log = runs["secure"]
+    assert sec["fedtune"]["secure_aggregation"] is True and runs["plain"][1]["fedtune"]["secure_aggregation"] is False
+    for r in sec["rounds"][1:]:
+        st = r["secure_aggregation"]
+        assert st["sites_per_stage"] == [3, 3, 3, 3, 3] and st["threshold"] == 2 and r["accepted"] == 3
+        assert st["upload_bytes_per_param"] == 4.0
+        assert all(s["summed"] and s["bytes_sent"] == 4 * sec["trainable_params"] for s in r["sites"].values())
+    assert "weighted mean of 3 site(s) unmasked" in log
+
+    from fedtune.common.checkpoint import load_adapter_state
+
+    plain_1 = load_adapter_state(runs["plain"][0] / "checkpoints" / "round-0001")
+    secure_1 = load_adapter_state(runs["secure"][0] / "checkpoints" / "round-0001")
+    start = load_adapter_state(runs["plain"][0] / "checkpoints" / "round-0000")
+    bound = sec["rounds"][1]["secure_aggregation"]["quantization_error_bound"]
+    assert 0 < bound < 1e-6
+    worst = max(float((secure_1[k].double() - plain_1[k].double()).abs().max()) for k in plain_1)
+    changed = max(float((plain_1[k].double() - start[k].double()).abs().max()) for k in plain_1)
+    assert changed > 1e-4 and worst <= bound + 1e-7, (worst, bound, changed)

@@ -176,6 +176,28 @@ def test_ftsim_refuses_more_min_sites_than_sites(capsys):
     assert "federation.min_sites is 3 but only 2 site(s) are given" in capsys.readouterr().err
 
 
+def test_secure_aggregation_is_opt_in_for_ftsim_and_on_by_default_for_ftserver(tmp_path, capsys):
+    from fedtune.simulations import cli as ftsim
+
+    d = str(DATA_DIR / "medical" / "train.jsonl")
+    two = ["--site", f"a={d}", "--site", f"b={d}"]
+    assert ftsim.resolve_config(ftsim.build_parser().parse_args(two)).secure_aggregation.enabled is False
+    assert ftsim.resolve_config(ftsim.build_parser().parse_args([*two, "--secure-aggregation"])).secure_aggregation.enabled is True
+    # One site: a sum of one update is that update.
+    assert ftsim.main(["--site", f"a={d}", "--secure-aggregation"]) == 2
+    assert "secure aggregation needs at least 2 sites" in capsys.readouterr().err
+    assert ftsim.main([*two, "--secure-aggregation", "--set", "federation.aggregator=median"]) == 2
+    assert "aggregator 'median' inspects each site's update" in capsys.readouterr().err
+
+    server_args = ftserver.build_parser().parse_args(["--out", str(tmp_path / "a"), "--insecure"])
+    assert ftserver.resolve(server_args)[0].secure_aggregation.enabled is True
+    server_args = ftserver.build_parser().parse_args(["--out", str(tmp_path / "b"), "--insecure", "--no-secure-aggregation"])
+    assert ftserver.resolve(server_args)[0].secure_aggregation.enabled is False
+    server_args = ftserver.build_parser().parse_args(["--out", str(tmp_path / "c"), "--set", "federation.aggregator=median"])
+    with pytest.raises(ftserver.ConfigError, match="on by default here"):
+        ftserver.resolve(server_args)
+
+
 def test_one_ftserver_per_run_folder(tmp_path, capsys):
     first = ftserver.hold_folder(tmp_path)
     with pytest.raises(ftserver.ConfigError, match=r"another ftserver \(pid \d+\) is running this run"):

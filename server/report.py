@@ -84,7 +84,8 @@ def render_markdown(doc: dict, plots: list[str]) -> str:
         "# fedtune run report",
         "",
         f"- model: `{doc['model']}`; adapter: {doc['fedtune']['peft']} ({doc['trainable_params']:,} trainable parameters); "
-        f"aggregation: {doc['fedtune']['strategy']} over {doc['fedtune']['update']}s",
+        f"aggregation: {doc['fedtune']['strategy']} over {doc['fedtune']['update']}s"
+        + (", secure (SecAgg+)" if doc["fedtune"].get("secure_aggregation") else ""),
         f"- sites: {', '.join(names) or 'none'}; rounds: {last}; wall time: {doc['elapsed_s']:.0f} s",
         "- final adapter: `adapter/` (loads with `PeftModel.from_pretrained(base, 'adapter')`); per-round checkpoints in `checkpoints/`",
         "",
@@ -112,6 +113,24 @@ def render_markdown(doc: dict, plots: list[str]) -> str:
                 f"| {r['round']} | {n} | {s.get('status', 'ok' if r['round'] == 0 else '–')} | {_fmt(s.get('train_loss'))} | "
                 f"{_fmt(s.get('eval_loss'))} | {_fmt(s.get('exact_match'), '.2f')} | {s.get('steps', '–')} | "
                 f"{_fmt(s.get('train_seconds'), '.1f')} | {s.get('bytes_sent', '–')} |"
+            )
+    secure = [(r["round"], r["secure_aggregation"]) for r in rounds if r.get("secure_aggregation")]
+    if secure:
+        lines += [
+            "",
+            "## Secure aggregation (SecAgg+)",
+            "",
+            "The coordinator saw only masked vectors and, per round, the weighted mean of the sites summed.",
+            "",
+            "| round | sites summed | threshold | dropped | quantization error bound | values clipped | upload B/param | stage seconds |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for rnd, st in secure:
+            dropped = "; ".join(f"{stage}: {', '.join(names_)}" for stage, names_ in st.get("dropped", {}).items()) or "none"
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in st.get("stage_seconds", {}).items())
+            lines.append(
+                f"| {rnd} | {st['sites_per_stage'][3]} of {st['sites_per_stage'][0]} | {st['threshold']} | {dropped} | "
+                f"{st['quantization_error_bound']:.2e} | {st['clipped_values']:,} | {st['upload_bytes_per_param']:.2f} | {stages} |"
             )
     rejected = [(r["round"], x) for r in rounds for x in r.get("rejected", [])]
     if rejected:

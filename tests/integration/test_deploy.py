@@ -174,6 +174,10 @@ def test_registered_sites_train_two_rounds_and_an_unregistered_site_is_refused(f
     for r in rounds[1:]:
         assert r["accepted"] == 2
         assert {n: s["status"] for n, s in r["sites"].items()} == {"alpha": "ok", "beta": "ok"}
+        # Secure aggregation is on by default: every stage with both sites, 4 bytes a value uploaded.
+        st = r["secure_aggregation"]
+        assert st["sites_per_stage"] == [2, 2, 2, 2, 2] and st["threshold"] == 2 and st["upload_bytes_per_param"] == 4.0
+        assert 0 < st["quantization_error_bound"] < 1e-6
         assert all(s["startup_seconds"] is not None and s["startup_seconds"] < 30 for s in r["sites"].values())
     assert rounds[2]["aggregate"]["eval_loss"] < rounds[0]["aggregate"]["eval_loss"]
     assert json.loads((fed.out / "run-status.json").read_text())["status"] == "completed"
@@ -223,7 +227,9 @@ def test_site_killed_mid_round(federation, min_sites):
         assert "gamma" not in rounds[2]["sites"]  # not asked again once gone
     else:
         assert code == 1
-        assert "round 1: only 2 valid update(s) of 3 site(s) asked" in out and "federation.min_sites is 3" in out
+        # Secure aggregation (on by default) aborts the round when fewer than min_sites remain; nothing is released.
+        assert "round 1: secure aggregation aborted at key advertisement (after training): 2 site(s) left, 3 needed" in out
+        assert "federation.min_sites 3" in out and "nothing was unmasked or released" in out
         assert "continue with: ftserver --resume" in out
         assert [r["round"] for r in _rounds(fed.out)] == [0]
         assert verify_checkpoint(fed.out / "checkpoints" / "round-0000") is None

@@ -101,3 +101,21 @@ def test_report_overwrites(tmp_path, plots):
     (tmp_path / "report.md").write_text("old")
     write_report(tmp_path, make_doc(), plots=plots)
     assert (tmp_path / "report.md").read_text().startswith("# fedtune run report")
+
+
+def test_report_shows_secure_aggregation_rounds():
+    doc = make_doc()
+    doc["fedtune"]["secure_aggregation"] = True
+    doc["rounds"][2]["secure_aggregation"] = {
+        "threshold": 2,
+        "sites_per_stage": [3, 3, 2, 2, 2],
+        "dropped": {"key_sharing": ["lab"]},
+        "quantization_error_bound": 3.2e-9,
+        "clipped_values": 0,
+        "upload_bytes_per_param": 4.0,
+        "stage_seconds": {"train": 20.5, "share_keys": 0.4},
+    }
+    md = render_markdown(doc, [])
+    assert "secure (SecAgg+)" in md and "## Secure aggregation (SecAgg+)" in md
+    assert "| 2 | 2 of 3 | 2 | key_sharing: lab | 3.20e-09 | 0 | 4.00 | train 20.5, share_keys 0.4 |" in md
+    assert "## Secure aggregation" not in render_markdown(make_doc(), [])

@@ -73,10 +73,11 @@ def _client_app(paths: list[str], weights: list[int]):
         metrics = {"num-examples": weights[i], "train-loss": 0.0}
         if p.RECORD in msg.content:
             try:
-                rec, extra = secure.setup(context, msg.content[p.RECORD], secure.flatten_update(delta, glob), weights[i], seed=i)
+                flat = secure.flatten_update(delta, glob)
+                y, extra = secure.masked_input(context, msg.content[p.RECORD], flat, weights[i], seed=i)
             except SecAggError:
                 return reply(msg, i, "refused", metrics)
-            return reply(msg, i, "ok", {**metrics, **extra}, {p.RECORD: rec})
+            return reply(msg, i, "ok", {**metrics, **extra}, {p.MASKED: p.masked_record(y)})
         return reply(msg, i, "ok", metrics, adapters.adapter_records(adapters.to_tensors(delta)))
 
     for stage in p.STAGES:

@@ -180,8 +180,14 @@ def handle_train(
     if st.problem:
         # A site with nothing usable never sends an update.
         return _reply(msg, site, st.problem, {"num-examples": 0, **counts})
-    adapters.set_trainable_state(rt.model, global_state)
     verbose = "data-path" in context.node_config  # a real site (ftclient); ftsim prints per round at the coordinator
+    sa = msg.content[secagg.RECORD] if secagg.RECORD in msg.content else None
+    if sa is not None:
+        try:
+            secure.ready_to_train(context, sa)  # before spending the round training for nothing
+        except SecAggError as e:
+            return _reply(msg, site, "refused", {"num-examples": 0, **counts}, reason=str(e))
+    adapters.set_trainable_state(rt.model, global_state)
     if verbose:
         _say(site, f"round {server_round}: training on {len(st.train_items)} examples")
 
@@ -213,30 +219,34 @@ def handle_train(
         "startup-seconds": stats.first_step_at - received,
         **counts,
     }
-    if secagg.RECORD in msg.content:
-        # Secure round: the update stays here, quantized; only public keys go back now.
+    if sa is not None:
+        # Secure round: the update goes straight from training to masking; only the masked vector leaves.
         try:
             flat = secure.flatten_update(delta, global_state)
-            keys, extra = secure.setup(context, msg.content[secagg.RECORD], flat, len(st.train_items), site_seed(cfg, site.name) + server_round)
+            y, extra = secure.masked_input(context, sa, flat, len(st.train_items), site_seed(cfg, site.name) + server_round)
         except SecAggError as e:
+            secure.forget(context)  # a site that refuses is out of this round
+            if verbose:
+                _say(site, f"secure aggregation: {e}")
             return _reply(msg, site, "refused", metrics, reason=str(e))
-        return _reply(msg, site, "ok", {**metrics, **extra}, {secagg.RECORD: keys})
+        metrics["upload-bytes"] = 4 * y.size
+        return _reply(msg, site, "ok", {**metrics, **extra}, {secagg.MASKED: secagg.masked_record(y)})
     update = adapters.adapter_records(delta)
     metrics["upload-bytes"] = adapters.record_nbytes(update["arrays"])
     return _reply(msg, site, "ok", metrics, update)
 
 
 def handle_secure_stage(msg: Message, context: Context, sites: list[SiteFiles] | None) -> Message:
-    """Stages 2-4 of a secure round (key sharing, masked upload, unmasking): no model needed."""
+    """The stages of a secure round around training (key advertisement, key sharing,
+    unmasking): no model needed. The masked upload is the TRAIN reply (:func:`handle_train`)."""
     site = resolve_site(context, sites)
     kind = msg.metadata.message_type
     sa = msg.content[secagg.RECORD]
     try:
+        if kind == secagg.ADVERTISE:
+            return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.advertise(context, sa)})
         if kind == secagg.SHARE_KEYS:
             return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.share_keys(context, sa)})
-        if kind == secagg.MASKED_INPUT:
-            y = secure.masked_input(context, sa)
-            return _reply(msg, site, "ok", {"upload-bytes": 4 * y.size}, {secagg.MASKED: secagg.masked_record(y)})
         if kind == secagg.UNMASK:
             return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.unmask(context, sa)})
     except SecAggError as e:  # the site has forgotten the round

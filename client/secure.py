@@ -2,10 +2,11 @@
 :mod:`fedtune.common.secagg.protocol`).
 
 Each function takes the coordinator's ``secagg`` record and the site's Flower context, checks
-that the request is in order and safe, and returns the record (or masked vector) to answer
-with. Anything out of order or unsafe raises :class:`SecAggError`; the caller answers
+that the request is in order and safe, and returns the record (or, after training, the masked
+vector) to answer with. Anything out of order or unsafe raises :class:`SecAggError`; the caller answers
 ``refused`` with the reason. The site's secrets (two X25519 private keys, its self-mask seed,
-the shares it holds) live only in ``context.state`` and are wiped when the round ends.
+the shares it holds) live only in ``context.state`` and are wiped when the round ends; its
+update goes from training straight to masking and is never stored.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 
 from fedtune.common.secagg import Quantizer, SecAggError, Site, private_bytes
 from fedtune.common.secagg import protocol as p
@@ -73,36 +74,47 @@ def _keys(st: ConfigRecord) -> dict[int, tuple[bytes, bytes]]:
     return {int(j): (c, s) for j, c, s in zip(st["nbr-ids"], st["nbr-c"], st["nbr-s"])}
 
 
-def setup(context: Context, sa: ConfigRecord, flat: np.ndarray, weight: int, seed: int) -> tuple[ConfigRecord, dict]:
-    """Stage 1, after training: quantize the update (weight capped at max-weight and folded
-    in), draw this round's keys and self-mask seed, keep them here. -> (record with the two
-    public keys, metrics: how many values were clipped, the weight used)."""
+def _quantizer(st: ConfigRecord) -> Quantizer:
+    return Quantizer(float(st["clip"]), int(st["max-weight"]), int(st["n-sites"]))
+
+
+def advertise(context: Context, sa: ConfigRecord) -> ConfigRecord:
+    """Stage 1: draw this round's two X25519 key pairs and self-mask seed, keep them here
+    with the round's quantization settings; answer with the two public keys."""
     forget(context)  # whatever an earlier, unfinished round left
     tag, sid, n = _tag(sa), int(sa["sid"]), int(sa["n-sites"])
     if not 1 <= sid <= n or n < 2:
         raise SecAggError(f"site number {sid} of {n}: expected 1..n with n >= 2")
-    q = Quantizer(float(sa["clip"]), int(sa["max-weight"]), n)
-    if weight < 1:
-        raise SecAggError("no examples: nothing to contribute")
-    used = min(int(weight), q.max_weight)
-    flat = np.asarray(flat, dtype=np.float64)
-    # Quantizer.encode refuses NaN/Inf before anything is masked.
-    code = q.encode(flat, used, np.random.default_rng([seed, int.from_bytes(tag[:8], "big")]))
-    clipped = int(np.count_nonzero(np.abs(flat) > q.clip))
+    try:
+        _quantizer(sa)
+    except ValueError as e:
+        raise SecAggError(f"quantization settings: {e}: refused") from None
     site = Site(sid, tag)
     context.state[p.STATE] = ConfigRecord(
         {
             "round-tag": tag,
             "sid": sid,
+            "n-sites": n,
+            "clip": float(sa["clip"]),
+            "max-weight": int(sa["max-weight"]),
             "c-key": private_bytes(site.c_key),
             "s-key": private_bytes(site.s_key),
             "self-seed": site.self_seed,
-            "stage": p.DONE_SETUP,
+            "stage": p.DONE_ADVERTISE,
         }
     )
-    context.state[p.STATE_CODE] = ArrayRecord({"code": Array(code)})
     c_pub, s_pub = site.advertise()
-    return p.record(**{"c-pub": c_pub, "s-pub": s_pub}), {"clipped-values": clipped, "secagg-weight": used}
+    return p.record(**{"c-pub": c_pub, "s-pub": s_pub})
+
+
+def ready_to_train(context: Context, sa: ConfigRecord) -> None:
+    """Before a site spends a round training: is there a secure round, at the right stage, to
+    mask the update for? (A site that restarted since key sharing has lost its keys.)"""
+    try:
+        _state(context, sa, p.DONE_SHARE)
+    except SecAggError:
+        forget(context)
+        raise
 
 
 def _refusal_ends_round(stage):
@@ -123,7 +135,7 @@ def _refusal_ends_round(stage):
 @_refusal_ends_round
 def share_keys(context: Context, sa: ConfigRecord) -> ConfigRecord:
     """Stage 2: Shamir shares of the self-mask seed and the mask key, one sealed packet per neighbour."""
-    st = _state(context, sa, p.DONE_SETUP)
+    st = _state(context, sa, p.DONE_ADVERTISE)
     site = _site(st)
     ids = [int(j) for j in sa["nbr-ids"]]
     c_pubs, s_pubs = list(sa["nbr-c"]), list(sa["nbr-s"])
@@ -160,10 +172,19 @@ def share_keys(context: Context, sa: ConfigRecord) -> ConfigRecord:
     return p.record(to=to, sealed=[sealed[j] for j in to])
 
 
-@_refusal_ends_round
-def masked_input(context: Context, sa: ConfigRecord) -> np.ndarray:
-    """Stage 3: take the shares sealed to this site; mask the quantized update with the
-    self-mask and a pairwise mask per neighbour that shared (those that did not are left out)."""
+def masked_input(context: Context, sa: ConfigRecord, flat: np.ndarray, weight: int, seed: int) -> tuple[np.ndarray, dict]:
+    """Stage 3, after training: take the shares sealed to this site; quantize the update
+    (refused if not finite; each value clipped; the weight, capped at max-weight, folded in);
+    mask it with the self-mask and a pairwise mask per neighbour that shared keys (those that
+    did not are left out). -> (masked uint32 vector, metrics: values clipped, weight used)."""
+    try:
+        return _masked_input(context, sa, flat, weight, seed)
+    except SecAggError:
+        forget(context)
+        raise
+
+
+def _masked_input(context: Context, sa: ConfigRecord, flat: np.ndarray, weight: int, seed: int) -> tuple[np.ndarray, dict]:
     st = _state(context, sa, p.DONE_SHARE)
     site = _site(st)
     keys = _keys(st)
@@ -178,7 +199,14 @@ def masked_input(context: Context, sa: ConfigRecord) -> np.ndarray:
         site.receive_shares(keys, dict(zip(senders, sealed)))
     except InvalidTag:
         raise SecAggError("a forwarded share does not authenticate (tampered, or sealed for another site or round): refused") from None
-    code = context.state[p.STATE_CODE]["code"].numpy()
+    q = _quantizer(st)
+    if weight < 1:
+        raise SecAggError("no examples: nothing to contribute")
+    used = min(int(weight), q.max_weight)
+    flat = np.asarray(flat, dtype=np.float64)
+    # Quantizer.encode refuses NaN/Inf before anything is masked.
+    code = q.encode(flat, used, np.random.default_rng([seed, int.from_bytes(site.round_tag[:8], "big")]))
+    clipped = int(np.count_nonzero(np.abs(flat) > q.clip))
     y = site.masked_input(code, keys, senders)
     held = sorted(site.held)
     st_new = dict(st)
@@ -191,8 +219,7 @@ def masked_input(context: Context, sa: ConfigRecord) -> np.ndarray:
         }
     )
     context.state[p.STATE] = ConfigRecord(st_new)
-    del context.state[p.STATE_CODE]
-    return y
+    return y, {"clipped-values": clipped, "secagg-weight": used}
 
 
 @_refusal_ends_round
@@ -218,6 +245,5 @@ def unmask(context: Context, sa: ConfigRecord) -> ConfigRecord:
 
 
 def forget(context: Context) -> None:
-    for key in (p.STATE, p.STATE_CODE):
-        if key in context.state:
-            del context.state[key]
+    if p.STATE in context.state:
+        del context.state[p.STATE]

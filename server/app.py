@@ -236,10 +236,10 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             f"{_fmt(info['train_seconds'], '.1f')} s"
         )
         sites[name] = info
-        if secure:  # the update stays at the site until the masked upload
+        if secure:  # a masked vector: server/secure.py checks and sums it
             info["status"] = "ok"
             info["clipped_values"] = int(_num(mr.get("clipped-values")) or 0)
-            say(f"{where}: {trained}; update kept at the site for secure aggregation {count}")
+            say(f"{where}: {trained}; masked update received {count}")
             return
         try:
             arrays = adapters.read_adapter(m.content)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.common.config import FedTuneConfig
@@ -51,7 +51,7 @@ def secure_mean(
     say: Printer,
 ) -> SecureOutcome:
     """Run stages 1-4 with ``nodes``. ``content``: what a plain TRAIN message carries;
-    ``length``: values in the flat update; ``on_trained(m, node)``: records a stage-1 reply's
+    ``length``: values in the flat update; ``on_trained(m, node)``: records a training reply's
     metrics (as a plain round would). Raises FederationError when the round aborts."""
     sa, fed = cfg.secure_aggregation, cfg.federation
     tag = os.urandom(p.TAG_BYTES)
@@ -75,26 +75,6 @@ def secure_mean(
         exchange(grid, [node_of[i] for i in targets], lambda n: build(sid_of[n]), kind, timeout, lambda m, n: absorb(m, n, sid_of[n]))
         timings[label] = round(time.time() - t0, 3)
 
-    # 1. train, quantize, advertise keys
-    keys: dict[int, tuple[bytes, bytes]] = {}
-    weights: dict[int, int] = {}
-    clipped = [0]
-
-    def setup_content(sid: int) -> RecordDict:
-        rec = p.record(**{"round-tag": tag, "sid": sid, "n-sites": len(nodes), "clip": sa.clip, "max-weight": sa.max_weight})
-        return RecordDict({**dict(content.items()), p.RECORD: rec})
-
-    def got_keys(m: Message, node: int, sid: int) -> None:
-        on_trained(m, node)
-        if _ok(m, node, names):
-            rec = m.content[p.RECORD]
-            c, s = rec.get("c-pub"), rec.get("s-pub")
-            mr = m.content.get("metrics") or {}
-            w = mr.get("secagg-weight")
-            if isinstance(c, bytes) and isinstance(s, bytes) and len(c) == len(s) == 32 and isinstance(w, int) and 1 <= w <= sa.max_weight:
-                keys[sid], weights[sid] = (c, s), w
-                clipped[0] += int(mr.get("clipped-values", 0))
-
     # The threshold is fixed by the sites invited (not by those that turn up), so dropouts
     # can only make a round abort, never make it easier to unmask.
     k_invited = min(sa.neighbours or len(nodes) - 1, len(nodes) - 1)
@@ -106,15 +86,28 @@ def secure_mean(
             f"({len(nodes)} site(s) invited, each with {k_invited} neighbour(s)); nothing was sent"
         )
 
-    stage("train", sorted(sid_of.values()), setup_content, got_keys, fed.round_timeout_s, "train")
+    # 1. advertise keys
+    keys: dict[int, tuple[bytes, bytes]] = {}
+
+    def advertise_content(sid: int) -> RecordDict:
+        rec = p.record(**{"round-tag": tag, "sid": sid, "n-sites": len(nodes), "clip": sa.clip, "max-weight": sa.max_weight})
+        return RecordDict({p.RECORD: rec})
+
+    def got_keys(m: Message, node: int, sid: int) -> None:
+        if _ok(m, node, names):
+            c, s_ = m.content[p.RECORD].get("c-pub"), m.content[p.RECORD].get("s-pub")
+            if isinstance(c, bytes) and isinstance(s_, bytes) and len(c) == len(s_) == 32:
+                keys[sid] = (c, s_)
+
+    stage(p.ADVERTISE, sorted(sid_of.values()), advertise_content, got_keys, sa.stage_timeout_s, "advertise")
     u1 = set(keys)
-    dropped["training"] = sorted(name(i) for i in set(node_of) - u1)
-    need(u1, "key advertisement (after training)", t)
+    dropped["advertise"] = sorted(name(i) for i in set(node_of) - u1)
+    need(u1, "key advertisement", t)
     k = min(k_invited, len(u1) - 1)
     nbrs = neighbours(sorted(u1), k)
     if k + 1 < t:
         raise FederationError(
-            f"round {rnd}: secure aggregation aborted: {len(u1)} site(s) trained, each with {k} neighbour(s), "
+            f"round {rnd}: secure aggregation aborted: {len(u1)} site(s) advertised keys, each with {k} neighbour(s), "
             f"fewer share holders than secure_aggregation.threshold {t}; nothing was released"
         )
 
@@ -138,30 +131,40 @@ def secure_mean(
     dropped["key_sharing"] = sorted(name(i) for i in u1 - u2)
     need(u2, "key sharing", t)
 
-    # 3. masked input: one running sum, never one site's vector kept
+    # 3. train and upload masked: one running sum, never one site's vector kept
     total = np.zeros(length, dtype=np.uint32)
     u3: set[int] = set()
+    weights: dict[int, int] = {}
+    clipped = [0]
     upload = [0]
 
-    def masked_content(sid: int) -> RecordDict:
+    def train_content(sid: int) -> RecordDict:
         senders = [j for j in nbrs[sid] if j in u2]
         rec = p.record(**{"round-tag": tag, "from": senders, "sealed": [outbox[j][sid] for j in senders]})
-        return RecordDict({p.RECORD: rec})
+        return RecordDict({**dict(content.items()), p.RECORD: rec})
 
     def got_masked(m: Message, node: int, sid: int) -> None:
         nonlocal total
-        if not m.has_error() and site_of(m, node, names)[1] == "ok":
-            try:
-                y = p.read_masked(m.content, length)
-            except ValueError:
-                return
-            total += y
-            u3.add(sid)
-            upload[0] = max(upload[0], len(m.content[p.MASKED]["y"].data))
+        on_trained(m, node)
+        if m.has_error() or site_of(m, node, names)[1] != "ok":
+            return
+        mr = m.content.get("metrics") or {}
+        w = mr.get("secagg-weight")
+        try:
+            y = p.read_masked(m.content, length)
+        except ValueError:
+            return
+        if not (isinstance(w, int) and 1 <= w <= sa.max_weight):
+            return
+        total += y
+        u3.add(sid)
+        weights[sid] = w
+        clipped[0] += int(mr.get("clipped-values", 0))
+        upload[0] = max(upload[0], len(m.content[p.MASKED]["y"].data))
 
-    stage(p.MASKED_INPUT, sorted(u2), masked_content, got_masked, sa.stage_timeout_s, "masked_input")
-    dropped["masked_upload"] = sorted(name(i) for i in u2 - u3)
-    need(u3, "masked upload", t)
+    stage(MessageType.TRAIN, sorted(u2), train_content, got_masked, fed.round_timeout_s, "train")
+    dropped["training"] = sorted(name(i) for i in u2 - u3)
+    need(u3, "masked upload (after training)", t)
 
     # 4. unmask
     answers: dict[int, dict[str, dict[int, int]]] = {}

@@ -4,17 +4,18 @@ A secure round is four exchanges, each with its own deadline; sites are numbered
 round (Shamir x-coordinates), and every message carries a fresh random 16-byte round tag that
 binds keys, shares and masks to this round of this run:
 
-1. ``train`` + record ``secagg`` {round-tag, sid, n-sites, clip, max-weight}: the site trains,
-   checks its update (finite, right shapes), quantizes it with its weight folded in, draws two
-   X25519 key pairs and a self-mask seed, and answers with the two public keys and its metrics.
-   It keeps its secrets and its quantized update in its own Flower context (``context.state``,
-   which stays at the site: the SuperNode's memory in deployment, the simulation's node state
-   in ftsim).
+1. ``train.advertise`` + record ``secagg`` {round-tag, sid, n-sites, clip, max-weight}: the site
+   draws two X25519 key pairs and a self-mask seed, keeps them (with the round's settings) in
+   its own Flower context (``context.state``, which stays at the site: the SuperNode's memory
+   in deployment, the simulation's node state in ftsim), and answers with the public keys.
 2. ``train.share_keys`` {round-tag, threshold, nbr-ids, nbr-c, nbr-s}: its neighbours and their
    public keys. The site Shamir-shares its self-mask seed and its mask key among its neighbours
    and itself and answers with each neighbour's shares sealed (AES-GCM) to that neighbour.
-3. ``train.masked_input`` {round-tag, from, sealed, shared}: the shares sealed to this site, and
-   which neighbours completed stage 2. The site answers with its masked vector (uint32).
+3. ``train`` = the plain round's TRAIN message (global adapter, config) + {round-tag, from,
+   sealed}: the shares sealed to this site. The site trains, checks its update (finite, right
+   shapes), quantizes it with its weight folded in, masks it with its self-mask and a pairwise
+   mask per neighbour that shared keys, and answers with the masked vector (uint32) and its
+   metrics. The update itself is never stored or sent.
 4. ``train.unmask`` {round-tag, alive, dropped}: the site checks the request (disjoint sets,
    at least ``threshold`` alive, asked once) and answers with the shares that let the
    coordinator remove alive sites' self-masks and dropped sites' pairwise masks.
@@ -33,17 +34,16 @@ from .primitives import SECRET_BYTES
 RECORD = "secagg"
 MASKED = "masked"
 STATE = "fedtune-secagg"
-STATE_CODE = "fedtune-secagg-code"
 TAG_BYTES = 16
 SHARE_BYTES = 66  # an element of GF(2^521 - 1)
 
+ADVERTISE = "train.advertise"
 SHARE_KEYS = "train.share_keys"
-MASKED_INPUT = "train.masked_input"
 UNMASK = "train.unmask"
-STAGES = (SHARE_KEYS, MASKED_INPUT, UNMASK)
+STAGES = (ADVERTISE, SHARE_KEYS, UNMASK)  # stage 3 is the TRAIN message itself
 
 # Where a site's state is between stages: which stage it completed last.
-DONE_SETUP, DONE_SHARE, DONE_UPLOAD = 1, 2, 3
+DONE_ADVERTISE, DONE_SHARE, DONE_UPLOAD = 1, 2, 3
 
 
 def default_threshold(holders: int) -> int:
@@ -98,12 +98,11 @@ __all__ = [
     "RECORD",
     "MASKED",
     "STATE",
-    "STATE_CODE",
     "TAG_BYTES",
     "SHARE_BYTES",
     "SECRET_BYTES",
+    "ADVERTISE",
     "SHARE_KEYS",
-    "MASKED_INPUT",
     "UNMASK",
     "STAGES",
     "default_threshold",

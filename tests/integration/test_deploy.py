@@ -228,7 +228,7 @@ def test_site_killed_mid_round(federation, min_sites):
     else:
         assert code == 1
         # Secure aggregation (on by default) aborts the round when fewer than min_sites remain; nothing is released.
-        assert "round 1: secure aggregation aborted at key advertisement (after training): 2 site(s) left, 3 needed" in out
+        assert "round 1: secure aggregation aborted at masked upload (after training): 2 site(s) left, 3 needed" in out
         assert "federation.min_sites 3" in out and "nothing was unmasked or released" in out
         assert "continue with: ftserver --resume" in out
         assert [r["round"] for r in _rounds(fed.out)] == [0]

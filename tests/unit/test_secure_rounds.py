@@ -50,10 +50,11 @@ class SecureSite:
             glob = adapters.read_adapter(m.content)
             try:
                 flat = secure.flatten_update(self.update, glob)
-                rec, extra = secure.setup(self.ctx, m.content[p.RECORD], flat, self.examples, seed=7)
+                y, extra = secure.masked_input(self.ctx, m.content[p.RECORD], flat, self.examples, seed=7)
                 metrics = MetricRecord({"num-examples": self.examples, "train-loss": 1.0, **extra})
-                out = RecordDict({"metrics": metrics, "site": self._site("ok"), p.RECORD: rec})
+                out = RecordDict({"metrics": metrics, "site": self._site("ok"), p.MASKED: p.masked_record(y)})
             except SecAggError as e:
+                secure.forget(self.ctx)
                 out = RecordDict({"metrics": MetricRecord({}), "site": self._site("refused", str(e))})
         else:
             out = client_app.handle_secure_stage(m, self.ctx, self.sites).content
@@ -118,13 +119,15 @@ def test_secure_round_gives_the_weighted_mean_within_the_stated_bound_and_never_
     assert np.abs(plain - want["a"]).max() > 100 * bound
     assert r["accepted"] == 5 and stats["sites_per_stage"] == [5, 5, 5, 5, 5] and stats["threshold"] == 3
     assert stats["upload_bytes_per_param"] <= 4.0 * (37 + 1) / 37 + 5  # 4 bytes a value + the .npy header
-    # Nothing a site sent is its update: no float adapter record in any reply.
+    # Nothing a site sent is its update: no float adapter record in any reply, and nothing of
+    # the update is parked in the site's Flower context either (only keys and shares are).
     assert all("arrays" not in reply for s in sites.values() for reply in s.replies)
+    assert all(list(s.ctx.state.keys()) == [] for s in sites.values())  # the round is over: secrets wiped
     assert any("weighted mean of 5 site(s) unmasked" in line for line in said)
 
 
 @pytest.mark.parametrize("n_drop", [1, 2])
-@pytest.mark.parametrize("stage", ["train", p.SHARE_KEYS, p.MASKED_INPUT, p.UNMASK])
+@pytest.mark.parametrize("stage", [p.ADVERTISE, p.SHARE_KEYS, "train", p.UNMASK])
 def test_dropouts_at_each_stage_still_give_the_survivors_exact_mean(tiny_config, tmp_path, stage, n_drop):
     rs = secure_state(tiny_config, tmp_path)
     dropped = [2, 4][:n_drop]
@@ -141,7 +144,7 @@ def test_dropouts_at_each_stage_still_give_the_survivors_exact_mean(tiny_config,
     assert sum(len(v) for v in r["secure_aggregation"]["dropped"].values()) == n_drop
 
 
-@pytest.mark.parametrize("stage", ["train", p.SHARE_KEYS, p.MASKED_INPUT, p.UNMASK])
+@pytest.mark.parametrize("stage", [p.ADVERTISE, p.SHARE_KEYS, "train", p.UNMASK])
 def test_three_dropouts_abort_the_round_and_release_nothing(tiny_config, tmp_path, stage):
     rs = secure_state(tiny_config, tmp_path)
     sites = five({1: stage, 3: stage, 5: stage})
@@ -182,7 +185,7 @@ def _site_after_upload():
     keys = {}
     for i, s in sites.items():
         rec = ConfigRecord({"round-tag": tag, "sid": i, "n-sites": 5, "clip": 0.1, "max-weight": 10_000})
-        pub, _ = secure.setup(s.ctx, rec, secure.flatten_update(s.update, _global()), s.examples, seed=i)
+        pub = secure.advertise(s.ctx, rec)
         keys[i] = (pub["c-pub"], pub["s-pub"])
     out = {}
     for i, s in sites.items():
@@ -192,7 +195,8 @@ def _site_after_upload():
         out[i] = dict(zip(sealed["to"], sealed["sealed"]))
     for i, s in sites.items():
         senders = [j for j in range(1, 6) if j != i]
-        secure.masked_input(s.ctx, ConfigRecord({"round-tag": tag, "from": senders, "sealed": [out[j][i] for j in senders]}))
+        rec = ConfigRecord({"round-tag": tag, "from": senders, "sealed": [out[j][i] for j in senders]})
+        secure.masked_input(s.ctx, rec, secure.flatten_update(s.update, _global()), s.examples, seed=i)
     return sites, tag
 
 
@@ -224,18 +228,36 @@ def test_a_site_refuses_out_of_order_or_unsafe_key_sharing():
     with pytest.raises(SecAggError, match="no secure round in progress"):
         secure.share_keys(s.ctx, ConfigRecord({"round-tag": tag, "threshold": 3, "nbr-ids": [2], "nbr-c": [b"x"], "nbr-s": [b"y"]}))
     rec = ConfigRecord({"round-tag": tag, "sid": 1, "n-sites": 5, "clip": 0.1, "max-weight": 10_000})
-    secure.setup(s.ctx, rec, secure.flatten_update(s.update, _global()), s.examples, seed=1)
+    secure.advertise(s.ctx, rec)
     others = [five()[j] for j in (2, 3)]
     pubs = []
     for j, o in zip((2, 3), others):
         r = ConfigRecord({"round-tag": tag, "sid": j, "n-sites": 5, "clip": 0.1, "max-weight": 10_000})
-        pubs.append(secure.setup(o.ctx, r, secure.flatten_update(o.update, _global()), o.examples, seed=j)[0])
+        pubs.append(secure.advertise(o.ctx, r))
     share = {"round-tag": tag, "nbr-ids": [2, 3], "nbr-c": [q["c-pub"] for q in pubs], "nbr-s": [q["s-pub"] for q in pubs]}
     # A threshold of half the holders or less lets two disjoint groups rebuild both secrets.
     with pytest.raises(SecAggError, match=r"threshold 1 with 3 share holders"):
         secure.share_keys(s.ctx, ConfigRecord({**share, "threshold": 1}))
     with pytest.raises(SecAggError, match="no secure round in progress"):  # a refusal ends the round here
-        secure.masked_input(s.ctx, ConfigRecord({"round-tag": tag, "from": [], "sealed": []}))
+        secure.ready_to_train(s.ctx, ConfigRecord({"round-tag": tag, "from": [], "sealed": []}))
+
+
+def test_a_site_that_lost_its_keys_refuses_before_training(tiny_config, tmp_path):
+    """A site restarted between key sharing and training: it says so at once instead of
+    training a round whose update it could not mask."""
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+
+    class Amnesiac(SecureSite):
+        def __call__(self, m):
+            if m.metadata.message_type == "train":
+                secure.forget(self.ctx)
+            return super().__call__(m)
+
+    sites[4] = Amnesiac(4, sites[4].update, sites[4].examples)
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    assert r["sites"]["site4"]["status"] == "refused" and "no secure round in progress" in r["sites"]["site4"]["reason"]
+    assert r["accepted"] == 4 and r["secure_aggregation"]["dropped"] == {"training": ["site4"]}
 
 
 def test_update_shapes_are_checked_before_masking():

@@ -6,7 +6,11 @@ ConfigRecord {CONFIG_KEY: FedTuneConfig JSON, "server-round": int}}.
 Site -> coordinator: {"arrays" + "adapter-layout": the delta (train only), "metrics": MetricRecord
 (num-examples, losses, timings incl. receive-/startup-seconds, counts), "site": ConfigRecord
 {"name", "status"}}. Status "ok", or why no update
-("data-error", "no-usable-examples", "no-eval-examples").
+("data-error", "no-usable-examples", "no-eval-examples", "refused" with a "reason").
+
+Under secure aggregation the TRAIN message also carries a "secagg" record, the reply carries a
+"masked" vector instead of "arrays", and three more message types surround it
+(train.advertise, train.share_keys, train.unmask): see fedtune.common.secagg.protocol.
 """
 
 CONFIG_KEY = "fedtune-config"

@@ -70,10 +70,14 @@ def secure_mean(
                 f"nothing was unmasked or released. The global adapter stays at round {rnd - 1}; the run can be resumed."
             )
 
-    def stage(kind: str, targets: list[int], build, absorb, timeout: float, label: str) -> None:
+    def stage(kind: str, targets: list[int], build, absorb, timeout: float, label: str, kept) -> None:
+        """One exchange; ``kept()``: the sites it left in the round. Dropouts are named at once."""
         t0 = time.time()
         exchange(grid, [node_of[i] for i in targets], lambda n: build(sid_of[n]), kind, timeout, lambda m, n: absorb(m, n, sid_of[n]))
         timings[label] = round(time.time() - t0, 3)
+        dropped[label] = sorted(name(i) for i in set(targets) - set(kept()))
+        if dropped[label]:
+            say(f"round {rnd} secure | {label}: {len(targets) - len(dropped[label])} of {len(targets)} site(s) went on; dropped: {', '.join(dropped[label])}")
 
     # The threshold is fixed by the sites invited (not by those that turn up), so dropouts
     # can only make a round abort, never make it easier to unmask.
@@ -99,9 +103,8 @@ def secure_mean(
             if isinstance(c, bytes) and isinstance(s_, bytes) and len(c) == len(s_) == 32:
                 keys[sid] = (c, s_)
 
-    stage(p.ADVERTISE, sorted(sid_of.values()), advertise_content, got_keys, sa.stage_timeout_s, "advertise")
+    stage(p.ADVERTISE, sorted(sid_of.values()), advertise_content, got_keys, sa.stage_timeout_s, "advertise", lambda: keys)
     u1 = set(keys)
-    dropped["advertise"] = sorted(name(i) for i in set(node_of) - u1)
     need(u1, "key advertisement", t)
     k = min(k_invited, len(u1) - 1)
     nbrs = neighbours(sorted(u1), k)
@@ -126,9 +129,8 @@ def secure_mean(
             if sorted(to) == nbrs[sid] and len(sealed) == len(to):
                 outbox[sid] = dict(zip(to, sealed))
 
-    stage(p.SHARE_KEYS, sorted(u1), share_content, got_shares, sa.stage_timeout_s, "share_keys")
+    stage(p.SHARE_KEYS, sorted(u1), share_content, got_shares, sa.stage_timeout_s, "share_keys", lambda: outbox)
     u2 = set(outbox)
-    dropped["key_sharing"] = sorted(name(i) for i in u1 - u2)
     need(u2, "key sharing", t)
 
     # 3. train and upload masked: one running sum, never one site's vector kept
@@ -162,8 +164,7 @@ def secure_mean(
         clipped[0] += int(mr.get("clipped-values", 0))
         upload[0] = max(upload[0], len(m.content[p.MASKED]["y"].data))
 
-    stage(MessageType.TRAIN, sorted(u2), train_content, got_masked, fed.round_timeout_s, "train")
-    dropped["training"] = sorted(name(i) for i in u2 - u3)
+    stage(MessageType.TRAIN, sorted(u2), train_content, got_masked, fed.round_timeout_s, "train", lambda: u3)
     need(u3, "masked upload (after training)", t)
 
     # 4. unmask
@@ -184,8 +185,7 @@ def secure_mean(
             except (KeyError, TypeError):
                 pass
 
-    stage(p.UNMASK, sorted(u3), unmask_content, got_answer, sa.stage_timeout_s, "unmask")
-    dropped["unmasking"] = sorted(name(i) for i in u3 - set(answers))
+    stage(p.UNMASK, sorted(u3), unmask_content, got_answer, sa.stage_timeout_s, "unmask", lambda: answers)
     try:
         need(set(answers), "unmasking", t)
         t0 = time.time()

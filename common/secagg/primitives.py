@@ -46,7 +46,8 @@ __all__ = [
     "agree",
     "check_unmask_request",
     "neighbours",
-    "pair_mask",
+    "apply_masks",
+    "CHUNK",
     "prg_mask",
     "private_bytes",
     "public_bytes",
@@ -109,12 +110,20 @@ class Quantizer:
 
     def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
         weight = self.check_weight(weight)
-        x = np.asarray(x, dtype=np.float64).ravel()
+        x = np.asarray(x).ravel()
         if not np.isfinite(x).all():
             raise SecAggError(f"update has {int((~np.isfinite(x)).sum())} non-finite value(s): refused before masking")
-        y = (weight * np.clip(x, -self.clip, self.clip) + self.max_weight * self.clip) / self.step
-        low = np.floor(y)
-        return (low + (rng.random(y.shape) < (y - low))).astype(np.uint32)
+        scale, offset = weight / self.step, self.max_weight * self.clip / self.step
+        out = np.empty(x.size, dtype=np.uint32)
+        for start in range(0, x.size, CHUNK):  # block by block: each stays in cache
+            y = np.clip(x[start : start + CHUNK], -self.clip, self.clip).astype(np.float64)
+            y *= scale
+            y += offset
+            low = np.floor(y)
+            y -= low  # the fraction: round up with that probability
+            low += rng.random(y.size) < y
+            out[start : start + CHUNK] = low
+        return out
 
     def decode_mean(self, total: np.ndarray, n_summed: int, total_weight: int) -> np.ndarray:
         """Sum of ``n_summed`` codes whose weights add up to ``total_weight`` -> the weighted
@@ -139,12 +148,36 @@ class Quantizer:
 # ---------------------------------------------------------------- masks, keys, sealing
 
 
-def prg_mask(seed: bytes, length: int) -> np.ndarray:
-    """``length`` uint32 values of a ChaCha20 keystream keyed by a 32-byte seed."""
+CHUNK = 1 << 18  # values per block when streaming masks and quantizing: stays in cache
+
+
+def _keystream(seed: bytes):
     if len(seed) != SECRET_BYTES:
         raise ValueError(f"mask seed: expected {SECRET_BYTES} bytes, got {len(seed)}")
-    enc = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
-    return np.frombuffer(enc.update(bytes(4 * length)), dtype="<u4").astype(np.uint32, copy=False)
+    return Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
+
+
+def prg_mask(seed: bytes, length: int) -> np.ndarray:
+    """``length`` uint32 values of a ChaCha20 keystream keyed by a 32-byte seed."""
+    return np.frombuffer(_keystream(seed).update(bytes(4 * length)), dtype="<u4").astype(np.uint32, copy=False)
+
+
+def apply_masks(y: np.ndarray, seeds: Iterable[tuple[bytes, int]]) -> np.ndarray:
+    """``y += sign * prg_mask(seed)`` for each (seed, sign) in place (mod 2^32), streaming every
+    keystream block by block: the same values as :func:`prg_mask`, without a full-length
+    temporary per mask."""
+    streams = [(_keystream(seed), sign) for seed, sign in seeds]
+    zeros = bytes(4 * CHUNK)
+    for start in range(0, y.size, CHUNK):
+        block = y[start : start + CHUNK]
+        nbytes = 4 * block.size
+        for enc, sign in streams:
+            m = np.frombuffer(enc.update(zeros[:nbytes]), dtype="<u4")
+            if sign > 0:
+                block += m
+            else:
+                block -= m
+    return y
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:
@@ -269,15 +302,11 @@ class Site:
             self.held[j] = (int.from_bytes(plain[:66], "big"), int.from_bytes(plain[66:], "big"))
 
     def masked_input(self, code: np.ndarray, keys: Mapping[int, tuple[bytes, bytes]], nbrs: list[int]) -> np.ndarray:
-        y = code.astype(np.uint32)  # a copy; uint32 arithmetic wraps: mod 2^32
-        y += prg_mask(self.self_seed, code.size)
+        """code + self-mask + sum over neighbours of +-pairwise mask (+ towards higher ids), mod 2^32."""
+        seeds = [(self.self_seed, 1)]
         for j in nbrs:
-            m = prg_mask(agree(self.s_key, keys[j][1], b"fedtune-secagg-mask" + self.round_tag), code.size)
-            if self.sid < j:
-                y += m
-            else:
-                y -= m
-        return y
+            seeds.append((agree(self.s_key, keys[j][1], b"fedtune-secagg-mask" + self.round_tag), 1 if self.sid < j else -1))
+        return apply_masks(np.array(code, dtype=np.uint32), seeds)  # a copy; uint32 arithmetic wraps: mod 2^32
 
     def unmask(self, alive: Iterable[int], dropped: Iterable[int], threshold: int) -> dict[str, dict[int, int]]:
         alive, dropped = set(alive), set(dropped)
@@ -286,11 +315,6 @@ class Site:
             "self_seed": {j: b for j, (b, _) in self.held.items() if j in alive},
             "pair_key": {j: s for j, (_, s) in self.held.items() if j in dropped and j != self.sid},
         }
-
-
-def pair_mask(private_raw: bytes, peer_public: bytes, round_tag: bytes, length: int) -> np.ndarray:
-    key = agree(X25519PrivateKey.from_private_bytes(private_raw), peer_public, b"fedtune-secagg-mask" + round_tag)
-    return prg_mask(key, length)
 
 
 def unmask_sum(
@@ -311,20 +335,15 @@ def unmask_sum(
     alive = set(alive)
     if len(answers) < threshold:
         raise SecAggError(f"only {len(answers)} site(s) answered the unmask request, {threshold} needed: round aborted, nothing released")
-    total = np.array(total, dtype=np.uint32)
-    length = total.size
+    seeds = []
     for i in sorted(alive):
         shares = {h: a["self_seed"][i] for h, a in answers.items() if i in a["self_seed"]}
-        total -= prg_mask(shamir_combine(shares, threshold), length)
+        seeds.append((shamir_combine(shares, threshold), -1))
     dropped = set(shared) - alive
     for j in sorted(dropped):
         shares = {h: a["pair_key"][j] for h, a in answers.items() if j in a["pair_key"]}
-        s_j = shamir_combine(shares, threshold)
+        s_j = X25519PrivateKey.from_private_bytes(shamir_combine(shares, threshold))
         for i in nbrs[j]:
             if i in alive:  # i added +m_ij if i < j else -m_ij; take it back
-                m = pair_mask(s_j, keys[i][1], round_tag, length)
-                if i < j:
-                    total -= m
-                else:
-                    total += m
-    return total
+                seeds.append((agree(s_j, keys[i][1], b"fedtune-secagg-mask" + round_tag), -1 if i < j else 1))
+    return apply_masks(np.array(total, dtype=np.uint32), seeds)

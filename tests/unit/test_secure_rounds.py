@@ -132,7 +132,8 @@ def test_dropouts_at_each_stage_still_give_the_survivors_exact_mean(tiny_config,
     rs = secure_state(tiny_config, tmp_path)
     dropped = [2, 4][:n_drop]
     sites = five({i: stage for i in dropped})
-    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    said: list[str] = []
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, said.append)
     # A site silent at unmasking had uploaded: its update is in the sum (others rebuild its self-mask).
     summed = list(range(1, 6)) if stage == p.UNMASK else [i for i in range(1, 6) if i not in dropped]
     want = expected_mean(sites, summed)
@@ -141,7 +142,11 @@ def test_dropouts_at_each_stage_still_give_the_survivors_exact_mean(tiny_config,
         assert np.abs(rs.global_state[k].astype(np.float64) - want[k]).max() <= bound + 1e-7
     assert r["accepted"] == len(summed)
     assert sorted(n for n, v in r["sites"].items() if v.get("summed")) == [f"site{i}" for i in summed]
-    assert sum(len(v) for v in r["secure_aggregation"]["dropped"].values()) == n_drop
+    label = {p.ADVERTISE: "advertise", p.SHARE_KEYS: "share_keys", "train": "train", p.UNMASK: "unmask"}[stage]
+    # A site silent from the first message of its first round was never named: its node id stands in.
+    named = [f"node-{i}" if stage == p.ADVERTISE else f"site{i}" for i in dropped]
+    assert r["secure_aggregation"]["dropped"] == {label: named}
+    assert any(f"{label}: {5 - n_drop} of 5 site(s) went on; dropped: {', '.join(named)}" in line for line in said)
 
 
 @pytest.mark.parametrize("stage", [p.ADVERTISE, p.SHARE_KEYS, "train", p.UNMASK])
@@ -257,7 +262,7 @@ def test_a_site_that_lost_its_keys_refuses_before_training(tiny_config, tmp_path
     sites[4] = Amnesiac(4, sites[4].update, sites[4].examples)
     r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
     assert r["sites"]["site4"]["status"] == "refused" and "no secure round in progress" in r["sites"]["site4"]["reason"]
-    assert r["accepted"] == 4 and r["secure_aggregation"]["dropped"] == {"training": ["site4"]}
+    assert r["accepted"] == 4 and r["secure_aggregation"]["dropped"] == {"train": ["site4"]}
 
 
 def test_update_shapes_are_checked_before_masking():

@@ -57,9 +57,10 @@ unmask) with the server's unmasking, ``FedAvg.aggregate_fit`` and storing the ne
 parameters. Excluded: Ray start-up, actor start-up, a warm-up message to every client before
 the workflow (so that every Ray actor is up and has imported everything), the initial-parameters
 stage and evaluation (none: ``fraction_evaluate=0``). Flower's in-memory Grid polls for replies
-every 0.1 s and its simulation engine picks up messages every 0.1 s, so each stage costs
-~0.1-0.2 s of polling whatever the work: ~0.5-0.8 s per SecAgg+ round, ~0.1-0.2 s per plain
-round, on top of the work.
+every 0.1 s inside ``send_and_receive`` (what its workflows use), so each SecAgg+ stage costs up
+to ~0.1 s of polling whatever the work. The engine itself is prepared as ftsim prepares it
+(``fedtune.simulations.cli.prepare_engine``: messages picked up every 0.01 s, not 0.1 s), for
+every arm alike.
 
 **Upload**: ``upload_bytes`` is what one client's reply to the collect-masked-vectors stage
 carries (``.npy`` bytes of its masked int64 arrays: the vector and the 1-element weight, each
@@ -82,7 +83,6 @@ Measured on the 2-core dev machine (10 clients, Flower's defaults): 1M parameter
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import tempfile
@@ -167,14 +167,10 @@ def shutdown() -> None:
 
 
 def _quiet_flower() -> None:
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(logging.WARNING)
-    if not any(getattr(f, "_fedtune_quiet", False) for f in flwr_log.filters):
-        # As fedtune.simulations.cli.run: run_simulation's deprecation notice is not for us.
-        quiet = logging.Filter()
-        quiet.filter = lambda record: "`run_simulation` function is deprecated" not in record.getMessage()  # type: ignore[method-assign]
-        quiet._fedtune_quiet = True  # type: ignore[attr-defined]
-        flwr_log.addFilter(quiet)
+    """Flower's engine as ftsim prepares it (warnings only, messages picked up every 0.01 s)."""
+    from fedtune.simulations.cli import prepare_engine
+
+    prepare_engine()
 
 
 def _ship_by_value() -> None:

@@ -185,6 +185,23 @@ def start_ray() -> None:
         sigterm_as_interrupt()
 
 
+def _not_deprecation_notice(record: logging.LogRecord) -> bool:
+    return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def prepare_engine() -> None:
+    """Flower's simulation engine as ftsim runs it: warnings only, without run_simulation's
+    deprecation notice (we use it on purpose, see the module docstring; the notice is not for
+    our users), and picking up messages every 0.01 s (common/flwr_latency.py)."""
+    from fedtune.common.flwr_latency import tune_simulation
+
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    if _not_deprecation_notice not in flwr_log.filters:
+        flwr_log.addFilter(_not_deprecation_notice)
+    tune_simulation()
+
+
 def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
     """Run the simulation; returns the server's RunState. Ray is shut down on every path."""
     from flwr.simulation import run_simulation
@@ -200,10 +217,7 @@ def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
     result: list = []
     server_app = make_server_app(cfg, out, say, result, resume=resume)
     client_app = make_client_app(sites, device=None if cfg.model.device == "auto" else cfg.model.device)
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(logging.WARNING)
-    # We use run_simulation on purpose (see the module docstring); its deprecation notice is not for our users.
-    flwr_log.addFilter(lambda record: "`run_simulation` function is deprecated" not in record.getMessage())
+    prepare_engine()
     try:
         start_ray()
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites), backend_config=backend_config)

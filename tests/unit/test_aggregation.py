@@ -7,7 +7,16 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from fedtune.server.aggregation import add_update, fedavg_step, l2_norm, spec_of, validate_update, weighted_mean
+from fedtune.server.aggregation import (
+    ServerOptimizer,
+    add_update,
+    fedavg_step,
+    l2_norm,
+    robust_aggregate,
+    spec_of,
+    validate_update,
+    weighted_mean,
+)
 
 F32 = np.float32
 
@@ -193,3 +202,69 @@ def test_running_mean_folds_updates_one_at_a_time():
         m.add({"a": np.zeros(2, dtype=np.float32)}, 0.0)
     with pytest.raises(ValueError):
         RunningMean().result()
+
+
+# ---------------------------------------------------------------- robust aggregators and server optimizers
+
+
+def test_coordinate_median_and_trimmed_mean_hand_computed():
+    ups = [OrderedDict(a=arr([v, -v])) for v in (1.0, 2.0, 3.0, 100.0, 4.0)]
+    np.testing.assert_allclose(robust_aggregate(ups, "median")["a"], [3.0, -3.0])
+    # 5 sites, trim 0.2: one value cut at each end per coordinate -> mean of 2, 3, 4.
+    np.testing.assert_allclose(robust_aggregate(ups, "trimmed-mean", 0.2)["a"], [3.0, -3.0])
+    # trim 0.1 of 5 cuts nothing: the plain (unweighted) mean, outlier included.
+    np.testing.assert_allclose(robust_aggregate(ups, "trimmed-mean", 0.1)["a"], [22.0, -22.0])
+    with pytest.raises(ValueError, match="unknown method"):
+        robust_aggregate(ups, "krum")
+
+
+def test_server_optimizers_hand_computed_two_steps():
+    g = OrderedDict(a=arr([0.0, 0.0]))
+    d1, d2 = OrderedDict(a=arr([0.1, -0.2])), OrderedDict(a=arr([0.3, 0.0]))
+
+    avg = ServerOptimizer("fedavg", lr=0.5)
+    np.testing.assert_allclose(avg.step(avg.step(g, d1), d2)["a"], [0.2, -0.1], atol=1e-7)
+
+    m = ServerOptimizer("fedavgm", lr=1.0, momentum=0.5)
+    x1 = m.step(g, d1)  # v = d1
+    x2 = m.step(x1, d2)  # v = 0.5 d1 + d2 = [0.35, -0.1]
+    np.testing.assert_allclose(x2["a"], [0.1 + 0.35, -0.2 - 0.1], atol=1e-7)
+
+    lr, b1, b2, tau = 0.01, 0.9, 0.99, 1e-6
+    adam = ServerOptimizer("fedadam", lr=lr, beta1=b1, beta2=b2, tau=tau)
+    x1 = adam.step(g, d1)
+    m1 = (1 - b1) * np.array([0.1, -0.2])
+    v1 = (1 - b2) * np.array([0.1, -0.2]) ** 2
+    step1 = lr * np.sqrt(1 - b2) / (1 - b1) * m1 / (np.sqrt(v1) + tau)
+    np.testing.assert_allclose(x1["a"], step1, rtol=1e-5)
+    assert np.allclose(np.abs(x1["a"]), lr, rtol=1e-3)  # the first Adam step is ~lr per value
+
+    yogi = ServerOptimizer("fedyogi", lr=lr, beta1=b1, beta2=b2, tau=tau)
+    yogi.step(g, d1)
+    yogi.step(g, d2)
+    v_yogi1 = (1 - b2) * np.array([0.01, 0.04])  # from v = 0: v - (1-b2) d^2 sign(0 - d^2)
+    d2sq = np.array([0.09, 0.0])
+    np.testing.assert_allclose(yogi.v["a"], v_yogi1 - (1 - b2) * d2sq * np.sign(v_yogi1 - d2sq), rtol=1e-6)
+
+    ada = ServerOptimizer("fedadagrad", lr=lr, beta1=b1, tau=tau)
+    ada.step(g, d1)
+    ada.step(g, d2)
+    np.testing.assert_allclose(ada.v["a"], [0.01 + 0.09, 0.04], rtol=1e-6)
+
+
+def test_server_optimizer_state_round_trips_and_refuses_another_strategy():
+    g = OrderedDict(a=arr([0.0, 1.0]))
+    d = OrderedDict(a=arr([0.1, -0.2]))
+    straight = ServerOptimizer("fedadam")
+    for _ in range(3):
+        g_straight = straight.step(g, d)
+    first = ServerOptimizer("fedadam")
+    first.step(g, d)
+    first.step(g, d)
+    doc, arrays = first.state()
+    resumed = ServerOptimizer("fedadam")
+    resumed.restore(doc, {k: v.copy() for k, v in arrays.items()})
+    np.testing.assert_array_equal(resumed.step(g, d)["a"], g_straight["a"])
+    with pytest.raises(ValueError, match="'fedadam', this run's is 'fedyogi'"):
+        ServerOptimizer("fedyogi").restore(doc, arrays)
+    assert ServerOptimizer("fedavg").state() == ({"strategy": "fedavg", "t": 0}, {})

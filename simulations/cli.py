@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ", ".join(s.name for s in cfg.federation.sites)
     say(
         f"{len(cfg.federation.sites)} site{'s' if len(cfg.federation.sites) != 1 else ''} ({names}); model {cfg.model.name}; {cfg.peft.method} r={cfg.peft.r}; "
-        f"{cfg.federation.strategy}; {cfg.federation.rounds} rounds x "
+        f"{cfg.federation.strategy}{' with secure aggregation (SecAgg+)' if cfg.secure_aggregation.enabled else ''}; {cfg.federation.rounds} rounds x "
         f"{cfg.train.local_steps or str(cfg.train.local_epochs) + ' epochs'} local steps; output {out}"
     )
     sigterm_as_interrupt()

@@ -406,7 +406,10 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         ev = run_evaluation(grid, nodes, rs, rnd, say)
         sites = tr.pop("sites")
         for name, e in ev["sites"].items():
-            sites.setdefault(name, {}).update({k: v for k, v in e.items() if k != "status"})
+            entry = sites.setdefault(name, {})
+            entry.update({k: v for k, v in e.items() if k != "status"})
+            if e.get("status") not in (None, "ok"):  # why this site has no evaluation this round
+                entry["eval_status"] = e["status"]
         rs.rounds.append({"round": rnd, "sites": sites, "aggregate": ev["aggregate"], **tr, "seconds": round(time.time() - t, 3)})
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
         eta = (time.time() - t) * (fed.rounds - rnd)

@@ -109,8 +109,9 @@ def render_markdown(doc: dict, plots: list[str]) -> str:
             s = r.get("sites", {}).get(n)
             if s is None:
                 continue
+            status = s.get("status") or ("eval " + s["eval_status"] if "eval_status" in s else "ok" if r["round"] == 0 else "–")
             lines.append(
-                f"| {r['round']} | {n} | {s.get('status', 'ok' if r['round'] == 0 else '–')} | {_fmt(s.get('train_loss'))} | "
+                f"| {r['round']} | {n} | {status} | {_fmt(s.get('train_loss'))} | "
                 f"{_fmt(s.get('eval_loss'))} | {_fmt(s.get('exact_match'), '.2f')} | {s.get('steps', '–')} | "
                 f"{_fmt(s.get('train_seconds'), '.1f')} | {s.get('bytes_sent', '–')} |"
             )

@@ -252,3 +252,24 @@ def test_a_resumed_fedadam_run_ends_exactly_where_an_uninterrupted_one_does(tiny
     for rnd in (2, 3):
         state = fresh.step(state, OrderedDict((k, np.full(v.shape, -0.01 * rnd, np.float32)) for k, v in state.items()))
     assert any(not np.allclose(state[k], straight.global_state[k], atol=1e-6) for k in state)
+
+
+def test_a_site_that_fails_evaluation_is_recorded_as_such(tiny_config, tmp_path):
+    fed = tiny_config.federation.model_copy(update={"rounds": 1, "min_sites": 1, "round_timeout_s": 2, "join_timeout_s": 1})
+    cfg = tiny_config.model_copy(update={"federation": fed, "output": tiny_config.output.model_copy(update={"plots": False})})
+    import torch
+
+    def flaky(m: Message):
+        if m.metadata.message_type == "evaluate" and int(m.content["config"]["server-round"]) == 1:
+            return Error(code=0, reason="Node Unavailable")
+        content = trainer("flaky", 0.0)(m)
+        if m.metadata.message_type == "train":
+            glob = adapters.read_adapter(m.content)
+            for k, v in adapters.adapter_records(OrderedDict((k, torch.zeros(v.shape)) for k, v in glob.items())).items():
+                content[k] = v
+        return content
+
+    rs = server.run_federation(FakeGrid({1: flaky}), cfg, tmp_path / "run", lambda s: None)
+    entry = rs.rounds[1]["sites"]["flaky"]
+    assert entry["status"] == "ok" and entry["eval_status"] == "error" and "eval_loss" not in entry
+    assert "| 1 | flaky | ok |" in (tmp_path / "run" / "report.md").read_text()

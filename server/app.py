@@ -5,8 +5,9 @@ We drive the rounds ourselves with ``grid.push_messages``/``pull_messages`` inst
 per-round metrics, print progress as each site reports, and checkpoint every round, none of
 which ``start`` lets us do. The maths lives in :mod:`fedtune.server.aggregation`.
 
-Per round: TRAIN (global adapter + config) -> validate each delta -> FedAvg (weighted by
-examples) -> checkpoint ``checkpoints/round-NNNN`` and ``adapter/`` -> EVALUATE the new
+Per round: TRAIN (global adapter + config) -> validate each delta -> weighted mean (or, under
+secure aggregation, the four SecAgg+ exchanges of :mod:`fedtune.server.secure`, which yield only
+the mean) -> server optimizer (FedAvg: add it) -> checkpoint ``checkpoints/round-NNNN`` and ``adapter/`` -> EVALUATE the new
 adapter at every site -> ``metrics.json``. Round 0 is an evaluation of the untouched base
 model, so the report can show each domain's change.
 """
@@ -31,8 +32,8 @@ from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY
 from fedtune.common.metrics import weighted_mean
 from fedtune.common.modeling import load_base_model, lora_config, wrap_peft
 
-from .messaging import FederationError, Printer, exchange, site_of
 from .aggregation import RunningMean, ServerOptimizer, l2_norm, robust_aggregate, spec_of, unflatten, validate_update
+from .messaging import FederationError, Printer, exchange, site_of
 from .report import write_report
 from .secure import secure_mean
 

@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Context
 
-from fedtune.common.secagg import Quantizer, SecAggError, Site, private_bytes
+from fedtune.common.secagg import Quantizer, SecAggError, Site, check_threshold, private_bytes
 from fedtune.common.secagg import protocol as p
 
 
@@ -104,17 +104,7 @@ def advertise(context: Context, sa: ConfigRecord) -> ConfigRecord:
         }
     )
     c_pub, s_pub = site.advertise()
-    return p.record(**{"c-pub": c_pub, "s-pub": s_pub})
-
-
-def ready_to_train(context: Context, sa: ConfigRecord) -> None:
-    """Before a site spends a round training: is there a secure round, at the right stage, to
-    mask the update for? (A site that restarted since key sharing has lost its keys.)"""
-    try:
-        _state(context, sa, p.DONE_SHARE)
-    except SecAggError:
-        forget(context)
-        raise
+    return ConfigRecord({"c-pub": c_pub, "s-pub": s_pub})
 
 
 def _refusal_ends_round(stage):
@@ -122,14 +112,35 @@ def _refusal_ends_round(stage):
     another request (e.g. other alive/dropped sets)."""
 
     @functools.wraps(stage)
-    def run(context: Context, sa: ConfigRecord):
+    def run(context: Context, *args, **kwargs):
         try:
-            return stage(context, sa)
+            return stage(context, *args, **kwargs)
         except SecAggError:
             forget(context)
             raise
 
     return run
+
+
+@_refusal_ends_round
+def ready_to_train(context: Context, sa: ConfigRecord) -> None:
+    """Before a site spends a round training: is there a secure round, at the right stage, to
+    mask the update for? (A site that restarted since key sharing has lost its keys.)"""
+    _state(context, sa, p.DONE_SHARE)
+
+
+def _save(context: Context, st: ConfigRecord, site: Site, **changes) -> None:
+    """The round's state as it now stands: ``st`` with ``changes`` and the shares ``site`` holds."""
+    held = sorted(site.held)
+    context.state[p.STATE] = ConfigRecord(
+        {
+            **dict(st),
+            **changes,
+            "held-ids": held,
+            "held-b": p.ints_to_bytes([site.held[j][0] for j in held]),
+            "held-s": p.ints_to_bytes([site.held[j][1] for j in held]),
+        }
+    )
 
 
 @_refusal_ends_round
@@ -145,7 +156,7 @@ def share_keys(context: Context, sa: ConfigRecord) -> ConfigRecord:
     if len(set(c_pubs) | set(s_pubs)) != 2 * len(ids) or mine & (set(c_pubs) | set(s_pubs)):
         raise SecAggError("neighbour keys repeat, or repeat this site's own: refused")
     threshold = int(sa["threshold"])
-    why = p.check_threshold(threshold, len(ids) + 1)
+    why = check_threshold(threshold, len(ids) + 1)
     if why:
         raise SecAggError(f"{why}: refused")
     keys = dict(zip(ids, zip(c_pubs, s_pubs)))
@@ -153,38 +164,17 @@ def share_keys(context: Context, sa: ConfigRecord) -> ConfigRecord:
         sealed = site.share_keys(keys, ids, threshold)
     except ValueError as e:  # a public key that is not a valid X25519 point
         raise SecAggError(f"neighbour key: {e}: refused") from None
-    b_own, s_own = site.held[site.sid]
-    st_new = dict(st)
-    st_new.update(
-        {
-            "threshold": threshold,
-            "nbr-ids": ids,
-            "nbr-c": c_pubs,
-            "nbr-s": s_pubs,
-            "held-ids": [site.sid],
-            "held-b": p.ints_to_bytes([b_own]),
-            "held-s": p.ints_to_bytes([s_own]),
-            "stage": p.DONE_SHARE,
-        }
-    )
-    context.state[p.STATE] = ConfigRecord(st_new)
+    _save(context, st, site, **{"threshold": threshold, "nbr-ids": ids, "nbr-c": c_pubs, "nbr-s": s_pubs, "stage": p.DONE_SHARE})
     to = sorted(sealed)
-    return p.record(to=to, sealed=[sealed[j] for j in to])
+    return ConfigRecord({"to": to, "sealed": [sealed[j] for j in to]})
 
 
+@_refusal_ends_round
 def masked_input(context: Context, sa: ConfigRecord, flat: np.ndarray, weight: int, seed: int) -> tuple[np.ndarray, dict]:
     """Stage 3, after training: take the shares sealed to this site; quantize the update
     (refused if not finite; each value clipped; the weight, capped at max-weight, folded in);
     mask it with the self-mask and a pairwise mask per neighbour that shared keys (those that
     did not are left out). -> (masked uint32 vector, metrics: values clipped, weight used)."""
-    try:
-        return _masked_input(context, sa, flat, weight, seed)
-    except SecAggError:
-        forget(context)
-        raise
-
-
-def _masked_input(context: Context, sa: ConfigRecord, flat: np.ndarray, weight: int, seed: int) -> tuple[np.ndarray, dict]:
     st = _state(context, sa, p.DONE_SHARE)
     site = _site(st)
     keys = _keys(st)
@@ -208,17 +198,7 @@ def _masked_input(context: Context, sa: ConfigRecord, flat: np.ndarray, weight: 
     code = q.encode(flat, used, np.random.default_rng([seed, int.from_bytes(site.round_tag[:8], "big")]))
     clipped = int(np.count_nonzero(np.abs(flat) > q.clip))
     y = site.masked_input(code, keys, senders)
-    held = sorted(site.held)
-    st_new = dict(st)
-    st_new.update(
-        {
-            "held-ids": held,
-            "held-b": p.ints_to_bytes([site.held[j][0] for j in held]),
-            "held-s": p.ints_to_bytes([site.held[j][1] for j in held]),
-            "stage": p.DONE_UPLOAD,
-        }
-    )
-    context.state[p.STATE] = ConfigRecord(st_new)
+    _save(context, st, site, stage=p.DONE_UPLOAD)
     return y, {"clipped-values": clipped, "secagg-weight": used}
 
 
@@ -234,8 +214,8 @@ def unmask(context: Context, sa: ConfigRecord) -> ConfigRecord:
         raise SecAggError("unmask request lists this site, which uploaded, as not alive: refused")
     shares = site.unmask(alive, dropped, int(st["threshold"]))  # refuses overlapping or short requests
     self_ids, pair_ids = sorted(shares["self_seed"]), sorted(shares["pair_key"])
-    return p.record(
-        **{
+    return ConfigRecord(
+        {
             "self-ids": self_ids,
             "self-shares": p.ints_to_bytes([shares["self_seed"][j] for j in self_ids]),
             "pair-ids": pair_ids,

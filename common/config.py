@@ -245,8 +245,10 @@ class SecureAggregationConfig(_Strict):
     @model_validator(mode="after")
     def _threshold_fits(self) -> "SecureAggregationConfig":
         if self.threshold is not None and self.neighbours is not None:
+            from fedtune.common.secagg.primitives import check_threshold  # the rule the sites apply
+
             holders = self.neighbours + 1
-            if not holders / 2 < self.threshold <= holders:
+            if check_threshold(self.threshold, holders):
                 raise ValueError(
                     f"threshold {self.threshold} with {self.neighbours} neighbours: expected more than half and at most all of "
                     f"the {holders} share holders (neighbours + the site), i.e. {holders // 2 + 1}..{holders}"
@@ -277,9 +279,9 @@ class FedTuneConfig(_Strict):
 
     @model_validator(mode="after")
     def _secure_aggregation_fits(self) -> "FedTuneConfig":
-        if self.secure_aggregation.enabled:
-            for problem in secure_aggregation_conflicts(self):
-                raise ValueError(problem)
+        problems = secure_aggregation_conflicts(self) if self.secure_aggregation.enabled else []
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def with_secure_default(self, enabled: bool) -> "FedTuneConfig":
@@ -318,9 +320,9 @@ def secure_aggregation_conflicts(cfg: "FedTuneConfig") -> list[str]:
             problems.append(f"secure aggregation needs at least 2 sites; federation.sites lists {n}")
         elif sa.neighbours is not None and sa.neighbours > n - 1:
             problems.append(f"secure_aggregation.neighbours {sa.neighbours}: at most {n - 1} with the {n} sites listed")
-        elif sa.threshold is not None and sa.threshold > min(n, (sa.neighbours or n - 1) + 1):
+        elif sa.threshold is not None and sa.threshold > (holders := min(n, (sa.neighbours or n - 1) + 1)):
             problems.append(
-                f"secure_aggregation.threshold {sa.threshold}: at most {min(n, (sa.neighbours or n - 1) + 1)} share holders per site "
+                f"secure_aggregation.threshold {sa.threshold}: at most {holders} share holders per site "
                 f"with the {n} sites listed; no round could ever be unmasked"
             )
         if sa.max_weight >= (1 << 32) // n:

@@ -262,13 +262,12 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
 
     record: dict = {}
     if secure:
-        length = int(sum(int(np.prod(s_, dtype=np.int64)) for s_ in spec.values()))
-        out = secure_mean(grid, nodes, content, cfg, rnd, length, absorb, rs.node_names, say)
+        out = secure_mean(grid, nodes, content, cfg, rnd, rs.trainable_params, absorb, rs.node_names, say)
         update = unflatten(out.mean, spec)
         for name, info in sites.items():
             if info.get("status") == "ok":
                 info["summed"] = name in out.summed
-                info["bytes_sent"] = int(out.stats["upload_bytes_per_param"] * length) if name in out.summed else 0
+                info["bytes_sent"] = out.summed.get(name, 0)
         accepted = len(out.summed)
         record["secure_aggregation"] = out.stats
         say(

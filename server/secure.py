@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.common.config import FedTuneConfig
-from fedtune.common.secagg import Quantizer, SecAggError, neighbours, unmask_sum
+from fedtune.common.secagg import Quantizer, SecAggError, check_threshold, default_threshold, neighbours, unmask_sum
 from fedtune.common.secagg import protocol as p
 
 from .messaging import FederationError, Printer, exchange, site_of
@@ -30,8 +30,7 @@ from .messaging import FederationError, Printer, exchange, site_of
 @dataclass
 class SecureOutcome:
     mean: np.ndarray  # float64, the weighted mean of the summed sites' updates
-    total_weight: int
-    summed: list[str]
+    summed: dict[str, int]  # the sites summed -> the bytes each uploaded
     stats: dict = field(default_factory=dict)
 
 
@@ -82,8 +81,8 @@ def secure_mean(
     # The threshold is fixed by the sites invited (not by those that turn up), so dropouts
     # can only make a round abort, never make it easier to unmask.
     k_invited = min(sa.neighbours or len(nodes) - 1, len(nodes) - 1)
-    t = sa.threshold or p.default_threshold(k_invited + 1)
-    why = p.check_threshold(t, k_invited + 1)
+    t = sa.threshold or default_threshold(k_invited + 1)
+    why = check_threshold(t, k_invited + 1)
     if why:
         raise FederationError(
             f"round {rnd}: secure aggregation cannot start: secure_aggregation.{why} "
@@ -94,7 +93,7 @@ def secure_mean(
     keys: dict[int, tuple[bytes, bytes]] = {}
 
     def advertise_content(sid: int) -> RecordDict:
-        rec = p.record(**{"round-tag": tag, "sid": sid, "n-sites": len(nodes), "clip": sa.clip, "max-weight": sa.max_weight})
+        rec = ConfigRecord({"round-tag": tag, "sid": sid, "n-sites": len(nodes), "clip": sa.clip, "max-weight": sa.max_weight})
         return RecordDict({p.RECORD: rec})
 
     def got_keys(m: Message, node: int, sid: int) -> None:
@@ -106,20 +105,16 @@ def secure_mean(
     stage(p.ADVERTISE, sorted(sid_of.values()), advertise_content, got_keys, sa.stage_timeout_s, "advertise", lambda: keys)
     u1 = set(keys)
     need(u1, "key advertisement", t)
+    # Still t share holders each: k + 1 = min(k_invited + 1, |u1|), both checked >= t above.
     k = min(k_invited, len(u1) - 1)
     nbrs = neighbours(sorted(u1), k)
-    if k + 1 < t:
-        raise FederationError(
-            f"round {rnd}: secure aggregation aborted: {len(u1)} site(s) advertised keys, each with {k} neighbour(s), "
-            f"fewer share holders than secure_aggregation.threshold {t}; nothing was released"
-        )
 
     # 2. share keys
     outbox: dict[int, dict[int, bytes]] = {}
 
     def share_content(sid: int) -> RecordDict:
         ids = nbrs[sid]
-        rec = p.record(**{"round-tag": tag, "threshold": t, "nbr-ids": ids, "nbr-c": [keys[j][0] for j in ids], "nbr-s": [keys[j][1] for j in ids]})
+        rec = ConfigRecord({"round-tag": tag, "threshold": t, "nbr-ids": ids, "nbr-c": [keys[j][0] for j in ids], "nbr-s": [keys[j][1] for j in ids]})
         return RecordDict({p.RECORD: rec})
 
     def got_shares(m: Message, node: int, sid: int) -> None:
@@ -137,12 +132,12 @@ def secure_mean(
     total = np.zeros(length, dtype=np.uint32)
     u3: set[int] = set()
     weights: dict[int, int] = {}
+    uploaded: dict[int, int] = {}
     clipped = [0]
-    upload = [0]
 
     def train_content(sid: int) -> RecordDict:
         senders = [j for j in nbrs[sid] if j in u2]
-        rec = p.record(**{"round-tag": tag, "from": senders, "sealed": [outbox[j][sid] for j in senders]})
+        rec = ConfigRecord({"round-tag": tag, "from": senders, "sealed": [outbox[j][sid] for j in senders]})
         return RecordDict({**dict(content.items()), p.RECORD: rec})
 
     def got_masked(m: Message, node: int, sid: int) -> None:
@@ -162,7 +157,7 @@ def secure_mean(
         u3.add(sid)
         weights[sid] = w
         clipped[0] += int(mr.get("clipped-values", 0))
-        upload[0] = max(upload[0], len(m.content[p.MASKED]["y"].data))
+        uploaded[sid] = len(m.content[p.MASKED]["y"].data)
 
     stage(MessageType.TRAIN, sorted(u2), train_content, got_masked, fed.round_timeout_s, "train", lambda: u3)
     need(u3, "masked upload (after training)", t)
@@ -172,7 +167,7 @@ def secure_mean(
     dead = sorted(u2 - u3)
 
     def unmask_content(sid: int) -> RecordDict:
-        return RecordDict({p.RECORD: p.record(**{"round-tag": tag, "alive": sorted(u3), "dropped": dead})})
+        return RecordDict({p.RECORD: ConfigRecord({"round-tag": tag, "alive": sorted(u3), "dropped": dead})})
 
     def got_answer(m: Message, node: int, sid: int) -> None:
         if _ok(m, node, names):
@@ -206,7 +201,7 @@ def secure_mean(
         "clip": sa.clip,
         "clipped_values": clipped[0],
         "quantization_error_bound": bound,
-        "upload_bytes_per_param": round(upload[0] / max(length, 1), 4),
+        "upload_bytes_per_param": round(max(uploaded.values()) / max(length, 1), 4),
         "stage_seconds": timings,
     }
     if clipped[0]:
@@ -214,4 +209,4 @@ def secure_mean(
             f"round {rnd} secure | {clipped[0]:,} update value(s) exceeded secure_aggregation.clip {sa.clip:g} and were clipped; "
             "raise the clip if this recurs"
         )
-    return SecureOutcome(mean=mean, total_weight=weight, summed=sorted(name(i) for i in u3), stats=stats)
+    return SecureOutcome(mean=mean, summed={name(i): uploaded[i] for i in sorted(u3)}, stats=stats)

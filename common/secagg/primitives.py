@@ -41,6 +41,9 @@ __all__ = [
     "PRIME",
     "Quantizer",
     "SECRET_BYTES",
+    "SHARE_BYTES",
+    "check_threshold",
+    "default_threshold",
     "SecAggError",
     "Site",
     "agree",
@@ -62,6 +65,7 @@ MOD_BITS = 32
 MOD = 1 << MOD_BITS
 PRIME = (1 << 521) - 1  # a Mersenne prime: 32-byte secrets fit with room to spare
 SECRET_BYTES = 32
+SHARE_BYTES = 66  # an element of GF(2^521 - 1), as it travels
 
 
 class SecAggError(RuntimeError):
@@ -189,6 +193,16 @@ def agree(private: X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:
     return _hkdf(private.exchange(X25519PublicKey.from_public_bytes(peer_public)), info)
 
 
+def share_key(private: X25519PrivateKey, peer_public: bytes, round_tag: bytes) -> bytes:
+    """The key that seals shares between two sites in one round."""
+    return agree(private, peer_public, b"fedtune-secagg-share" + round_tag)
+
+
+def mask_key(private: X25519PrivateKey, peer_public: bytes, round_tag: bytes) -> bytes:
+    """The seed of the pairwise mask two sites add (one +, one -) in one round."""
+    return agree(private, peer_public, b"fedtune-secagg-mask" + round_tag)
+
+
 def public_bytes(private: X25519PrivateKey) -> bytes:
     return private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -253,6 +267,21 @@ def neighbours(ids: list[int], k: int) -> dict[int, list[int]]:
     return out
 
 
+def default_threshold(holders: int) -> int:
+    """A majority of a site's share holders (its neighbours and itself)."""
+    return holders // 2 + 1
+
+
+def check_threshold(threshold: int, holders: int) -> str | None:
+    """Why ``threshold`` is unsafe or unusable for ``holders`` share holders, else None.
+
+    Above half: a coordinator then cannot gather a site's self-mask shares and its mask-key
+    shares from two disjoint groups of holders. At most all: else nothing could be unmasked."""
+    if not holders / 2 < threshold <= holders:
+        return f"threshold {threshold} with {holders} share holders: expected {holders // 2 + 1}..{holders}"
+    return None
+
+
 def check_unmask_request(alive: Iterable[int], dropped: Iterable[int], threshold: int) -> None:
     alive, dropped = set(alive), set(dropped)
     if alive & dropped:
@@ -287,9 +316,8 @@ class Site:
         self.held[self.sid] = (b_shares[self.sid], s_shares[self.sid])
         out = {}
         for j in nbrs:
-            key = agree(self.c_key, keys[j][0], b"fedtune-secagg-share" + self.round_tag)
-            plain = b_shares[j].to_bytes(66, "big") + s_shares[j].to_bytes(66, "big")
-            out[j] = seal(key, plain, self._aad(self.sid, j))
+            plain = b_shares[j].to_bytes(SHARE_BYTES, "big") + s_shares[j].to_bytes(SHARE_BYTES, "big")
+            out[j] = seal(share_key(self.c_key, keys[j][0], self.round_tag), plain, self._aad(self.sid, j))
         return out
 
     def _aad(self, sender: int, receiver: int) -> bytes:
@@ -297,15 +325,14 @@ class Site:
 
     def receive_shares(self, keys: Mapping[int, tuple[bytes, bytes]], sealed: Mapping[int, bytes]) -> None:
         for j, ct in sealed.items():
-            key = agree(self.c_key, keys[j][0], b"fedtune-secagg-share" + self.round_tag)
-            plain = unseal(key, ct, self._aad(j, self.sid))
-            self.held[j] = (int.from_bytes(plain[:66], "big"), int.from_bytes(plain[66:], "big"))
+            plain = unseal(share_key(self.c_key, keys[j][0], self.round_tag), ct, self._aad(j, self.sid))
+            self.held[j] = (int.from_bytes(plain[:SHARE_BYTES], "big"), int.from_bytes(plain[SHARE_BYTES:], "big"))
 
     def masked_input(self, code: np.ndarray, keys: Mapping[int, tuple[bytes, bytes]], nbrs: list[int]) -> np.ndarray:
         """code + self-mask + sum over neighbours of +-pairwise mask (+ towards higher ids), mod 2^32."""
         seeds = [(self.self_seed, 1)]
         for j in nbrs:
-            seeds.append((agree(self.s_key, keys[j][1], b"fedtune-secagg-mask" + self.round_tag), 1 if self.sid < j else -1))
+            seeds.append((mask_key(self.s_key, keys[j][1], self.round_tag), 1 if self.sid < j else -1))
         return apply_masks(np.array(code, dtype=np.uint32), seeds)  # a copy; uint32 arithmetic wraps: mod 2^32
 
     def unmask(self, alive: Iterable[int], dropped: Iterable[int], threshold: int) -> dict[str, dict[int, int]]:
@@ -345,5 +372,5 @@ def unmask_sum(
         s_j = X25519PrivateKey.from_private_bytes(shamir_combine(shares, threshold))
         for i in nbrs[j]:
             if i in alive:  # i added +m_ij if i < j else -m_ij; take it back
-                seeds.append((agree(s_j, keys[i][1], b"fedtune-secagg-mask" + round_tag), -1 if i < j else 1))
+                seeds.append((mask_key(s_j, keys[i][1], round_tag), -1 if i < j else 1))
     return apply_masks(np.array(total, dtype=np.uint32), seeds)

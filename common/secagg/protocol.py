@@ -27,15 +27,14 @@ and a reason; the coordinator treats it as a dropout.
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord
 
-from .primitives import SECRET_BYTES
+from .primitives import SHARE_BYTES
 
 RECORD = "secagg"
 MASKED = "masked"
 STATE = "fedtune-secagg"
 TAG_BYTES = 16
-SHARE_BYTES = 66  # an element of GF(2^521 - 1)
 
 ADVERTISE = "train.advertise"
 SHARE_KEYS = "train.share_keys"
@@ -44,21 +43,6 @@ STAGES = (ADVERTISE, SHARE_KEYS, UNMASK)  # stage 3 is the TRAIN message itself
 
 # Where a site's state is between stages: which stage it completed last.
 DONE_ADVERTISE, DONE_SHARE, DONE_UPLOAD = 1, 2, 3
-
-
-def default_threshold(holders: int) -> int:
-    """A majority of a site's share holders (its neighbours and itself)."""
-    return holders // 2 + 1
-
-
-def check_threshold(threshold: int, holders: int) -> str | None:
-    """Why ``threshold`` is unsafe or unusable for ``holders`` share holders, else None.
-
-    Above half: a coordinator then cannot gather a site's self-mask shares and its mask-key
-    shares from two disjoint groups of holders. At most all: else nothing could be unmasked."""
-    if not holders / 2 < threshold <= holders:
-        return f"threshold {threshold} with {holders} share holders: expected {holders // 2 + 1}..{holders}"
-    return None
 
 
 def ints_to_bytes(values: list[int]) -> list[bytes]:
@@ -88,23 +72,3 @@ def read_masked(content, length: int) -> np.ndarray:
     if a.stype != RAW_STYPE or a.dtype != "<u4" or tuple(a.shape) != (length,) or len(a.data) != 4 * length:
         raise ValueError(f"masked vector: {a.stype} {a.dtype} {tuple(a.shape)}, expected {RAW_STYPE} <u4 ({length},)")
     return np.frombuffer(a.data, dtype="<u4")
-
-
-def record(**values) -> ConfigRecord:
-    return ConfigRecord(values)
-
-
-__all__ = [
-    "RECORD",
-    "MASKED",
-    "STATE",
-    "TAG_BYTES",
-    "SHARE_BYTES",
-    "SECRET_BYTES",
-    "ADVERTISE",
-    "SHARE_KEYS",
-    "UNMASK",
-    "STAGES",
-    "default_threshold",
-    "check_threshold",
-]

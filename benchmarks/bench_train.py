@@ -25,7 +25,6 @@ import torch
 from _common import DATA, DEFAULT_CONFIG, median, say
 
 
-
 def _pad(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad one batch (independent of fedtune's collate; checked equal to it below)."""
     width = max(len(it["input_ids"]) for it in items)

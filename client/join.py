@@ -181,13 +181,13 @@ def join(args: argparse.Namespace) -> int:
 
     def relay(line: str) -> None:
         text = ANSI.sub("", line).strip()
+        tls = "CERTIFICATE_VERIFY_FAILED" in text
         if any(m in text for m in REFUSED_MARKERS):
             seen["refused"] = True
-        if "CERTIFICATE_VERIFY_FAILED" in text:
-            seen["tls"] = True
+        seen["tls"] |= tls
         if "EXPERIMENTAL: SuperExec authentication" in text:
             return  # Flower's notice about the secret we use for the local task API; not for the site's operator
-        if text.startswith(("ERROR", "WARNING")) or "CERTIFICATE_VERIFY_FAILED" in text:
+        if text.startswith(("ERROR", "WARNING")) or tls:
             say(f"SuperNode: {text}")
 
     def watch_node() -> None:

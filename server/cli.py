@@ -25,9 +25,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import get_args
 
 from fedtune.common.checkpoint import atomic_write_bytes, atomic_write_json
-from fedtune.common.config import ConfigError, FedTuneConfig, flag_overrides, load_config, read_config_file
+from fedtune.common.config import ConfigError, FedTuneConfig, Strategy, flag_overrides, load_config, read_config_file
 from fedtune.common.procs import flwr_config_string, follow, sigterm_as_interrupt, spawn, stop, tail, tool, tool_env, wait_for_port
 
 CONN = "fedtune"
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-sites", type=int, help="start once this many sites have joined (federation.expected_sites)")
     p.add_argument("--join-timeout", type=float, help="seconds to wait for sites to join (federation.join_timeout_s)")
     p.add_argument("--round-timeout", type=float, help="seconds before a silent site is dropped from a round (federation.round_timeout_s)")
-    p.add_argument("--strategy", choices=["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"], help="server optimizer (default fedavg)")
+    p.add_argument("--strategy", choices=get_args(Strategy), help="server optimizer (default fedavg)")
     p.add_argument(
         "--no-secure-aggregation",
         dest="secure_aggregation",

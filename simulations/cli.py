@@ -26,8 +26,9 @@ import time
 import warnings
 from importlib import resources
 from pathlib import Path
+from typing import get_args
 
-from fedtune.common.config import ConfigError, FedTuneConfig, flag_overrides, load_config, read_config_file
+from fedtune.common.config import ConfigError, FedTuneConfig, Strategy, flag_overrides, load_config, read_config_file
 from fedtune.common.procs import sigterm_as_interrupt
 
 BUNDLED_DATA = "data"
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", action="append", default=[], metavar="NAME=TRAIN[:EVAL]", help="a virtual site and its data files (repeatable)")
     p.add_argument("--model", help="'default', a local HF directory, a .gguf file, or a hub id")
     p.add_argument("--peft", help="fine-tuning method (lora)")
-    p.add_argument("--strategy", choices=["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"], help="server optimizer (default fedavg)")
+    p.add_argument("--strategy", choices=get_args(Strategy), help="server optimizer (default fedavg)")
     p.add_argument(
         "--secure-aggregation",
         action="store_const",

@@ -173,11 +173,12 @@ def _quiet_flower() -> None:
     prepare_engine()
 
 
-def _ship_by_value() -> None:
-    """Ray workers get this module's client code by value, whatever name it was imported under."""
+def _ship_by_value(*modules) -> None:
+    """Ray workers get these modules' client code by value, whatever name they were imported under."""
     import ray.cloudpickle
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    for module in modules:
+        ray.cloudpickle.register_pickle_by_value(module)
 
 
 # ------------------------------------------------------------------ the apps
@@ -335,33 +336,47 @@ def _check_inputs(vectors, weights) -> tuple[list[np.ndarray], list[int]]:
     return vecs, ws
 
 
-def _run(vectors, weights, fit_workflow, secure: bool, cpus_per_client: float) -> FlowerSecAggResult:
+def simulate(vectors, weights, server_app_for, client_app_for, cpus_per_client: float = 1.0) -> None:
+    """Run ``server_app_for(n_clients, n_params)`` with ``client_app_for(paths, weights)`` in
+    Flower's simulation engine, one virtual client per vector. Client ``i`` reads its vector
+    from ``paths[i]`` (Ray ships the ClientApp with every message, so vectors stay on disk).
+    Ray is started once per process and kept up between calls (see "Ray" above)."""
     from flwr.simulation import run_simulation
 
     from fedtune.simulations.cli import start_ray
 
     vecs, ws = _check_inputs(vectors, weights)
-    n = vecs[0].size
-    timed = _TimedFit(fit_workflow)
-    out: list = []
+    m, n = len(vecs), vecs[0].size
     _quiet_flower()
-    with _ray_lock, tempfile.TemporaryDirectory(prefix="flower-secagg-") as tmp:
+    with _ray_lock, tempfile.TemporaryDirectory(prefix="secagg-bench-") as tmp:
         paths = []
         for i, v in enumerate(vecs):
-            p = os.path.join(tmp, f"client{i}.npy")
-            np.save(p, v)
-            paths.append(p)
-        del vecs  # the clients read their vector from disk: Ray ships the ClientApp with every message
+            paths.append(os.path.join(tmp, f"client{i}.npy"))
+            np.save(paths[-1], v)
+        del vecs
         start_ray()
-        _ship_by_value()
+        _ship_by_value(sys.modules[__name__], sys.modules[client_app_for.__module__])
         cpus = min(float(cpus_per_client), float(os.cpu_count() or 1))
         with _flower_keeps_ray():
             run_simulation(
-                server_app=_make_server_app(len(paths), n, timed, out),
-                client_app=_make_client_app(paths, ws, secure),
-                num_supernodes=len(paths),
+                server_app=server_app_for(m, n),
+                client_app=client_app_for(paths, ws),
+                num_supernodes=m,
                 backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}},
             )
+
+
+def _run(vectors, weights, fit_workflow, secure: bool, cpus_per_client: float) -> FlowerSecAggResult:
+    timed = _TimedFit(fit_workflow)
+    out: list = []
+    simulate(
+        vectors,
+        weights,
+        lambda m, n: _make_server_app(m, n, timed, out),
+        lambda paths, ws: _make_client_app(paths, ws, secure),
+        cpus_per_client,
+    )
+    n = np.asarray(vectors[0]).size
     if not out or timed.aggregate is None or timed.seconds is None:
         raise RuntimeError("the Flower simulation ended without an aggregate (see Flower's messages above)")
     if len(timed.aggregate) != 1 or timed.aggregate[0].size != n:

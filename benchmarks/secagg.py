@@ -31,7 +31,6 @@ The last line is ``key=value`` figures:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -91,19 +90,16 @@ def _client_app(paths: list[str], weights: list[int]):
 
 
 def fedtune_round(vectors, weights, *, secure: bool, clip: float = 0.1, max_weight: int = 10_000, cpus_per_client: float = 1.0):
-    """One training round of ours over the vectors -> (new global vector from zeros, seconds, upload bytes per param)."""
+    """One training round of ours over the vectors -> {aggregate (new global vector from zeros),
+    seconds, upload (bytes per param), secure (the round's secure_aggregation record)}."""
     from collections import OrderedDict
 
     from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
 
     from fedtune.common.config import FedTuneConfig
     from fedtune.server import app as server
     from fedtune.server.aggregation import ServerOptimizer
-    from fedtune.simulations.cli import start_ray
 
-    vecs, ws = fs._check_inputs(vectors, weights)
-    n = vecs[0].size
     cfg = FedTuneConfig.model_validate(
         {
             "federation": {"rounds": 1, "min_sites": 2, "round_timeout_s": 3600},
@@ -111,47 +107,33 @@ def fedtune_round(vectors, weights, *, secure: bool, clip: float = 0.1, max_weig
         }
     )
     out: dict = {}
-    server_app = ServerApp()
 
-    @server_app.main()
-    def main(grid, context) -> None:
-        fs._warm_up(grid, len(ws))
-        with tempfile.TemporaryDirectory() as run_dir:
-            rs = server.RunState(
-                cfg=cfg,
-                out=Path(run_dir),
-                global_state=OrderedDict(w=np.zeros(n, np.float32)),
-                peft_config=None,
-                trainable_params=n,
-                optimizer=ServerOptimizer.from_config(cfg.federation),
-            )
-            t0 = time.perf_counter()
-            rec = server.run_training_round(grid, sorted(grid.get_node_ids()), rs, 1, lambda s: None)
-            out["seconds"] = time.perf_counter() - t0
-            out["aggregate"] = rs.global_state["w"].astype(np.float64)
-            sites = [v for v in rec["sites"].values() if v.get("status") == "ok"]
-            out["upload"] = max(v.get("bytes_sent", 0) for v in sites) / n
-            out["secure"] = rec.get("secure_aggregation")
+    def server_app_for(m: int, n: int) -> ServerApp:
+        app = ServerApp()
 
-    fs._quiet_flower()
-    with fs._ray_lock, tempfile.TemporaryDirectory(prefix="fedtune-secagg-") as tmp:
-        paths = []
-        for i, v in enumerate(vecs):
-            paths.append(os.path.join(tmp, f"site{i}.npy"))
-            np.save(paths[-1], v)
-        del vecs
-        start_ray()
-        fs._ship_by_value()
-        import ray.cloudpickle
+        @app.main()
+        def main(grid, context) -> None:
+            fs._warm_up(grid, m)
+            with tempfile.TemporaryDirectory() as run_dir:
+                rs = server.RunState(
+                    cfg=cfg,
+                    out=Path(run_dir),
+                    global_state=OrderedDict(w=np.zeros(n, np.float32)),
+                    peft_config=None,
+                    trainable_params=n,
+                    optimizer=ServerOptimizer.from_config(cfg.federation),
+                )
+                t0 = time.perf_counter()
+                rec = server.run_training_round(grid, sorted(grid.get_node_ids()), rs, 1, lambda s: None)
+                out["seconds"] = time.perf_counter() - t0
+                out["aggregate"] = rs.global_state["w"].astype(np.float64)
+                sites = [v for v in rec["sites"].values() if v.get("status") == "ok"]
+                out["upload"] = max(v.get("bytes_sent", 0) for v in sites) / n
+                out["secure"] = rec.get("secure_aggregation")
 
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-        with fs._flower_keeps_ray():
-            run_simulation(
-                server_app=server_app,
-                client_app=_client_app(paths, ws),
-                num_supernodes=len(paths),
-                backend_config={"client_resources": {"num_cpus": min(float(cpus_per_client), float(os.cpu_count() or 1)), "num_gpus": 0.0}},
-            )
+        return app
+
+    fs.simulate(vectors, weights, server_app_for, _client_app, cpus_per_client)
     if "aggregate" not in out:
         raise RuntimeError("the round ended without an aggregate (see the messages above)")
     return out

@@ -45,7 +45,7 @@ def run(steps: int = 4, reps: int = 6) -> dict:
 
     from fedtune.client import app as capp
     from fedtune.client.trainer import batch_order, dropout_seed
-    from fedtune.common import adapters
+    from fedtune.common import adapters, methods
     from fedtune.common.config import load_config
     from fedtune.common.data import collate
     from fedtune.common.modeling import load_base_model
@@ -56,7 +56,7 @@ def run(steps: int = 4, reps: int = 6) -> dict:
 
     # --- A: the ClientApp's own runtime (base model + adapter, cached per process) and data.
     rt = capp.runtime(cfg, None)
-    init_state = adapters.get_trainable_state(rt.model)  # = the server's initial adapter (same seed)
+    init_state = methods.get_state(rt.model)  # = the server's initial adapter (same seed)
     st = capp.site_state(site, cfg, rt)
     items, pad_id = st.train_items, rt.tokenizer.pad_token_id
     seed = capp.site_seed(cfg, site.name)

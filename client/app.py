@@ -31,12 +31,11 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.common import adapters
+from fedtune.common import adapters, methods
 from fedtune.common.config import FedTuneConfig
 from fedtune.common.data import DataError, Example, load_site_data, split_examples, tokenize_all
 from fedtune.common.evaluation import evaluate_examples
-from fedtune.common.modeling import load_base_model, wrap_peft
-from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY
+from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY, TRAINABLE_KEY
 from fedtune.common.secagg import SecAggError
 from fedtune.common.secagg import protocol as secagg
 
@@ -78,11 +77,10 @@ _SITE_CACHE: dict[tuple, SiteState] = {}
 def runtime(cfg: FedTuneConfig, device: str | None = None) -> Runtime:
     """The process's base model + adapter, loaded once and reused for every task."""
     global _RUNTIME
-    key = (cfg.model.model_dump_json(), cfg.peft.model_dump_json(), device)
+    key = (cfg.model.model_dump_json(), cfg.peft.model_dump_json(), cfg.layers.model_dump_json(), cfg.train.seed, device)
     if _RUNTIME is None or _RUNTIME.key != key:
         _RUNTIME = None  # drop the old model before loading another
-        model, tokenizer, dev = load_base_model(cfg.model, device)
-        model = wrap_peft(model, cfg.peft, seed=cfg.train.seed)
+        model, tokenizer, dev = methods.load_model(cfg, device)
         _RUNTIME = Runtime(model=model, tokenizer=tokenizer, device=dev, key=key)
     return _RUNTIME
 
@@ -187,7 +185,14 @@ def handle_train(
             secure.ready_to_train(context, sa)  # before spending the round training for nothing
         except SecAggError as e:
             return _reply(msg, site, "refused", {"num-examples": 0, **counts}, reason=str(e))
-    adapters.set_trainable_state(rt.model, global_state)
+    methods.set_state(rt.model, global_state)
+    try:
+        trainable = list(msg.content["config"][TRAINABLE_KEY])
+        methods.set_trainable(rt.model, trainable)
+    except (KeyError, ValueError) as e:  # the coordinator and this site disagree on what trains
+        if sa is not None:
+            secure.forget(context)
+        return _reply(msg, site, "refused", {"num-examples": 0, **counts}, reason=f"trainable set: {e}")
     if verbose:
         _say(site, f"round {server_round}: training on {len(st.train_items)} examples")
 
@@ -205,8 +210,10 @@ def handle_train(
         total_rounds=cfg.federation.rounds,
         seed=site_seed(cfg, site.name),
         progress=progress if verbose else None,
+        lr_groups=methods.lr_scales(rt.model, cfg.layers),
     )
-    delta = adapters.delta(adapters.get_trainable_state(rt.model), global_state)
+    local = methods.get_state(rt.model)
+    delta = adapters.delta({k: local[k] for k in trainable}, {k: global_state[k] for k in trainable})
     metrics = {
         "num-examples": len(st.train_items),
         "train-loss": stats.loss_mean,
@@ -222,7 +229,7 @@ def handle_train(
     if sa is not None:
         # Secure round: the update goes straight from training to masking; only the masked vector leaves.
         try:
-            flat = secure.flatten_update(delta, global_state)
+            flat = secure.flatten_update(delta, {k: global_state[k] for k in trainable})
             y, extra = secure.masked_input(context, sa, flat, len(st.train_items), site_seed(cfg, site.name) + server_round)
         except SecAggError as e:
             secure.forget(context)  # a site that refuses is out of this round
@@ -263,7 +270,7 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteFiles] | Non
     st = site_state(site, cfg, rt)
     if st.problem or not st.eval_examples:
         return _reply(msg, site, st.problem or "no-eval-examples", {"num-examples": 0})
-    adapters.set_trainable_state(rt.model, global_state)
+    methods.set_state(rt.model, global_state)
     verbose = "data-path" in context.node_config
     if verbose:
         _say(site, f"round {int(msg.content['config'][ROUND_KEY])}: evaluating on {len(st.eval_examples)} examples")

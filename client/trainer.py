@@ -21,7 +21,7 @@ import torch
 
 from fedtune.common.config import TrainConfig
 from fedtune.common.data import IGNORE_INDEX, collate
-from fedtune.common.evaluation import token_nll
+from fedtune.common.evaluation import text_logits, token_nll
 
 
 @dataclass
@@ -72,7 +72,12 @@ def dropout_seed(seed: int, server_round: int) -> int:
     return (seed * 1_000_003 + server_round * 7_919) % (2**63)
 
 
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: TrainConfig, lr_groups: list[tuple[float, list]] | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; ``lr_groups``: (lr multiplier, parameters) pairs for
+    discriminative learning rates (:func:`fedtune.common.methods.lr_scales`)."""
+    if lr_groups:
+        groups = [{"params": ps, "lr": cfg.lr * scale} for scale, ps in lr_groups if ps]
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -103,6 +108,7 @@ def train_round(
     total_rounds: int,
     seed: int,
     progress=None,
+    lr_groups: list[tuple[float, list]] | None = None,
 ) -> TrainStats:
     """Run one round of local steps on tokenized items (each {input_ids, labels})."""
     if not items:
@@ -110,7 +116,7 @@ def train_round(
     n_steps = steps_per_round(cfg, len(items))
     micro = cfg.grad_accum
     order = batch_order(len(items), cfg.batch_size, n_steps * micro, seed, (server_round - 1) * n_steps * micro)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, lr_groups)
     scheduler = make_scheduler(optimizer, cfg, n_steps * total_rounds, (server_round - 1) * n_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(dropout_seed(seed, server_round))
@@ -127,7 +133,7 @@ def train_round(
         for batch in chunks:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            loss_sum = token_nll(out.logits[:, :-1], batch["labels"][:, 1:]).sum()
+            loss_sum = token_nll(text_logits(out.logits, batch["input_ids"])[:, :-1], batch["labels"][:, 1:]).sum()
             (loss_sum / max(n_tok, 1)).backward()
             step_loss += float(loss_sum.detach())
             tokens += int(batch["attention_mask"].sum())

@@ -16,29 +16,6 @@ import numpy as np
 import torch
 
 
-def get_trainable_state(model) -> OrderedDict[str, torch.Tensor]:
-    """The adapter's trainable tensors as float32 CPU copies (PEFT's saved-adapter keys)."""
-    from peft import get_peft_model_state_dict
-
-    sd = get_peft_model_state_dict(model)
-    return OrderedDict((k, v.detach().to("cpu", torch.float32).clone()) for k, v in sd.items())
-
-
-def set_trainable_state(model, state: Mapping[str, torch.Tensor]) -> None:
-    """Load adapter tensors into the model; every adapter key must be given, no others."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    expected = set(get_peft_model_state_dict(model))
-    got = set(state)
-    if expected != got:
-        missing, extra = sorted(expected - got), sorted(got - expected)
-        raise KeyError(f"adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    result = set_peft_model_state_dict(model, dict(state))
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise KeyError(f"adapter keys not used by the model: {unexpected[:3]}")
-
-
 def delta(local: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """local - base, key by key (same keys required)."""
     if set(local) != set(base):

@@ -74,7 +74,8 @@ def save_adapter(
     extra_json: Mapping[str, Any] | None = None,
     extra_arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> Path:
-    """Write a PEFT adapter folder. ``peft_config``: a peft PeftConfig (e.g. LoraConfig).
+    """Write a PEFT adapter folder. ``peft_config``: a peft PeftConfig (e.g. LoraConfig); None for
+    full fine-tuning's checkpoints (the weights alone, under the same manifest).
     ``extra_json``: more files (name -> JSON-able object) under the same manifest, e.g. the
     coordinator's RNG state; ``extra_arrays``: more safetensors files (name -> arrays by key),
     e.g. a server optimizer's moments. They verify (and resume) with the weights.
@@ -88,14 +89,16 @@ def save_adapter(
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     weights = save_bytes(tensors, metadata={"format": "pt"})
-    cfg = peft_config.to_dict()
-    # peft writes sets as lists; json can't take sets.
-    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-    config_bytes = (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
     (d / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
     atomic_write_bytes(d / ADAPTER_WEIGHTS, weights)
-    atomic_write_bytes(d / ADAPTER_CONFIG, config_bytes)
-    manifest = {"files": {ADAPTER_WEIGHTS: _sha256(weights), ADAPTER_CONFIG: _sha256(config_bytes)}}
+    manifest = {"files": {ADAPTER_WEIGHTS: _sha256(weights)}}
+    if peft_config is not None:
+        cfg = peft_config.to_dict()
+        # peft writes sets as lists; json can't take sets.
+        cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+        config_bytes = (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
+        atomic_write_bytes(d / ADAPTER_CONFIG, config_bytes)
+        manifest["files"][ADAPTER_CONFIG] = _sha256(config_bytes)
     extra = {name: (json.dumps(obj, indent=2) + "\n").encode("utf-8") for name, obj in (extra_json or {}).items()}
     extra |= {name: save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}) for name, arrays in (extra_arrays or {}).items()}
     for name, data in extra.items():

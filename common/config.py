@@ -74,23 +74,82 @@ class ModelConfig(_Strict):
         return v
 
 
-class PeftSettings(_Strict):
-    """The adapter that sites train and the federation averages."""
+PeftMethod = Literal["lora", "qlora", "dora", "ia3", "adapter", "prefix", "prompt", "full", "loha", "lokr", "vera"]
 
-    method: Literal["lora"] = "lora"
-    r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32.0, gt=0, le=1e4)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear'."
+# Methods whose update folds into the base weights (merge_and_unload): the LoRA family and its kin.
+MERGEABLE_METHODS = ("lora", "qlora", "dora", "ia3", "loha", "lokr", "vera")
+# Methods with a rank r, and those whose trained tensors live per layer (layer-wise control applies).
+RANKED_METHODS = ("lora", "qlora", "dora", "loha", "lokr", "vera")
+LAYERED_METHODS = ("lora", "qlora", "dora", "ia3", "adapter", "full", "loha", "lokr", "vera")
+# train.lr when it is not set: what each method is usually trained with (its paper or peft's examples).
+DEFAULT_LR = {
+    "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4, "loha": 2e-4, "lokr": 2e-4,
+    "vera": 4e-3, "ia3": 3e-3, "adapter": 5e-3, "prefix": 5e-3, "prompt": 3e-2, "full": 2e-5,
+}
+
+
+class PeftSettings(_Strict):
+    """The method sites train with, and what of the model it trains; only those tensors are averaged."""
+
+    method: PeftMethod = Field(
+        "lora",
+        description="lora, qlora (4-bit NF4 base + LoRA), dora, ia3, adapter (LLaMA-Adapter), prefix, prompt, "
+        "full (every weight; for small models), or peft's loha, lokr, vera.",
     )
+    r: int = Field(16, ge=1, le=1024, description="Rank (lora, qlora, dora, loha, lokr, vera).")
+    alpha: float = Field(32.0, gt=0, le=1e4, description="Scaling (lora, qlora, dora, loha, lokr).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input (lora, qlora, dora, loha, lokr, vera).")
+    target_modules: list[str] | Literal["all-linear", "attention", "mlp"] = Field(
+        "all-linear",
+        description="What is adapted (or, for full, trained): every linear layer of the blocks, the attention or the MLP "
+        "projections, or a list of module names (peft's suffix match, e.g. [q_proj, v_proj] or [layers.11.mlp.down_proj]).",
+    )
+    num_virtual_tokens: int = Field(16, ge=1, le=4096, description="Virtual tokens (prefix, prompt).")
+    adapter_len: int = Field(10, ge=1, le=4096, description="adapter: learned prompt length per adapted layer.")
+    adapter_layers: int | None = Field(None, ge=1, le=100_000, description="adapter: how many top layers get one (default: all).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: the 4-bit data type of the frozen base.")
+    double_quant: bool = Field(True, description="qlora: also quantize the quantization constants.")
 
     @field_validator("target_modules")
     @classmethod
     def _nonempty_modules(cls, v: list[str] | str) -> list[str] | str:
         if isinstance(v, list) and (not v or any(not m.strip() for m in v)):
-            raise ValueError("must be 'all-linear' or a non-empty list of module names")
+            raise ValueError("must be 'all-linear', 'attention', 'mlp' or a non-empty list of module names")
         return v
+
+    @model_validator(mode="after")
+    def _options_fit_method(self) -> "PeftSettings":
+        if self.method in ("prefix", "prompt", "adapter") and "target_modules" in self.model_fields_set and self.target_modules != "all-linear":
+            raise ValueError(f"peft.target_modules does not apply to method {self.method!r} (it adds learned tokens, not per-module weights)")
+        return self
+
+
+class LayerConfig(_Strict):
+    """Layer-wise control: which decoder layers train, when, and at what learning rate. Layer i's
+    tensors are those under ``layers.i``; embeddings sit below layer 0, the final norm and head
+    (and any other tensor outside the layers) above the top one."""
+
+    freeze_bottom: int = Field(0, ge=0, le=100_000, description="The bottom k layers (and the embeddings) never train.")
+    only: list[int] | None = Field(None, description="Train only these layers (0 = bottom); tensors outside the layers then stay frozen.")
+    unfreeze_start: int | None = Field(
+        None, ge=1, le=100_000, description="Progressive unfreezing: the top N layers train in round 1 (default: off, all train)."
+    )
+    unfreeze_every: int = Field(1, ge=1, le=100_000, description="Progressive unfreezing: rounds between steps.")
+    unfreeze_step: int = Field(1, ge=1, le=100_000, description="Progressive unfreezing: layers added at each step, downwards.")
+    lr_decay: float = Field(
+        1.0, gt=0, le=1.0, description="Discriminative learning rates: layer i trains at lr * lr_decay^(top - i); 1 turns it off."
+    )
+
+    @field_validator("only")
+    @classmethod
+    def _layers_listed(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(i < 0 for i in v) or len(set(v)) != len(v)):
+            raise ValueError("must be a non-empty list of distinct layer indices >= 0")
+        return v
+
+    @property
+    def active(self) -> bool:
+        return self.freeze_bottom > 0 or self.only is not None or self.unfreeze_start is not None or self.lr_decay != 1.0
 
 
 DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text"]
@@ -117,7 +176,7 @@ class TrainConfig(_Strict):
     local_epochs: float | None = Field(None, gt=0, le=1000, description="Or: passes over the site's data per round.")
     batch_size: int = Field(4, ge=1, le=4096)
     grad_accum: int = Field(1, ge=1, le=4096)
-    lr: float = Field(2e-4, gt=0, le=1.0)
+    lr: float | None = Field(None, gt=0, le=1.0, description="Peak learning rate (default: the method's, see DEFAULT_LR).")
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, le=1.0, description="Share of all steps (over all rounds) spent warming up.")
@@ -264,11 +323,13 @@ class SimulationConfig(_Strict):
 class OutputConfig(_Strict):
     dir: str | None = Field(None, description="Where a run writes its outputs (ftsim default: ftsim-runs/<time>).")
     plots: bool = True
+    merged: bool = Field(False, description="Also save merged/: a LoRA-family adapter folded into its base (a plain HF model folder).")
 
 
 class FedTuneConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     peft: PeftSettings = Field(default_factory=PeftSettings)
+    layers: LayerConfig = Field(default_factory=LayerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -276,6 +337,22 @@ class FedTuneConfig(_Strict):
     secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _method_defaults(self) -> "FedTuneConfig":
+        if self.output.merged and self.peft.method not in MERGEABLE_METHODS:
+            raise ValueError(
+                f"output.merged: a {self.peft.method} adapter cannot be folded into the base; "
+                f"merging works for {', '.join(MERGEABLE_METHODS)}" + (" (full fine-tuning already saves model/)" if self.peft.method == "full" else "")
+            )
+        if self.train.lr is None:
+            object.__setattr__(self.train, "lr", DEFAULT_LR[self.peft.method])
+        if self.layers.active and self.peft.method not in LAYERED_METHODS:
+            raise ValueError(
+                f"layers: layer-wise control needs per-layer tensors, and peft.method {self.peft.method!r} trains one tensor "
+                f"for all layers; use one of {', '.join(LAYERED_METHODS)}, or leave the layers section out"
+            )
+        return self
 
     @model_validator(mode="after")
     def _secure_aggregation_fits(self) -> "FedTuneConfig":

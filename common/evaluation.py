@@ -41,6 +41,12 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return flat.view(b, t)
 
 
+def text_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The logits of the input's own positions: prompt tuning prepends virtual tokens, whose
+    positions come first in the output and predict nothing of the text."""
+    return logits[:, logits.shape[1] - input_ids.shape[1] :]
+
+
 def _batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -54,7 +60,7 @@ def answer_nll(model, items: list[dict], pad_id: int, device, batch_size: int) -
     total, count, per_item = 0.0, 0, []
     for chunk in _batches(items, batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = text_logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
         # logits[:, t] predicts token t+1: [B, T-1, V] against labels [B, T-1].
         shift_labels = batch["labels"][:, 1:]
         nll = token_nll(logits[:, :-1], shift_labels)

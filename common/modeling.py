@@ -191,8 +191,10 @@ def load_tokenizer(source: str, is_local: bool = True):
     return tok
 
 
-def load_base_model(cfg: ModelConfig, device: str | None = None):
-    """-> (model, tokenizer, device). fp32 on CPU, bf16 on a GPU unless cfg.dtype says otherwise."""
+def load_base_model(cfg: ModelConfig, device: str | None = None, four_bit: PeftSettings | None = None):
+    """-> (model, tokenizer, device). fp32 on CPU, bf16 on a GPU unless cfg.dtype says otherwise.
+    ``four_bit``: a qlora method's settings: the linear layers load as bitsandbytes 4-bit
+    (NF4 or FP4) weights that compute in that dtype, on the CPU as on CUDA."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -200,52 +202,74 @@ def load_base_model(cfg: ModelConfig, device: str | None = None):
     dev = pick_device(cfg, device)
     dtype = pick_dtype(cfg, dev)
     tokenizer = load_tokenizer(source, is_local)
+    kwargs = {}
+    if four_bit is not None:
+        kwargs = {"quantization_config": bnb_config(four_bit, dtype), "device_map": {"": str(dev)}}
     # A per-tensor progress bar for a 1-second local load is noise in every worker's log.
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=is_local)
+        with _quiet_bnb():
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=is_local, **kwargs)
     finally:
         hf_logging.enable_progress_bar()
-    model.to(dev)
+    if four_bit is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Also at load for evaluation: it casts the unquantized layers, and the outputs follow.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.to(dev)
     model.config.use_cache = False
     return model, tokenizer, dev
 
 
-def lora_config(peft: PeftSettings, base_name: str | None = None):
-    from peft import LoraConfig, TaskType
+def bnb_config(peft: PeftSettings, compute_dtype: torch.dtype):
+    try:
+        with _quiet_bnb():
+            import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError("peft.method qlora needs bitsandbytes: pip install 'fedtune[qlora]'") from None
+    from transformers import BitsAndBytesConfig
 
-    cfg = LoraConfig(
-        r=peft.r,
-        lora_alpha=peft.alpha,
-        lora_dropout=peft.dropout,
-        target_modules=peft.target_modules if isinstance(peft.target_modules, str) else list(peft.target_modules),
-        task_type=TaskType.CAUSAL_LM,
-        bias="none",
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=peft.quant_type,
+        bnb_4bit_use_double_quant=peft.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
-    if base_name:
-        cfg.base_model_name_or_path = base_name
-    return cfg
 
 
-def wrap_peft(model, peft: PeftSettings, seed: int = 0):
-    """Attach a fresh adapter. The seed fixes LoRA's A init, so every process agrees."""
-    from peft import get_peft_model
+@contextmanager
+def _quiet_bnb():
+    """bitsandbytes logs an error-looking line on every CPU load when the optional ``kernels``
+    package (a faster CPU 4-bit gemm) is missing; the plain CPU path works."""
+    import logging
 
-    torch.manual_seed(seed)
-    with _quiet_peft():
-        return get_peft_model(model, lora_config(peft, getattr(model.config, "_name_or_path", None)))
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return "kernels" not in record.getMessage()
+
+    f = _Drop()
+    loggers = [logging.getLogger(n) for n in ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "")]
+    for lg in loggers:
+        lg.addFilter(f)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(f)
 
 
 def load_adapter(model, path: str | Path):
     """PeftModel.from_pretrained(model, path): a saved adapter on a base model."""
     from peft import PeftModel
 
-    with _quiet_peft():
+    with quiet_peft():
         return PeftModel.from_pretrained(model, str(path))
 
 
 @contextmanager
-def _quiet_peft():
+def quiet_peft():
     with warnings.catch_warnings():
         # peft 0.21 calls transformers' deprecated is_gradient_checkpointing; not ours to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -2,8 +2,9 @@
 
 Coordinator -> site: RecordDict {"arrays" + "adapter-layout": the global adapter (one float32
 vector plus names and shapes, see fedtune.common.adapters.adapter_records), "config":
-ConfigRecord {CONFIG_KEY: FedTuneConfig JSON, "server-round": int}}.
-Site -> coordinator: {"arrays" + "adapter-layout": the delta (train only), "metrics": MetricRecord
+ConfigRecord {CONFIG_KEY: FedTuneConfig JSON, "server-round": int, and for TRAIN TRAINABLE_KEY: the
+names of the tensors that train this round}}.
+Site -> coordinator: {"arrays" + "adapter-layout": the delta of exactly those tensors (train only), "metrics": MetricRecord
 (num-examples, losses, timings incl. receive-/startup-seconds, counts), "site": ConfigRecord
 {"name", "status"}}. Status "ok", or why no update
 ("data-error", "no-usable-examples", "no-eval-examples", "refused" with a "reason").
@@ -15,3 +16,4 @@ Under secure aggregation the TRAIN message also carries a "secagg" record, the r
 
 CONFIG_KEY = "fedtune-config"
 ROUND_KEY = "server-round"
+TRAINABLE_KEY = "trainable"

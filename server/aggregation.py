@@ -181,10 +181,14 @@ class ServerOptimizer:
         return cls(fed.strategy, fed.server_lr, fed.server_momentum, fed.server_beta1, fed.server_beta2, fed.server_tau)
 
     def step(self, global_state: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        """The new global state; ``delta`` may cover only the tensors that trained this round."""
         self.t += 1
         s = self.strategy
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for k, x in global_state.items():
+            if k not in delta:  # frozen this round (layer-wise control): untouched, moments kept
+                out[k] = x
+                continue
             d = delta[k].astype(np.float64)
             if s == "fedavg":
                 step = self.lr * d

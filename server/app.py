@@ -25,12 +25,11 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.common import adapters
+from fedtune.common import adapters, methods
 from fedtune.common.checkpoint import atomic_write_json, load_adapter_state, load_arrays, save_adapter, verify_checkpoint
 from fedtune.common.config import FedTuneConfig
-from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY
 from fedtune.common.metrics import weighted_mean
-from fedtune.common.modeling import load_base_model, lora_config, wrap_peft
+from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY, TRAINABLE_KEY
 
 from .aggregation import RunningMean, ServerOptimizer, l2_norm, robust_aggregate, spec_of, unflatten, validate_update
 from .messaging import FederationError, Printer, exchange, site_of
@@ -43,8 +42,12 @@ class RunState:
     cfg: FedTuneConfig
     out: Path
     global_state: OrderedDict  # name -> float32 ndarray
-    peft_config: object
-    trainable_params: int
+    peft_config: object  # the peft config of the adapter; None for full fine-tuning
+    trainable_params: int  # parameters the method can train (the most a round's update carries)
+    # State keys the method trains (e.g. VeRA's shared projections are in the state but never train),
+    # and the model's layer count: together with cfg.layers they give each round's trainable set.
+    trainable_keys: list = field(default_factory=list)
+    n_layers: int = 0
     rounds: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     # The coordinator's own randomness (which sites train when sites_per_round is set); its
@@ -63,6 +66,11 @@ class RunState:
             "optimizer": self.optimizer.state()[0],
         }
 
+    def round_keys(self, rnd: int) -> list[str]:
+        """The tensors that train in round ``rnd`` (layer-wise control), in state order."""
+        keys = self.trainable_keys or list(self.global_state)
+        return methods.round_keys(keys, self.n_layers, self.cfg.layers, rnd) if self.cfg.layers.active else keys
+
     def restore_server_state(self, doc: dict, optimizer_arrays: dict | None = None) -> None:
         self.rng.bit_generator.state = doc["rng"]
         self.optimizer.restore(doc.get("optimizer") or {}, optimizer_arrays or {})
@@ -71,6 +79,7 @@ class RunState:
         return {
             "fedtune": {
                 "peft": self.cfg.peft.method,
+                "artifact": "model" if self.peft_config is None else "adapter",
                 "strategy": self.cfg.federation.strategy,
                 "aggregator": self.cfg.federation.aggregator,
                 "secure_aggregation": bool(self.cfg.secure_aggregation.enabled),
@@ -84,14 +93,27 @@ class RunState:
         }
 
 
-def initial_adapter(cfg: FedTuneConfig) -> tuple[OrderedDict, object]:
-    """Fresh adapter weights (seeded) and its PEFT config, from one load of the base model."""
-    model, _, _ = load_base_model(cfg.model, device="cpu")
-    peft_model = wrap_peft(model, cfg.peft, seed=cfg.train.seed)
-    state = adapters.get_trainable_state(peft_model)
-    pc = lora_config(cfg.peft, base_name=cfg.model.name)
-    del peft_model, model
-    return OrderedDict((k, v.numpy()) for k, v in state.items()), pc
+@dataclass
+class InitialAdapter:
+    state: OrderedDict  # name -> float32 ndarray: fresh adapter weights (seeded), or the base's for full
+    peft_config: object  # None for full fine-tuning
+    trainable_keys: list
+    n_layers: int
+
+
+def initial_adapter(cfg: FedTuneConfig) -> InitialAdapter:
+    """The method's starting state and config, from one load of the base model (never quantized
+    here: the coordinator needs the adapter's shapes, not a 4-bit base)."""
+    model, _, _ = methods.load_model(cfg, device="cpu", quantized=False)
+    state = methods.get_state(model)
+    out = InitialAdapter(
+        OrderedDict((k, v.numpy()) for k, v in state.items()),
+        model.peft_config[methods.ADAPTER_NAME] if methods.is_peft(model) else None,
+        methods.trainable_capable(model),
+        methods.n_layers_of(model),
+    )
+    del model
+    return out
 
 
 def fewest_sites(cfg: FedTuneConfig) -> int:
@@ -149,14 +171,11 @@ def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(float(x)) else None
 
 
-def broadcast_content(rs: RunState, rnd: int) -> RecordDict:
-    """What every site gets: the global adapter, the run's config and the round number."""
-    return RecordDict(
-        {
-            **adapters.adapter_records(adapters.to_tensors(rs.global_state)),
-            "config": ConfigRecord({CONFIG_KEY: rs.cfg.to_json(), ROUND_KEY: rnd}),
-        }
-    )
+def broadcast_content(rs: RunState, rnd: int, trainable: list[str] | None = None) -> RecordDict:
+    """What every site gets: the global adapter, the run's config and the round number; for
+    training also the round's trainable set, which every update must match exactly."""
+    conf = {CONFIG_KEY: rs.cfg.to_json(), ROUND_KEY: rnd} | ({TRAINABLE_KEY: trainable} if trainable is not None else {})
+    return RecordDict({**adapters.adapter_records(adapters.to_tensors(rs.global_state)), "config": ConfigRecord(conf)})
 
 
 def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer) -> dict:
@@ -199,8 +218,10 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
     comes out (:mod:`fedtune.server.secure`). The server optimizer then applies the mean update."""
     cfg = rs.cfg
     secure = bool(cfg.secure_aggregation.enabled)
-    content = broadcast_content(rs, rnd)
-    spec = spec_of(rs.global_state)
+    trainable = rs.round_keys(rnd)
+    content = broadcast_content(rs, rnd, trainable)
+    spec = spec_of({k: rs.global_state[k] for k in trainable})
+    n_values = sum(math.prod(s) for s in spec.values())
     t0 = time.time()
     sites: dict[str, dict] = {}
     rejected: list[dict] = []
@@ -262,7 +283,7 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
 
     record: dict = {}
     if secure:
-        out = secure_mean(grid, nodes, content, cfg, rnd, rs.trainable_params, absorb, rs.node_names, say)
+        out = secure_mean(grid, nodes, content, cfg, rnd, n_values, absorb, rs.node_names, say)
         update = unflatten(out.mean, spec)
         for name, info in sites.items():
             if info.get("status") == "ok":
@@ -296,6 +317,9 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
         "accepted": accepted,
         "applied": True,
         "update_norm": l2_norm(update),
+        "trainable_tensors": len(trainable),
+        "trainable_params": n_values,
+        "update_bytes": max((s.get("bytes_sent") or 0 for s in sites.values()), default=0),
         "train_seconds": round(time.time() - t0, 3),
         **record,
     }
@@ -306,16 +330,31 @@ OPTIMIZER_ARRAYS = "server_optimizer.safetensors"
 
 
 def save_round(rs: RunState, rnd: int) -> None:
+    """The round's checkpoint, and (adapter methods) ``adapter/``: the latest global adapter as a
+    PEFT folder. Full fine-tuning writes its model folder once, at the end (:func:`save_artifacts`)."""
     state = adapters.to_tensors(rs.global_state)
     arrays = rs.optimizer.state()[1]
+    info = {methods.METHOD_FILE: methods.method_info(rs.cfg)}
     save_adapter(
         rs.out / "checkpoints" / f"round-{rnd:04d}",
         state,
         rs.peft_config,
-        {SERVER_STATE: rs.server_state(rnd)},
+        {SERVER_STATE: rs.server_state(rnd), **info},
         {OPTIMIZER_ARRAYS: arrays} if arrays else None,
     )
-    save_adapter(rs.out / "adapter", state, rs.peft_config)
+    if rs.peft_config is not None:
+        save_adapter(rs.out / "adapter", state, rs.peft_config, info)
+
+
+def save_artifacts(rs: RunState, say: Printer) -> None:
+    """After the last round: full fine-tuning's Hugging Face model folder ``model/``; with
+    output.merged, a LoRA-family adapter folded into its base as ``merged/``."""
+    if rs.peft_config is None:
+        path = methods.export_full(rs.cfg, adapters.to_tensors(rs.global_state), rs.out / "model")
+        say(f"model: {path} (a Hugging Face model folder: AutoModelForCausalLM.from_pretrained)")
+    if rs.cfg.output.merged:
+        path = methods.export_merged(rs.cfg.model, rs.out / "adapter", rs.out / "merged")
+        say(f"merged: {path} (the adapter folded into the base: a plain Hugging Face model folder)")
 
 
 @dataclass
@@ -360,17 +399,21 @@ def resume_point(out: Path, say: Printer) -> ResumePoint:
 def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = print, resume: bool = False) -> RunState:
     out.mkdir(parents=True, exist_ok=True)
     say("preparing the initial adapter ...")
-    state, peft_config = initial_adapter(cfg)
+    init = initial_adapter(cfg)
+    state, peft_config = init.state, init.peft_config
     rs = RunState(
         cfg=cfg,
         out=out,
         global_state=state,
         peft_config=peft_config,
-        trainable_params=int(sum(v.size for v in state.values())),
+        trainable_params=int(sum(state[k].size for k in init.trainable_keys)),
+        trainable_keys=init.trainable_keys,
+        n_layers=init.n_layers,
         rng=np.random.default_rng(cfg.train.seed),
         optimizer=ServerOptimizer.from_config(cfg.federation),
     )
-    say(f"{cfg.peft.method} adapter: {rs.trainable_params:,} trainable parameters ({rs.trainable_params * 4 / 1e6:.1f} MB as float32)")
+    what = "weights (full fine-tuning)" if peft_config is None else "adapter"
+    say(f"{cfg.peft.method} {what}: {rs.trainable_params:,} trainable parameters ({rs.trainable_params * 4 / 1e6:.1f} MB as float32)")
     first = 1
     if resume:
         rp = resume_point(out, say)
@@ -383,7 +426,8 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             except ValueError as e:
                 raise FederationError(f"{out}: cannot resume round {rp.round}'s server state: {e}") from None
         first = rp.round + 1
-        save_adapter(out / "adapter", adapters.to_tensors(rp.state), peft_config)
+        if peft_config is not None:
+            save_adapter(out / "adapter", adapters.to_tensors(rp.state), peft_config, {methods.METHOD_FILE: methods.method_info(cfg)})
         say(f"resuming after round {rp.round} (verified checkpoint); rounds {first}..{cfg.federation.rounds} to go")
     else:
         save_round(rs, 0)
@@ -414,6 +458,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
         eta = (time.time() - t) * (fed.rounds - rnd)
         say(f"round {rnd}/{fed.rounds} done in {time.time() - t:.0f} s; checkpoint {out / 'checkpoints' / f'round-{rnd:04d}'}; ETA {eta:.0f} s")
+    save_artifacts(rs, say)
     write_report(out, rs.metrics_doc(), plots=cfg.output.plots)
     say(f"report: {out / 'report.md'}")
     return rs

@@ -152,9 +152,7 @@ def tiny_config(tiny_model_dir):
 @pytest.fixture
 def tiny_peft_model(tiny_config):
     """A fresh tiny base model wrapped with a seeded LoRA adapter (function scope: tests may train it)."""
-    from fedtune.common.modeling import load_base_model, wrap_peft
+    from fedtune.common.methods import load_model
 
     seed_everything(0)
-    model, tokenizer, device = load_base_model(tiny_config.model, "cpu")
-    model = wrap_peft(model, tiny_config.peft, seed=tiny_config.train.seed)
-    return model, tokenizer, device
+    return load_model(tiny_config, "cpu")

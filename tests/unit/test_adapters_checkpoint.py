@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune.common import adapters
+from fedtune.common import adapters, methods
 from fedtune.common.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -21,7 +21,6 @@ from fedtune.common.checkpoint import (
     save_adapter,
     verify_checkpoint,
 )
-from fedtune.common.modeling import lora_config
 
 
 def _perturbed(state, seed=1, scale=0.05):
@@ -31,7 +30,7 @@ def _perturbed(state, seed=1, scale=0.05):
 
 def test_trainable_state_is_lora_only_float32_copies(tiny_peft_model, tiny_config):
     model, _, _ = tiny_peft_model
-    state = adapters.get_trainable_state(model)
+    state = methods.get_state(model)
     # 2 layers x 7 linear modules (q,k,v,o,gate,up,down) x (A, B)
     assert len(state) == 2 * 7 * 2
     assert all(("lora_A" in k or "lora_B" in k) and ".default." not in k for k in state)
@@ -49,26 +48,27 @@ def test_trainable_state_is_lora_only_float32_copies(tiny_peft_model, tiny_confi
     assert all(float(v.abs().sum()) > 0 for k_, v in state.items() if "lora_A" in k_)
     # A copy: changing it leaves the model alone.
     next(iter(state.values())).add_(1.0)
-    assert not torch.equal(adapters.get_trainable_state(model)[next(iter(state))], next(iter(state.values())))
+    assert not torch.equal(methods.get_state(model)[next(iter(state))], next(iter(state.values())))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert adapters.num_params(state) == n_trainable
 
 
 def test_wrap_peft_is_seeded(tiny_config):
-    from fedtune.common.modeling import load_base_model, wrap_peft
+    from fedtune.common.modeling import load_base_model
+    from fedtune.common.methods import wrap
 
-    a = adapters.get_trainable_state(wrap_peft(load_base_model(tiny_config.model, "cpu")[0], tiny_config.peft, seed=5))
-    b = adapters.get_trainable_state(wrap_peft(load_base_model(tiny_config.model, "cpu")[0], tiny_config.peft, seed=5))
-    c = adapters.get_trainable_state(wrap_peft(load_base_model(tiny_config.model, "cpu")[0], tiny_config.peft, seed=6))
+    a = methods.get_state(wrap(load_base_model(tiny_config.model, "cpu")[0], tiny_config.peft, seed=5))
+    b = methods.get_state(wrap(load_base_model(tiny_config.model, "cpu")[0], tiny_config.peft, seed=5))
+    c = methods.get_state(wrap(load_base_model(tiny_config.model, "cpu")[0], tiny_config.peft, seed=6))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_set_get_round_trip(tiny_peft_model):
     model, _, _ = tiny_peft_model
-    new = _perturbed(adapters.get_trainable_state(model))
-    adapters.set_trainable_state(model, new)
-    back = adapters.get_trainable_state(model)
+    new = _perturbed(methods.get_state(model))
+    methods.set_state(model, new)
+    back = methods.get_state(model)
     assert list(back) == list(new)
     assert all(torch.equal(back[k], new[k]) for k in new)
 
@@ -78,20 +78,20 @@ def test_set_changes_the_forward(tiny_peft_model):
     model.eval()
     x = torch.tensor([[3, 4, 5, 6]])
     before = model(input_ids=x).logits
-    adapters.set_trainable_state(model, _perturbed(adapters.get_trainable_state(model)))
+    methods.set_state(model, _perturbed(methods.get_state(model)))
     assert not torch.allclose(model(input_ids=x).logits, before)
 
 
 def test_set_rejects_missing_and_extra_keys(tiny_peft_model):
     model, _, _ = tiny_peft_model
-    state = adapters.get_trainable_state(model)
+    state = methods.get_state(model)
     missing = OrderedDict(list(state.items())[1:])
     with pytest.raises(KeyError, match="missing"):
-        adapters.set_trainable_state(model, missing)
+        methods.set_state(model, missing)
     extra = OrderedDict(state)
     extra["base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight"] = torch.zeros(1)
     with pytest.raises(KeyError, match="unexpected"):
-        adapters.set_trainable_state(model, extra)
+        methods.set_state(model, extra)
 
 
 def test_delta_and_apply_delta_hand_computed():
@@ -167,7 +167,7 @@ def test_read_adapter_needs_both_records():
 
 def test_num_params_hand_computed(tiny_peft_model):
     model, _, _ = tiny_peft_model
-    state = adapters.get_trainable_state(model)
+    state = methods.get_state(model)
     # r=4: per layer q(32->32), k(32->16), v(32->16), o(32->32), gate(32->64), up(32->64), down(64->32)
     per_layer = sum(4 * (i + o) for i, o in [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)])
     assert adapters.num_params(state) == 2 * per_layer == 4096
@@ -175,7 +175,7 @@ def test_num_params_hand_computed(tiny_peft_model):
 
 def test_record_nbytes_counts_at_least_the_float32_payload(tiny_peft_model):
     model, _, _ = tiny_peft_model
-    state = adapters.get_trainable_state(model)
+    state = methods.get_state(model)
     n = adapters.record_nbytes(adapters.adapter_records(state)["arrays"])
     assert 4 * adapters.num_params(state) <= n <= 4 * adapters.num_params(state) + 256
 
@@ -190,12 +190,12 @@ def test_save_adapter_loads_with_peft_and_gives_same_logits(tmp_path, tiny_peft_
 
     model, _, _ = tiny_peft_model
     model.eval()
-    state = _perturbed(adapters.get_trainable_state(model), seed=7, scale=0.2)
-    adapters.set_trainable_state(model, state)
+    state = _perturbed(methods.get_state(model), seed=7, scale=0.2)
+    methods.set_state(model, state)
     x = torch.tensor([[1, 10, 20, 30, 40, 2]])
     with torch.no_grad():
         expected = model(input_ids=x).logits
-    pc = lora_config(tiny_config.peft, base_name=tiny_config.model.name) if which_config == "from_settings" else model.peft_config["default"]
+    pc = methods.peft_config(None, tiny_config.peft, 0, base_name=tiny_config.model.name) if which_config == "from_settings" else model.peft_config["default"]
     out = save_adapter(tmp_path / "adapter", state, pc)
     assert sorted(os.listdir(out)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST])
     cfg = json.loads((out / ADAPTER_CONFIG).read_text())
@@ -214,8 +214,8 @@ def test_save_adapter_loads_with_peft_and_gives_same_logits(tmp_path, tiny_peft_
 
 def test_load_adapter_state_round_trip(tmp_path, tiny_peft_model, tiny_config):
     model, _, _ = tiny_peft_model
-    state = _perturbed(adapters.get_trainable_state(model))
-    save_adapter(tmp_path / "a", state, lora_config(tiny_config.peft))
+    state = _perturbed(methods.get_state(model))
+    save_adapter(tmp_path / "a", state, methods.peft_config(None, tiny_config.peft, 0))
     back = load_adapter_state(tmp_path / "a")
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
@@ -224,8 +224,8 @@ def test_load_adapter_state_round_trip(tmp_path, tiny_peft_model, tiny_config):
 
 def test_save_adapter_overwrites(tmp_path, tiny_config):
     d = tmp_path / "a"
-    save_adapter(d, {"w": torch.zeros(2)}, lora_config(tiny_config.peft))
-    save_adapter(d, {"w": torch.ones(2)}, lora_config(tiny_config.peft))
+    save_adapter(d, {"w": torch.zeros(2)}, methods.peft_config(None, tiny_config.peft, 0))
+    save_adapter(d, {"w": torch.ones(2)}, methods.peft_config(None, tiny_config.peft, 0))
     assert load_adapter_state(d)["w"].tolist() == [1.0, 1.0]
     assert sorted(os.listdir(d)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST])
 
@@ -253,14 +253,14 @@ def test_atomic_write_failure_keeps_old_file_and_cleans_up(tmp_path):
 
 def test_manifest_detects_torn_and_corrupted_checkpoints(tmp_path, tiny_peft_model, tiny_config):
     model, _, _ = tiny_peft_model
-    pc = lora_config(tiny_config.peft)
-    d = save_adapter(tmp_path / "ck", adapters.get_trainable_state(model), pc)
+    pc = methods.peft_config(None, tiny_config.peft, 0)
+    d = save_adapter(tmp_path / "ck", methods.get_state(model), pc)
     assert verify_checkpoint(d) is None
     data = bytearray((d / ADAPTER_WEIGHTS).read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in the tensor data
     (d / ADAPTER_WEIGHTS).write_bytes(bytes(data))
     assert "hash mismatch" in verify_checkpoint(d)
-    d2 = save_adapter(tmp_path / "ck2", adapters.get_trainable_state(model), pc)
+    d2 = save_adapter(tmp_path / "ck2", methods.get_state(model), pc)
     (d2 / ADAPTER_CONFIG).unlink()
     assert "missing" in verify_checkpoint(d2)
     (d2 / MANIFEST).unlink()

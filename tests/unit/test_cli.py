@@ -7,9 +7,8 @@ import json
 import pytest
 
 from fedtune.client import cli as ftclient
-from fedtune.common import adapters, fteval
+from fedtune.common import fteval, methods
 from fedtune.common.checkpoint import save_adapter
-from fedtune.common.modeling import lora_config
 from fedtune.server import cli as ftserver
 
 from pathlib import Path
@@ -29,8 +28,8 @@ def test_fteval_scores_base_and_adapter(tiny_model_dir, tiny_config, tiny_peft_m
 
     # An adapter pushed far from its init must change the loss that fteval reports.
     model, _, _ = tiny_peft_model
-    state = {k: v + 0.5 for k, v in adapters.get_trainable_state(model).items()}
-    save_adapter(tmp_path / "adapter", state, lora_config(tiny_config.peft, base_name=str(tiny_model_dir)))
+    state = {k: v + 0.5 for k, v in methods.get_state(model).items()}
+    save_adapter(tmp_path / "adapter", state, methods.peft_config(None, tiny_config.peft, 0, base_name=str(tiny_model_dir)))
     # No --model: the adapter's recorded base is used.
     rest = args[2:]
     assert fteval.main(["--adapter", str(tmp_path / "adapter"), *rest, "--out", str(tmp_path / "ad.json")]) == 0

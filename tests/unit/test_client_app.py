@@ -14,8 +14,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 
 from fedtune.client import app as client_app
 from fedtune.client.app import SiteFiles, handle_evaluate, handle_train, resolve_site, sites_from_config
-from fedtune.common import adapters
-from fedtune.common.modeling import load_base_model, wrap_peft
+from fedtune.common import adapters, methods
+from fedtune.common.modeling import load_base_model
+from fedtune.common.methods import wrap
 from fedtune.server.aggregation import spec_of, validate_update
 
 SECRET = "SECRET-ACCOUNT-4242-7777"
@@ -32,19 +33,18 @@ def fresh_caches(monkeypatch):
 @pytest.fixture
 def global_state(tiny_config):
     model, _, _ = load_base_model(tiny_config.model, "cpu")
-    state = adapters.get_trainable_state(wrap_peft(model, tiny_config.peft, seed=tiny_config.train.seed))
+    state = methods.get_state(wrap(model, tiny_config.peft, seed=tiny_config.train.seed))
     # Move B away from zero so the global adapter is not the fresh init the site would build anyway.
     g = torch.Generator().manual_seed(3)
     return {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}
 
 
-def message(cfg, state, server_round: int, kind: str) -> Message:
-    content = RecordDict(
-        {
-            **adapters.adapter_records(state),
-            "config": ConfigRecord({"fedtune-config": cfg.to_json(), "server-round": server_round}),
-        }
-    )
+def message(cfg, state, server_round: int, kind: str, trainable: list[str] | None = None) -> Message:
+    """A coordinator's message; TRAIN carries the trainable set (default: every tensor of ``state``)."""
+    conf = {"fedtune-config": cfg.to_json(), "server-round": server_round}
+    if kind == MessageType.TRAIN:
+        conf["trainable"] = list(state) if trainable is None else trainable
+    content = RecordDict({**adapters.adapter_records(state), "config": ConfigRecord(conf)})
     md = Metadata(
         run_id=1,
         message_id=f"msg-{kind}-{server_round}",
@@ -112,7 +112,7 @@ def test_good_site_replies_with_a_matching_delta(tmp_path, tiny_config, global_s
     assert any(np.abs(a).max() > 0 for a in arrays.values())
 
     # The reply is local - global: global + delta is the site's trained adapter.
-    local = adapters.get_trainable_state(client_app._RUNTIME.model)
+    local = methods.get_state(client_app._RUNTIME.model)
     rebuilt = adapters.apply_delta(global_state, adapters.to_tensors(arrays))
     for k in local:
         torch.testing.assert_close(rebuilt[k], local[k], rtol=0, atol=1e-6)

@@ -206,7 +206,7 @@ def test_run_federation_resumes_with_round_numbering_and_server_state(tiny_confi
     trained = sorted(n for n, s in rs.rounds[2]["sites"].items() if "train_loss" in s)
     assert trained == [names[i] for i in expected]
     # Three rounds of +0.01 from two sites each: the global adapter moved by 0.03 from its init.
-    init = server.initial_adapter(cfg)[0]
+    init = server.initial_adapter(cfg).state
     for k in init:
         np.testing.assert_allclose(rs.global_state[k] - init[k], 0.03, atol=1e-6)
 

@@ -10,7 +10,7 @@ import torch
 
 from fedtune.client import trainer
 from fedtune.client.trainer import batch_order, make_scheduler, steps_per_round, train_round
-from fedtune.common import adapters
+from fedtune.common import methods
 from fedtune.common.config import DataConfig, TrainConfig
 from fedtune.common.data import Example, tokenize_all
 from fedtune.common.evaluation import answer_nll
@@ -108,13 +108,13 @@ def test_only_lora_parameters_change(tiny_peft_model, items):
 
 def test_train_round_is_deterministic(tiny_peft_model, items):
     model, tok, dev = tiny_peft_model
-    init = adapters.get_trainable_state(model)
+    init = methods.get_state(model)
     cfg = _cfg(local_steps=3, batch_size=3, lr=5e-3)
     s1 = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=2, total_rounds=3, seed=9)
-    a = adapters.get_trainable_state(model)
-    adapters.set_trainable_state(model, init)
+    a = methods.get_state(model)
+    methods.set_state(model, init)
     s2 = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=2, total_rounds=3, seed=9)
-    b = adapters.get_trainable_state(model)
+    b = methods.get_state(model)
     assert s1.loss_first == s2.loss_first and s1.loss_last == s2.loss_last
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -122,16 +122,17 @@ def test_train_round_is_deterministic(tiny_peft_model, items):
 def test_dropout_draws_are_a_function_of_site_and_round(tiny_config, items):
     """With dropout on, a round repeats exactly whatever the process's RNG did before (a resumed
     run or another virtual site in between), and another round draws differently."""
-    from fedtune.common.modeling import load_base_model, wrap_peft
+    from fedtune.common.modeling import load_base_model
+    from fedtune.common.methods import wrap
 
     peft = tiny_config.peft.model_copy(update={"dropout": 0.3})
     base, tok, dev = load_base_model(tiny_config.model, "cpu")
-    model = wrap_peft(base, peft, seed=0)
-    init = adapters.get_trainable_state(model)
+    model = wrap(base, peft, seed=0)
+    init = methods.get_state(model)
     cfg = _cfg(local_steps=2, batch_size=3, lr=5e-3)
 
     def run(rnd: int) -> float:
-        adapters.set_trainable_state(model, init)
+        methods.set_state(model, init)
         torch.rand(1000)  # whatever else used the global RNG before this round
         return train_round(model, items, tok.pad_token_id, cfg, dev, server_round=rnd, total_rounds=3, seed=9).loss_first
 
@@ -143,12 +144,12 @@ def test_dropout_draws_are_a_function_of_site_and_round(tiny_config, items):
 def test_grad_accum_matches_one_big_batch(tiny_peft_model, items):
     """Token-weighted accumulation: 2 micro-batches of 1 == 1 batch of 2 (same items, same step)."""
     model, tok, dev = tiny_peft_model
-    init = adapters.get_trainable_state(model)
+    init = methods.get_state(model)
     one = train_round(model, items, tok.pad_token_id, _cfg(local_steps=1, batch_size=2, grad_accum=1, lr=1e-2), dev, server_round=1, total_rounds=1, seed=4)
-    big = adapters.get_trainable_state(model)
-    adapters.set_trainable_state(model, init)
+    big = methods.get_state(model)
+    methods.set_state(model, init)
     acc = train_round(model, items, tok.pad_token_id, _cfg(local_steps=1, batch_size=1, grad_accum=2, lr=1e-2), dev, server_round=1, total_rounds=1, seed=4)
-    small = adapters.get_trainable_state(model)
+    small = methods.get_state(model)
     assert acc.steps == 1 and acc.examples_seen == one.examples_seen == 2
     assert acc.loss_first == pytest.approx(one.loss_first, rel=1e-5)
     assert any(not torch.equal(big[k], init[k]) for k in big)

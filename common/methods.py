@@ -1,0 +1,390 @@
+"""Fine-tuning methods: the trainable model for each ``peft.method``, the tensors the federation
+averages, and which of them train in a given round (layer-wise control).
+
+Every method but ``full`` is a peft tuner: its state is what ``get_peft_model_state_dict`` saves
+(the keys of ``adapter_model.safetensors``), so a global adapter is a PEFT adapter folder as is.
+For ``full`` the state is the model's own parameters (the selected ones), and the final artifact
+is a Hugging Face model folder. In both cases only the tensors that train this round travel:
+frozen ones (VeRA's shared projections, layers still frozen by the unfreezing schedule, a QLoRA
+base in 4 bits) are never sent or averaged.
+
+Layer positions: the tensors under ``layers.i.`` belong to decoder layer i; embeddings sit below
+layer 0 (position -1), and everything else outside the layers (the final norm, the head, learned
+prompt tokens) above the top layer (position ``n_layers``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from .config import MERGEABLE_METHODS, ConfigError, FedTuneConfig, LayerConfig, ModelConfig, PeftSettings
+
+ATTENTION_PARTS = ("attn", "attention")
+MLP_PARTS = ("mlp", "feed_forward", "ffn")
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+ADAPTER_NAME = "default"
+METHOD_FILE = "fedtune_method.json"  # beside adapter_config.json: how to load the base the adapter was trained on
+
+
+# ---- which modules ---------------------------------------------------------------------------
+
+
+def block_linears(model) -> dict[str, list[str]]:
+    """Names (last part) of the linear modules inside the decoder layers, by kind:
+    ``{"attention": [...], "mlp": [...], "all": [...]}``."""
+    found: dict[str, set[str]] = {"attention": set(), "mlp": set(), "all": set()}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not LAYER_RE.search(name + "."):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        parent = name.rsplit(".", 1)[0].lower()
+        found["all"].add(leaf)
+        if any(p in parent for p in ATTENTION_PARTS):
+            found["attention"].add(leaf)
+        elif any(p in parent for p in MLP_PARTS):
+            found["mlp"].add(leaf)
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def resolve_targets(model, peft: PeftSettings) -> list[str] | str:
+    """peft.target_modules as peft takes it: 'all-linear', or a list of module names. 'attention' and
+    'mlp' become the names found in the model; a listed name must match some module."""
+    tm = peft.target_modules
+    if tm == "all-linear":
+        return "all-linear"
+    groups = block_linears(model)
+    if isinstance(tm, str):
+        if not groups[tm]:
+            raise ConfigError(f"peft.target_modules {tm!r}: the model has no {tm} projections inside its layers")
+        return groups[tm]
+    names = [n for n, _ in model.named_modules()]
+    for want in tm:
+        if not any(n == want or n.endswith("." + want) for n in names):
+            raise ConfigError(f"peft.target_modules: no module of the model is named {want!r} (e.g. {', '.join(groups['all'][:4])})")
+    return list(tm)
+
+
+def n_layers_of(model) -> int:
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    seen = {int(m.group(1)) for name, _ in model.named_parameters() if (m := LAYER_RE.search(name))}
+    return max(seen) + 1 if seen else 0
+
+
+# ---- building the trainable model ---------------------------------------------------------------
+
+
+def peft_config(model, peft: PeftSettings, seed: int, base_name: str | None = None):
+    """The peft config of ``peft.method`` for this model (None for full fine-tuning)."""
+    import peft as P
+
+    m = peft.method
+    task = P.TaskType.CAUSAL_LM
+    if m == "full":
+        return None
+    if m in ("lora", "qlora", "dora"):
+        cfg = P.LoraConfig(
+            r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout, target_modules=resolve_targets(model, peft),
+            task_type=task, bias="none", use_dora=m == "dora",
+        )
+    elif m == "ia3":
+        targets = resolve_targets(model, peft)
+        if targets == "all-linear":
+            targets = block_linears(model)["all"]
+        mlp = set(block_linears(model)["mlp"])
+        cfg = P.IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if t.rsplit(".", 1)[-1] in mlp], task_type=task)
+    elif m == "adapter":
+        n = n_layers_of(model)
+        if peft.adapter_layers is not None and peft.adapter_layers > n:
+            raise ConfigError(f"peft.adapter_layers {peft.adapter_layers}: the model has {n} layers")
+        cfg = P.AdaptionPromptConfig(adapter_len=peft.adapter_len, adapter_layers=peft.adapter_layers or n, task_type=task)
+    elif m == "prefix":
+        cfg = P.PrefixTuningConfig(num_virtual_tokens=peft.num_virtual_tokens, task_type=task)
+    elif m == "prompt":
+        cfg = P.PromptTuningConfig(num_virtual_tokens=peft.num_virtual_tokens, task_type=task)
+    elif m == "loha":
+        cfg = P.LoHaConfig(r=peft.r, alpha=peft.alpha, module_dropout=peft.dropout, target_modules=resolve_targets(model, peft), task_type=task)
+    elif m == "lokr":
+        cfg = P.LoKrConfig(r=peft.r, alpha=peft.alpha, module_dropout=peft.dropout, target_modules=resolve_targets(model, peft), task_type=task)
+    elif m == "vera":
+        # The frozen random projections are drawn from this key, so every site has the same ones.
+        cfg = P.VeraConfig(r=peft.r, vera_dropout=peft.dropout, target_modules=resolve_targets(model, peft), projection_prng_key=seed, task_type=task)
+    else:  # pragma: no cover - the config's Literal lists the methods
+        raise ConfigError(f"peft.method {m!r} is not supported")
+    if base_name:
+        cfg.base_model_name_or_path = base_name
+    return cfg
+
+
+def wrap(model, peft: PeftSettings, seed: int = 0, base_name: str | None = None):
+    """The base model made trainable for ``peft.method``. The seed fixes the adapter's init, so
+    every process builds the same one. For ``full`` the model itself, with the selected
+    parameters trainable and their names in ``model.fedtune_keys``."""
+    torch.manual_seed(seed)
+    pc = peft_config(model, peft, seed, base_name or getattr(model.config, "_name_or_path", None))
+    if pc is None:
+        return _select_full(model, peft)
+    from peft import get_peft_model
+
+    from .modeling import quiet_peft
+
+    with quiet_peft():
+        model = get_peft_model(model, pc)
+    trainable_capable(model)  # recorded now, before any round's trainable set freezes some of them
+    return model
+
+
+def _select_full(model, peft: PeftSettings):
+    """Full fine-tuning: every parameter ('all-linear'), or those of the chosen modules."""
+    targets = resolve_targets(model, peft)
+    keys = []
+    for name, p in model.named_parameters():  # tied weights appear once
+        module = name.rsplit(".", 1)[0]
+        chosen = targets == "all-linear" or any(module == t or module.endswith("." + t) for t in targets)
+        p.requires_grad_(chosen)
+        if chosen:
+            keys.append(name)
+    model.fedtune_keys = keys
+    return model
+
+
+def is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def state_key(param_name: str) -> str:
+    """A trainable parameter's key in the saved state: peft drops the adapter name; prompt learning
+    saves its encoder's table as ``prompt_embeddings``."""
+    if param_name.startswith("prompt_encoder."):
+        return "prompt_embeddings"
+    return ".".join(p for p in param_name.split(".") if p != ADAPTER_NAME)
+
+
+def get_state(model) -> OrderedDict[str, torch.Tensor]:
+    """Every tensor of the method's state, as float32 CPU copies (frozen ones included, e.g. VeRA's
+    projections: they are part of the saved adapter)."""
+    if is_peft(model):
+        from peft import get_peft_model_state_dict
+
+        sd = get_peft_model_state_dict(model)
+    else:
+        params = dict(model.named_parameters())
+        sd = OrderedDict((k, params[k]) for k in model.fedtune_keys)
+    return OrderedDict((k, v.detach().to("cpu", torch.float32).clone()) for k, v in sd.items())
+
+
+def set_state(model, state: Mapping[str, torch.Tensor]) -> None:
+    """Load the method's tensors into the model; every key of its state must be given, no others."""
+    expected = set(trainable_capable(model)) | set(_all_state_keys(model))
+    got = set(state)
+    if expected != got:
+        missing, extra = sorted(expected - got), sorted(got - expected)
+        raise KeyError(f"adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, dict(state))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise KeyError(f"adapter keys not used by the model: {unexpected[:3]}")
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v.to(params[k].device, params[k].dtype))
+
+
+def _all_state_keys(model) -> list[str]:
+    if is_peft(model):
+        from peft import get_peft_model_state_dict
+
+        return list(get_peft_model_state_dict(model))
+    return list(model.fedtune_keys)
+
+
+def trainable_capable(model) -> list[str]:
+    """State keys that the method trains (in state order); the rest of the state stays as built."""
+    if not is_peft(model):
+        return list(model.fedtune_keys)
+    want = {state_key(n) for n, p in model.named_parameters() if p.requires_grad}
+    if not hasattr(model, "fedtune_trainable"):
+        keys = _all_state_keys(model)
+        missing = want - set(keys)
+        if missing:
+            raise ValueError(f"peft method trains tensors it does not save: {sorted(missing)[:3]}")
+        model.fedtune_trainable = [k for k in keys if k in want]
+    return list(model.fedtune_trainable)
+
+
+def set_trainable(model, keys: Iterable[str]) -> int:
+    """Train exactly the state tensors ``keys`` (a round's trainable set); freeze the others.
+    -> the number of parameters that train. ValueError for a key the method does not train."""
+    capable = trainable_capable(model)
+    keys = set(keys)
+    unknown = keys - set(capable)
+    if unknown:
+        raise ValueError(f"the trainable set names tensors this site's model does not train: {sorted(unknown)[:3]}")
+    n = 0
+    for name, p in model.named_parameters():
+        key = state_key(name) if is_peft(model) else name
+        if key in capable:
+            p.requires_grad_(key in keys)
+            n += p.numel() if key in keys else 0
+    return n
+
+
+# ---- layer-wise control ---------------------------------------------------------------------------
+
+
+def position(key: str, n_layers: int) -> int:
+    """Layer of a tensor: i under ``layers.i.``, -1 for embeddings, ``n_layers`` for anything else."""
+    m = LAYER_RE.search(key)
+    if m:
+        return int(m.group(1))
+    return -1 if "embed" in key.rsplit(".", 1)[0].lower() else n_layers
+
+
+def check_layers(lc: LayerConfig, n_layers: int) -> None:
+    """ConfigError when the layers section cannot fit a model of ``n_layers`` layers."""
+    if lc.freeze_bottom >= n_layers and lc.freeze_bottom > 0:
+        raise ConfigError(f"layers.freeze_bottom {lc.freeze_bottom}: the model has {n_layers} layers, so none would train")
+    bad = [i for i in lc.only or [] if i >= n_layers]
+    if bad:
+        raise ConfigError(f"layers.only: layer(s) {bad} do not exist; the model has layers 0..{n_layers - 1}")
+    if lc.only is not None and lc.freeze_bottom and all(i < lc.freeze_bottom for i in lc.only):
+        raise ConfigError(f"layers.only {lc.only} are all below layers.freeze_bottom {lc.freeze_bottom}: nothing would train")
+
+
+def active_positions(lc: LayerConfig, n_layers: int, rnd: int) -> set[int]:
+    """Layer positions that train in round ``rnd`` (see :func:`position`)."""
+    allowed = set(range(lc.freeze_bottom, n_layers))
+    if lc.only is not None:
+        allowed &= set(lc.only)
+    else:
+        allowed |= {n_layers} | ({-1} if lc.freeze_bottom == 0 else set())
+    if lc.unfreeze_start is None:
+        return allowed
+    layers = sorted((p for p in allowed if 0 <= p < n_layers), reverse=True)
+    k = lc.unfreeze_start + lc.unfreeze_step * ((rnd - 1) // lc.unfreeze_every)
+    active = set(layers[:k]) | ({n_layers} & allowed)
+    if k >= len(layers) and -1 in allowed:  # embeddings last, once every layer trains
+        active.add(-1)
+    return active
+
+
+def round_keys(keys: Iterable[str], n_layers: int, lc: LayerConfig, rnd: int) -> list[str]:
+    """The trainable set of round ``rnd``: the keys (in order) whose layer trains then."""
+    active = active_positions(lc, n_layers, rnd)
+    return [k for k in keys if position(k, n_layers) in active]
+
+
+def lr_scales(model, lc: LayerConfig) -> list[tuple[float, list[torch.nn.Parameter]]]:
+    """Discriminative learning rates: trainable parameters grouped by lr multiplier
+    ``lr_decay ** (top - layer)`` (the top layer and the head at 1, embeddings lowest)."""
+    n = n_layers_of(model)
+    groups: dict[float, list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            depth = max(0, (n - 1) - position(name, n))
+            groups.setdefault(lc.lr_decay**depth, []).append(p)
+    return sorted(groups.items(), reverse=True)
+
+
+# ---- the model a site or the coordinator builds ------------------------------------------------------
+
+
+def load_model(cfg: FedTuneConfig, device: str | None = None, quantized: bool = True):
+    """-> (trainable model, tokenizer, device): the base (in 4 bits for qlora unless
+    ``quantized=False``, which the coordinator uses: it only needs the adapter's shapes) made
+    trainable for the method, with layer-wise control checked against the model."""
+    from .modeling import load_base_model
+
+    model, tokenizer, dev = load_base_model(cfg.model, device, four_bit=cfg.peft if quantized and cfg.peft.method == "qlora" else None)
+    check_layers(cfg.layers, n_layers_of(model))
+    return wrap(model, cfg.peft, seed=cfg.train.seed, base_name=cfg.model.name), tokenizer, dev
+
+
+def method_info(cfg: FedTuneConfig) -> dict:
+    """What :data:`METHOD_FILE` records: enough to load the base the way the adapter was trained."""
+    info = {"method": cfg.peft.method, "base_model": cfg.model.name}
+    if cfg.peft.method == "qlora":
+        info |= {"quant_type": cfg.peft.quant_type, "double_quant": cfg.peft.double_quant}
+    return info
+
+
+def read_method_info(adapter_dir: str | Path) -> dict:
+    f = Path(adapter_dir) / METHOD_FILE
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except ValueError:
+        raise ConfigError(f"{f}: not valid JSON") from None
+
+
+def load_trained(model_cfg: ModelConfig, adapter_dir: str | Path | None, device: str | None = None, merged_precision: bool = False):
+    """A base model with a saved adapter on it, loaded as it was trained (a qlora adapter on its
+    4-bit base, unless ``merged_precision``: then on the full-precision base, as a merge needs).
+    -> (model, tokenizer, device)."""
+    from .modeling import load_adapter, load_base_model
+
+    info = read_method_info(adapter_dir) if adapter_dir else {}
+    four_bit = None
+    if info.get("method") == "qlora" and not merged_precision:
+        four_bit = PeftSettings(method="qlora", quant_type=info.get("quant_type", "nf4"), double_quant=bool(info.get("double_quant", True)))
+    model, tokenizer, dev = load_base_model(model_cfg, device, four_bit=four_bit)
+    if adapter_dir:
+        model = load_adapter(model, adapter_dir)
+    return model, tokenizer, dev
+
+
+def export_merged(model_cfg: ModelConfig, adapter_dir: str | Path, out_dir: str | Path, device: str | None = "cpu") -> Path:
+    """Fold a LoRA-family adapter into its full-precision base and save a plain Hugging Face model
+    folder (atomically). A qlora adapter merges into the unquantized base: its outputs differ from
+    the 4-bit model by the quantization error."""
+    info = read_method_info(adapter_dir)
+    method = info.get("method", "lora")
+    if method not in MERGEABLE_METHODS:
+        raise ConfigError(f"{adapter_dir}: a {method} adapter cannot be merged into the base (only {', '.join(MERGEABLE_METHODS)})")
+    model, tokenizer, _ = load_trained(model_cfg, adapter_dir, device, merged_precision=True)
+    merged = model.merge_and_unload()
+    return save_model_dir(merged, tokenizer, out_dir)
+
+
+def save_model_dir(model, tokenizer, out_dir: str | Path) -> Path:
+    """save_pretrained (safetensors) + tokenizer into ``out_dir``, replacing it atomically."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def export_full(cfg: FedTuneConfig, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """Full fine-tuning's artifact: the base model with the trained weights, as a HF model folder."""
+    from .modeling import load_base_model
+
+    model, tokenizer, _ = load_base_model(cfg.model, "cpu")
+    model = _select_full(model, cfg.peft)
+    set_state(model, state)
+    return save_model_dir(model, tokenizer, out_dir)

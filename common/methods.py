@@ -164,12 +164,25 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def state_key(param_name: str) -> str:
-    """A trainable parameter's key in the saved state: peft drops the adapter name; prompt learning
-    saves its encoder's table as ``prompt_embeddings``."""
-    if param_name.startswith("prompt_encoder."):
-        return "prompt_embeddings"
-    return ".".join(p for p in param_name.split(".") if p != ADAPTER_NAME)
+def param_keys(model) -> dict[str, str]:
+    """Parameter name -> its key in the method's state, for the parameters the state holds. peft
+    renames as it saves (drops the adapter name, and e.g. DoRA's ``.weight``), so the keys are
+    matched by storage: the saved tensor is the parameter's own. Prompt learning saves its
+    encoder's table, computed, as ``prompt_embeddings``."""
+    if not is_peft(model):
+        return {k: k for k in model.fedtune_keys}
+    if not hasattr(model, "fedtune_param_keys"):
+        from peft import get_peft_model_state_dict
+
+        by_storage = {v.data_ptr(): k for k, v in get_peft_model_state_dict(model).items() if v.numel()}
+        out = {}
+        for name, p in model.named_parameters():
+            if name.startswith("prompt_encoder."):
+                out[name] = "prompt_embeddings"
+            elif p.data_ptr() in by_storage and p.numel():
+                out[name] = by_storage[p.data_ptr()]
+        model.fedtune_param_keys = out
+    return model.fedtune_param_keys
 
 
 def get_state(model) -> OrderedDict[str, torch.Tensor]:
@@ -196,7 +209,8 @@ def set_state(model, state: Mapping[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, dict(state))
-        unexpected = getattr(result, "unexpected_keys", [])
+        # Prompt learning loads its table into the encoder itself, after reporting it unused.
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if k != "prompt_embeddings"]
         if unexpected:
             raise KeyError(f"adapter keys not used by the model: {unexpected[:3]}")
         return
@@ -218,13 +232,14 @@ def trainable_capable(model) -> list[str]:
     """State keys that the method trains (in state order); the rest of the state stays as built."""
     if not is_peft(model):
         return list(model.fedtune_keys)
-    want = {state_key(n) for n, p in model.named_parameters() if p.requires_grad}
     if not hasattr(model, "fedtune_trainable"):
-        keys = _all_state_keys(model)
-        missing = want - set(keys)
-        if missing:
-            raise ValueError(f"peft method trains tensors it does not save: {sorted(missing)[:3]}")
-        model.fedtune_trainable = [k for k in keys if k in want]
+        keys = param_keys(model)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        unsaved = sorted(trained - set(keys))
+        if unsaved:
+            raise ValueError(f"the peft method trains tensors it does not save: {unsaved[:3]}")
+        want = {keys[n] for n in trained}
+        model.fedtune_trainable = [k for k in _all_state_keys(model) if k in want]
     return list(model.fedtune_trainable)
 
 
@@ -237,8 +252,9 @@ def set_trainable(model, keys: Iterable[str]) -> int:
     if unknown:
         raise ValueError(f"the trainable set names tensors this site's model does not train: {sorted(unknown)[:3]}")
     n = 0
+    names = param_keys(model)
     for name, p in model.named_parameters():
-        key = state_key(name) if is_peft(model) else name
+        key = names.get(name)
         if key in capable:
             p.requires_grad_(key in keys)
             n += p.numel() if key in keys else 0
@@ -253,7 +269,8 @@ def position(key: str, n_layers: int) -> int:
     m = LAYER_RE.search(key)
     if m:
         return int(m.group(1))
-    return -1 if "embed" in key.rsplit(".", 1)[0].lower() else n_layers
+    modules = key.lower().split(".")[:-1]
+    return -1 if any(m.startswith("embed") or m in ("wte", "wpe", "word_embeddings") for m in modules) else n_layers
 
 
 def check_layers(lc: LayerConfig, n_layers: int) -> None:

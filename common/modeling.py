@@ -208,8 +208,7 @@ def load_base_model(cfg: ModelConfig, device: str | None = None, four_bit: PeftS
     # A per-tensor progress bar for a 1-second local load is noise in every worker's log.
     hf_logging.disable_progress_bar()
     try:
-        with _quiet_bnb():
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=is_local, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=is_local, **kwargs)
     finally:
         hf_logging.enable_progress_bar()
     if four_bit is not None:
@@ -217,16 +216,26 @@ def load_base_model(cfg: ModelConfig, device: str | None = None, four_bit: PeftS
 
         # Also at load for evaluation: it casts the unquantized layers, and the outputs follow.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _one_cpu_4bit_path(model)
     else:
         model.to(dev)
     model.config.use_cache = False
     return model, tokenizer, dev
 
 
+def _one_cpu_4bit_path(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight the first time it runs in
+    inference (eval mode, no grad) and keeps it so, with its scales rounded to bf16: a model that
+    evaluated before it trained then computes differently from one that did not, and a saved
+    adapter no longer reloads to the outputs it trained to. Keep every layer on the one path."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def bnb_config(peft: PeftSettings, compute_dtype: torch.dtype):
     try:
-        with _quiet_bnb():
-            import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401
     except ImportError:
         raise ModelError("peft.method qlora needs bitsandbytes: pip install 'fedtune[qlora]'") from None
     from transformers import BitsAndBytesConfig
@@ -237,27 +246,6 @@ def bnb_config(peft: PeftSettings, compute_dtype: torch.dtype):
         bnb_4bit_use_double_quant=peft.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
     )
-
-
-@contextmanager
-def _quiet_bnb():
-    """bitsandbytes logs an error-looking line on every CPU load when the optional ``kernels``
-    package (a faster CPU 4-bit gemm) is missing; the plain CPU path works."""
-    import logging
-
-    class _Drop(logging.Filter):
-        def filter(self, record):
-            return "kernels" not in record.getMessage()
-
-    f = _Drop()
-    loggers = [logging.getLogger(n) for n in ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "")]
-    for lg in loggers:
-        lg.addFilter(f)
-    try:
-        yield
-    finally:
-        for lg in loggers:
-            lg.removeFilter(f)
 
 
 def load_adapter(model, path: str | Path):

@@ -42,6 +42,8 @@ torch.set_num_threads(1)
 def pytest_configure(config):
     # Known noise from our dependencies, not from fedtune.
     config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+    # peft's prefix tuning still passes past_key_values, which transformers 5 has deprecated.
+    config.addinivalue_line("filterwarnings", "ignore:`past_key_values` is deprecated:FutureWarning")
     # make_scheduler fast-forwards a fresh scheduler to the round's first step on purpose.
     config.addinivalue_line("filterwarnings", "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`:UserWarning")
 
@@ -97,14 +99,24 @@ def build_tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A local HF directory: tiny Llama (config.json + model.safetensors) and its tokenizer."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_64(tmp_path_factory) -> Path:
+    """The tiny Llama 64 wide: bitsandbytes' CPU 4-bit kernels need inputs of at least one
+    64-value quantization block (every real model's are)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), hidden=64)
+
+
+def save_tiny_llama(out: Path, hidden: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     seed_everything(0)
-    out = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -74,17 +74,17 @@ class ModelConfig(_Strict):
         return v
 
 
-PeftMethod = Literal["lora", "qlora", "dora", "ia3", "adapter", "prefix", "prompt", "full", "loha", "lokr", "vera"]
+PeftMethod = Literal["lora", "qlora", "dora", "ia3", "adapter", "prefix", "prompt", "full", "loha", "lokr", "vera", "oft", "fourierft"]
 
 # Methods whose update folds into the base weights (merge_and_unload): the LoRA family and its kin.
-MERGEABLE_METHODS = ("lora", "qlora", "dora", "ia3", "loha", "lokr", "vera")
+MERGEABLE_METHODS = ("lora", "qlora", "dora", "ia3", "loha", "lokr", "vera", "oft", "fourierft")
 # Methods with a rank r, and those whose trained tensors live per layer (layer-wise control applies).
 RANKED_METHODS = ("lora", "qlora", "dora", "loha", "lokr", "vera")
-LAYERED_METHODS = ("lora", "qlora", "dora", "ia3", "adapter", "full", "loha", "lokr", "vera")
+LAYERED_METHODS = ("lora", "qlora", "dora", "ia3", "adapter", "full", "loha", "lokr", "vera", "oft", "fourierft")
 # train.lr when it is not set: what each method is usually trained with (its paper or peft's examples).
 DEFAULT_LR = {
     "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4, "loha": 2e-4, "lokr": 2e-4,
-    "vera": 4e-3, "ia3": 3e-3, "adapter": 5e-3, "prefix": 5e-3, "prompt": 3e-2, "full": 2e-5,
+    "vera": 4e-3, "ia3": 3e-3, "adapter": 5e-3, "prefix": 5e-3, "prompt": 3e-2, "full": 2e-5, "oft": 2e-4, "fourierft": 1e-2,
 }
 
 
@@ -94,7 +94,7 @@ class PeftSettings(_Strict):
     method: PeftMethod = Field(
         "lora",
         description="lora, qlora (4-bit NF4 base + LoRA), dora, ia3, adapter (LLaMA-Adapter), prefix, prompt, "
-        "full (every weight; for small models), or peft's loha, lokr, vera.",
+        "full (every weight; for small models), or peft's loha, lokr, vera, oft, fourierft.",
     )
     r: int = Field(16, ge=1, le=1024, description="Rank (lora, qlora, dora, loha, lokr, vera).")
     alpha: float = Field(32.0, gt=0, le=1e4, description="Scaling (lora, qlora, dora, loha, lokr).")
@@ -107,6 +107,8 @@ class PeftSettings(_Strict):
     num_virtual_tokens: int = Field(16, ge=1, le=4096, description="Virtual tokens (prefix, prompt).")
     adapter_len: int = Field(10, ge=1, le=4096, description="adapter: learned prompt length per adapted layer.")
     adapter_layers: int | None = Field(None, ge=1, le=100_000, description="adapter: how many top layers get one (default: all).")
+    oft_block_size: int = Field(32, ge=1, le=65536, description="oft: block size of the orthogonal matrices (must divide each adapted layer's input).")
+    n_frequency: int = Field(1000, ge=1, le=10_000_000, description="fourierft: learned spectral coefficients per adapted layer.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: the 4-bit data type of the frozen base.")
     double_quant: bool = Field(True, description="qlora: also quantize the quantization constants.")
 
@@ -116,6 +118,21 @@ class PeftSettings(_Strict):
         if isinstance(v, list) and (not v or any(not m.strip() for m in v)):
             raise ValueError("must be 'all-linear', 'attention', 'mlp' or a non-empty list of module names")
         return v
+
+    def describe(self) -> str:
+        """One line for a run's header, e.g. 'qlora r=16 on a 4-bit nf4 base'."""
+        m = self.method
+        if m in RANKED_METHODS:
+            text = f"{m} r={self.r}" + (f" on a 4-bit {self.quant_type} base" if m == "qlora" else "")
+        elif m in ("prefix", "prompt"):
+            text = f"{m} tuning, {self.num_virtual_tokens} virtual tokens"
+        elif m == "adapter":
+            text = f"adapter (LLaMA-Adapter, {self.adapter_len} tokens on {self.adapter_layers or 'every'} layer(s))"
+        else:
+            text = "full fine-tuning" if m == "full" else m
+        if m not in ("prefix", "prompt", "adapter") and self.target_modules != "all-linear":
+            text += f" on {self.target_modules if isinstance(self.target_modules, str) else ', '.join(self.target_modules)}"
+        return text
 
     @model_validator(mode="after")
     def _options_fit_method(self) -> "PeftSettings":
@@ -291,8 +308,12 @@ class SecureAggregationConfig(_Strict):
         description="Share holders needed to unmask, out of a site's neighbours and itself (default: a majority of them). "
         "Private against a coordinator colluding with fewer than this many sites; a round survives while at least this many remain.",
     )
-    clip: float = Field(
-        0.1, gt=0, le=1e6, description="Each update value is clipped to [-clip, clip] before quantization (LoRA deltas per round are ~1e-3)."
+    clip: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description="Each update value is clipped to [-clip, clip] before quantization (default: 0.1, or 2 x lr x local_steps "
+        "when that is larger: an AdamW step moves a value by about lr, so a round's delta stays inside; LoRA deltas per round are ~1e-3).",
     )
     max_weight: int = Field(
         10_000, ge=1, le=2**31 - 1, description="A site's weight is its example count, capped at this (it bounds the 32-bit field's range)."
@@ -360,6 +381,14 @@ class FedTuneConfig(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def secure_clip(self) -> float:
+        """secure_aggregation.clip, or its default: 0.1, or 2 x lr x local_steps when that is larger."""
+        if self.secure_aggregation.clip is not None:
+            return self.secure_aggregation.clip
+        steps = self.train.local_steps or 100  # local_epochs: the count depends on the site's data
+        return max(0.1, 2 * (self.train.lr or DEFAULT_LR[self.peft.method]) * steps)
 
     def with_secure_default(self, enabled: bool) -> "FedTuneConfig":
         """This config with ``secure_aggregation.enabled`` set to the tool's default where it is

@@ -2,10 +2,13 @@
 
     fteval --data eval.jsonl                               # the default model
     fteval --model default --adapter RUN/adapter --data eval.jsonl --labels positive,negative,neutral --out scores.json
+    fteval --adapter RUN/adapter --export-merged merged/          # fold a LoRA-family adapter into its base
+    fteval --model RUN/model --data eval.jsonl                     # a full fine-tuning run's model
 
 Prints and writes: number of examples, mean answer-token loss, perplexity, exact match of
 the greedy answer (first line, trimmed, case-insensitive) and, with --labels, the accuracy
-of choosing the most likely label.
+of choosing the most likely label. An adapter is loaded on its base the way it was trained (a
+qlora adapter on the 4-bit base), as ``fedtune_method.json`` beside it records.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fteval", description="Score a model (optionally with a PEFT adapter) on a data file.")
     p.add_argument("--model", help="'default', a local HF directory, a .gguf file or a hub id (default: the adapter's base, else 'default')")
     p.add_argument("--adapter", help="PEFT adapter directory (e.g. an ftsim run's adapter/)")
-    p.add_argument("--data", required=True, help="JSONL, JSON, CSV or Parquet in any supported record format")
+    p.add_argument("--data", help="JSONL, JSON, CSV or Parquet in any supported record format (required unless --export-merged)")
+    p.add_argument("--export-merged", metavar="DIR", help="save the adapter folded into its full-precision base as a HF model folder (LoRA family)")
     p.add_argument("--labels", help="comma-separated label set: also score by the most likely label")
     p.add_argument("--out", help="write the scores as JSON here")
     p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "prompt_completion", "text"])
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data import load_site_data
     from .evaluation import evaluate_examples
-    from .modeling import ModelError, load_adapter, load_base_model
+    from .methods import export_merged, load_trained
+    from .modeling import ModelError
 
     try:
         model_cfg = ModelConfig(name=args.model or base_of(args.adapter), device=args.device)
@@ -69,13 +74,20 @@ def main(argv: list[str] | None = None) -> int:
         labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
         if args.labels is not None and not labels:
             raise ConfigError("--labels: give at least one label, e.g. --labels positive,negative,neutral")
-        data = load_site_data(args.data, data_cfg)
         if args.adapter and not (Path(args.adapter) / ADAPTER_CONFIG).is_file():
             raise ConfigError(f"--adapter {args.adapter}: no {ADAPTER_CONFIG}; not a PEFT adapter folder")
+        if args.export_merged:
+            if not args.adapter:
+                raise ConfigError("--export-merged: give the --adapter to fold into its base")
+            path = export_merged(model_cfg, args.adapter, args.export_merged)
+            print(f"merged model: {path} (load it with AutoModelForCausalLM.from_pretrained)")
+            if not args.data:
+                return 0
+        if not args.data:
+            raise ConfigError("--data: give a data file to score (or --export-merged DIR with --adapter)")
+        data = load_site_data(args.data, data_cfg)
         t0 = time.time()
-        model, tokenizer, device = load_base_model(model_cfg)
-        if args.adapter:
-            model = load_adapter(model, args.adapter)
+        model, tokenizer, device = load_trained(model_cfg, args.adapter)
         res = evaluate_examples(model, tokenizer, data.examples, data_cfg, eval_cfg, device, labels=labels)
     except (ConfigError, DataError, ModelError) as e:
         print(f"fteval: {e}", file=sys.stderr)

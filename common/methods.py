@@ -119,6 +119,12 @@ def peft_config(model, peft: PeftSettings, seed: int, base_name: str | None = No
     elif m == "vera":
         # The frozen random projections are drawn from this key, so every site has the same ones.
         cfg = P.VeraConfig(r=peft.r, vera_dropout=peft.dropout, target_modules=resolve_targets(model, peft), projection_prng_key=seed, task_type=task)
+    elif m == "oft":
+        cfg = P.OFTConfig(oft_block_size=peft.oft_block_size, r=0, module_dropout=peft.dropout, target_modules=resolve_targets(model, peft), task_type=task)
+    elif m == "fourierft":
+        # The spectral locations are drawn from random_loc_seed (peft's default 777) at every site alike;
+        # the update is linear in the trained coefficients, so averaging them is exact.
+        cfg = P.FourierFTConfig(n_frequency=peft.n_frequency, target_modules=resolve_targets(model, peft), task_type=task)
     else:  # pragma: no cover - the config's Literal lists the methods
         raise ConfigError(f"peft.method {m!r} is not supported")
     if base_name:
@@ -200,7 +206,7 @@ def get_state(model) -> OrderedDict[str, torch.Tensor]:
 
 def set_state(model, state: Mapping[str, torch.Tensor]) -> None:
     """Load the method's tensors into the model; every key of its state must be given, no others."""
-    expected = set(trainable_capable(model)) | set(_all_state_keys(model))
+    expected = set(_all_state_keys(model))
     got = set(state)
     if expected != got:
         missing, extra = sorted(expected - got), sorted(got - expected)

@@ -69,7 +69,13 @@ class RunState:
     def round_keys(self, rnd: int) -> list[str]:
         """The tensors that train in round ``rnd`` (layer-wise control), in state order."""
         keys = self.trainable_keys or list(self.global_state)
-        return methods.round_keys(keys, self.n_layers, self.cfg.layers, rnd) if self.cfg.layers.active else keys
+        chosen = methods.round_keys(keys, self.n_layers, self.cfg.layers, rnd) if self.cfg.layers.active else keys
+        if not chosen:
+            raise FederationError(
+                f"round {rnd}: the layers section leaves nothing to train: {self.cfg.peft.method} has tensors in layers "
+                f"{sorted({methods.position(k, self.n_layers) for k in keys})} (-1: embeddings, {self.n_layers}: above the top layer)"
+            )
+        return chosen
 
     def restore_server_state(self, doc: dict, optimizer_arrays: dict | None = None) -> None:
         self.rng.bit_generator.state = doc["rng"]

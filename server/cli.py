@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import get_args
 
 from fedtune.common.checkpoint import atomic_write_bytes, atomic_write_json
-from fedtune.common.config import ConfigError, FedTuneConfig, Strategy, flag_overrides, load_config, read_config_file
+from fedtune.common.config import ConfigError, FedTuneConfig, PeftMethod, Strategy, flag_overrides, load_config, read_config_file
 from fedtune.common.procs import flwr_config_string, follow, sigterm_as_interrupt, spawn, stop, tail, tool, tool_env, wait_for_port
 
 CONN = "fedtune"
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-sites", type=int, help="start once this many sites have joined (federation.expected_sites)")
     p.add_argument("--join-timeout", type=float, help="seconds to wait for sites to join (federation.join_timeout_s)")
     p.add_argument("--round-timeout", type=float, help="seconds before a silent site is dropped from a round (federation.round_timeout_s)")
+    p.add_argument("--peft", choices=get_args(PeftMethod), help="fine-tuning method (default lora; see peft in the config)")
+    p.add_argument("--merged", action="store_const", const=True, help="also save merged/: the adapter folded into the base (LoRA family)")
     p.add_argument("--strategy", choices=get_args(Strategy), help="server optimizer (default fedavg)")
     p.add_argument(
         "--no-secure-aggregation",
@@ -112,6 +114,8 @@ FLAG_KEYS = {
     "join_timeout": "federation.join_timeout_s",
     "round_timeout": "federation.round_timeout_s",
     "strategy": "federation.strategy",
+    "peft": "peft.method",
+    "merged": "output.merged",
     "secure_aggregation": "secure_aggregation.enabled",
 }
 
@@ -393,7 +397,7 @@ def serve(args: argparse.Namespace) -> int:
         threading.Thread(target=co.watch_keys, args=(say,), daemon=True).start()
         fed = cfg.federation
         say(
-            f"{'resuming' if args.resume else 'run'}: model {cfg.model.name}; {cfg.peft.method}; {fed.strategy}; "
+            f"{'resuming' if args.resume else 'run'}: model {cfg.model.name}; {cfg.peft.describe()}; {fed.strategy}; "
             f"secure aggregation {'on (SecAgg+)' if cfg.secure_aggregation.enabled else 'OFF'}; {fed.rounds} rounds; "
             f"waiting up to {fed.join_timeout_s:.0f} s for {fed.expected_sites or fed.min_sites} site(s) (min {fed.min_sites}); output {out}"
         )

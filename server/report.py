@@ -76,6 +76,22 @@ def write_plots(out: Path, doc: dict) -> list[str]:
     return made
 
 
+def _artifact_line(doc: dict) -> str:
+    if doc["fedtune"].get("artifact") == "model":
+        return "- final model: `model/` (a Hugging Face model folder: `AutoModelForCausalLM.from_pretrained('model')`); per-round checkpoints in `checkpoints/`"
+    merged = "; merged into the base: `merged/`" if doc.get("config", {}).get("output", {}).get("merged") else ""
+    return f"- final adapter: `adapter/` (loads with `PeftModel.from_pretrained(base, 'adapter')`){merged}; per-round checkpoints in `checkpoints/`"
+
+
+def _update_size_line(rounds: list[dict]) -> str:
+    """What trained and travelled per round (layer-wise control changes it between rounds)."""
+    sizes = [(r["round"], r["trainable_params"], r.get("update_bytes") or 0) for r in rounds if "trainable_params" in r]
+    if not sizes:
+        return "- update size per round: not recorded"
+    parts = "; ".join(f"round {n}: {p:,} parameters, {b / 1e6:.2f} MB per site" for n, p, b in sizes)
+    return f"- update size per round: {parts}"
+
+
 def render_markdown(doc: dict, plots: list[str]) -> str:
     names = site_names(doc)
     rounds = doc["rounds"]
@@ -83,11 +99,12 @@ def render_markdown(doc: dict, plots: list[str]) -> str:
     lines = [
         "# fedtune run report",
         "",
-        f"- model: `{doc['model']}`; adapter: {doc['fedtune']['peft']} ({doc['trainable_params']:,} trainable parameters); "
+        f"- model: `{doc['model']}`; method: {doc['fedtune']['peft']} ({doc['trainable_params']:,} trainable parameters); "
         f"aggregation: {doc['fedtune']['strategy']} over {doc['fedtune']['update']}s"
         + (", secure (SecAgg+)" if doc["fedtune"].get("secure_aggregation") else ""),
         f"- sites: {', '.join(names) or 'none'}; rounds: {last}; wall time: {doc['elapsed_s']:.0f} s",
-        "- final adapter: `adapter/` (loads with `PeftModel.from_pretrained(base, 'adapter')`); per-round checkpoints in `checkpoints/`",
+        _artifact_line(doc),
+        _update_size_line(rounds),
         "",
         "## Per site: base model (round 0) against the final round",
         "",

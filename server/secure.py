@@ -57,7 +57,7 @@ def secure_mean(
     sid_of = {n: i + 1 for i, n in enumerate(sorted(nodes))}
     node_of = {i: n for n, i in sid_of.items()}
     name = lambda sid: names.get(node_of[sid], f"node-{node_of[sid]}")  # noqa: E731
-    q = Quantizer(sa.clip, sa.max_weight, len(nodes))
+    q = Quantizer(cfg.secure_clip, sa.max_weight, len(nodes))
     timings: dict[str, float] = {}
     dropped: dict[str, list[str]] = {}
 
@@ -93,7 +93,7 @@ def secure_mean(
     keys: dict[int, tuple[bytes, bytes]] = {}
 
     def advertise_content(sid: int) -> RecordDict:
-        rec = ConfigRecord({"round-tag": tag, "sid": sid, "n-sites": len(nodes), "clip": sa.clip, "max-weight": sa.max_weight})
+        rec = ConfigRecord({"round-tag": tag, "sid": sid, "n-sites": len(nodes), "clip": q.clip, "max-weight": sa.max_weight})
         return RecordDict({p.RECORD: rec})
 
     def got_keys(m: Message, node: int, sid: int) -> None:
@@ -198,7 +198,7 @@ def secure_mean(
         "sites_per_stage": [len(nodes), len(u1), len(u2), len(u3), len(answers)],
         "dropped": {k_: v for k_, v in dropped.items() if v},
         "summed_weight": weight,
-        "clip": sa.clip,
+        "clip": q.clip,
         "clipped_values": clipped[0],
         "quantization_error_bound": bound,
         "upload_bytes_per_param": round(max(uploaded.values()) / max(length, 1), 4),
@@ -206,7 +206,7 @@ def secure_mean(
     }
     if clipped[0]:
         say(
-            f"round {rnd} secure | {clipped[0]:,} update value(s) exceeded secure_aggregation.clip {sa.clip:g} and were clipped; "
+            f"round {rnd} secure | {clipped[0]:,} update value(s) exceeded secure_aggregation.clip {q.clip:g} and were clipped; "
             "raise the clip if this recurs"
         )
     return SecureOutcome(mean=mean, summed={name(i): uploaded[i] for i in sorted(u3)}, stats=stats)

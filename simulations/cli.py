@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import get_args
 
-from fedtune.common.config import ConfigError, FedTuneConfig, Strategy, flag_overrides, load_config, read_config_file
+from fedtune.common.config import ConfigError, FedTuneConfig, PeftMethod, Strategy, flag_overrides, load_config, read_config_file
 from fedtune.common.procs import sigterm_as_interrupt
 
 BUNDLED_DATA = "data"
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or TOML config file (see simulations/configs/default.yaml)")
     p.add_argument("--site", action="append", default=[], metavar="NAME=TRAIN[:EVAL]", help="a virtual site and its data files (repeatable)")
     p.add_argument("--model", help="'default', a local HF directory, a .gguf file, or a hub id")
-    p.add_argument("--peft", help="fine-tuning method (lora)")
+    p.add_argument("--peft", choices=get_args(PeftMethod), help="fine-tuning method (default lora; see peft in the config)")
+    p.add_argument("--merged", action="store_const", const=True, help="also save merged/: the adapter folded into the base (LoRA family)")
     p.add_argument("--strategy", choices=get_args(Strategy), help="server optimizer (default fedavg)")
     p.add_argument(
         "--secure-aggregation",
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_KEYS = {
     "model": "model.name",
     "peft": "peft.method",
+    "merged": "output.merged",
     "strategy": "federation.strategy",
     "secure_aggregation": "secure_aggregation.enabled",
     "rounds": "federation.rounds",
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     say = make_say(t0)
     names = ", ".join(s.name for s in cfg.federation.sites)
     say(
-        f"{len(cfg.federation.sites)} site{'s' if len(cfg.federation.sites) != 1 else ''} ({names}); model {cfg.model.name}; {cfg.peft.method} r={cfg.peft.r}; "
+        f"{len(cfg.federation.sites)} site{'s' if len(cfg.federation.sites) != 1 else ''} ({names}); model {cfg.model.name}; {cfg.peft.describe()}; "
         f"{cfg.federation.strategy}{' with secure aggregation (SecAgg+)' if cfg.secure_aggregation.enabled else ''}; {cfg.federation.rounds} rounds x "
         f"{cfg.train.local_steps or str(cfg.train.local_epochs) + ' epochs'} local steps; output {out}"
     )
@@ -267,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     last = rs.rounds[-1]
     say(f"done in {time.time() - t0:.0f} s. Final global eval: " + ", ".join(f"{k} {v:.3f}" for k, v in last.get("aggregate", {}).items()))
-    say(f"adapter: {out / 'adapter'}   metrics: {out / 'metrics.json'}   report: {out / 'report.md'}")
+    artifact = out / ("model" if cfg.peft.method == "full" else "adapter")
+    merged = f"   merged: {out / 'merged'}" if cfg.output.merged else ""
+    say(f"{artifact.name}: {artifact}{merged}   metrics: {out / 'metrics.json'}   report: {out / 'report.md'}")
     return 0
 
 

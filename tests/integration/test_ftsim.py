@@ -254,3 +254,41 @@ def test_secure_aggregation_gives_the_plain_mean_within_its_bound(tiny_model_dir
     worst = max(float((secure_1[k].double() - plain_1[k].double()).abs().max()) for k in plain_1)
     changed = max(float((plain_1[k].double() - start[k].double()).abs().max()) for k in plain_1)
     assert changed > 1e-4 and worst <= bound + 1e-7, (worst, bound, changed)
+
+
+def test_qlora_through_ftsim_with_merged_export(tiny_model_dir_64, tmp_path):
+    """`ftsim --peft qlora --merged` as a user runs it: the sites (Ray workers) load the base in
+    4 bits, only LoRA deltas travel, the adapter reloads on the 4-bit base to the loss the sites
+    measured, and merged/ is a plain Hugging Face model."""
+    out = tmp_path / "run"
+    proc = _ftsim(
+        [
+            "--model", str(tiny_model_dir_64), "--peft", "qlora", "--merged",
+            "--site", f"medical={DATA / 'medical/train.jsonl'}:{DATA / 'medical/eval.jsonl'}",
+            "--site", f"legal={DATA / 'legal/train.jsonl'}:{DATA / 'legal/eval.jsonl'}",
+            "--rounds", "1", "--local-steps", "4", "--batch-size", "2", "--max-length", "160", "--lr", "1e-2",
+            "--set", "eval.max_examples=4", "--set", "eval.exact_match=false", "--set", "peft.r=4", "--no-plots",
+            "--out", str(out),
+        ],
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "qlora r=4 on a 4-bit nf4 base" in log and "kernels-community" not in log
+    doc = json.loads((out / "metrics.json").read_text())
+    r1 = doc["rounds"][1]
+    assert r1["accepted"] == 2 and doc["fedtune"]["peft"] == "qlora"
+    assert r1["trainable_params"] == doc["trainable_params"] and 4 * doc["trainable_params"] <= r1["update_bytes"] < 4 * doc["trainable_params"] + 256
+    assert r1["aggregate"]["eval_loss"] < doc["rounds"][0]["aggregate"]["eval_loss"]
+
+    from fedtune.common import fteval
+
+    scores = tmp_path / "s.json"
+    assert fteval.main(["--adapter", str(out / "adapter"), "--data", str(DATA / "medical/eval.jsonl"), "--max-examples", "4",
+                        "--max-length", "160", "--no-generate", "--device", "cpu", "--out", str(scores)]) == 0
+    assert json.loads(scores.read_text())["loss"] == pytest.approx(r1["sites"]["medical"]["eval_loss"], abs=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert "merged into the base: `merged/`" in (out / "report.md").read_text()

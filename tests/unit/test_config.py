@@ -309,3 +309,23 @@ def test_assignment_is_validated():
     cfg = FedTuneConfig()
     with pytest.raises(ValueError):
         cfg.train.lr = float("nan")
+
+
+def test_unknown_method_and_layer_options_are_named():
+    with pytest.raises(ConfigError, match="peft.method") as e:
+        load_config(None, {"peft.method": "lorra"})
+    assert "'lora', 'qlora', 'dora'" in str(e.value)
+    with pytest.raises(ConfigError, match="layers.only: must be a non-empty list of distinct layer indices"):
+        load_config(None, {"layers.only": [3, 3]})
+    with pytest.raises(ConfigError, match="layers.lr_decay"):
+        load_config(None, {"layers.lr_decay": 1.5})
+    with pytest.raises(ConfigError, match="layers.freez_bottom: unknown key"):
+        load_config(None, {"layers.freez_bottom": 2})
+
+
+def test_secure_clip_defaults_to_what_a_round_of_adamw_can_move():
+    assert load_config(None, {}).secure_clip == 0.1  # LoRA: 2 x 2e-4 x 10 is far below
+    cfg = load_config(None, {"peft.method": "prompt", "train.local_steps": 20})
+    assert cfg.secure_aggregation.clip is None and cfg.secure_clip == pytest.approx(2 * 3e-2 * 20)
+    assert load_config(None, {"peft.method": "prompt", "secure_aggregation.clip": 0.5}).secure_clip == 0.5
+    assert type(cfg).from_json(cfg.to_json()).secure_clip == cfg.secure_clip

@@ -36,6 +36,8 @@ METHODS = {
     "loha": ("hada_",),
     "lokr": ("lokr_",),
     "vera": ("vera_lambda",),
+    "oft": ("oft_",),
+    "fourierft": ("fourierft_",),
 }
 LR = {"full": 3e-3, "prompt": 1e-1, "prefix": 3e-2, "adapter": 1e-1}
 
@@ -72,9 +74,12 @@ def real_sites(names=("medical", "financial")) -> tuple[FakeGrid, list[client_ap
         ctx = Context(run_id=1, node_id=i + 1, node_config={"partition-id": i}, state=RecordDict(), run_config={})
 
         def handle(m):
-            if m.metadata.message_type == "train":
+            kind = m.metadata.message_type
+            if kind == "train":
                 return client_app.handle_train(m, ctx, files, "cpu").content
-            return client_app.handle_evaluate(m, ctx, files, "cpu").content
+            if kind == "evaluate":
+                return client_app.handle_evaluate(m, ctx, files, "cpu").content
+            return client_app.handle_secure_stage(m, ctx, files).content  # secure aggregation's stages
 
         return handle
 
@@ -284,6 +289,30 @@ def test_progressive_unfreezing_federated(tiny_config, tmp_path):
     assert sorted(len(list(m.content["config"]["trainable"])) for m in sent) == [14, 14, 28, 28]
 
 
+def test_progressive_unfreezing_under_secure_aggregation_gives_the_plain_result(tiny_config, tmp_path):
+    """Secure aggregation masks and sums only the round's trainable tensors: the same run, secure
+    and plain, ends at the same global adapter within the quantization bound, with the frozen
+    layer untouched in both."""
+    results = {}
+    for secure in (False, True):
+        data = json.loads(method_config(tiny_config, "ia3", unfreeze_start=1).to_json())
+        data["secure_aggregation"]["enabled"] = secure
+        cfg = load_config(None, base=data)
+        grid, _ = real_sites(("medical", "legal", "financial"))
+        client_app._RUNTIME, client_app._SITE_CACHE = None, {}
+        results[secure] = server.run_federation(grid, cfg, tmp_path / str(secure), lambda s: None)
+    plain, masked = results[False], results[True]
+    r1 = masked.rounds[1]
+    assert r1["accepted"] == 3 and r1["trainable_params"] < masked.trainable_params
+    bound = r1["secure_aggregation"]["quantization_error_bound"]
+    assert r1["secure_aggregation"]["upload_bytes_per_param"] == pytest.approx(4.0)
+    init = server.initial_adapter(cfg).state
+    for k in init:
+        diff = float(np.abs(masked.global_state[k] - plain.global_state[k]).max())
+        assert diff <= bound + 3e-7, (k, diff, bound)  # + float32 rounding of values near 1
+        assert np.array_equal(masked.global_state[k], init[k]) == (".layers.0." in k), k
+
+
 def test_updates_that_do_not_match_the_trainable_set_are_rejected(tiny_config, tmp_path):
     """A site that trains (and sends) more than the round's set is rejected, not averaged."""
     from flwr.app import ConfigRecord, MetricRecord
@@ -319,3 +348,75 @@ def test_a_site_refuses_a_trainable_set_its_model_does_not_train(tiny_config, tm
     reply = client_app.handle_train(message(cfg, state, 1, "train", trainable=["model.layers.0.mlp.up_proj.weight"]), ctx, files, "cpu")
     assert reply.content["site"]["status"] == "refused"
     assert "trainable set" in reply.content["site"]["reason"] and "arrays" not in reply.content
+
+
+# ---- fteval on what the methods save ----------------------------------------------------------------
+
+
+def test_fteval_scores_a_qlora_adapter_on_its_4bit_base_and_exports_merged(tiny_config, tmp_path, capsys):
+    """fteval reads fedtune_method.json: a qlora adapter is scored on the 4-bit base it trained on,
+    giving the loss the site measured in the federation; --export-merged folds it into the
+    full-precision base."""
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.common import fteval
+
+    cfg = method_config(tiny_config, "qlora")
+    grid, files = real_sites(("medical", "financial"))
+    rs = server.run_federation(grid, cfg, tmp_path, lambda s: None)
+    site_loss = rs.rounds[1]["sites"]["medical"]["eval_loss"]
+    assert json.loads((tmp_path / "adapter" / methods.METHOD_FILE).read_text())["method"] == "qlora"
+    score = ["--data", files[0].eval, "--max-examples", "4", "--max-length", "192", "--no-generate", "--device", "cpu"]
+    assert fteval.main(["--adapter", str(tmp_path / "adapter"), *score, "--out", str(tmp_path / "q.json")]) == 0
+    assert json.loads((tmp_path / "q.json").read_text())["loss"] == pytest.approx(site_loss, abs=1e-5)
+
+    assert fteval.main(["--adapter", str(tmp_path / "adapter"), "--export-merged", str(tmp_path / "merged"), "--device", "cpu"]) == 0
+    assert "merged model:" in capsys.readouterr().out
+    x = torch.tensor([[1, 60, 61, 62, 2]])
+    full_precision = methods.load_trained(cfg.model, tmp_path / "adapter", "cpu", merged_precision=True)[0]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(logits(merged, x), logits(full_precision, x), rtol=0, atol=1e-5)
+    assert fteval.main(["--model", str(tmp_path / "merged"), *score, "--out", str(tmp_path / "m.json")]) == 0
+    merged_loss = json.loads((tmp_path / "m.json").read_text())["loss"]
+    assert merged_loss != pytest.approx(site_loss, abs=1e-5)  # the 4-bit base is not the full-precision one
+    assert abs(merged_loss - site_loss) < 0.5
+
+
+def test_fteval_refuses_to_merge_what_cannot_merge(tiny_config, tmp_path, capsys):
+    from fedtune.common import fteval
+
+    cfg = method_config(tiny_config, "prompt")
+    grid, _ = real_sites(("medical", "financial"))
+    server.run_federation(grid, cfg, tmp_path, lambda s: None)
+    assert fteval.main(["--adapter", str(tmp_path / "adapter"), "--export-merged", str(tmp_path / "m"), "--device", "cpu"]) == 2
+    assert "a prompt adapter cannot be merged into the base" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where one is lent)")
+@pytest.mark.parametrize("method", ["qlora", "dora"])
+def test_qlora_and_dora_on_cuda_in_bf16(method, tiny_config, tmp_path):
+    """The GPU check: one federated round on CUDA with bf16 compute; the loss falls, the update is
+    float32 on the wire, and the adapter reloads to the same outputs."""
+    data = json.loads(method_config(tiny_config, method).to_json())
+    data["model"] |= {"device": "cuda", "dtype": "bfloat16"}
+    cfg = load_config(None, base=data)
+    grid, _ = real_sites()
+    rs = server.run_federation(grid, cfg, tmp_path, lambda s: None)
+    assert rs.rounds[1]["aggregate"]["eval_loss"] < rs.rounds[0]["aggregate"]["eval_loss"]
+    assert client_app._RUNTIME.device.type == "cuda"
+    x = torch.tensor([[1, 40, 41, 42, 2]], device="cuda")
+    site_model = client_app._RUNTIME.model
+    methods.set_state(site_model, adapters.to_tensors(rs.global_state))
+    reloaded = methods.load_trained(cfg.model, tmp_path / "adapter", "cuda")[0]
+    torch.testing.assert_close(logits(reloaded, x).float(), logits(site_model, x).float(), rtol=0, atol=1e-2)
+
+
+def test_a_layer_selection_that_leaves_nothing_to_train_stops_the_run_clearly(tiny_config, tmp_path):
+    cfg = method_config(tiny_config, "adapter", only=[0])
+    data = json.loads(cfg.to_json())
+    data["peft"]["adapter_layers"] = 1  # LLaMA-Adapter in the top layer only
+    cfg = load_config(None, base=data)
+    grid, _ = real_sites()
+    with pytest.raises(server.FederationError, match=r"round 1: the layers section leaves nothing to train: adapter has tensors in layers \[1\]"):
+        server.run_federation(grid, cfg, tmp_path, lambda s: None)

@@ -119,3 +119,17 @@ def test_report_shows_secure_aggregation_rounds():
     assert "secure (SecAgg+)" in md and "## Secure aggregation (SecAgg+)" in md
     assert "| 2 | 2 of 3 | 2 | key_sharing: lab | 3.20e-09 | 0 | 4.00 | train 20.5, share_keys 0.4 |" in md
     assert "## Secure aggregation" not in render_markdown(make_doc(), [])
+
+
+def test_report_names_the_artifact_and_each_rounds_update_size():
+    doc = make_doc()
+    doc["rounds"][1] |= {"trainable_params": 2048, "update_bytes": 8320}
+    doc["rounds"][2] |= {"trainable_params": 4096, "update_bytes": 16512}
+    md = render_markdown(doc, [])
+    assert "round 1: 2,048 parameters, 0.01 MB per site; round 2: 4,096 parameters, 0.02 MB per site" in md
+    assert "final adapter: `adapter/`" in md and "merged/" not in md
+    doc["config"] = {"output": {"merged": True}}
+    assert "merged into the base: `merged/`" in render_markdown(doc, [])
+    doc["fedtune"] |= {"peft": "full", "artifact": "model"}
+    md = render_markdown(doc, [])
+    assert "final model: `model/`" in md and "adapter/" not in md

@@ -98,7 +98,7 @@ def expected_mean(sites: dict[int, SecureSite], ids) -> OrderedDict:
 
 
 def bound_for(rs, sites, ids) -> float:
-    q = Quantizer(rs.cfg.secure_aggregation.clip, rs.cfg.secure_aggregation.max_weight, len(sites))
+    q = Quantizer(rs.cfg.secure_clip, rs.cfg.secure_aggregation.max_weight, len(sites))
     return q.mean_error_bound(sum(sites[i].examples for i in ids), len(ids))
 
 

@@ -85,7 +85,8 @@ def n_layers_of(model) -> int:
 
 
 def peft_config(model, peft: PeftSettings, seed: int, base_name: str | None = None):
-    """The peft config of ``peft.method`` for this model (None for full fine-tuning)."""
+    """The peft config of ``peft.method`` for this model (None for full fine-tuning).
+    ``base_name``: the base as a saved adapter names it (see :func:`saved_peft_config`)."""
     import peft as P
 
     m = peft.method
@@ -132,12 +133,14 @@ def peft_config(model, peft: PeftSettings, seed: int, base_name: str | None = No
     return cfg
 
 
-def wrap(model, peft: PeftSettings, seed: int = 0, base_name: str | None = None):
+def wrap(model, peft: PeftSettings, seed: int = 0):
     """The base model made trainable for ``peft.method``. The seed fixes the adapter's init, so
-    every process builds the same one. For ``full`` the model itself, with the selected
+    every process builds the same one. (The live model's peft config keeps the base's local
+    path: peft looks the base up by that name when it reads the state, and a name such as
+    'default' would send it to the hub; :func:`saved_peft_config` names the base for saving.) For ``full`` the model itself, with the selected
     parameters trainable and their names in ``model.fedtune_keys``."""
     torch.manual_seed(seed)
-    pc = peft_config(model, peft, seed, base_name or getattr(model.config, "_name_or_path", None))
+    pc = peft_config(model, peft, seed)
     if pc is None:
         return _select_full(model, peft)
     from peft import get_peft_model
@@ -336,7 +339,17 @@ def load_model(cfg: FedTuneConfig, device: str | None = None, quantized: bool = 
 
     model, tokenizer, dev = load_base_model(cfg.model, device, four_bit=cfg.peft if quantized and cfg.peft.method == "qlora" else None)
     check_layers(cfg.layers, n_layers_of(model))
-    return wrap(model, cfg.peft, seed=cfg.train.seed, base_name=cfg.model.name), tokenizer, dev
+    return wrap(model, cfg.peft, seed=cfg.train.seed), tokenizer, dev
+
+
+def saved_peft_config(model, base_name: str):
+    """The peft config to save with the adapter: the model's own, naming the base as the user
+    named it (e.g. 'default', which fteval resolves), not the cache path it loaded from."""
+    import copy
+
+    pc = copy.deepcopy(model.peft_config[ADAPTER_NAME])
+    pc.base_model_name_or_path = base_name
+    return pc
 
 
 def method_info(cfg: FedTuneConfig) -> dict:

@@ -420,3 +420,17 @@ def test_a_layer_selection_that_leaves_nothing_to_train_stops_the_run_clearly(ti
     grid, _ = real_sites()
     with pytest.raises(server.FederationError, match=r"round 1: the layers section leaves nothing to train: adapter has tensors in layers \[1\]"):
         server.run_federation(grid, cfg, tmp_path, lambda s: None)
+
+
+def test_saved_adapter_names_the_base_as_the_user_did_while_the_live_model_keeps_its_path(tiny_config):
+    """peft looks the base up by the live config's name whenever it reads the state: a name like
+    'default' there would send it to the hub. The saved config carries the user's name instead."""
+    import warnings
+
+    model = methods.load_model(tiny_config, "cpu")[0]
+    saved = methods.saved_peft_config(model, "default")
+    assert saved.base_model_name_or_path == "default"
+    assert model.peft_config["default"].base_model_name_or_path == tiny_config.model.name  # a local directory
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unable to fetch remote file" lookups
+        methods.get_state(model)

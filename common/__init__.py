@@ -14,3 +14,17 @@ class _NoKernelsHubFetch(_logging.Filter):
 
 
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubFetch())
+
+
+def quiet_dependency_warnings() -> None:
+    """Hide a dependency's deprecation notice that is not for our users: importing bitsandbytes
+    (peft does, whenever it is installed) imports torch.utils.mkldnn, which uses
+    torch.jit.script_method. Python hides DeprecationWarnings by default, but Flower's
+    simulation engine turns them all on ("once") when imported, so ftsim calls this again
+    after importing it."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning)
+
+
+quiet_dependency_warnings()

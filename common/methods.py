@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -395,30 +393,15 @@ def export_merged(model_cfg: ModelConfig, adapter_dir: str | Path, out_dir: str 
     if method not in MERGEABLE_METHODS:
         raise ConfigError(f"{adapter_dir}: a {method} adapter cannot be merged into the base (only {', '.join(MERGEABLE_METHODS)})")
     model, tokenizer, _ = load_trained(model_cfg, adapter_dir, device, merged_precision=True)
+    from .modeling import save_model_dir
+
     merged = model.merge_and_unload()
     return save_model_dir(merged, tokenizer, out_dir)
 
 
-def save_model_dir(model, tokenizer, out_dir: str | Path) -> Path:
-    """save_pretrained (safetensors) + tokenizer into ``out_dir``, replacing it atomically."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def export_full(cfg: FedTuneConfig, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
     """Full fine-tuning's artifact: the base model with the trained weights, as a HF model folder."""
-    from .modeling import load_base_model
+    from .modeling import load_base_model, save_model_dir
 
     model, tokenizer, _ = load_base_model(cfg.model, "cpu")
     model = _select_full(model, cfg.peft)

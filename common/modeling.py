@@ -115,19 +115,26 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         raise ModelError(f"{gguf_path}: converted weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    save_model_dir(model, tokenizer, out_dir)
+    _say(f"model ready at {out_dir}")
+    return out_dir
+
+
+def save_model_dir(model, tokenizer, out_dir: str | Path) -> Path:
+    """save_pretrained (safetensors) + tokenizer into ``out_dir``, replacing it atomically."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _say(f"model ready at {out_dir}")
-    return out_dir
+    return out
 
 
 def resolve_model_source(cfg: ModelConfig) -> tuple[str, bool]:

@@ -196,7 +196,12 @@ def prepare_engine() -> None:
     """Flower's simulation engine as ftsim runs it: warnings only, without run_simulation's
     deprecation notice (we use it on purpose, see the module docstring; the notice is not for
     our users), and picking up messages every 0.01 s (common/flwr_latency.py)."""
+    from flwr.simulation.ray_transport import utils  # noqa: F401 - turns every DeprecationWarning on at import
+
+    from fedtune.common import quiet_dependency_warnings
     from fedtune.common.flwr_latency import tune_simulation
+
+    quiet_dependency_warnings()
 
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(logging.WARNING)

@@ -122,9 +122,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 def save_model_dir(model, tokenizer, out_dir: str | Path) -> Path:
     """save_pretrained (safetensors) + tokenizer into ``out_dir``, replacing it atomically."""
+    from transformers.utils import logging as hf_logging
+
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    hf_logging.disable_progress_bar()  # a one-shard progress bar is noise in a run's log
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -132,6 +135,7 @@ def save_model_dir(model, tokenizer, out_dir: str | Path) -> Path:
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
+        hf_logging.enable_progress_bar()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out

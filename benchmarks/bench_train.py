@@ -71,7 +71,7 @@ def run(steps: int = 4, reps: int = 6) -> dict:
         content = RecordDict(
             {
                 **adapters.adapter_records(init_state),
-                "config": ConfigRecord({capp.CONFIG_KEY: cfg.to_json(), "server-round": 1}),
+                "config": ConfigRecord({capp.CONFIG_KEY: cfg.to_json(), "server-round": 1, capp.TRAINABLE_KEY: list(init_state)}),
             }
         )
         # As a SuperNode hands it to the ClientApp: metadata filled in by the SuperLink.

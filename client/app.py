@@ -211,6 +211,7 @@ def handle_train(
         seed=site_seed(cfg, site.name),
         progress=progress if verbose else None,
         lr_groups=methods.lr_scales(rt.model, cfg.layers),
+        proximal_mu=cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0,
     )
     local = methods.get_state(rt.model)
     delta = adapters.delta({k: local[k] for k in trainable}, {k: global_state[k] for k in trainable})

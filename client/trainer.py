@@ -97,6 +97,18 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int, start_step: in
     return sched
 
 
+@torch.no_grad()
+def add_proximal_grad(params: list, anchors: list, mu: float) -> None:
+    """FedProx: the gradient of (mu/2)||w - w0||^2, i.e. mu (w - w0), added to each weight's
+    gradient (before clipping, as if it were part of the loss)."""
+    for p, p0 in zip(params, anchors):
+        g = mu * (p - p0)
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+
+
 def train_round(
     model,
     items: list[dict],
@@ -109,8 +121,11 @@ def train_round(
     seed: int,
     progress=None,
     lr_groups: list[tuple[float, list]] | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainStats:
-    """Run one round of local steps on tokenized items (each {input_ids, labels})."""
+    """Run one round of local steps on tokenized items (each {input_ids, labels}). ``proximal_mu``
+    > 0 (FedProx): the loss gets (mu/2)||w - w_start||^2 over the trainable weights, w_start being
+    the global model the round started from."""
     if not items:
         raise ValueError("train_round: no training examples")
     n_steps = steps_per_round(cfg, len(items))
@@ -119,6 +134,7 @@ def train_round(
     optimizer = make_optimizer(model, cfg, lr_groups)
     scheduler = make_scheduler(optimizer, cfg, n_steps * total_rounds, (server_round - 1) * n_steps)
     params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     torch.manual_seed(dropout_seed(seed, server_round))
     model.train()
     losses: list[float] = []
@@ -137,6 +153,8 @@ def train_round(
             (loss_sum / max(n_tok, 1)).backward()
             step_loss += float(loss_sum.detach())
             tokens += int(batch["attention_mask"].sum())
+        if anchors is not None:
+            add_proximal_grad(params, anchors, proximal_mu)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()

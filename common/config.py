@@ -229,19 +229,21 @@ class SiteConfig(_Strict):
     eval: str | None = None
 
 
-Strategy = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
 
 
 class FederationConfig(_Strict):
     rounds: int = Field(3, ge=1, le=100_000)
     strategy: Strategy = Field(
         "fedavg",
-        description="How the server applies the round's mean update: fedavg adds it; fedavgm adds it with server momentum; "
+        description="How the server applies the round's mean update: fedavg adds it; fedprox too, and each site's loss gets "
+        "a proximal term (mu/2)||w - w_global||^2 (Li et al. 2020); fedavgm adds it with server momentum; "
         "fedadam, fedyogi and fedadagrad use it as a pseudo-gradient for an adaptive server optimizer (Reddi et al. 2021).",
     )
     server_lr: float | None = Field(
-        None, gt=0, le=100.0, description="Server learning rate (default: 1.0 for fedavg/fedavgm, 1e-3 for the adaptive ones, sized for LoRA deltas)."
+        None, gt=0, le=100.0, description="Server learning rate (default: 1.0 for fedavg/fedprox/fedavgm, 1e-3 for the adaptive ones, sized for LoRA deltas)."
     )
+    proximal_mu: float = Field(0.01, ge=0, le=1e4, description="fedprox: weight mu of the proximal term in each site's loss.")
     server_momentum: float = Field(0.9, ge=0, lt=1.0, description="fedavgm: momentum of the server's update.")
     server_beta1: float = Field(0.9, ge=0, lt=1.0, description="fedadam/fedyogi: first-moment decay.")
     server_beta2: float = Field(0.99, ge=0, lt=1.0, description="fedadam/fedyogi: second-moment decay.")

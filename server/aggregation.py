@@ -149,7 +149,7 @@ def robust_aggregate(updates: Sequence[Mapping[str, np.ndarray]], method: str, t
     return out
 
 
-DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-3, "fedyogi": 1e-3, "fedadagrad": 1e-3}
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedavgm": 1.0, "fedadam": 1e-3, "fedyogi": 1e-3, "fedadagrad": 1e-3}
 
 
 class ServerOptimizer:
@@ -190,7 +190,7 @@ class ServerOptimizer:
                 out[k] = x
                 continue
             d = delta[k].astype(np.float64)
-            if s == "fedavg":
+            if s in ("fedavg", "fedprox"):  # FedProx differs at the sites (the proximal term), not here
                 step = self.lr * d
             elif s == "fedavgm":
                 v = self.v[k] = self.momentum * self.v.get(k, 0.0) + d

@@ -268,3 +268,17 @@ def test_server_optimizer_state_round_trips_and_refuses_another_strategy():
     with pytest.raises(ValueError, match="'fedadam', this run's is 'fedyogi'"):
         ServerOptimizer("fedyogi").restore(doc, arrays)
     assert ServerOptimizer("fedavg").state() == ({"strategy": "fedavg", "t": 0}, {})
+
+
+def test_fedprox_server_step_is_fedavgs():
+    """FedProx changes the sites' loss, not the server: x += lr * mean delta, with lr 1 by default."""
+    from collections import OrderedDict
+
+    import numpy as np
+
+    from fedtune.server.aggregation import ServerOptimizer
+
+    x = OrderedDict(a=np.array([1.0, -2.0], np.float32))
+    d = OrderedDict(a=np.array([0.25, 0.5], np.float32))
+    assert np.array_equal(ServerOptimizer("fedprox").step(x, d)["a"], np.array([1.25, -1.5], np.float32))
+    assert np.array_equal(ServerOptimizer("fedprox", lr=2.0).step(x, d)["a"], ServerOptimizer("fedavg", lr=2.0).step(x, d)["a"])

@@ -208,3 +208,19 @@ def test_site_seed_differs_by_site_and_is_stable(tiny_config):
     a = client_app.site_seed(tiny_config, "a")
     assert a == client_app.site_seed(tiny_config, "a") != client_app.site_seed(tiny_config, "b")
     assert 0 <= a < 2**32
+
+
+@pytest.mark.parametrize("strategy, mu, expected", [("fedprox", 0.5, 0.5), ("fedavg", 0.5, 0.0), ("fedadam", 0.5, 0.0)])
+def test_the_proximal_term_is_on_for_fedprox_only(tmp_path, tiny_config, global_state, monkeypatch, strategy, mu, expected):
+    seen = {}
+    real = client_app.train_round
+
+    def spy(*args, **kwargs):
+        seen["mu"] = kwargs["proximal_mu"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client_app, "train_round", spy)
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.federation.strategy, cfg.federation.proximal_mu = strategy, mu
+    reply = handle_train(message(cfg, global_state, 1, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
+    assert reply.content["site"]["status"] == "ok" and seen["mu"] == expected

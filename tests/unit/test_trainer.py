@@ -259,3 +259,28 @@ def test_optimizer_only_gets_trainable_params(tiny_peft_model):
     assert len(params) == sum(1 for p in model.parameters() if p.requires_grad) == 28
     assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["weight_decay"] == 0.01
     assert Counter(p.requires_grad for p in params) == Counter({True: 28})
+
+
+def test_proximal_gradient_is_mu_times_the_distance_from_the_start():
+    from fedtune.client.trainer import add_proximal_grad
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, -3.0]))
+    q = torch.nn.Parameter(torch.tensor([0.5]))
+    p.grad = torch.tensor([0.1, 0.1, 0.1])  # the loss's own gradient is kept
+    add_proximal_grad([p, q], [torch.zeros(3), torch.tensor([1.5])], mu=0.5)
+    assert torch.allclose(p.grad, torch.tensor([0.6, 1.1, -1.4]))
+    assert torch.allclose(q.grad, torch.tensor([-0.5]))  # no gradient before: the term alone
+
+
+def test_fedprox_pulls_the_update_toward_the_global_model(tiny_peft_model, items):
+    """Same start, data and seed: the larger mu, the smaller the round's update."""
+    model, tok, dev = tiny_peft_model
+    init = methods.get_state(model)
+    cfg = _cfg(local_steps=8, batch_size=3, lr=1e-2)
+    norms = []
+    for mu in (0.0, 1.0, 100.0):
+        methods.set_state(model, init)
+        train_round(model, items, tok.pad_token_id, cfg, dev, server_round=1, total_rounds=1, seed=5, proximal_mu=mu)
+        after = methods.get_state(model)
+        norms.append(float(sum(((after[k] - init[k]) ** 2).sum() for k in init)) ** 0.5)
+    assert norms[0] > norms[1] > norms[2] > 0, norms

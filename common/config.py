@@ -109,6 +109,11 @@ class PeftSettings(_Strict):
     adapter_layers: int | None = Field(None, ge=1, le=100_000, description="adapter: how many top layers get one (default: all).")
     oft_block_size: int = Field(32, ge=1, le=65536, description="oft: block size of the orthogonal matrices (must divide each adapted layer's input).")
     n_frequency: int = Field(1000, ge=1, le=10_000_000, description="fourierft: learned spectral coefficients per adapted layer.")
+    ffa: bool = Field(
+        False,
+        description="FFA-LoRA (lora, qlora): A stays frozen at its seeded init, shared by every site, and only B trains, "
+        "so averaging the B's averages the products B·A exactly, and each update is B alone.",
+    )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: the 4-bit data type of the frozen base.")
     double_quant: bool = Field(True, description="qlora: also quantize the quantization constants.")
 
@@ -123,7 +128,7 @@ class PeftSettings(_Strict):
         """One line for a run's header, e.g. 'qlora r=16 on a 4-bit nf4 base'."""
         m = self.method
         if m in RANKED_METHODS:
-            text = f"{m} r={self.r}" + (f" on a 4-bit {self.quant_type} base" if m == "qlora" else "")
+            text = f"{m} r={self.r}" + (" (FFA: A frozen)" if self.ffa else "") + (f" on a 4-bit {self.quant_type} base" if m == "qlora" else "")
         elif m in ("prefix", "prompt"):
             text = f"{m} tuning, {self.num_virtual_tokens} virtual tokens"
         elif m == "adapter":
@@ -136,6 +141,8 @@ class PeftSettings(_Strict):
 
     @model_validator(mode="after")
     def _options_fit_method(self) -> "PeftSettings":
+        if self.ffa and self.method not in ("lora", "qlora"):
+            raise ValueError(f"peft.ffa (FFA-LoRA) freezes LoRA's A matrices: it needs method lora or qlora, not {self.method!r}")
         if self.method in ("prefix", "prompt", "adapter") and "target_modules" in self.model_fields_set and self.target_modules != "all-linear":
             raise ValueError(f"peft.target_modules does not apply to method {self.method!r} (it adds learned tokens, not per-module weights)")
         return self

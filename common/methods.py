@@ -147,6 +147,10 @@ def wrap(model, peft: PeftSettings, seed: int = 0):
 
     with quiet_peft():
         model = get_peft_model(model, pc)
+    if peft.ffa:  # FFA-LoRA: A keeps its seeded init (the same at every site, from the coordinator)
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
     trainable_capable(model)  # recorded now, before any round's trainable set freezes some of them
     return model
 

@@ -434,3 +434,40 @@ def test_saved_adapter_names_the_base_as_the_user_did_while_the_live_model_keeps
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "unable to fetch remote file" lookups
         methods.get_state(model)
+
+
+def test_ffa_lora_trains_b_only_and_averages_the_products_exactly(tiny_config, tmp_path):
+    """FFA-LoRA: A is frozen at the shared init, updates carry B alone (half LoRA's bytes here:
+    square-ish layers), and the global B·A moves by exactly the example-weighted mean of the sites'
+    own B·A changes. Plain LoRA, averaging A and B apart, does not."""
+    results = {}
+    for ffa in (False, True):
+        data = json.loads(method_config(tiny_config, "lora").to_json())
+        data["peft"]["ffa"] = ffa
+        cfg = load_config(None, base=data)
+        grid, _ = real_sites(("medical", "financial"))
+        client_app._RUNTIME, client_app._SITE_CACHE = None, {}
+        init = server.initial_adapter(cfg)
+        rs = server.run_federation(grid, cfg, tmp_path / str(ffa), lambda s: None)
+        replies = [m for m in grid.sent if m.metadata.message_type == "train"]
+        assert len(replies) == 2
+        # Each site's own adapter after training: the global start plus its delta (from its reply).
+        site_states, weights = [], []
+        for m in replies:
+            out = grid.sites[m.metadata.dst_node_id](m)
+            delta = adapters.read_adapter(out)
+            site_states.append({k: init.state[k] + delta.get(k, 0.0) for k in init.state})
+            weights.append(out["metrics"]["num-examples"])
+        errors = []
+        for a_key in (k for k in init.state if ".lora_A." in k):
+            b_key = a_key.replace(".lora_A.", ".lora_B.")
+            product = lambda s: s[b_key].astype(np.float64) @ s[a_key].astype(np.float64)  # noqa: E731
+            mean_of_products = sum(w * product(s) for w, s in zip(weights, site_states)) / sum(weights)
+            errors.append(float(np.abs(product(rs.global_state) - mean_of_products).max()))
+        results[ffa] = (rs, init, max(errors))
+    (plain, plain_init, plain_err), (ffa, ffa_init, ffa_err) = results[False], results[True]
+    assert all(".lora_B." in k for k in ffa_init.trainable_keys) and len(ffa_init.trainable_keys) == len(plain_init.trainable_keys) // 2
+    assert all(np.array_equal(ffa.global_state[k], ffa_init.state[k]) for k in ffa_init.state if ".lora_A." in k)
+    assert ffa.rounds[1]["update_bytes"] < 0.6 * plain.rounds[1]["update_bytes"]
+    assert ffa_err < 1e-6, ffa_err  # exact, to float error
+    assert plain_err > 100 * max(ffa_err, 1e-9), (plain_err, ffa_err)

@@ -97,10 +97,11 @@ def peft_config(model, peft: PeftSettings, seed: int, base_name: str | None = No
             task_type=task, bias="none", use_dora=m == "dora",
         )
     elif m == "ia3":
+        groups = block_linears(model)
         targets = resolve_targets(model, peft)
         if targets == "all-linear":
-            targets = block_linears(model)["all"]
-        mlp = set(block_linears(model)["mlp"])
+            targets = groups["all"]
+        mlp = set(groups["mlp"])
         cfg = P.IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if t.rsplit(".", 1)[-1] in mlp], task_type=task)
     elif m == "adapter":
         n = n_layers_of(model)
@@ -232,11 +233,15 @@ def set_state(model, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def _all_state_keys(model) -> list[str]:
-    if is_peft(model):
+    """The state's keys: fixed once the model is built, so read from peft once (set_state checks
+    them twice a round, and peft builds the whole state dict to list them)."""
+    if not is_peft(model):
+        return list(model.fedtune_keys)
+    if not hasattr(model, "fedtune_state_keys"):
         from peft import get_peft_model_state_dict
 
-        return list(get_peft_model_state_dict(model))
-    return list(model.fedtune_keys)
+        model.fedtune_state_keys = list(get_peft_model_state_dict(model))
+    return list(model.fedtune_state_keys)
 
 
 def trainable_capable(model) -> list[str]:

@@ -21,6 +21,7 @@ from fedtune.common.modeling import load_base_model
 from fedtune.server import app as server
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "simulations" / "data"
+from .test_client_app import fresh_caches  # noqa: F401  (autouse fixture: every test starts with no cached model)
 from .test_server_rounds import FakeGrid, _task_identity  # noqa: F401  (fixture)
 
 # Method -> learning rate for the tiny model (its logits are flat; see conftest) and what it trains.
@@ -40,12 +41,6 @@ METHODS = {
     "fourierft": ("fourierft_",),
 }
 LR = {"full": 3e-3, "prompt": 1e-1, "prefix": 3e-2, "adapter": 1e-1}
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches(monkeypatch):
-    monkeypatch.setattr(client_app, "_RUNTIME", None)
-    monkeypatch.setattr(client_app, "_SITE_CACHE", {})
 
 
 @pytest.fixture

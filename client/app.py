@@ -31,11 +31,11 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.common import adapters, methods
+from fedtune.common import adapters, methods, privacy
 from fedtune.common.config import FedTuneConfig
 from fedtune.common.data import DataError, Example, load_site_data, split_examples, tokenize_all
 from fedtune.common.evaluation import evaluate_examples
-from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY, TRAINABLE_KEY
+from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TRAINABLE_KEY
 from fedtune.common.secagg import SecAggError
 from fedtune.common.secagg import protocol as secagg
 
@@ -50,6 +50,7 @@ class SiteFiles:
     name: str
     train: str
     eval: str | None = None
+    rank: int | None = None  # this site's LoRA rank when below the run's (mixed ranks)
 
 
 @dataclass
@@ -128,7 +129,8 @@ def resolve_site(context: Context, sites: list[SiteFiles] | None) -> SiteFiles:
     nc = context.node_config
     if "data-path" in nc:
         name = str(nc.get("site-name") or f"site-{context.node_id}")
-        return SiteFiles(name, str(nc["data-path"]), str(nc["eval-data-path"]) if nc.get("eval-data-path") else None)
+        rank = int(nc["lora-rank"]) if nc.get("lora-rank") not in (None, "", 0) else None
+        return SiteFiles(name, str(nc["data-path"]), str(nc["eval-data-path"]) if nc.get("eval-data-path") else None, rank)
     if sites is not None and "partition-id" in nc:
         pid = int(nc["partition-id"])
         if not 0 <= pid < len(sites):
@@ -141,6 +143,17 @@ def _read_message(msg: Message) -> tuple[FedTuneConfig, int, dict]:
     conf = msg.content["config"]
     cfg = FedTuneConfig.from_json(str(conf[CONFIG_KEY]))
     return cfg, int(conf[ROUND_KEY]), adapters.to_tensors(adapters.read_adapter(msg.content))
+
+
+def _site_model(cfg: FedTuneConfig, site: SiteFiles, global_state: dict, device: str | None) -> tuple[Runtime, SiteState, dict]:
+    """This site's runtime (its own LoRA rank, when it has one), its data, and the global adapter
+    as this site holds it (cut to its rank: HetLoRA)."""
+    if site.rank is not None and site.rank > cfg.peft.r:
+        raise ValueError(f"site {site.name}: LoRA rank {site.rank} is above the run's peft.r {cfg.peft.r}")
+    own = methods.site_config(cfg, site.rank)
+    rt = runtime(own, device)
+    st = site_state(site, own, rt)
+    return rt, st, (global_state if own is cfg else methods.truncate_rank(global_state, site.rank))
 
 
 def _reply(msg: Message, site: SiteFiles, status: str, metrics: dict, records: dict | None = None, reason: str | None = None) -> Message:
@@ -170,10 +183,9 @@ def handle_train(
     keeps small)."""
     received = time.time() if received is None else received
     arrived = received if arrived is None else arrived
-    cfg, server_round, global_state = _read_message(msg)
+    cfg, server_round, full_global = _read_message(msg)
     site = resolve_site(context, sites)
-    rt = runtime(cfg, device)
-    st = site_state(site, cfg, rt)
+    rt, st, global_state = _site_model(cfg, site, full_global, device)
     counts = {"records": st.n_records, "invalid-records": st.n_invalid, "dropped-too-long": st.dropped_too_long}
     if st.problem:
         # A site with nothing usable never sends an update.
@@ -215,6 +227,8 @@ def handle_train(
     )
     local = methods.get_state(rt.model)
     delta = adapters.delta({k: local[k] for k in trainable}, {k: global_state[k] for k in trainable})
+    population = int(msg.content["config"].get(DP_POPULATION_KEY, 0)) if cfg.privacy.enabled else 0
+    delta, bounded = privacy.site_release(cfg, delta, secure=sa is not None, n_sites=population)
     metrics = {
         "num-examples": len(st.train_items),
         "train-loss": stats.loss_mean,
@@ -226,12 +240,16 @@ def handle_train(
         "receive-seconds": received - arrived,
         "startup-seconds": stats.first_step_at - received,
         **counts,
+        **bounded,
+        **({"lora-rank": site.rank} if site.rank is not None else {}),
     }
     if sa is not None:
         # Secure round: the update goes straight from training to masking; only the masked vector leaves.
         try:
-            flat = secure.flatten_update(delta, {k: global_state[k] for k in trainable})
-            y, extra = secure.masked_input(context, sa, flat, len(st.train_items), site_seed(cfg, site.name) + server_round)
+            reference = {k: full_global[k] for k in trainable}
+            flat = secure.flatten_update(methods.pad_rank(delta, {k: v.shape for k, v in reference.items()}), reference)
+            weight = 1 if cfg.privacy.enabled else len(st.train_items)  # under DP every site weighs the same
+            y, extra = secure.masked_input(context, sa, flat, weight, site_seed(cfg, site.name) + server_round)
         except SecAggError as e:
             secure.forget(context)  # a site that refuses is out of this round
             if verbose:
@@ -267,8 +285,7 @@ def handle_secure_stage(msg: Message, context: Context, sites: list[SiteFiles] |
 def handle_evaluate(msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None) -> Message:
     cfg, _, global_state = _read_message(msg)
     site = resolve_site(context, sites)
-    rt = runtime(cfg, device)
-    st = site_state(site, cfg, rt)
+    rt, st, global_state = _site_model(cfg, site, global_state, device)  # a lower-rank site scores the adapter at its rank
     if st.problem or not st.eval_examples:
         return _reply(msg, site, st.problem or "no-eval-examples", {"num-examples": 0})
     methods.set_state(rt.model, global_state)
@@ -320,7 +337,7 @@ def sites_from_config(cfg: FedTuneConfig, base_dir: str | Path | None = None) ->
         q = Path(p).expanduser()
         return str(q if q.is_absolute() or base_dir is None else Path(base_dir) / q)
 
-    return [SiteFiles(s.name, _abs(s.train), _abs(s.eval)) for s in cfg.federation.sites]
+    return [SiteFiles(s.name, _abs(s.train), _abs(s.eval), s.rank) for s in cfg.federation.sites]
 
 
 # For deployment (`flwr` loads "fedtune.client.app:app"): data comes from node_config.

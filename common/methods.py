@@ -416,3 +416,83 @@ def export_full(cfg: FedTuneConfig, state: Mapping[str, torch.Tensor], out_dir: 
     model = _select_full(model, cfg.peft)
     set_state(model, state)
     return save_model_dir(model, tokenizer, out_dir)
+
+
+# Mixed ranks across sites (HetLoRA, Cho et al. 2023): a site of rank r_i < r trains the first r_i
+# rows of every lora_A and the first r_i columns of every lora_B of the global rank-r adapter, with
+# alpha scaled by r_i / r so that alpha / r, and so every retained rank's contribution, is the same.
+
+
+def _rank_axis(key: str) -> int | None:
+    """Which axis of a state tensor is the LoRA rank: 0 for lora_A (r x in), 1 for lora_B (out x r)."""
+    if ".lora_A." in key or key.endswith(".lora_A"):
+        return 0
+    if ".lora_B." in key or key.endswith(".lora_B"):
+        return 1
+    return None
+
+
+def site_config(cfg: FedTuneConfig, rank: int | None) -> FedTuneConfig:
+    """The run's config as a site of LoRA rank ``rank`` builds its model (the run's own when None)."""
+    if rank is None or rank == cfg.peft.r:
+        return cfg
+    peft = cfg.peft.model_copy(update={"r": rank, "alpha": cfg.peft.alpha * rank / cfg.peft.r})
+    return cfg.model_copy(update={"peft": peft})
+
+
+def truncate_rank(state: Mapping, rank: int) -> OrderedDict:
+    """The global adapter cut to rank ``rank`` (numpy arrays or tensors; other tensors as they are)."""
+    out = OrderedDict()
+    for k, v in state.items():
+        axis = _rank_axis(k)
+        out[k] = v if axis is None else (v[:rank] if axis == 0 else v[:, :rank])
+    return out
+
+
+def pad_rank(state: Mapping, shapes: Mapping[str, tuple]) -> OrderedDict:
+    """A lower-rank update zero-padded to the global adapter's shapes (HetLoRA's aggregation)."""
+    import numpy as np
+
+    out = OrderedDict()
+    for k, v in state.items():
+        shape = tuple(shapes[k])
+        if tuple(v.shape) == shape:
+            out[k] = v
+            continue
+        r = v.shape[_rank_axis(k)]
+        if isinstance(v, torch.Tensor):
+            z = torch.zeros(shape, dtype=v.dtype)
+        else:
+            z = np.zeros(shape, dtype=v.dtype)
+        if _rank_axis(k) == 0:
+            z[:r] = v
+        else:
+            z[:, :r] = v
+        out[k] = z
+    return out
+
+
+def rank_of(state: Mapping, shapes: Mapping[str, tuple]) -> int | None:
+    """The rank r_i an update was trained at, when every tensor has the global shape except the
+    LoRA rank axis, which is the same r_i <= r in all of them; None when it does not fit."""
+    ranks = set()
+    for k, v in state.items():
+        if k not in shapes:
+            return None
+        got, want, axis = tuple(v.shape), tuple(shapes[k]), _rank_axis(k)
+        if axis is None or len(got) != len(want):
+            if got != want:
+                return None
+            continue
+        if any(g != w for i, (g, w) in enumerate(zip(got, want)) if i != axis) or not 1 <= got[axis] <= want[axis]:
+            return None
+        ranks.add(got[axis])
+    if len(ranks) > 1:
+        return None
+    return ranks.pop() if ranks else None
+
+
+def lora_pairs(keys) -> list[tuple[str, str]]:
+    """(lora_A key, lora_B key) of every LoRA layer among ``keys``."""
+    keys = set(keys)
+    return sorted((k, k.replace("lora_A", "lora_B")) for k in keys if _rank_axis(k) == 0 and k.replace("lora_A", "lora_B") in keys)

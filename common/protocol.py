@@ -17,3 +17,6 @@ Under secure aggregation the TRAIN message also carries a "secagg" record, the r
 CONFIG_KEY = "fedtune-config"
 ROUND_KEY = "server-round"
 TRAINABLE_KEY = "trainable"
+# Under differential privacy (TRAIN): how many sites the round was drawn from. With the config it
+# fixes the sampling rate, hence the noise multiplier every site adds its share of.
+DP_POPULATION_KEY = "dp-population"

@@ -224,3 +224,45 @@ class ServerOptimizer:
         self.t = int(doc.get("t", 0))
         self.m = OrderedDict((k[2:], np.asarray(v, dtype=np.float64)) for k, v in arrays.items() if k.startswith("m/"))
         self.v = OrderedDict((k[2:], np.asarray(v, dtype=np.float64)) for k, v in arrays.items() if k.startswith("v/"))
+
+
+def lora_product_error(
+    global_state: Mapping[str, np.ndarray],
+    deltas: Sequence[Mapping[str, np.ndarray]],
+    ranks: Sequence[int],
+    weights: Sequence[float],
+    mean_delta: Mapping[str, np.ndarray],
+    pairs: Sequence[tuple[str, str]],
+) -> dict[str, float]:
+    """How far the aggregated adapter's product B·A is from the weighted mean of the sites' own
+    products B_i·A_i (each at its own rank r_i), summed over every LoRA layer (Frobenius):
+
+    - ``aggregation_error``: || B̄·Ā − Σ p_i B_i·A_i ||, with B̄ = B + mean ΔB and Ā = A + mean ΔA
+      (what averaging A and B separately, zero-padded for mixed ranks, yields);
+    - ``aggregation_error_rel``: that over || Σ p_i B_i·A_i − B·A ||, the size of the change the
+      sites made together (0 for FFA-LoRA, where A is shared and frozen).
+
+    ``deltas`` are the sites' updates padded to the global shapes; a tensor an update lacks did
+    not train (e.g. A under FFA-LoRA)."""
+    total = float(sum(weights))
+    err2 = ref2 = 0.0
+    for a_key, b_key in pairs:
+        a0 = global_state[a_key].astype(np.float64)
+        b0 = global_state[b_key].astype(np.float64)
+        mean_prod = np.zeros((b0.shape[0], a0.shape[1]))
+        for d, r, w in zip(deltas, ranks, weights):
+            a = a0[:r] + d[a_key][:r] if a_key in d else a0[:r]
+            b = b0[:, :r] + d[b_key][:, :r] if b_key in d else b0[:, :r]
+            mean_prod += (w / total) * (b @ a)
+        a_bar = a0 + mean_delta[a_key] if a_key in mean_delta else a0
+        b_bar = b0 + mean_delta[b_key] if b_key in mean_delta else b0
+        err2 += float(np.sum(np.square(b_bar @ a_bar - mean_prod)))
+        ref2 += float(np.sum(np.square(mean_prod - b0 @ a0)))
+    err = math.sqrt(err2)
+    return {"aggregation_error": err, "aggregation_error_rel": err / math.sqrt(ref2) if ref2 > 0 else 0.0}
+
+
+def noised_mean(mean: Mapping[str, np.ndarray], n: int, std: float, rng: np.random.Generator) -> OrderedDict[str, np.ndarray]:
+    """The mean of ``n`` clipped updates as if N(0, std^2) had been added to their sum:
+    mean + N(0, std^2) / n per value (the coordinator's Gaussian mechanism, central DP)."""
+    return OrderedDict((k, (v.astype(np.float64) + rng.normal(0.0, std, size=v.shape) / n).astype(WIRE_DTYPE)) for k, v in mean.items())

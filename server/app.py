@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,13 +26,23 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.common import adapters, methods
+from fedtune.common import adapters, methods, privacy
 from fedtune.common.checkpoint import atomic_write_json, load_adapter_state, load_arrays, save_adapter, verify_checkpoint
-from fedtune.common.config import FedTuneConfig
+from fedtune.common.config import MIXED_RANK_METHODS, FedTuneConfig
 from fedtune.common.metrics import weighted_mean
-from fedtune.common.protocol import CONFIG_KEY, ROUND_KEY, TRAINABLE_KEY
+from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TRAINABLE_KEY
 
-from .aggregation import RunningMean, ServerOptimizer, l2_norm, robust_aggregate, spec_of, unflatten, validate_update
+from .aggregation import (
+    RunningMean,
+    ServerOptimizer,
+    l2_norm,
+    lora_product_error,
+    noised_mean,
+    robust_aggregate,
+    spec_of,
+    unflatten,
+    validate_update,
+)
 from .messaging import FederationError, Printer, exchange, site_of
 from .report import write_report
 from .secure import secure_mean
@@ -57,6 +68,9 @@ class RunState:
     optimizer: ServerOptimizer = field(default_factory=lambda: ServerOptimizer("fedavg"))
     # Flower node id -> the site name it reported, so a site that later fails is still named.
     node_names: dict = field(default_factory=dict)
+    # Differential privacy: the rounds composed so far (checkpointed), and why the run stopped early.
+    accountant: privacy.Accountant | None = None
+    stopped: str | None = None
 
     def server_state(self, rnd: int) -> dict:
         return {
@@ -64,6 +78,7 @@ class RunState:
             "strategy": self.cfg.federation.strategy,
             "rng": self.rng.bit_generator.state,
             "optimizer": self.optimizer.state()[0],
+            **({"privacy": self.accountant.state()} if self.accountant is not None else {}),
         }
 
     def round_keys(self, rnd: int) -> list[str]:
@@ -80,6 +95,10 @@ class RunState:
     def restore_server_state(self, doc: dict, optimizer_arrays: dict | None = None) -> None:
         self.rng.bit_generator.state = doc["rng"]
         self.optimizer.restore(doc.get("optimizer") or {}, optimizer_arrays or {})
+        if self.accountant is not None:
+            if "privacy" not in doc:
+                raise ValueError("the run had no privacy accountant; differential privacy cannot be turned on in the middle of a run")
+            self.accountant = privacy.Accountant.restore(doc["privacy"])
 
     def metrics_doc(self) -> dict:
         return {
@@ -89,8 +108,10 @@ class RunState:
                 "strategy": self.cfg.federation.strategy,
                 "aggregator": self.cfg.federation.aggregator,
                 "secure_aggregation": bool(self.cfg.secure_aggregation.enabled),
+                "differential_privacy": self.cfg.privacy.enabled,
                 "update": "delta",
             },
+            **({"stopped": self.stopped} if self.stopped else {}),
             "model": self.cfg.model.name,
             "trainable_params": self.trainable_params,
             "config": self.cfg.model_dump(mode="json"),
@@ -164,8 +185,13 @@ def sites_for_round(grid: Grid, rs: RunState, say: Printer) -> tuple[list[int], 
         nodes = wait_for_sites(grid, minimum, minimum, fed.join_timeout_s, say)
     train = nodes
     if fed.sites_per_round is not None and fed.sites_per_round < len(nodes):
-        pick = rs.rng.choice(len(nodes), size=fed.sites_per_round, replace=False)
-        train = sorted(nodes[i] for i in pick)
+        if rs.accountant is not None:
+            # Under DP: Poisson sampling, each site in with probability q, as the accountant assumes.
+            q = privacy.sampling_rate(rs.cfg, len(nodes))
+            train = [n for n, u in zip(nodes, rs.rng.random(len(nodes))) if u < q]
+        else:
+            pick = rs.rng.choice(len(nodes), size=fed.sites_per_round, replace=False)
+            train = sorted(nodes[i] for i in pick)
     return train, nodes
 
 
@@ -177,10 +203,13 @@ def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(float(x)) else None
 
 
-def broadcast_content(rs: RunState, rnd: int, trainable: list[str] | None = None) -> RecordDict:
+def broadcast_content(rs: RunState, rnd: int, trainable: list[str] | None = None, population: int | None = None) -> RecordDict:
     """What every site gets: the global adapter, the run's config and the round number; for
-    training also the round's trainable set, which every update must match exactly."""
+    training also the round's trainable set, which every update must match exactly, and under
+    DP the number of sites the round was drawn from (it sets the noise)."""
     conf = {CONFIG_KEY: rs.cfg.to_json(), ROUND_KEY: rnd} | ({TRAINABLE_KEY: trainable} if trainable is not None else {})
+    if population is not None:
+        conf[DP_POPULATION_KEY] = population
     return RecordDict({**adapters.adapter_records(adapters.to_tensors(rs.global_state)), "config": ConfigRecord(conf)})
 
 
@@ -217,16 +246,32 @@ def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Pr
     return {"sites": results, "aggregate": agg}
 
 
-def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer) -> dict:
-    """One round of training: each site's update is validated and folded into the example-weighted
-    mean as it arrives (or, for a robust aggregator, kept for the coordinate-wise median or trimmed
-    mean); under secure aggregation the sites' updates stay masked and only their weighted mean
-    comes out (:mod:`fedtune.server.secure`). The server optimizer then applies the mean update."""
+def dp_round(rs: RunState, population: int) -> tuple[float, float]:
+    """-> (sampling rate, noise multiplier) of a DP round drawn from ``population`` sites."""
+    return privacy.sampling_rate(rs.cfg, population), privacy.noise_multiplier(rs.cfg, population)
+
+
+def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer, population: int | None = None) -> dict:
+    """One round of training: each site's update is validated (a lower-rank LoRA update is
+    zero-padded to the global rank: HetLoRA), clipped to the update-norm bound if one is set, and
+    folded into the example-weighted mean as it arrives (or, for a robust aggregator, kept for the
+    coordinate-wise median or trimmed mean); under secure aggregation the sites' updates stay
+    masked and only their weighted mean comes out (:mod:`fedtune.server.secure`). Under DP every
+    site weighs 1 and the mean carries Gaussian noise (added here, or by the sites under secure
+    aggregation). The server optimizer then applies the mean update.
+
+    ``population``: the sites connected, which this round's were drawn from (default: ``nodes``)."""
     cfg = rs.cfg
     secure = bool(cfg.secure_aggregation.enabled)
+    dp = rs.accountant is not None
+    population = population or len(nodes)
     trainable = rs.round_keys(rnd)
-    content = broadcast_content(rs, rnd, trainable)
+    content = broadcast_content(rs, rnd, trainable, population if dp else None)
     spec = spec_of({k: rs.global_state[k] for k in trainable})
+    bound = privacy.bound_of(cfg)
+    ranked = cfg.peft.method in MIXED_RANK_METHODS
+    measure = ranked and not secure and cfg.federation.aggregator == "mean"  # the server sees each site's B_i, A_i
+    measured: list[tuple[dict, int, float]] = []
     n_values = sum(math.prod(s) for s in spec.values())
     t0 = time.time()
     sites: dict[str, dict] = {}
@@ -258,6 +303,8 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             "receive_seconds": _num(mr.get("receive-seconds")),
             "startup_seconds": _num(mr.get("startup-seconds")),
             "invalid_records": int(_num(mr.get("invalid-records")) or 0),
+            **({"rank": int(mr["lora-rank"])} if "lora-rank" in mr else {}),
+            **({"update_norm": _num(mr.get("update-norm")), "clipped": bool(mr.get("update-clipped"))} if "update-clipped" in mr else {}),
         }
         trained = (
             f"loss {_fmt(info['train_loss_first'])} -> {_fmt(info['train_loss_last'])} in {info['steps']} steps, "
@@ -269,8 +316,12 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             info["clipped_values"] = int(_num(mr.get("clipped-values")) or 0)
             say(f"{where}: {trained}; masked update received {count}")
             return
+        rank = None
         try:
             arrays = adapters.read_adapter(m.content)
+            rank = methods.rank_of(arrays, spec) if ranked else None
+            if rank is not None:
+                arrays = methods.pad_rank(arrays, spec)  # HetLoRA: a lower rank's missing rows/columns are zeros
             problems = validate_update(arrays, spec, n_ex, cfg.federation.max_examples_per_update)
         except ValueError as e:
             arrays, problems = {}, [str(e)]
@@ -281,8 +332,15 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             say(f"{where}: REJECTED update: {info['reason']} {count}")
             return
         info["status"] = "ok"
+        if bound is not None:  # the sites clip; a site that did not is clipped here
+            c = privacy.clip_update(arrays, bound)
+            arrays = c.update
+            info["clipped_by_coordinator"] = bool(c.norm > bound * (1 + 1e-4))
+        weight = 1.0 if dp else float(n_ex)
         if cfg.federation.aggregator == "mean":
-            mean.add(arrays, float(n_ex))
+            mean.add(arrays, weight)
+            if measure:
+                measured.append((arrays, rank or cfg.peft.r, weight))
         else:
             kept.append(arrays)
         say(f"{where}: {trained} {count}")
@@ -296,6 +354,8 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
                 info["summed"] = name in out.summed
                 info["bytes_sent"] = out.summed.get(name, 0)
         accepted = len(out.summed)
+        if dp and accepted < privacy.min_summed(cfg, population):  # the protocol aborts first; never release less noise
+            raise FederationError(f"round {rnd}: {accepted} site(s) summed, fewer than the {privacy.min_summed(cfg, population)} the sites' noise is sized for")
         record["secure_aggregation"] = out.stats
         say(
             f"round {rnd} secure | weighted mean of {accepted} site(s) unmasked "
@@ -316,6 +376,28 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
                 "the run can be resumed from its last checkpoint."
             )
         update = mean.result() if cfg.federation.aggregator == "mean" else robust_aggregate(kept, cfg.federation.aggregator, cfg.federation.trim_fraction)
+        if measured:
+            record.update(
+                lora_product_error(
+                    rs.global_state, [a for a, _, _ in measured], [r for _, r, _ in measured], [w for _, _, w in measured],
+                    update, methods.lora_pairs(rs.global_state),
+                )
+            )  # fmt: skip
+        if dp:  # central DP: the coordinator, which saw the clipped updates, releases only their noised mean
+            update = noised_mean(update, accepted, dp_round(rs, population)[1] * cfg.privacy.clip, np.random.default_rng(secrets.randbits(128)))
+    if bound is not None and not dp:
+        record["clipped_updates"] = sum(1 for i in sites.values() if i.get("clipped") or i.get("clipped_by_coordinator"))
+    if dp:
+        q, sigma = dp_round(rs, population)
+        rs.accountant.spend(q, sigma)
+        record["privacy"] = {
+            "epsilon": rs.accountant.epsilon(),
+            "delta": cfg.privacy.delta,
+            "noise_multiplier": sigma,
+            "clip": cfg.privacy.clip,
+            "sampling_rate": q,
+            "noise": "distributed: each site adds its share before masking" if secure else "central: added by the coordinator",
+        }
     rs.global_state = rs.optimizer.step(rs.global_state, update)
     return {
         "sites": sites,
@@ -417,6 +499,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         n_layers=init.n_layers,
         rng=np.random.default_rng(cfg.train.seed),
         optimizer=ServerOptimizer.from_config(cfg.federation),
+        accountant=privacy.Accountant(cfg.privacy.delta) if cfg.privacy.enabled else None,
     )
     what = "weights (full fine-tuning)" if peft_config is None else "adapter"
     say(f"{cfg.peft.method} {what}: {rs.trainable_params:,} trainable parameters ({rs.trainable_params * 4 / 1e6:.1f} MB as float32)")
@@ -448,10 +531,35 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         ev = run_evaluation(grid, nodes, rs, 0, say)
         rs.rounds.append({"round": 0, **ev, "seconds": round(time.time() - t, 3)})
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
+    if rs.accountant is not None:
+        q, sigma = dp_round(rs, len(nodes))
+        say(
+            f"differential privacy: clip {cfg.privacy.clip:g}, noise multiplier {sigma:.3f}, sampling rate {q:.3g}; "
+            f"budget epsilon {cfg.privacy.epsilon:g} at delta {cfg.privacy.delta:g}; spent so far {rs.accountant.epsilon():.3f}"
+        )
     for rnd in range(first, fed.rounds + 1):
         t = time.time()
         train_nodes, nodes = sites_for_round(grid, rs, say)
-        tr = run_training_round(grid, train_nodes, rs, rnd, say)
+        if rs.accountant is not None:
+            q, sigma = dp_round(rs, len(nodes))
+            after = rs.accountant.epsilon(then=(q, sigma))
+            if after > cfg.privacy.epsilon * (1 + 1e-9):
+                rs.stopped = (
+                    f"privacy budget: round {rnd} would bring epsilon to {after:.3f}, above privacy.epsilon {cfg.privacy.epsilon:g}; "
+                    f"stopped after round {rnd - 1} at epsilon {rs.accountant.epsilon():.3f}"
+                )
+                say(f"stopping: {rs.stopped}")
+                break
+            if len(train_nodes) < fewest_sites(cfg):  # a Poisson draw too small to aggregate: nothing released
+                rs.accountant.spend(q, sigma)  # charged all the same (conservative)
+                say(f"round {rnd}: only {len(train_nodes)} site(s) drawn (sampling rate {q:.3g}); skipped, epsilon now {rs.accountant.epsilon():.3f}")
+                rs.rounds.append({"round": rnd, "skipped": "too few sites drawn", "privacy": {"epsilon": rs.accountant.epsilon()}, "sites": {}, "aggregate": rs.rounds[-1].get("aggregate", {})})
+                save_round(rs, rnd)
+                atomic_write_json(out / "metrics.json", rs.metrics_doc())
+                continue
+        tr = run_training_round(grid, train_nodes, rs, rnd, say, population=len(nodes))
+        if "privacy" in tr:
+            say(f"round {rnd} privacy | epsilon {tr['privacy']['epsilon']:.3f} of {cfg.privacy.epsilon:g} spent (delta {cfg.privacy.delta:g})")
         save_round(rs, rnd)
         ev = run_evaluation(grid, nodes, rs, rnd, say)
         sites = tr.pop("sites")
@@ -464,6 +572,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
         eta = (time.time() - t) * (fed.rounds - rnd)
         say(f"round {rnd}/{fed.rounds} done in {time.time() - t:.0f} s; checkpoint {out / 'checkpoints' / f'round-{rnd:04d}'}; ETA {eta:.0f} s")
+    atomic_write_json(out / "metrics.json", rs.metrics_doc())  # with the elapsed time and, if it stopped early, why
     save_artifacts(rs, say)
     write_report(out, rs.metrics_doc(), plots=cfg.output.plots)
     say(f"report: {out / 'report.md'}")

@@ -92,6 +92,43 @@ def _update_size_line(rounds: list[dict]) -> str:
     return f"- update size per round: {parts}"
 
 
+def _aggregation_section(doc: dict) -> list[str]:
+    """Per round: the sites' LoRA ranks (mixed ranks), the aggregation error against the mean of
+    the sites' B·A products, updates clipped to the norm bound, and the privacy spent."""
+    rounds = [r for r in doc["rounds"] if r["round"] > 0]
+    priv = doc.get("config", {}).get("privacy", {})
+    has = lambda key: any(key in r for r in rounds)  # noqa: E731
+    ranked = any("rank" in s for r in rounds for s in r.get("sites", {}).values())
+    if not (has("aggregation_error") or has("privacy") or has("clipped_updates") or ranked or doc.get("stopped")):
+        return []
+    out = ["", "## Aggregation and privacy", ""]
+    if doc.get("stopped"):
+        out += [f"**Stopped early** ({doc['stopped']}).", ""]
+    if has("aggregation_error"):
+        out += [
+            "Aggregation error: how far the new global B·A is from the weighted mean of the sites' own B·A products, "
+            "relative to how far that mean moved (0: exact, as FFA-LoRA is; plain LoRA averages A and B apart). "
+            "Not measurable under secure aggregation, where the coordinator never sees a single site's update.",
+            "",
+        ]
+    if has("privacy"):
+        out += [
+            f"Client-level differential privacy: each update clipped to L2 norm {priv.get('clip')}, Gaussian noise on the sum; "
+            f"(epsilon, delta) from an RDP accountant (dp-accounting), delta {priv.get('delta')}, budget epsilon {priv.get('epsilon')}.",
+            "",
+        ]
+    out += ["| round | site ranks | update norm | aggregation error (rel.) | updates clipped | noise multiplier | epsilon spent |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rounds:
+        ranks = ", ".join(f"{n} r={s['rank']}" for n, s in sorted(r.get("sites", {}).items()) if "rank" in s) or "–"
+        p = r.get("privacy", {})
+        err = f"{_fmt(r.get('aggregation_error_rel'), '.2e')}" if "aggregation_error_rel" in r else "–"
+        out.append(
+            f"| {r['round']} | {ranks} | {_fmt(r.get('update_norm'), '.4f')} | {err} | {r.get('clipped_updates', '–')} | "
+            f"{_fmt(p.get('noise_multiplier'))} | {_fmt(p.get('epsilon'))} |"
+        )
+    return out
+
+
 def render_markdown(doc: dict, plots: list[str]) -> str:
     names = site_names(doc)
     rounds = doc["rounds"]
@@ -150,6 +187,7 @@ def render_markdown(doc: dict, plots: list[str]) -> str:
                 f"| {rnd} | {st['sites_per_stage'][3]} of {st['sites_per_stage'][0]} | {st['threshold']} | {dropped} | "
                 f"{st['quantization_error_bound']:.2e} | {st['clipped_values']:,} | {st['upload_bytes_per_param']:.2f} | {stages} |"
             )
+    lines += _aggregation_section(doc)
     rejected = [(r["round"], x) for r in rounds for x in r.get("rejected", [])]
     if rejected:
         lines += ["", "## Rejected updates", ""]

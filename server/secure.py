@@ -20,7 +20,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedtune.common import privacy
 from fedtune.common.config import FedTuneConfig
+from fedtune.common.protocol import DP_POPULATION_KEY
 from fedtune.common.secagg import Quantizer, SecAggError, check_threshold, default_threshold, neighbours, unmask_sum
 from fedtune.common.secagg import protocol as p
 
@@ -57,7 +59,10 @@ def secure_mean(
     sid_of = {n: i + 1 for i, n in enumerate(sorted(nodes))}
     node_of = {i: n for n, i in sid_of.items()}
     name = lambda sid: names.get(node_of[sid], f"node-{node_of[sid]}")  # noqa: E731
-    q = Quantizer(cfg.secure_clip, sa.max_weight, len(nodes))
+    clip = cfg.secure_clip
+    if cfg.privacy.enabled:  # the values are clipped updates plus each site's noise: cover both
+        clip = privacy.quantizer_clip(cfg, int(content["config"][DP_POPULATION_KEY]))
+    q = Quantizer(clip, sa.max_weight, len(nodes))
     timings: dict[str, float] = {}
     dropped: dict[str, list[str]] = {}
 

@@ -1,0 +1,253 @@
+"""Update-norm bounding and client-level differential privacy (DP-FedAvg, McMahan et al. 2018).
+
+Each site clips its whole update (every tensor that trained, as one vector) to L2 norm ``C``
+before it leaves. With differential privacy on (``privacy.epsilon``), Gaussian noise of standard
+deviation ``sigma * C`` is added to the *sum* of the clipped updates, so that adding or removing
+any one site moves the released sum by at most ``C`` and is hidden by the noise:
+
+- without secure aggregation the coordinator adds it (it sees the clipped updates: it is trusted);
+- with secure aggregation every site adds ``N(0, (sigma C)^2 / m)`` to its own update before
+  masking, where ``m`` is the fewest sites a round can sum (:func:`min_summed`); the coordinator
+  only ever sees a sum that carries at least ``(sigma C)^2`` of noise, never an unnoised one.
+
+Under DP every site weighs the same (1): with example-count weights one site's influence would
+depend on the count it claims. The mean is the noised sum divided by the sites summed (as
+Flower's DifferentialPrivacy*FixedClipping wrappers do); the number of sites taking part is
+treated as public.
+
+The accountant is the Renyi-DP accountant of Google's ``dp-accounting`` library: each round is
+a Gaussian mechanism with noise multiplier ``sigma``, Poisson-subsampled with rate ``q`` when
+only some sites train (``federation.sites_per_round``: each site then takes part with
+probability ``q`` independently). It reports the cumulative (epsilon, delta) after every round;
+its state is the list of rounds it composed, saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Integer Renyi orders: for these the RDP of the subsampled Gaussian has a closed form (a
+# binomial sum, Mironov et al. 2019), so a test can check the library's figure independently.
+ORDERS = tuple(range(2, 257))
+
+
+def l2(state: Mapping[str, object]) -> float:
+    """The L2 norm of all tensors together, in float64 (numpy arrays or torch tensors); NaN when
+    any value is not finite."""
+    total = 0.0
+    for v in state.values():
+        a = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, dtype=np.float64)
+        total += float(np.sum(a * a))
+    return math.sqrt(total) if math.isfinite(total) else float("nan")
+
+
+@dataclass
+class Clipped:
+    update: OrderedDict  # same keys and types as the input
+    norm: float  # the norm before clipping (NaN when the update was not finite)
+    clipped: bool  # scaled down to the bound
+    nonfinite: bool  # had NaN/Inf: replaced by zeros (still clipped, noised and sent like any other)
+
+
+def clip_update(update: Mapping[str, object], bound: float) -> Clipped:
+    """``update`` scaled to L2 norm at most ``bound``. A zero update stays zero (no division);
+    an update with NaN or Inf becomes all zeros, so it can neither crash the clipping nor slip
+    through it unbounded."""
+    if not (bound > 0 and math.isfinite(bound)):
+        raise ValueError(f"clip bound {bound}: expected a positive finite number")
+    norm = l2(update)
+    if not math.isfinite(norm):
+        return Clipped(OrderedDict((k, zeros_like(v)) for k, v in update.items()), norm, True, True)
+    scale = min(1.0, bound / norm) if norm > 0 else 1.0
+    out = OrderedDict((k, v if scale == 1.0 else v * scale) for k, v in update.items())
+    return Clipped(out, norm, scale < 1.0, False)
+
+
+def zeros_like(v):
+    """Zeros shaped like ``v`` (a NaN update is not zeroed by ``v * 0``: NaN * 0 is NaN)."""
+    if hasattr(v, "detach"):
+        import torch
+
+        return torch.zeros_like(v)
+    return np.zeros_like(v)
+
+
+def gaussian_noise_like(update: Mapping[str, object], std: float) -> OrderedDict:
+    """Fresh N(0, std^2) per value, from the operating system's randomness (unpredictable to
+    anyone else, never seeded from the run's seed), shaped and typed like ``update``."""
+    rng = np.random.default_rng(secrets.randbits(128))
+    out = OrderedDict()
+    for k, v in update.items():
+        z = rng.normal(0.0, std, size=tuple(v.shape))
+        if hasattr(v, "detach"):
+            import torch
+
+            out[k] = torch.from_numpy(z).to(v.dtype)
+        else:
+            out[k] = z.astype(v.dtype)
+    return out
+
+
+def add(a: Mapping[str, object], b: Mapping[str, object]) -> OrderedDict:
+    return OrderedDict((k, a[k] + b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# The accountant
+
+
+def _dpa():
+    try:
+        import dp_accounting
+        from dp_accounting import rdp
+    except ImportError as e:  # pragma: no cover - a dependency of the package
+        raise RuntimeError("differential privacy needs the dp-accounting package (pip install dp-accounting)") from e
+    return dp_accounting, rdp
+
+
+def _event(q: float, sigma: float, rounds: int):
+    dpa, _ = _dpa()
+    ev = dpa.GaussianDpEvent(sigma) if q >= 1.0 else dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma))
+    return dpa.SelfComposedDpEvent(ev, rounds)
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Cumulative epsilon at ``delta`` after the rounds in ``history`` ([(q, sigma, rounds)])."""
+    if not history:
+        return 0.0
+    _, rdp = _dpa()
+    acc = rdp.RdpAccountant(orders=list(ORDERS))
+    for q, sigma, n in history:
+        acc.compose(_event(q, sigma, n))
+    return float(acc.get_epsilon(delta))
+
+
+def calibrate_noise(epsilon: float, delta: float, rounds: int, q: float = 1.0) -> float:
+    """The smallest noise multiplier (to 0.1%) whose ``rounds`` rounds spend at most ``epsilon``."""
+    if epsilon <= 0 or not 0 < delta < 1 or rounds < 1 or not 0 < q <= 1:
+        raise ValueError(f"calibrate_noise: epsilon {epsilon}, delta {delta}, rounds {rounds}, q {q}")
+    lo, hi = 1e-2, 1.0
+    while epsilon_of([(q, hi, rounds)], delta) > epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise ValueError(f"no noise multiplier reaches epsilon {epsilon} in {rounds} rounds")
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        if epsilon_of([(q, mid, rounds)], delta) > epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@dataclass
+class Accountant:
+    """The rounds composed so far; ``epsilon`` is recomputed from them (exact, and cheap)."""
+
+    delta: float
+    history: list = field(default_factory=list)  # [[q, sigma, rounds], ...], consecutive equal rounds merged
+
+    def epsilon(self, then: tuple[float, float] | None = None) -> float:
+        """Spent so far; with ``then=(q, sigma)``: what it would be after one more such round."""
+        hist = [tuple(h) for h in self.history] + ([(then[0], then[1], 1)] if then else [])
+        return epsilon_of(hist, self.delta)
+
+    def spend(self, q: float, sigma: float) -> None:
+        if self.history and self.history[-1][0] == q and self.history[-1][1] == sigma:
+            self.history[-1][2] += 1
+        else:
+            self.history.append([q, sigma, 1])
+
+    @property
+    def rounds(self) -> int:
+        return sum(int(h[2]) for h in self.history)
+
+    def state(self) -> dict:
+        return {"delta": self.delta, "history": [list(h) for h in self.history]}
+
+    @classmethod
+    def restore(cls, doc: dict) -> "Accountant":
+        return cls(float(doc["delta"]), [[float(q), float(s), int(n)] for q, s, n in doc["history"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run's config implies (the coordinator and every site compute the same from it)
+
+
+def sampling_rate(cfg, n_sites: int) -> float:
+    k = cfg.federation.sites_per_round
+    return 1.0 if k is None or k >= n_sites else k / n_sites
+
+
+def min_summed(cfg, n_sites: int) -> int:
+    """The fewest sites whose updates a secure round can sum, drawn from ``n_sites``: what each
+    site's share of the noise is sized for (more sites summed only add noise). A secure round
+    aborts with fewer than max(threshold, min_sites, 2) left (fedtune.server.secure); the default
+    threshold is a majority of the sites invited, known here only when every site is invited."""
+    sa = cfg.secure_aggregation
+    m = max(cfg.federation.min_sites, 2)
+    if sa.threshold is not None:
+        return max(m, sa.threshold)
+    if sampling_rate(cfg, n_sites) >= 1.0:
+        from fedtune.common.secagg import default_threshold
+
+        return max(m, default_threshold(min(n_sites, (sa.neighbours or n_sites - 1) + 1)))
+    return m
+
+
+_CALIBRATED: dict = {}
+
+
+def noise_multiplier(cfg, n_sites: int) -> float:
+    """privacy.noise_multiplier, or the one that spends privacy.epsilon in federation.rounds rounds."""
+    p = cfg.privacy
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    key = (p.epsilon, p.delta, cfg.federation.rounds, sampling_rate(cfg, n_sites))
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = calibrate_noise(p.epsilon, p.delta, cfg.federation.rounds, key[3])
+    return _CALIBRATED[key]
+
+
+def site_noise_std(cfg, n_sites: int) -> float:
+    """Under secure aggregation: the noise each site adds to its clipped update, so that any
+    ``min_summed`` of them carry at least (sigma C)^2 together."""
+    return noise_multiplier(cfg, n_sites) * cfg.privacy.clip / math.sqrt(min_summed(cfg, n_sites))
+
+
+def quantizer_clip(cfg, n_sites: int) -> float:
+    """Under DP with secure aggregation: the per-value range the quantizer must cover, the
+    clipped update (each value at most C) plus 7 standard deviations of the site's noise, so
+    that the noise is practically never clipped (which would change its distribution)."""
+    return cfg.privacy.clip + 7.0 * site_noise_std(cfg, n_sites)
+
+
+def bound_of(cfg) -> float | None:
+    """The L2 bound on every update: privacy.clip under DP, else federation.update_norm_bound."""
+    return cfg.privacy.clip if cfg.privacy.enabled else cfg.federation.update_norm_bound
+
+
+def site_release(cfg, update: Mapping[str, object], secure: bool, n_sites: int) -> tuple[OrderedDict, dict]:
+    """What a site does to its update before it leaves: clip it to the bound, and under DP with
+    secure aggregation add its share of the noise. -> (update, metrics). Under DP no metric
+    depends on the update (its norm, or whether it was clipped, would reveal something of the
+    data that the noise does not cover)."""
+    bound = bound_of(cfg)
+    if bound is None:
+        return OrderedDict(update), {}
+    c = clip_update(update, bound)
+    out = c.update
+    if cfg.privacy.enabled:
+        if secure:
+            out = add(out, gaussian_noise_like(out, site_noise_std(cfg, n_sites)))
+        return out, {}
+    metrics = {"update-clipped": int(c.clipped), "update-nonfinite": int(c.nonfinite)}
+    if math.isfinite(c.norm):
+        metrics["update-norm"] = c.norm
+    return out, metrics

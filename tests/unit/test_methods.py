@@ -466,3 +466,6 @@ def test_ffa_lora_trains_b_only_and_averages_the_products_exactly(tiny_config, t
     assert ffa.rounds[1]["update_bytes"] < 0.6 * plain.rounds[1]["update_bytes"]
     assert ffa_err < 1e-6, ffa_err  # exact, to float error
     assert plain_err > 100 * max(ffa_err, 1e-9), (plain_err, ffa_err)
+    # The coordinator measures the same on every round and reports it (metrics.json, report).
+    assert ffa.rounds[1]["aggregation_error_rel"] < 1e-5
+    assert plain.rounds[1]["aggregation_error_rel"] > 100 * ffa.rounds[1]["aggregation_error_rel"]

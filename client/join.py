@@ -54,6 +54,11 @@ def join_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where this site trains (default: cuda if available)")
     p.add_argument("--threads", type=int, help="CPU threads for training (default: torch's choice, all cores)")
+    p.add_argument(
+        "--rank",
+        type=int,
+        help="this site's LoRA rank, below the run's peft.r for a site with less GPU memory (mixed ranks, HetLoRA; default: the run's)",
+    )
     p.add_argument("--work-dir", metavar="DIR", help="folder for the SuperNode's log and runtime secret (default: a new private temp folder)")
     return p
 
@@ -114,6 +119,10 @@ def node_config(site: str, args: argparse.Namespace) -> str:
     parts = {"site-name": site, "data-path": str(Path(args.data).resolve())}
     if args.eval_data:
         parts["eval-data-path"] = str(Path(args.eval_data).resolve())
+    if getattr(args, "rank", None) is not None:
+        if args.rank < 1:
+            raise JoinError(f"--rank {args.rank}: expected a positive LoRA rank")
+        parts["lora-rank"] = int(args.rank)
     try:
         return flwr_config_string(parts)
     except ValueError as e:

@@ -579,6 +579,31 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+# Flags that ftsim and ftserver share: update-norm bounding and differential privacy.
+PRIVACY_FLAG_KEYS = {
+    "update_norm_bound": "federation.update_norm_bound",
+    "dp_epsilon": "privacy.epsilon",
+    "dp_delta": "privacy.delta",
+    "dp_clip": "privacy.clip",
+    "dp_noise_multiplier": "privacy.noise_multiplier",
+}
+
+
+def add_privacy_flags(p) -> None:
+    """--update-norm-bound and the --dp-* flags on an argparse parser (keys: PRIVACY_FLAG_KEYS)."""
+    p.add_argument("--update-norm-bound", type=float, metavar="C", help="each site clips its update to this L2 norm (works with secure aggregation)")
+    p.add_argument(
+        "--dp-epsilon",
+        type=float,
+        metavar="EPS",
+        help="client-level differential privacy with this epsilon budget: updates clipped to --dp-clip, Gaussian noise on their sum, "
+        "epsilon reported every round; the run stops before exceeding it",
+    )
+    p.add_argument("--dp-delta", type=float, metavar="D", help="delta of (epsilon, delta)-DP (default 1e-5)")
+    p.add_argument("--dp-clip", type=float, metavar="C", help="L2 bound on each site's update under DP (default 1.0)")
+    p.add_argument("--dp-noise-multiplier", type=float, metavar="Z", help="noise std on the sum in units of the clip (default: calibrated to the budget and rounds)")
+
+
 def flag_overrides(args, flag_keys: dict[str, str]) -> dict[str, Any]:
     """A command line's overrides: every ``--set KEY=VALUE``, then each flag given (attribute
     name -> dotted key in ``flag_keys``), then ``--no-plots``. Flags win over ``--set``."""

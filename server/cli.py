@@ -28,7 +28,17 @@ from pathlib import Path
 from typing import get_args
 
 from fedtune.common.checkpoint import atomic_write_bytes, atomic_write_json
-from fedtune.common.config import ConfigError, FedTuneConfig, PeftMethod, Strategy, flag_overrides, load_config, read_config_file
+from fedtune.common.config import (
+    PRIVACY_FLAG_KEYS,
+    ConfigError,
+    FedTuneConfig,
+    PeftMethod,
+    Strategy,
+    add_privacy_flags,
+    flag_overrides,
+    load_config,
+    read_config_file,
+)
 from fedtune.common.procs import flwr_config_string, follow, sigterm_as_interrupt, spawn, stop, tail, tool, tool_env, wait_for_port
 
 CONN = "fedtune"
@@ -102,12 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="let the coordinator see each site's update (secure aggregation is on by default)",
     )
+    add_privacy_flags(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=1e-4 (repeatable)")
     return p
 
 
-FLAG_KEYS = {
+FLAG_KEYS = PRIVACY_FLAG_KEYS | {
     "rounds": "federation.rounds",
     "min_sites": "federation.min_sites",
     "expected_sites": "federation.expected_sites",

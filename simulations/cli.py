@@ -2,6 +2,7 @@
 
     ftsim                                   # the built-in demo: 3 domain sites, default model
     ftsim --site NAME=TRAIN[:EVAL] ...      # your own sites
+    ftsim --data FILE ... --partition dirichlet:0.3 --sites 4   # one dataset split into virtual sites
     ftsim --config run.yaml --rounds 5 --set train.lr=1e-4
 
 Flags override the config file, which overrides the defaults. The run's outputs go to
@@ -24,12 +25,16 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from fedtune.common.config import ConfigError, FedTuneConfig, PeftMethod, Strategy, flag_overrides, load_config, read_config_file
 from fedtune.common.procs import sigterm_as_interrupt
+
+if TYPE_CHECKING:
+    from fedtune.simulations.partition import Partition
 
 BUNDLED_DATA = "data"
 DEFAULT_CONFIG = "default.yaml"
@@ -64,6 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML or TOML config file (see simulations/configs/default.yaml)")
     p.add_argument("--site", action="append", default=[], metavar="NAME=TRAIN[:EVAL]", help="a virtual site and its data files (repeatable)")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="instead of --site: one dataset to split into virtual sites site-1..site-N (repeatable; each file is a domain); "
+        "the sites' files and composition.json go to OUT/partitions",
+    )
+    p.add_argument(
+        "--partition",
+        metavar="SPEC",
+        help="how --data is split: iid (the default when only --data is given), dirichlet:ALPHA (label skew: each category "
+        "spread over the sites by a Dirichlet(ALPHA) draw; small ALPHA, strong skew), quantity:ALPHA (site sizes skewed), "
+        "domain (one file per site); seeded by --seed",
+    )
+    p.add_argument("--sites", type=int, metavar="N", help="how many sites --partition makes (domain: the number of --data files)")
+    p.add_argument(
+        "--label-key",
+        metavar="KEY",
+        help="--partition: a record's category is this top-level field (e.g. completion for a label), not its file",
+    )
     p.add_argument("--model", help="'default', a local HF directory, a .gguf file, or a hub id")
     p.add_argument("--peft", choices=get_args(PeftMethod), help="fine-tuning method (default lora; see peft in the config)")
     p.add_argument("--merged", action="store_const", const=True, help="also save merged/: the adapter folded into the base (LoRA family)")
@@ -106,30 +132,118 @@ FLAG_KEYS = {
 }
 
 
+def default_out_dir() -> str:
+    return f"ftsim-runs/{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@dataclass
+class Resolved:
+    cfg: FedTuneConfig
+    partition: Partition | None = None  # set when the sites were split from --data
+
+
+PARTITION_FLAGS = "--data, --partition, --sites or --label-key"
+PARTITION_KEYS = ("data", "spec", "sites", "label_key", "min_records")
+
+
+@dataclass
+class _PartitionRequest:
+    files: list[str]
+    spec: str
+    sites: int | None
+    label_key: str | None
+    min_records: int | None
+
+
+def _partition_request(args: argparse.Namespace, section: Any, cfg_path: Path | None) -> _PartitionRequest | None:
+    """The flags, over a config file's ``simulation.partition`` section (paths relative to the file)."""
+    where = f"{cfg_path}: simulation.partition" if cfg_path else "simulation.partition"
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping with {', '.join(PARTITION_KEYS)}")
+    unknown = sorted(set(section) - set(PARTITION_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; expected {', '.join(PARTITION_KEYS)}")
+    files = [str(Path(f).expanduser().resolve()) for f in args.data]
+    if not files and section.get("data") is not None:
+        listed = section["data"] if isinstance(section["data"], list) else [section["data"]]
+        if not all(isinstance(f, str) and f for f in listed):
+            raise ConfigError(f"{where}.data: expected a data file or a list of them")
+        files = [str(Path(f).expanduser() if Path(f).expanduser().is_absolute() else (cfg_path.parent / f).resolve()) for f in listed]
+    spec = args.partition if args.partition is not None else section.get("spec")
+    sites = args.sites if args.sites is not None else section.get("sites")
+    label_key = args.label_key if args.label_key is not None else section.get("label_key")
+    min_records = section.get("min_records")
+    if not (files or spec is not None or sites is not None or label_key is not None):
+        return None
+    if not files:
+        given = "--partition" if spec is not None else "--sites" if sites is not None else "--label-key"
+        raise ConfigError(f"{given} splits one dataset into sites and needs it: add --data FILE (repeatable; each file is a domain)")
+    for f in files:
+        if not Path(f).is_file():
+            raise ConfigError(f"--data {f}: file not found")
+    if sites is not None and (isinstance(sites, bool) or not isinstance(sites, int) or sites < 1):
+        raise ConfigError(f"--sites {sites}: expected a whole number of sites, at least 1")
+    if min_records is not None and (isinstance(min_records, bool) or not isinstance(min_records, int) or min_records < 1):
+        raise ConfigError(f"{where}.min_records {min_records!r}: expected a whole number, at least 1")
+    if label_key is not None and (not isinstance(label_key, str) or not label_key.strip()):
+        raise ConfigError(f"--label-key {label_key!r}: expected the name of a top-level field of the records")
+    return _PartitionRequest(files, str(spec) if spec is not None else "iid", sites, label_key.strip() if label_key else None, min_records)
+
+
 def resolve_config(args: argparse.Namespace) -> FedTuneConfig:
     """Defaults <- config file (or the bundled demo config) <- flags."""
+    return resolve_run(args).cfg
+
+
+def resolve_run(args: argparse.Namespace) -> Resolved:
+    """The run's config, and its partition when the sites are split from one dataset (--data;
+    the split is written to OUT/partitions here, so OUT is settled here too)."""
     cfg_path = Path(args.config) if args.config else None
-    if cfg_path is None and not args.site:
+    partition_flags = bool(args.data or args.partition is not None or args.sites is not None or args.label_key is not None)
+    if cfg_path is None and not args.site and not partition_flags:
         cfg_path = bundled_path("configs", DEFAULT_CONFIG)
     overrides = flag_overrides(args, FLAG_KEYS)
     if args.out:
         overrides["output.dir"] = args.out
     if args.resume:
         # The run's own record holds its config; flags may change what is safe to change (e.g. --rounds).
-        if args.config or args.site or args.out:
-            raise ConfigError("--resume DIR takes the run's saved config and writes to DIR; don't combine it with --config, --site or --out")
+        # A partitioned run's saved config lists its sites' files in DIR/partitions: never split again.
+        if args.config or args.site or args.out or partition_flags:
+            raise ConfigError(
+                f"--resume DIR takes the run's saved config (its sites too) and writes to DIR; don't combine it with --config, --site, --out, {PARTITION_FLAGS}"
+            )
         record = Path(args.resume) / "metrics.json"
         try:
             saved = json.loads(record.read_text())["config"]
         except (OSError, ValueError, KeyError):
             raise ConfigError(f"--resume {args.resume}: nothing to resume (no readable {record.name})") from None
         overrides["output.dir"] = str(Path(args.resume))
-        return _check_sites(load_config(None, overrides, base=saved, source=str(record)))
+        return Resolved(_check_sites(load_config(None, overrides, base=saved, source=str(record))))
+    if args.site and partition_flags:
+        raise ConfigError(f"--site lists the sites and {PARTITION_FLAGS} split one dataset into sites: use one or the other")
+    raw: dict[str, Any] = read_config_file(cfg_path) if cfg_path is not None else {}
+    section = None
+    if isinstance(raw.get("simulation"), dict) and "partition" in raw["simulation"]:
+        # simulation.partition is ftsim's own, read here (--site overrides it); the run's saved
+        # config lists the sites it made.
+        section = None if args.site else raw["simulation"]["partition"]
+        raw = {**raw, "simulation": {k: v for k, v in raw["simulation"].items() if k != "partition"}}
+    request = _partition_request(args, section, cfg_path)
+    source = str(cfg_path) if cfg_path is not None else None
+
+    def load(ovr: dict) -> FedTuneConfig:
+        return load_config(None, ovr, base=raw, source=source) if cfg_path is not None else load_config(None, ovr)
+
+    if request is not None:
+        if section is not None and not partition_flags and isinstance(raw.get("federation"), dict) and raw["federation"].get("sites"):
+            raise ConfigError(f"{cfg_path}: both federation.sites and simulation.partition give the sites: keep one")
+        return _partitioned(request, overrides, load)
     if args.site:
         overrides["federation.sites"] = [parse_site(s) for s in args.site]
     elif cfg_path is not None:
         # Site files in a config are relative to the config file.
-        raw = read_config_file(cfg_path)
         sites = (raw.get("federation") or {}).get("sites") if isinstance(raw.get("federation"), dict) else None
         if isinstance(sites, list):
             fixed = []
@@ -141,15 +255,34 @@ def resolve_config(args: argparse.Namespace) -> FedTuneConfig:
                             s[key] = str((cfg_path.parent / s[key]).resolve())
                 fixed.append(s)
             overrides.setdefault("federation.sites", fixed)
-    return _check_sites(load_config(cfg_path, overrides))
+    return Resolved(_check_sites(load(overrides)))
 
 
-def _check_sites(cfg: FedTuneConfig) -> FedTuneConfig:
+def _partitioned(request: _PartitionRequest, overrides: dict, load) -> Resolved:
+    """Split the data, check the whole config with the sites it makes, then write the sites' files."""
+    from fedtune.common.data import DataError
+    from fedtune.simulations.partition import make_partition
+
+    pre = load(overrides)  # everything but the sites, checked before the data is read
+    out = pre.output.dir or default_out_dir()
+    if (Path(out) / "metrics.json").is_file():
+        raise ConfigError(f"--out {out} already holds a run (its sites are in {Path(out) / 'partitions'}); continue it with --resume {out}, or choose another folder")
+    try:
+        part = make_partition(request.files, request.spec, request.sites, pre.train.seed, request.label_key, pre.data, request.min_records)
+    except DataError as e:  # names the file and line, never the content
+        raise ConfigError(str(e)) from None
+    overrides = {**overrides, "output.dir": str(out), "federation.sites": part.site_configs(out)}
+    _check_sites(load(overrides), check_files=False)
+    part.write(out)
+    return Resolved(_check_sites(load(overrides)), part)
+
+
+def _check_sites(cfg: FedTuneConfig, check_files: bool = True) -> FedTuneConfig:
     if not cfg.federation.sites:
-        raise ConfigError("no sites: pass --site NAME=TRAIN[:EVAL] (repeatable) or list federation.sites in --config")
+        raise ConfigError("no sites: pass --site NAME=TRAIN[:EVAL] (repeatable), --data FILE with --partition SPEC, or list federation.sites in --config")
     if cfg.federation.min_sites > len(cfg.federation.sites):
         raise ConfigError(f"federation.min_sites is {cfg.federation.min_sites} but only {len(cfg.federation.sites)} site(s) are given")
-    for s in cfg.federation.sites:
+    for s in cfg.federation.sites if check_files else ():
         for label, f in (("train", s.train), ("eval", s.eval)):
             if f is not None and not Path(f).is_file():
                 raise ConfigError(f"federation.sites[{s.name}].{label}: file {f} not found")
@@ -248,11 +381,12 @@ def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = resolve_config(args)
+        resolved = resolve_run(args)
     except ConfigError as e:
         print(f"ftsim: {e}", file=sys.stderr)
         return 2
-    out = Path(cfg.output.dir or f"ftsim-runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = resolved.cfg
+    out = Path(cfg.output.dir or default_out_dir())
     t0 = time.time()
     say = make_say(t0)
     names = ", ".join(s.name for s in cfg.federation.sites)
@@ -261,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.federation.strategy}{' with secure aggregation (SecAgg+)' if cfg.secure_aggregation.enabled else ''}; {cfg.federation.rounds} rounds x "
         f"{cfg.train.local_steps or str(cfg.train.local_epochs) + ' epochs'} local steps; output {out}"
     )
+    if resolved.partition is not None:
+        # Counts only: site records never reach the console or a log.
+        say(resolved.partition.summary())
+        for line in resolved.partition.lines():
+            say(line)
+        say(f"sites' files and composition: {out / 'partitions'}")
     sigterm_as_interrupt()
     try:
         rs = run(cfg, out, say, resume=bool(args.resume))

@@ -30,7 +30,17 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from fedtune.common.config import ConfigError, FedTuneConfig, PeftMethod, Strategy, flag_overrides, load_config, read_config_file
+from fedtune.common.config import (
+    PRIVACY_FLAG_KEYS,
+    ConfigError,
+    FedTuneConfig,
+    PeftMethod,
+    Strategy,
+    add_privacy_flags,
+    flag_overrides,
+    load_config,
+    read_config_file,
+)
 from fedtune.common.procs import sigterm_as_interrupt
 
 if TYPE_CHECKING:
@@ -110,12 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last verified checkpoint (add --rounds N to extend it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where sites train")
     p.add_argument("--cpus-per-site", type=float, help="Ray CPUs per virtual site (default 2: one site at a time on 2 cores)")
+    p.add_argument(
+        "--site-rank",
+        action="append",
+        default=[],
+        metavar="NAME=R",
+        help="site NAME trains LoRA rank R, below peft.r (mixed ranks, HetLoRA zero-padding; repeatable)",
+    )
+    add_privacy_flags(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=1e-4 (repeatable)")
     return p
 
 
-FLAG_KEYS = {
+FLAG_KEYS = PRIVACY_FLAG_KEYS | {
     "model": "model.name",
     "peft": "peft.method",
     "merged": "output.merged",
@@ -200,6 +218,40 @@ def resolve_config(args: argparse.Namespace) -> FedTuneConfig:
 def resolve_run(args: argparse.Namespace) -> Resolved:
     """The run's config, and its partition when the sites are split from one dataset (--data;
     the split is written to OUT/partitions here, so OUT is settled here too)."""
+    if args.site_rank and args.resume:
+        raise ConfigError("--site-rank: a resumed run keeps its sites' ranks (they are in its saved config)")
+    ranks = _site_ranks(args.site_rank)
+    if not ranks:
+        return _resolve_run(args)
+    # Checked against the sites before a partition is written, then applied.
+    resolved = _resolve_run(args)
+    return Resolved(_with_ranks(resolved.cfg, ranks), resolved.partition)
+
+
+def _site_ranks(specs: list[str]) -> dict[str, int]:
+    ranks = {}
+    for spec in specs:
+        name, _, r = spec.partition("=")
+        try:
+            ranks[name.strip()] = int(r)
+        except ValueError:
+            raise ConfigError(f"--site-rank {spec!r}: expected NAME=R with R a whole number, e.g. site-1=4") from None
+    return ranks
+
+
+def _with_ranks(cfg: FedTuneConfig, ranks: dict[str, int]) -> FedTuneConfig:
+    names = [s.name for s in cfg.federation.sites]
+    unknown = sorted(set(ranks) - set(names))
+    if unknown:
+        raise ConfigError(f"--site-rank {unknown[0]}: no such site; the sites are {', '.join(names)}")
+    data = json.loads(cfg.to_json())
+    for s in data["federation"]["sites"]:
+        if s["name"] in ranks:
+            s["rank"] = ranks[s["name"]]
+    return load_config(None, base=data, source="--site-rank")
+
+
+def _resolve_run(args: argparse.Namespace) -> Resolved:
     cfg_path = Path(args.config) if args.config else None
     partition_flags = bool(args.data or args.partition is not None or args.sites is not None or args.label_key is not None)
     if cfg_path is None and not args.site and not partition_flags:
@@ -395,6 +447,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.federation.strategy}{' with secure aggregation (SecAgg+)' if cfg.secure_aggregation.enabled else ''}; {cfg.federation.rounds} rounds x "
         f"{cfg.train.local_steps or str(cfg.train.local_epochs) + ' epochs'} local steps; output {out}"
     )
+    ranked = [f"{s.name} r={s.rank}" for s in cfg.federation.sites if s.rank is not None]
+    if ranked:
+        say(f"mixed LoRA ranks (HetLoRA zero-padding): {', '.join(ranked)}; the others r={cfg.peft.r}")
+    if cfg.privacy.enabled:
+        say(f"client-level differential privacy: budget epsilon {cfg.privacy.epsilon:g} at delta {cfg.privacy.delta:g}; updates clipped to L2 norm {cfg.privacy.clip:g}")
+    elif cfg.federation.update_norm_bound is not None:
+        say(f"update-norm bound: each site clips its update to L2 norm {cfg.federation.update_norm_bound:g}")
     if resolved.partition is not None:
         # Counts only: site records never reach the console or a log.
         say(resolved.partition.summary())

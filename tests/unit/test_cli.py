@@ -167,6 +167,42 @@ def test_node_config_quotes_paths_safely(tmp_path):
         node_config("a", args)
 
 
+def test_ftclient_join_rank_reaches_the_node_config(tmp_path):
+    import argparse
+
+    from flwr.common.config import parse_config_args
+
+    from fedtune.client.join import JoinError, node_config
+
+    args = argparse.Namespace(data=str(tmp_path / "t.jsonl"), eval_data=None, rank=4)
+    assert parse_config_args([node_config("s", args)])["lora-rank"] == 4
+    with pytest.raises(JoinError, match="--rank 0: expected a positive LoRA rank"):
+        node_config("s", argparse.Namespace(data="t.jsonl", eval_data=None, rank=0))
+
+
+def test_ftsim_and_ftserver_take_the_privacy_and_rank_flags(tmp_path, capsys):
+    from fedtune.simulations import cli as ftsim
+
+    d = str(DATA_DIR / "medical" / "train.jsonl")
+    two = ["--site", f"a={d}", "--site", f"b={d}"]
+    cfg = ftsim.resolve_config(ftsim.build_parser().parse_args([*two, "--dp-epsilon", "8", "--dp-clip", "0.2", "--site-rank", "b=4"]))
+    assert cfg.privacy.epsilon == 8 and cfg.privacy.clip == 0.2 and cfg.privacy.delta == 1e-5
+    assert [s.rank for s in cfg.federation.sites] == [None, 4]
+    cfg = ftsim.resolve_config(ftsim.build_parser().parse_args([*two, "--update-norm-bound", "0.5"]))
+    assert cfg.federation.update_norm_bound == 0.5 and not cfg.privacy.enabled
+    assert ftsim.main([*two, "--site-rank", "c=4"]) == 2
+    assert "--site-rank c: no such site; the sites are a, b" in capsys.readouterr().err
+    assert ftsim.main([*two, "--site-rank", "b=64"]) == 2
+    assert "federation.sites[b].rank 64: at most peft.r (16)" in capsys.readouterr().err
+    assert ftsim.main([*two, "--site-rank", "b=four"]) == 2
+    assert "expected NAME=R" in capsys.readouterr().err
+    assert ftsim.main([*two, "--dp-epsilon", "8", "--set", "federation.aggregator=median"]) == 2
+    assert "use aggregator 'mean'" in capsys.readouterr().err
+    server_args = ftserver.build_parser().parse_args(["--out", str(tmp_path / "s"), "--dp-epsilon", "4", "--dp-noise-multiplier", "1.5"])
+    cfg = ftserver.resolve(server_args)[0]
+    assert cfg.privacy.epsilon == 4 and cfg.privacy.noise_multiplier == 1.5 and cfg.secure_aggregation.enabled
+
+
 def test_ftsim_refuses_more_min_sites_than_sites(capsys):
     from fedtune.simulations import cli as ftsim
 

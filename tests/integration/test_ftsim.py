@@ -292,3 +292,42 @@ def test_qlora_through_ftsim_with_merged_export(tiny_model_dir_64, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert "merged into the base: `merged/`" in (out / "report.md").read_text()
+
+
+def test_partitioned_sites_mixed_ranks_and_dp_under_secure_aggregation(tiny_model_dir, tmp_path):
+    """Issue 6's flags together, as a user runs them: one dataset split Dirichlet(0.5) into 3
+    sites (composition printed, counts only), site-1 at LoRA rank 2 under the run's 4, secure
+    aggregation with DP noise from the sites, and a budget (epsilon 8 at sigma 1: 4.75, 7.09,
+    9.09 after rounds 1-3) that stops the 4-round run after round 2."""
+    out = tmp_path / "run"
+    proc = _ftsim(
+        [
+            "--model", str(tiny_model_dir),
+            "--data", str(DATA / "medical" / "train.jsonl"), "--data", str(DATA / "financial" / "train.jsonl"),
+            "--partition", "dirichlet:0.5", "--sites", "3", "--site-rank", "site-1=2",
+            "--secure-aggregation", "--dp-epsilon", "8", "--dp-noise-multiplier", "1.0", "--dp-clip", "0.05",
+            "--rounds", "4", "--local-steps", "2", "--batch-size", "2", "--max-length", "160",
+            "--set", "eval.max_examples=4", "--set", "eval.exact_match=false", "--set", "peft.r=4", "--no-plots",
+            "--out", str(out),
+        ],
+        timeout=600,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    composition = json.loads((out / "partitions" / "composition.json").read_text())
+    for name, site in composition["sites"].items():
+        assert f"{name}: {site['records']} records" in log
+    first_record = json.loads((DATA / "medical" / "train.jsonl").read_text().splitlines()[0])
+    assert first_record["messages"][0]["content"][:40] not in log  # counts only, never records
+    assert "mixed LoRA ranks (HetLoRA zero-padding): site-1 r=2" in log
+    assert "stopping: privacy budget: round 3 would bring epsilon to 9.088" in log
+
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [0, 1, 2] and "privacy budget" in doc["stopped"]
+    for r, eps in zip(doc["rounds"][1:], (4.753, 7.088)):
+        assert r["accepted"] == 3 and r["secure_aggregation"]["summed_weight"] == 3
+        assert r["privacy"]["epsilon"] == pytest.approx(eps, abs=1e-3) and r["privacy"]["noise"].startswith("distributed")
+        assert r["sites"]["site-1"]["rank"] == 2 and "rank" not in r["sites"]["site-2"]
+        assert "aggregation_error" not in r  # the coordinator sees no single update
+    report = (out / "report.md").read_text()
+    assert "## Aggregation and privacy" in report and "site-1 r=2" in report and "Stopped early" in report

@@ -579,8 +579,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-# Flags that ftsim and ftserver share: update-norm bounding and differential privacy.
-PRIVACY_FLAG_KEYS = {
+# Flags that ftsim and ftserver share: the method, the strategy, update-norm bounding and DP.
+SHARED_FLAG_KEYS = {
+    "peft": "peft.method",
+    "merged": "output.merged",
+    "strategy": "federation.strategy",
     "update_norm_bound": "federation.update_norm_bound",
     "dp_epsilon": "privacy.epsilon",
     "dp_delta": "privacy.delta",
@@ -589,8 +592,14 @@ PRIVACY_FLAG_KEYS = {
 }
 
 
-def add_privacy_flags(p) -> None:
-    """--update-norm-bound and the --dp-* flags on an argparse parser (keys: PRIVACY_FLAG_KEYS)."""
+def add_shared_flags(p) -> None:
+    """ftsim's and ftserver's --peft, --merged, --strategy, --update-norm-bound and --dp-* flags
+    on an argparse parser (their keys: SHARED_FLAG_KEYS)."""
+    from typing import get_args
+
+    p.add_argument("--peft", choices=get_args(PeftMethod), help="fine-tuning method (default lora; see peft in the config)")
+    p.add_argument("--merged", action="store_const", const=True, help="also save merged/: the adapter folded into the base (LoRA family)")
+    p.add_argument("--strategy", choices=get_args(Strategy), help="server optimizer (default fedavg)")
     p.add_argument("--update-norm-bound", type=float, metavar="C", help="each site clips its update to this L2 norm (works with secure aggregation)")
     p.add_argument(
         "--dp-epsilon",

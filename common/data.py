@@ -253,15 +253,24 @@ def normalize_record(record: Any, fmt: str) -> Example:
     raise RecordError(f"unknown format {fmt!r}")
 
 
-def load_site_data(path: str | Path, cfg: DataConfig) -> SiteData:
-    """Read, validate and normalise a site file.
+@dataclass
+class ValidRecords:
+    """A file's usable records, each with where it is and what it normalises to."""
 
-    Bad records are skipped and counted; if they exceed ``cfg.max_invalid_fraction`` the
-    file is refused with a DataError listing where the first problems are.
-    """
+    path: Path
+    format: str | None
+    valid: list[tuple[str, Any, Example]]  # (where, raw record, example)
+    records_read: int
+    invalid: list[tuple[str, str]]  # (where, why)
+
+
+def read_valid_records(path: str | Path, cfg: DataConfig) -> ValidRecords:
+    """Read and validate a file's records. Bad records are skipped and counted; if they exceed
+    ``cfg.max_invalid_fraction`` the file is refused with a DataError listing where the first
+    problems are."""
     p = Path(path)
     fmt = None if cfg.format == "auto" else cfg.format
-    examples: list[Example] = []
+    valid: list[tuple[str, Any, Example]] = []
     invalid: list[tuple[str, str]] = []
     n = 0
     for where, record, problem in iter_raw_records(p):
@@ -270,7 +279,7 @@ def load_site_data(path: str | Path, cfg: DataConfig) -> SiteData:
             try:
                 if fmt is None:
                     fmt = detect_format(record)
-                examples.append(normalize_record(record, fmt))
+                valid.append((where, record, normalize_record(record, fmt)))
                 continue
             except RecordError as e:
                 problem = str(e)
@@ -285,7 +294,13 @@ def load_site_data(path: str | Path, cfg: DataConfig) -> SiteData:
             f"{p}: {len(invalid)} of {n} records unusable, above the tolerance data.max_invalid_fraction={tol}: "
             f"{shown}{more}"
         )
-    return SiteData(path=str(p), format=fmt or "unknown", examples=examples, records_read=n, invalid=invalid)
+    return ValidRecords(p, fmt, valid, n, invalid)
+
+
+def load_site_data(path: str | Path, cfg: DataConfig) -> SiteData:
+    """Read, validate and normalise a site file (:func:`read_valid_records`)."""
+    r = read_valid_records(path, cfg)
+    return SiteData(path=str(r.path), format=r.format or "unknown", examples=[ex for _, _, ex in r.valid], records_read=r.records_read, invalid=r.invalid)
 
 
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

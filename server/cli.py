@@ -25,16 +25,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import get_args
 
 from fedtune.common.checkpoint import atomic_write_bytes, atomic_write_json
 from fedtune.common.config import (
-    PRIVACY_FLAG_KEYS,
+    SHARED_FLAG_KEYS,
     ConfigError,
     FedTuneConfig,
-    PeftMethod,
-    Strategy,
-    add_privacy_flags,
+    add_shared_flags,
     flag_overrides,
     load_config,
     read_config_file,
@@ -102,9 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-sites", type=int, help="start once this many sites have joined (federation.expected_sites)")
     p.add_argument("--join-timeout", type=float, help="seconds to wait for sites to join (federation.join_timeout_s)")
     p.add_argument("--round-timeout", type=float, help="seconds before a silent site is dropped from a round (federation.round_timeout_s)")
-    p.add_argument("--peft", choices=get_args(PeftMethod), help="fine-tuning method (default lora; see peft in the config)")
-    p.add_argument("--merged", action="store_const", const=True, help="also save merged/: the adapter folded into the base (LoRA family)")
-    p.add_argument("--strategy", choices=get_args(Strategy), help="server optimizer (default fedavg)")
     p.add_argument(
         "--no-secure-aggregation",
         dest="secure_aggregation",
@@ -112,21 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="let the coordinator see each site's update (secure aggregation is on by default)",
     )
-    add_privacy_flags(p)
+    add_shared_flags(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=1e-4 (repeatable)")
     return p
 
 
-FLAG_KEYS = PRIVACY_FLAG_KEYS | {
+FLAG_KEYS = SHARED_FLAG_KEYS | {
     "rounds": "federation.rounds",
     "min_sites": "federation.min_sites",
     "expected_sites": "federation.expected_sites",
     "join_timeout": "federation.join_timeout_s",
     "round_timeout": "federation.round_timeout_s",
-    "strategy": "federation.strategy",
-    "peft": "peft.method",
-    "merged": "output.merged",
     "secure_aggregation": "secure_aggregation.enabled",
 }
 

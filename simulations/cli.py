@@ -28,15 +28,13 @@ import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 from fedtune.common.config import (
-    PRIVACY_FLAG_KEYS,
+    SHARED_FLAG_KEYS,
     ConfigError,
     FedTuneConfig,
-    PeftMethod,
-    Strategy,
-    add_privacy_flags,
+    add_shared_flags,
     flag_overrides,
     load_config,
     read_config_file,
@@ -101,9 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="--partition: a record's category is this top-level field (e.g. completion for a label), not its file",
     )
     p.add_argument("--model", help="'default', a local HF directory, a .gguf file, or a hub id")
-    p.add_argument("--peft", choices=get_args(PeftMethod), help="fine-tuning method (default lora; see peft in the config)")
-    p.add_argument("--merged", action="store_const", const=True, help="also save merged/: the adapter folded into the base (LoRA family)")
-    p.add_argument("--strategy", choices=get_args(Strategy), help="server optimizer (default fedavg)")
     p.add_argument(
         "--secure-aggregation",
         action="store_const",
@@ -127,17 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=R",
         help="site NAME trains LoRA rank R, below peft.r (mixed ranks, HetLoRA zero-padding; repeatable)",
     )
-    add_privacy_flags(p)
+    add_shared_flags(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=1e-4 (repeatable)")
     return p
 
 
-FLAG_KEYS = PRIVACY_FLAG_KEYS | {
+FLAG_KEYS = SHARED_FLAG_KEYS | {
     "model": "model.name",
-    "peft": "peft.method",
-    "merged": "output.merged",
-    "strategy": "federation.strategy",
     "secure_aggregation": "secure_aggregation.enabled",
     "rounds": "federation.rounds",
     "local_steps": "train.local_steps",

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fedtune.common.config import ConfigError, DataConfig
-from fedtune.common.data import DataError, RecordError, detect_format, iter_raw_records, normalize_record
+from fedtune.common.data import DataError, RecordError, read_valid_records
 
 KINDS = ("iid", "dirichlet", "quantity", "domain")
 ACCEPTED = "iid, dirichlet:ALPHA, quantity:ALPHA or domain (ALPHA a number > 0, e.g. dirichlet:0.3)"
@@ -208,37 +208,16 @@ def read_dataset(files: Sequence[str | Path], label_key: str | None = None, data
     formats: set[str] = set()
     skipped = 0
     for p, dom in zip(paths, domains):
-        fmt = None if data_cfg.format == "auto" else data_cfg.format
-        invalid: list[tuple[str, str]] = []
-        n = 0
-        for where, record, problem in iter_raw_records(p):
-            n += 1
-            if problem is None:
-                try:
-                    if fmt is None:
-                        fmt = detect_format(record)
-                    ex = normalize_record(record, fmt)
-                except RecordError as e:
-                    problem = str(e)
-                else:
-                    try:
-                        category = _label(record, label_key) if label_key else dom
-                    except RecordError as e:  # a usable record without its label: the key is wrong for this file
-                        raise DataError(f"{p}: {where}: {e}") from None
-                    raw.append((record, fmt))
-                    examples.append(ex)
-                    keys.append((dom, category))
-                    continue
-            invalid.append((where, problem))
-        if n == 0:
-            raise DataError(f"{p}: no records")
-        if invalid and len(invalid) > data_cfg.max_invalid_fraction * n:
-            shown = "; ".join(f"{w}: {why}" for w, why in invalid[:5])
-            more = f" (and {len(invalid) - 5} more)" if len(invalid) > 5 else ""
-            raise DataError(
-                f"{p}: {len(invalid)} of {n} records unusable, above the tolerance data.max_invalid_fraction="
-                f"{data_cfg.max_invalid_fraction:g}: {shown}{more}"
-            )
+        read = read_valid_records(p, data_cfg)
+        fmt, invalid = read.format, read.invalid
+        for where, record, ex in read.valid:
+            try:
+                category = _label(record, label_key) if label_key else dom
+            except RecordError as e:  # a usable record without its label: the key is wrong for this file
+                raise DataError(f"{p}: {where}: {e}") from None
+            raw.append((record, fmt))
+            examples.append(ex)
+            keys.append((dom, category))
         skipped += len(invalid)
         if fmt is not None:
             formats.add(fmt)

@@ -256,3 +256,23 @@ def test_distributed_noise_under_secure_aggregation_completes_a_round(tiny_confi
     assert r["privacy"]["epsilon"] == pytest.approx(privacy.epsilon_of([(1.0, sigma, 1)], 1e-5)) and r["privacy"]["epsilon"] <= 20.0
     for site in r["sites"].values():
         assert "update_norm" not in site and "clipped" not in site
+
+
+def test_under_dp_sites_are_drawn_by_poisson_sampling_and_an_empty_draw_is_charged(tiny_config, tmp_path):
+    """sites_per_round 1 of 2 under DP: each site takes part with probability 1/2 on its own (so
+    a round may have 0, 1 or 2), as the accountant's amplification assumes; a round that draws
+    no site is skipped but charged. Which rounds those are follows from the coordinator's seeded
+    generator, so it is predicted here and checked."""
+    data = json.loads(dp_run_config(tiny_config, 4, epsilon=100.0, clip=0.05, noise_multiplier=1.0).to_json())
+    data["federation"]["sites_per_round"] = 1
+    cfg = load_config(None, base=data)
+    rng = np.random.default_rng(cfg.train.seed)
+    drawn = [int(np.sum(rng.random(2) < 0.5)) for _ in range(4)]
+    assert 0 in drawn and max(drawn) == 2, drawn  # this seed shows both an empty and a full draw
+    grid, _ = real_sites()
+    rs = server.run_federation(grid, cfg, tmp_path, lambda s: None)
+    for r, n in zip(rs.rounds[1:], drawn):
+        assert ("skipped" in r) == (n == 0) and (n == 0 or r["accepted"] == n), (r, n)
+        assert r["privacy"]["epsilon"] == pytest.approx(privacy.epsilon_of([(0.5, 1.0, r["round"])], 1e-5))
+    assert rs.accountant.history == [[0.5, 1.0, 4]]
+    assert privacy.epsilon_of([(0.5, 1.0, 4)], 1e-5) < privacy.epsilon_of([(1.0, 1.0, 4)], 1e-5)  # amplified

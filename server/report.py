@@ -6,6 +6,7 @@ numbers and says how to get the plots.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -129,7 +130,29 @@ def _aggregation_section(doc: dict) -> list[str]:
     return out
 
 
-def render_markdown(doc: dict, plots: list[str]) -> str:
+def _partition_section(composition: dict | None) -> list[str]:
+    """ftsim --partition: how the one dataset was split into the sites (counts only)."""
+    if not composition:
+        return []
+    sites = composition.get("sites", {})
+    cats = sorted({c for s in sites.values() for c in s.get("by_category", {})})
+    by = f"the field `{composition['label_key']}`" if composition.get("label_key") else "domain (file)"
+    out = [
+        "",
+        "## Sites' data",
+        "",
+        f"One dataset of {composition.get('records', '?')} records from {len(composition.get('data', []))} file(s), split by "
+        f"`{composition.get('spec')}` (seed {composition.get('seed')}) over categories by {by}.",
+        "",
+        "| site | records | " + " | ".join(cats) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in cats) + " |",
+    ]
+    for name, s in sorted(sites.items()):
+        out.append(f"| {name} | {s.get('records')} | " + " | ".join(str(s.get("by_category", {}).get(c, 0)) for c in cats) + " |")
+    return out
+
+
+def render_markdown(doc: dict, plots: list[str], composition: dict | None = None) -> str:
     names = site_names(doc)
     rounds = doc["rounds"]
     last = rounds[-1]["round"] if rounds else 0
@@ -138,7 +161,8 @@ def render_markdown(doc: dict, plots: list[str]) -> str:
         "",
         f"- model: `{doc['model']}`; method: {doc['fedtune']['peft']} ({doc['trainable_params']:,} trainable parameters); "
         f"aggregation: {doc['fedtune']['strategy']} over {doc['fedtune']['update']}s"
-        + (", secure (SecAgg+)" if doc["fedtune"].get("secure_aggregation") else ""),
+        + (", secure (SecAgg+)" if doc["fedtune"].get("secure_aggregation") else "")
+        + (", client-level differential privacy" if doc["fedtune"].get("differential_privacy") else ""),
         f"- sites: {', '.join(names) or 'none'}; rounds: {last}; wall time: {doc['elapsed_s']:.0f} s",
         _artifact_line(doc),
         _update_size_line(rounds),
@@ -148,6 +172,9 @@ def render_markdown(doc: dict, plots: list[str]) -> str:
         "| site | eval loss, base | eval loss, final | exact match, base | exact match, final | examples | bytes sent / round |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    if composition:
+        at = lines.index("## Per site: base model (round 0) against the final round")
+        lines[at - 1 : at - 1] = _partition_section(composition)
     first = rounds[0]["sites"] if rounds else {}
     final = rounds[-1]["sites"] if rounds else {}
     for n in names:
@@ -203,5 +230,10 @@ def render_markdown(doc: dict, plots: list[str]) -> str:
 def write_report(out: Path, doc: dict, plots: bool = True) -> Path:
     made = write_plots(out, doc) if plots else []
     path = out / "report.md"
-    atomic_write_bytes(path, render_markdown(doc, made).encode("utf-8"))
+    composition = None
+    try:  # ftsim --partition wrote it beside the run
+        composition = json.loads((out / "partitions" / "composition.json").read_text())
+    except (OSError, ValueError):
+        pass
+    atomic_write_bytes(path, render_markdown(doc, made, composition).encode("utf-8"))
     return path

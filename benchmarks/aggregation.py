@@ -1,7 +1,7 @@
 """Aggregation strategies on a non-IID federation: ../shared/data's finance and medical records,
 split into 4 sites by Dirichlet(0.3) over the domain, trained the same way by each strategy.
 
-    python benchmarks/aggregation.py             # 6 runs of ftsim on the default model (~35-45 min on 2 cores)
+    python benchmarks/aggregation.py             # 6 runs of ftsim on the default model (~60 min on 2 cores)
     python benchmarks/aggregation.py --quick     # 1 round of 2 steps each: a smoke run
     python benchmarks/aggregation.py --only fedavg --only dp
 
@@ -45,20 +45,21 @@ RUNS = {
     "fedprox": ["--strategy", "fedprox", "--set", "federation.proximal_mu=0.01"],
     "fedadam": ["--strategy", "fedadam"],
     "ffa": ["--set", "peft.ffa=true"],
-    "hetlora": ["--site-rank", "site-1=4", "--site-rank", "site-2=4"],
     "dp": ["--dp-epsilon", "8"],
+    "hetlora": ["--site-rank", "site-1=4", "--site-rank", "site-2=4"],
 }
 
 
 def split_data(out: Path) -> dict[str, Path]:
-    """-> {finance-pool, medical-pool, finance-test, medical-test}: JSONL files under ``out``."""
+    """-> {finance-train, medical-train, finance-test, medical-test}: JSONL files under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, path in DOMAINS.items():
         lines = [l for l in path.read_text().splitlines() if l.strip()]
         random.Random(0).shuffle(lines)
-        for part, chunk in (("test", lines[:HELD_OUT]), ("pool", lines[HELD_OUT:])):
-            f = out / f"{name}-{part}.jsonl"
+        for part, chunk in (("test", lines[:HELD_OUT]), ("train", lines[HELD_OUT:])):
+            f = out / name / f"{part}.jsonl"  # the partitioner names a domain after the folder
+            f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text("\n".join(chunk) + "\n")
             files[f"{name}-{part}"] = f
     return files
@@ -79,7 +80,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "aggregation"))
     ap.add_argument("--only", action="append", choices=list(RUNS), help="run only these (repeatable)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--local-steps", type=int, default=6)
+    ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--dp-clip", type=float, default=0.05, help="L2 bound under DP (default 0.05; see benchmarks/README.md)")
     ap.add_argument("--quick", action="store_true", help="1 round of 2 steps, few eval examples")
     args = ap.parse_args()
@@ -87,10 +88,10 @@ def main() -> int:
     rounds, steps = (1, 2) if args.quick else (args.rounds, args.local_steps)
     files = split_data(out / "data")
     common = [
-        "--data", str(files["finance-pool"]), "--data", str(files["medical-pool"]),
+        "--data", str(files["finance-train"]), "--data", str(files["medical-train"]),
         "--partition", "dirichlet:0.3", "--sites", "4", "--seed", "0",
         "--rounds", str(rounds), "--local-steps", str(steps), "--batch-size", "4", "--lr", "1e-3", "--max-length", "256",
-        "--no-plots", "--set", "eval.exact_match=false", "--set", f"eval.max_examples={8 if args.quick else 24}",
+        "--no-plots", "--set", "eval.exact_match=false", "--set", f"eval.max_examples={4 if args.quick else 8}",
     ]  # fmt: skip
     results = {}
     for name in args.only or list(RUNS):

@@ -276,3 +276,26 @@ def test_under_dp_sites_are_drawn_by_poisson_sampling_and_an_empty_draw_is_charg
         assert r["privacy"]["epsilon"] == pytest.approx(privacy.epsilon_of([(0.5, 1.0, r["round"])], 1e-5))
     assert rs.accountant.history == [[0.5, 1.0, 4]]
     assert privacy.epsilon_of([(0.5, 1.0, 4)], 1e-5) < privacy.epsilon_of([(1.0, 1.0, 4)], 1e-5)  # amplified
+
+
+def test_update_norm_bound_holds_under_secure_aggregation(tiny_config, tmp_path):
+    """The clipping is at the sites, so it needs no look at single updates: under secure
+    aggregation the unmasked mean of 3 bounded updates stays within the bound (a mean of
+    vectors of norm <= C has norm <= C), where the same run without the bound moves further."""
+    moved = {}
+    for bound in (None, 0.02):
+        data = json.loads(dp_run_config(tiny_config, 1).to_json())
+        data["secure_aggregation"]["enabled"] = True
+        data["federation"]["update_norm_bound"] = bound
+        cfg = load_config(None, base=data)
+        client_app._RUNTIME, client_app._SITE_CACHE = None, {}
+        grid, _ = real_sites(("medical", "legal", "financial"))
+        init = server.initial_adapter(cfg).state
+        rs = server.run_federation(grid, cfg, tmp_path / str(bound), lambda s: None)
+        r = rs.rounds[1]
+        assert r["accepted"] == 3
+        moved[bound] = privacy.l2({k: rs.global_state[k].astype(np.float64) - init[k] for k in init})
+        if bound is not None:
+            assert all(s["clipped"] and s["update_norm"] > bound for s in r["sites"].values())  # the sites say so
+            assert r["clipped_updates"] == 3
+    assert moved[0.02] <= 0.02 * (1 + 1e-3) and moved[None] > 3 * 0.02, moved

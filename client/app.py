@@ -32,7 +32,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedtune.common import adapters, methods, privacy
-from fedtune.common.config import FedTuneConfig
+from fedtune.common.config import MIXED_RANK_METHODS, FedTuneConfig
 from fedtune.common.data import DataError, Example, load_site_data, split_examples, tokenize_all
 from fedtune.common.evaluation import evaluate_examples
 from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TRAINABLE_KEY
@@ -145,11 +145,17 @@ def _read_message(msg: Message) -> tuple[FedTuneConfig, int, dict]:
     return cfg, int(conf[ROUND_KEY]), adapters.to_tensors(adapters.read_adapter(msg.content))
 
 
+class SiteRefusal(ValueError):
+    """This site cannot take part in the run as configured (the reason goes to the coordinator)."""
+
+
 def _site_model(cfg: FedTuneConfig, site: SiteFiles, global_state: dict, device: str | None) -> tuple[Runtime, SiteState, dict]:
     """This site's runtime (its own LoRA rank, when it has one), its data, and the global adapter
     as this site holds it (cut to its rank: HetLoRA)."""
+    if site.rank is not None and cfg.peft.method not in MIXED_RANK_METHODS:
+        raise SiteRefusal(f"this site trains LoRA rank {site.rank}, and the run's method {cfg.peft.method} has no LoRA rank")
     if site.rank is not None and site.rank > cfg.peft.r:
-        raise ValueError(f"site {site.name}: LoRA rank {site.rank} is above the run's peft.r {cfg.peft.r}")
+        raise SiteRefusal(f"this site's LoRA rank {site.rank} is above the run's peft.r {cfg.peft.r}")
     own = methods.site_config(cfg, site.rank)
     rt = runtime(own, device)
     st = site_state(site, own, rt)
@@ -185,7 +191,12 @@ def handle_train(
     arrived = received if arrived is None else arrived
     cfg, server_round, full_global = _read_message(msg)
     site = resolve_site(context, sites)
-    rt, st, global_state = _site_model(cfg, site, full_global, device)
+    try:
+        rt, st, global_state = _site_model(cfg, site, full_global, device)
+    except SiteRefusal as e:
+        if secagg.RECORD in msg.content:
+            secure.forget(context)
+        return _reply(msg, site, "refused", {"num-examples": 0}, reason=str(e))
     counts = {"records": st.n_records, "invalid-records": st.n_invalid, "dropped-too-long": st.dropped_too_long}
     if st.problem:
         # A site with nothing usable never sends an update.
@@ -289,7 +300,10 @@ def handle_secure_stage(msg: Message, context: Context, sites: list[SiteFiles] |
 def handle_evaluate(msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None) -> Message:
     cfg, _, global_state = _read_message(msg)
     site = resolve_site(context, sites)
-    rt, st, global_state = _site_model(cfg, site, global_state, device)  # a lower-rank site scores the adapter at its rank
+    try:
+        rt, st, global_state = _site_model(cfg, site, global_state, device)  # a lower-rank site scores the adapter at its rank
+    except SiteRefusal as e:
+        return _reply(msg, site, "refused", {"num-examples": 0}, reason=str(e))
     if st.problem or not st.eval_examples:
         return _reply(msg, site, st.problem or "no-eval-examples", {"num-examples": 0})
     methods.set_state(rt.model, global_state)

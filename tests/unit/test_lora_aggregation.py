@@ -147,3 +147,16 @@ def test_mixed_ranks_under_secure_aggregation_give_the_plain_result(tiny_config,
     bound = r1["secure_aggregation"]["quantization_error_bound"]
     for k in init.state:
         assert float(np.abs(masked.global_state[k] - plain.global_state[k]).max()) <= bound + 3e-7, k
+
+
+def test_a_site_with_a_rank_refuses_a_run_whose_method_has_none(tiny_config, tmp_path):
+    """ftclient join --rank 4 against an IA3 run: the site says why it sits the round out; the
+    other site's update is applied."""
+    cfg = method_config(tiny_config, "ia3")
+    grid, files = real_sites(("medical", "financial"))
+    files[0] = client_app.SiteFiles(files[0].name, files[0].train, files[0].eval, rank=4)
+    rs = server.run_federation(grid, cfg, tmp_path, lambda s: None)
+    r1 = rs.rounds[1]
+    assert r1["accepted"] == 1 and r1["sites"]["medical"]["status"] == "refused"
+    assert "LoRA rank 4, and the run's method ia3 has no LoRA rank" in r1["sites"]["medical"]["reason"]
+    assert r1["sites"]["medical"]["eval_status"] == "refused"

@@ -64,9 +64,10 @@ def clip_update(update: Mapping[str, object], bound: float) -> Clipped:
     norm = l2(update)
     if not math.isfinite(norm):
         return Clipped(OrderedDict((k, zeros_like(v)) for k, v in update.items()), norm, True, True)
-    scale = min(1.0, bound / norm) if norm > 0 else 1.0
-    out = OrderedDict((k, v if scale == 1.0 else v * scale) for k, v in update.items())
-    return Clipped(out, norm, scale < 1.0, False)
+    if norm <= bound:
+        return Clipped(OrderedDict(update), norm, False, False)
+    scale = bound / norm * (1 - 1e-6)  # a hair inside, so float32 rounding never lands above the bound
+    return Clipped(OrderedDict((k, v * scale) for k, v in update.items()), norm, True, False)
 
 
 def zeros_like(v):

@@ -34,7 +34,7 @@ def test_clipping_bounds_the_norm_and_keeps_the_direction(kind):
     norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in raw.values()))
     c = privacy.clip_update(u, 0.5)
     assert c.clipped and not c.nonfinite and c.norm == pytest.approx(norm)
-    assert privacy.l2(c.update) == pytest.approx(0.5, rel=1e-6)
+    assert 0.5 * (1 - 2e-6) <= privacy.l2(c.update) <= 0.5  # at the bound, never above it
     for k in raw:
         np.testing.assert_allclose(np.asarray(c.update[k]), raw[k] * (0.5 / norm), rtol=1e-5)
     loose = privacy.clip_update(u, 10 * norm)  # within the bound: untouched
@@ -58,14 +58,14 @@ def test_a_site_clips_before_sending_and_reports_counts_but_under_dp_nothing_nor
     cfg = load_config(None, base=json.loads(tiny_config.to_json()) | {"federation": {"update_norm_bound": 0.1}})
     big = OrderedDict(a=torch.full((10,), 1.0))
     out, metrics = privacy.site_release(cfg, big, secure=False, n_sites=3)
-    assert privacy.l2(out) == pytest.approx(0.1, rel=1e-6)
+    assert 0.1 * (1 - 2e-6) <= privacy.l2(out) <= 0.1
     assert metrics["update-clipped"] == 1 and metrics["update-norm"] == pytest.approx(math.sqrt(10))
     nan = OrderedDict(a=torch.tensor([math.nan, 1.0]))
     out, metrics = privacy.site_release(cfg, nan, secure=False, n_sites=3)
     assert torch.equal(out["a"], torch.zeros(2)) and metrics["update-nonfinite"] == 1 and "update-norm" not in metrics
     dp = load_config(None, base=json.loads(tiny_config.to_json()) | {"privacy": {"epsilon": 8.0, "clip": 0.1, "noise_multiplier": 1.0}})
     out, metrics = privacy.site_release(dp, big, secure=False, n_sites=3)
-    assert metrics == {} and privacy.l2(out) == pytest.approx(0.1, rel=1e-6)  # central DP: the coordinator adds the noise
+    assert metrics == {} and 0.1 * (1 - 2e-6) <= privacy.l2(out) <= 0.1  # central DP: the coordinator adds the noise
 
 
 def test_under_secure_aggregation_each_site_adds_its_share_of_the_noise(tiny_config):

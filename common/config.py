@@ -228,6 +228,15 @@ class EvalConfig(_Strict):
     batch_size: int = Field(8, ge=1, le=4096)
     exact_match: bool = Field(True, description="Also generate greedy answers and score exact match.")
     max_new_tokens: int = Field(16, ge=1, le=4096)
+    select_metric: Literal["eval_loss", "exact_match"] = Field(
+        "eval_loss",
+        description="The federated validation metric (the sites' example-weighted mean) that picks the best round "
+        "(lowest loss, or highest exact match) and drives early stopping.",
+    )
+    patience: int | None = Field(
+        None, ge=1, le=100_000, description="Stop when the validation metric has not improved for this many rounds (default: never)."
+    )
+    min_delta: float = Field(0.0, ge=0, le=1e6, description="An improvement smaller than this does not count.")
 
 
 class SiteConfig(_Strict):
@@ -584,6 +593,7 @@ SHARED_FLAG_KEYS = {
     "peft": "peft.method",
     "merged": "output.merged",
     "strategy": "federation.strategy",
+    "patience": "eval.patience",
     "update_norm_bound": "federation.update_norm_bound",
     "dp_epsilon": "privacy.epsilon",
     "dp_delta": "privacy.delta",
@@ -600,6 +610,12 @@ def add_shared_flags(p) -> None:
     p.add_argument("--peft", choices=get_args(PeftMethod), help="fine-tuning method (default lora; see peft in the config)")
     p.add_argument("--merged", action="store_const", const=True, help="also save merged/: the adapter folded into the base (LoRA family)")
     p.add_argument("--strategy", choices=get_args(Strategy), help="server optimizer (default fedavg)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        metavar="N",
+        help="stop when the federated validation metric (eval.select_metric) has not improved for N rounds; the best round's adapter is in best/",
+    )
     p.add_argument("--update-norm-bound", type=float, metavar="C", help="each site clips its update to this L2 norm (works with secure aggregation)")
     p.add_argument(
         "--dp-epsilon",

@@ -100,6 +100,11 @@ class RunState:
                 raise ValueError("the run had no privacy accountant; differential privacy cannot be turned on in the middle of a run")
             self.accountant = privacy.Accountant.restore(doc["privacy"])
 
+    def best(self) -> dict | None:
+        ev = self.cfg.eval
+        rnd, value, since = best_round(self.rounds, ev.select_metric, ev.min_delta)
+        return None if rnd is None else {"round": rnd, "metric": ev.select_metric, "value": value, "rounds_since": since}
+
     def metrics_doc(self) -> dict:
         return {
             "fedtune": {
@@ -112,12 +117,30 @@ class RunState:
                 "update": "delta",
             },
             **({"stopped": self.stopped} if self.stopped else {}),
+            **({"best": self.best()} if self.best() else {}),
             "model": self.cfg.model.name,
             "trainable_params": self.trainable_params,
             "config": self.cfg.model_dump(mode="json"),
             "rounds": self.rounds,
             "elapsed_s": round(time.time() - self.started, 2),
         }
+
+
+def best_round(rounds: list[dict], metric: str, min_delta: float = 0.0) -> tuple[int | None, float | None, int]:
+    """The round whose federated validation ``metric`` (its ``aggregate``: the sites'
+    example-weighted mean) is best: lowest ``eval_loss``, highest ``exact_match``; round 0, the
+    base model, included. A round beats the best so far only by more than ``min_delta``.
+    -> (best round, its value, rounds since it); (None, None, 0) before any round has the metric.
+    A round without the metric (skipped, or no site evaluated) counts as not improving."""
+    sign = -1.0 if metric == "exact_match" else 1.0
+    best, value, since = None, None, 0
+    for r in rounds:
+        v = _num((r.get("aggregate") or {}).get(metric))
+        if v is not None and (value is None or sign * v < sign * value - min_delta):
+            best, value, since = int(r["round"]), v, 0
+        elif best is not None:
+            since += 1
+    return best, value, since
 
 
 @dataclass
@@ -434,6 +457,20 @@ def save_round(rs: RunState, rnd: int) -> None:
         save_adapter(rs.out / "adapter", state, rs.peft_config, info)
 
 
+def keep_best(rs: RunState, rnd: int, say: Printer) -> int:
+    """After round ``rnd``'s evaluation: when it is the best so far, save its adapter as ``best/``
+    (adapter methods; full fine-tuning keeps every round in ``checkpoints/``). -> rounds since the best."""
+    best = rs.best()
+    if best is None:
+        return 0
+    if best["round"] == rnd:
+        if rs.peft_config is not None:
+            save_adapter(rs.out / "best", adapters.to_tensors(rs.global_state), rs.peft_config, {methods.METHOD_FILE: methods.method_info(rs.cfg)})
+        if rnd > 0:
+            say(f"round {rnd} is the best so far ({best['metric']} {best['value']:.4f})")
+    return best["rounds_since"]
+
+
 def save_artifacts(rs: RunState, say: Printer) -> None:
     """After the last round: full fine-tuning's Hugging Face model folder ``model/``; with
     output.merged, a LoRA-family adapter folded into its base as ``merged/``."""
@@ -530,6 +567,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         t = time.time()
         ev = run_evaluation(grid, nodes, rs, 0, say)
         rs.rounds.append({"round": 0, **ev, "seconds": round(time.time() - t, 3)})
+        keep_best(rs, 0, say)
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
     if rs.accountant is not None:
         q, sigma = dp_round(rs, len(nodes))
@@ -569,9 +607,20 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             if e.get("status") not in (None, "ok"):  # why this site has no evaluation this round
                 entry["eval_status"] = e["status"]
         rs.rounds.append({"round": rnd, "sites": sites, "aggregate": ev["aggregate"], **tr, "seconds": round(time.time() - t, 3)})
+        since = keep_best(rs, rnd, say)
+        patience = cfg.eval.patience
+        if patience is not None and since >= patience and rnd < fed.rounds:
+            best = rs.best()
+            rs.stopped = (
+                f"early stopping: the federated {best['metric']} has not improved for {since} round(s) since round {best['round']} "
+                f"({best['value']:.4f}; eval.patience {patience}); stopped after round {rnd}"
+            )
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
         eta = (time.time() - t) * (fed.rounds - rnd)
         say(f"round {rnd}/{fed.rounds} done in {time.time() - t:.0f} s; checkpoint {out / 'checkpoints' / f'round-{rnd:04d}'}; ETA {eta:.0f} s")
+        if rs.stopped:
+            say(f"stopping: {rs.stopped}")
+            break
     atomic_write_json(out / "metrics.json", rs.metrics_doc())  # with the elapsed time and, if it stopped early, why
     save_artifacts(rs, say)
     write_report(out, rs.metrics_doc(), plots=cfg.output.plots)

@@ -84,6 +84,19 @@ def _artifact_line(doc: dict) -> str:
     return f"- final adapter: `adapter/` (loads with `PeftModel.from_pretrained(base, 'adapter')`){merged}; per-round checkpoints in `checkpoints/`"
 
 
+def _best_lines(doc: dict) -> list[str]:
+    """The best round by the federated validation metric, and why the run stopped early."""
+    out = []
+    best = doc.get("best")
+    if best:
+        where = "; its adapter: `best/`" if doc["fedtune"].get("artifact") == "adapter" else f"; `checkpoints/round-{best['round']:04d}/`"
+        base = " (the base model: no round improved on it)" if best["round"] == 0 else ""
+        out.append(f"- best round: {best['round']}{base}, federated {best['metric']} {best['value']:.4f}{where}")
+    if doc.get("stopped"):
+        out.append(f"- **stopped early**: {doc['stopped']}")
+    return out
+
+
 def _update_size_line(rounds: list[dict]) -> str:
     """What trained and travelled per round (layer-wise control changes it between rounds)."""
     sizes = [(r["round"], r["trainable_params"], r.get("update_bytes") or 0) for r in rounds if "trainable_params" in r]
@@ -100,11 +113,9 @@ def _aggregation_section(doc: dict) -> list[str]:
     priv = doc.get("config", {}).get("privacy", {})
     has = lambda key: any(key in r for r in rounds)  # noqa: E731
     ranked = any("rank" in s for r in rounds for s in r.get("sites", {}).values())
-    if not (has("aggregation_error") or has("privacy") or has("clipped_updates") or ranked or doc.get("stopped")):
+    if not (has("aggregation_error") or has("privacy") or has("clipped_updates") or ranked):
         return []
     out = ["", "## Aggregation and privacy", ""]
-    if doc.get("stopped"):
-        out += [f"**Stopped early** ({doc['stopped']}).", ""]
     if has("aggregation_error"):
         out += [
             "Aggregation error: how far the new global B·A is from the weighted mean of the sites' own B·A products, "
@@ -165,6 +176,7 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
         + (", client-level differential privacy" if doc["fedtune"].get("differential_privacy") else ""),
         f"- sites: {', '.join(names) or 'none'}; rounds: {last}; wall time: {doc['elapsed_s']:.0f} s",
         _artifact_line(doc),
+        *_best_lines(doc),
         _update_size_line(rounds),
         "",
         "## Per site: base model (round 0) against the final round",

@@ -468,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     artifact = out / ("model" if cfg.peft.method == "full" else "adapter")
     merged = f"   merged: {out / 'merged'}" if cfg.output.merged else ""
     say(f"{artifact.name}: {artifact}{merged}   metrics: {out / 'metrics.json'}   report: {out / 'report.md'}")
+    best = rs.best()
+    if best is not None and cfg.peft.method != "full":
+        say(f"best round: {best['round']} ({best['metric']} {best['value']:.3f}), its adapter in {out / 'best'}")
     return 0
 
 

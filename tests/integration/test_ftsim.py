@@ -330,7 +330,7 @@ def test_partitioned_sites_mixed_ranks_and_dp_under_secure_aggregation(tiny_mode
         assert r["sites"]["site-1"]["rank"] == 2 and "rank" not in r["sites"]["site-2"]
         assert "aggregation_error" not in r  # the coordinator sees no single update
     report = (out / "report.md").read_text()
-    assert "## Aggregation and privacy" in report and "site-1 r=2" in report and "Stopped early" in report
+    assert "## Aggregation and privacy" in report and "site-1 r=2" in report and "**stopped early**: privacy budget" in report
     assert "## Sites' data" in report and "client-level differential privacy" in report
     for name, site in composition["sites"].items():
         assert f"| {name} | {site['records']} | " in report

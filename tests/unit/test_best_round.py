@@ -1,0 +1,81 @@
+"""Federated validation: the best round by the sites' weighted validation metric is kept as
+best/, and the run stops early when it has not improved for eval.patience rounds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedtune.common.checkpoint import load_adapter_state
+from fedtune.common.config import ConfigError, load_config
+from fedtune.server import app as server
+
+from .test_client_app import fresh_caches  # noqa: F401  (autouse fixture)
+from .test_methods import method_config, real_sites, tiny_config  # noqa: F401  (fixture: the 64-wide tiny model)
+from .test_server_rounds import _task_identity  # noqa: F401  (fixture)
+
+
+def rounds_of(values, metric="eval_loss"):
+    return [{"round": i, "aggregate": {} if v is None else {metric: v}} for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize(
+    "values, metric, min_delta, expected",
+    [
+        ([3.0, 2.0, 2.5, 1.9, 1.95], "eval_loss", 0.0, (3, 1.9, 1)),
+        ([3.0, 2.0, 2.5, 1.9, 1.95], "eval_loss", 0.2, (1, 2.0, 3)),  # 2.0 -> 1.9 is not enough
+        ([3.0, 3.0, 3.0], "eval_loss", 0.0, (0, 3.0, 2)),  # a tie does not improve: the base stays best
+        ([0.2, 0.5, 0.4, None], "exact_match", 0.0, (1, 0.5, 2)),  # higher is better; a round without it does not improve
+        ([None, None], "eval_loss", 0.0, (None, None, 0)),
+    ],
+)
+def test_best_round_on_scripted_sequences(values, metric, min_delta, expected):
+    assert server.best_round(rounds_of(values, metric), metric, min_delta) == expected
+
+
+def test_validation_settings_are_checked(tiny_config):
+    base = json.loads(tiny_config.to_json())
+    with pytest.raises(ConfigError, match="eval.select_metric"):
+        load_config(None, base=base | {"eval": {"select_metric": "accuracy"}})
+    with pytest.raises(ConfigError, match="eval.patience"):
+        load_config(None, base=base | {"eval": {"patience": 0}})
+
+
+def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_improvement(tiny_config, tmp_path):
+    """Real sites train; their validation loss is scripted per round: 3.0 (base), 2.0, 2.5, 2.6,
+    then 1.0 that the run never reaches. With patience 2 the 6-round run stops after round 3,
+    best/ holds round 1's adapter, and metrics.json and the report say so."""
+    script = {0: 3.0, 1: 2.0, 2: 2.5, 3: 2.6, 4: 1.0, 5: 1.0, 6: 1.0}
+    data = json.loads(method_config(tiny_config, "lora").to_json())
+    data["federation"]["rounds"] = 6
+    data["train"]["local_steps"] = 2
+    data["eval"]["patience"] = 2
+    cfg = load_config(None, base=data)
+    grid, _ = real_sites()
+    for node, handle in list(grid.sites.items()):
+
+        def scripted(m, handle=handle):
+            if m.metadata.message_type != "evaluate":
+                return handle(m)
+            rnd = int(m.content["config"]["server-round"])
+            site = handle(m)["site"]
+            return RecordDict({"metrics": MetricRecord({"num-examples": 4, "eval-loss": script[rnd]}), "site": ConfigRecord(dict(site))})
+
+        grid.sites[node] = scripted
+    said: list[str] = []
+    rs = server.run_federation(grid, cfg, tmp_path, said.append)
+    assert [r["round"] for r in rs.rounds] == [0, 1, 2, 3]
+    assert "early stopping" in rs.stopped and "since round 1" in rs.stopped and any("stopping: early stopping" in s for s in said)
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["best"] == {"round": 1, "metric": "eval_loss", "value": 2.0, "rounds_since": 2}
+    best = load_adapter_state(tmp_path / "best")
+    round1 = load_adapter_state(tmp_path / "checkpoints" / "round-0001")
+    last = load_adapter_state(tmp_path / "adapter")
+    assert all(np.array_equal(best[k].numpy(), round1[k].numpy()) for k in best)
+    assert any(not np.array_equal(best[k].numpy(), last[k].numpy()) for k in best)  # adapter/ is the last round's
+    report = (tmp_path / "report.md").read_text()
+    assert "- best round: 1, federated eval_loss 2.0000; its adapter: `best/`" in report
+    assert "**stopped early**: early stopping" in report

@@ -266,3 +266,25 @@ def noised_mean(mean: Mapping[str, np.ndarray], n: int, std: float, rng: np.rand
     """The mean of ``n`` clipped updates as if N(0, std^2) had been added to their sum:
     mean + N(0, std^2) / n per value (the coordinator's Gaussian mechanism, central DP)."""
     return OrderedDict((k, (v.astype(np.float64) + rng.normal(0.0, std, size=v.shape) / n).astype(WIRE_DTYPE)) for k, v in mean.items())
+
+
+def site_alignment(updates: Sequence[Mapping[str, np.ndarray]], aggregate: Mapping[str, np.ndarray]) -> list[dict[str, float]]:
+    """Each site's update norm and its cosine similarity to the aggregate (which way it pulled:
+    1 along the mean, 0 across it, below 0 against it); cosine None when either norm is 0."""
+    agg_norm = l2_norm(aggregate)
+    out = []
+    for u in updates:
+        norm = l2_norm(u)
+        dot = sum(float(np.dot(u[k].astype(np.float64).ravel(), aggregate[k].astype(np.float64).ravel())) for k in aggregate)
+        out.append({"update_norm": norm, "cosine_to_aggregate": dot / (norm * agg_norm) if norm > 0 and agg_norm > 0 else None})
+    return out
+
+
+def change_by_layer(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], layer_of) -> dict[str, float]:
+    """L2 norm of the global adapter's change, per layer (``layer_of(key)`` -> a layer label)."""
+    sq: dict[str, float] = {}
+    for k, a in after.items():
+        d = a.astype(np.float64) - before[k].astype(np.float64)
+        label = str(layer_of(k))
+        sq[label] = sq.get(label, 0.0) + float(np.sum(d * d))
+    return {k: math.sqrt(v) for k, v in sorted(sq.items(), key=lambda kv: int(kv[0]))}

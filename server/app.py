@@ -36,9 +36,11 @@ from .aggregation import (
     RunningMean,
     ServerOptimizer,
     l2_norm,
+    change_by_layer,
     lora_product_error,
     noised_mean,
     robust_aggregate,
+    site_alignment,
     spec_of,
     unflatten,
     validate_update,
@@ -120,6 +122,7 @@ class RunState:
             **({"best": self.best()} if self.best() else {}),
             "model": self.cfg.model.name,
             "trainable_params": self.trainable_params,
+            "n_layers": self.n_layers,
             "config": self.cfg.model_dump(mode="json"),
             "rounds": self.rounds,
             "elapsed_s": round(time.time() - self.started, 2),
@@ -293,8 +296,11 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
     spec = spec_of({k: rs.global_state[k] for k in trainable})
     bound = privacy.bound_of(cfg)
     ranked = cfg.peft.method in MIXED_RANK_METHODS
-    measure = ranked and not secure and cfg.federation.aggregator == "mean"  # the server sees each site's B_i, A_i
-    measured: list[tuple[dict, int, float]] = []
+    # Single updates are kept for the round's measures (where each site pulled; for LoRA the
+    # aggregation error) when the coordinator sees them and they are not huge (full fine-tuning).
+    # Not under DP: per-site statistics would be released outside the noise's protection.
+    keep = not secure and not dp and cfg.federation.aggregator == "mean" and sum(math.prod(v) for v in spec.values()) <= KEEP_MAX_VALUES
+    measured: list[tuple[str, dict, int, float]] = []  # (site, update, rank, weight)
     n_values = sum(math.prod(s) for s in spec.values())
     t0 = time.time()
     sites: dict[str, dict] = {}
@@ -327,7 +333,7 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             "startup_seconds": _num(mr.get("startup-seconds")),
             "invalid_records": int(_num(mr.get("invalid-records")) or 0),
             **({"rank": int(mr["lora-rank"])} if "lora-rank" in mr else {}),
-            **({"update_norm": _num(mr.get("update-norm")), "clipped": bool(mr.get("update-clipped"))} if "update-clipped" in mr else {}),
+            **({"update_norm_before_clip": _num(mr.get("update-norm")), "clipped": bool(mr.get("update-clipped"))} if "update-clipped" in mr else {}),
         }
         trained = (
             f"loss {_fmt(info['train_loss_first'])} -> {_fmt(info['train_loss_last'])} in {info['steps']} steps, "
@@ -362,8 +368,8 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
         weight = 1.0 if dp else float(n_ex)
         if cfg.federation.aggregator == "mean":
             mean.add(arrays, weight)
-            if measure:
-                measured.append((arrays, rank or cfg.peft.r, weight))
+            if keep:
+                measured.append((name, arrays, rank or cfg.peft.r, weight))
         else:
             kept.append(arrays)
         say(f"{where}: {trained} {count}")
@@ -400,12 +406,15 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             )
         update = mean.result() if cfg.federation.aggregator == "mean" else robust_aggregate(kept, cfg.federation.aggregator, cfg.federation.trim_fraction)
         if measured:
-            record.update(
-                lora_product_error(
-                    rs.global_state, [a for a, _, _ in measured], [r for _, r, _ in measured], [w for _, _, w in measured],
-                    update, methods.lora_pairs(rs.global_state),
-                )
-            )  # fmt: skip
+            for (name, _, _, _), align in zip(measured, site_alignment([a for _, a, _, _ in measured], update)):
+                sites[name].update(align)
+            if ranked:
+                record.update(
+                    lora_product_error(
+                        rs.global_state, [a for _, a, _, _ in measured], [r for _, _, r, _ in measured], [w for _, _, _, w in measured],
+                        update, methods.lora_pairs(rs.global_state),
+                    )
+                )  # fmt: skip
         if dp:  # central DP: the coordinator, which saw the clipped updates, releases only their noised mean
             update = noised_mean(update, accepted, dp_round(rs, population)[1] * cfg.privacy.clip, np.random.default_rng(secrets.randbits(128)))
     if bound is not None and not dp:
@@ -421,7 +430,9 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             "sampling_rate": q,
             "noise": "distributed: each site adds its share before masking" if secure else "central: added by the coordinator",
         }
+    before = rs.global_state
     rs.global_state = rs.optimizer.step(rs.global_state, update)
+    record["layer_change"] = change_by_layer(before, rs.global_state, lambda k: methods.position(k, rs.n_layers))
     return {
         "sites": sites,
         "rejected": rejected,
@@ -437,6 +448,7 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
 
 
 SERVER_STATE = "server_state.json"
+KEEP_MAX_VALUES = 16_000_000  # 64 MB a site: every adapter method; not full fine-tuning of a large model
 OPTIMIZER_ARRAYS = "server_optimizer.safetensors"
 
 

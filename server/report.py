@@ -61,6 +61,19 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         ax.xaxis.get_major_locator().set_params(integer=True)
 
     made = []
+    if _layer_matrix(doc)[0]:
+        labels, rounds, grid = _layer_matrix(doc)
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rounds) + 3), max(3, 0.22 * len(labels) + 1.5)), constrained_layout=True)
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+        ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("round")
+        ax.set_ylabel("layer")
+        ax.set_title("where adaptation happens: norm of the global change per layer")
+        fig.colorbar(im, ax=ax, label="L2 norm of the change")
+        fig.savefig(out / "layers.png", dpi=110)
+        plt.close(fig)
+        made.append("layers.png")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     panel(axes[0], "train_loss", "train loss (mean over local steps)", "round", "loss")
     panel(axes[1], "eval_loss", "eval loss (answer tokens)", "round (0 = base model)", "loss")
@@ -75,6 +88,45 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         plt.close(fig)
         made.append("exact_match.png")
     return made
+
+
+def _layer_label(label: str, n_layers: int | None) -> str:
+    i = int(label)
+    return "embeddings" if i < 0 else "head/other" if n_layers is not None and i >= n_layers else f"layer {i}"
+
+
+def _layer_matrix(doc: dict) -> tuple[list[str], list[int], list[list[float]]]:
+    """-> (layer labels bottom-up, rounds, norm[layer][round]) from each round's layer_change."""
+    rounds = [r for r in doc["rounds"] if r.get("layer_change")]
+    keys = sorted({k for r in rounds for k in r["layer_change"]}, key=int)
+    labels = [_layer_label(k, doc.get("n_layers") or None) for k in keys]
+    return labels, [r["round"] for r in rounds], [[r["layer_change"].get(k, 0.0) for r in rounds] for k in keys]
+
+
+def _adaptation_section(doc: dict, plots: list[str]) -> list[str]:
+    """Where adaptation happens (per layer) and which site pulls which way (per round)."""
+    rounds = [r for r in doc["rounds"] if r["round"] > 0 and r.get("layer_change")]
+    if not rounds:
+        return []
+    out = ["", "## Where adaptation happens", ""]
+    if "layers.png" in plots:
+        out += ["![layers.png](layers.png)", ""]
+    labels, _, grid = _layer_matrix(doc)
+    top = sorted(zip(labels, (sum(row) for row in grid)), key=lambda t: -t[1])[:3]
+    out.append("Largest total change: " + ", ".join(f"{lab} ({v:.3g})" for lab, v in top) + ".")
+    pulls = [(r["round"], n, s) for r in rounds for n, s in sorted(r.get("sites", {}).items()) if "cosine_to_aggregate" in s]
+    if pulls:
+        out += [
+            "",
+            "Each site's update against the round's aggregate (cosine 1: along it; 0: across; below 0: against):",
+            "",
+            "| round | site | update norm | cosine to the aggregate |",
+            "| --- | --- | --- | --- |",
+        ]
+        out += [f"| {rnd} | {n} | {_fmt(s.get('update_norm'), '.4g')} | {_fmt(s.get('cosine_to_aggregate'), '.3f')} |" for rnd, n, s in pulls]
+    elif doc["fedtune"].get("secure_aggregation") or doc["fedtune"].get("differential_privacy"):
+        out += ["", "Per-site pulls are not shown: under secure aggregation or differential privacy only the aggregate is known or released."]
+    return out
 
 
 def _artifact_line(doc: dict) -> str:
@@ -227,13 +279,14 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
                 f"{st['quantization_error_bound']:.2e} | {st['clipped_values']:,} | {st['upload_bytes_per_param']:.2f} | {stages} |"
             )
     lines += _aggregation_section(doc)
+    lines += _adaptation_section(doc, plots)
     rejected = [(r["round"], x) for r in rounds for x in r.get("rejected", [])]
     if rejected:
         lines += ["", "## Rejected updates", ""]
         lines += [f"- round {rnd}, {x['site']}: {x['reason']}" for rnd, x in rejected]
     lines += ["", "## Plots", ""]
     if plots:
-        lines += [f"![{p}]({p})" for p in plots]
+        lines += [f"![{p}]({p})" for p in plots if p != "layers.png"]
     else:
         lines.append("No plots: install the plot extra (`pip install 'fedtune[plot]'`) to get loss.png and exact_match.png.")
     return "\n".join(lines) + "\n"

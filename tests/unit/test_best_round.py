@@ -79,3 +79,8 @@ def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_
     report = (tmp_path / "report.md").read_text()
     assert "- best round: 1, federated eval_loss 2.0000; its adapter: `best/`" in report
     assert "**stopped early**: early stopping" in report
+    # Where adaptation happens: the per-layer change (plot) and each site's pull (table).
+    assert set(doc["rounds"][1]["layer_change"]) == {"0", "1"} and (tmp_path / "layers.png").stat().st_size > 1000
+    assert "![layers.png](layers.png)" in report and "| 1 | medical |" in report
+    for site in doc["rounds"][1]["sites"].values():
+        assert 0 < site["cosine_to_aggregate"] <= 1 and site["update_norm"] > 0

@@ -179,6 +179,7 @@ def test_central_dp_clips_each_update_weighs_sites_equally_and_adds_calibrated_n
     assert r["privacy"]["epsilon"] == pytest.approx(privacy.epsilon_of([(1.0, 0.5, 1)], 1e-5))
     assert r["privacy"]["noise"].startswith("central")
     assert rs.accountant.rounds == 1
+    assert "cosine_to_aggregate" not in r["sites"]["alpha"]  # no per-site statistic outside the noise's protection
 
 
 def test_update_norm_bound_without_dp_is_enforced_by_the_coordinator_too(tiny_config, tmp_path):
@@ -255,7 +256,7 @@ def test_distributed_noise_under_secure_aggregation_completes_a_round(tiny_confi
     assert r["secure_aggregation"]["summed_weight"] == 3  # every site weighs 1 under DP
     assert r["privacy"]["epsilon"] == pytest.approx(privacy.epsilon_of([(1.0, sigma, 1)], 1e-5)) and r["privacy"]["epsilon"] <= 20.0
     for site in r["sites"].values():
-        assert "update_norm" not in site and "clipped" not in site
+        assert not {"update_norm", "update_norm_before_clip", "clipped", "cosine_to_aggregate"} & set(site)
 
 
 def test_under_dp_sites_are_drawn_by_poisson_sampling_and_an_empty_draw_is_charged(tiny_config, tmp_path):
@@ -296,6 +297,6 @@ def test_update_norm_bound_holds_under_secure_aggregation(tiny_config, tmp_path)
         assert r["accepted"] == 3
         moved[bound] = privacy.l2({k: rs.global_state[k].astype(np.float64) - init[k] for k in init})
         if bound is not None:
-            assert all(s["clipped"] and s["update_norm"] > bound for s in r["sites"].values())  # the sites say so
+            assert all(s["clipped"] and s["update_norm_before_clip"] > bound for s in r["sites"].values())  # the sites say so
             assert r["clipped_updates"] == 3
     assert moved[0.02] <= 0.02 * (1 + 1e-3) and moved[None] > 3 * 0.02, moved

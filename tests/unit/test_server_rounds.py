@@ -273,3 +273,17 @@ def test_a_site_that_fails_evaluation_is_recorded_as_such(tiny_config, tmp_path)
     entry = rs.rounds[1]["sites"]["flaky"]
     assert entry["status"] == "ok" and entry["eval_status"] == "error" and "eval_loss" not in entry
     assert "| 1 | flaky | ok |" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_each_sites_pull_and_the_change_per_layer_are_recorded(tiny_config, tmp_path):
+    """alpha sends +1 everywhere (10 examples), beta -1 (30): the mean is -0.5, so beta pulls
+    along it (cosine 1) and alpha against it (-1); each norm is sqrt(10); the global change's
+    norm is 0.5 sqrt(10), all of it outside the layers (the test state has no layer index)."""
+    rs = run_state(tiny_config, tmp_path, min_sites=1, round_timeout_s=5)
+    grid = FakeGrid({1: trainer("alpha", 1.0, n=10), 2: trainer("beta", -1.0, n=30)})
+    r = server.run_training_round(grid, [1, 2], rs, 1, lambda s: None)
+    a, b = r["sites"]["alpha"], r["sites"]["beta"]
+    assert a["cosine_to_aggregate"] == pytest.approx(-1.0) and b["cosine_to_aggregate"] == pytest.approx(1.0)
+    assert a["update_norm"] == pytest.approx(math.sqrt(10)) and b["update_norm"] == pytest.approx(math.sqrt(10))
+    assert r["layer_change"] == {"0": pytest.approx(0.5 * math.sqrt(10))}
+    assert r["update_norm"] == pytest.approx(0.5 * math.sqrt(10))

@@ -1,4 +1,4 @@
-"""report.md and PNG plots from a run's metrics document (metrics.json).
+"""report.md, a self-contained report.html and PNG plots from a run's metrics document (metrics.json).
 
 Plotting needs matplotlib (the ``plot`` extra); without it the report still lists the
 numbers and says how to get the plots.
@@ -6,8 +6,11 @@ numbers and says how to get the plots.
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import math
+import re
 from pathlib import Path
 
 from fedtune.common.checkpoint import atomic_write_bytes
@@ -87,6 +90,31 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         fig.savefig(out / "exact_match.png", dpi=110)
         plt.close(fig)
         made.append("exact_match.png")
+    trained = [r for r in doc["rounds"] if r["round"] > 0 and "seconds" in r]
+    if trained:
+        eps = [(r["round"], r["privacy"]["epsilon"]) for r in trained if isinstance(r.get("privacy"), dict) and "epsilon" in r["privacy"]]
+        fig, axes = plt.subplots(1, 3 if eps else 2, figsize=(15 if eps else 10, 3.6), constrained_layout=True)
+        xs = [r["round"] for r in trained]
+        axes[0].bar(xs, [(r.get("update_bytes") or 0) / 1e6 for r in trained], color="tab:blue")
+        axes[0].set_title("bytes one site sent per round")
+        axes[0].set_ylabel("MB")
+        axes[1].bar(xs, [r["seconds"] for r in trained], color="tab:orange")
+        axes[1].set_title("time per round (train + evaluate)")
+        axes[1].set_ylabel("seconds")
+        if eps:
+            budget = (doc.get("config", {}).get("privacy") or {}).get("epsilon")
+            axes[2].plot([x for x, _ in eps], [e for _, e in eps], marker="o", color="tab:red", label="spent")
+            if budget:
+                axes[2].axhline(budget, linestyle="--", color="grey", label="budget")
+            axes[2].set_title("privacy: cumulative epsilon")
+            axes[2].legend()
+        for ax in axes:
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        fig.savefig(out / "rounds.png", dpi=110)
+        plt.close(fig)
+        made.append("rounds.png")
     return made
 
 
@@ -292,6 +320,70 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
     return "\n".join(lines) + "\n"
 
 
+_INLINE = [
+    (re.compile(r"\*\*(.+?)\*\*"), r"<strong>\1</strong>"),
+    (re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
+]
+_IMAGE = re.compile(r"^!\[([^\]]*)\]\(([^)]+)\)$")
+HTML_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+    "th{background:#f3f3f3}img{max-width:100%;margin:0.5em 0}code{background:#f3f3f3;padding:0 3px}"
+)
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text, quote=False)
+    for pattern, repl in _INLINE:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def render_html(markdown: str, out: Path) -> str:
+    """report.md as one self-contained HTML page: the same text and tables, every plot embedded
+    as a data: URI (the page can be mailed or archived on its own)."""
+    body: list[str] = []
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                if not all(set(c) <= set("-: ") for c in cells):
+                    rows.append(cells)
+                i += 1
+            head, *rest = rows
+            body.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>")
+            body += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rest]
+            body.append("</table>")
+            continue
+        if line.startswith("- "):
+            body.append("<ul>")
+            while i < len(lines) and lines[i].startswith("- "):
+                body.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            body.append("</ul>")
+            continue
+        m = _IMAGE.match(line.strip())
+        if m:
+            path = out / m.group(2)
+            if path.is_file():
+                data = base64.b64encode(path.read_bytes()).decode("ascii")
+                body.append(f'<p><img alt="{html.escape(m.group(1))}" src="data:image/png;base64,{data}"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>fedtune run report</title>'
+        f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
 def write_report(out: Path, doc: dict, plots: bool = True) -> Path:
     made = write_plots(out, doc) if plots else []
     path = out / "report.md"
@@ -300,5 +392,7 @@ def write_report(out: Path, doc: dict, plots: bool = True) -> Path:
         composition = json.loads((out / "partitions" / "composition.json").read_text())
     except (OSError, ValueError):
         pass
-    atomic_write_bytes(path, render_markdown(doc, made, composition).encode("utf-8"))
+    markdown = render_markdown(doc, made, composition)
+    atomic_write_bytes(path, markdown.encode("utf-8"))
+    atomic_write_bytes(out / "report.html", render_html(markdown, out).encode("utf-8"))
     return path

@@ -84,3 +84,9 @@ def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_
     assert "![layers.png](layers.png)" in report and "| 1 | medical |" in report
     for site in doc["rounds"][1]["sites"].values():
         assert 0 < site["cosine_to_aggregate"] <= 1 and site["update_norm"] > 0
+    # report.html: the same report on one page, every plot embedded (no file beside it needed).
+    page = (tmp_path / "report.html").read_text()
+    plots = ["loss.png", "layers.png", "rounds.png"]
+    assert all((tmp_path / p).stat().st_size > 1000 for p in plots)
+    assert page.count('src="data:image/png;base64,') == len(plots) and 'src="loss.png"' not in page
+    assert "<table><tr><th>site</th><th>eval loss, base</th>" in page and "<strong>stopped early</strong>" in page

@@ -411,6 +411,7 @@ class OutputConfig(_Strict):
     dir: str | None = Field(None, description="Where a run writes its outputs (ftsim default: ftsim-runs/<time>).")
     plots: bool = True
     merged: bool = Field(False, description="Also save merged/: a LoRA-family adapter folded into its base (a plain HF model folder).")
+    tensorboard: bool = Field(False, description="Also write every round's metrics as TensorBoard event files in tensorboard/ (the tensorboard extra).")
 
 
 class FedTuneConfig(_Strict):
@@ -594,6 +595,7 @@ SHARED_FLAG_KEYS = {
     "merged": "output.merged",
     "strategy": "federation.strategy",
     "patience": "eval.patience",
+    "tensorboard": "output.tensorboard",
     "update_norm_bound": "federation.update_norm_bound",
     "dp_epsilon": "privacy.epsilon",
     "dp_delta": "privacy.delta",
@@ -616,6 +618,7 @@ def add_shared_flags(p) -> None:
         metavar="N",
         help="stop when the federated validation metric (eval.select_metric) has not improved for N rounds; the best round's adapter is in best/",
     )
+    p.add_argument("--tensorboard", action="store_const", const=True, help="also write the metrics as TensorBoard event files in OUT/tensorboard")
     p.add_argument("--update-norm-bound", type=float, metavar="C", help="each site clips its update to this L2 norm (works with secure aggregation)")
     p.add_argument(
         "--dp-epsilon",

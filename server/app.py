@@ -70,6 +70,7 @@ class RunState:
     optimizer: ServerOptimizer = field(default_factory=lambda: ServerOptimizer("fedavg"))
     # Flower node id -> the site name it reported, so a site that later fails is still named.
     node_names: dict = field(default_factory=dict)
+    events: object = None  # output.tensorboard: an events.EventWriter
     # Differential privacy: the rounds composed so far (checkpointed), and why the run stopped early.
     accountant: privacy.Accountant | None = None
     stopped: str | None = None
@@ -550,6 +551,13 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         optimizer=ServerOptimizer.from_config(cfg.federation),
         accountant=privacy.Accountant(cfg.privacy.delta) if cfg.privacy.enabled else None,
     )
+    if cfg.output.tensorboard:
+        from .events import EventWriter
+
+        try:
+            rs.events = EventWriter(out)
+        except RuntimeError as e:
+            raise FederationError(str(e)) from None
     what = "weights (full fine-tuning)" if peft_config is None else "adapter"
     say(f"{cfg.peft.method} {what}: {rs.trainable_params:,} trainable parameters ({rs.trainable_params * 4 / 1e6:.1f} MB as float32)")
     first = 1
@@ -580,6 +588,8 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         ev = run_evaluation(grid, nodes, rs, 0, say)
         rs.rounds.append({"round": 0, **ev, "seconds": round(time.time() - t, 3)})
         keep_best(rs, 0, say)
+        if rs.events is not None:
+            rs.events.round(rs.rounds[-1])
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
     if rs.accountant is not None:
         q, sigma = dp_round(rs, len(nodes))
@@ -620,6 +630,8 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
                 entry["eval_status"] = e["status"]
         rs.rounds.append({"round": rnd, "sites": sites, "aggregate": ev["aggregate"], **tr, "seconds": round(time.time() - t, 3)})
         since = keep_best(rs, rnd, say)
+        if rs.events is not None:
+            rs.events.round(rs.rounds[-1])
         patience = cfg.eval.patience
         if patience is not None and since >= patience and rnd < fed.rounds:
             best = rs.best()
@@ -634,6 +646,8 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             say(f"stopping: {rs.stopped}")
             break
     atomic_write_json(out / "metrics.json", rs.metrics_doc())  # with the elapsed time and, if it stopped early, why
+    if rs.events is not None:
+        rs.events.close()
     save_artifacts(rs, say)
     write_report(out, rs.metrics_doc(), plots=cfg.output.plots)
     say(f"report: {out / 'report.md'}")

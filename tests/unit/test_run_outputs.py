@@ -1,5 +1,6 @@
-"""Federated validation: the best round by the sites' weighted validation metric is kept as
-best/, and the run stops early when it has not improved for eval.patience rounds."""
+"""What a run leaves for people: the best round by the sites' weighted validation metric, kept
+as best/, and early stopping after eval.patience rounds without improvement; where adaptation
+happens (per layer, per site); report.html with its plots embedded; TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_
     data["federation"]["rounds"] = 6
     data["train"]["local_steps"] = 2
     data["eval"]["patience"] = 2
+    data["output"]["tensorboard"] = True
     cfg = load_config(None, base=data)
     grid, _ = real_sites()
     for node, handle in list(grid.sites.items()):
@@ -90,3 +92,13 @@ def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_
     assert all((tmp_path / p).stat().st_size > 1000 for p in plots)
     assert page.count('src="data:image/png;base64,') == len(plots) and 'src="loss.png"' not in page
     assert "<table><tr><th>site</th><th>eval loss, base</th>" in page and "<strong>stopped early</strong>" in page
+    # TensorBoard: the same figures as metrics.json, one step per round.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    losses = [(e.step, e.value) for e in acc.Scalars("federation/eval_loss")]
+    assert losses == [(r["round"], pytest.approx(r["aggregate"]["eval_loss"])) for r in doc["rounds"]]
+    cos = acc.Scalars("site/medical/cosine_to_aggregate")
+    assert [e.step for e in cos] == [1, 2, 3] and cos[0].value == pytest.approx(doc["rounds"][1]["sites"]["medical"]["cosine_to_aggregate"])
+    assert {"round/update_bytes", "round/seconds", "layer_change/0", "layer_change/1"} <= set(acc.Tags()["scalars"])

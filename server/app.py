@@ -74,6 +74,8 @@ class RunState:
     # Differential privacy: the rounds composed so far (checkpointed), and why the run stopped early.
     accountant: privacy.Accountant | None = None
     stopped: str | None = None
+    first_round: int = 1  # where this process started training (after a resume, later)
+    first_round_at: float | None = None
 
     def server_state(self, rnd: int) -> dict:
         return {
@@ -102,6 +104,18 @@ class RunState:
             if "privacy" not in doc:
                 raise ValueError("the run had no privacy accountant; differential privacy cannot be turned on in the middle of a run")
             self.accountant = privacy.Accountant.restore(doc["privacy"])
+
+    def progress(self, rnd: int, done: int, of: int) -> str:
+        """A bar over the run's training rounds with an ETA, ``done`` of ``of`` sites into round
+        ``rnd``: the time per round so far (training and evaluation) times what is left."""
+        if self.first_round_at is None:
+            return ""
+        total = self.cfg.federation.rounds - self.first_round + 1
+        frac = min(1.0, max(0.0, (rnd - self.first_round + done / max(of, 1)) / total))
+        bar = "█" * round(20 * frac) + "░" * (20 - round(20 * frac))
+        spent = time.time() - self.first_round_at
+        eta = spent * (1 - frac) / frac if frac > 0 else None
+        return f"▕{bar}▏ {100 * frac:.0f}%" + (f", ETA {_duration(eta)}" if eta is not None else "")
 
     def best(self) -> dict | None:
         ev = self.cfg.eval
@@ -222,6 +236,11 @@ def sites_for_round(grid: Grid, rs: RunState, say: Printer) -> tuple[list[int], 
     return train, nodes
 
 
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "?" if x is None else format(x, spec)
 
@@ -313,7 +332,7 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
         """Record one site's training reply; validate a plain update and fold it in as it arrives."""
         name, status = site_of(m, node, rs.node_names)
         where = f"round {rnd}/{cfg.federation.rounds} train | {name}"
-        count = f"[{len(sites) + 1}/{len(nodes)} sites, {time.time() - t0:.0f} s]"
+        count = f"[{len(sites) + 1}/{len(nodes)} sites, {time.time() - t0:.0f} s] {rs.progress(rnd, len(sites) + 1, len(nodes))}"
         if status != "ok":
             reason = m.error.reason.splitlines()[0][:300] if m.has_error() else str(m.content["site"].get("reason", status))[:300]
             sites[name] = {"status": status, "reason": reason}
@@ -597,6 +616,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             f"differential privacy: clip {cfg.privacy.clip:g}, noise multiplier {sigma:.3f}, sampling rate {q:.3g}; "
             f"budget epsilon {cfg.privacy.epsilon:g} at delta {cfg.privacy.delta:g}; spent so far {rs.accountant.epsilon():.3f}"
         )
+    rs.first_round, rs.first_round_at = first, time.time()
     for rnd in range(first, fed.rounds + 1):
         t = time.time()
         train_nodes, nodes = sites_for_round(grid, rs, say)
@@ -641,7 +661,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             )
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
         eta = (time.time() - t) * (fed.rounds - rnd)
-        say(f"round {rnd}/{fed.rounds} done in {time.time() - t:.0f} s; checkpoint {out / 'checkpoints' / f'round-{rnd:04d}'}; ETA {eta:.0f} s")
+        say(f"round {rnd}/{fed.rounds} done in {time.time() - t:.0f} s; checkpoint {out / 'checkpoints' / f'round-{rnd:04d}'}; ETA {_duration(eta)}")
         if rs.stopped:
             say(f"stopping: {rs.stopped}")
             break

@@ -287,3 +287,14 @@ def test_each_sites_pull_and_the_change_per_layer_are_recorded(tiny_config, tmp_
     assert a["update_norm"] == pytest.approx(math.sqrt(10)) and b["update_norm"] == pytest.approx(math.sqrt(10))
     assert r["layer_change"] == {"0": pytest.approx(0.5 * math.sqrt(10))}
     assert r["update_norm"] == pytest.approx(0.5 * math.sqrt(10))
+
+
+def test_progress_bar_shows_the_share_of_the_run_done_and_an_eta(tiny_config, tmp_path):
+    """4 rounds, 100 s spent, 2 of 4 sites into round 2: 37.5% done, so about 167 s to go."""
+    rs = run_state(tiny_config, tmp_path, rounds=4)
+    assert rs.progress(1, 1, 4) == ""  # before the first round starts
+    rs.first_round, rs.first_round_at = 1, time.time() - 100
+    bar = rs.progress(2, 2, 4)
+    assert bar.startswith("▕" + "█" * 8 + "░" * 12 + "▏ 38%, ETA 2 min 4")  # 166.7 s, give or take the test's own time
+    rs.first_round = 3  # resumed after round 2: the bar covers rounds 3..4 only
+    assert " 75%" in rs.progress(4, 1, 2)

@@ -59,6 +59,7 @@ class Runtime:
     tokenizer: object
     device: object
     key: tuple
+    base: dict | None = None  # train.anchor_mu: the trainable-capable weights as the base model has them
 
 
 @dataclass
@@ -78,11 +79,14 @@ _SITE_CACHE: dict[tuple, SiteState] = {}
 def runtime(cfg: FedTuneConfig, device: str | None = None) -> Runtime:
     """The process's base model + adapter, loaded once and reused for every task."""
     global _RUNTIME
-    key = (cfg.model.model_dump_json(), cfg.peft.model_dump_json(), cfg.layers.model_dump_json(), cfg.train.seed, device)
+    anchored = cfg.train.anchor_mu > 0
+    key = (cfg.model.model_dump_json(), cfg.peft.model_dump_json(), cfg.layers.model_dump_json(), cfg.train.seed, device, anchored)
     if _RUNTIME is None or _RUNTIME.key != key:
         _RUNTIME = None  # drop the old model before loading another
         model, tokenizer, dev = methods.load_model(cfg, device)
-        _RUNTIME = Runtime(model=model, tokenizer=tokenizer, device=dev, key=key)
+        # The freshly built model is the base model plus the method's initial (for LoRA: zero-effect) weights.
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if anchored else None
+        _RUNTIME = Runtime(model=model, tokenizer=tokenizer, device=dev, key=key, base=base)
     return _RUNTIME
 
 
@@ -235,6 +239,7 @@ def handle_train(
         progress=progress if verbose else None,
         lr_groups=methods.lr_scales(rt.model, cfg.layers),
         proximal_mu=cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0,
+        base_anchor=(cfg.train.anchor_mu, [rt.base[n] for n, p in rt.model.named_parameters() if p.requires_grad]) if rt.base else None,
     )
     local = methods.get_state(rt.model)
     delta = adapters.delta({k: local[k] for k in trainable}, {k: global_state[k] for k in trainable})

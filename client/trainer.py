@@ -122,10 +122,13 @@ def train_round(
     progress=None,
     lr_groups: list[tuple[float, list]] | None = None,
     proximal_mu: float = 0.0,
+    base_anchor: tuple[float, list] | None = None,
 ) -> TrainStats:
     """Run one round of local steps on tokenized items (each {input_ids, labels}). ``proximal_mu``
     > 0 (FedProx): the loss gets (mu/2)||w - w_start||^2 over the trainable weights, w_start being
-    the global model the round started from."""
+    the global model the round started from. ``base_anchor`` = (mu, the trainable weights' values
+    in the base model, in ``model.parameters()`` order): (mu/2)||w - w_base||^2 too, which trades
+    domain gain for less forgetting (train.anchor_mu)."""
     if not items:
         raise ValueError("train_round: no training examples")
     n_steps = steps_per_round(cfg, len(items))
@@ -155,6 +158,8 @@ def train_round(
             tokens += int(batch["attention_mask"].sum())
         if anchors is not None:
             add_proximal_grad(params, anchors, proximal_mu)
+        if base_anchor is not None and base_anchor[0] > 0:
+            add_proximal_grad(params, base_anchor[1], base_anchor[0])
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()

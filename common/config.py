@@ -207,6 +207,13 @@ class TrainConfig(_Strict):
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, le=1.0, description="Share of all steps (over all rounds) spent warming up.")
     max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm; 0 turns clipping off.")
+    anchor_mu: float = Field(
+        0.0,
+        ge=0,
+        le=1e4,
+        description="Anchor to the base model: (mu/2)||w - w_base||^2 in every site's loss over the trainable weights "
+        "(FedProx-style, toward the base instead of the round's global model); trades domain gain for less forgetting.",
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1)
 
     @model_validator(mode="after")
@@ -237,6 +244,11 @@ class EvalConfig(_Strict):
         None, ge=1, le=100_000, description="Stop when the validation metric has not improved for this many rounds (default: never)."
     )
     min_delta: float = Field(0.0, ge=0, le=1e6, description="An improvement smaller than this does not count.")
+    forgetting: bool = Field(
+        True,
+        description="The coordinator scores the base model and the final global adapter on fedtune's general-knowledge set "
+        "(common/general: public, no site data): what fine-tuning cost outside the domains.",
+    )
 
 
 class SiteConfig(_Strict):

@@ -74,6 +74,7 @@ class RunState:
     # Differential privacy: the rounds composed so far (checkpointed), and why the run stopped early.
     accountant: privacy.Accountant | None = None
     stopped: str | None = None
+    forgetting: dict = field(default_factory=dict)  # general knowledge: {"base": ..., "final": ...}
     first_round: int = 1  # where this process started training (after a resume, later)
     first_round_at: float | None = None
 
@@ -135,6 +136,7 @@ class RunState:
             },
             **({"stopped": self.stopped} if self.stopped else {}),
             **({"best": self.best()} if self.best() else {}),
+            **({"forgetting": self.forgetting} if self.forgetting else {}),
             "model": self.cfg.model.name,
             "trainable_params": self.trainable_params,
             "n_layers": self.n_layers,
@@ -489,6 +491,37 @@ def save_round(rs: RunState, rnd: int) -> None:
         save_adapter(rs.out / "adapter", state, rs.peft_config, info)
 
 
+def general_knowledge(cfg: FedTuneConfig, state: OrderedDict | None) -> dict:
+    """The model with ``state`` (the method's tensors; None: the base model alone, as the sites
+    load it, in 4 bits for qlora) on the general-knowledge set (:mod:`fedtune.common.forgetting`)."""
+    from fedtune.common.forgetting import general_knowledge as score
+    from fedtune.common.modeling import load_base_model
+
+    device = None if cfg.model.device == "auto" else cfg.model.device
+    if state is None:
+        model, tokenizer, device = load_base_model(cfg.model, device, four_bit=cfg.peft if cfg.peft.method == "qlora" else None)
+    else:
+        model, tokenizer, device = methods.load_model(cfg, device)
+        methods.set_state(model, adapters.to_tensors(state))
+    try:
+        return score(model, tokenizer, device, max_length=cfg.data.max_length)
+    finally:
+        del model
+
+
+def measure_forgetting(rs: RunState, which: str, state: OrderedDict | None, say: Printer) -> None:
+    t = time.time()
+    rs.forgetting[which] = general_knowledge(rs.cfg, state)
+    f = rs.forgetting[which]
+    say(
+        f"general knowledge ({'the base model' if which == 'base' else 'the final adapter'}): text loss {f['text_loss']:.3f}, "
+        f"question loss {f['qa_loss']:.3f}, questions answered {f['qa_accuracy']:.2f} ({time.time() - t:.0f} s)"
+    )
+    if "base" in rs.forgetting and "final" in rs.forgetting:
+        base, final = rs.forgetting["base"], rs.forgetting["final"]
+        rs.forgetting["change"] = {k: final[k] - base[k] for k in base}
+
+
 def keep_best(rs: RunState, rnd: int, say: Printer) -> int:
     """After round ``rnd``'s evaluation: when it is the best so far, save its adapter as ``best/``
     (adapter methods; full fine-tuning keeps every round in ``checkpoints/``). -> rounds since the best."""
@@ -601,6 +634,8 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
     wanted = max(fed.expected_sites or max(fed.min_sites, len(fed.sites)), minimum)
     nodes = wait_for_sites(grid, wanted, minimum, fed.join_timeout_s, say)
     say(f"{len(nodes)} site(s) connected")
+    if cfg.eval.forgetting:
+        measure_forgetting(rs, "base", None, say)
     if not resume:
         say("round 0 evaluates the base model")
         t = time.time()
@@ -665,6 +700,8 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         if rs.stopped:
             say(f"stopping: {rs.stopped}")
             break
+    if cfg.eval.forgetting:
+        measure_forgetting(rs, "final", rs.global_state, say)
     atomic_write_json(out / "metrics.json", rs.metrics_doc())  # with the elapsed time and, if it stopped early, why
     if rs.events is not None:
         rs.events.close()

@@ -90,6 +90,22 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         fig.savefig(out / "exact_match.png", dpi=110)
         plt.close(fig)
         made.append("exact_match.png")
+    table = _forgetting_rows(doc)
+    if table:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+        for ax, kind in zip(axes, ("loss", "score")):
+            rows = [r for r in table if r[3] == kind]
+            xs = range(len(rows))
+            ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], 0.4, label="base model", color="tab:grey")
+            ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], 0.4, label="after fine-tuning", color="tab:green")
+            ax.set_xticks(list(xs), [r[0] for r in rows], fontsize=8)
+            ax.set_title("losses (lower is better)" if kind == "loss" else "scores (higher is better)")
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend()
+        fig.suptitle("domain gains against general knowledge (forgetting)")
+        fig.savefig(out / "forgetting.png", dpi=110)
+        plt.close(fig)
+        made.append("forgetting.png")
     trained = [r for r in doc["rounds"] if r["round"] > 0 and "seconds" in r]
     if trained:
         eps = [(r["round"], r["privacy"]["epsilon"]) for r in trained if isinstance(r.get("privacy"), dict) and "epsilon" in r["privacy"]]
@@ -116,6 +132,45 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         plt.close(fig)
         made.append("rounds.png")
     return made
+
+
+def _forgetting_rows(doc: dict) -> list[tuple[str, float, float, str]]:
+    """(measure, base, final, 'loss'|'score'): the domains' federated eval next to the general set."""
+    f = doc.get("forgetting") or {}
+    base, final = f.get("base"), f.get("final")
+    rounds = doc["rounds"]
+    if not (base and final and rounds):
+        return []
+    rows = []
+    first, last = rounds[0].get("aggregate", {}), rounds[-1].get("aggregate", {})
+    if first.get("eval_loss") is not None and last.get("eval_loss") is not None:
+        rows.append(("domain eval loss", first["eval_loss"], last["eval_loss"], "loss"))
+    rows += [("general text loss", base["text_loss"], final["text_loss"], "loss"), ("general question loss", base["qa_loss"], final["qa_loss"], "loss")]
+    if first.get("exact_match") is not None and last.get("exact_match") is not None:
+        rows.append(("domain exact match", first["exact_match"], last["exact_match"], "score"))
+    rows.append(("general questions answered", base["qa_accuracy"], final["qa_accuracy"], "score"))
+    return rows
+
+
+def _forgetting_section(doc: dict, plots: list[str]) -> list[str]:
+    rows = _forgetting_rows(doc)
+    if not rows:
+        return []
+    out = [
+        "",
+        "## What the model forgot",
+        "",
+        "The domains (the sites' weighted evaluation, round 0 against the last round) next to fedtune's general-knowledge "
+        "set (16 general paragraphs, 32 short general questions; answered = the expected answer appears in the greedy "
+        "reply), scored by the coordinator on the base model and on the final adapter.",
+        "",
+        "| measure | base model | after fine-tuning | change |",
+        "| --- | --- | --- | --- |",
+    ]
+    out += [f"| {name} | {b:.3f} | {f:.3f} | {f - b:+.3f} |" for name, b, f, _ in rows]
+    if "forgetting.png" in plots:
+        out += ["", "![forgetting.png](forgetting.png)"]
+    return out
 
 
 def _layer_label(label: str, n_layers: int | None) -> str:
@@ -306,6 +361,7 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
                 f"| {rnd} | {st['sites_per_stage'][3]} of {st['sites_per_stage'][0]} | {st['threshold']} | {dropped} | "
                 f"{st['quantization_error_bound']:.2e} | {st['clipped_values']:,} | {st['upload_bytes_per_param']:.2f} | {stages} |"
             )
+    lines += _forgetting_section(doc, plots)
     lines += _aggregation_section(doc)
     lines += _adaptation_section(doc, plots)
     rejected = [(r["round"], x) for r in rounds for x in r.get("rejected", [])]
@@ -314,7 +370,7 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
         lines += [f"- round {rnd}, {x['site']}: {x['reason']}" for rnd, x in rejected]
     lines += ["", "## Plots", ""]
     if plots:
-        lines += [f"![{p}]({p})" for p in plots if p != "layers.png"]
+        lines += [f"![{p}]({p})" for p in plots if p not in ("layers.png", "forgetting.png")]
     else:
         lines.append("No plots: install the plot extra (`pip install 'fedtune[plot]'`) to get loss.png and exact_match.png.")
     return "\n".join(lines) + "\n"

@@ -86,9 +86,15 @@ def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_
     assert "![layers.png](layers.png)" in report and "| 1 | medical |" in report
     for site in doc["rounds"][1]["sites"].values():
         assert 0 < site["cosine_to_aggregate"] <= 1 and site["update_norm"] > 0
+    # Forgetting: the general-knowledge set, base model against the final adapter, beside the domains.
+    f = doc["forgetting"]
+    assert set(f) == {"base", "final", "change"} and set(f["base"]) == {"text_loss", "qa_loss", "qa_accuracy"}
+    assert f["change"]["qa_loss"] == pytest.approx(f["final"]["qa_loss"] - f["base"]["qa_loss"])
+    assert f["base"]["qa_loss"] != f["final"]["qa_loss"]  # the final adapter (round 3) is not the base model
+    assert "## What the model forgot" in report and "| domain eval loss | 3.000 | 2.600 | -0.400 |" in report
     # report.html: the same report on one page, every plot embedded (no file beside it needed).
     page = (tmp_path / "report.html").read_text()
-    plots = ["loss.png", "layers.png", "rounds.png"]
+    plots = ["loss.png", "layers.png", "rounds.png", "forgetting.png"]
     assert all((tmp_path / p).stat().st_size > 1000 for p in plots)
     assert page.count('src="data:image/png;base64,') == len(plots) and 'src="loss.png"' not in page
     assert "<table><tr><th>site</th><th>eval loss, base</th>" in page and "<strong>stopped early</strong>" in page
@@ -102,3 +108,20 @@ def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_
     cos = acc.Scalars("site/medical/cosine_to_aggregate")
     assert [e.step for e in cos] == [1, 2, 3] and cos[0].value == pytest.approx(doc["rounds"][1]["sites"]["medical"]["cosine_to_aggregate"])
     assert {"round/update_bytes", "round/seconds", "layer_change/0", "layer_change/1"} <= set(acc.Tags()["scalars"])
+
+
+def test_the_general_knowledge_set_loads_and_scores(tiny_config):
+    from fedtune.common import forgetting, methods
+    from fedtune.common.config import DataConfig
+    from fedtune.common.data import load_site_data
+
+    qa = load_site_data(forgetting.GENERAL_DIR / "qa.jsonl", DataConfig()).examples
+    text = load_site_data(forgetting.GENERAL_DIR / "text.jsonl", DataConfig()).examples
+    assert len(qa) == 32 and len(text) == 16 and all(ex.is_chat for ex in qa) and not any(ex.is_chat for ex in text)
+    assert forgetting.contains_answer("The capital of France is Paris.", "Paris")
+    assert not forgetting.contains_answer("Parisian cafés", "Paris") and not forgetting.contains_answer("", "Paris")
+    assert forgetting.contains_answer("It is 56", "56") and not forgetting.contains_answer("156", "56")
+    model, tok, dev = methods.load_model(tiny_config, "cpu")
+    scores = forgetting.general_knowledge(model, tok, dev)
+    assert set(scores) == {"text_loss", "qa_loss", "qa_accuracy"}
+    assert scores["text_loss"] > 0 and scores["qa_loss"] > 0 and 0 <= scores["qa_accuracy"] <= 1

@@ -272,6 +272,23 @@ def test_proximal_gradient_is_mu_times_the_distance_from_the_start():
     assert torch.allclose(q.grad, torch.tensor([-0.5]))  # no gradient before: the term alone
 
 
+def test_the_base_anchor_pulls_the_weights_toward_the_base_model(tiny_peft_model, items):
+    """train.anchor_mu: the same round from a global adapter away from the base ends closer to
+    the base the larger mu is; FedProx's term (toward the round's start) is a different pull."""
+    model, tok, dev = tiny_peft_model
+    base = methods.get_state(model)  # the fresh LoRA model is the base model (B = 0)
+    base_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    start = {k: v + 0.05 * torch.randn_like(v) for k, v in base.items()}  # a global adapter some rounds in
+    cfg = _cfg(local_steps=8, batch_size=3, lr=1e-2)
+    dist = []
+    for mu in (0.0, 1.0, 30.0):
+        methods.set_state(model, start)
+        train_round(model, items, tok.pad_token_id, cfg, dev, server_round=1, total_rounds=1, seed=5, base_anchor=(mu, base_params))
+        after = methods.get_state(model)
+        dist.append(float(sum(((after[k] - base[k]) ** 2).sum() for k in base)) ** 0.5)
+    assert dist[0] > dist[1] > dist[2], dist
+
+
 def test_fedprox_pulls_the_update_toward_the_global_model(tiny_peft_model, items):
     """Same start, data and seed: the larger mu, the smaller the round's update."""
     model, tok, dev = tiny_peft_model

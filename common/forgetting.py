@@ -1,0 +1,50 @@
+"""What the model forgot: a small general-knowledge set written for fedtune (``general/``),
+scored before fine-tuning (the base model) and after it (the final global adapter).
+
+- ``text_loss``: loss on every token of 16 short general-text paragraphs;
+- ``qa_loss``: answer-token loss on 32 short general questions;
+- ``qa_accuracy``: the share of those questions whose greedy answer contains the expected
+  one as a whole phrase (the default model answers in sentences: "The capital of France is
+  Paris."), so exact match would score a knowledgeable model 0.
+
+The coordinator computes it on public data only: no site record is involved.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from . import metrics
+from .config import DataConfig
+from .data import load_site_data, prompt_and_reference, tokenize_all
+from .evaluation import answer_nll, generate_answers
+
+GENERAL_DIR = Path(__file__).resolve().parent / "general"
+MAX_NEW_TOKENS = 16
+
+
+def contains_answer(prediction: str, reference: str) -> bool:
+    """The reference, normalised, appears in the prediction's first line as a whole phrase."""
+    ref = metrics.normalize_answer(reference)
+    return bool(ref) and re.search(rf"(?<!\w){re.escape(ref)}(?!\w)", metrics.normalize_answer(prediction)) is not None
+
+
+def general_knowledge(model, tokenizer, device, max_length: int = 256, batch_size: int = 8) -> dict[str, float]:
+    """-> {text_loss, qa_loss, qa_accuracy} of ``model`` (with whatever adapter it carries)."""
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    text = load_site_data(GENERAL_DIR / "text.jsonl", DataConfig(format="text", max_length=max_length)).examples
+    qa_cfg = DataConfig(format="messages", max_length=max_length)
+    qa = load_site_data(GENERAL_DIR / "qa.jsonl", qa_cfg).examples
+    for name, examples, cfg in (("text", text, DataConfig(format="text", max_length=max_length)), ("qa", qa, qa_cfg)):
+        tok = tokenize_all(examples, tokenizer, cfg)
+        total, count, _ = answer_nll(model, tok.items, tokenizer.pad_token_id, device, batch_size)
+        out[f"{name}_loss"] = metrics.mean_loss(total, count)
+    pairs = [prompt_and_reference(ex, tokenizer) for ex in qa]
+    preds = generate_answers(model, tokenizer, [p for p, _ in pairs], device, MAX_NEW_TOKENS, batch_size)
+    out["qa_accuracy"] = sum(contains_answer(p, r) for p, (_, r) in zip(preds, pairs)) / len(pairs)
+    if was_training:
+        model.train()
+    return out

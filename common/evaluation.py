@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import asdict, dataclass
 
 import torch
@@ -82,14 +84,19 @@ def generate_answers(model, tokenizer, prompts: list[str], device, max_new_token
     try:
         for chunk in _batches(prompts, batch_size):
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            with warnings.catch_warnings():
+                # peft's prompt learning ignores position ids by design and warns on every call.
+                warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
+                # and prefix tuning's cache, handed to generate, meets transformers' own (harmless).
+                warnings.filterwarnings("ignore", message="Both `past_key_values` and `cache` are set")
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
             new = gen[:, enc["input_ids"].shape[1] :]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:

@@ -210,43 +210,42 @@ def test_site_seed_differs_by_site_and_is_stable(tiny_config):
     assert 0 <= a < 2**32
 
 
-@pytest.mark.parametrize("strategy, mu, expected", [("fedprox", 0.5, 0.5), ("fedavg", 0.5, 0.0), ("fedadam", 0.5, 0.0)])
-def test_the_proximal_term_is_on_for_fedprox_only(tmp_path, tiny_config, global_state, monkeypatch, strategy, mu, expected):
-    seen = {}
+def spy_on_training(monkeypatch) -> dict:
+    """The keyword arguments the site's next train_round call gets (the call still runs)."""
+    seen: dict = {}
     real = client_app.train_round
 
     def spy(*args, **kwargs):
-        seen["mu"] = kwargs["proximal_mu"]
+        seen.update(kwargs)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(client_app, "train_round", spy)
+    return seen
+
+
+@pytest.mark.parametrize("strategy, mu, expected", [("fedprox", 0.5, 0.5), ("fedavg", 0.5, 0.0), ("fedadam", 0.5, 0.0)])
+def test_the_proximal_term_is_on_for_fedprox_only(tmp_path, tiny_config, global_state, monkeypatch, strategy, mu, expected):
+    seen = spy_on_training(monkeypatch)
     cfg = tiny_config.model_copy(deep=True)
     cfg.federation.strategy, cfg.federation.proximal_mu = strategy, mu
     reply = handle_train(message(cfg, global_state, 1, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
-    assert reply.content["site"]["status"] == "ok" and seen["mu"] == expected
+    assert reply.content["site"]["status"] == "ok" and seen["proximal_mu"] == expected
 
 
 @pytest.mark.parametrize("anchor_mu", [0.0, 0.3])
 def test_the_base_anchor_reaches_training_with_the_base_weights(tmp_path, tiny_config, global_state, monkeypatch, anchor_mu):
     """train.anchor_mu > 0: the site anchors to the weights its freshly built model had (the base
     model: every lora_B zero), not to the global adapter it was sent."""
-    seen = {}
-    real = client_app.train_round
-
-    def spy(*args, **kwargs):
-        seen["anchor"] = kwargs["base_anchor"]
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(client_app, "train_round", spy)
+    seen = spy_on_training(monkeypatch)
     cfg = tiny_config.model_copy(deep=True)
     cfg.train.anchor_mu = anchor_mu
     moved = {k: v + 0.1 for k, v in global_state.items()}
     reply = handle_train(message(cfg, moved, 1, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
     assert reply.content["site"]["status"] == "ok"
     if anchor_mu == 0:
-        assert seen["anchor"] is None
+        assert seen["base_anchor"] is None
         return
-    mu, weights = seen["anchor"]
+    mu, weights = seen["base_anchor"]
     names = [n for n, p in client_app._RUNTIME.model.named_parameters() if p.requires_grad]
     assert mu == 0.3 and len(weights) == len(names) > 0
     assert all(float(w.abs().max()) == 0.0 for n, w in zip(names, weights) if "lora_B" in n)

@@ -220,6 +220,11 @@ def handle_train(
         if sa is not None:
             secure.forget(context)
         return _reply(msg, site, "refused", {"num-examples": 0, **counts}, reason=f"trainable set: {e}")
+    population = int(msg.content["config"].get(DP_POPULATION_KEY, 0)) if cfg.privacy.enabled else 0
+    if cfg.privacy.enabled and population < 1:  # the noise cannot be sized: refuse before spending the round training
+        if sa is not None:
+            secure.forget(context)
+        return _reply(msg, site, "refused", {"num-examples": 0, **counts}, reason="differential privacy: the round names no site population")
     if verbose:
         _say(site, f"round {server_round}: training on {len(st.train_items)} examples")
 
@@ -243,11 +248,6 @@ def handle_train(
     )
     local = methods.get_state(rt.model)
     delta = adapters.delta({k: local[k] for k in trainable}, {k: global_state[k] for k in trainable})
-    population = int(msg.content["config"].get(DP_POPULATION_KEY, 0)) if cfg.privacy.enabled else 0
-    if cfg.privacy.enabled and population < 1:  # the noise cannot be sized: send nothing
-        if sa is not None:
-            secure.forget(context)
-        return _reply(msg, site, "refused", {"num-examples": 0, **counts}, reason="differential privacy: the round names no site population")
     delta, bounded = privacy.site_release(cfg, delta, secure=sa is not None, n_sites=population)
     metrics = {
         "num-examples": len(st.train_items),

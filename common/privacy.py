@@ -191,15 +191,13 @@ def min_summed(cfg, n_sites: int) -> int:
     site's share of the noise is sized for (more sites summed only add noise). A secure round
     aborts with fewer than max(threshold, min_sites, 2) left (fedtune.server.secure); the default
     threshold is a majority of the sites invited, known here only when every site is invited."""
+    from fedtune.common.secagg import round_threshold
+
     sa = cfg.secure_aggregation
     m = max(cfg.federation.min_sites, 2)
-    if sa.threshold is not None:
-        return max(m, sa.threshold)
-    if sampling_rate(cfg, n_sites) >= 1.0:
-        from fedtune.common.secagg import default_threshold
-
-        return max(m, default_threshold(min(n_sites, (sa.neighbours or n_sites - 1) + 1)))
-    return m
+    if sa.threshold is None and sampling_rate(cfg, n_sites) < 1.0:
+        return m
+    return max(m, round_threshold(sa.threshold, sa.neighbours, n_sites)[1])
 
 
 _CALIBRATED: dict = {}

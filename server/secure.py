@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from fedtune.common import privacy
 from fedtune.common.config import FedTuneConfig
 from fedtune.common.protocol import DP_POPULATION_KEY
-from fedtune.common.secagg import Quantizer, SecAggError, check_threshold, default_threshold, neighbours, unmask_sum
+from fedtune.common.secagg import Quantizer, SecAggError, check_threshold, neighbours, round_threshold, unmask_sum
 from fedtune.common.secagg import protocol as p
 
 from .messaging import FederationError, Printer, exchange, site_of
@@ -85,8 +85,7 @@ def secure_mean(
 
     # The threshold is fixed by the sites invited (not by those that turn up), so dropouts
     # can only make a round abort, never make it easier to unmask.
-    k_invited = min(sa.neighbours or len(nodes) - 1, len(nodes) - 1)
-    t = sa.threshold or default_threshold(k_invited + 1)
+    k_invited, t = round_threshold(sa.threshold, sa.neighbours, len(nodes))
     why = check_threshold(t, k_invited + 1)
     if why:
         raise FederationError(

@@ -44,6 +44,7 @@ __all__ = [
     "SHARE_BYTES",
     "check_threshold",
     "default_threshold",
+    "round_threshold",
     "SecAggError",
     "Site",
     "agree",
@@ -270,6 +271,13 @@ def neighbours(ids: list[int], k: int) -> dict[int, list[int]]:
 def default_threshold(holders: int) -> int:
     """A majority of a site's share holders (its neighbours and itself)."""
     return holders // 2 + 1
+
+
+def round_threshold(threshold: int | None, neighbours: int | None, n_invited: int) -> tuple[int, int]:
+    """-> (neighbours each of ``n_invited`` sites has, the round's threshold): the configured
+    ``threshold``, or a majority of each site's share holders (its neighbours and itself)."""
+    k = min(neighbours or n_invited - 1, n_invited - 1)
+    return k, threshold or default_threshold(k + 1)
 
 
 def check_threshold(threshold: int, holders: int) -> str | None:

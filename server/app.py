@@ -135,7 +135,7 @@ class RunState:
                 "update": "delta",
             },
             **({"stopped": self.stopped} if self.stopped else {}),
-            **({"best": self.best()} if self.best() else {}),
+            **({"best": best} if (best := self.best()) else {}),
             **({"forgetting": self.forgetting} if self.forgetting else {}),
             "model": self.cfg.model.name,
             "trainable_params": self.trainable_params,
@@ -487,8 +487,15 @@ def save_round(rs: RunState, rnd: int) -> None:
         {SERVER_STATE: rs.server_state(rnd), **info},
         {OPTIMIZER_ARRAYS: arrays} if arrays else None,
     )
+    save_global_adapter(rs, "adapter")
+
+
+def save_global_adapter(rs: RunState, folder: str) -> None:
+    """``rs.out/folder``: the global adapter as a PEFT folder, with the method record beside it
+    (adapter methods; full fine-tuning has no adapter folder)."""
     if rs.peft_config is not None:
-        save_adapter(rs.out / "adapter", state, rs.peft_config, info)
+        info = {methods.METHOD_FILE: methods.method_info(rs.cfg)}
+        save_adapter(rs.out / folder, adapters.to_tensors(rs.global_state), rs.peft_config, info)
 
 
 def general_knowledge(cfg: FedTuneConfig, state: OrderedDict | None) -> dict:
@@ -529,8 +536,7 @@ def keep_best(rs: RunState, rnd: int, say: Printer) -> int:
     if best is None:
         return 0
     if best["round"] == rnd:
-        if rs.peft_config is not None:
-            save_adapter(rs.out / "best", adapters.to_tensors(rs.global_state), rs.peft_config, {methods.METHOD_FILE: methods.method_info(rs.cfg)})
+        save_global_adapter(rs, "best")
         if rnd > 0:
             say(f"round {rnd} is the best so far ({best['metric']} {best['value']:.4f})")
     return best["rounds_since"]
@@ -624,8 +630,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             except ValueError as e:
                 raise FederationError(f"{out}: cannot resume round {rp.round}'s server state: {e}") from None
         first = rp.round + 1
-        if peft_config is not None:
-            save_adapter(out / "adapter", adapters.to_tensors(rp.state), peft_config, {methods.METHOD_FILE: methods.method_info(cfg)})
+        save_global_adapter(rs, "adapter")
         say(f"resuming after round {rp.round} (verified checkpoint); rounds {first}..{cfg.federation.rounds} to go")
     else:
         save_round(rs, 0)

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import asdict, dataclass
 
 import torch

@@ -35,14 +35,13 @@ def general_knowledge(model, tokenizer, device, max_length: int = 256, batch_siz
     was_training = model.training
     model.eval()
     out: dict[str, float] = {}
-    text = load_site_data(GENERAL_DIR / "text.jsonl", DataConfig(format="text", max_length=max_length)).examples
-    qa_cfg = DataConfig(format="messages", max_length=max_length)
-    qa = load_site_data(GENERAL_DIR / "qa.jsonl", qa_cfg).examples
-    for name, examples, cfg in (("text", text, DataConfig(format="text", max_length=max_length)), ("qa", qa, qa_cfg)):
-        tok = tokenize_all(examples, tokenizer, cfg)
-        total, count, _ = answer_nll(model, tok.items, tokenizer.pad_token_id, device, batch_size)
+    examples = {}
+    for name, fmt in (("text", "text"), ("qa", "messages")):
+        cfg = DataConfig(format=fmt, max_length=max_length)
+        examples[name] = load_site_data(GENERAL_DIR / f"{name}.jsonl", cfg).examples
+        total, count, _ = answer_nll(model, tokenize_all(examples[name], tokenizer, cfg).items, tokenizer.pad_token_id, device, batch_size)
         out[f"{name}_loss"] = metrics.mean_loss(total, count)
-    pairs = [prompt_and_reference(ex, tokenizer) for ex in qa]
+    pairs = [prompt_and_reference(ex, tokenizer) for ex in examples["qa"]]
     preds = generate_answers(model, tokenizer, [p for p, _ in pairs], device, MAX_NEW_TOKENS, batch_size)
     out["qa_accuracy"] = sum(contains_answer(p, r) for p, (_, r) in zip(preds, pairs)) / len(pairs)
     if was_training:

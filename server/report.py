@@ -64,8 +64,8 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         ax.xaxis.get_major_locator().set_params(integer=True)
 
     made = []
-    if _layer_matrix(doc)[0]:
-        labels, rounds, grid = _layer_matrix(doc)
+    labels, rounds, grid = _layer_matrix(doc)
+    if labels:
         fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rounds) + 3), max(3, 0.22 * len(labels) + 1.5)), constrained_layout=True)
         im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
         ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])

@@ -212,12 +212,9 @@ def resolve_run(args: argparse.Namespace) -> Resolved:
     the split is written to OUT/partitions here, so OUT is settled here too)."""
     if args.site_rank and args.resume:
         raise ConfigError("--site-rank: a resumed run keeps its sites' ranks (they are in its saved config)")
-    ranks = _site_ranks(args.site_rank)
-    if not ranks:
-        return _resolve_run(args)
-    # Checked against the sites before a partition is written, then applied.
+    ranks = _site_ranks(args.site_rank)  # their form checked before any partition is written
     resolved = _resolve_run(args)
-    return Resolved(_with_ranks(resolved.cfg, ranks), resolved.partition)
+    return Resolved(_with_ranks(resolved.cfg, ranks), resolved.partition) if ranks else resolved
 
 
 def _site_ranks(specs: list[str]) -> dict[str, int]:
@@ -316,9 +313,9 @@ def _partitioned(request: _PartitionRequest, overrides: dict, load) -> Resolved:
     except DataError as e:  # names the file and line, never the content
         raise ConfigError(str(e)) from None
     overrides = {**overrides, "output.dir": str(out), "federation.sites": part.site_configs(out)}
-    _check_sites(load(overrides), check_files=False)
+    cfg = _check_sites(load(overrides), check_files=False)  # the whole config, before anything is written
     part.write(out)
-    return Resolved(_check_sites(load(overrides)), part)
+    return Resolved(_check_sites(cfg), part)
 
 
 def _check_sites(cfg: FedTuneConfig, check_files: bool = True) -> FedTuneConfig:

@@ -125,15 +125,15 @@ def split_indices(
             raise ConfigError(f"--partition domain: each site needs at least {min_records} records; too few in {', '.join(small)}")
     else:
         sites = None
+        by_cat: dict[str, list[int]] = {}
+        for i, (_, c) in enumerate(keys):
+            by_cat.setdefault(c, []).append(i)
         for _ in range(max_tries):
             if spec.kind == "quantity":
                 p = rng.dirichlet(np.full(n_sites, spec.alpha))
                 draw = [list(a) for a in np.split(rng.permutation(n), _cuts(p, n))]
             else:  # dirichlet: label skew, category by category
                 draw = [[] for _ in range(n_sites)]
-                by_cat: dict[str, list[int]] = {}
-                for i, (_, c) in enumerate(keys):
-                    by_cat.setdefault(c, []).append(i)
                 for c in sorted(by_cat):
                     idx = rng.permutation(by_cat[c])
                     p = rng.dirichlet(np.full(n_sites, spec.alpha))

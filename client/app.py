@@ -40,7 +40,7 @@ from fedtune.common.secagg import SecAggError
 from fedtune.common.secagg import protocol as secagg
 
 from . import secure
-from .trainer import train_round
+from .trainer import TrainStats, train_round
 
 log = logging.getLogger("fedtune.client")
 
@@ -166,6 +166,38 @@ def _site_model(cfg: FedTuneConfig, site: SiteFiles, global_state: dict, device:
     return rt, st, (global_state if own is cfg else methods.truncate_rank(global_state, site.rank))
 
 
+def train_local(
+    cfg: FedTuneConfig,
+    rt: Runtime,
+    items: list,
+    seed: int,
+    server_round: int,
+    *,
+    progress=None,
+    proximal_mu: float = 0.0,
+    steps: int | None = None,
+) -> TrainStats:
+    """One round of a site's local training, exactly as a site runs it in the federation (the
+    run's schedule, discriminative learning rates, the base-model anchor). ftsim's baselines
+    call it too, so a site alone and the pooled data train the same way. ``steps``: this many
+    optimizer steps instead of the run's train.local_steps / local_epochs."""
+    train_cfg = cfg.train if steps is None else cfg.train.model_copy(update={"local_steps": steps, "local_epochs": None})
+    return train_round(
+        rt.model,
+        items,
+        rt.tokenizer.pad_token_id,
+        train_cfg,
+        rt.device,
+        server_round=server_round,
+        total_rounds=cfg.federation.rounds,
+        seed=seed,
+        progress=progress,
+        lr_groups=methods.lr_scales(rt.model, cfg.layers),
+        proximal_mu=proximal_mu,
+        base_anchor=(cfg.train.anchor_mu, [rt.base[n] for n, p in rt.model.named_parameters() if p.requires_grad]) if rt.base else None,
+    )
+
+
 def _reply(msg: Message, site: SiteFiles, status: str, metrics: dict, records: dict | None = None, reason: str | None = None) -> Message:
     """``records``: more records to send, e.g. the update (:func:`fedtune.common.adapters.adapter_records`).
     ``reason``: why the site refused (a protocol reason, never data)."""
@@ -232,19 +264,14 @@ def handle_train(
         if step == n or step % max(1, n // 4) == 0:
             _say(site, f"round {server_round}: step {step}/{n} loss {loss:.3f}")
 
-    stats = train_round(
-        rt.model,
+    stats = train_local(
+        cfg,
+        rt,
         st.train_items,
-        rt.tokenizer.pad_token_id,
-        cfg.train,
-        rt.device,
-        server_round=server_round,
-        total_rounds=cfg.federation.rounds,
-        seed=site_seed(cfg, site.name),
+        site_seed(cfg, site.name),
+        server_round,
         progress=progress if verbose else None,
-        lr_groups=methods.lr_scales(rt.model, cfg.layers),
         proximal_mu=cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0,
-        base_anchor=(cfg.train.anchor_mu, [rt.base[n] for n, p in rt.model.named_parameters() if p.requires_grad]) if rt.base else None,
     )
     local = methods.get_state(rt.model)
     delta = adapters.delta({k: local[k] for k in trainable}, {k: global_state[k] for k in trainable})

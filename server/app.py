@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.common import adapters, methods, privacy
+from fedtune.common import adapters, methods, privacy, progress
 from fedtune.common.checkpoint import atomic_write_json, load_adapter_state, load_arrays, save_adapter, verify_checkpoint
 from fedtune.common.config import MIXED_RANK_METHODS, FedTuneConfig
 from fedtune.common.metrics import weighted_mean
@@ -112,11 +112,7 @@ class RunState:
         if self.first_round_at is None:
             return ""
         total = self.cfg.federation.rounds - self.first_round + 1
-        frac = min(1.0, max(0.0, (rnd - self.first_round + done / max(of, 1)) / total))
-        bar = "█" * round(20 * frac) + "░" * (20 - round(20 * frac))
-        spent = time.time() - self.first_round_at
-        eta = spent * (1 - frac) / frac if frac > 0 else None
-        return f"▕{bar}▏ {100 * frac:.0f}%" + (f", ETA {_duration(eta)}" if eta is not None else "")
+        return progress.bar((rnd - self.first_round + done / max(of, 1)) / total, time.time() - self.first_round_at)
 
     def best(self) -> dict | None:
         ev = self.cfg.eval
@@ -236,11 +232,6 @@ def sites_for_round(grid: Grid, rs: RunState, say: Printer) -> tuple[list[int], 
             pick = rs.rng.choice(len(nodes), size=fed.sites_per_round, replace=False)
             train = sorted(nodes[i] for i in pick)
     return train, nodes
-
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -701,7 +692,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             )
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
         eta = (time.time() - t) * (fed.rounds - rnd)
-        say(f"round {rnd}/{fed.rounds} done in {time.time() - t:.0f} s; checkpoint {out / 'checkpoints' / f'round-{rnd:04d}'}; ETA {_duration(eta)}")
+        say(f"round {rnd}/{fed.rounds} done in {time.time() - t:.0f} s; checkpoint {out / 'checkpoints' / f'round-{rnd:04d}'}; ETA {progress.duration(eta)}")
         if rs.stopped:
             say(f"stopping: {rs.stopped}")
             break

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from flwr.clientapp import ClientApp
 from fedtune.common import adapters, methods, privacy
 from fedtune.common.config import MIXED_RANK_METHODS, FedTuneConfig
 from fedtune.common.data import DataError, Example, load_site_data, split_examples, tokenize_all
-from fedtune.common.evaluation import evaluate_examples
+from fedtune.common.evaluation import answer_nll, evaluate_examples
+from fedtune.common.metrics import mean_loss
 from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TRAINABLE_KEY
 from fedtune.common.secagg import SecAggError
 from fedtune.common.secagg import protocol as secagg
@@ -153,7 +155,7 @@ class SiteRefusal(ValueError):
     """This site cannot take part in the run as configured (the reason goes to the coordinator)."""
 
 
-def _site_model(cfg: FedTuneConfig, site: SiteFiles, global_state: dict, device: str | None) -> tuple[Runtime, SiteState, dict]:
+def site_model(cfg: FedTuneConfig, site: SiteFiles, global_state: dict, device: str | None) -> tuple[Runtime, SiteState, dict]:
     """This site's runtime (its own LoRA rank, when it has one), its data, and the global adapter
     as this site holds it (cut to its rank: HetLoRA)."""
     if site.rank is not None and cfg.peft.method not in MIXED_RANK_METHODS:
@@ -176,11 +178,14 @@ def train_local(
     progress=None,
     proximal_mu: float = 0.0,
     steps: int | None = None,
+    validation: list[Example] | None = None,
 ) -> TrainStats:
     """One round of a site's local training, exactly as a site runs it in the federation (the
-    run's schedule, discriminative learning rates, the base-model anchor). ftsim's baselines
-    call it too, so a site alone and the pooled data train the same way. ``steps``: this many
-    optimizer steps instead of the run's train.local_steps / local_epochs."""
+    run's schedule, discriminative learning rates, the base-model anchor, local early stopping).
+    ftsim's baselines call it too, so a site alone and the pooled data train the same way.
+    ``steps``: this many optimizer steps instead of the run's train.local_steps / local_epochs.
+    ``validation``: the examples local early stopping (train.local_patience) checks the loss on,
+    the first eval.max_examples of them, as the site's evaluation does; none usable: every step runs."""
     train_cfg = cfg.train if steps is None else cfg.train.model_copy(update={"local_steps": steps, "local_epochs": None})
     return train_round(
         rt.model,
@@ -195,7 +200,47 @@ def train_local(
         lr_groups=methods.lr_scales(rt.model, cfg.layers),
         proximal_mu=proximal_mu,
         base_anchor=(cfg.train.anchor_mu, [rt.base[n] for n, p in rt.model.named_parameters() if p.requires_grad]) if rt.base else None,
+        validate=_validator(cfg, rt, validation),
     )
+
+
+def _validator(cfg: FedTuneConfig, rt: Runtime, validation: list[Example] | None) -> Callable[[], float] | None:
+    """The local validation loss for train.local_patience, or None: not configured, or no usable example."""
+    if cfg.train.local_patience is None or not validation:
+        return None
+    # Tokenized once per round, not per check; loss only (generation would cost far more than the steps).
+    items = tokenize_all(validation[: cfg.eval.max_examples], rt.tokenizer, cfg.data).items
+    if not items:
+        return None
+
+    def validate() -> float:
+        total, count, _ = answer_nll(rt.model, items, rt.tokenizer.pad_token_id, rt.device, cfg.eval.batch_size)
+        return mean_loss(total, count)
+
+    return validate
+
+
+def local_stopping_metrics(stats: TrainStats) -> dict:
+    """What a site reports of its local early stopping: steps and losses only."""
+    out = {"planned-steps": stats.planned_steps}
+    if stats.val_losses:
+        out.update({"local-val-start": stats.val_start, "local-val-best": stats.val_best, "local-best-step": stats.best_step})
+    if stats.stopped_at is not None:
+        out["local-stopped-at"] = stats.stopped_at
+    return out
+
+
+def _say_local_stopping(site: SiteFiles, server_round: int, stats: TrainStats) -> None:
+    if not stats.val_losses:
+        _say(site, f"round {server_round}: local early stopping is configured, but this site has no usable validation examples: trained all {stats.steps} steps")
+    elif stats.stopped_at is not None:
+        _say(
+            site,
+            f"round {server_round}: stopped early at step {stats.stopped_at} of {stats.planned_steps} "
+            f"(validation loss {stats.val_best:.3f} at step {stats.best_step} kept)",
+        )
+    elif stats.best_step != stats.steps:
+        _say(site, f"round {server_round}: kept step {stats.best_step} of {stats.steps} (validation loss {stats.val_best:.3f})")
 
 
 def _reply(msg: Message, site: SiteFiles, status: str, metrics: dict, records: dict | None = None, reason: str | None = None) -> Message:
@@ -228,7 +273,7 @@ def handle_train(
     cfg, server_round, full_global = _read_message(msg)
     site = resolve_site(context, sites)
     try:
-        rt, st, global_state = _site_model(cfg, site, full_global, device)
+        rt, st, global_state = site_model(cfg, site, full_global, device)
     except SiteRefusal as e:
         if secagg.RECORD in msg.content:
             secure.forget(context)
@@ -272,7 +317,11 @@ def handle_train(
         server_round,
         progress=progress if verbose else None,
         proximal_mu=cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0,
+        validation=st.eval_examples,
     )
+    stopping = cfg.train.local_patience is not None
+    if stopping and verbose:
+        _say_local_stopping(site, server_round, stats)
     local = methods.get_state(rt.model)
     delta = adapters.delta({k: local[k] for k in trainable}, {k: global_state[k] for k in trainable})
     delta, bounded = privacy.site_release(cfg, delta, secure=sa is not None, n_sites=population)
@@ -289,6 +338,7 @@ def handle_train(
         **counts,
         **bounded,
         **({"lora-rank": site.rank} if site.rank is not None else {}),
+        **(local_stopping_metrics(stats) if stopping else {}),
     }
     if sa is not None:
         # Secure round: the update goes straight from training to masking; only the masked vector leaves.
@@ -333,7 +383,7 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteFiles] | Non
     cfg, _, global_state = _read_message(msg)
     site = resolve_site(context, sites)
     try:
-        rt, st, global_state = _site_model(cfg, site, global_state, device)  # a lower-rank site scores the adapter at its rank
+        rt, st, global_state = site_model(cfg, site, global_state, device)  # a lower-rank site scores the adapter at its rank
     except SiteRefusal as e:
         return _reply(msg, site, "refused", {"num-examples": 0}, reason=str(e))
     if st.problem or not st.eval_examples:

@@ -7,6 +7,11 @@ the warmup+decay schedules from ``transformers.get_scheduler``.
 
 The LR schedule spans the whole federation (rounds x steps per round), and a site picks it
 up at ``(round - 1) * steps`` so that warmup happens once and decay runs across rounds.
+
+Local early stopping (train.local_patience) ends a round before its planned steps and keeps
+the best weights checked. A round that stops early only skips its remaining steps: the
+schedule and the data order of the next round start where they would have, so a site that
+stops early is in step with one that did not.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +40,18 @@ class TrainStats:
     seconds: float
     tokens: int
     first_step_at: float = 0.0  # wall clock (time.time()) when the first forward pass began
+    planned_steps: int = 0  # the round's steps (train.local_steps / local_epochs); ``steps`` ran
+    stopped_at: int | None = None  # the step local early stopping ended the round at, if it did
+    best_step: int = 0  # whose weights the round kept: 0 is the round's start
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, local validation loss) of every check
+
+    @property
+    def val_start(self) -> float | None:
+        return self.val_losses[0][1] if self.val_losses else None
+
+    @property
+    def val_best(self) -> float | None:
+        return dict(self.val_losses).get(self.best_step)
 
 
 def steps_per_round(cfg: TrainConfig, n_examples: int) -> int:
@@ -97,6 +115,50 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int, start_step: in
     return sched
 
 
+class LocalStopping:
+    """The local early-stopping checks of one round (train.local_patience). The best weights are
+    copied into buffers made once (trainable parameters only: for LoRA a few MB), since early in a
+    round most checks find a new best."""
+
+    def __init__(self, validate: Callable[[], float], params: list, cfg: TrainConfig, n_steps: int):
+        self.validate, self.params, self.n_steps = validate, params, n_steps
+        self.every = cfg.local_eval_every or max(1, n_steps // 5)
+        self.patience, self.min_delta = cfg.local_patience, cfg.local_min_delta
+        self.best: list | None = None
+        self.best_step, self.best_loss, self.since = 0, math.nan, 0
+        self.losses: list[tuple[int, float]] = []
+
+    def stop_after(self, step: int) -> bool:
+        """Check at ``step`` if one is due; True once ``patience`` checks in a row did not improve."""
+        if step % self.every and step != self.n_steps:
+            return False
+        loss = float(self.validate())
+        self.losses.append((step, loss))
+        # The first check is the reference; a NaN loss never improves, and anything finite beats a NaN start.
+        if len(self.losses) == 1 or (math.isfinite(loss) and not loss >= self.best_loss - self.min_delta):
+            self.best_step, self.best_loss, self.since = step, loss, 0
+            if step != self.n_steps:  # the final weights need no copy: they are the model's
+                self._snapshot()
+            return False
+        self.since += 1
+        return self.since >= self.patience
+
+    @torch.no_grad()
+    def _snapshot(self) -> None:
+        if self.best is None:
+            self.best = [p.detach().clone() for p in self.params]
+        else:
+            for b, p in zip(self.best, self.params):
+                b.copy_(p)
+
+    @torch.no_grad()
+    def restore_best(self, last_step: int) -> None:
+        """Put the best checked weights back, in place: the model keeps its parameter objects."""
+        if self.best_step != last_step:
+            for p, b in zip(self.params, self.best):
+                p.copy_(b)
+
+
 @torch.no_grad()
 def add_proximal_grad(params: list, anchors: list, mu: float) -> None:
     """FedProx: the gradient of (mu/2)||w - w0||^2, i.e. mu (w - w0), added to each weight's
@@ -123,12 +185,15 @@ def train_round(
     lr_groups: list[tuple[float, list]] | None = None,
     proximal_mu: float = 0.0,
     base_anchor: tuple[float, list] | None = None,
+    validate: Callable[[], float] | None = None,
 ) -> TrainStats:
     """Run one round of local steps on tokenized items (each {input_ids, labels}). ``proximal_mu``
     > 0 (FedProx): the loss gets (mu/2)||w - w_start||^2 over the trainable weights, w_start being
     the global model the round started from. ``base_anchor`` = (mu, the trainable weights' values
     in the base model, in ``model.parameters()`` order): (mu/2)||w - w_base||^2 too, which trades
-    domain gain for less forgetting (train.anchor_mu)."""
+    domain gain for less forgetting (train.anchor_mu). ``validate``: the site's validation loss of
+    the model as it is; with cfg.local_patience set it drives local early stopping (:class:`LocalStopping`)
+    and the model ends with the best weights checked."""
     if not items:
         raise ValueError("train_round: no training examples")
     n_steps = steps_per_round(cfg, len(items))
@@ -144,6 +209,11 @@ def train_round(
     tokens = 0
     t0 = time.perf_counter()
     first_step_at = time.time()
+    # Checks count as training time (train-seconds): they are what local early stopping costs.
+    stopping = LocalStopping(validate, params, cfg, n_steps) if validate is not None and cfg.local_patience is not None else None
+    if stopping is not None:
+        stopping.stop_after(0)
+    stopped_at = None
     for step in range(n_steps):
         step_loss = 0.0
         # Token-weighted loss over the micro-batches of one optimizer step.
@@ -168,14 +238,23 @@ def train_round(
         losses.append(step_loss / max(n_tok, 1))
         if progress is not None:
             progress(step + 1, n_steps, losses[-1])
+        if stopping is not None and stopping.stop_after(step + 1):
+            stopped_at = step + 1 if step + 1 < n_steps else None  # the last check skips nothing
+            break
+    if stopping is not None:
+        stopping.restore_best(len(losses))
     seconds = time.perf_counter() - t0
     return TrainStats(
-        steps=n_steps,
-        examples_seen=n_steps * micro * cfg.batch_size,
+        steps=len(losses),
+        examples_seen=len(losses) * micro * cfg.batch_size,
         loss_first=losses[0],
         loss_last=losses[-1],
         loss_mean=sum(losses) / len(losses),
         seconds=seconds,
         tokens=tokens,
         first_step_at=first_step_at,
+        planned_steps=n_steps,
+        stopped_at=stopped_at,
+        best_step=stopping.best_step if stopping is not None else len(losses),
+        val_losses=stopping.losses if stopping is not None else [],
     )

@@ -214,7 +214,28 @@ class TrainConfig(_Strict):
         description="Anchor to the base model: (mu/2)||w - w_base||^2 in every site's loss over the trainable weights "
         "(FedProx-style, toward the base instead of the round's global model); trades domain gain for less forgetting.",
     )
+    local_patience: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Local early stopping: a site checks its loss on its validation split (the one it scores the global "
+        "adapter on) at the round's start and every local_eval_every steps, stops the round after this many checks in a "
+        "row without improvement, and sends the update of the best weights it checked (default: never; every step runs).",
+    )
+    local_eval_every: int | None = Field(
+        None, ge=1, le=1_000_000, description="Optimizer steps between local validation checks (default: a fifth of the round's steps, at least 1)."
+    )
+    local_min_delta: float = Field(0.0, ge=0, le=1e6, description="A local validation loss improvement smaller than this does not count.")
     seed: int = Field(0, ge=0, le=2**32 - 1)
+
+    @model_validator(mode="after")
+    def _local_stopping_is_on(self) -> TrainConfig:
+        # Either setting alone would be silently ignored: say so instead of training as if it applied.
+        if self.local_patience is None:
+            stray = [f"train.{k}" for k in ("local_eval_every", "local_min_delta") if getattr(self, k)]
+            if stray:
+                raise ValueError(f"{' and '.join(stray)} only apply to local early stopping: set train.local_patience too, or leave them out")
+        return self
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainConfig:

@@ -347,11 +347,21 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             "invalid_records": int(_num(mr.get("invalid-records")) or 0),
             **({"rank": int(mr["lora-rank"])} if "lora-rank" in mr else {}),
             **({"update_norm_before_clip": _num(mr.get("update-norm")), "clipped": bool(mr.get("update-clipped"))} if "update-clipped" in mr else {}),
+            **({"planned_steps": int(_num(mr.get("planned-steps")) or 0)} if "planned-steps" in mr else {}),
         }
-        trained = (
-            f"loss {_fmt(info['train_loss_first'])} -> {_fmt(info['train_loss_last'])} in {info['steps']} steps, "
-            f"{_fmt(info['train_seconds'], '.1f')} s"
-        )
+        steps = f"{info['steps']} steps"
+        if "local-best-step" in mr:  # train.local_patience: the site checked its validation loss and kept its best weights
+            stop = info["local_stop"] = {
+                "stopped_at": int(_num(mr.get("local-stopped-at")) or 0) or None,  # a stop is at step 1 or later
+                "best_step": int(_num(mr.get("local-best-step")) or 0),
+                "val_start": _num(mr.get("local-val-start")),
+                "val_best": _num(mr.get("local-val-best")),
+            }
+            if stop["stopped_at"] is not None:
+                steps = f"{info['steps']} of {info.get('planned_steps', '?')} steps (stopped early; kept step {stop['best_step']})"
+            elif stop["best_step"] != info["steps"]:
+                steps += f" (kept step {stop['best_step']})"
+        trained = f"loss {_fmt(info['train_loss_first'])} -> {_fmt(info['train_loss_last'])} in {steps}, {_fmt(info['train_seconds'], '.1f')} s"
         sites[name] = info
         if secure:  # a masked vector: server/secure.py checks and sums it
             info["status"] = "ok"

@@ -249,3 +249,55 @@ def test_the_base_anchor_reaches_training_with_the_base_weights(tmp_path, tiny_c
     names = [n for n, p in client_app._RUNTIME.model.named_parameters() if p.requires_grad]
     assert mu == 0.3 and len(weights) == len(names) > 0
     assert all(float(w.abs().max()) == 0.0 for n, w in zip(names, weights) if "lora_B" in n)
+
+
+def test_local_early_stopping_reports_steps_and_losses_only(tmp_path, tiny_config, global_state, monkeypatch, capsys):
+    """train.local_patience: the site checks its validation split (tokenized once, the first
+    eval.max_examples), stops, sends the best checked weights' update and reports numbers only."""
+    script = iter([3.0, 2.0, 2.5, 2.6, 1.0, 1.0, 1.0])
+    checked = []
+    real_nll = client_app.answer_nll
+
+    def nll(model, items, *args):
+        checked.append(items)
+        return real_nll(model, items, *args)
+
+    monkeypatch.setattr(client_app, "answer_nll", nll)
+    monkeypatch.setattr(client_app, "mean_loss", lambda total, count: next(script) if count > 0 else math.nan)
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.data.eval_fraction = 0.5
+    cfg.eval.max_examples = 3
+    cfg.train.local_steps, cfg.train.local_patience, cfg.train.local_eval_every = 6, 2, 1
+    reply = handle_train(message(cfg, global_state, 2, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl", 8)), "site-name": "bank"}), None, "cpu")
+
+    assert reply.content["site"]["status"] == "ok"
+    m = reply.content["metrics"]
+    assert m["train-steps"] == 3 and m["planned-steps"] == 6 and m["local-stopped-at"] == 3 and m["local-best-step"] == 1
+    assert m["local-val-start"] == 3.0 and m["local-val-best"] == 2.0
+    assert len(checked) == 4 and all(c is checked[0] for c in checked) and len(checked[0]) == 3
+    assert all(isinstance(v, (int, float)) for v in m.values())
+    assert not any(SECRET in s or "groceries" in s for s in all_strings(reply.content))
+    assert "round 2: stopped early at step 3 of 6 (validation loss 2.000 at step 1 kept)" in capsys.readouterr().err
+    # The update is the restored best weights' delta: global + delta is what the site's model holds.
+    local = methods.get_state(client_app._RUNTIME.model)
+    rebuilt = adapters.apply_delta(global_state, adapters.to_tensors(adapters.read_adapter(reply.content)))
+    for k in local:
+        torch.testing.assert_close(rebuilt[k], local[k], rtol=0, atol=1e-6)
+
+
+def test_local_early_stopping_without_validation_examples_trains_every_step(tmp_path, tiny_config, global_state, capsys):
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.data.eval_fraction = 0.0  # and no eval file: nothing to check on
+    cfg.train.local_steps, cfg.train.local_patience = 3, 1
+    reply = handle_train(message(cfg, global_state, 1, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
+    assert reply.content["site"]["status"] == "ok"
+    m = reply.content["metrics"]
+    assert m["train-steps"] == m["planned-steps"] == 3
+    assert not any(k.startswith("local-") for k in m)
+    assert "no usable validation examples: trained all 3 steps" in capsys.readouterr().err
+
+
+def test_a_site_without_local_early_stopping_reports_no_planned_steps(tmp_path, tiny_config, global_state):
+    reply = handle_train(message(tiny_config, global_state, 1, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
+    m = reply.content["metrics"]
+    assert m["train-steps"] == tiny_config.train.local_steps and "planned-steps" not in m and not any(k.startswith("local-") for k in m)

@@ -329,3 +329,27 @@ def test_secure_clip_defaults_to_what_a_round_of_adamw_can_move():
     assert cfg.secure_aggregation.clip is None and cfg.secure_clip == pytest.approx(2 * 3e-2 * 20)
     assert load_config(None, {"peft.method": "prompt", "secure_aggregation.clip": 0.5}).secure_clip == 0.5
     assert type(cfg).from_json(cfg.to_json()).secure_clip == cfg.secure_clip
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"train.local_patience": 0}, "train.local_patience"),
+        ({"train.local_patience": 2, "train.local_eval_every": 0}, "train.local_eval_every"),
+        ({"train.local_patience": 2, "train.local_min_delta": -0.1}, "train.local_min_delta"),
+        ({"train.local_eval_every": 2}, "train.local_eval_every"),  # without local_patience it would do nothing
+        ({"train.local_min_delta": 0.01}, "train.local_min_delta"),
+    ],
+)
+def test_local_early_stopping_settings_are_checked(overrides, key):
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, overrides)
+    assert key in str(ei.value)
+    if "train.local_patience" not in overrides:
+        assert "set train.local_patience too" in str(ei.value)
+
+
+def test_local_early_stopping_settings_accepted():
+    cfg = load_config(None, {"train.local_patience": 2, "train.local_eval_every": 3, "train.local_min_delta": 0.01})
+    assert (cfg.train.local_patience, cfg.train.local_eval_every, cfg.train.local_min_delta) == (2, 3, 0.01)
+    assert load_config(None, {}).train.local_patience is None

@@ -298,3 +298,21 @@ def test_progress_bar_shows_the_share_of_the_run_done_and_an_eta(tiny_config, tm
     assert bar.startswith("▕" + "█" * 8 + "░" * 12 + "▏ 38%, ETA 2 min 4")  # 166.7 s, give or take the test's own time
     rs.first_round = 3  # resumed after round 2: the bar covers rounds 3..4 only
     assert " 75%" in rs.progress(4, 1, 2)
+
+
+def test_a_sites_local_early_stop_is_recorded_and_shown(tiny_config, tmp_path):
+    def stopping(m: Message):
+        content = trainer("alpha")(m)
+        if m.metadata.message_type != "evaluate":
+            stop = {"train-steps": 6, "planned-steps": 10, "local-stopped-at": 6, "local-best-step": 4, "local-val-start": 2.5, "local-val-best": 1.25}
+            content["metrics"] = MetricRecord({**dict(content["metrics"].items()), **stop})
+        return content
+
+    rs = run_state(tiny_config, tmp_path, min_sites=1, round_timeout_s=5)
+    said: list[str] = []
+    r = server.run_training_round(FakeGrid({1: stopping, 2: trainer("beta")}), [1, 2], rs, 1, said.append)
+    alpha, beta = r["sites"]["alpha"], r["sites"]["beta"]
+    assert alpha["planned_steps"] == 10 and alpha["steps"] == 6
+    assert alpha["local_stop"] == {"stopped_at": 6, "best_step": 4, "val_start": 2.5, "val_best": 1.25}
+    assert "local_stop" not in beta and "planned_steps" not in beta
+    assert any("alpha" in s and "in 6 of 10 steps (stopped early; kept step 4)" in s for s in said)

@@ -301,3 +301,92 @@ def test_fedprox_pulls_the_update_toward_the_global_model(tiny_peft_model, items
         after = methods.get_state(model)
         norms.append(float(sum(((after[k] - init[k]) ** 2).sum() for k in init)) ** 0.5)
     assert norms[0] > norms[1] > norms[2] > 0, norms
+
+
+# ------------------------------------------------------------------ local early stopping
+
+
+def _scripted(model, losses: list[float]):
+    """A validate callback returning ``losses`` in turn and recording the trainable weights it saw."""
+    seen: list[list[torch.Tensor]] = []
+
+    def validate() -> float:
+        seen.append(_trainable(model))
+        return losses[len(seen) - 1]
+
+    return validate, seen
+
+
+def _trainable(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("script", [[3.0, 2.0, 2.5, 2.6, 1.0, 1.0, 1.0], [math.nan, 2.0, 2.5, math.nan, 1.0, 1.0, 1.0]])
+def test_local_early_stopping_stops_after_patience_checks_and_keeps_the_best(tiny_peft_model, items, script):
+    model, tok, dev = tiny_peft_model
+    validate, seen = _scripted(model, script)
+    cfg = _cfg(local_steps=6, lr=1e-2, local_patience=2, local_eval_every=1)
+    steps = []
+    stats = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=1, total_rounds=1, seed=0, progress=lambda s, n, l: steps.append(s), validate=validate)
+    # Checks at 0 (the start), 1 (best), 2 and 3 (two without improvement): the 1.0 at step 4 is never reached.
+    assert [s for s, _ in stats.val_losses] == [0, 1, 2, 3] and len(seen) == 4
+    assert stats.steps == 3 and steps == [1, 2, 3] and stats.planned_steps == 6
+    assert stats.stopped_at == 3 and stats.best_step == 1
+    assert stats.examples_seen == 3 * cfg.batch_size
+    assert stats.val_best == 2.0 and (stats.val_start == 3.0 or math.isnan(stats.val_start))
+    after = _trainable(model)
+    assert all(torch.equal(a, b) for a, b in zip(after, seen[1]))  # the best check's weights, restored in place
+    assert not all(torch.equal(a, b) for a, b in zip(after, seen[3]))
+
+
+@pytest.mark.parametrize("script, min_delta", [([1.0, 2.0, 3.0, 0.5], 0.0), ([3.0, 2.95, 2.9, 0.5], 0.1)])
+def test_a_best_at_the_round_start_restores_the_start_weights(tiny_peft_model, items, script, min_delta):
+    """No check beat the start (by more than min_delta): the site sends a zero update."""
+    model, tok, dev = tiny_peft_model
+    start = _trainable(model)
+    validate, _ = _scripted(model, script)
+    cfg = _cfg(local_steps=5, lr=1e-2, local_patience=2, local_eval_every=1, local_min_delta=min_delta)
+    stats = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=1, total_rounds=1, seed=0, validate=validate)
+    assert stats.steps == 2 and stats.stopped_at == 2 and stats.best_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(_trainable(model), start))
+
+
+@pytest.mark.parametrize("n_steps, every, checked", [(7, 3, [0, 3, 6, 7]), (10, None, [0, 2, 4, 6, 8, 10]), (3, None, [0, 1, 2, 3])])
+def test_local_checks_come_every_n_steps_and_at_the_last(tiny_peft_model, items, n_steps, every, checked):
+    model, tok, dev = tiny_peft_model
+    validate, _ = _scripted(model, [10.0 - i for i in range(20)])  # always better: never stops
+    cfg = _cfg(local_steps=n_steps, local_patience=1, local_eval_every=every)
+    stats = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=1, total_rounds=1, seed=0, validate=validate)
+    assert [s for s, _ in stats.val_losses] == checked
+    assert stats.steps == stats.best_step == n_steps and stats.stopped_at is None
+
+
+def test_local_early_stopping_leaves_training_as_it_was_until_it_stops(tiny_peft_model, items):
+    """Without train.local_patience a validate callback is never called; with it, checks that keep
+    improving (real validation passes: eval mode, no grad) change neither the steps nor the weights."""
+    model, tok, dev = tiny_peft_model
+    init = methods.get_state(model)
+    cfg = _cfg(local_steps=4, batch_size=3, lr=1e-2)
+    plain = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=2, total_rounds=3, seed=7)
+    reference = methods.get_state(model)
+    assert plain.steps == plain.planned_steps == plain.best_step == 4 and plain.stopped_at is None and plain.val_losses == []
+
+    calls = []
+    methods.set_state(model, init)
+    unused = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=2, total_rounds=3, seed=7, validate=lambda: calls.append(1) or 0.0)
+    assert calls == [] and unused.steps == 4
+    assert all(torch.equal(v, reference[k]) for k, v in methods.get_state(model).items())
+
+    improving = iter(range(100, 0, -1))
+
+    def validate() -> float:
+        answer_nll(model, items, tok.pad_token_id, dev, 4)
+        return float(next(improving))
+
+    methods.set_state(model, init)
+    checked = train_round(
+        model, items, tok.pad_token_id, cfg.model_copy(update={"local_patience": 1, "local_eval_every": 1}), dev, server_round=2, total_rounds=3, seed=7, validate=validate
+    )
+    assert checked.steps == 4 and checked.best_step == 4 and len(checked.val_losses) == 5
+    assert checked.loss_first == plain.loss_first and checked.loss_last == plain.loss_last
+    assert all(torch.equal(v, reference[k]) for k, v in methods.get_state(model).items())

@@ -268,15 +268,33 @@ def noised_mean(mean: Mapping[str, np.ndarray], n: int, std: float, rng: np.rand
     return OrderedDict((k, (v.astype(np.float64) + rng.normal(0.0, std, size=v.shape) / n).astype(WIRE_DTYPE)) for k, v in mean.items())
 
 
-def site_alignment(updates: Sequence[Mapping[str, np.ndarray]], aggregate: Mapping[str, np.ndarray]) -> list[dict[str, float]]:
+def site_alignment(updates: Sequence[Mapping[str, np.ndarray]], aggregate: Mapping[str, np.ndarray], layer_of=None) -> list[dict]:
     """Each site's update norm and its cosine similarity to the aggregate (which way it pulled:
-    1 along the mean, 0 across it, below 0 against it); cosine None when either norm is 0."""
-    agg_norm = l2_norm(aggregate)
+    1 along the mean, 0 across it, below 0 against it); cosine None when either norm is 0.
+    With ``layer_of`` (key -> layer label) also ``by_layer``: the same two per layer."""
+
+    def cosine(dot: float, uu: float, aa: float) -> float | None:
+        return dot / math.sqrt(uu * aa) if uu > 0 and aa > 0 else None
+
+    label = {k: str(layer_of(k)) if layer_of else "" for k in aggregate}
+    agg = {k: aggregate[k].astype(np.float64).ravel() for k in aggregate}
+    aa: dict[str, float] = {}
+    for k, a in agg.items():
+        aa[label[k]] = aa.get(label[k], 0.0) + float(np.dot(a, a))
     out = []
     for u in updates:
-        norm = l2_norm(u)
-        dot = sum(float(np.dot(u[k].astype(np.float64).ravel(), aggregate[k].astype(np.float64).ravel())) for k in aggregate)
-        out.append({"update_norm": norm, "cosine_to_aggregate": dot / (norm * agg_norm) if norm > 0 and agg_norm > 0 else None})
+        dot: dict[str, float] = {}
+        uu: dict[str, float] = {}
+        for k, a in agg.items():
+            v = u[k].astype(np.float64).ravel()
+            dot[label[k]] = dot.get(label[k], 0.0) + float(np.dot(v, a))
+            uu[label[k]] = uu.get(label[k], 0.0) + float(np.dot(v, v))
+        site = {"update_norm": math.sqrt(sum(uu.values())), "cosine_to_aggregate": cosine(sum(dot.values()), sum(uu.values()), sum(aa.values()))}
+        if layer_of is not None:
+            site["by_layer"] = {
+                g: {"update_norm": math.sqrt(uu[g]), "cosine_to_aggregate": cosine(dot[g], uu[g], aa[g])} for g in sorted(uu, key=int)
+            }
+        out.append(site)
     return out
 
 

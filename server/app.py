@@ -429,7 +429,7 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             )
         update = mean.result() if cfg.federation.aggregator == "mean" else robust_aggregate(kept, cfg.federation.aggregator, cfg.federation.trim_fraction)
         if measured:
-            for (name, _, _, _), align in zip(measured, site_alignment([a for _, a, _, _ in measured], update)):
+            for (name, _, _, _), align in zip(measured, site_alignment([a for _, a, _, _ in measured], update, lambda k: methods.position(k, rs.n_layers))):
                 sites[name].update(align)
             if ranked:
                 record.update(

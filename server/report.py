@@ -77,6 +77,8 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         fig.savefig(out / "layers.png", dpi=110)
         plt.close(fig)
         made.append("layers.png")
+    if _write_site_pulls_plot(plt, out, doc):
+        made.append("sites.png")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     panel(axes[0], "train_loss", "train loss (mean over local steps)", "round", "loss")
     panel(axes[1], "eval_loss", "eval loss (answer tokens)", "round (0 = base model)", "loss")
@@ -186,6 +188,47 @@ def _layer_matrix(doc: dict) -> tuple[list[str], list[int], list[list[float]]]:
     return labels, [r["round"] for r in rounds], [[r["layer_change"].get(k, 0.0) for r in rounds] for k in keys]
 
 
+def _site_layer_cosines(doc: dict) -> dict[str, tuple[list[str], list[int], list[list[float]]]]:
+    """Per site: (layer labels bottom-up, rounds, cosine[layer][round]; NaN where unknown) from the
+    rounds whose records hold the site's per-layer pull (``by_layer``)."""
+    out = {}
+    for name in site_names(doc):
+        rounds = [r for r in doc["rounds"] if (r.get("sites", {}).get(name) or {}).get("by_layer")]
+        if not rounds:
+            continue
+        keys = sorted({k for r in rounds for k in r["sites"][name]["by_layer"]}, key=int)
+        grid = [
+            [c if (c := r["sites"][name]["by_layer"].get(k, {}).get("cosine_to_aggregate")) is not None else math.nan for r in rounds]
+            for k in keys
+        ]
+        out[name] = ([_layer_label(k, doc.get("n_layers") or None) for k in keys], [r["round"] for r in rounds], grid)
+    return out
+
+
+def _write_site_pulls_plot(plt, out: Path, doc: dict) -> bool:
+    """sites.png: which way each site pulled, per layer and round (its cosine to the aggregate)."""
+    per_site = _site_layer_cosines(doc)
+    if not per_site:
+        return False
+    n_labels = max(len(v[0]) for v in per_site.values())
+    n_rounds = max(len(v[1]) for v in per_site.values())
+    fig, axes = plt.subplots(
+        1, len(per_site), figsize=(max(4.5, 1.0 * n_rounds + 3) * len(per_site), max(3, 0.22 * n_labels + 1.8)), constrained_layout=True, squeeze=False
+    )
+    im = None
+    for i, (ax, (name, (labels, rounds, grid))) in enumerate(zip(axes[0], per_site.items())):
+        im = ax.imshow(grid, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, origin="lower")
+        ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])
+        ax.set_yticks(range(len(labels)), labels if i == 0 else [""] * len(labels))
+        ax.set_xlabel("round")
+        ax.set_title(name)
+    fig.colorbar(im, ax=list(axes[0]), label="cosine to the aggregate (1 along, -1 against)")
+    fig.suptitle("which way each site pulled, per layer")
+    fig.savefig(out / "sites.png", dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _adaptation_section(doc: dict, plots: list[str]) -> list[str]:
     """Where adaptation happens (per layer) and which site pulls which way (per round)."""
     rounds = [r for r in doc["rounds"] if r["round"] > 0 and r.get("layer_change")]
@@ -207,6 +250,8 @@ def _adaptation_section(doc: dict, plots: list[str]) -> list[str]:
             "| --- | --- | --- | --- |",
         ]
         out += [f"| {rnd} | {n} | {_fmt(s.get('update_norm'), '.4g')} | {_fmt(s.get('cosine_to_aggregate'), '.3f')} |" for rnd, n, s in pulls]
+        if "sites.png" in plots:
+            out += ["", "The same per layer: blue where a site pulled along the aggregate, red where it pulled against it.", "", "![sites.png](sites.png)"]
     elif doc["fedtune"].get("secure_aggregation") or doc["fedtune"].get("differential_privacy"):
         out += ["", "Per-site pulls are not shown: under secure aggregation or differential privacy only the aggregate is known or released."]
     return out
@@ -370,7 +415,7 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
         lines += [f"- round {rnd}, {x['site']}: {x['reason']}" for rnd, x in rejected]
     lines += ["", "## Plots", ""]
     if plots:
-        lines += [f"![{p}]({p})" for p in plots if p not in ("layers.png", "forgetting.png")]
+        lines += [f"![{p}]({p})" for p in plots if p not in ("layers.png", "sites.png", "forgetting.png")]
     else:
         lines.append("No plots: install the plot extra (`pip install 'fedtune[plot]'`) to get loss.png and exact_match.png.")
     return "\n".join(lines) + "\n"

@@ -86,6 +86,10 @@ def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_
     assert "![layers.png](layers.png)" in report and "| 1 | medical |" in report
     for site in doc["rounds"][1]["sites"].values():
         assert 0 < site["cosine_to_aggregate"] <= 1 and site["update_norm"] > 0
+        # ... and per layer: the layers' norms make up the whole.
+        assert set(site["by_layer"]) == {"0", "1"}
+        assert sum(v["update_norm"] ** 2 for v in site["by_layer"].values()) == pytest.approx(site["update_norm"] ** 2)
+    assert "![sites.png](sites.png)" in report
     # Forgetting: the general-knowledge set, base model against the final adapter, beside the domains.
     f = doc["forgetting"]
     assert set(f) == {"base", "final", "change"} and set(f["base"]) == {"text_loss", "qa_loss", "qa_accuracy"}
@@ -94,7 +98,7 @@ def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_
     assert "## What the model forgot" in report and "| domain eval loss | 3.000 | 2.600 | -0.400 |" in report
     # report.html: the same report on one page, every plot embedded (no file beside it needed).
     page = (tmp_path / "report.html").read_text()
-    plots = ["loss.png", "layers.png", "rounds.png", "forgetting.png"]
+    plots = ["loss.png", "layers.png", "sites.png", "rounds.png", "forgetting.png"]
     assert all((tmp_path / p).stat().st_size > 1000 for p in plots)
     assert page.count('src="data:image/png;base64,') == len(plots) and 'src="loss.png"' not in page
     assert "<table><tr><th>site</th><th>eval loss, base</th>" in page and "<strong>stopped early</strong>" in page

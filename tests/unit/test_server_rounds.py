@@ -289,6 +289,21 @@ def test_each_sites_pull_and_the_change_per_layer_are_recorded(tiny_config, tmp_
     assert r["update_norm"] == pytest.approx(0.5 * math.sqrt(10))
 
 
+def test_each_sites_pull_per_layer():
+    """Site a pulls along the aggregate in layer 0 and against it in layer 1; b has no layer-1
+    update (cosine unknown there); the per-layer norms make up the whole."""
+    from fedtune.server.aggregation import site_alignment
+
+    agg = {"model.layers.0.w": np.array([1.0, 0.0]), "model.layers.1.w": np.array([0.0, 2.0])}
+    a = {"model.layers.0.w": np.array([3.0, 0.0]), "model.layers.1.w": np.array([0.0, -4.0])}
+    b = {"model.layers.0.w": np.array([0.0, 1.0]), "model.layers.1.w": np.array([0.0, 0.0])}
+    sa, sb = site_alignment([a, b], agg, lambda k: int(k.split(".")[2]))
+    assert sa["by_layer"] == {"0": {"update_norm": 3.0, "cosine_to_aggregate": 1.0}, "1": {"update_norm": 4.0, "cosine_to_aggregate": -1.0}}
+    assert sa["update_norm"] == 5.0 and sa["cosine_to_aggregate"] == pytest.approx((3 - 8) / (5 * math.sqrt(5)))
+    assert sb["by_layer"]["0"] == {"update_norm": 1.0, "cosine_to_aggregate": 0.0} and sb["by_layer"]["1"]["cosine_to_aggregate"] is None
+    assert "by_layer" not in site_alignment([a], agg)[0]
+
+
 def test_progress_bar_shows_the_share_of_the_run_done_and_an_eta(tiny_config, tmp_path):
     """4 rounds, 100 s spent, 2 of 4 sites into round 2: 37.5% done, so about 167 s to go."""
     rs = run_state(tiny_config, tmp_path, rounds=4)

@@ -438,6 +438,11 @@ class PrivacyConfig(_Strict):
 class SimulationConfig(_Strict):
     cpus_per_site: float = Field(2.0, gt=0, le=1024, description="Ray resources per virtual site (one worker per this many CPUs).")
     gpus_per_site: float = Field(0.0, ge=0, le=64)
+    baselines: bool = Field(
+        False,
+        description="After the federation, also train each site alone and all the data pooled, with the federation's "
+        "compute and seed, and score every site under the base model, alone, pooled and federated (ftsim --baselines).",
+    )
 
 
 class OutputConfig(_Strict):

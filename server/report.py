@@ -92,6 +92,8 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         fig.savefig(out / "exact_match.png", dpi=110)
         plt.close(fig)
         made.append("exact_match.png")
+    if _write_baselines_plot(plt, out, doc):
+        made.append("baselines.png")
     table = _forgetting_rows(doc)
     if table:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
@@ -134,6 +136,86 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         plt.close(fig)
         made.append("rounds.png")
     return made
+
+
+BASELINES = (("base", "base model", "tab:grey"), ("alone", "each site alone", "tab:orange"), ("pooled", "all data pooled", "tab:purple"), ("federation", "federation", "tab:green"))
+
+
+def _baseline_metrics(doc: dict) -> list[str]:
+    b = doc.get("baselines") or {}
+    return [k for k in ("eval_loss", "exact_match") if any((s.get(t) or {}).get(k) is not None for s in b.get("sites", {}).values() for t, _, _ in BASELINES)]
+
+
+def _write_baselines_plot(plt, out: Path, doc: dict) -> bool:
+    """baselines.png: every site's score (and the mean) under each training, side by side."""
+    keys = _baseline_metrics(doc)
+    if not keys:
+        return False
+    b = doc["baselines"]
+    groups = [*b["sites"], "mean"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(6, 1.8 * len(groups) + 2) * len(keys), 4.4), constrained_layout=True, squeeze=False)
+    width = 0.8 / len(BASELINES)
+    for ax, key in zip(axes[0], keys):
+        for j, (t, label, color) in enumerate(BASELINES):
+            vals = [((b["sites"][g].get(t) if g != "mean" else b["mean"].get(t)) or {}).get(key) for g in groups]
+            xs = [i + (j - (len(BASELINES) - 1) / 2) * width for i in range(len(groups))]
+            bars = ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=label, color=color)
+            ax.bar_label(bars, [_fmt(v, ".2f") for v in vals], fontsize=7, padding=1)
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_title("eval loss (lower is better)" if key == "eval_loss" else "exact match (higher is better)")
+        if key == "exact_match":
+            ax.set_ylim(0, 1.08)
+        ax.grid(alpha=0.3, axis="y")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(BASELINES), fontsize=9)
+    fig.suptitle("does federation help? each site's validation score at equal compute")
+    fig.savefig(out / "baselines.png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _baselines_section(doc: dict, plots: list[str]) -> list[str]:
+    b = doc.get("baselines")
+    if not b:
+        return []
+    steps = b["steps"]
+    fed = ", ".join(f"{n} {v}" for n, v in steps["federation"].items() if n != "total")
+    alone = ", ".join(f"{n} {v}" for n, v in steps["alone"].items())
+    out = [
+        "",
+        "## Does federation help? Baselines at equal compute",
+        "",
+        "Every site's validation score under four trainings with the same seed and compute: the base model; the site "
+        "alone, on its own data, running the optimizer steps it ran in the federation; all sites' data pooled in one "
+        "place, running their sum; and the federation. Alone and pooled train without the federation's clipping or noise.",
+        "",
+        f"- optimizer steps of {b['examples_per_step']} examples: federation {steps['federation']['total']} ({fed}); "
+        f"alone {alone}; pooled {steps['pooled']}"
+        + (
+            f" (budget {steps['budget']} each: local early stopping ended some rounds sooner)"
+            if steps.get("budget") not in (None, steps["federation"]["total"])
+            else ""
+        ),
+    ]
+    for key in _baseline_metrics(doc):
+        loss = key == "eval_loss"
+        spec = ".3f" if loss else ".2f"
+        out += [
+            "",
+            f"| site: {'eval loss (lower is better)' if loss else 'exact match (higher is better)'} | base model | alone | pooled | federation | federation against alone |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, row in [*b["sites"].items(), ("**mean**", b["mean"])]:
+            v = {t: (row.get(t) or {}).get(key) for t, _, _ in BASELINES}
+            gain = "–"
+            if v["alone"] is not None and v["federation"] is not None:
+                d = v["federation"] - v["alone"]
+                better = d < 0 if loss else d > 0
+                gain = f"{d:+{spec}} ({'better' if better else 'worse' if d else 'same'})"
+            out.append(f"| {name} | " + " | ".join(_fmt(v[t], spec) for t, _, _ in BASELINES) + f" | {gain} |")
+    if "baselines.png" in plots:
+        out += ["", "![baselines.png](baselines.png)"]
+    return out
 
 
 def _forgetting_rows(doc: dict) -> list[tuple[str, float, float, str]]:
@@ -376,6 +458,7 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
             f"| {n} | {_fmt(f0.get('eval_loss'))} | {_fmt(f1.get('eval_loss'))} | {_fmt(f0.get('exact_match'), '.2f')} | "
             f"{_fmt(f1.get('exact_match'), '.2f')} | {f1.get('examples', '–')} | {f'{sent:,}' if isinstance(sent, int) else '–'} |"
         )
+    lines += _baselines_section(doc, plots)
     lines += ["", "## Rounds", "", "| round | site | status | train loss | eval loss | exact match | steps | train s | bytes sent |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rounds:
         for n in names:
@@ -415,7 +498,7 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
         lines += [f"- round {rnd}, {x['site']}: {x['reason']}" for rnd, x in rejected]
     lines += ["", "## Plots", ""]
     if plots:
-        lines += [f"![{p}]({p})" for p in plots if p not in ("layers.png", "sites.png", "forgetting.png")]
+        lines += [f"![{p}]({p})" for p in plots if p not in ("layers.png", "sites.png", "forgetting.png", "baselines.png")]
     else:
         lines.append("No plots: install the plot extra (`pip install 'fedtune[plot]'`) to get loss.png and exact_match.png.")
     return "\n".join(lines) + "\n"

@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=R",
         help="site NAME trains LoRA rank R, below peft.r (mixed ranks, HetLoRA zero-padding; repeatable)",
     )
+    p.add_argument(
+        "--baselines",
+        action="store_const",
+        const=True,
+        help="after the federation, also train each site alone and all the data pooled at the federation's compute and seed, "
+        "and report every site's score under the base model, alone, pooled and federated (about 2x the training time)",
+    )
     add_shared_flags(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=1e-4 (repeatable)")
@@ -139,6 +146,7 @@ FLAG_KEYS = SHARED_FLAG_KEYS | {
     "seed": "train.seed",
     "device": "model.device",
     "cpus_per_site": "simulation.cpus_per_site",
+    "baselines": "simulation.baselines",
 }
 
 
@@ -462,6 +470,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     last = rs.rounds[-1]
     say(f"done in {time.time() - t0:.0f} s. Final global eval: " + ", ".join(f"{k} {v:.3f}" for k, v in last.get("aggregate", {}).items()))
+    if cfg.simulation.baselines:
+        from fedtune.simulations.baselines import BaselineError, add_baselines
+
+        try:
+            add_baselines(cfg, out, say)
+        except BaselineError as e:
+            print(f"ftsim: baselines: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"ftsim: interrupted; the baselines finished so far are kept in {out / 'baselines'} (continue with: ftsim --resume {out})", file=sys.stderr)
+            return 130
     artifact = out / ("model" if cfg.peft.method == "full" else "adapter")
     merged = f"   merged: {out / 'merged'}" if cfg.output.merged else ""
     say(f"{artifact.name}: {artifact}{merged}   metrics: {out / 'metrics.json'}   report: {out / 'report.md'}")

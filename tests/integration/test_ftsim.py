@@ -1,6 +1,6 @@
 """ftsim end to end, as a user runs it: a real process, Flower's simulation engine (Ray).
 
-- a 2-site, 2-round run on the tiny model, plus a third site whose file is unusable;
+- a 2-site, 2-round run on the tiny model, plus a third site whose file is unusable, with its baselines;
 - one run on the real default model (1 round, a few steps) that checks the loss falls.
 """
 
@@ -63,7 +63,7 @@ def test_two_sites_two_rounds_tiny_model(tiny_model_dir, tmp_path):
             "--site", f"broken={bad}",
             "--rounds", "2", "--local-steps", "3", "--batch-size", "2", "--max-length", "160",
             "--set", "eval.max_examples=6", "--set", "eval.max_new_tokens=4", "--set", "peft.r=4",
-            "--out", str(out),
+            "--out", str(out), "--baselines",
         ],
         timeout=600,
     )
@@ -104,6 +104,19 @@ def test_two_sites_two_rounds_tiny_model(tiny_model_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "| medical |" in report and "loss.png" in report
     assert (out / "loss.png").stat().st_size > 1000
+
+    # --baselines: each usable site alone and the pooled data at the federation's compute (2 rounds x 3 steps a site).
+    b = doc["baselines"]
+    assert b["steps"] == {
+        "budget": 12, "federation": {"medical": 6, "legal": 6, "broken": 0, "total": 12}, "alone": {"medical": 6, "legal": 6, "broken": 0}, "pooled": 12,
+    }  # fmt: skip
+    for name in ("medical", "legal"):
+        assert all(b["sites"][name][t]["eval_loss"] > 0 for t in ("base", "alone", "pooled", "federation"))
+    assert b["sites"]["broken"] == {"base": None, "alone": None, "pooled": None, "federation": None}
+    assert (out / "baselines" / "alone" / "medical" / "adapter_model.safetensors").is_file() and (out / "baselines" / "pooled").is_dir()
+    assert "## Does federation help? Baselines at equal compute" in report and (out / "baselines.png").stat().st_size > 1000
+    assert 'alt="baselines.png"' in (out / "report.html").read_text()
+    assert "baselines | legal alone: round 2/2, 3 steps" in log and "eval loss / exact match per site" in log
     left = _wait_gone(before)
     assert not left, f"ftsim left Ray processes behind: {sorted(left)}"
 

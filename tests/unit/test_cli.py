@@ -188,8 +188,9 @@ def test_ftsim_and_ftserver_take_the_privacy_and_rank_flags(tmp_path, capsys):
     cfg = ftsim.resolve_config(ftsim.build_parser().parse_args([*two, "--dp-epsilon", "8", "--dp-clip", "0.2", "--site-rank", "b=4"]))
     assert cfg.privacy.epsilon == 8 and cfg.privacy.clip == 0.2 and cfg.privacy.delta == 1e-5
     assert [s.rank for s in cfg.federation.sites] == [None, 4]
-    cfg = ftsim.resolve_config(ftsim.build_parser().parse_args([*two, "--update-norm-bound", "0.5"]))
-    assert cfg.federation.update_norm_bound == 0.5 and not cfg.privacy.enabled
+    assert not cfg.simulation.baselines
+    cfg = ftsim.resolve_config(ftsim.build_parser().parse_args([*two, "--update-norm-bound", "0.5", "--baselines"]))
+    assert cfg.federation.update_norm_bound == 0.5 and not cfg.privacy.enabled and cfg.simulation.baselines
     assert ftsim.main([*two, "--site-rank", "c=4"]) == 2
     assert "--site-rank c: no such site; the sites are a, b" in capsys.readouterr().err
     assert ftsim.main([*two, "--site-rank", "b=64"]) == 2

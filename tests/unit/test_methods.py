@@ -61,9 +61,9 @@ def method_config(tiny_config, method: str, **layers):
     return load_config(None, base=data)
 
 
-def real_sites(names=("medical", "financial")) -> tuple[FakeGrid, list[client_app.SiteFiles]]:
-    """Sites that run the real ClientApp handlers on the bundled data."""
-    files = [client_app.SiteFiles(n, str(DATA_DIR / n / "train.jsonl"), str(DATA_DIR / n / "eval.jsonl")) for n in names]
+def real_sites(names=("medical", "financial"), ranks: dict[str, int] | None = None) -> tuple[FakeGrid, list[client_app.SiteFiles]]:
+    """Sites that run the real ClientApp handlers on the bundled data (``ranks``: a site's own LoRA rank)."""
+    files = [client_app.SiteFiles(n, str(DATA_DIR / n / "train.jsonl"), str(DATA_DIR / n / "eval.jsonl"), (ranks or {}).get(n)) for n in names]
 
     def site(i: int):
         ctx = Context(run_id=1, node_id=i + 1, node_config={"partition-id": i}, state=RecordDict(), run_config={})

@@ -1,0 +1,308 @@
+"""ftsim --baselines: does federation help? The table that tells a site whether joining is worth it.
+
+After the federation, with its compute and its seed, ftsim scores every site under four trainings:
+
+- **base**: no training. The federation's round 0: the base model with the method's initial
+  adapter, which is exactly the base model for every method but prompt and prefix tuning
+  (their initial virtual tokens already change the output).
+- **alone**: each site trains by itself on its own data. It runs the optimizer steps it ran in
+  the federation, round by round, with the same batches, learning-rate schedule and seeds:
+  :func:`fedtune.client.app.train_local`, the function a site trains with in the federation.
+  Only the averaging is missing: a site's round starts from its own previous round.
+- **pooled** (centralized): one trainer on all the sites' training data pooled, running in each
+  round the sum of the steps the sites ran in that round, so its compute equals the
+  federation's.
+- **federation**: the run itself, scored by its last round's evaluation.
+
+Equal compute is counted in optimizer steps of the same batch size, taken from what the
+federation actually ran (metrics.json's rounds: a run that stopped early, sampled sites, or lost
+a site's update counts only the steps that reached the global model). Every site's score is its
+validation split, scored as the sites score the global adapter each round
+(:func:`fedtune.common.evaluation.evaluate_examples` on the same split), in this process, on
+data ftsim already holds: nothing here leaves a site that would not in a deployment.
+
+The baselines train without the federation's update clipping, privacy noise or secure
+aggregation: those protect sites from each other, and a site alone or the pooled data (the
+thing federation exists to avoid) have nobody to be protected from.
+
+Each finished training is saved at once in ``baselines/results.json`` (with its adapter in
+``baselines/alone/<site>/`` or ``baselines/pooled/``), so a rerun of ``ftsim --resume DIR
+--baselines`` continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedtune.client import app as client_app
+from fedtune.common import methods, progress
+from fedtune.common.checkpoint import atomic_write_json, load_adapter_state, save_adapter, verify_checkpoint
+from fedtune.common.config import FedTuneConfig
+from fedtune.common.evaluation import evaluate_examples
+
+FOLDER = "baselines"
+RESULTS = "results.json"
+TRAININGS = ("base", "alone", "pooled", "federation")
+POOLED = "pooled"
+# The pooled trainer's data-order seed: not a possible site name (those have no spaces), so it
+# never repeats a site's.
+POOLED_SEED_NAME = "all sites pooled"
+
+
+class BaselineError(RuntimeError):
+    pass
+
+
+@dataclass
+class Plan:
+    """The federation's compute: site -> round -> the optimizer steps of each update that reached
+    the global model; ``ran``: site -> the steps it actually ran in all. With local early stopping
+    (train.local_patience) a round's budget is its planned steps, of which a site may run fewer:
+    the baselines get the same budget, and stop by the same rule."""
+
+    steps: dict[str, dict[int, int]]
+    ran: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rounds(self) -> list[int]:
+        return sorted({r for by_round in self.steps.values() for r in by_round})
+
+    def alone(self, site: str) -> list[tuple[int, int]]:
+        return sorted(self.steps.get(site, {}).items())
+
+    def pooled(self) -> list[tuple[int, int]]:
+        return [(r, sum(by_round.get(r, 0) for by_round in self.steps.values())) for r in self.rounds]
+
+    def total(self) -> int:
+        return sum(sum(by_round.values()) for by_round in self.steps.values())
+
+    def as_json(self) -> dict:
+        return {site: {str(r): n for r, n in sorted(by_round.items())} for site, by_round in sorted(self.steps.items())}
+
+
+def plan_of(rounds: list[dict]) -> Plan:
+    """The steps each site ran per round, from metrics.json's round records: updates that were
+    accepted (and, under secure aggregation, summed)."""
+    steps: dict[str, dict[int, int]] = {}
+    ran: dict[str, int] = {}
+    for r in rounds:
+        if int(r.get("round", 0)) < 1 or r.get("skipped"):
+            continue
+        for name, s in (r.get("sites") or {}).items():
+            if s.get("status") == "ok" and s.get("summed", True) and int(s.get("steps") or 0) > 0:
+                steps.setdefault(name, {})[int(r["round"])] = int(s.get("planned_steps") or s["steps"])
+                ran[name] = ran.get(name, 0) + int(s["steps"])
+    return Plan(steps, ran)
+
+
+def _score(res) -> dict:
+    return {"eval_loss": res.loss, **({"exact_match": res.exact_match} if res.exact_match is not None else {}), "eval_examples": res.examples}
+
+
+def _round_score(rec: dict) -> dict | None:
+    if rec.get("eval_loss") is None or not rec.get("eval_examples"):
+        return None
+    return {k: rec[k] for k in ("eval_loss", "exact_match", "eval_examples") if rec.get(k) is not None}
+
+
+def weighted_mean(scores: dict[str, dict | None]) -> dict:
+    """Example-weighted mean of each metric over the sites that have it (as the federated metric)."""
+    out = {}
+    for key in ("eval_loss", "exact_match"):
+        pairs = [(s[key], s["eval_examples"]) for s in scores.values() if s and s.get(key) is not None and s.get("eval_examples")]
+        if pairs:
+            out[key] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+    return out
+
+
+class _Progress:
+    """One line per trained round: a bar over all the baselines' steps, with an ETA."""
+
+    def __init__(self, total_steps: int, say: Callable[[str], None]):
+        self.total, self.done, self.say, self.t0 = total_steps, 0, say, time.time()
+
+    def round(self, what: str, rnd: int, n_rounds: int, stats) -> None:
+        self.done += stats.steps
+        self.say(
+            f"baselines | {what}: round {rnd}/{n_rounds}, {stats.steps} steps, loss {stats.loss_first:.3f} -> {stats.loss_last:.3f} "
+            f"{progress.bar(self.done / max(self.total, 1), time.time() - self.t0)}"
+        )
+
+
+def _train(cfg, rt, items, seed_name, plan: list[tuple[int, int]], start: dict, what: str, bar: _Progress, validation=None) -> int:
+    """Train from ``start`` through the planned (round, steps); -> optimizer steps run."""
+    methods.set_state(rt.model, start)
+    keys, n_layers = methods.trainable_capable(rt.model), methods.n_layers_of(rt.model)
+    ran = 0
+    for i, (rnd, steps) in enumerate(plan, 1):
+        methods.set_trainable(rt.model, methods.round_keys(keys, n_layers, cfg.layers, rnd))
+        stats = client_app.train_local(cfg, rt, items, client_app.site_seed(cfg, seed_name), rnd, steps=steps, validation=validation)
+        ran += stats.steps
+        bar.round(what, rnd, len(plan), stats)
+    return ran
+
+
+def _save(rt, cfg: FedTuneConfig, folder: Path) -> str | None:
+    """The training's adapter as a PEFT folder (adapter methods; full fine-tuning's whole model is not kept)."""
+    if not methods.is_peft(rt.model):
+        return None
+    save_adapter(folder, methods.get_state(rt.model), methods.saved_peft_config(rt.model, cfg.model.name), {methods.METHOD_FILE: methods.method_info(cfg)})
+    return str(folder)
+
+
+def run_baselines(cfg: FedTuneConfig, out: Path, rounds: list[dict], say: Callable[[str], None] = print, device: str | None = None) -> dict:
+    """Train and score the baselines for the finished run in ``out`` (its ``rounds`` records).
+    -> the ``baselines`` document that metrics.json keeps."""
+    plan = plan_of(rounds)
+    if plan.total() == 0:
+        raise BaselineError("the federation ran no training steps that reached the global adapter: there is nothing to compare with")
+    start_dir = out / "checkpoints" / "round-0000"
+    why = verify_checkpoint(start_dir)
+    if why is not None:
+        raise BaselineError(f"{start_dir}: the run's starting adapter is needed for the baselines and does not verify: {why}")
+    start = load_adapter_state(start_dir)
+    folder = out / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    results_path = folder / RESULTS
+    done = _finished(results_path, plan)
+    sites = client_app.sites_from_config(cfg)
+    names = [s.name for s in sites]
+    alone_todo = [s.name for s in sites if s.name not in done.get("alone", {})]
+    n_todo = len(alone_todo) + (POOLED not in done)
+    remaining = sum(n for name in alone_todo for _, n in plan.alone(name)) + (plan.total() if POOLED not in done else 0)
+    say(
+        f"baselines: each site alone and all data pooled, at the federation's compute ({plan.total()} optimizer steps of "
+        f"{cfg.train.batch_size * cfg.train.grad_accum} examples over {len(plan.rounds)} round(s)); "
+        + (f"{len(sites) + 1 - n_todo} of {len(sites) + 1} trainings already done, " if n_todo < len(sites) + 1 else "")
+        + f"{remaining} steps to go"
+    )
+    bar = _Progress(remaining, say)
+
+    def record() -> None:
+        atomic_write_json(results_path, {"plan": plan.as_json(), **done})
+
+    # Each site alone, at its own LoRA rank when it has one (as it trains in the federation).
+    for site in sites:
+        if site.name in done.setdefault("alone", {}):
+            continue
+        rt, st, site_start = client_app.site_model(cfg, site, start, device)
+        if st.problem:
+            done["alone"][site.name] = {"steps": 0, "problem": st.problem}
+        else:
+            t = time.time()
+            ran = _train(cfg, rt, st.train_items, site.name, plan.alone(site.name), site_start, f"{site.name} alone", bar, st.eval_examples)
+            score = _score(evaluate_examples(rt.model, rt.tokenizer, st.eval_examples, cfg.data, cfg.eval, rt.device)) if st.eval_examples else None
+            done["alone"][site.name] = {"steps": ran, "score": score, "adapter": _save(rt, cfg, folder / "alone" / site.name), "seconds": round(time.time() - t, 1)}
+        record()
+    # All data pooled: the run's rank, every site's training examples, the federation's total steps.
+    if POOLED not in done:
+        t = time.time()
+        rt = client_app.runtime(cfg, device)
+        states = {s.name: client_app.site_state(client_app.SiteFiles(s.name, s.train, s.eval), cfg, rt) for s in sites}
+        items = [it for st in states.values() if not st.problem for it in st.train_items]
+        # Round-robin over the sites, so the first eval.max_examples a check uses cover every site.
+        splits = [st.eval_examples for st in states.values() if not st.problem]
+        validation = [split[i] for i in range(max(map(len, splits), default=0)) for split in splits if i < len(split)]
+        ran = _train(cfg, rt, items, POOLED_SEED_NAME, plan.pooled(), start, "all data pooled", bar, validation)
+        scores = {
+            name: _score(evaluate_examples(rt.model, rt.tokenizer, st.eval_examples, cfg.data, cfg.eval, rt.device)) if st.eval_examples and not st.problem else None
+            for name, st in states.items()
+        }
+        done[POOLED] = {"steps": ran, "examples": len(items), "scores": scores, "adapter": _save(rt, cfg, folder / POOLED), "seconds": round(time.time() - t, 1)}
+        record()
+    return baselines_doc(cfg, plan, rounds, done, names)
+
+
+def _finished(path: Path, plan: Plan) -> dict:
+    """Trainings a previous ``--baselines`` finished for this same federation (else none)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if doc.get("plan") != plan.as_json():  # the federation has changed since (e.g. resumed for more rounds)
+        return {}
+    return {k: v for k, v in doc.items() if k in ("alone", POOLED)}
+
+
+def baselines_doc(cfg: FedTuneConfig, plan: Plan, rounds: list[dict], done: dict, names: list[str]) -> dict:
+    """metrics.json's ``baselines``: each site's score under each training, their example-weighted
+    means, and the optimizer steps each training ran."""
+    first = (rounds[0].get("sites") or {}) if rounds and rounds[0].get("round") == 0 else {}
+    last = next((r.get("sites") or {} for r in reversed(rounds) if int(r.get("round", 0)) > 0 and not r.get("skipped")), {})
+    alone, pooled = done.get("alone", {}), done.get(POOLED, {})
+    sites = {
+        name: {
+            "base": _round_score(first.get(name, {})),
+            "alone": (alone.get(name) or {}).get("score"),
+            "pooled": (pooled.get("scores") or {}).get(name),
+            "federation": _round_score(last.get(name, {})),
+        }
+        for name in names
+    }
+    fed_steps = {name: plan.ran.get(name, 0) for name in names}
+    return {
+        "compute": (
+            "optimizer steps of train.batch_size x train.grad_accum examples: each site alone has the steps it had in the "
+            "federation, round by round; the pooled run, the sum of all sites' steps each round (budget: the steps planned; "
+            "federation, alone, pooled: the steps run, fewer than planned only where local early stopping ended a round)"
+        ),
+        "examples_per_step": cfg.train.batch_size * cfg.train.grad_accum,
+        "steps": {
+            "budget": plan.total(),
+            "federation": {**fed_steps, "total": sum(fed_steps.values())},
+            "alone": {name: (alone.get(name) or {}).get("steps", 0) for name in names},
+            "pooled": pooled.get("steps", 0),
+        },
+        "sites": sites,
+        "mean": {t: weighted_mean({n: sites[n][t] for n in names}) for t in TRAININGS},
+        "adapters": {**{n: a["adapter"] for n, a in alone.items() if a.get("adapter")}, **({POOLED: pooled["adapter"]} if pooled.get("adapter") else {})},
+        "seconds": {**{n: a.get("seconds") for n, a in alone.items()}, POOLED: pooled.get("seconds")},
+    }
+
+
+def summary_lines(doc: dict) -> list[str]:
+    """The table for the console: each site's eval loss (and exact match) under each training."""
+    em = any(s.get(t) and s[t].get("exact_match") is not None for s in doc["sites"].values() for t in TRAININGS)
+    w = max(6, *(len(n) + 2 for n in doc["sites"]))
+    head = f"{'site':<{w}}" + "".join(f"{t:>16}" for t in TRAININGS)
+
+    def cell(s: dict | None) -> str:
+        if not s:
+            return f"{'–':>16}"
+        text = f"{s['eval_loss']:.3f}" + (f" / {s['exact_match']:.2f}" if em and s.get("exact_match") is not None else "")
+        return f"{text:>16}"
+
+    rows = [f"{name:<{w}}" + "".join(cell(s.get(t)) for t in TRAININGS) for name, s in doc["sites"].items()]
+    rows.append(f"{'mean':<{w}}" + "".join(cell(doc["mean"].get(t)) for t in TRAININGS))
+    gains = [
+        (name, s["federation"]["eval_loss"] - s["alone"]["eval_loss"]) for name, s in doc["sites"].items() if s.get("alone") and s.get("federation")
+    ]
+    verdict = (
+        [
+            f"the federation against each site alone, eval loss: {', '.join(f'{n} {d:+.3f}' for n, d in gains)} "
+            f"(negative: joining helped); better at {sum(d < 0 for _, d in gains)} of {len(gains)} site(s)"
+        ]
+        if gains
+        else []
+    )
+    return [f"eval loss{' / exact match' if em else ''} per site (lower / higher is better):", head, *rows, *verdict]
+
+
+def add_baselines(cfg: FedTuneConfig, out: Path, say: Callable[[str], None] = print) -> dict:
+    """Run the baselines for the finished run in ``out``, put them in its metrics.json under
+    ``baselines`` and rewrite its report (the table and baselines.png). -> the metrics document."""
+    from fedtune.server.report import write_report
+
+    doc = json.loads((out / "metrics.json").read_text())
+    t = time.time()
+    doc["baselines"] = run_baselines(cfg, out, doc["rounds"], say, None if cfg.model.device == "auto" else cfg.model.device)
+    atomic_write_json(out / "metrics.json", doc)
+    write_report(out, doc, plots=cfg.output.plots)
+    say(f"baselines done in {progress.duration(time.time() - t)}")
+    for line in summary_lines(doc["baselines"]):
+        say(line)
+    return doc

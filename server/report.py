@@ -197,6 +197,14 @@ def _baselines_section(doc: dict, plots: list[str]) -> list[str]:
             else ""
         ),
     ]
+    scored = {n: {t: (row.get(t) or {}).get("eval_loss") for t, _, _ in BASELINES} for n, row in b["sites"].items()}
+    both = [v for v in scored.values() if v["alone"] is not None and v["federation"] is not None]
+    if both:
+        full = [v for v in scored.values() if all(x is not None for x in v.values())]
+        out.append(
+            f"- eval loss: the federation did better than the site alone at {sum(v['federation'] < v['alone'] for v in both)} of {len(both)} site(s)"
+            + (f"; all data pooled did best of the four at {sum(min(v, key=v.get) == 'pooled' for v in full)} of {len(full)}" if full else "")
+        )
     for key in _baseline_metrics(doc):
         loss = key == "eval_loss"
         spec = ".3f" if loss else ".2f"

@@ -99,7 +99,11 @@ def plan_of(rounds: list[dict]) -> Plan:
     return Plan(steps, ran)
 
 
-def _score(res) -> dict:
+def _score(cfg: FedTuneConfig, rt, examples: list) -> dict | None:
+    """``examples`` scored as a site scores the global adapter each round (client.app.handle_evaluate)."""
+    if not examples:
+        return None
+    res = evaluate_examples(rt.model, rt.tokenizer, examples, cfg.data, cfg.eval, rt.device)
     return {"eval_loss": res.loss, **({"exact_match": res.exact_match} if res.exact_match is not None else {}), "eval_examples": res.examples}
 
 
@@ -125,10 +129,11 @@ class _Progress:
     def __init__(self, total_steps: int, say: Callable[[str], None]):
         self.total, self.done, self.say, self.t0 = total_steps, 0, say, time.time()
 
-    def round(self, what: str, rnd: int, n_rounds: int, stats) -> None:
-        self.done += stats.steps
+    def round(self, what: str, i: int, n_rounds: int, stats) -> None:
+        self.done += stats.planned_steps  # the budget: a round that stopped early is done all the same
+        ran = f"{stats.steps} steps" if stats.steps == stats.planned_steps else f"{stats.steps} of {stats.planned_steps} steps (stopped early)"
         self.say(
-            f"baselines | {what}: round {rnd}/{n_rounds}, {stats.steps} steps, loss {stats.loss_first:.3f} -> {stats.loss_last:.3f} "
+            f"baselines | {what}: round {i}/{n_rounds}, {ran}, loss {stats.loss_first:.3f} -> {stats.loss_last:.3f} "
             f"{progress.bar(self.done / max(self.total, 1), time.time() - self.t0)}"
         )
 
@@ -142,7 +147,7 @@ def _train(cfg, rt, items, seed_name, plan: list[tuple[int, int]], start: dict, 
         methods.set_trainable(rt.model, methods.round_keys(keys, n_layers, cfg.layers, rnd))
         stats = client_app.train_local(cfg, rt, items, client_app.site_seed(cfg, seed_name), rnd, steps=steps, validation=validation)
         ran += stats.steps
-        bar.round(what, rnd, len(plan), stats)
+        bar.round(what, i, len(plan), stats)
     return ran
 
 
@@ -195,8 +200,7 @@ def run_baselines(cfg: FedTuneConfig, out: Path, rounds: list[dict], say: Callab
         else:
             t = time.time()
             ran = _train(cfg, rt, st.train_items, site.name, plan.alone(site.name), site_start, f"{site.name} alone", bar, st.eval_examples)
-            score = _score(evaluate_examples(rt.model, rt.tokenizer, st.eval_examples, cfg.data, cfg.eval, rt.device)) if st.eval_examples else None
-            done["alone"][site.name] = {"steps": ran, "score": score, "adapter": _save(rt, cfg, folder / "alone" / site.name), "seconds": round(time.time() - t, 1)}
+            done["alone"][site.name] = {"steps": ran, "score": _score(cfg, rt, st.eval_examples), "adapter": _save(rt, cfg, folder / "alone" / site.name), "seconds": round(time.time() - t, 1)}
         record()
     # All data pooled: the run's rank, every site's training examples, the federation's total steps.
     if POOLED not in done:
@@ -208,10 +212,7 @@ def run_baselines(cfg: FedTuneConfig, out: Path, rounds: list[dict], say: Callab
         splits = [st.eval_examples for st in states.values() if not st.problem]
         validation = [split[i] for i in range(max(map(len, splits), default=0)) for split in splits if i < len(split)]
         ran = _train(cfg, rt, items, POOLED_SEED_NAME, plan.pooled(), start, "all data pooled", bar, validation)
-        scores = {
-            name: _score(evaluate_examples(rt.model, rt.tokenizer, st.eval_examples, cfg.data, cfg.eval, rt.device)) if st.eval_examples and not st.problem else None
-            for name, st in states.items()
-        }
+        scores = {name: None if st.problem else _score(cfg, rt, st.eval_examples) for name, st in states.items()}
         done[POOLED] = {"steps": ran, "examples": len(items), "scores": scores, "adapter": _save(rt, cfg, folder / POOLED), "seconds": round(time.time() - t, 1)}
         record()
     return baselines_doc(cfg, plan, rounds, done, names)

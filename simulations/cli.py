@@ -4,6 +4,7 @@
     ftsim --site NAME=TRAIN[:EVAL] ...      # your own sites
     ftsim --data FILE ... --partition dirichlet:0.3 --sites 4   # one dataset split into virtual sites
     ftsim --config run.yaml --rounds 5 --set train.lr=1e-4
+    ftsim --baselines                       # then each site alone and all data pooled, at equal compute
 
 Flags override the config file, which overrides the defaults. The run's outputs go to
 ``--out`` (default ``ftsim-runs/<time>``): ``adapter/``, ``checkpoints/``, ``metrics.json``,

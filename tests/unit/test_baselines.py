@@ -156,6 +156,8 @@ def test_the_report_shows_the_baselines_table_and_plot(federated_run):
     better = "better" if fed < 2.0 else "worse"
     assert f"| medical | {rs.rounds[0]['sites']['medical']['eval_loss']:.3f} | 2.000 | 1.500 | {fed:.3f} | {fed - 2.0:+.3f} ({better}) |" in md
     assert "| financial |" in md and "| – | 1.000 |" in md  # financial alone has no score
+    # The verdict counts only sites scored under both (financial alone has no score).
+    assert f"- eval loss: the federation did better than the site alone at {int(fed < 2.0)} of 1 site(s); all data pooled did best of the four at 1 of 1" in md
     html = (out / "report.html").read_text()
     assert (out / "baselines.png").stat().st_size > 1000
     assert html.count("data:image/png;base64,") == md.count("](") and 'alt="baselines.png"' in html

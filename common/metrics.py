@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 
 def mean_loss(total_nll: float, n_tokens: int) -> float:
@@ -45,3 +45,15 @@ def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     pairs = [(v, w) for v, w in zip(values, weights) if w > 0 and math.isfinite(v)]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total > 0 else float("nan")
+
+
+def weighted_scores(scores: Iterable[Mapping | None], keys: Sequence[str] = ("eval_loss", "exact_match")) -> dict[str, float]:
+    """The federated metrics: each key's mean over the sites' scores that have it (finite), weighted
+    by their ``eval_examples``; a key no site has is left out."""
+    scores = [s for s in scores if s and s.get("eval_examples")]
+    out = {}
+    for key in keys:
+        pairs = [(s[key], s["eval_examples"]) for s in scores if s.get(key) is not None and math.isfinite(s[key])]
+        if pairs:
+            out[key] = weighted_mean([v for v, _ in pairs], [n for _, n in pairs])
+    return out

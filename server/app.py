@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.common import adapters, methods, privacy, progress
 from fedtune.common.checkpoint import atomic_write_json, load_adapter_state, load_arrays, save_adapter, verify_checkpoint
 from fedtune.common.config import MIXED_RANK_METHODS, FedTuneConfig
-from fedtune.common.metrics import weighted_mean
+from fedtune.common.metrics import weighted_scores
 from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TRAINABLE_KEY
 
 from .aggregation import (
@@ -270,13 +270,7 @@ def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Pr
 
     exchange(grid, nodes, content, MessageType.EVALUATE, rs.cfg.federation.round_timeout_s, absorb)
     ok = {k: v for k, v in results.items() if "eval_loss" in v and v["eval_examples"] > 0}
-    agg = {}
-    if ok:
-        w = [v["eval_examples"] for v in ok.values()]
-        agg["eval_loss"] = weighted_mean([v["eval_loss"] if v["eval_loss"] is not None else float("nan") for v in ok.values()], w)
-        ems = [(v["exact_match"], v["eval_examples"]) for v in ok.values() if v["exact_match"] is not None]
-        if ems:
-            agg["exact_match"] = weighted_mean([e for e, _ in ems], [n for _, n in ems])
+    agg = weighted_scores(ok.values())
     summary = "  ".join(
         f"{n}: loss {v['eval_loss']:.3f}" + (f" EM {v['exact_match']:.2f}" if v.get("exact_match") is not None else "")
         for n, v in sorted(ok.items())

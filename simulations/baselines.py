@@ -43,6 +43,7 @@ from fedtune.common import methods, progress
 from fedtune.common.checkpoint import atomic_write_json, load_adapter_state, save_adapter, verify_checkpoint
 from fedtune.common.config import FedTuneConfig
 from fedtune.common.evaluation import evaluate_examples
+from fedtune.common.metrics import weighted_scores
 
 FOLDER = "baselines"
 RESULTS = "results.json"
@@ -111,16 +112,6 @@ def _round_score(rec: dict) -> dict | None:
     if rec.get("eval_loss") is None or not rec.get("eval_examples"):
         return None
     return {k: rec[k] for k in ("eval_loss", "exact_match", "eval_examples") if rec.get(k) is not None}
-
-
-def weighted_mean(scores: dict[str, dict | None]) -> dict:
-    """Example-weighted mean of each metric over the sites that have it (as the federated metric)."""
-    out = {}
-    for key in ("eval_loss", "exact_match"):
-        pairs = [(s[key], s["eval_examples"]) for s in scores.values() if s and s.get(key) is not None and s.get("eval_examples")]
-        if pairs:
-            out[key] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
-    return out
 
 
 class _Progress:
@@ -259,7 +250,7 @@ def baselines_doc(cfg: FedTuneConfig, plan: Plan, rounds: list[dict], done: dict
             "pooled": pooled.get("steps", 0),
         },
         "sites": sites,
-        "mean": {t: weighted_mean({n: sites[n][t] for n in names}) for t in TRAININGS},
+        "mean": {t: weighted_scores(sites[n][t] for n in names) for t in TRAININGS},
         "adapters": {**{n: a["adapter"] for n, a in alone.items() if a.get("adapter")}, **({POOLED: pooled["adapter"]} if pooled.get("adapter") else {})},
         "seconds": {**{n: a.get("seconds") for n, a in alone.items()}, POOLED: pooled.get("seconds")},
     }

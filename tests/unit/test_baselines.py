@@ -16,6 +16,7 @@ from fedtune.common import methods
 from fedtune.common.checkpoint import load_adapter_state
 from fedtune.common.config import load_config
 from fedtune.common.evaluation import evaluate_examples
+from fedtune.common.metrics import weighted_scores
 from fedtune.server import app as server
 from fedtune.server.report import write_report
 from fedtune.simulations import baselines
@@ -46,7 +47,7 @@ def test_the_plan_counts_only_the_steps_that_reached_the_global_adapter():
 
 
 def test_scores_are_weighted_by_examples():
-    mean = baselines.weighted_mean({"a": {"eval_loss": 1.0, "exact_match": 0.5, "eval_examples": 3}, "b": {"eval_loss": 3.0, "eval_examples": 1}, "c": None})
+    mean = weighted_scores([{"eval_loss": 1.0, "exact_match": 0.5, "eval_examples": 3}, {"eval_loss": 3.0, "eval_examples": 1}, None])
     assert mean == {"eval_loss": 1.5, "exact_match": 0.5}
 
 

@@ -272,7 +272,7 @@ def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Pr
     ok = {k: v for k, v in results.items() if "eval_loss" in v and v["eval_examples"] > 0}
     agg = weighted_scores(ok.values())
     summary = "  ".join(
-        f"{n}: loss {v['eval_loss']:.3f}" + (f" EM {v['exact_match']:.2f}" if v.get("exact_match") is not None else "")
+        f"{n}: loss {_fmt(v['eval_loss'])}" + (f" EM {v['exact_match']:.2f}" if v.get("exact_match") is not None else "")
         for n, v in sorted(ok.items())
     )
     say(f"round {rnd} eval  | {summary}" if summary else f"round {rnd} eval  | no site evaluated")

@@ -331,3 +331,13 @@ def test_a_sites_local_early_stop_is_recorded_and_shown(tiny_config, tmp_path):
     assert alpha["local_stop"] == {"stopped_at": 6, "best_step": 4, "val_start": 2.5, "val_best": 1.25}
     assert "local_stop" not in beta and "planned_steps" not in beta
     assert any("alpha" in s and "in 6 of 10 steps (stopped early; kept step 4)" in s for s in said)
+
+
+def test_a_site_reporting_a_nan_eval_loss_does_not_stop_the_round(tiny_config, tmp_path):
+    """A site whose model diverged reports eval loss NaN: it is shown as '?' and left out of the
+    federated mean, which the other site's loss makes."""
+    rs = run_state(tiny_config, tmp_path, min_sites=1, round_timeout_s=5)
+    said: list[str] = []
+    ev = server.run_evaluation(FakeGrid({1: trainer("alpha", math.nan), 2: trainer("beta", 1.0)}), [1, 2], rs, 1, said.append)
+    assert ev["sites"]["alpha"]["eval_loss"] is None and ev["aggregate"] == {"eval_loss": 2.0}
+    assert any("alpha: loss ?" in s and "beta: loss 2.000" in s for s in said)

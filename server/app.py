@@ -106,6 +106,10 @@ class RunState:
                 raise ValueError("the run had no privacy accountant; differential privacy cannot be turned on in the middle of a run")
             self.accountant = privacy.Accountant.restore(doc["privacy"])
 
+    def layer_of(self, key: str) -> int:
+        """The layer a state tensor belongs to (-1: embeddings, n_layers: above the top layer)."""
+        return methods.position(key, self.n_layers)
+
     def progress(self, rnd: int, done: int, of: int) -> str:
         """A bar over the run's training rounds with an ETA, ``done`` of ``of`` sites into round
         ``rnd``: the time per round so far (training and evaluation) times what is left."""
@@ -423,7 +427,7 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             )
         update = mean.result() if cfg.federation.aggregator == "mean" else robust_aggregate(kept, cfg.federation.aggregator, cfg.federation.trim_fraction)
         if measured:
-            for (name, _, _, _), align in zip(measured, site_alignment([a for _, a, _, _ in measured], update, lambda k: methods.position(k, rs.n_layers))):
+            for (name, _, _, _), align in zip(measured, site_alignment([a for _, a, _, _ in measured], update, rs.layer_of)):
                 sites[name].update(align)
             if ranked:
                 record.update(
@@ -449,7 +453,7 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
         }
     before = rs.global_state
     rs.global_state = rs.optimizer.step(rs.global_state, update)
-    record["layer_change"] = change_by_layer(before, rs.global_state, lambda k: methods.position(k, rs.n_layers))
+    record["layer_change"] = change_by_layer(before, rs.global_state, rs.layer_of)
     return {
         "sites": sites,
         "rejected": rejected,

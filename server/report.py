@@ -270,12 +270,18 @@ def _layer_label(label: str, n_layers: int | None) -> str:
     return "embeddings" if i < 0 else "head/other" if n_layers is not None and i >= n_layers else f"layer {i}"
 
 
-def _layer_matrix(doc: dict) -> tuple[list[str], list[int], list[list[float]]]:
-    """-> (layer labels bottom-up, rounds, norm[layer][round]) from each round's layer_change."""
-    rounds = [r for r in doc["rounds"] if r.get("layer_change")]
-    keys = sorted({k for r in rounds for k in r["layer_change"]}, key=int)
+def _layer_grid(doc: dict, values_of, missing: float) -> tuple[list[str], list[int], list[list[float]]]:
+    """-> (layer labels bottom-up, rounds, value[layer][round]) over the rounds for which
+    ``values_of(round record)`` gives a {layer: value} mapping; ``missing`` where it has no value."""
+    rounds = [(r["round"], v) for r in doc["rounds"] if (v := values_of(r))]
+    keys = sorted({k for _, v in rounds for k in v}, key=int)
     labels = [_layer_label(k, doc.get("n_layers") or None) for k in keys]
-    return labels, [r["round"] for r in rounds], [[r["layer_change"].get(k, 0.0) for r in rounds] for k in keys]
+    return labels, [rnd for rnd, _ in rounds], [[missing if v.get(k) is None else v[k] for _, v in rounds] for k in keys]
+
+
+def _layer_matrix(doc: dict) -> tuple[list[str], list[int], list[list[float]]]:
+    """The norm of the global change per layer and round (each round's layer_change)."""
+    return _layer_grid(doc, lambda r: r.get("layer_change"), 0.0)
 
 
 def _site_layer_cosines(doc: dict) -> dict[str, tuple[list[str], list[int], list[list[float]]]]:
@@ -283,15 +289,14 @@ def _site_layer_cosines(doc: dict) -> dict[str, tuple[list[str], list[int], list
     rounds whose records hold the site's per-layer pull (``by_layer``)."""
     out = {}
     for name in site_names(doc):
-        rounds = [r for r in doc["rounds"] if (r.get("sites", {}).get(name) or {}).get("by_layer")]
-        if not rounds:
-            continue
-        keys = sorted({k for r in rounds for k in r["sites"][name]["by_layer"]}, key=int)
-        grid = [
-            [c if (c := r["sites"][name]["by_layer"].get(k, {}).get("cosine_to_aggregate")) is not None else math.nan for r in rounds]
-            for k in keys
-        ]
-        out[name] = ([_layer_label(k, doc.get("n_layers") or None) for k in keys], [r["round"] for r in rounds], grid)
+
+        def cosines(r: dict, name=name) -> dict | None:
+            by_layer = (r.get("sites", {}).get(name) or {}).get("by_layer")
+            return {k: v.get("cosine_to_aggregate") for k, v in by_layer.items()} if by_layer else None
+
+        labels, rounds, grid = _layer_grid(doc, cosines, math.nan)
+        if rounds:
+            out[name] = (labels, rounds, grid)
     return out
 
 

@@ -340,6 +340,18 @@ class FederationConfig(_Strict):
     max_examples_per_update: int = Field(
         10_000_000, ge=1, le=2**31 - 1, description="An update claiming more examples than this is rejected."
     )
+    weighting: Literal["examples", "equal"] = Field(
+        "examples",
+        description="A site's weight in the mean: its example count (capped by weight_cap), or the same for every site.",
+    )
+    weight_cap: float | None = Field(
+        3.0,
+        ge=1.0,
+        le=1e6,
+        description="No site weighs more than weight_cap x the median example count of the round's sites, whatever it claims "
+        "(null: no relative cap; max_examples_per_update and secure_aggregation.max_weight still bound it). Under secure "
+        "aggregation the cap is applied by each site before masking and the weight travels inside the masked vector.",
+    )
     sites: list[SiteConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

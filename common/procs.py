@@ -62,6 +62,41 @@ def spawn(cmd: list[str], log_path: Path | None = None, env: dict[str, str] | No
             out.close()
 
 
+def spawn_capped(
+    cmd: list[str], log_path: Path, max_bytes: int = 10 << 20, backups: int = 2, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen:
+    """:func:`spawn`, but the child's output reaches ``log_path`` through a pipe and a thread
+    that rotates the file at ``max_bytes`` (``log_path.1`` .. ``.{backups}`` keep the older
+    output), so a long-lived child's log stays bounded however long the run."""
+    proc = spawn(cmd, None, env=env, cwd=cwd)
+    threading.Thread(target=_pump, args=(proc.stdout, Path(log_path), max_bytes, backups), daemon=True).start()
+    return proc
+
+
+def _pump(stream, path: Path, max_bytes: int, backups: int) -> None:
+    out = open(path, "ab")  # noqa: SIM115 - rotated below
+    size = out.tell()
+    try:
+        for line in iter(lambda: stream.readline(65536), b""):
+            if size + len(line) > max_bytes and size:
+                out.close()
+                for i in range(backups, 0, -1):
+                    src = path if i == 1 else path.with_name(f"{path.name}.{i - 1}")
+                    if src.exists():
+                        os.replace(src, path.with_name(f"{path.name}.{i}"))
+                if backups == 0:
+                    path.unlink(missing_ok=True)
+                out, size = open(path, "ab"), 0  # noqa: SIM115
+            out.write(line)
+            out.flush()
+            size += len(line)
+    except (OSError, ValueError):
+        pass
+    finally:
+        out.close()
+        stream.close()
+
+
 def stop(proc: subprocess.Popen | None, timeout: float = 15.0, sig: int = signal.SIGTERM) -> int | None:
     """Signal the child's whole process group, wait, then SIGKILL what is left. -> exit code."""
     if proc is None:

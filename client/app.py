@@ -26,7 +26,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -38,7 +38,7 @@ from fedtune.common.data import DataError, Example, load_site_data, split_exampl
 from fedtune.common.evaluation import answer_nll, evaluate_examples
 from fedtune.common.metrics import mean_loss
 from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TRAINABLE_KEY
-from fedtune.common.secagg import SecAggError
+from fedtune.common.secagg import SecAggError, load_identity
 from fedtune.common.secagg import protocol as secagg
 
 from . import secure
@@ -53,6 +53,8 @@ class SiteFiles:
     train: str
     eval: str | None = None
     rank: int | None = None  # this site's LoRA rank when below the run's (mixed ranks)
+    # Secure aggregation: this site's signing key (PEM; ftsim makes one per virtual site). Never sent.
+    key: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -345,7 +347,9 @@ def handle_train(
         try:
             reference = {k: full_global[k] for k in trainable}
             flat = secure.flatten_update(methods.pad_rank(delta, {k: v.shape for k, v in reference.items()}), reference)
-            weight = 1 if cfg.privacy.enabled else len(st.train_items)  # under DP every site weighs the same
+            # Under DP and federation.weighting "equal" every site weighs the same; else its
+            # example count, which masked_input caps at the round's weight cap.
+            weight = 1 if cfg.privacy.enabled or cfg.federation.weighting == "equal" else len(st.train_items)
             y, extra = secure.masked_input(context, sa, flat, weight, site_seed(cfg, site.name) + server_round)
         except SecAggError as e:
             secure.forget(context)  # a site that refuses is out of this round
@@ -359,17 +363,42 @@ def handle_train(
     return _reply(msg, site, "ok", metrics, update)
 
 
-def handle_secure_stage(msg: Message, context: Context, sites: list[SiteFiles] | None) -> Message:
-    """The stages of a secure round around training (key advertisement, key sharing,
-    unmasking): no model needed. The masked upload is the TRAIN reply (:func:`handle_train`)."""
+def _example_count(msg: Message, site: SiteFiles, device: str | None) -> int | None:
+    """What a site reports at key advertisement: its example count when the run weights sites by
+    examples (and has no DP), else None. SiteRefusal when it has nothing to train on."""
+    cfg = FedTuneConfig.from_json(str(msg.content["config"][CONFIG_KEY]))
+    if cfg.privacy.enabled or cfg.federation.weighting == "equal":
+        return None
+    _, st, _ = site_model(cfg, site, {}, device)  # the data as training will see it (cached)
+    if st.problem:
+        raise SiteRefusal(st.problem)
+    return len(st.train_items)
+
+
+def handle_secure_stage(
+    msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None, identity: secure.Identity | None = None
+) -> Message:
+    """The stages of a secure round around training (key advertisement, key sharing, the
+    consistency check, unmasking). The masked upload is the TRAIN reply (:func:`handle_train`).
+    ``identity``: the site's signing key (ftclient's site key); else the site table's (ftsim),
+    else one made for the run."""
     site = resolve_site(context, sites)
+    if identity is None and site.key is not None:
+        identity = secure.Identity(load_identity(site.key))
     kind = msg.metadata.message_type
     sa = msg.content[secagg.RECORD]
     try:
         if kind == secagg.ADVERTISE:
-            return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.advertise(context, sa)})
+            try:
+                examples = _example_count(msg, site, device) if "config" in msg.content else None
+            except SiteRefusal as e:
+                secure.forget(context)
+                return _reply(msg, site, "refused", {}, reason=str(e))
+            return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.advertise(context, sa, identity, examples)})
         if kind == secagg.SHARE_KEYS:
-            return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.share_keys(context, sa)})
+            return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.share_keys(context, sa, identity)})
+        if kind == secagg.CONSISTENCY:
+            return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.consistency(context, sa, identity)})
         if kind == secagg.UNMASK:
             return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.unmask(context, sa)})
     except SecAggError as e:  # the site has forgotten the round
@@ -401,15 +430,18 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteFiles] | Non
     return _reply(msg, site, "ok", metrics)
 
 
-def handle(msg: Message, context: Context, arrived: float, received: float, device: str | None = None) -> Message:
-    """One task for the resident executor (:mod:`fedtune.client.worker`), by message type."""
+def handle(
+    msg: Message, context: Context, arrived: float, received: float, device: str | None = None, identity: secure.Identity | None = None
+) -> Message:
+    """One task for the resident executor (:mod:`fedtune.client.worker`), by message type.
+    ``identity``: the site's signing key for secure aggregation (ftclient --key)."""
     kind = msg.metadata.message_type
     if kind == MessageType.TRAIN:
         return handle_train(msg, context, None, device, arrived=arrived, received=received)
     if kind == MessageType.EVALUATE:
         return handle_evaluate(msg, context, None, device)
     if kind in secagg.STAGES:
-        return handle_secure_stage(msg, context, None)
+        return handle_secure_stage(msg, context, None, device, identity)
     raise ValueError(f"this site does not handle {kind!r} messages")
 
 
@@ -425,7 +457,7 @@ def make_client_app(sites: list[SiteFiles] | None = None, device: str | None = N
         return handle_evaluate(msg, context, sites, device)
 
     for stage in secagg.STAGES:
-        app.train(stage.split(".", 1)[1])(lambda msg, context: handle_secure_stage(msg, context, sites))
+        app.train(stage.split(".", 1)[1])(lambda msg, context: handle_secure_stage(msg, context, sites, device))
 
     return app
 

@@ -75,6 +75,7 @@ class RunState:
     accountant: privacy.Accountant | None = None
     stopped: str | None = None
     forgetting: dict = field(default_factory=dict)  # general knowledge: {"base": ..., "final": ...}
+    site_keys: frozenset | None = None  # secure aggregation: the registered sites' identity keys (SEC1 P-384), if known
     first_round: int = 1  # where this process started training (after a resume, later)
     first_round_at: float | None = None
 
@@ -397,7 +398,7 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
 
     record: dict = {}
     if secure:
-        out = secure_mean(grid, nodes, content, cfg, rnd, n_values, absorb, rs.node_names, say)
+        out = secure_mean(grid, nodes, content, cfg, rnd, n_values, absorb, rs.node_names, say, site_keys=rs.site_keys)
         update = unflatten(out.mean, spec)
         for name, info in sites.items():
             if info.get("status") == "ok":
@@ -591,7 +592,9 @@ def resume_point(out: Path, say: Printer) -> ResumePoint:
     raise FederationError(f"{out}: no verified checkpoint to resume from")
 
 
-def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = print, resume: bool = False) -> RunState:
+def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = print, resume: bool = False, site_keys=None) -> RunState:
+    """``site_keys``: the registered sites' identity keys (SEC1 P-384 bytes) that secure
+    aggregation publishes to the sites; None: the keys the sites present."""
     out.mkdir(parents=True, exist_ok=True)
     say("preparing the initial adapter ...")
     init = initial_adapter(cfg)
@@ -607,6 +610,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         rng=np.random.default_rng(cfg.train.seed),
         optimizer=ServerOptimizer.from_config(cfg.federation),
         accountant=privacy.Accountant(cfg.privacy.delta) if cfg.privacy.enabled else None,
+        site_keys=None if site_keys is None else frozenset(site_keys),
     )
     if cfg.output.tensorboard:
         from .events import EventWriter
@@ -715,13 +719,15 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
     return rs
 
 
-def make_server_app(cfg: FedTuneConfig, out: Path, say: Printer = print, result: list | None = None, resume: bool = False) -> ServerApp:
+def make_server_app(
+    cfg: FedTuneConfig, out: Path, say: Printer = print, result: list | None = None, resume: bool = False, site_keys=None
+) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            rs = run_federation(grid, cfg, out, say, resume=resume)
+            rs = run_federation(grid, cfg, out, say, resume=resume, site_keys=site_keys)
         except FederationError as e:
             say(f"FAILED: {e}")
             if result is not None:

@@ -1,35 +1,46 @@
-"""Secure aggregation (SecAgg+, Bell et al. 2020 on Bonawitz et al. 2017): primitives and an
-in-memory reference of one round (the message flow in ftsim and deployment follows it step by step).
+"""Secure aggregation (SecAgg+, Bell et al. 2020 on Bonawitz et al. 2017, active-adversary
+variant): primitives and an in-memory reference of one round's secret sharing and masking (the
+message layer, :mod:`.protocol`, adds signed keys and the signed consistency check around it).
 
 Primitives, all from ``cryptography``:
+- site identity: ECDSA P-384 with SHA-384, the key a site registered with (ftclient's site
+  key); it signs what a site advertises and the alive set it agrees to (see :mod:`.protocol`);
 - key agreement: X25519, the shared secret through HKDF-SHA256 with a per-round context;
 - shares travel sealed with AES-256-GCM (random 96-bit nonce, associated data binding sender,
   receiver and round);
-- masks: a ChaCha20 keystream from a 256-bit seed (full entropy: ``os.urandom`` or HKDF output),
-  read as little-endian uint32, so no seed space can be searched;
+- masks: a ChaCha20 keystream from a 256-bit seed (full entropy: :func:`fresh_secret`, i.e.
+  ``os.urandom``, or HKDF output of fresh X25519 keys), read as little-endian uint32;
 - Shamir sharing over the prime field GF(2^521 - 1) of 32-byte secrets (mask seeds, X25519
   private keys);
 - updates quantized into Z_(2^32) with stochastic rounding: ``Quantizer`` clips each value to
-  [-clip, clip], folds in the site's weight (an integer example count, bounded by
-  ``max_weight``), and sizes its step so that ``n_sites`` sums cannot wrap. The coordinator
-  recovers the weighted mean; each coordinate is off by at most ``Quantizer.mean_error_bound``.
+  [-clip, clip], multiplies it by the site's weight (a whole number in 1..``max_weight``, the
+  round's cap) and appends the weight itself as one more coordinate, so the coordinator divides
+  the unmasked sum of values by the unmasked sum of weights, never by a number a site merely
+  reported. The step is sized so that ``n_sites`` sums cannot wrap; each coordinate of the
+  decoded mean is off by at most ``Quantizer.mean_error_bound``.
 
 The coordinator sees only masked vectors: a site's masked vector is its quantized update plus
-a uniformly random self-mask plus pairwise masks, hence itself uniform on Z_(2^32)^d whatever
-the update. Unmasking needs ``threshold`` of a site's share holders (its neighbours and itself); a site answers an unmask
-request only when the alive and dropped sets are disjoint and the alive set is at least the
-threshold, so a coordinator cannot ask for both a site's self-mask and its pairwise key.
+a uniformly random self-mask plus pairwise masks, hence itself uniform on Z_(2^32)^(d+1) whatever
+the update. Unmasking needs ``threshold`` of a site's share holders (its neighbours and itself).
+A site answers an unmask request only when it is consistent with what the site itself saw
+(:func:`check_unmask_request`: alive and dropped disjoint, both made of sites that sent it
+shares, together exactly those sites and itself, at least ``threshold`` alive), so a
+coordinator cannot ask for both a site's self-mask and its pairwise key, nor count sites that
+do not exist towards the threshold.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -52,6 +63,16 @@ __all__ = [
     "neighbours",
     "apply_masks",
     "CHUNK",
+    "fresh_secret",
+    "fresh_x25519",
+    "identity_public",
+    "load_identity",
+    "load_public",
+    "new_identity",
+    "round_weight_cap",
+    "sign",
+    "unmask_view",
+    "verify",
     "prg_mask",
     "private_bytes",
     "public_bytes",
@@ -81,10 +102,12 @@ class Quantizer:
     """Weighted updates <-> Z_(2^32), with room for ``n_sites`` sums.
 
     A site sends ``q = round_stochastic((w * clip(x) + max_weight * clip) / step)`` per value
-    (4 bytes a value, nothing else). Every q lies in [0, 2 * max_weight * clip / step + 1], so
-    ``n_sites`` of them sum below 2^32. The weights ``w`` themselves are the sites' reported
-    example counts (capped at ``max_weight``): the coordinator needs their total to decode, and
-    counts already leave a site in its metrics.
+    and then ``w`` itself, one more uint32 (4 bytes a value, 4 more in all). Every q lies in
+    [0, 2 * max_weight * clip / step + 1] and every w in [1, max_weight], so ``n_sites`` of
+    them sum below 2^32. ``max_weight`` is the round's weight cap (what the coordinator sent:
+    at most secure_aggregation.max_weight, and federation.weight_cap x the median example
+    count), so the step is sized to what a site may encode, and a site that follows the
+    encoding cannot weigh more than the cap.
     """
 
     clip: float
@@ -114,12 +137,14 @@ class Quantizer:
         return int(weight)
 
     def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+        """-> uint32 codes of ``weight * clip(x)`` (x.size of them), then ``weight``."""
         weight = self.check_weight(weight)
         x = np.asarray(x).ravel()
         if not np.isfinite(x).all():
             raise SecAggError(f"update has {int((~np.isfinite(x)).sum())} non-finite value(s): refused before masking")
         scale, offset = weight / self.step, self.max_weight * self.clip / self.step
-        out = np.empty(x.size, dtype=np.uint32)
+        out = np.empty(x.size + 1, dtype=np.uint32)
+        values = out[:-1]  # a view: the weight goes last
         for start in range(0, x.size, CHUNK):  # block by block: each stays in cache
             y = np.clip(x[start : start + CHUNK], -self.clip, self.clip).astype(np.float64)
             y *= scale
@@ -127,27 +152,46 @@ class Quantizer:
             low = np.floor(y)
             y -= low  # the fraction: round up with that probability
             low += rng.random(y.size) < y
-            out[start : start + CHUNK] = low
+            values[start : start + CHUNK] = low
+        out[-1] = weight
         return out
 
-    def decode_mean(self, total: np.ndarray, n_summed: int, total_weight: int) -> np.ndarray:
-        """Sum of ``n_summed`` codes whose weights add up to ``total_weight`` -> the weighted
-        mean. SecAggError when a value falls outside [-clip, clip] by more than the
-        quantization bound: then the sum was not of such codes (a wrong share or vector), and
-        nothing is released."""
-        if total_weight < 1:
-            raise SecAggError("the summed weight is zero: nothing to average")
-        values = np.asarray(total, dtype=np.uint32).astype(np.float64) * self.step - n_summed * self.max_weight * self.clip
-        mean = values / total_weight
-        slack = self.clip + self.mean_error_bound(total_weight, n_summed)
+    def decode(self, total: np.ndarray, n_summed: int) -> tuple[np.ndarray, int]:
+        """Sum of ``n_summed`` codes -> (the weighted mean of the values, the summed weight).
+        SecAggError when the summed weight is outside [n_summed, n_summed * max_weight] or a
+        value falls outside [-clip, clip] by more than the quantization bound: then the sum was
+        not of such codes (a wrong share, or a vector not encoded as above), and nothing is
+        released."""
+        total = np.asarray(total, dtype=np.uint32)
+        weight = int(total[-1]) if total.size else 0
+        if not n_summed <= weight <= n_summed * self.max_weight:
+            raise SecAggError(
+                f"the unmasked weights sum to {weight}, outside {n_summed}..{n_summed * self.max_weight} for {n_summed} site(s) "
+                "(a share or masked vector was wrong): nothing to average"
+            )
+        values = total[:-1].astype(np.float64) * self.step - n_summed * self.max_weight * self.clip
+        mean = values / weight
+        slack = self.clip + self.mean_error_bound(weight, n_summed)
         if mean.size and float(np.abs(mean).max()) > slack:
             raise SecAggError("the unmasked sum is not a sum of updates (values beyond the clip range): a share or masked vector was wrong")
-        return mean
+        return mean, weight
 
     def mean_error_bound(self, total_weight: int, n_summed: int) -> float:
         """Largest per-coordinate error of the decoded mean from quantization (clipping aside):
         each site's stochastic rounding is off by less than one step."""
         return n_summed * self.step / total_weight
+
+
+def round_weight_cap(counts: Iterable[int], factor: float | None, max_weight: int) -> int:
+    """The round's weight cap: ``max_weight``, and at most ``factor`` x the median of the
+    sites' example ``counts`` (None: no relative cap). Sites that inflate their count cannot move
+    the median while they are fewer than half."""
+    counts = sorted(int(c) for c in counts)
+    if factor is None or not counts:
+        return int(max_weight)
+    n = len(counts)
+    median = counts[n // 2] if n % 2 else (counts[n // 2 - 1] + counts[n // 2]) / 2
+    return int(max(1, min(max_weight, math.floor(factor * median))))
 
 
 # ---------------------------------------------------------------- masks, keys, sealing
@@ -185,6 +229,17 @@ def apply_masks(y: np.ndarray, seeds: Iterable[tuple[bytes, int]]) -> np.ndarray
     return y
 
 
+def fresh_secret() -> bytes:
+    """A new 32-byte secret (a self-mask seed): every mask seed of every round comes from here
+    or from :func:`fresh_x25519`, never from a counter, a clock or a seed that repeats."""
+    return os.urandom(SECRET_BYTES)
+
+
+def fresh_x25519() -> X25519PrivateKey:
+    """A new X25519 key pair for one round (the pairwise-mask keys are derived from these)."""
+    return X25519PrivateKey.generate()
+
+
 def _hkdf(secret: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=SECRET_BYTES, salt=None, info=info).derive(secret)
 
@@ -219,6 +274,64 @@ def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
 
 def unseal(key: bytes, sealed: bytes, aad: bytes) -> bytes:
     return AESGCM(key).decrypt(sealed[:12], sealed[12:], aad)
+
+
+# ---------------------------------------------------------------- site identity (signatures)
+
+IDENTITY_CURVE = ec.SECP384R1()  # the curve of ftclient's site key (Flower's SuperNode authentication)
+
+
+def new_identity() -> ec.EllipticCurvePrivateKey:
+    """A fresh P-384 signing key (ftsim's virtual sites; a site without a registered key)."""
+    return ec.generate_private_key(IDENTITY_CURVE)
+
+
+def identity_public(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> bytes:
+    """A site's public identity as it travels: the P-384 point, SEC1 uncompressed (97 bytes)."""
+    pub = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+    return pub.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+
+
+def load_identity(data: bytes) -> ec.EllipticCurvePrivateKey:
+    """A P-384 private key from OpenSSH (``ftclient keygen``'s site_key) or PEM (PKCS8) bytes."""
+    try:
+        key = serialization.load_ssh_private_key(data, None) if data.lstrip().startswith(b"-----BEGIN OPENSSH") else serialization.load_pem_private_key(data, None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"not a readable private key ({e})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != IDENTITY_CURVE.name:
+        raise ValueError("expected an ECDSA P-384 key (ftclient keygen makes one)")
+    return key
+
+
+def load_public(data: bytes) -> bytes:
+    """A P-384 public key from an OpenSSH line (``site_key.pub``), PEM, or SEC1 bytes -> SEC1 bytes."""
+    try:
+        if data[:1] == b"\x04" and len(data) == 97:
+            key = ec.EllipticCurvePublicKey.from_encoded_point(IDENTITY_CURVE, data)
+        elif data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+        else:
+            key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"not a readable public key ({e})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != IDENTITY_CURVE.name:
+        raise ValueError("expected an ECDSA P-384 public key (site_key.pub from ftclient keygen)")
+    return identity_public(key)
+
+
+def sign(key: ec.EllipticCurvePrivateKey, payload: bytes) -> bytes:
+    return key.sign(payload, ec.ECDSA(hashes.SHA384()))
+
+
+def verify(public: bytes, signature: bytes, payload: bytes) -> bool:
+    """Whether ``signature`` is ``public``'s (SEC1 P-384) over ``payload``; False for anything malformed."""
+    if not isinstance(public, bytes) or not isinstance(signature, bytes):
+        return False
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(IDENTITY_CURVE, public).verify(signature, payload, ec.ECDSA(hashes.SHA384()))
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- Shamir
@@ -290,10 +403,30 @@ def check_threshold(threshold: int, holders: int) -> str | None:
     return None
 
 
-def check_unmask_request(alive: Iterable[int], dropped: Iterable[int], threshold: int) -> None:
-    alive, dropped = set(alive), set(dropped)
+def unmask_view(u3: Iterable[int], senders: Iterable[int], me: int) -> tuple[list[int], list[int]]:
+    """What one site is asked to reveal, given the alive set ``u3`` (the sites whose masked
+    vectors are summed) and ``senders`` (the neighbours whose shares it received):
+    -> (alive: its share holders in u3, itself included; dropped: senders not in u3)."""
+    u3, senders = set(u3), set(senders)
+    return sorted(u3 & (senders | {me})), sorted(senders - u3)
+
+
+def check_unmask_request(alive: Iterable[int], dropped: Iterable[int], threshold: int, me: int, senders: Iterable[int]) -> None:
+    """Refuse (SecAggError) an unmask request that is not this site's own view of the round:
+    ``alive`` and ``dropped`` disjoint; ``alive`` this site and sites that sent it shares;
+    ``dropped`` sites that sent it shares (they completed key sharing) but are not summed;
+    together exactly those sites and itself; at least ``threshold`` alive. ``senders``: the
+    neighbours whose shares this site received."""
+    alive, dropped, senders = set(alive), set(dropped), set(senders)
     if alive & dropped:
         raise SecAggError(f"unmask request lists sites {sorted(alive & dropped)} as both alive and dropped: refused")
+    if me not in alive:
+        raise SecAggError("unmask request lists this site, which uploaded, as not alive: refused")
+    strangers = (alive | dropped) - senders - {me}
+    if strangers:
+        raise SecAggError(f"unmask request lists sites {sorted(strangers)[:5]} that sent this site no shares (not its share holders): refused")
+    if senders - alive - dropped:
+        raise SecAggError(f"unmask request leaves out sites {sorted(senders - alive - dropped)[:5]} that sent this site shares: refused")
     if len(alive) < threshold:
         raise SecAggError(f"unmask request lists {len(alive)} alive site(s), fewer than the threshold {threshold}: refused")
 
@@ -307,9 +440,9 @@ class Site:
 
     sid: int
     round_tag: bytes
-    c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)  # seals shares
-    s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)  # pairwise masks
-    self_seed: bytes = field(default_factory=lambda: os.urandom(SECRET_BYTES))
+    c_key: X25519PrivateKey = field(default_factory=lambda: fresh_x25519())  # seals shares
+    s_key: X25519PrivateKey = field(default_factory=lambda: fresh_x25519())  # pairwise masks
+    self_seed: bytes = field(default_factory=lambda: fresh_secret())
     held: dict[int, tuple[int, int]] = field(default_factory=dict)  # from site j: (share of b_j, share of s_j)
 
     def advertise(self) -> tuple[bytes, bytes]:
@@ -344,8 +477,10 @@ class Site:
         return apply_masks(np.array(code, dtype=np.uint32), seeds)  # a copy; uint32 arithmetic wraps: mod 2^32
 
     def unmask(self, alive: Iterable[int], dropped: Iterable[int], threshold: int) -> dict[str, dict[int, int]]:
+        """The shares the request asks for, if it is this site's own view of the round (the
+        senders being the sites whose shares it holds)."""
         alive, dropped = set(alive), set(dropped)
-        check_unmask_request(alive, dropped, threshold)
+        check_unmask_request(alive, dropped, threshold, self.sid, set(self.held) - {self.sid})
         return {
             "self_seed": {j: b for j, (b, _) in self.held.items() if j in alive},
             "pair_key": {j: s for j, (_, s) in self.held.items() if j in dropped and j != self.sid},

@@ -31,9 +31,14 @@ def run_round(updates, weights, threshold, k, q, drop_before_share=(), drop_afte
         i: sites[i].masked_input(q.encode(updates[i - 1], weights[i - 1], rng), keys, [j for j in nbrs[i] if j in shared])
         for i in uploaders
     }
-    alive, dropped = set(masked), set(shared) - set(masked)
-    answers = {i: sites[i].unmask(alive, dropped, threshold) for i in uploaders if i not in drop_after_upload}
-    total = np.zeros(len(updates[0]), dtype=np.uint32)
+    # Each site is asked for its own view of the alive set: its share holders in it, and the
+    # senders of its shares that are not in it.
+    answers = {}
+    for i in uploaders:
+        if i not in drop_after_upload:
+            alive, dropped = sa.unmask_view(masked, [j for j in nbrs[i] if j in shared], i)
+            answers[i] = sites[i].unmask(alive, dropped, threshold)
+    total = np.zeros(len(updates[0]) + 1, dtype=np.uint32)
     for y in masked.values():
         total += y
     return sa.unmask_sum(total, masked, keys, shared, nbrs, answers, threshold, TAG), sorted(masked)
@@ -55,11 +60,11 @@ def five_sites():
 def test_quantized_weighted_mean_is_within_the_stated_bound(five_sites):
     updates, weights, q = five_sites
     rng = np.random.default_rng(3)
-    total = np.zeros(1000, dtype=np.uint32)
+    total = np.zeros(1001, dtype=np.uint32)
     for x, w in zip(updates, weights):
         total = total + q.encode(x, w, rng)
-    weight = sum(weights)
-    mean = q.decode_mean(total, 5, weight)
+    mean, weight = q.decode(total, 5)
+    assert weight == sum(weights)  # the weights travel inside the vector, and sum exactly
     bound = q.mean_error_bound(weight, 5)
     err = np.abs(mean - weighted_mean(updates, weights, range(1, 6))).max()
     assert err <= bound and bound < 1e-6  # small next to LoRA deltas of ~1e-2
@@ -73,17 +78,21 @@ def test_a_sum_that_is_not_of_updates_is_refused_not_decoded(five_sites):
     total, ids = run_round(updates, weights, threshold=3, k=4, q=q)
     total[7] += np.uint32(123_456_789)
     with pytest.raises(sa.SecAggError, match="not a sum of updates"):
-        q.decode_mean(total, len(ids), sum(weights))
-    masked_only = np.random.default_rng(5).integers(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32)
-    with pytest.raises(sa.SecAggError, match="not a sum of updates"):
-        q.decode_mean(masked_only, 5, sum(weights))
+        q.decode(total, len(ids))
+    masked_only = np.random.default_rng(5).integers(0, 2**32, 1001, dtype=np.uint64).astype(np.uint32)
+    with pytest.raises(sa.SecAggError, match="not a sum of updates|unmasked weights sum to"):
+        q.decode(masked_only, 5)
+    total[7] -= np.uint32(123_456_789)
+    total[-1] = 5 * q.max_weight + 1  # more weight than 5 sites may encode
+    with pytest.raises(sa.SecAggError, match="unmasked weights sum to"):
+        q.decode(total, 5)
 
 
 def test_full_round_equals_the_plain_sum_of_codes(five_sites):
     updates, weights, q = five_sites
     total, ids = run_round(updates, weights, threshold=3, k=4, q=q)
-    mean = q.decode_mean(total, len(ids), sum(weights))
-    assert ids == [1, 2, 3, 4, 5]
+    mean, weight = q.decode(total, len(ids))
+    assert ids == [1, 2, 3, 4, 5] and weight == sum(weights)
     assert np.abs(mean - weighted_mean(updates, weights, ids)).max() <= q.mean_error_bound(sum(weights), 5)
 
 
@@ -96,7 +105,8 @@ def test_dropouts_at_each_stage_still_give_the_survivors_exact_mean(five_sites, 
     expected_ids = [1, 2, 3, 4, 5] if stage == "after_upload" else [i for i in range(1, 6) if i not in gone]
     assert ids == expected_ids
     weight = sum(weights[i - 1] for i in ids)
-    mean = q.decode_mean(total, len(ids), weight)
+    mean, summed = q.decode(total, len(ids))
+    assert summed == weight
     assert np.abs(mean - weighted_mean(updates, weights, ids)).max() <= q.mean_error_bound(weight, len(ids))
 
 
@@ -138,12 +148,24 @@ def test_masks_come_from_full_entropy_seeds_and_never_repeat():
         sa.prg_mask(b"\x00" * 4, 8)  # a 32-bit seed is not accepted
 
 
-def test_overlapping_or_short_unmask_requests_are_refused():
+def test_unmask_requests_that_are_not_the_sites_own_view_are_refused():
+    """Site 1 received shares from 2, 3, 4 and 5 (threshold 3)."""
+    check = lambda alive, dropped: sa.check_unmask_request(alive, dropped, 3, me=1, senders={2, 3, 4, 5})  # noqa: E731
     with pytest.raises(sa.SecAggError, match=r"both alive and dropped: refused"):
-        sa.check_unmask_request({1, 2, 3}, {3}, threshold=2)
+        check({1, 2, 3}, {3, 4, 5})
     with pytest.raises(sa.SecAggError, match="fewer than the threshold 3"):
-        sa.check_unmask_request({1, 2}, {4}, threshold=3)
-    sa.check_unmask_request({1, 2, 3}, {4}, threshold=3)
+        check({1, 2}, {3, 4, 5})
+    # Attack (a): sites that do not exist counted towards the threshold.
+    with pytest.raises(sa.SecAggError, match=r"sites \[98, 99\] that sent this site no shares"):
+        check({1, 2, 98, 99}, {3, 4, 5})
+    with pytest.raises(sa.SecAggError, match=r"leaves out sites \[5\]"):
+        check({1, 2, 3}, {4})
+    with pytest.raises(sa.SecAggError, match="this site, which uploaded, as not alive"):
+        check({2, 3, 4}, {5})
+    with pytest.raises(sa.SecAggError, match=r"sites \[6\] that sent this site no shares"):
+        check({1, 2, 3}, {4, 5, 6})  # a dropped site must have completed key sharing with this one
+    check({1, 2, 3}, {4, 5})
+    assert sa.unmask_view([1, 2, 3, 7], senders=[2, 3, 4, 5], me=1) == ([1, 2, 3], [4, 5])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -73,6 +73,16 @@ def spawn_capped(
     return proc
 
 
+def rotate(path: Path, backups: int) -> None:
+    """``path`` -> ``path.1`` -> ... -> ``path.{backups}`` (the oldest dropped); ``path`` is then gone."""
+    for i in range(backups, 0, -1):
+        src = path if i == 1 else path.with_name(f"{path.name}.{i - 1}")
+        if src.exists():
+            os.replace(src, path.with_name(f"{path.name}.{i}"))
+    if backups == 0:
+        path.unlink(missing_ok=True)
+
+
 def _pump(stream, path: Path, max_bytes: int, backups: int) -> None:
     out = open(path, "ab")  # noqa: SIM115 - rotated below
     size = out.tell()
@@ -80,12 +90,7 @@ def _pump(stream, path: Path, max_bytes: int, backups: int) -> None:
         for line in iter(lambda: stream.readline(65536), b""):
             if size + len(line) > max_bytes and size:
                 out.close()
-                for i in range(backups, 0, -1):
-                    src = path if i == 1 else path.with_name(f"{path.name}.{i - 1}")
-                    if src.exists():
-                        os.replace(src, path.with_name(f"{path.name}.{i}"))
-                if backups == 0:
-                    path.unlink(missing_ok=True)
+                rotate(path, backups)
                 out, size = open(path, "ab"), 0  # noqa: SIM115
             out.write(line)
             out.flush()

@@ -9,16 +9,34 @@ TLS is on unless ``--insecure`` (loudly warned). With TLS, site authentication i
 name, less ``.pub``, names the site) is registered, and only those sites can join. A key
 dropped into that folder while the server runs is registered within seconds.
 
+Four children, all stopped with ftserver (and killed with it, even by ``kill -9``):
+
+- the **SuperLink** on 127.0.0.1 only, on a free port, TLS on (site authentication needs it;
+  ``ftserver init``'s certificate covers 127.0.0.1). Flower serves its Fleet, Control and
+  Runtime APIs from that one listener, and does not authenticate the Control API, so it is
+  never exposed: ftserver itself talks to it there (key registration, ``flwr run``/``stop``);
+- the **gateway** (:mod:`fedtune.server.gateway`) on ``--host/--port``, the only thing sites
+  reach: it forwards the Fleet API's paths to the SuperLink and refuses everything else, and
+  bodies over ``--max-message-mb``;
+- a **SuperExec** (``flower-superexec``), which runs the ServerApp: the SuperLink is in
+  ``--isolation process`` mode, so the ServerApp is not in its process tree, and its Runtime
+  API hands tasks only to a holder of a per-start secret (``.ftserver/superexec.secret``, 0600);
+- ``flwr run --stream``, which submits the run and relays its log.
+
 What ftserver leaves in ``--out``: ``adapter/``, ``checkpoints/round-NNNN/`` (verified by a
 hash manifest), ``metrics.json``, ``report.md`` + plots, ``server.log`` (the progress lines it
 printed), ``config.json`` (the run's resolved config, used by ``--resume``), and ``.ftserver/``
-(the SuperLink's state and logs).
+(mode 0700: the SuperLink's state ``superlink.db`` and the logs, each bounded: Flower's own
+``superlink.log`` rotates every 6 hours, 8 kept; what each child prints, ``superlink.out``,
+``superexec.out`` (with the ServerApp's), ``gateway.log`` and ``serverapp.log`` (``flwr run``),
+rotates at 10 MB, 2 kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -26,7 +44,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedtune.common.checkpoint import atomic_write_bytes, atomic_write_json
+from fedtune.common.checkpoint import atomic_write_bytes, atomic_write_json, write_private_file
 from fedtune.common.config import (
     SHARED_FLAG_KEYS,
     ConfigError,
@@ -36,13 +54,14 @@ from fedtune.common.config import (
     load_config,
     read_config_file,
 )
-from fedtune.common.procs import flwr_config_string, follow, sigterm_as_interrupt, spawn, stop, tail, tool, tool_env, wait_for_port
+from fedtune.common.procs import flwr_config_string, follow, free_port, rotate, sigterm_as_interrupt, spawn_capped, stop, tail, tool, tool_env, wait_for_port
 
 CONN = "fedtune"
 STATE_DIR = ".ftserver"
 SERVER_JSON = "server.json"
 CONFIG_JSON = "config.json"
 CERT_FILES = ("ca.crt", "server.crt", "server.key")
+LOOPBACK = "127.0.0.1"
 
 INSECURE_WARNING = """\
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
@@ -94,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=None, help="port sites connect to (default 8000)")
+    p.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=None,
+        help="largest request a site may send, in MB (default 64; Flower sends arrays in 5 MiB chunks, so this fits any model)",
+    )
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--min-sites", type=int, help="fewest sites a round needs (federation.min_sites)")
     p.add_argument("--expected-sites", type=int, help="start once this many sites have joined (federation.expected_sites)")
@@ -126,6 +151,7 @@ def resolve(args: argparse.Namespace) -> tuple[FedTuneConfig, Path, dict]:
     """-> (config, output dir, network settings). On --resume both come from the run's folder."""
     overrides = flag_overrides(args, FLAG_KEYS)
     net = {"certs": args.certs, "authorized_keys": args.authorized_keys, "insecure": args.insecure, "host": args.host, "port": args.port}
+    net["max_message_mb"] = args.max_message_mb
     if args.resume:
         if args.config or args.out:
             raise ConfigError("--resume DIR takes the run's saved config and writes to DIR; don't combine it with --config or --out")
@@ -164,6 +190,12 @@ def check_network(net: dict) -> dict:
         net["port"] = 8000
     if not 1 <= int(net["port"]) <= 65535:
         raise ConfigError(f"--port {net['port']}: expected 1..65535")
+    from .gateway import DEFAULT_MAX_BODY_MB
+
+    if net.get("max_message_mb") is None:
+        net["max_message_mb"] = DEFAULT_MAX_BODY_MB
+    if not 1 <= float(net["max_message_mb"]) <= 1 << 20:
+        raise ConfigError(f"--max-message-mb {net['max_message_mb']}: expected at least 1 (Flower's requests reach 5 MiB)")
     if net["insecure"]:
         net["certs"] = None
     else:
@@ -174,6 +206,7 @@ def check_network(net: dict) -> dict:
         if missing:
             raise ConfigError(f"--certs {d}: missing {', '.join(missing)} (make them with 'ftserver init {d} --host NAME')")
         net["certs"] = str(d)
+        check_server_cert_covers_loopback(d / "server.crt")
         if not net["authorized_keys"]:
             raise ConfigError(
                 "site authentication is on with TLS: pass --authorized-keys DIR, a folder of SITE.pub files "
@@ -189,6 +222,21 @@ def check_network(net: dict) -> dict:
     return net
 
 
+def check_server_cert_covers_loopback(path: Path) -> None:
+    """The SuperLink listens on 127.0.0.1 with server.crt, and ftserver and the gateway verify it there."""
+    import ipaddress
+
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)
+    except (OSError, ValueError, x509.ExtensionNotFound) as e:
+        raise ConfigError(f"{path}: not a readable server certificate with subject alternative names ({type(e).__name__})") from None
+    if ipaddress.ip_address(LOOPBACK) not in ips:
+        raise ConfigError(f"{path}: does not list {LOOPBACK}, where ftserver talks to its SuperLink; make the certificates with 'ftserver init'")
+
+
 def check_public_key(path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -201,14 +249,14 @@ def check_public_key(path: Path) -> None:
         raise ConfigError(f"{path}: expected an ECDSA P-384 key (ftclient keygen makes one), got {type(key).__name__}")
 
 
-def control_address(net: dict) -> str:
-    host = net["host"]
-    local = "127.0.0.1" if host in ("0.0.0.0", "::", "127.0.0.1", "localhost") else host
-    return f"{local}:{net['port']}"
+def probe_host(net: dict) -> str:
+    """Where ftserver checks that the gateway listens."""
+    return LOOPBACK if net["host"] in ("0.0.0.0", "::", "localhost") else net["host"]
 
 
-def write_flwr_home(home: Path, net: dict) -> None:
-    lines = ["[superlink]", f'default = "{CONN}"', "", f"[superlink.{CONN}]", f'address = "{control_address(net)}"']
+def write_flwr_home(home: Path, net: dict, address: str) -> None:
+    """Flower's CLI config for ``flwr run``/``stop``: the SuperLink's loopback address."""
+    lines = ["[superlink]", f'default = "{CONN}"', "", f"[superlink.{CONN}]", f'address = "{address}"']
     if net["insecure"]:
         lines.append("insecure = true")
     else:
@@ -218,14 +266,18 @@ def write_flwr_home(home: Path, net: dict) -> None:
 
 
 class Coordinator:
-    """The SuperLink child, key registration, and the run submitted to it."""
+    """The SuperLink, SuperExec and gateway children, key registration, and the run submitted."""
 
     def __init__(self, cfg: FedTuneConfig, out: Path, net: dict, resume: bool):
         self.cfg, self.out, self.net, self.resume = cfg, out, net, resume
         self.state = out / STATE_DIR
         self.env = tool_env({"FLWR_HOME": str(self.state / "flwr")})
         self.link: subprocess.Popen | None = None
+        self.superexec: subprocess.Popen | None = None
+        self.gateway: subprocess.Popen | None = None
         self.run_proc: subprocess.Popen | None = None
+        self.link_address = ""  # 127.0.0.1:PORT, chosen at start
+        self._run_id: str | None = None
         self.registered: set[str] = set()
         self._control = None
         self.folder_lock = None  # hold_folder's open file: the lock lives as long as it does
@@ -236,14 +288,25 @@ class Coordinator:
 
     def start_link(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
-        write_flwr_home(self.state / "flwr", self.net)
+        os.chmod(self.state, 0o700)  # the SuperLink's database (messages, node keys) and the SuperExec secret
+        port = free_port(LOOPBACK)
+        self.link_address = f"{LOOPBACK}:{port}"
+        write_flwr_home(self.state / "flwr", self.net, self.link_address)
+        write_private_file(self.state / "superexec.secret", os.urandom(32))
         cmd = [
             tool("flower-superlink"),
-            "--host", self.net["host"],
-            "--port", str(self.net["port"]),
+            "--host", LOOPBACK,
+            "--port", str(port),
             "--disable-runtime-dependency-installation",
+            # The ServerApp runs under our own SuperExec (start_superexec), which must present
+            # the secret to take a task from the Runtime API.
+            "--isolation", "process",
+            "--superexec-auth-secret-file", str(self.state / "superexec.secret"),
             # Registrations and node ids survive a restart, so sites reconnect to a resumed run.
             "--database", str(self.state / "superlink.db"),
+            "--log-file", str(self.state / "superlink.log"),
+            "--log-rotation-interval-hours", "6",
+            "--log-rotation-backup-count", "8",
         ]  # fmt: skip
         if self.net["insecure"]:
             cmd.append("--insecure")
@@ -252,12 +315,48 @@ class Coordinator:
             cmd += ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"), "--ssl-keyfile", str(c / "server.key")]
         if self.net["authorized_keys"]:
             cmd.append("--enable-supernode-auth")
-        log = self.state / "superlink.log"
-        self.link = spawn(cmd, log, env=self.env, cwd=self.state)
-        host, port = control_address(self.net).rsplit(":", 1)
-        if not wait_for_port(host, int(port), self.link, 60):
+        log = self.state / "superlink.out"
+        self.link = spawn_capped(cmd, log, env=self.env, cwd=self.state)
+        if not wait_for_port(LOOPBACK, port, self.link, 60):
             stop(self.link)
-            raise ServerError(f"the SuperLink did not start on {self.net['host']}:{self.net['port']} (port in use?). Its log ({log}):\n{tail(log)}")
+            raise ServerError(f"the SuperLink did not start on {self.link_address}. Its output ({log}):\n{tail(log)}")
+
+    def start_superexec(self) -> None:
+        cmd = [
+            tool("flower-superexec"),
+            "--runtime-api-address", self.link_address,
+            "--superexec-auth-secret-file", str(self.state / "superexec.secret"),
+            "--parent-pid", str(os.getpid()),
+            *(["--insecure"] if self.net["insecure"] else ["--root-certificates", str(Path(self.net["certs"]) / "ca.crt")]),
+        ]  # fmt: skip
+        # Its ServerApp processes write here too (they inherit its output).
+        self.superexec = spawn_capped(cmd, self.state / "superexec.out", env=self.env, cwd=self.state)
+
+    def start_gateway(self) -> None:
+        net = self.net
+        scheme = "http" if net["insecure"] else "https"
+        cmd = [
+            sys.executable, "-m", "fedtune.server.gateway",
+            "--host", net["host"],
+            "--port", str(net["port"]),
+            "--upstream", f"{scheme}://{self.link_address}",
+            "--max-body-mb", str(net["max_message_mb"]),
+        ]  # fmt: skip
+        if net["insecure"]:
+            cmd.append("--insecure")
+        else:
+            c = Path(net["certs"])
+            cmd += ["--ca-cert", str(c / "ca.crt"), "--certfile", str(c / "server.crt"), "--keyfile", str(c / "server.key")]
+        log = self.state / "gateway.log"
+        self.gateway = spawn_capped(cmd, log, env=self.env, cwd=self.state)
+        if not wait_for_port(probe_host(net), int(net["port"]), self.gateway, 60):
+            stop(self.gateway)
+            raise ServerError(f"the gateway did not start on {net['host']}:{net['port']} (port in use?). Its log ({log}):\n{tail(log)}")
+
+    def check_children(self) -> None:
+        for name, proc, log in (("SuperLink", self.link, "superlink.out"), ("SuperExec", self.superexec, "superexec.out"), ("gateway", self.gateway, "gateway.log")):
+            if proc is not None and proc.poll() is not None:
+                raise ServerError(f"the {name} exited (code {proc.returncode}); its log:\n{tail(self.state / log)}")
 
     def control(self):
         """A Control API client for our own SuperLink (Flower's CLI plumbing, in-process: one
@@ -318,13 +417,17 @@ class Coordinator:
 
         app_dir = write_app_dir(self.state / "app")
         run_config = flwr_config_string({"config-path": str(self.out / CONFIG_JSON), "out-dir": str(self.out), "resume": self.resume})
-        self.run_proc = spawn(
+        rotate(self.state / "serverapp.log", 2)  # this start's log alone in serverapp.log: run_id reads it
+        self.run_proc = spawn_capped(
             [tool("flwr"), "run", str(app_dir), CONN, "--run-config", run_config, "--stream"], self.state / "serverapp.log", env=self.env, cwd=self.state
         )
 
     def run_id(self) -> str | None:
-        m = re.search(r"started run (\d+)", tail(self.state / "serverapp.log", 400))
-        return m.group(1) if m else None
+        """The submitted run's id, from the head of ``flwr run``'s output (kept once seen: the log rotates)."""
+        if self._run_id is None:
+            m = re.search(r"started run (\d+)", tail(self.state / "serverapp.log", 400))
+            self._run_id = m.group(1) if m else None
+        return self._run_id
 
     def shutdown(self) -> None:
         self.stopping.set()
@@ -336,6 +439,8 @@ class Coordinator:
                 except subprocess.TimeoutExpired:
                     pass
         stop(self.run_proc, 10)
+        stop(self.gateway, 10)
+        stop(self.superexec, 15)
         stop(self.link, 15)
 
 
@@ -393,10 +498,13 @@ def serve(args: argparse.Namespace) -> int:
     try:
         tls = "TLS" if not net["insecure"] else "NO TLS"
         auth = f"site keys from {net['authorized_keys']}" if net["authorized_keys"] else "no site authentication"
-        say(f"starting the SuperLink on {net['host']}:{net['port']} ({tls}; {auth}; runtime dependency installation off)")
+        say(f"starting the SuperLink on loopback ({tls}; {auth}; runtime dependency installation off; ServerApp under a SuperExec with a secret)")
         co.start_link()
+        co.start_superexec()
         co.register_keys(say)
         threading.Thread(target=co.watch_keys, args=(say,), daemon=True).start()
+        co.start_gateway()
+        say(f"sites connect to {net['host']}:{net['port']} ({tls}): the gateway serves only the Fleet API; requests up to {net['max_message_mb']:g} MB")
         fed = cfg.federation
         say(
             f"{'resuming' if args.resume else 'run'}: model {cfg.model.name}; {cfg.peft.describe()}; {fed.strategy}; "
@@ -407,8 +515,8 @@ def serve(args: argparse.Namespace) -> int:
         (out / "run-status.json").unlink(missing_ok=True)  # only this run's ServerApp may write it
         co.submit()
         while co.run_proc.poll() is None:
-            if co.link.poll() is not None:
-                raise ServerError(f"the SuperLink exited (code {co.link.returncode}); its log:\n{tail(co.state / 'superlink.log')}")
+            co.check_children()
+            co.run_id()
             time.sleep(0.5)
     except KeyboardInterrupt:
         say(f"interrupted; checkpoints so far are in {out / 'checkpoints'}; continue with: ftserver --resume {out}")

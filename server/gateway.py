@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    for noisy in ("httpx", "httpcore"):  # one line per forwarded request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     verify: ssl.SSLContext | bool = False
     if not args.insecure:
         verify = ssl.create_default_context(cafile=args.ca_cert)

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL = "default"
+AUTO_BOUND_FACTOR = 10.0  # federation.update_norm_bound 'auto': see FedTuneConfig.norm_bound
+AUTO_BOUND_STEPS = 1000
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -192,7 +195,21 @@ class DataConfig(_Strict):
     max_invalid_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Bad records skipped and counted up to this share; above it the file is refused."
     )
+    max_record_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        le=1 << 30,
+        description="Longest record read (a JSONL line, a JSON list item, a CSV row, a Parquet row); a longer one is "
+        "reported at its line without being read whole, so memory stays bounded whatever the file holds.",
+    )
     system_prompt: str | None = Field(None, description="Prepended as a system message (else the chat template's default).")
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _encodable(cls, v: str | None) -> str | None:
+        if v is not None and re.search("[\ud800-\udfff]", v):
+            raise ValueError("is not valid Unicode (holds a lone surrogate)")
+        return v
 
 
 class TrainConfig(_Strict):
@@ -312,13 +329,12 @@ class FederationConfig(_Strict):
         "median or trimmed mean (these inspect each site's update, so they cannot run under secure aggregation).",
     )
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="trimmed-mean: share of sites dropped at each end, per coordinate.")
-    update_norm_bound: float | None = Field(
-        None,
-        gt=0,
-        le=1e6,
+    update_norm_bound: Annotated[float, Field(gt=0, le=1e6)] | Literal["auto", "off"] | None = Field(
+        "auto",
         description="Each site scales its update (all its tensors as one vector) down to this L2 norm before it leaves; the "
         "coordinator checks it again when it sees single updates. Works with secure aggregation (the clipping is at the site). "
-        "Under differential privacy, privacy.clip is the bound.",
+        "'auto' (default): 10 x lr x local steps x sqrt(values in the update), well above what AdamW can move an honest "
+        "update (see FedTuneConfig.norm_bound); a number: that bound; 'off' or null: none. Under differential privacy, privacy.clip is the bound.",
     )
     min_sites: int = Field(
         1,
@@ -361,6 +377,14 @@ class FederationConfig(_Strict):
         if self.expected_sites is not None and self.expected_sites < self.min_sites:
             raise ValueError(f"expected_sites ({self.expected_sites}) is below min_sites ({self.min_sites})")
         return self
+
+    @field_validator("update_norm_bound", mode="before")
+    @classmethod
+    def _bound_words(cls, v: object) -> object:
+        # YAML 1.1 reads a bare `off` as false; 'none'/'null' from a command line mean off too.
+        if v is False or (isinstance(v, str) and v.strip().lower() in ("off", "none", "null", "false")):
+            return "off"
+        return v.strip().lower() if isinstance(v, str) and v.strip().lower() == "auto" else v
 
     @field_validator("sites")
     @classmethod
@@ -462,6 +486,13 @@ class OutputConfig(_Strict):
     plots: bool = True
     merged: bool = Field(False, description="Also save merged/: a LoRA-family adapter folded into its base (a plain HF model folder).")
     tensorboard: bool = Field(False, description="Also write every round's metrics as TensorBoard event files in tensorboard/ (the tensorboard extra).")
+    keep_checkpoints: int | None = Field(
+        3,
+        ge=1,
+        le=1_000_000,
+        description="Round checkpoints kept in checkpoints/: the last this many, plus the best round's; older ones are deleted "
+        "once a newer round is recorded (null: keep every round).",
+    )
 
 
 class FedTuneConfig(_Strict):
@@ -525,6 +556,22 @@ class FedTuneConfig(_Strict):
             return self.secure_aggregation.clip
         steps = self.train.local_steps or 100  # local_epochs: the count depends on the site's data
         return max(0.1, 2 * (self.train.lr or DEFAULT_LR[self.peft.method]) * steps)
+
+    def norm_bound(self, n_values: int) -> float | None:
+        """The L2 bound on one update of ``n_values`` values (federation.update_norm_bound; None: off).
+
+        'auto' = AUTO_BOUND_FACTOR x lr x local steps x sqrt(n_values): an AdamW step moves a value by
+        about lr (at most ~3.2 lr, for beta1 0.9 and beta2 0.999), so no honest update of that many
+        values and steps reaches it (the demo's LoRA update, norm ~3, is ~30x inside), while an
+        update of 3e38 is scaled down to it. Under train.local_epochs the steps are taken as
+        AUTO_BOUND_STEPS (set a number for rounds of more steps)."""
+        bound = self.federation.update_norm_bound
+        if bound is None or bound == "off":
+            return None
+        if bound != "auto":
+            return float(bound)
+        steps = self.train.local_steps or AUTO_BOUND_STEPS
+        return AUTO_BOUND_FACTOR * (self.train.lr or DEFAULT_LR[self.peft.method]) * steps * math.sqrt(max(int(n_values), 1))
 
     def with_secure_default(self, enabled: bool) -> "FedTuneConfig":
         """This config with ``secure_aggregation.enabled`` set to the tool's default where it is
@@ -669,7 +716,12 @@ def add_shared_flags(p) -> None:
         help="stop when the federated validation metric (eval.select_metric) has not improved for N rounds; the best round's adapter is in best/",
     )
     p.add_argument("--tensorboard", action="store_const", const=True, help="also write the metrics as TensorBoard event files in OUT/tensorboard")
-    p.add_argument("--update-norm-bound", type=float, metavar="C", help="each site clips its update to this L2 norm (works with secure aggregation)")
+    p.add_argument(
+        "--update-norm-bound",
+        type=lambda v: v if v in ("auto", "off") else float(v),
+        metavar="C",
+        help="each site clips its update to this L2 norm (works with secure aggregation); 'auto' (default) or 'off'",
+    )
     p.add_argument(
         "--dp-epsilon",
         type=float,

@@ -47,36 +47,37 @@ def l2(state: Mapping[str, object]) -> float:
     return math.sqrt(total) if math.isfinite(total) else float("nan")
 
 
+class NonFiniteUpdate(ValueError):
+    """An update with NaN or Inf: never clipped, zeroed or sent; the round goes on without it."""
+
+
 @dataclass
 class Clipped:
     update: OrderedDict  # same keys and types as the input
-    norm: float  # the norm before clipping (NaN when the update was not finite)
+    norm: float  # the norm before clipping
     clipped: bool  # scaled down to the bound
-    nonfinite: bool  # had NaN/Inf: replaced by zeros (still clipped, noised and sent like any other)
+    nonfinite: bool = False  # kept for readers of old metrics: a non-finite update now raises NonFiniteUpdate
 
 
 def clip_update(update: Mapping[str, object], bound: float) -> Clipped:
-    """``update`` scaled to L2 norm at most ``bound``. A zero update stays zero (no division);
-    an update with NaN or Inf becomes all zeros, so it can neither crash the clipping nor slip
-    through it unbounded."""
+    """``update`` scaled to L2 norm at most ``bound``. A zero update stays zero (no division).
+    An update with NaN or Inf raises :class:`NonFiniteUpdate`: zeroing it (as this once did)
+    sent a diverged site's zeros into the mean at full weight, pulling the global toward no change."""
     if not (bound > 0 and math.isfinite(bound)):
         raise ValueError(f"clip bound {bound}: expected a positive finite number")
     norm = l2(update)
     if not math.isfinite(norm):
-        return Clipped(OrderedDict((k, zeros_like(v)) for k, v in update.items()), norm, True, True)
+        raise nonfinite(update)
     if norm <= bound:
         return Clipped(OrderedDict(update), norm, False, False)
     scale = bound / norm * (1 - 1e-6)  # a hair inside, so float32 rounding never lands above the bound
     return Clipped(OrderedDict((k, v * scale) for k, v in update.items()), norm, True, False)
 
 
-def zeros_like(v):
-    """Zeros shaped like ``v`` (a NaN update is not zeroed by ``v * 0``: NaN * 0 is NaN)."""
-    if hasattr(v, "detach"):
-        import torch
-
-        return torch.zeros_like(v)
-    return np.zeros_like(v)
+def nonfinite(update: Mapping[str, object]) -> NonFiniteUpdate:
+    """The error for an update with NaN/Inf, counting them."""
+    bad = sum(int(np.sum(~np.isfinite(np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)))) for v in update.values())
+    return NonFiniteUpdate(f"the update is not finite ({bad} NaN/Inf value(s)): the local training diverged; not sent")
 
 
 def gaussian_noise_like(update: Mapping[str, object], std: float) -> OrderedDict:
@@ -227,9 +228,10 @@ def quantizer_clip(cfg, n_sites: int) -> float:
     return cfg.privacy.clip + 7.0 * site_noise_std(cfg, n_sites)
 
 
-def bound_of(cfg) -> float | None:
-    """The L2 bound on every update: privacy.clip under DP, else federation.update_norm_bound."""
-    return cfg.privacy.clip if cfg.privacy.enabled else cfg.federation.update_norm_bound
+def bound_of(cfg, n_values: int) -> float | None:
+    """The L2 bound on an update of ``n_values`` values: privacy.clip under DP, else
+    federation.update_norm_bound as resolved by ``cfg.norm_bound`` ('auto' depends on the size)."""
+    return cfg.privacy.clip if cfg.privacy.enabled else cfg.norm_bound(n_values)
 
 
 def site_release(cfg, update: Mapping[str, object], secure: bool, n_sites: int) -> tuple[OrderedDict, dict]:
@@ -237,8 +239,10 @@ def site_release(cfg, update: Mapping[str, object], secure: bool, n_sites: int) 
     secure aggregation add its share of the noise. -> (update, metrics). Under DP no metric
     depends on the update (its norm, or whether it was clipped, would reveal something of the
     data that the noise does not cover)."""
-    bound = bound_of(cfg)
+    bound = bound_of(cfg, sum(int(np.prod(tuple(v.shape))) for v in update.values()))
     if bound is None:
+        if not math.isfinite(l2(update)):  # a NaN update never leaves, bound or not
+            raise nonfinite(update)
         return OrderedDict(update), {}
     c = clip_update(update, bound)
     out = c.update
@@ -246,7 +250,4 @@ def site_release(cfg, update: Mapping[str, object], secure: bool, n_sites: int) 
         if secure:
             out = add(out, gaussian_noise_like(out, site_noise_std(cfg, n_sites)))
         return out, {}
-    metrics = {"update-clipped": int(c.clipped), "update-nonfinite": int(c.nonfinite)}
-    if math.isfinite(c.norm):
-        metrics["update-norm"] = c.norm
-    return out, metrics
+    return out, {"update-clipped": int(c.clipped), "update-norm": c.norm}

@@ -98,6 +98,86 @@ class RunningMean:
         return OrderedDict((k, (v / self.total_weight).astype(WIRE_DTYPE)) for k, v in self._acc.items())
 
 
+def lower_median(values: Sequence[float]) -> float:
+    """The median, and of an even count the lower of the two middle values: with two sites, one
+    site's claim alone never moves it (the plain median of 100 and 10,000,000 is 5,000,050)."""
+    if not values:
+        raise ValueError("lower_median: no values")
+    return float(sorted(values)[(len(values) - 1) // 2])
+
+
+def capped_weights(counts: Sequence[float], cap: float | None) -> list[float]:
+    """Each site's weight: its example count, at most ``cap`` x the round's (lower) median count
+    (federation.weight_cap; None: the counts as they are). A site that claims 10,000,000
+    examples among sites of 100 weighs 300 at cap 3, whatever it claims."""
+    if cap is None or not counts:
+        return [float(c) for c in counts]
+    limit = cap * lower_median(counts)
+    return [min(float(c), limit) for c in counts]
+
+
+class CappedMean:
+    """The weighted mean of updates whose weights are capped at ``cap`` x the median count, which
+    is known only once the round's replies are all in (:func:`capped_weights`).
+
+    Updates are summed per distinct claimed count (float64): at the end every count's weight is
+    min(count, cap x median), and the mean is sum_n w_n S_n / sum_n k_n w_n, exact. The first
+    update of a count is held as it arrived (float32, no copy) until a second one shares it.
+    Memory: one update per distinct count. That is one per site when every site claims another
+    count (as buffering the updates until the round ends would be), and much less when counts
+    repeat (ftsim's equal partitions); weighting 'equal', DP and no cap need none of this
+    (:class:`RunningMean`: one accumulator). Geometric buckets would bound the memory but let a
+    site exceed the cap by the bucket's ratio; a second pass over the replies would need them
+    kept all the same. So the cost is the distinct counts, and it is exact.
+    """
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+        self._buckets: dict[float, list] = {}  # count -> [sites, sum of their updates]
+        self.counts: list[float] = []  # in arrival order
+        self.count = 0
+
+    def add(self, update: Mapping[str, np.ndarray], count: float) -> None:
+        if not (math.isfinite(count) and count > 0):
+            raise ValueError("CappedMean.add: the count must be finite and positive")
+        if self._buckets and set(update) != set(next(iter(self._buckets.values()))[1]):
+            raise KeyError("CappedMean.add: update keys differ from earlier updates")
+        bucket = self._buckets.get(count)
+        if bucket is None:
+            self._buckets[count] = [1, OrderedDict(update)]
+        else:
+            if bucket[0] == 1:  # a second update of this count: start summing (a float64 copy of the first)
+                bucket[1] = OrderedDict((k, v.astype(np.float64)) for k, v in bucket[1].items())
+            for k, acc in bucket[1].items():
+                acc += update[k]
+            bucket[0] += 1
+        self.counts.append(float(count))
+        self.count += 1
+
+    def limit(self) -> float:
+        return self.cap * lower_median(self.counts)
+
+    def weights(self) -> list[float]:
+        """Each update's weight, in the order they were added."""
+        return capped_weights(self.counts, self.cap)
+
+    def result(self) -> OrderedDict[str, np.ndarray]:
+        if not self._buckets:
+            raise ValueError("CappedMean.result: no updates")
+        limit = self.limit()
+        acc: OrderedDict[str, np.ndarray] | None = None
+        total = 0.0
+        for n, (sites, summed) in self._buckets.items():
+            w = min(n, limit)
+            total += w * sites
+            if acc is None:
+                acc = OrderedDict((k, w * v.astype(np.float64)) for k, v in summed.items())
+            else:
+                for k, a in acc.items():
+                    a += w * summed[k]
+        return OrderedDict((k, (v / total).astype(WIRE_DTYPE)) for k, v in acc.items())
+
+
 def add_update(global_state: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, (global_state[k].astype(np.float64) + update[k]).astype(WIRE_DTYPE)) for k in global_state)
 

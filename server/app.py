@@ -33,7 +33,9 @@ from fedtune.common.metrics import weighted_scores
 from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TRAINABLE_KEY
 
 from .aggregation import (
+    CappedMean,
     RunningMean,
+    capped_weights,
     ServerOptimizer,
     l2_norm,
     change_by_layer,
@@ -45,7 +47,18 @@ from .aggregation import (
     unflatten,
     validate_update,
 )
-from .messaging import FederationError, Printer, exchange, site_of
+from .messaging import (
+    EVAL_METRICS,
+    TRAIN_METRICS,
+    FederationError,
+    Printer,
+    SiteNames,
+    clean,
+    exchange,
+    site_metrics,
+    site_of,
+    site_reason,
+)
 from .report import write_report
 from .secure import secure_mean
 
@@ -69,7 +82,7 @@ class RunState:
     # The server optimizer (federation.strategy) and its moments, checkpointed every round.
     optimizer: ServerOptimizer = field(default_factory=lambda: ServerOptimizer("fedavg"))
     # Flower node id -> the site name it reported, so a site that later fails is still named.
-    node_names: dict = field(default_factory=dict)
+    node_names: dict = field(default_factory=SiteNames)
     events: object = None  # output.tensorboard: an events.EventWriter
     # Differential privacy: the rounds composed so far (checkpointed), and why the run stopped early.
     accountant: privacy.Accountant | None = None
@@ -239,6 +252,10 @@ def sites_for_round(grid: Grid, rs: RunState, say: Printer) -> tuple[list[int], 
     return train, nodes
 
 
+# What a refusing site's metrics may add to its record (counts of its data's problems).
+REFUSAL_METRICS = ("num-examples", "records", "invalid-records", "dropped-too-long")
+
+
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "?" if x is None else format(x, spec)
 
@@ -263,19 +280,22 @@ def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Pr
 
     def absorb(m: Message, node: int) -> None:
         name, status = site_of(m, node, rs.node_names)
+        mr, dropped = site_metrics(m, EVAL_METRICS)
         if status != "ok":
             results[name] = {"status": status}
             return
-        mr = m.content["metrics"]
         results[name] = {
             "eval_loss": _num(mr.get("eval-loss")),
             "exact_match": _num(mr.get("exact-match")),
-            "eval_examples": int(_num(mr.get("num-examples")) or 0),
+            "eval_examples": max(int(mr.get("num-examples") or 0), 0),
+            **({"eval_metrics_dropped": dropped} if dropped else {}),
         }
 
     exchange(grid, nodes, content, MessageType.EVALUATE, rs.cfg.federation.round_timeout_s, absorb)
     ok = {k: v for k, v in results.items() if "eval_loss" in v and v["eval_examples"] > 0}
-    agg = weighted_scores(ok.values())
+    # The federated score weighs sites by their (claimed) eval examples, capped as training weights are.
+    weights = capped_weights([v["eval_examples"] for v in ok.values()], rs.cfg.federation.weight_cap) if ok else []
+    agg = weighted_scores([{**v, "eval_examples": w} for v, w in zip(ok.values(), weights)])
     summary = "  ".join(
         f"{n}: loss {_fmt(v['eval_loss'])}" + (f" EM {v['exact_match']:.2f}" if v.get("exact_match") is not None else "")
         for n, v in sorted(ok.items())
@@ -306,53 +326,61 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
     trainable = rs.round_keys(rnd)
     content = broadcast_content(rs, rnd, trainable, population if dp else None)
     spec = spec_of({k: rs.global_state[k] for k in trainable})
-    bound = privacy.bound_of(cfg)
+    n_values = sum(math.prod(s) for s in spec.values())
+    bound = privacy.bound_of(cfg, n_values)
     ranked = cfg.peft.method in MIXED_RANK_METHODS
     # Single updates are kept for the round's measures (where each site pulled; for LoRA the
     # aggregation error) when the coordinator sees them and they are not huge (full fine-tuning).
     # Not under DP: per-site statistics would be released outside the noise's protection.
-    keep = not secure and not dp and cfg.federation.aggregator == "mean" and sum(math.prod(v) for v in spec.values()) <= KEEP_MAX_VALUES
-    measured: list[tuple[str, dict, int, float]] = []  # (site, update, rank, weight)
-    n_values = sum(math.prod(s) for s in spec.values())
+    keep = not secure and not dp and cfg.federation.aggregator == "mean" and n_values <= KEEP_MAX_VALUES
+    measured: list[tuple[str, dict, int]] = []  # (site, update, rank), in the order they were added to the mean
     t0 = time.time()
     sites: dict[str, dict] = {}
     rejected: list[dict] = []
-    mean = RunningMean()
+    # Every site weighs 1 under DP and with weighting 'equal'; else its example count, capped at
+    # weight_cap x the round's median count once every reply is in (CappedMean).
+    equal = dp or cfg.federation.weighting == "equal"
+    cap = None if equal else cfg.federation.weight_cap
+    mean = RunningMean() if cap is None else CappedMean(cap)
+    weighed: list[str] = []  # the sites in the mean, in the order they were added
     kept: list[dict] = []  # robust aggregators only
 
     def absorb(m: Message, node: int) -> None:
-        """Record one site's training reply; validate a plain update and fold it in as it arrives."""
+        """Record one site's training reply; validate a plain update and fold it in as it arrives.
+        Nothing the site sent reaches a log or a record but through messaging's readers."""
         name, status = site_of(m, node, rs.node_names)
+        mr, dropped = site_metrics(m, TRAIN_METRICS)
         where = f"round {rnd}/{cfg.federation.rounds} train | {name}"
         count = f"[{len(sites) + 1}/{len(nodes)} sites, {time.time() - t0:.0f} s] {rs.progress(rnd, len(sites) + 1, len(nodes))}"
         if status != "ok":
-            reason = m.error.reason.splitlines()[0][:300] if m.has_error() else str(m.content["site"].get("reason", status))[:300]
+            reason = site_reason(m, status)
             sites[name] = {"status": status, "reason": reason}
-            if not m.has_error() and "metrics" in m.content:
-                sites[name].update({k.replace("-", "_"): v for k, v in m.content["metrics"].items()})
+            sites[name].update({k.replace("-", "_"): v for k, v in mr.items() if k in REFUSAL_METRICS})
+            if dropped:
+                sites[name]["metrics_dropped"] = dropped
             say(f"{where}: no update ({reason}) {count}")
             return
-        mr = m.content.get("metrics") or {}
         n_ex = mr.get("num-examples")
         info = {
             "train_loss": _num(mr.get("train-loss")),
             "train_loss_first": _num(mr.get("train-loss-first")),
             "train_loss_last": _num(mr.get("train-loss-last")),
-            "examples": int(n_ex) if isinstance(n_ex, int) else None,
-            "steps": int(_num(mr.get("train-steps")) or 0),
+            "examples": n_ex,
+            "steps": max(int(mr.get("train-steps") or 0), 0),
             "train_seconds": _num(mr.get("train-seconds")),
             "receive_seconds": _num(mr.get("receive-seconds")),
             "startup_seconds": _num(mr.get("startup-seconds")),
-            "invalid_records": int(_num(mr.get("invalid-records")) or 0),
-            **({"rank": int(mr["lora-rank"])} if "lora-rank" in mr else {}),
+            "invalid_records": max(int(mr.get("invalid-records") or 0), 0),
+            **({"rank": mr["lora-rank"]} if "lora-rank" in mr else {}),
             **({"update_norm_before_clip": _num(mr.get("update-norm")), "clipped": bool(mr.get("update-clipped"))} if "update-clipped" in mr else {}),
-            **({"planned_steps": int(_num(mr.get("planned-steps")) or 0)} if "planned-steps" in mr else {}),
+            **({"planned_steps": max(mr["planned-steps"], 0)} if "planned-steps" in mr else {}),
+            **({"metrics_dropped": dropped} if dropped else {}),
         }
         steps = f"{info['steps']} steps"
         if "local-best-step" in mr:  # train.local_patience: the site checked its validation loss and kept its best weights
             stop = info["local_stop"] = {
-                "stopped_at": int(_num(mr.get("local-stopped-at")) or 0) or None,  # a stop is at step 1 or later
-                "best_step": int(_num(mr.get("local-best-step")) or 0),
+                "stopped_at": max(int(mr.get("local-stopped-at") or 0), 0) or None,  # a stop is at step 1 or later
+                "best_step": max(int(mr.get("local-best-step") or 0), 0),
                 "val_start": _num(mr.get("local-val-start")),
                 "val_best": _num(mr.get("local-val-best")),
             }
@@ -364,21 +392,23 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
         sites[name] = info
         if secure:  # a masked vector: server/secure.py checks and sums it
             info["status"] = "ok"
-            info["clipped_values"] = int(_num(mr.get("clipped-values")) or 0)
+            info["clipped_values"] = max(int(mr.get("clipped-values") or 0), 0)
             say(f"{where}: {trained}; masked update received {count}")
             return
         rank = None
         try:
-            arrays = adapters.read_adapter(m.content)
+            if mr.get("update-nonfinite"):  # an older site zeroed a diverged update and said so: never average its zeros
+                raise ValueError("the site's update was not finite (NaN/Inf; the site replaced it by zeros)")
+            arrays = adapters.read_adapter(m.content, max_values=n_values, max_tensors=len(spec))
+            info["bytes_sent"] = adapters.record_nbytes(m.content["arrays"])
             rank = methods.rank_of(arrays, spec) if ranked else None
             if rank is not None:
                 arrays = methods.pad_rank(arrays, spec)  # HetLoRA: a lower rank's missing rows/columns are zeros
             problems = validate_update(arrays, spec, n_ex, cfg.federation.max_examples_per_update)
-        except ValueError as e:
+        except (ValueError, KeyError, TypeError) as e:
             arrays, problems = {}, [str(e)]
-        info["bytes_sent"] = adapters.record_nbytes(m.content["arrays"]) if "arrays" in m.content else 0
         if problems:
-            info.update(status="rejected", reason="; ".join(problems[:5]), examples=None)
+            info.update(status="rejected", reason=clean("; ".join(problems[:5])), examples=None)
             rejected.append({"site": name, "reason": info["reason"]})
             say(f"{where}: REJECTED update: {info['reason']} {count}")
             return
@@ -387,11 +417,11 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             c = privacy.clip_update(arrays, bound)
             arrays = c.update
             info["clipped_by_coordinator"] = bool(c.norm > bound * (1 + 1e-4))
-        weight = 1.0 if dp else float(n_ex)
         if cfg.federation.aggregator == "mean":
-            mean.add(arrays, weight)
+            mean.add(arrays, 1.0 if equal else float(n_ex))
+            weighed.append(name)
             if keep:
-                measured.append((name, arrays, rank or cfg.peft.r, weight))
+                measured.append((name, arrays, rank or cfg.peft.r))
         else:
             kept.append(arrays)
         say(f"{where}: {trained} {count}")
@@ -427,13 +457,23 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
                 "the run can be resumed from its last checkpoint."
             )
         update = mean.result() if cfg.federation.aggregator == "mean" else robust_aggregate(kept, cfg.federation.aggregator, cfg.federation.trim_fraction)
+        weight = {}
+        if cfg.federation.aggregator == "mean":
+            weight = dict(zip(weighed, mean.weights() if cap is not None else [1.0 if equal else float(sites[n]["examples"]) for n in weighed]))
+            for name, w in weight.items():
+                sites[name]["weight"] = w
+                if cap is not None and w < sites[name]["examples"]:
+                    sites[name]["weight_capped"] = True
+            if cap is not None and any(i.get("weight_capped") for i in sites.values()):
+                capped = ", ".join(n for n in weighed if sites[n].get("weight_capped"))
+                say(f"round {rnd} | weight capped at {mean.limit():g} (federation.weight_cap {cap:g} x the median example count): {capped}")
         if measured:
-            for (name, _, _, _), align in zip(measured, site_alignment([a for _, a, _, _ in measured], update, rs.layer_of)):
+            for (name, _, _), align in zip(measured, site_alignment([a for _, a, _ in measured], update, rs.layer_of)):
                 sites[name].update(align)
             if ranked:
                 record.update(
                     lora_product_error(
-                        rs.global_state, [a for _, a, _, _ in measured], [r for _, _, r, _ in measured], [w for _, _, _, w in measured],
+                        rs.global_state, [a for _, a, _ in measured], [r for _, _, r in measured], [weight[n] for n, _, _ in measured],
                         update, methods.lora_pairs(rs.global_state),
                     )
                 )  # fmt: skip
@@ -453,7 +493,7 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             "noise": "distributed: each site adds its share before masking" if secure else "central: added by the coordinator",
         }
     before = rs.global_state
-    rs.global_state = rs.optimizer.step(rs.global_state, update)
+    rs.global_state = apply_update(rs, rnd, update)
     record["layer_change"] = change_by_layer(before, rs.global_state, rs.layer_of)
     return {
         "sites": sites,
@@ -467,6 +507,24 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
         "train_seconds": round(time.time() - t0, 3),
         **record,
     }
+
+
+def apply_update(rs: RunState, rnd: int, update: dict) -> OrderedDict:
+    """The server optimizer's step with the round's mean update -> the new global state, refused
+    (FederationError; the global and the optimizer's moments stay at round ``rnd - 1``) when any
+    value of it is not finite: clipped, finite updates can still overflow float32 over rounds."""
+    opt = rs.optimizer
+    saved = (opt.t, OrderedDict(opt.m), OrderedDict(opt.v))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
+        new = opt.step(rs.global_state, update)
+    bad = [k for k, v in new.items() if not np.isfinite(v).all()]
+    if bad:
+        opt.t, opt.m, opt.v = saved
+        raise FederationError(
+            f"round {rnd}: the new global adapter is not finite ({len(bad)} tensor(s), e.g. {bad[0]}); refused. "
+            f"The global adapter stays at round {rnd - 1}; check the sites' updates (federation.update_norm_bound) and resume."
+        )
+    return new
 
 
 SERVER_STATE = "server_state.json"

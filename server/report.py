@@ -15,6 +15,18 @@ from pathlib import Path
 
 from fedtune.common.checkpoint import atomic_write_bytes
 
+from .messaging import clean
+
+
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|<>!])")
+
+
+def _md(text: object) -> str:
+    """Text from the run's record (site names, statuses, reasons: written by sites) as markdown
+    that says only itself: one line (messaging.clean), every character markdown could read as
+    markup (links, images, tables, code, emphasis, HTML) backslash-escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", clean(text))
+
 
 def _fmt(x, spec=".3f") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -179,8 +191,8 @@ def _baselines_section(doc: dict, plots: list[str]) -> list[str]:
     if not b:
         return []
     steps = b["steps"]
-    fed = ", ".join(f"{n} {v}" for n, v in steps["federation"].items() if n != "total")
-    alone = ", ".join(f"{n} {v}" for n, v in steps["alone"].items())
+    fed = ", ".join(f"{_md(n)} {v}" for n, v in steps["federation"].items() if n != "total")
+    alone = ", ".join(f"{_md(n)} {v}" for n, v in steps["alone"].items())
     out = [
         "",
         "## Does federation help? Baselines at equal compute",
@@ -213,7 +225,7 @@ def _baselines_section(doc: dict, plots: list[str]) -> list[str]:
             f"| site: {'eval loss (lower is better)' if loss else 'exact match (higher is better)'} | base model | alone | pooled | federation | federation against alone |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
-        for name, row in [*b["sites"].items(), ("**mean**", b["mean"])]:
+        for name, row in [*((_md(n), r) for n, r in b["sites"].items()), ("**mean**", b["mean"])]:
             v = {t: (row.get(t) or {}).get(key) for t, _, _ in BASELINES}
             gain = "–"
             if v["alone"] is not None and v["federation"] is not None:
@@ -344,7 +356,7 @@ def _adaptation_section(doc: dict, plots: list[str]) -> list[str]:
             "| round | site | update norm | cosine to the aggregate |",
             "| --- | --- | --- | --- |",
         ]
-        out += [f"| {rnd} | {n} | {_fmt(s.get('update_norm'), '.4g')} | {_fmt(s.get('cosine_to_aggregate'), '.3f')} |" for rnd, n, s in pulls]
+        out += [f"| {rnd} | {_md(n)} | {_fmt(s.get('update_norm'), '.4g')} | {_fmt(s.get('cosine_to_aggregate'), '.3f')} |" for rnd, n, s in pulls]
         if "sites.png" in plots:
             out += ["", "The same per layer: blue where a site pulled along the aggregate, red where it pulled against it.", "", "![sites.png](sites.png)"]
     elif doc["fedtune"].get("secure_aggregation") or doc["fedtune"].get("differential_privacy"):
@@ -406,7 +418,7 @@ def _aggregation_section(doc: dict) -> list[str]:
         ]
     out += ["| round | site ranks | update norm | aggregation error (rel.) | updates clipped | noise multiplier | epsilon spent |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rounds:
-        ranks = ", ".join(f"{n} r={s['rank']}" for n, s in sorted(r.get("sites", {}).items()) if "rank" in s) or "–"
+        ranks = ", ".join(f"{_md(n)} r={s['rank']}" for n, s in sorted(r.get("sites", {}).items()) if "rank" in s) or "–"
         p = r.get("privacy", {})
         err = f"{_fmt(r.get('aggregation_error_rel'), '.2e')}" if "aggregation_error_rel" in r else "–"
         out.append(
@@ -434,7 +446,7 @@ def _partition_section(composition: dict | None) -> list[str]:
         "| --- | --- | " + " | ".join("---" for _ in cats) + " |",
     ]
     for name, s in sorted(sites.items()):
-        out.append(f"| {name} | {s.get('records')} | " + " | ".join(str(s.get("by_category", {}).get(c, 0)) for c in cats) + " |")
+        out.append(f"| {_md(name)} | {s.get('records')} | " + " | ".join(str(s.get("by_category", {}).get(c, 0)) for c in cats) + " |")
     return out
 
 
@@ -449,7 +461,7 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
         f"aggregation: {doc['fedtune']['strategy']} over {doc['fedtune']['update']}s"
         + (", secure (SecAgg+)" if doc["fedtune"].get("secure_aggregation") else "")
         + (", client-level differential privacy" if doc["fedtune"].get("differential_privacy") else ""),
-        f"- sites: {', '.join(names) or 'none'}; rounds: {last}; wall time: {doc['elapsed_s']:.0f} s",
+        f"- sites: {', '.join(_md(n) for n in names) or 'none'}; rounds: {last}; wall time: {doc['elapsed_s']:.0f} s",
         _artifact_line(doc),
         *_best_lines(doc),
         _update_size_line(rounds),
@@ -468,7 +480,7 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
         f0, f1 = first.get(n, {}), final.get(n, {})
         sent = f1.get("bytes_sent")
         lines.append(
-            f"| {n} | {_fmt(f0.get('eval_loss'))} | {_fmt(f1.get('eval_loss'))} | {_fmt(f0.get('exact_match'), '.2f')} | "
+            f"| {_md(n)} | {_fmt(f0.get('eval_loss'))} | {_fmt(f1.get('eval_loss'))} | {_fmt(f0.get('exact_match'), '.2f')} | "
             f"{_fmt(f1.get('exact_match'), '.2f')} | {f1.get('examples', '–')} | {f'{sent:,}' if isinstance(sent, int) else '–'} |"
         )
     lines += _baselines_section(doc, plots)
@@ -480,7 +492,7 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
                 continue
             status = s.get("status") or ("eval " + s["eval_status"] if "eval_status" in s else "ok" if r["round"] == 0 else "–")
             lines.append(
-                f"| {r['round']} | {n} | {status} | {_fmt(s.get('train_loss'))} | "
+                f"| {r['round']} | {_md(n)} | {_md(status)} | {_fmt(s.get('train_loss'))} | "
                 f"{_fmt(s.get('eval_loss'))} | {_fmt(s.get('exact_match'), '.2f')} | {s.get('steps', '–')} | "
                 f"{_fmt(s.get('train_seconds'), '.1f')} | {s.get('bytes_sent', '–')} |"
             )
@@ -496,7 +508,7 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for rnd, st in secure:
-            dropped = "; ".join(f"{stage}: {', '.join(names_)}" for stage, names_ in st.get("dropped", {}).items()) or "none"
+            dropped = "; ".join(f"{_md(stage)}: {', '.join(_md(x) for x in names_)}" for stage, names_ in st.get("dropped", {}).items()) or "none"
             stages = ", ".join(f"{k} {v:.1f}" for k, v in st.get("stage_seconds", {}).items())
             lines.append(
                 f"| {rnd} | {st['sites_per_stage'][3]} of {st['sites_per_stage'][0]} | {st['threshold']} | {dropped} | "
@@ -508,7 +520,7 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
     rejected = [(r["round"], x) for r in rounds for x in r.get("rejected", [])]
     if rejected:
         lines += ["", "## Rejected updates", ""]
-        lines += [f"- round {rnd}, {x['site']}: {x['reason']}" for rnd, x in rejected]
+        lines += [f"- round {rnd}, {_md(x['site'])}: {_md(x['reason'])}" for rnd, x in rejected]
     lines += ["", "## Plots", ""]
     if plots:
         lines += [f"![{p}]({p})" for p in plots if p not in ("layers.png", "sites.png", "forgetting.png", "baselines.png")]
@@ -529,16 +541,40 @@ HTML_STYLE = (
 )
 
 
+_ESCAPED = re.compile(r"\\([\\`*\[\]|<>!])")  # what _md escapes
+
+
 def _inline(text: str) -> str:
-    text = html.escape(text, quote=False)
+    """One line of the report's markdown as HTML: escaped, then **bold** and `code`; a
+    backslash-escaped character (:func:`_md`) stays that literal character."""
+    literal: list[str] = []
+
+    def hold(m: re.Match) -> str:
+        literal.append(m.group(1))
+        return f"\x00{len(literal) - 1}\x00"  # clean() leaves no NUL in the text: a safe marker
+
+    text = html.escape(_ESCAPED.sub(hold, text), quote=False)
     for pattern, repl in _INLINE:
         text = pattern.sub(repl, text)
-    return text
+    return re.sub(r"\x00(\d+)\x00", lambda m: html.escape(literal[int(m.group(1))]), text)
 
 
-def render_html(markdown: str, out: Path) -> str:
+_CELL = re.compile(r"(?<!\\)\|")  # a table column: an unescaped |
+
+
+def render_html(markdown: str, out: Path, images: list[str] | tuple[str, ...] = ()) -> str:
     """report.md as one self-contained HTML page: the same text and tables, every plot embedded
-    as a data: URI (the page can be mailed or archived on its own)."""
+    as a data: URI (the page can be mailed or archived on its own).
+
+    Only ``images`` are embedded: the plots :func:`write_plots` wrote, by file name, found
+    inside ``out``. Any other image line (however it got into the text) stays text: the page
+    never reads a file that a string in the run's record names."""
+    allowed = set()
+    root = out.resolve()
+    for name in images:
+        path = (out / name).resolve()
+        if Path(name).name == name and path.parent == root and path.is_file():
+            allowed.add(name)
     body: list[str] = []
     lines = markdown.splitlines()
     i = 0
@@ -547,7 +583,10 @@ def render_html(markdown: str, out: Path) -> str:
         if line.startswith("|"):
             rows = []
             while i < len(lines) and lines[i].startswith("|"):
-                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                row = lines[i].strip()
+                row = row[1:] if row.startswith("|") else row
+                row = row[:-1] if row.endswith("|") and not row.endswith("\\|") else row
+                cells = [c.strip() for c in _CELL.split(row)]
                 if not all(set(c) <= set("-: ") for c in cells):
                     rows.append(cells)
                 i += 1
@@ -564,11 +603,9 @@ def render_html(markdown: str, out: Path) -> str:
             body.append("</ul>")
             continue
         m = _IMAGE.match(line.strip())
-        if m:
-            path = out / m.group(2)
-            if path.is_file():
-                data = base64.b64encode(path.read_bytes()).decode("ascii")
-                body.append(f'<p><img alt="{html.escape(m.group(1))}" src="data:image/png;base64,{data}"></p>')
+        if m and m.group(2) in allowed:
+            data = base64.b64encode((out / m.group(2)).read_bytes()).decode("ascii")
+            body.append(f'<p><img alt="{html.escape(m.group(1))}" src="data:image/png;base64,{data}"></p>')
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
@@ -591,5 +628,5 @@ def write_report(out: Path, doc: dict, plots: bool = True) -> Path:
         pass
     markdown = render_markdown(doc, made, composition)
     atomic_write_bytes(path, markdown.encode("utf-8"))
-    atomic_write_bytes(out / "report.html", render_html(markdown, out).encode("utf-8"))
+    atomic_write_bytes(out / "report.html", render_html(markdown, out, made).encode("utf-8"))
     return path

@@ -450,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"mixed LoRA ranks (HetLoRA zero-padding): {', '.join(ranked)}; the others r={cfg.peft.r}")
     if cfg.privacy.enabled:
         say(f"client-level differential privacy: budget epsilon {cfg.privacy.epsilon:g} at delta {cfg.privacy.delta:g}; updates clipped to L2 norm {cfg.privacy.clip:g}")
-    elif cfg.federation.update_norm_bound is not None:
-        say(f"update-norm bound: each site clips its update to L2 norm {cfg.federation.update_norm_bound:g}")
+    elif cfg.federation.update_norm_bound not in (None, "off"):
+        bound = cfg.federation.update_norm_bound
+        say(f"update-norm bound: each site clips its update to L2 norm {'auto (10 x lr x steps x sqrt(values))' if bound == 'auto' else f'{bound:g}'}")
     if resolved.partition is not None:
         # Counts only: site records never reach the console or a log.
         say(resolved.partition.summary())

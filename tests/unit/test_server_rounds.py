@@ -82,6 +82,10 @@ def trainer(name: str, value: float = 1.0, n: int = 10, bad: str | None = None) 
 
 
 def run_state(tiny_config, tmp_path, **federation) -> server.RunState:
+    """A coordinator's state over the 10-value test adapter. The update-norm bound is off unless
+    asked for: these rounds use unit-size updates to keep the arithmetic legible, which the default
+    bound ('auto': 10 x lr x steps x sqrt(10) = 0.06 here) would clip (test_hostile_sites uses it)."""
+    federation = {"update_norm_bound": None, **federation}
     cfg = tiny_config.model_copy(update={"federation": tiny_config.federation.model_copy(update=federation)})
     return server.RunState(cfg=cfg, out=tmp_path, global_state=_state(), peft_config=None, trainable_params=10, rng=np.random.default_rng(0))
 

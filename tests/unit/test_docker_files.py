@@ -311,6 +311,19 @@ def test_site_mounts_no_other_secret(compose, site):
     assert coordinator_certs not in names, f"{site} mounts the coordinator's server.key"
 
 
+def test_coordinator_offers_only_the_gateway_port(compose):
+    # ftserver's gateway listens on --port; the SuperLink (Control and Runtime APIs) on the
+    # container's 127.0.0.1 only. Nothing else may be published or exposed.
+    svc = compose["services"]["coordinator"]
+    port = flag(command(svc), "--port")
+    for spec in [*svc.get("ports", []), *svc.get("expose", [])]:
+        target = spec.get("target") if isinstance(spec, dict) else str(spec).rsplit(":", 1)[-1].split("/")[0]
+        assert str(target) == port, f"coordinator publishes {spec}: only the gateway port {port} may be offered"
+    assert f"'127.0.0.1', {port}" in " ".join(svc["healthcheck"]["test"]), "the healthcheck should probe the gateway port"
+    for name in ("Dockerfile.server", "Dockerfile.server.cuda"):
+        assert [e.split() for e in all_of(DOCKER / name, "EXPOSE")] == [[port]], f"{name} exposes more than the gateway port"
+
+
 def test_coordinator_mounts_no_site_key_or_data(compose):
     svc = compose["services"]["coordinator"]
     names = {m.source for m in mounts(svc) if m.named}

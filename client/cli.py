@@ -6,9 +6,11 @@
         and serves its tasks in this process, where the base model stays loaded between
         rounds. The data paths and device stay here, in the SuperNode's node config; only
         adapter updates, counts and metrics leave the site. Runs until stopped (Ctrl-C, SIGTERM).
-    ftclient check --data FILE [--model M] [--max-length N]
+    ftclient check --data FILE [--model M] [--max-length N] [--max-record-bytes B]
         validates the site's data locally and prints counts, token-length statistics and
-        problems (file, line, field), without contacting anyone.
+        problems (file, line, field), without contacting anyone. The file is streamed: a
+        record above B bytes (default 1 MiB), nesting deeper than 32 levels or text that is
+        not valid Unicode is a problem at its line, in seconds and bounded memory.
     ftclient keygen --out DIR [--force]
         makes the site's key pair: DIR/site_key stays here, DIR/site_key.pub goes to the coordinator.
 
@@ -23,38 +25,54 @@ import statistics
 import sys
 
 def check(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from fedtune.common.config import DataConfig, ModelConfig
-    from fedtune.common.data import DataError, load_site_data, tokenize_example, truncate_item
+    from fedtune.common.data import DataError, RecordError, read_valid_records, tokenize_example, truncate_item
     from fedtune.common.modeling import ModelError, load_tokenizer, resolve_model_source
 
     try:
-        cfg = DataConfig(format=args.format, max_length=args.max_length, max_invalid_fraction=1.0)
-        data = load_site_data(args.data, cfg)
+        cfg = DataConfig(format=args.format, max_length=args.max_length, max_invalid_fraction=1.0, max_record_bytes=args.max_record_bytes)
+    except ValidationError as e:
+        print(f"ftclient check: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    try:
+        # Streamed: memory stays about one record (--max-record-bytes) whatever the file holds.
+        data = read_valid_records(args.data, cfg)
         source, is_local = resolve_model_source(ModelConfig(name=args.model))
         tok = load_tokenizer(source, is_local)
     except (DataError, ModelError) as e:
         print(f"ftclient check: {e}", file=sys.stderr)
         return 2
     # Tokenize once untruncated (for lengths), then cut each to max_length (for usability).
-    full = [t for t in (tokenize_example(ex, tok, 10**9, cfg.system_prompt) for ex in data.examples) if t is not None]
+    full, invalid = [], list(data.invalid)
+    for where, _, ex in data.valid:
+        try:
+            t = tokenize_example(ex, tok, 10**9, cfg.system_prompt)
+        except (RecordError, ValueError, TypeError) as e:  # named by where it is, never by what it holds
+            invalid.append((where, f"cannot be tokenized ({type(e).__name__})"))
+            continue
+        if t is not None:
+            full.append(t)
     lengths = sorted(len(t["input_ids"]) for t in full)
     usable = sum(1 for t in full if truncate_item(t, cfg.max_length) is not None)
+    n_valid = len(data.valid) - (len(invalid) - len(data.invalid))
     print(f"file            {args.data}")
-    print(f"format          {data.format}")
+    print(f"format          {data.format or 'unknown'}")
     print(f"records         {data.records_read}")
-    print(f"valid           {len(data.examples)}")
-    print(f"invalid         {data.n_invalid}")
+    print(f"valid           {n_valid}")
+    print(f"invalid         {len(invalid)}")
     if lengths:
         p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
         print(f"tokens/example  min {lengths[0]}  median {int(statistics.median(lengths))}  p95 {p95}  max {lengths[-1]}")
         over = sum(1 for n in lengths if n > cfg.max_length)
         print(f"over max_length {over} of {len(lengths)} (max_length {cfg.max_length}: truncated; {len(lengths) - usable} lose their whole answer and are dropped)")
-    for where, why in data.invalid[:20]:
+    for where, why in invalid[:20]:
         print(f"problem         {args.data}: {where}: {why}")
-    if data.n_invalid > 20:
-        print(f"problem         ... and {data.n_invalid - 20} more")
-    ok = bool(data.examples) and usable > 0
-    print("verdict         " + ("usable" if ok and not data.n_invalid else "usable, with problems above" if ok else "NOT usable: no example to train on"))
+    if len(invalid) > 20:
+        print(f"problem         ... and {len(invalid) - 20} more")
+    ok = n_valid > 0 and usable > 0
+    print("verdict         " + ("usable" if ok and not invalid else "usable, with problems above" if ok else "NOT usable: no example to train on"))
     return 0 if ok else 1
 
 
@@ -66,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--model", default="default", help="whose tokenizer measures lengths (default: the default model)")
         p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "prompt_completion", "text"])
         p.add_argument("--max-length", type=int, default=512)
+        p.add_argument(
+            "--max-record-bytes",
+            type=int,
+            default=1 << 20,
+            help="longest record read (a line, list item or row; default 1 MiB, as data.max_record_bytes); longer ones are reported at their line",
+        )
         return check(p.parse_args(argv[1:]))
     if argv and argv[0] == "keygen":
         from .keys import create_site_keys

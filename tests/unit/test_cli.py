@@ -63,6 +63,44 @@ def test_ftclient_check_reports_counts_and_problems(tiny_model_dir, tmp_path, ca
     assert "empty file" in capsys.readouterr().err
 
 
+def test_ftclient_check_reports_a_50_mb_line_deep_nesting_and_a_lone_surrogate_at_their_lines(tiny_model_dir, tmp_path, capsys):
+    """Issue 15: a 50 MB single line once took 9.2 GB and was still running at 150 s; nested JSON
+    gave a RecursionError traceback; a lone surrogate crashed tokenization without a location."""
+    import time
+    import tracemalloc
+
+    f = tmp_path / "site.jsonl"
+    with f.open("wb") as out:
+        out.write(b'{"prompt": "Categorize: SHOP 12", "completion": "groceries"}\n{"prompt": "')
+        for _ in range(50):
+            out.write(b"SHOP 12 " * (1 << 17))
+        out.write(b'", "completion": "x"}\n')
+        out.write(b'{"prompt": "a", "completion": "b", "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
+        out.write(b'{"prompt": "SHOP 12 \\ud800", "completion": "b"}\n')
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    rc = ftclient.main(["check", "--data", str(f), "--model", str(tiny_model_dir)])
+    seconds, (_, peak) = time.perf_counter() - t0, tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    out = capsys.readouterr().out
+    f.unlink()
+    assert rc == 0 and seconds < 30 and peak < 64 << 20, (seconds, peak)
+    assert "records         4" in out and "valid           1" in out and "invalid         3" in out
+    assert "line 2: longer than data.max_record_bytes (1048576 bytes)" in out
+    assert "line 3: nested deeper than 32 levels" in out
+    assert "line 4: field 'prompt' is not valid Unicode" in out
+    assert "SHOP 12" not in out
+
+
+def test_ftclient_check_takes_the_record_cap(tiny_model_dir, tmp_path, capsys):
+    f = tmp_path / "site.jsonl"
+    f.write_text('{"prompt": "' + "q" * 5000 + '", "completion": "a"}\n{"prompt": "q", "completion": "a"}\n')
+    assert ftclient.main(["check", "--data", str(f), "--model", str(tiny_model_dir), "--max-record-bytes", "4096"]) == 0
+    assert "line 1: longer than data.max_record_bytes (4096 bytes)" in capsys.readouterr().out
+    assert ftclient.main(["check", "--data", str(f), "--model", str(tiny_model_dir), "--max-record-bytes", "10"]) == 2
+    assert "max_record_bytes" in capsys.readouterr().err
+
+
 @pytest.fixture
 def pki(tmp_path):
     from fedtune.client.keys import create_site_keys

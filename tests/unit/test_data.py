@@ -287,7 +287,7 @@ def test_non_utf8_csv(tmp_path):
 def test_non_utf8_json(tmp_path):
     path = tmp_path / "s.json"
     path.write_bytes(b'[{"text": "\xff"}]')
-    with pytest.raises(DataError, match=r"s\.json: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"s\.json: line 1: not valid UTF-8 \(byte 11\)"):
         load_site_data(path, DataConfig())
 
 

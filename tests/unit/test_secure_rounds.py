@@ -50,7 +50,7 @@ class SecureSite:
         self.ctx = Context(run_id=1, node_id=idx, node_config={"partition-id": idx - 1}, state=RecordDict(), run_config={})
         self.sites = [client_app.SiteFiles(f"site{i}", "unused") for i in range(1, 10)]
         self.replies: list[RecordDict] = []
-        self.snapshots: list[dict] = []  # the round's secrets as they stood when training began
+        self.snapshots: list[dict] = []  # the round's secrets (keys, seed, shares held) as they stood after masking
 
     def __call__(self, m: Message):
         kind = m.metadata.message_type
@@ -60,13 +60,12 @@ class SecureSite:
             out = RecordDict({"metrics": MetricRecord({"num-examples": 4, "eval-loss": 1.0}), "site": self._site("ok")})
         elif kind == "train":
             cfg = FedTuneConfig.from_json(str(m.content["config"][CONFIG_KEY]))
-            if p.STATE in self.ctx.state:
-                self.snapshots.append(dict(self.ctx.state[p.STATE]))
             glob = adapters.read_adapter(m.content)
             try:
                 flat = secure.flatten_update(self.update, glob)
                 weight = 1 if cfg.privacy.enabled or cfg.federation.weighting == "equal" else self.examples
                 y, extra = secure.masked_input(self.ctx, m.content[p.RECORD], flat, weight, seed=7)
+                self.snapshots.append(dict(self.ctx.state[p.STATE]))
                 metrics = MetricRecord({"num-examples": self.examples, "train-loss": 1.0, **extra})
                 out = RecordDict({"metrics": metrics, "site": self._site("ok"), p.MASKED: p.masked_record(y)})
             except SecAggError as e:
@@ -441,3 +440,357 @@ def test_the_threshold_is_fixed_by_the_sites_invited_not_those_that_turn_up(tiny
         server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
     assert all(s.replies == [] or p.RECORD in s.replies[0] for s in sites.values())
     assert not any(m.metadata.message_type == p.SHARE_KEYS for m in FakeGrid(sites).sent)
+
+
+# ---------------------------------------------------------------- a malicious coordinator
+
+
+class MaliciousCoordinator(FakeGrid):
+    """The coordinator's own round (server/secure.py), with what it sends rewritten by
+    ``tamper(kind, sid, record)`` (in place) on the way out; it keeps every reply it sees (keys,
+    masked vectors, unmask shares) and tries to open site 1's masked vector with them."""
+
+    def __init__(self, sites, tamper=None):
+        super().__init__(sites)
+        self.tamper = tamper or (lambda kind, sid, rec: None)
+        self.sid: dict[int, int] = {}
+        self.pubs, self.masked, self.answers, self.tag = {}, {}, {}, None
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for m in messages:
+            kind, node = m.metadata.message_type, m.metadata.dst_node_id
+            if p.RECORD in m.content:
+                rec = m.content[p.RECORD]
+                if kind == p.ADVERTISE:
+                    self.sid[node], self.tag = int(rec["sid"]), rec["round-tag"]
+                self.tamper(kind, self.sid[node], rec)
+        ids = super().push_messages(messages)
+        for m, mid in zip(messages, ids):
+            if mid not in self._ready:
+                continue
+            out, sid, kind = self._ready[mid].content, self.sid.get(m.metadata.dst_node_id), m.metadata.message_type
+            if kind == p.ADVERTISE and p.RECORD in out:
+                self.pubs[sid] = (out[p.RECORD]["c-pub"], out[p.RECORD]["s-pub"])
+            if kind == "train" and p.MASKED in out:
+                self.masked[sid] = np.frombuffer(out[p.MASKED]["y"].data, dtype="<u4").copy()
+            if kind == p.UNMASK and p.RECORD in out:
+                r = out[p.RECORD]
+                self.answers[sid] = (
+                    dict(zip(r["self-ids"], p.bytes_to_ints(list(r["self-shares"])))),
+                    dict(zip(r["pair-ids"], p.bytes_to_ints(list(r["pair-shares"])))),
+                )
+        return ids
+
+    def open_site_1(self, t: int = 3) -> np.ndarray | None:
+        """Site 1's quantized update, if the shares given away rebuild its self-mask seed and
+        every neighbour's mask key (which with site 1's public key gives each pairwise mask)."""
+        b = {h: a[0][1] for h, a in self.answers.items() if 1 in a[0]}
+        if len(b) < t or 1 not in self.masked:
+            return None
+        seeds = [(prim.shamir_combine(b, t), -1)]
+        for k in range(2, 6):
+            s = {h: a[1][k] for h, a in self.answers.items() if k in a[1]}
+            if len(s) < t:
+                return None
+            s_k = X25519PrivateKey.from_private_bytes(prim.shamir_combine(s, t))
+            seeds.append((prim.mask_key(s_k, self.pubs[1][1], self.tag), -1))  # site 1 added +m_1k (1 < k)
+        return prim.apply_masks(self.masked[1].copy(), seeds)
+
+
+def attack_a(kind, sid, rec):
+    """Attack (a): ask each site j to unmask with alive = {1, j, 98, 99} (98 and 99 are no
+    sites) and dropped = the rest: site 1's self-mask seed from the others, every other site's
+    mask key from site 1 and the rest. (Against the code before the signed consistency check and
+    the share-holder checks, this opened site 1's update to one quantization step: 1.7e-8.)"""
+    if kind == p.UNMASK:
+        rec["alive"], rec["dropped"] = sorted({1, sid, 98, 99}), sorted(set(range(1, 6)) - {1, sid})
+
+
+def attack_a_signed(kind, sid, rec):
+    """Attack (a) with the alive set split instead: the sites sign the true alive set, then
+    each site j is asked as if the alive set were {1, j, j'} (three real sites), with its own
+    view of that set and the signatures the coordinator holds (on the true set)."""
+    if kind == p.UNMASK:
+        mine = sorted({1, sid, sid % 4 + 2})  # 1 -> {1, 3}... made three: {1, 2, 3} for site 1
+        mine = mine if len(mine) == 3 else sorted({1, 2, 3})
+        alive, dropped = prim.unmask_view(mine, [j for j in range(1, 6) if j != sid], sid)
+        rec["u3"], rec["alive"], rec["dropped"] = mine, alive, dropped
+
+
+@pytest.mark.parametrize("tamper", [attack_a, attack_a_signed], ids=["forged-views", "split-alive-set"])
+def test_attack_a_a_coordinator_cannot_count_strangers_or_split_views_to_open_a_site(tiny_config, tmp_path, tamper):
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+    grid = MaliciousCoordinator(sites, tamper)
+    with pytest.raises(server.FederationError, match=r"aborted at (unmasking|the consistency check)"):
+        server.run_training_round(grid, list(sites), rs, 1, lambda s: None)
+    assert grid.answers == {} and grid.open_site_1() is None  # not one share given away
+    why = [r for s in sites.values() for r in s.refusals()]
+    expected = "sent this site no shares" if tamper is attack_a else "another alive set than the one this site signed"
+    assert len(why) == 5 and all(expected in r for r in why), why
+    for k in SHAPES:
+        np.testing.assert_array_equal(rs.global_state[k], 0.0)
+
+
+def test_the_attack_harness_opens_a_site_when_the_sites_give_their_shares_away(tiny_config, tmp_path):
+    """The harness has teeth: with the shares an honest round hands over plus, say, every
+    mask key (what attack (a) used to get), site 1's update comes back; so the refusals above
+    are what stops the attack, not a broken harness."""
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+    grid = MaliciousCoordinator(sites)
+    server.run_training_round(grid, list(sites), rs, 1, lambda s: None)
+    assert grid.open_site_1() is None  # an honest round reveals self-mask seeds only
+    # Give the harness site 1's neighbours' mask keys as if the sites had revealed them.
+    snapshots = {i: s.snapshots[-1] for i, s in sites.items()}
+    for h, (b, _) in list(grid.answers.items()):
+        shares = {k: p.bytes_to_ints(list(snapshots[h]["held-s"]))[list(snapshots[h]["held-ids"]).index(k)] for k in range(2, 6) if k != h}
+        grid.answers[h] = (b, shares)
+    code = grid.open_site_1()
+    cap = round_cap(rs, sites)
+    q = Quantizer(rs.cfg.secure_clip, cap, 5)
+    x = (code[:-1].astype(np.float64) * q.step - q.max_weight * q.clip) / sites[1].examples
+    assert code[-1] == sites[1].examples
+    assert np.abs(x - secure.flatten_update(sites[1].update, _global())).max() <= q.step / sites[1].examples
+
+
+def substitute_keys(target: int, identity=None, only_round=None, state=None):
+    """A coordinator that hands every neighbour of site ``target`` its own X25519 keys in place
+    of the target's (so it could open the target's shares); with ``identity``, it also signs
+    them with that key and publishes it as the target's identity key."""
+    mine = (X25519PrivateKey.generate(), X25519PrivateKey.generate())
+    raw = [k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) for k in mine]
+    state = state if state is not None else {"round": 0}
+
+    def tamper(kind, sid, rec):
+        if kind == p.ADVERTISE and sid == 1:
+            state["round"] += 1
+            state["tag"] = rec["round-tag"]
+        if kind != p.SHARE_KEYS or (only_round and state["round"] != only_round) or target not in rec["nbr-ids"]:
+            return
+        at = list(rec["nbr-ids"]).index(target)
+        for field, value in (("nbr-c", raw[0]), ("nbr-s", raw[1])):
+            rec[field] = [value if i == at else v for i, v in enumerate(rec[field])]
+        if identity is not None:
+            sig = sign(identity, p.advert_payload(1, state["tag"], target, raw[0], raw[1]))
+            rec["nbr-sig"] = [sig if i == at else v for i, v in enumerate(rec["nbr-sig"])]
+            rec["nbr-pk"] = [identity_public(identity) if i == at else v for i, v in enumerate(rec["nbr-pk"])]
+
+    return tamper
+
+
+def test_a_substituted_key_is_refused_and_nothing_is_unmasked(tiny_config, tmp_path):
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+    grid = MaliciousCoordinator(sites, substitute_keys(3))
+    with pytest.raises(server.FederationError, match="aborted at key sharing"):
+        server.run_training_round(grid, list(sites), rs, 1, lambda s: None)
+    for i in (1, 2, 4, 5):
+        assert any("advertised keys of site(s) [3] are not signed by their published identity keys" in r for r in sites[i].refusals())
+    assert grid.masked == {} and grid.answers == {}  # no site trained or masked: nothing to open
+    assert all(p.STATE not in sites[i].ctx.state for i in (1, 2, 4, 5))  # the refusing sites forgot the round
+
+
+def test_a_substituted_identity_is_refused_by_pinned_sites_and_when_it_changes_during_the_run(tiny_config, tmp_path):
+    """A coordinator that also signs the substituted keys with a key of its own, published as
+    site 3's identity: sites that pin the registered keys refuse at once; sites that do not pin
+    refuse it once they have seen site 3's real key (trust on first use)."""
+    rogue = new_identity()
+    rs = secure_state(tiny_config, tmp_path)
+    pinned = five(pinned=REGISTERED)
+    with pytest.raises(server.FederationError, match="aborted at key sharing"):
+        server.run_training_round(MaliciousCoordinator(pinned, substitute_keys(3, rogue)), list(pinned), rs, 1, lambda s: None)
+    assert any("published for node(s) 3 are not among this site's pinned peer keys" in r for r in pinned[1].refusals())
+
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+    grid = MaliciousCoordinator(sites, substitute_keys(3, rogue, only_round=2))
+    server.run_training_round(grid, list(sites), rs, 1, lambda s: None)  # round 1 is honest
+    with pytest.raises(server.FederationError, match="aborted at key sharing"):
+        server.run_training_round(grid, list(sites), rs, 2, lambda s: None)
+    assert any("identity key published for node 3 changed during the run" in r for r in sites[1].refusals())
+
+
+def test_without_pinning_the_coordinator_controls_the_published_keys_in_the_first_round(tiny_config, tmp_path):
+    """What the threat model says: a site that pins nothing trusts the coordinator's published
+    keys on first use, so a coordinator can enrol keys of its own (Sybil sites, colluding with
+    it) from the start. Privacy then holds only while it controls fewer than threshold of a
+    site's share holders: here it would hold one share of each secret, threshold 3."""
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+    grid = MaliciousCoordinator(sites, substitute_keys(3, new_identity()))
+    with pytest.raises(server.FederationError):  # site 3 cannot open shares sealed to the rogue keys
+        server.run_training_round(grid, list(sites), rs, 1, lambda s: None)
+    assert not any("identity" in r or "signed" in r for i in (1, 2, 4, 5) for r in sites[i].refusals())
+
+
+# ---------------------------------------------------------------- fresh seeds
+
+
+def check_fresh_secrets(sites: dict[int, SecureSite]) -> tuple[int, int]:
+    """The detector: from every site's secrets as they stood after masking, in every
+    round seen, each self-mask seed is new, and each pairwise mask key is new and the same at
+    both ends of its pair. AssertionError names what repeats. -> (seeds, pair keys) checked."""
+    seeds: list[bytes] = []
+    pairs: dict[tuple, set] = {}
+    for s in sites.values():
+        for snap in s.snapshots:
+            tag, me = snap["round-tag"], int(snap["sid"])
+            seeds.append(snap["self-seed"])
+            s_key = X25519PrivateKey.from_private_bytes(snap["s-key"])
+            for j, s_pub in zip(snap["nbr-ids"], snap["nbr-s"]):
+                pairs.setdefault((tag, frozenset({me, int(j)})), set()).add(prim.mask_key(s_key, s_pub, tag))
+    assert len(set(seeds)) == len(seeds), f"self-mask seeds repeat: {len(seeds) - len(set(seeds))} of {len(seeds)}"
+    assert all(len(v) == 1 for v in pairs.values()), "the two ends of a pair derive different mask keys"
+    keys = [next(iter(v)) for v in pairs.values()]
+    assert len(set(keys)) == len(keys), f"pairwise mask keys repeat across pairs or rounds: {len(set(keys))} distinct of {len(keys)}"
+    assert not set(keys) & set(seeds), "a pairwise mask key equals a self-mask seed"
+    return len(seeds), len(keys)
+
+
+def two_rounds(tiny_config, tmp_path, n_values: int = 37, same_update: bool = False):
+    """Two secure rounds of five sites; -> (sites, the coordinator's view of every masked vector per round)."""
+    rs = secure_state(tiny_config, tmp_path)
+    if n_values != 37:
+        rs.global_state, rs.trainable_params = OrderedDict(w=np.zeros(n_values, np.float32)), n_values
+    x = OrderedDict(w=np.random.default_rng(1).normal(0, 0.01, n_values).astype(np.float32)) if n_values != 37 else None
+    ups = [x] * 5 if same_update else ([OrderedDict(w=np.random.default_rng(i).normal(0, 0.01, n_values).astype(np.float32)) for i in range(5)] if x else None)
+    sites = five(updates=ups)
+    seen = []
+    for rnd in (1, 2):
+        grid = MaliciousCoordinator(sites)
+        rs.global_state = OrderedDict((k, np.zeros_like(v)) for k, v in rs.global_state.items())  # the same update twice
+        server.run_training_round(grid, list(sites), rs, rnd, lambda s: None)
+        seen.append(grid.masked)
+    return sites, seen
+
+
+def test_self_mask_seeds_and_pairwise_mask_keys_are_fresh_across_sites_and_rounds(tiny_config, tmp_path):
+    sites, _ = two_rounds(tiny_config, tmp_path)
+    assert check_fresh_secrets(sites) == (10, 20)  # 5 sites x 2 rounds; 10 pairs x 2 rounds
+
+
+@pytest.mark.parametrize("constant", ["self-mask seed", "pairwise mask key"])
+def test_the_freshness_detector_fires_when_a_seed_source_is_constant(tiny_config, tmp_path, monkeypatch, constant):
+    """Both seeds made constant leave every round's sum exact (the masks still cancel or are
+    removed), which is why only a test that looks at the seeds themselves can catch it."""
+    if constant == "self-mask seed":
+        monkeypatch.setattr(prim, "fresh_secret", lambda: b"\x01" * 32)
+    else:
+        monkeypatch.setattr(prim, "mask_key", lambda private, peer_public, round_tag: b"\x02" * 32)
+    sites, _ = two_rounds(tiny_config, tmp_path)
+    with pytest.raises(AssertionError, match="repeat"):
+        check_fresh_secrets(sites)
+
+
+def _ks_uniform32(v: np.ndarray) -> float:
+    """One-sample Kolmogorov-Smirnov statistic of uint32 values against the uniform distribution."""
+    u = np.sort(v.astype(np.float64) / 2.0**32)
+    n = u.size
+    return float(max((np.arange(1, n + 1) / n - u).max(), (u - np.arange(n) / n).max()))
+
+
+def test_masked_vectors_are_uniform_and_independent_of_the_update_across_sites_and_rounds(tiny_config, tmp_path):
+    """Every site holds the same update and sends it in two rounds: what the coordinator sees is
+    uniform on Z_(2^32), and neither two sites' vectors nor one site's two rounds differ by
+    anything but uniform noise (a constant or repeated seed would leave the quantized update's
+    differences, a few steps wide, or zero)."""
+    n = 20_000
+    sites, seen = two_rounds(tiny_config, tmp_path, n_values=n, same_update=True)
+    crit = 2.69 / np.sqrt(n)  # one-sample KS at alpha = 1e-6: fresh keys every run, no flakes
+    y1, y2 = seen[0], seen[1]
+    assert _ks_uniform32(y1[1]) < crit
+    for a, b in [(y1[1], y2[1]), (y1[3], y2[3]), (y1[1], y1[2]), (y1[2], y1[5]), (y1[4], y2[5])]:
+        assert _ks_uniform32((a - b).astype(np.uint32)) < crit
+    # The test can tell: the quantized codes of one update in two rounds differ by a step or so.
+    q = Quantizer(0.1, 360, 5)
+    x = secure.flatten_update(sites[1].update, OrderedDict(w=np.zeros(n, np.float32)))
+    codes = [q.encode(x, sites[1].examples, np.random.default_rng(s)) for s in (1, 2)]
+    assert _ks_uniform32((codes[0] - codes[1]).astype(np.uint32)) > 0.4
+
+
+# ---------------------------------------------------------------- weights bound to what is summed
+
+
+def hostile_update(value: float = 0.09) -> OrderedDict:
+    return OrderedDict((k, np.full(s, value, np.float32)) for k, s in SHAPES.items())
+
+
+def test_a_site_claiming_ten_million_examples_weighs_no_more_than_the_cap(tiny_config, tmp_path):
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+    sites[5] = SecureSite(5, hostile_update(), 10_000_000)  # reports and encodes 10M
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    stats = r["secure_aggregation"]
+    # weight_cap 3 x the median reported count (120): the 10M claim cannot move the median.
+    assert stats["weight_cap"] == 360 and stats["summed_weight"] == 120 + 80 + 200 + 45 + 360
+    want = expected_mean(sites, range(1, 6), cap=360)
+    for k in SHAPES:
+        assert np.abs(rs.global_state[k].astype(np.float64) - want[k]).max() <= stats["quantization_error_bound"] + 1e-7
+    # Uncapped, the hostile site would have set the mean to its own update (~0.09 everywhere).
+    assert float(np.abs(rs.global_state["b"]).max()) < 0.09 * 360 / 805 + 0.02
+
+
+def test_a_site_that_encodes_more_weight_than_it_reports_is_held_to_the_cap(tiny_config, tmp_path):
+    """Attack (d): a site reports a small weight (1 example at advertisement, and 'secagg-weight'
+    1 in its metrics) and encodes a huge one. The coordinator divides by the unmasked weights,
+    so the site weighs what it encoded, and that is at most the round's cap."""
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+
+    class Liar(SecureSite):
+        def __call__(self, m):
+            out = super().__call__(m)
+            if out is not None and m.metadata.message_type == "train":
+                out["metrics"]["secagg-weight"] = 1
+            return out
+
+    sites[5] = Liar(5, hostile_update(), 10_000_000, reported=1)
+    said: list[str] = []
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, said.append)
+    stats = r["secure_aggregation"]
+    cap = 3 * 80  # the median of 120, 80, 200, 45 and the liar's 1
+    assert stats["weight_cap"] == cap and stats["summed_weight"] == 445 + cap and stats["reported_weight"] == 445 + 1
+    want = expected_mean(sites, range(1, 6), cap=cap)
+    for k in SHAPES:
+        assert np.abs(rs.global_state[k].astype(np.float64) - want[k]).max() <= stats["quantization_error_bound"] + 1e-7
+    assert float(np.abs(rs.global_state["b"]).max()) < 0.09 * cap / (445 + cap) + 0.02  # not ~0.0999, as before
+    assert any("encoded a total weight of 685, but reported 446" in line for line in said)
+
+
+def test_a_vector_that_claims_more_weight_than_the_sites_may_encode_is_refused(tiny_config, tmp_path):
+    """A site that skips the encoder and writes a weight beyond the cap into the last
+    coordinate: the unmasked weights exceed what the summed sites may encode, and the round
+    aborts with nothing released (a site can always abort a round; it cannot weigh more)."""
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+    real = secure.masked_input
+
+    def crafted(context, sa, flat, weight, seed):
+        st = context.state[p.STATE]
+        y, extra = real(context, sa, flat, weight, seed)
+        if int(st["sid"]) == 5:
+            y[-1] += np.uint32(5 * 360)  # masked, but the mask comes off in the sum
+        return y, extra
+
+    secure.masked_input, saved = crafted, real
+    try:
+        with pytest.raises(server.FederationError, match="unmasked weights sum to"):
+            server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    finally:
+        secure.masked_input = saved
+    for k in SHAPES:
+        np.testing.assert_array_equal(rs.global_state[k], 0.0)
+
+
+def test_equal_weighting_sends_no_counts_and_every_site_weighs_one(tiny_config, tmp_path):
+    rs = secure_state(tiny_config, tmp_path, weighting="equal")
+    sites = five()
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    stats = r["secure_aggregation"]
+    assert stats["weight_cap"] == 1 and stats["summed_weight"] == 5
+    assert not any("examples" in rep[p.RECORD] for s in sites.values() for rep in s.replies if p.RECORD in rep)
+    want = weighted_mean([s.update for s in sites.values()], [1] * 5)
+    for k in SHAPES:
+        assert np.abs(rs.global_state[k].astype(np.float64) - want[k]).max() <= stats["quantization_error_bound"] + 1e-7

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -262,4 +262,88 @@ def test_spawn_capped_rotates(tmp_path):
     time.sleep(0.3)
     sizes = [f.stat().st_size for f in (log, tmp_path / "child.log.1", tmp_path / "child.log.2")]
     assert all(0 < s <= 50_000 for s in sizes) and not (tmp_path / "child.log.3").exists()
-    assert subprocess.run(["true"]).returncode == 0
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+def test_ftserver_puts_the_superlink_on_loopback_and_the_gateway_on_the_public_port(tmp_path, monkeypatch, insecure):
+    import os
+    import stat
+    import tomllib
+
+    from fedtune.client.keys import create_site_keys
+    from fedtune.common.config import FedTuneConfig
+    from fedtune.server import cli
+    from fedtune.server.certs import create_certificates
+
+    create_certificates(tmp_path / "pki", ["coordinator.example"], days=1)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "alpha.pub").write_bytes(create_site_keys(tmp_path / "site")[1].read_bytes())
+    net = {"certs": None if insecure else str(tmp_path / "pki"), "authorized_keys": None if insecure else str(keys), "insecure": insecure}
+    net = cli.check_network({**net, "host": "0.0.0.0", "port": 8000})
+    assert net["max_message_mb"] == gateway.DEFAULT_MAX_BODY_MB == 64
+    started = {}
+
+    class Proc:
+        def poll(self):
+            return None
+
+    def fake_spawn(cmd, log, env=None, cwd=None):
+        started[Path(log).name] = cmd
+        return Proc()
+
+    monkeypatch.setattr(cli, "spawn_capped", fake_spawn)
+    monkeypatch.setattr(cli, "wait_for_port", lambda host, port, proc, timeout: started.setdefault("probed", []).append((host, port)) or True)
+    co = cli.Coordinator(FedTuneConfig(), tmp_path / "run", net, resume=False)
+    co.start_link()
+    co.start_superexec()
+    co.start_gateway()
+
+    link, sx, gw = started["superlink.out"], started["superexec.out"], started["gateway.log"]
+    arg = lambda cmd, name: cmd[cmd.index(name) + 1]  # noqa: E731
+    assert arg(link, "--host") == "127.0.0.1" and arg(link, "--port") != "8000"
+    assert co.link_address == f"127.0.0.1:{arg(link, '--port')}"
+    assert arg(link, "--isolation") == "process"
+    secret = Path(arg(link, "--superexec-auth-secret-file"))
+    assert arg(sx, "--superexec-auth-secret-file") == str(secret) and len(secret.read_bytes()) == 32
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and stat.S_IMODE(os.stat(co.state).st_mode) == 0o700
+    assert arg(link, "--log-file").endswith("superlink.log") and "--log-rotation-backup-count" in link
+    assert arg(sx, "--runtime-api-address") == co.link_address
+    assert arg(gw, "--host") == "0.0.0.0" and arg(gw, "--port") == "8000" and arg(gw, "--max-body-mb") == "64"
+    assert arg(gw, "--upstream") == ("http://" if insecure else "https://") + co.link_address
+    assert ("--insecure" in link) == ("--insecure" in sx) == ("--insecure" in gw) == insecure
+    if not insecure:
+        assert "--enable-supernode-auth" in link and arg(gw, "--ca-cert").endswith("ca.crt") and arg(sx, "--root-certificates").endswith("ca.crt")
+    flwr_home = tomllib.loads((co.state / "flwr" / "config.toml").read_text())
+    assert flwr_home["superlink"]["fedtune"]["address"] == co.link_address  # ftserver's own Control API calls
+    assert started["probed"] == [("127.0.0.1", int(arg(link, "--port"))), ("127.0.0.1", 8000)]
+
+
+def test_ftserver_refuses_a_tiny_body_cap_and_a_certificate_without_loopback(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedtune.common.config import ConfigError
+    from fedtune.server import cli
+    from fedtune.server.certs import create_certificates
+
+    with pytest.raises(ConfigError, match="--max-message-mb 0.5"):
+        cli.check_network({"certs": None, "authorized_keys": None, "insecure": True, "host": None, "port": None, "max_message_mb": 0.5})
+    pki = create_certificates(tmp_path / "pki", ["coordinator.example"], days=1)
+    # A server certificate someone made elsewhere, for the public name only.
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "coordinator.example")])
+    import datetime as dt
+
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key()).serial_number(1)
+        .not_valid_before(dt.datetime(2020, 1, 1)).not_valid_after(dt.datetime(2100, 1, 1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("coordinator.example")]), critical=False)
+        .sign(key, hashes.SHA384())
+    )  # fmt: skip
+    pki["server.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    with pytest.raises(ConfigError, match="does not list 127.0.0.1"):
+        cli.check_network({"certs": str(tmp_path / "pki"), "authorized_keys": str(keys), "insecure": False, "host": None, "port": None})

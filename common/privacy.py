@@ -20,15 +20,25 @@ a Gaussian mechanism with noise multiplier ``sigma``, Poisson-subsampled with ra
 only some sites train (``federation.sites_per_round``: each site then takes part with
 probability ``q`` independently). It reports the cumulative (epsilon, delta) after every round;
 its state is the list of rounds it composed, saved in every checkpoint.
+
+A checkpoint is written after the round's adapter exists, so a crash between the two would
+lose the round's charge while its noised adapter was already out. The coordinator therefore
+also appends every charge to ``privacy-ledger.jsonl`` (one fsynced line) before the adapter is
+written or sent, and a resumed run continues from whichever of the ledger and the checkpoint
+has spent more (:func:`ledger_accountant`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -176,6 +186,74 @@ class Accountant:
     @classmethod
     def restore(cls, doc: dict) -> "Accountant":
         return cls(float(doc["delta"]), [[float(q), float(s), int(n)] for q, s, n in doc["history"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# The ledger: every charge on disk before the adapter it pays for leaves the coordinator
+
+LEDGER = "privacy-ledger.jsonl"
+
+
+def ledger_append(path: str | Path, entry: dict) -> None:
+    """Append one JSON line to the ledger and fsync it (and, when the file is new, its folder)
+    before returning: the coordinator calls this before it writes or sends the adapter that the
+    entry's round released, so a crash at any later point leaves the charge on disk."""
+    path = Path(path)
+    new = not path.exists()
+    line = (json.dumps(entry, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        if os.fstat(fd).st_size and not _ends_with_newline(fd):
+            line = b"\n" + line  # a torn line (a crash mid-write) stays apart from this one
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _ends_with_newline(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, 1, size - 1) == b"\n"
+
+
+def ledger_start(path: str | Path, delta: float) -> None:
+    """A fresh run's first line: the charges that follow are this run's (earlier runs' lines stay, for the record)."""
+    ledger_append(path, {"event": "start", "delta": delta, "time": round(time.time(), 3)})
+
+
+def ledger_charge(path: str | Path, rnd: int, q: float, sigma: float, epsilon: float, released: bool) -> None:
+    """Round ``rnd`` composed into the accountant (a Gaussian release with sampling rate ``q`` and
+    noise multiplier ``sigma``; ``released`` False: a skipped round, charged all the same)."""
+    ledger_append(path, {"event": "charge", "round": rnd, "q": q, "sigma": sigma, "epsilon": epsilon, "released": released, "time": round(time.time(), 3)})
+
+
+def ledger_accountant(path: str | Path, delta: float) -> Accountant | None:
+    """The accountant the ledger's charges since the run's last start add up to; None without a
+    ledger. A line that does not parse (torn by a crash while it was written, before the release
+    it would have paid for) is skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    acc = Accountant(delta)
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+            if entry.get("event") == "start":
+                acc = Accountant(delta)
+            elif entry.get("event") == "charge":
+                q, sigma = float(entry["q"]), float(entry["sigma"])
+                if 0 < q <= 1 and sigma > 0:
+                    acc.spend(q, sigma)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------

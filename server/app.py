@@ -88,7 +88,7 @@ class RunState:
     accountant: privacy.Accountant | None = None
     stopped: str | None = None
     forgetting: dict = field(default_factory=dict)  # general knowledge: {"base": ..., "final": ...}
-    site_keys: frozenset | None = None  # secure aggregation: the registered sites' identity keys (SEC1 P-384), if known
+    site_keys: object = None  # secure aggregation: the registered sites' identity keys (SEC1 P-384; a KeyFolder), if known
     first_round: int = 1  # where this process started training (after a resume, later)
     first_round_at: float | None = None
 
@@ -650,6 +650,19 @@ def resume_point(out: Path, say: Printer) -> ResumePoint:
     raise FederationError(f"{out}: no verified checkpoint to resume from")
 
 
+def resume_accountant(rs: RunState, say: Printer) -> None:
+    """After a resume: the accountant is the checkpoint's or the ledger's, whichever has spent
+    more. The ledger is ahead when the coordinator stopped after a round's release (its charge
+    is on the ledger) but before that round's record: the round reruns, and is charged again."""
+    ledger = privacy.ledger_accountant(rs.out / privacy.LEDGER, rs.cfg.privacy.delta)
+    if ledger is not None and ledger.epsilon() > rs.accountant.epsilon():
+        say(
+            f"privacy ledger: {ledger.rounds} round(s) charged, the checkpoint's accountant {rs.accountant.rounds}: continuing from "
+            f"the ledger (epsilon {ledger.epsilon():.3f}, not {rs.accountant.epsilon():.3f}); a round released before the stop stays charged"
+        )
+        rs.accountant = ledger
+
+
 def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = print, resume: bool = False, site_keys=None) -> RunState:
     """``site_keys``: the registered sites' identity keys (SEC1 P-384 bytes) that secure
     aggregation publishes to the sites; None: the keys the sites present."""
@@ -668,7 +681,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         rng=np.random.default_rng(cfg.train.seed),
         optimizer=ServerOptimizer.from_config(cfg.federation),
         accountant=privacy.Accountant(cfg.privacy.delta) if cfg.privacy.enabled else None,
-        site_keys=None if site_keys is None else frozenset(site_keys),
+        site_keys=site_keys,
     )
     if cfg.output.tensorboard:
         from .events import EventWriter
@@ -690,10 +703,14 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
                 rs.restore_server_state(rp.server_state, rp.optimizer_arrays)
             except ValueError as e:
                 raise FederationError(f"{out}: cannot resume round {rp.round}'s server state: {e}") from None
+        if rs.accountant is not None:
+            resume_accountant(rs, say)
         first = rp.round + 1
         save_global_adapter(rs, "adapter")
         say(f"resuming after round {rp.round} (verified checkpoint); rounds {first}..{cfg.federation.rounds} to go")
     else:
+        if rs.accountant is not None:
+            privacy.ledger_start(out / privacy.LEDGER, cfg.privacy.delta)
         save_round(rs, 0)
     fed = cfg.federation
     minimum = fewest_sites(cfg)
@@ -735,12 +752,17 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
                 rs.accountant.spend(q, sigma)  # charged all the same (conservative)
                 say(f"round {rnd}: only {len(train_nodes)} site(s) drawn (sampling rate {q:.3g}); skipped, epsilon now {rs.accountant.epsilon():.3f}")
                 rs.rounds.append({"round": rnd, "skipped": "too few sites drawn", "privacy": {"epsilon": rs.accountant.epsilon()}, "sites": {}, "aggregate": rs.rounds[-1].get("aggregate", {})})
+                privacy.ledger_charge(out / privacy.LEDGER, rnd, q, sigma, rs.rounds[-1]["privacy"]["epsilon"], released=False)
                 save_round(rs, rnd)
                 atomic_write_json(out / "metrics.json", rs.metrics_doc())
                 continue
         tr = run_training_round(grid, train_nodes, rs, rnd, say, population=len(nodes))
         if "privacy" in tr:
-            say(f"round {rnd} privacy | epsilon {tr['privacy']['epsilon']:.3f} of {cfg.privacy.epsilon:g} spent (delta {cfg.privacy.delta:g})")
+            # The release: the noised adapter is written (adapter/, the checkpoint) and sent for evaluation
+            # next. Its charge is on disk first, so no crash from here on can lose it (resume_accountant).
+            p = tr["privacy"]
+            privacy.ledger_charge(out / privacy.LEDGER, rnd, p["sampling_rate"], p["noise_multiplier"], p["epsilon"], released=True)
+            say(f"round {rnd} privacy | epsilon {p['epsilon']:.3f} of {cfg.privacy.epsilon:g} spent (delta {cfg.privacy.delta:g})")
         save_round(rs, rnd)
         ev = run_evaluation(grid, nodes, rs, rnd, say)
         sites = tr.pop("sites")

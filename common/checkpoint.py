@@ -4,7 +4,9 @@ Each file is written to a temporary name in the same folder, fsync'd, then renam
 the target, so a crash leaves either the old file or the new one, never half of one.
 The adapter folder is what ``PeftModel.from_pretrained(base, path)`` reads as is:
 ``adapter_config.json`` + ``adapter_model.safetensors``, plus ``manifest.json`` with their
-sha256 hashes, which resume uses to skip a torn or corrupted checkpoint.
+sha256 hashes, which resume uses to skip a torn or corrupted checkpoint. The manifest is typed
+(:class:`Manifest`) and a checkpoint must list the files its reader needs, so an empty or
+malformed manifest never "verifies".
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save as save_numpy
 from safetensors.torch import load_file
@@ -112,14 +115,43 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def verify_checkpoint(directory: str | Path) -> str | None:
-    """None when every file in the folder's manifest is present with its recorded hash; else why not."""
+FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")]  # a file in the folder itself
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: {"files": {file name: sha256 hex}}, nothing else. A file name is a plain
+    name inside the checkpoint folder (no path, no leading dot)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    files: dict[FileName, Sha256]
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """The folder's manifest, typed. ValueError (naming the problem) when it is missing, not
+    JSON, or not of the schema (e.g. ``"files"`` a list or null)."""
+    path = Path(directory) / MANIFEST
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except OSError as e:
+        raise ValueError(f"{path}: no readable {MANIFEST} ({type(e).__name__})") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "the document"
+        raise ValueError(f"{path}: not a valid {MANIFEST} ({where}: {first.get('msg')})") from None
+
+
+def verify_checkpoint(directory: str | Path, required: tuple[str, ...] | list[str] = (ADAPTER_WEIGHTS,)) -> str | None:
+    """None when the folder's manifest is well-formed, lists every ``required`` file, and every
+    file it lists is present with its recorded hash; else why not."""
     d = Path(directory)
     try:
-        manifest = json.loads((d / MANIFEST).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{d}: no readable {MANIFEST}"
+        files = read_manifest(d).files
+    except ValueError as e:
+        return str(e)
+    missing = [name for name in required if name not in files]
+    if missing:
+        return f"{d / MANIFEST}: lists no {missing[0]} (a checkpoint needs {', '.join(required)})"
     for name, digest in files.items():
         try:
             actual = _sha256((d / name).read_bytes())

@@ -27,7 +27,15 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.common import adapters, methods, privacy, progress
-from fedtune.common.checkpoint import atomic_write_json, load_adapter_state, load_arrays, save_adapter, verify_checkpoint
+from fedtune.common.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    atomic_write_json,
+    load_adapter_state,
+    load_arrays,
+    save_adapter,
+    verify_checkpoint,
+)
 from fedtune.common.config import MIXED_RANK_METHODS, FedTuneConfig
 from fedtune.common.metrics import weighted_scores
 from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TRAINABLE_KEY
@@ -621,33 +629,44 @@ class ResumePoint:
     optimizer_arrays: dict | None = None
 
 
-def resume_point(out: Path, say: Printer) -> ResumePoint:
-    """The last round whose metrics were recorded and whose checkpoint verifies.
+def resume_point(out: Path, say: Printer, spec: dict | None = None, peft: bool = True) -> ResumePoint:
+    """The last round whose metrics were recorded and whose checkpoint verifies and loads.
 
     -> that round, the round records up to it, the global adapter, the coordinator's RNG and
     optimizer state as they were after it, and the seconds the run had taken so far.
     A round's checkpoint is written before its evaluation and its metrics after, so a
     crash in between leaves the previous round as the resume point, and the round reruns.
+    Any checkpoint that does not verify (its manifest must list the weights, server_state.json
+    and, for an adapter, adapter_config.json) or does not load (or, given ``spec``, does not fit
+    it) is passed over with its reason, one round further back each time.
     """
     path = out / "metrics.json"
     try:
         doc = json.loads(path.read_text())
         rounds = list(doc["rounds"])
-    except (OSError, ValueError, KeyError) as e:
+        recorded = sorted({int(r["round"]) for r in rounds}, reverse=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise FederationError(f"{path}: cannot resume, no readable run record ({type(e).__name__})") from None
-    for rnd in sorted({int(r["round"]) for r in rounds}, reverse=True):
+    required = (ADAPTER_WEIGHTS, SERVER_STATE, *((ADAPTER_CONFIG,) if peft else ()))
+    for rnd in recorded:
         ck = out / "checkpoints" / f"round-{rnd:04d}"
-        why = verify_checkpoint(ck)
+        why = verify_checkpoint(ck, required)
         if why is None:
-            state = load_adapter_state(ck)
-            kept = [r for r in rounds if int(r["round"]) <= rnd]
-            server_state = json.loads((ck / SERVER_STATE).read_text()) if (ck / SERVER_STATE).is_file() else None
-            arrays = load_arrays(ck / OPTIMIZER_ARRAYS) if (ck / OPTIMIZER_ARRAYS).is_file() else None
-            return ResumePoint(
-                rnd, kept, OrderedDict((k, v.float().numpy()) for k, v in state.items()), float(doc.get("elapsed_s", 0.0)), server_state, arrays
-            )
+            try:
+                state = OrderedDict((k, v.float().numpy()) for k, v in load_adapter_state(ck).items())
+                server_state = json.loads((ck / SERVER_STATE).read_text())
+                if not isinstance(server_state, dict) or "rng" not in server_state:
+                    raise ValueError(f"{SERVER_STATE} holds no coordinator state")
+                arrays = load_arrays(ck / OPTIMIZER_ARRAYS) if (ck / OPTIMIZER_ARRAYS).is_file() else None
+                if spec is not None and spec_of(state) != spec:
+                    raise ValueError("its tensors' keys or shapes differ from this config's adapter")
+            except Exception as e:  # noqa: BLE001 - whatever fails to load, fall back a round
+                why = f"{ck}: cannot be loaded: {type(e).__name__}: {e}"
+            else:
+                kept = [r for r in rounds if int(r["round"]) <= rnd]
+                return ResumePoint(rnd, kept, state, float(doc.get("elapsed_s", 0.0)), server_state, arrays)
         say(f"resume: not using round {rnd}: {why}")
-    raise FederationError(f"{out}: no verified checkpoint to resume from")
+    raise FederationError(f"{out}: no checkpoint verifies and loads; nothing to resume from (the reasons are above)")
 
 
 def resume_accountant(rs: RunState, say: Printer) -> None:
@@ -694,9 +713,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
     say(f"{cfg.peft.method} {what}: {rs.trainable_params:,} trainable parameters ({rs.trainable_params * 4 / 1e6:.1f} MB as float32)")
     first = 1
     if resume:
-        rp = resume_point(out, say)
-        if spec_of(rp.state) != spec_of(state):
-            raise FederationError(f"{out}: the checkpoint of round {rp.round} does not fit this config's adapter (keys or shapes differ)")
+        rp = resume_point(out, say, spec_of(state), peft=peft_config is not None)
         rs.global_state, rs.rounds, rs.started = rp.state, rp.rounds, time.time() - rp.elapsed
         if rp.server_state is not None:
             try:

@@ -60,6 +60,13 @@ def join_parser() -> argparse.ArgumentParser:
         help="this site's LoRA rank, below the run's peft.r for a site with less GPU memory (mixed ranks, HetLoRA; default: the run's)",
     )
     p.add_argument("--work-dir", metavar="DIR", help="folder for the SuperNode's log and runtime secret (default: a new private temp folder)")
+    p.add_argument(
+        "--peer-keys",
+        metavar="DIR",
+        help="the registered sites' site_key.pub files, as you got them from the sites themselves: under secure aggregation this "
+        "site then shares its secrets only with sites whose keys are among them (without it, it trusts the keys the coordinator "
+        "publishes, and a malicious coordinator could enrol keys of its own)",
+    )
     return p
 
 
@@ -93,6 +100,13 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, dict]:
         if not d.examples:
             raise JoinError(f"{label} {path}: no usable record among {d.records_read} (run 'ftclient check --data {path}' for details)")
         counts[label] = (len(d.examples), d.n_invalid)
+    if getattr(args, "peer_keys", None):
+        from .secure import load_pins
+
+        try:
+            load_pins(args.peer_keys)
+        except ValueError as e:
+            raise JoinError(f"--peer-keys: {e}") from None
     if args.insecure:
         return args.name or socket.gethostname(), counts
     if not args.ca_cert:
@@ -175,8 +189,19 @@ def join(args: argparse.Namespace) -> int:
         say(f"site key ({key_note})")
     say(f"SuperNode log: {log}")
 
+    from fedtune.common.secagg import load_identity, new_identity
+
     from .app import handle
+    from .secure import Identity, load_pins
     from .worker import ResidentExecutor
+
+    # Secure aggregation signs with the site key the SuperNode signs in with (read here, never
+    # sent; without --key, i.e. --insecure, with a key made for this process, trusted on first use).
+    identity = Identity(
+        load_identity(Path(args.key).read_bytes()) if args.key else new_identity(), load_pins(args.peer_keys) if args.peer_keys else None
+    )
+    if identity.pinned is not None:
+        say(f"secure aggregation: shares secrets only with the {len(identity.pinned)} site key(s) pinned in {args.peer_keys}")
 
     device = None if args.device == "auto" else args.device
     if args.threads:
@@ -184,7 +209,7 @@ def join(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     node = spawn(cmd, log, env=tool_env())
-    executor = ResidentExecutor(f"127.0.0.1:{port}", lambda m, c, t, r: handle(m, c, t, r, device), secret=secret)
+    executor = ResidentExecutor(f"127.0.0.1:{port}", lambda m, c, t, r: handle(m, c, t, r, device, identity), secret=secret)
     log_stop = threading.Event()
     seen: dict[str, bool] = {"refused": False, "tls": False}
 

@@ -29,6 +29,7 @@ from fedtune.common.config import FedTuneConfig
 from fedtune.common.flwr_latency import tune_serverapp
 
 from .app import FederationError, run_federation
+from .secure import KeyFolder
 
 SERVER_LOG = "server.log"
 RUN_STATUS = "run-status.json"
@@ -114,7 +115,8 @@ def main(grid: Grid, context: Context) -> None:
     (out / RUN_STATUS).unlink(missing_ok=True)
     try:
         cfg = FedTuneConfig.from_json(Path(str(rc["config-path"])).read_text())
-        rs = run_federation(grid, cfg, out, say, resume=bool(rc.get("resume", False)))
+        # Secure aggregation publishes the registered site keys (--authorized-keys) to the sites.
+        rs = run_federation(grid, cfg, out, say, resume=bool(rc.get("resume", False)), site_keys=KeyFolder.of_run(out))
     except FederationError as e:
         say(f"FAILED: {e}")
         atomic_write_json(out / RUN_STATUS, {"status": "failed", "reason": str(e)})

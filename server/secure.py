@@ -22,10 +22,12 @@ Each stage has a deadline; a site that misses one is a dropout. Below ``threshol
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -38,6 +40,7 @@ from fedtune.common.secagg import (
     Quantizer,
     SecAggError,
     check_threshold,
+    load_public,
     neighbours,
     round_threshold,
     round_weight_cap,
@@ -48,6 +51,34 @@ from fedtune.common.secagg import (
 from fedtune.common.secagg import protocol as p
 
 from .messaging import FederationError, Printer, exchange, site_of
+
+
+class KeyFolder:
+    """The registered sites' identity keys: every ``*.pub`` in ftserver's --authorized-keys
+    folder, read afresh each time the set is asked for (a site key dropped into the folder while
+    the server runs is registered with the SuperLink within seconds, and published here from
+    the next round on). A file that is not a P-384 public key is left out (ftserver says why)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def __iter__(self):
+        keys = set()
+        for f in sorted(self.folder.glob("*.pub")):
+            try:
+                keys.add(load_public(f.read_bytes()))
+            except (OSError, ValueError):
+                continue
+        return iter(keys)
+
+    @classmethod
+    def of_run(cls, out: Path) -> "KeyFolder | None":
+        """The folder ftserver names in the run's ``server.json``, or None (no site authentication)."""
+        try:
+            folder = json.loads((Path(out) / "server.json").read_text()).get("authorized_keys")
+        except (OSError, ValueError):
+            return None
+        return cls(folder) if folder else None
 
 
 @dataclass

@@ -393,6 +393,22 @@ def prepare_engine() -> None:
     tune_simulation()
 
 
+def with_site_keys(sites: list) -> tuple[list, frozenset]:
+    """Each virtual site with a signing key of its own (made here, in memory, for this run: what
+    ``ftclient keygen`` is to a real site), and the registered set of their public keys, which
+    the coordinator publishes to the sites under secure aggregation (as ftserver publishes
+    ``--authorized-keys``). -> (sites, public keys)."""
+    from dataclasses import replace
+
+    from cryptography.hazmat.primitives import serialization
+
+    from fedtune.common.secagg import identity_public, new_identity
+
+    keys = [new_identity() for _ in sites]
+    pem = [k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()) for k in keys]
+    return [replace(s, key=k) for s, k in zip(sites, pem)], frozenset(identity_public(k) for k in keys)
+
+
 def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
     """Run the simulation; returns the server's RunState. Ray is shut down on every path."""
     from flwr.simulation import run_simulation
@@ -402,11 +418,11 @@ def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
     from fedtune.server.app import make_server_app
 
     resolve_model_source(cfg.model)  # provision the model here, once, before workers start
-    sites = sites_from_config(cfg)
+    sites, site_keys = with_site_keys(sites_from_config(cfg))
     cpus = min(cfg.simulation.cpus_per_site, float(os.cpu_count() or 1))
     backend_config = {"client_resources": {"num_cpus": cpus, "num_gpus": cfg.simulation.gpus_per_site}}
     result: list = []
-    server_app = make_server_app(cfg, out, say, result, resume=resume)
+    server_app = make_server_app(cfg, out, say, result, resume=resume, site_keys=site_keys)
     client_app = make_client_app(sites, device=None if cfg.model.device == "auto" else cfg.model.device)
     prepare_engine()
     try:

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -296,7 +296,7 @@ def load_identity(data: bytes) -> ec.EllipticCurvePrivateKey:
     """A P-384 private key from OpenSSH (``ftclient keygen``'s site_key) or PEM (PKCS8) bytes."""
     try:
         key = serialization.load_ssh_private_key(data, None) if data.lstrip().startswith(b"-----BEGIN OPENSSH") else serialization.load_pem_private_key(data, None)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise ValueError(f"not a readable private key ({e})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != IDENTITY_CURVE.name:
         raise ValueError("expected an ECDSA P-384 key (ftclient keygen makes one)")
@@ -312,7 +312,7 @@ def load_public(data: bytes) -> bytes:
             key = serialization.load_pem_public_key(data)
         else:
             key = serialization.load_ssh_public_key(data.strip())
-    except (ValueError, TypeError, IndexError) as e:
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm) as e:
         raise ValueError(f"not a readable public key ({e})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != IDENTITY_CURVE.name:
         raise ValueError("expected an ECDSA P-384 public key (site_key.pub from ftclient keygen)")

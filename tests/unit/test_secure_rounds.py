@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -759,7 +760,7 @@ def test_a_site_that_encodes_more_weight_than_it_reports_is_held_to_the_cap(tiny
     assert any("encoded a total weight of 685, but reported 446" in line for line in said)
 
 
-def test_a_vector_that_claims_more_weight_than_the_sites_may_encode_is_refused(tiny_config, tmp_path):
+def test_a_vector_that_claims_more_weight_than_the_sites_may_encode_is_refused(tiny_config, tmp_path, monkeypatch):
     """A site that skips the encoder and writes a weight beyond the cap into the last
     coordinate: the unmasked weights exceed what the summed sites may encode, and the round
     aborts with nothing released (a site can always abort a round; it cannot weigh more)."""
@@ -774,12 +775,9 @@ def test_a_vector_that_claims_more_weight_than_the_sites_may_encode_is_refused(t
             y[-1] += np.uint32(5 * 360)  # masked, but the mask comes off in the sum
         return y, extra
 
-    secure.masked_input, saved = crafted, real
-    try:
-        with pytest.raises(server.FederationError, match="unmasked weights sum to"):
-            server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
-    finally:
-        secure.masked_input = saved
+    monkeypatch.setattr(secure, "masked_input", crafted)
+    with pytest.raises(server.FederationError, match="unmasked weights sum to"):
+        server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
     for k in SHAPES:
         np.testing.assert_array_equal(rs.global_state[k], 0.0)
 
@@ -794,3 +792,39 @@ def test_equal_weighting_sends_no_counts_and_every_site_weighs_one(tiny_config, 
     want = weighted_mean([s.update for s in sites.values()], [1] * 5)
     for k in SHAPES:
         assert np.abs(rs.global_state[k].astype(np.float64) - want[k]).max() <= stats["quantization_error_bound"] + 1e-7
+
+
+# ---------------------------------------------------------------- deployment: site keys, pins, the registry
+
+
+def test_a_site_signs_with_its_ftclient_key_which_the_coordinator_publishes_from_authorized_keys(tmp_path):
+    """ftclient's site key (OpenSSH P-384, from ftclient keygen) signs; the coordinator's
+    registry is the *.pub files of ftserver's --authorized-keys (named in the run's server.json);
+    a site's --peer-keys folder pins the same files."""
+    import json
+
+    from fedtune.client.join import JoinError, check_inputs, join_parser
+    from fedtune.client.keys import create_site_keys
+    from fedtune.server.secure import KeyFolder
+
+    registry = tmp_path / "authorized-keys"
+    registry.mkdir()
+    for n in ("a", "b"):
+        create_site_keys(tmp_path / n)
+        (registry / f"{n}.pub").write_bytes((tmp_path / n / "site_key.pub").read_bytes())
+    me = secure.Identity.from_files(tmp_path / "a" / "site_key", registry)
+    assert me.pinned == frozenset(KeyFolder(registry)) and me.public in me.pinned and len(me.pinned) == 2
+    assert prim.verify(me.public, sign(me.key, b"round"), b"round")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "server.json").write_text(json.dumps({"authorized_keys": str(registry)}))
+    assert set(KeyFolder.of_run(tmp_path / "run")) == me.pinned and KeyFolder.of_run(tmp_path / "none") is None
+    (registry / "notes.pub").write_text("not a key")  # left out, as ftserver leaves it unregistered
+    assert set(KeyFolder(registry)) == me.pinned
+    with pytest.raises(ValueError, match=r"notes.pub: not a readable public key"):
+        secure.load_pins(registry)
+    with pytest.raises(ValueError, match="no \\*.pub file"):
+        secure.load_pins(tmp_path / "run")
+    data = Path(__file__).resolve().parents[2] / "simulations" / "data" / "medical" / "train.jsonl"
+    args = join_parser().parse_args(["--server", "h:1", "--data", str(data), "--insecure", "--peer-keys", str(tmp_path / "run")])
+    with pytest.raises(JoinError, match="--peer-keys: .*no \\*.pub file"):
+        check_inputs(args)

@@ -13,7 +13,7 @@ SuperLink serves easily for hundreds of sites (``FEDTUNE_SUPERNODE_POLL_S``, def
 
 The simulation engine (ftsim) hands each virtual node its next message from a loop that
 sleeps 0.1 s between passes: every exchange of a round waits for it, which a secure round
-(four exchanges) feels. :func:`tune_simulation` makes that 0.01 s, in-process.
+(five exchanges) feels. :func:`tune_simulation` makes that 0.01 s, in-process.
 """
 
 from __future__ import annotations

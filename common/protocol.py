@@ -10,8 +10,8 @@ Site -> coordinator: {"arrays" + "adapter-layout": the delta of exactly those te
 ("data-error", "no-usable-examples", "no-eval-examples", "refused" with a "reason").
 
 Under secure aggregation the TRAIN message also carries a "secagg" record, the reply carries a
-"masked" vector instead of "arrays", and three more message types surround it
-(train.advertise, train.share_keys, train.unmask): see fedtune.common.secagg.protocol.
+"masked" vector instead of "arrays", and four more message types surround it
+(train.advertise, train.share_keys, train.consistency, train.unmask): see fedtune.common.secagg.protocol.
 """
 
 CONFIG_KEY = "fedtune-config"

@@ -6,7 +6,7 @@ per-round metrics, print progress as each site reports, and checkpoint every rou
 which ``start`` lets us do. The maths lives in :mod:`fedtune.server.aggregation`.
 
 Per round: TRAIN (global adapter + config) -> validate each delta -> weighted mean (or, under
-secure aggregation, the four SecAgg+ exchanges of :mod:`fedtune.server.secure`, which yield only
+secure aggregation, the five SecAgg+ exchanges of :mod:`fedtune.server.secure`, which yield only
 the mean) -> server optimizer (FedAvg: add it) -> checkpoint ``checkpoints/round-NNNN`` and ``adapter/`` -> EVALUATE the new
 adapter at every site -> ``metrics.json``. Round 0 is an evaluation of the untouched base
 model, so the report can show each domain's change.

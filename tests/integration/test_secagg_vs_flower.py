@@ -84,6 +84,7 @@ def test_our_secure_round_agrees_with_flowers_secaggplus_on_the_same_inputs(vect
     # Both are the weighted mean, not something that merely agrees with the other.
     assert _max_err(mine["aggregate"], fs.reference_mean(vectors, WEIGHTS)) <= ours.our_error_bound(WEIGHTS, clip=0.01, max_weight=100)
     assert _max_err(mine["aggregate"], np.mean(vectors, axis=0)) > 1e3 * bound
-    # Ours uploads 4 bytes a value, Flower's 8; ours never saw a site's update in the clear.
-    assert mine["upload"] == 4.0 and theirs.upload_bytes_per_param > 8.0
-    assert mine["secure"]["sites_per_stage"] == [5, 5, 5, 5, 5]
+    # Ours uploads 4 bytes a value (and 4 for the weight beside them), Flower's 8; ours never saw a site's update in the clear.
+    assert mine["upload"] == pytest.approx(4.0 * 1001 / 1000) and theirs.upload_bytes_per_param > 8.0
+    assert mine["secure"]["sites_per_stage"] == [5, 5, 5, 5, 5, 5]
+    assert mine["secure"]["summed_weight"] == sum(WEIGHTS)  # the weights summed inside the masked vectors

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -619,6 +621,65 @@ def save_artifacts(rs: RunState, say: Printer) -> None:
         say(f"merged: {path} (the adapter folded into the base: a plain Hugging Face model folder)")
 
 
+def prune_checkpoints(rs: RunState, say: Printer) -> None:
+    """After a round is recorded: delete the round checkpoints that output.keep_checkpoints does
+    not keep. Kept: the last ``keep`` rounds' (the newest is the resume point) and the best
+    round's. Each goes by an atomic rename to ``.pruned-round-NNNN`` first, then is deleted, so a
+    crash midway never leaves a torn ``round-NNNN`` (and the next prune finishes the deletion)."""
+    keep = rs.cfg.output.keep_checkpoints
+    root = rs.out / "checkpoints"
+    if keep is None or not root.is_dir():
+        return
+    rounds = sorted(int(p.name[6:]) for p in root.glob("round-[0-9][0-9][0-9][0-9]*") if p.name[6:].isdigit())
+    recorded = [int(r["round"]) for r in rs.rounds]
+    latest = max(recorded, default=-1)
+    best = rs.best()
+    kept = set(rounds[-keep:]) | {latest} | ({best["round"]} if best else set())
+    for rnd in rounds:
+        if rnd in kept or rnd > latest:  # never one not yet recorded (the round in progress)
+            continue
+        src = root / f"round-{rnd:04d}"
+        trash = root / f".pruned-round-{rnd:04d}"
+        try:
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(src, trash)
+        except OSError as e:
+            say(f"checkpoints: could not prune {src}: {e}")
+            continue
+    for trash in root.glob(".pruned-round-*"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def checkpoint_bytes(rs: RunState) -> int:
+    """About what one round checkpoint takes: the global state (float32) and the server
+    optimizer's moments (float64: one array for fedavgm, two for the adaptive ones)."""
+    state = sum(int(v.size) * 4 for v in rs.global_state.values())
+    moments = {"fedavgm": 1, "fedadam": 2, "fedyogi": 2, "fedadagrad": 2}.get(rs.cfg.federation.strategy, 0)
+    return state + moments * 8 * rs.trainable_params + (64 << 10)  # + config, state and manifest files
+
+
+def check_free_space(rs: RunState, resume: bool) -> None:
+    """Refuse to start (FederationError, with the figures) when the output folder's disk cannot
+    hold what the run keeps: checkpoint size x (keep_checkpoints + 3: the best round's, the one
+    being written, and adapter/ with best/), or every round's with keep_checkpoints null. On a
+    resume, what checkpoints/ holds already counts as available (pruning reuses it)."""
+    keep = rs.cfg.output.keep_checkpoints
+    copies = (keep if keep is not None else rs.cfg.federation.rounds + 1) + 3
+    one = checkpoint_bytes(rs)
+    need = one * copies
+    if resume:
+        held = sum(f.stat().st_size for f in (rs.out / "checkpoints").rglob("*") if f.is_file()) if (rs.out / "checkpoints").is_dir() else 0
+        need = max(need - held, 2 * one)
+    free = shutil.disk_usage(rs.out).free
+    if free < need:
+        what = f"output.keep_checkpoints {keep}" if keep is not None else f"output.keep_checkpoints null: all {rs.cfg.federation.rounds + 1} rounds"
+        raise FederationError(
+            f"{rs.out}: {free / 1e6:,.1f} MB free on its disk, about {need / 1e6:,.1f} MB needed: {copies} copies of a "
+            f"{one / 1e6:,.1f} MB checkpoint ({what}, plus the best round's, the one being written, adapter/ and best/). "
+            "Free space, lower output.keep_checkpoints, or choose another output.dir."
+        )
+
+
 @dataclass
 class ResumePoint:
     round: int
@@ -709,6 +770,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             rs.events = EventWriter(out)
         except RuntimeError as e:
             raise FederationError(str(e)) from None
+    check_free_space(rs, resume)
     what = "weights (full fine-tuning)" if peft_config is None else "adapter"
     say(f"{cfg.peft.method} {what}: {rs.trainable_params:,} trainable parameters ({rs.trainable_params * 4 / 1e6:.1f} MB as float32)")
     first = 1
@@ -772,6 +834,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
                 privacy.ledger_charge(out / privacy.LEDGER, rnd, q, sigma, rs.rounds[-1]["privacy"]["epsilon"], released=False)
                 save_round(rs, rnd)
                 atomic_write_json(out / "metrics.json", rs.metrics_doc())
+                prune_checkpoints(rs, say)
                 continue
         tr = run_training_round(grid, train_nodes, rs, rnd, say, population=len(nodes))
         if "privacy" in tr:
@@ -800,6 +863,7 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
                 f"({best['value']:.4f}; eval.patience {patience}); stopped after round {rnd}"
             )
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
+        prune_checkpoints(rs, say)
         eta = (time.time() - t) * (fed.rounds - rnd)
         say(f"round {rnd}/{fed.rounds} done in {time.time() - t:.0f} s; checkpoint {out / 'checkpoints' / f'round-{rnd:04d}'}; ETA {progress.duration(eta)}")
         if rs.stopped:

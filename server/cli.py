@@ -536,7 +536,14 @@ def serve(args: argparse.Namespace) -> int:
     if status.get("status") == "completed":
         say(f"done: {status.get('rounds')} rounds. adapter: {out / 'adapter'}  metrics: {out / 'metrics.json'}  report: {out / 'report.md'}")
         return 0
-    reason = status.get("reason") or f"the ServerApp ended without a result; see {co.state / 'serverapp.log'}:\n{tail(co.state / 'serverapp.log')}"
+    from .deploy import missing_status_reason
+
+    logs = "\n".join(tail(co.state / name, 400) for name in ("serverapp.log", "superexec.out"))
+    reason = (
+        status.get("reason")
+        or missing_status_reason(out, logs)  # a full disk, or the status printed when the file could not be written
+        or f"the ServerApp ended without a result; see {co.state / 'serverapp.log'}:\n{tail(co.state / 'serverapp.log')}"
+    )
     print(f"ftserver: run failed: {reason}", file=sys.stderr)
     print(f"ftserver: checkpoints so far are in {out / 'checkpoints'}; continue with: ftserver --resume {out}", file=sys.stderr)
     return 1

@@ -85,9 +85,10 @@ def clean(value: object, limit: int = REASON_CHARS) -> str:
 
 def clean_name(value: object) -> str:
     """A site's name as the coordinator records it: :func:`clean`, then only ``[A-Za-z0-9_.-]``
-    (others -> '_'; ASCII only, so no look-alike letters), at most 64 characters, never empty."""
-    name = _NOT_NAME.sub("_", clean(value, 4 * NAME_CHARS))[:NAME_CHARS]
-    return name if name.strip("_.-") else "unnamed"
+    (others -> '_'; ASCII only, so no look-alike letters), starting with a letter or digit, at
+    most 64 characters, never empty: the rule of a configured site name."""
+    name = _NOT_NAME.sub("_", clean(value, 4 * NAME_CHARS)).lstrip("_.-")[:NAME_CHARS]  # first an ASCII letter or digit
+    return name or "unnamed"
 
 
 class SiteNames(dict):

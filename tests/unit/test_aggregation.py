@@ -282,3 +282,28 @@ def test_fedprox_server_step_is_fedavgs():
     d = OrderedDict(a=np.array([0.25, 0.5], np.float32))
     assert np.array_equal(ServerOptimizer("fedprox").step(x, d)["a"], np.array([1.25, -1.5], np.float32))
     assert np.array_equal(ServerOptimizer("fedprox", lr=2.0).step(x, d)["a"], ServerOptimizer("fedavg", lr=2.0).step(x, d)["a"])
+
+
+def test_capped_mean_equals_the_weighted_mean_with_capped_weights():
+    """Counts 10, 10, 30, 40, 1e7 (lower median 30, cap 3 -> limit 90): weights 10, 10, 30, 40, 90,
+    whatever order the updates arrive in; equal counts share one sum (bucket)."""
+    from fedtune.server.aggregation import CappedMean, capped_weights, lower_median, weighted_mean
+
+    rng = np.random.default_rng(0)
+    counts = [10, 30, 1e7, 10, 40]
+    updates = [OrderedDict(a=rng.normal(size=(3, 2)).astype(np.float32), b=rng.normal(size=(4,)).astype(np.float32)) for _ in counts]
+    assert lower_median(counts) == 30 and lower_median([100, 1e7]) == 100
+    assert capped_weights(counts, 3.0) == [10, 30, 90, 10, 40] and capped_weights(counts, None) == [float(c) for c in counts]
+    m = CappedMean(3.0)
+    for u, n in zip(updates, counts):
+        m.add(u, n)
+    expected = weighted_mean(updates, [10, 30, 90, 10, 40])
+    got = m.result()
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-6)
+    assert m.weights() == [10, 30, 90, 10, 40] and m.limit() == 90 and len(m._buckets) == 4  # the two 10s share one
+    assert np.shares_memory(m._buckets[30][1]["a"], updates[1]["a"])  # a count seen once: held as sent, not copied
+    with pytest.raises(ValueError):
+        m.add(updates[0], float("inf"))
+    with pytest.raises(KeyError):
+        m.add(OrderedDict(a=updates[0]["a"]), 5)

@@ -287,3 +287,17 @@ def test_the_default_bound_never_clips_an_honest_update(tiny_config, tmp_path, m
         for site in r["sites"].values():
             assert not site["clipped"] and not site["clipped_by_coordinator"]
             assert 0 < site["update_norm_before_clip"] < bound / 10, (site["update_norm_before_clip"], bound)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["a\nb", "a\r\nb", "a\u2028b", "a\u2029b", "a\x85b", "a\x1b[31mb", "a\x1b]0;title\x07b", "a\u202eb", "a\u2066b", "a\u200bb", "a\x00b", "a\tb", "a\ufeffb"],
+)
+def test_clean_leaves_one_line_of_printable_text(raw):
+    from fedtune.server.messaging import clean, clean_name
+
+    text = clean(raw)
+    assert text in ("a b", "ab") and text.isprintable()
+    assert clean_name(raw) in ("a_b", "ab")
+    assert len(clean("x" * 10_000)) == 300 and clean("x" * 10_000).endswith("…") and len(clean_name("y" * 500)) == 64
+    assert clean_name("\n\n") == "unnamed" and clean_name("../../etc") == "etc"

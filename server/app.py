@@ -303,8 +303,11 @@ def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Pr
 
     exchange(grid, nodes, content, MessageType.EVALUATE, rs.cfg.federation.round_timeout_s, absorb)
     ok = {k: v for k, v in results.items() if "eval_loss" in v and v["eval_examples"] > 0}
-    # The federated score weighs sites by their (claimed) eval examples, capped as training weights are.
-    weights = capped_weights([v["eval_examples"] for v in ok.values()], rs.cfg.federation.weight_cap) if ok else []
+    # The federated score weighs sites by their (claimed) eval examples, capped as training weights are
+    # (weighting 'equal': every site alike), so no site sets the best round or early stopping alone.
+    fed = rs.cfg.federation
+    counts = [v["eval_examples"] for v in ok.values()]
+    weights = [1.0] * len(counts) if fed.weighting == "equal" else capped_weights(counts, fed.weight_cap) if counts else []
     agg = weighted_scores([{**v, "eval_examples": w} for v, w in zip(ok.values(), weights)])
     summary = "  ".join(
         f"{n}: loss {_fmt(v['eval_loss'])}" + (f" EM {v['exact_match']:.2f}" if v.get("exact_match") is not None else "")

@@ -301,3 +301,15 @@ def test_clean_leaves_one_line_of_printable_text(raw):
     assert clean_name(raw) in ("a_b", "ab")
     assert len(clean("x" * 10_000)) == 300 and clean("x" * 10_000).endswith("…") and len(clean_name("y" * 500)) == 64
     assert clean_name("\n\n") == "unnamed" and clean_name("../../etc") == "etc"
+
+
+def test_a_site_claiming_many_eval_examples_does_not_set_the_federated_score_alone(tiny_config, tmp_path):
+    """Eval counts 4, 4 and 10,000,000: the claim weighs 3 x 4 = 12, so the federated loss is
+    (4 x 1 + 4 x 1 + 12 x 0) / 20 = 0.4, not ~0 (the best round and early stopping follow it)."""
+    rs = run_state(tiny_config, tmp_path)
+
+    def scorer(name, loss, n):
+        return lambda m: reply(name, None, {"num-examples": n, "eval-loss": loss})
+
+    ev = server.run_evaluation(FakeGrid({1: scorer("a", 1.0, 4), 2: scorer("b", 1.0, 4), 3: scorer("mallory", 0.0, 10_000_000)}), [1, 2, 3], rs, 1, lambda s: None)
+    assert ev["aggregate"]["eval_loss"] == pytest.approx(0.4)

@@ -4,7 +4,9 @@ What a site needs to know arrives two ways:
 - from the coordinator, in each message: the global adapter (``arrays``) and the run's
   configuration (``config["fedtune-config"]``, JSON of FedTuneConfig) plus ``server-round``.
   Everything that must be the same at every site (model, adapter, hyper-parameters) comes
-  from there, so sites cannot drift apart;
+  from there, so sites cannot drift apart; what a site takes of it is bounded by its own
+  policy (:mod:`fedtune.client.policy`: plaintext, DP, model, paths), checked before anything
+  loads or trains;
 - locally, never sent: which files hold this site's data. In deployment that is
   ``node_config["data-path"]`` (and ``eval-data-path``, ``site-name``); in ftsim each virtual
   site's ``partition-id`` indexes the site table given to :func:`make_client_app`.
@@ -41,7 +43,9 @@ from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TR
 from fedtune.common.secagg import SecAggError, load_identity
 from fedtune.common.secagg import protocol as secagg
 
+from . import policy as site_policy
 from . import secure
+from .policy import SitePolicy, SiteRefusal
 from .trainer import TrainStats, train_round
 
 log = logging.getLogger("fedtune.client")
@@ -153,18 +157,21 @@ def _read_message(msg: Message) -> tuple[FedTuneConfig, int, dict]:
     return cfg, int(conf[ROUND_KEY]), adapters.to_tensors(adapters.read_adapter(msg.content))
 
 
-class SiteRefusal(ValueError):
-    """This site cannot take part in the run as configured (the reason goes to the coordinator)."""
-
-
-def site_model(cfg: FedTuneConfig, site: SiteFiles, global_state: dict, device: str | None) -> tuple[Runtime, SiteState, dict]:
+def site_model(
+    cfg: FedTuneConfig, site: SiteFiles, global_state: dict, device: str | None, policy: SitePolicy | None = None
+) -> tuple[Runtime, SiteState, dict]:
     """This site's runtime (its own LoRA rank, when it has one), its data, and the global adapter
-    as this site holds it (cut to its rank: HetLoRA)."""
+    as this site holds it (cut to its rank: HetLoRA). ``policy`` (default: the process's, see
+    :mod:`fedtune.client.policy`) checks the model and every path before anything loads:
+    SiteRefusal (defined there) when the site will not take the run's model."""
+    policy = policy or site_policy.active()
+    cfg = policy.admit(cfg)
     if site.rank is not None and cfg.peft.method not in MIXED_RANK_METHODS:
         raise SiteRefusal(f"this site trains LoRA rank {site.rank}, and the run's method {cfg.peft.method} has no LoRA rank")
     if site.rank is not None and site.rank > cfg.peft.r:
         raise SiteRefusal(f"this site's LoRA rank {site.rank} is above the run's peft.r {cfg.peft.r}")
     own = methods.site_config(cfg, site.rank)
+    policy.check_weights(own)  # provisioned (in the site's own cache), not yet loaded
     rt = runtime(own, device)
     st = site_state(site, own, rt)
     return rt, st, (global_state if own is cfg else methods.truncate_rank(global_state, site.rank))
@@ -265,18 +272,25 @@ def handle_train(
     device: str | None = None,
     arrived: float | None = None,
     received: float | None = None,
+    policy: SitePolicy | None = None,
 ) -> Message:
     """``arrived``: when the site learnt of the task; ``received``: when its message (the global
     adapter) was in memory. The reply reports ``receive-seconds`` (arrived -> received: the
     download) and ``startup-seconds`` (received -> first training step: what a resident model
-    keeps small)."""
+    keeps small). ``policy``: the site's own rules (plaintext, DP, model, paths), checked before
+    anything loads or trains (default: the process's, :func:`fedtune.client.policy.active`)."""
     received = time.time() if received is None else received
     arrived = received if arrived is None else arrived
     cfg, server_round, full_global = _read_message(msg)
     site = resolve_site(context, sites)
+    policy = policy or site_policy.active()
     try:
-        rt, st, global_state = site_model(cfg, site, full_global, device)
+        dp_population = int(msg.content["config"].get(DP_POPULATION_KEY, 0)) if cfg.privacy.enabled else 0
+        policy.check_round(cfg, secure=secagg.RECORD in msg.content, population=dp_population)
+        cfg = policy.admit(cfg)
+        rt, st, global_state = site_model(cfg, site, full_global, device, policy)
     except SiteRefusal as e:
+        _say(site, f"round {server_round}: refused: {e}")
         if secagg.RECORD in msg.content:
             secure.forget(context)
         return _reply(msg, site, "refused", {"num-examples": 0}, reason=str(e))
@@ -408,12 +422,18 @@ def handle_secure_stage(
     raise ValueError(f"this site does not handle {kind!r} messages")
 
 
-def handle_evaluate(msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None) -> Message:
+def handle_evaluate(
+    msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None, policy: SitePolicy | None = None
+) -> Message:
+    """No update leaves on evaluation, but the model and path checks of ``policy`` apply as in training."""
     cfg, _, global_state = _read_message(msg)
     site = resolve_site(context, sites)
+    policy = policy or site_policy.active()
     try:
-        rt, st, global_state = site_model(cfg, site, global_state, device)  # a lower-rank site scores the adapter at its rank
+        cfg = policy.admit(cfg)
+        rt, st, global_state = site_model(cfg, site, global_state, device, policy)  # a lower-rank site scores the adapter at its rank
     except SiteRefusal as e:
+        _say(site, f"evaluation refused: {e}")
         return _reply(msg, site, "refused", {"num-examples": 0}, reason=str(e))
     if st.problem or not st.eval_examples:
         return _reply(msg, site, st.problem or "no-eval-examples", {"num-examples": 0})
@@ -431,30 +451,38 @@ def handle_evaluate(msg: Message, context: Context, sites: list[SiteFiles] | Non
 
 
 def handle(
-    msg: Message, context: Context, arrived: float, received: float, device: str | None = None, identity: secure.Identity | None = None
+    msg: Message,
+    context: Context,
+    arrived: float,
+    received: float,
+    device: str | None = None,
+    identity: secure.Identity | None = None,
+    policy: SitePolicy | None = None,
 ) -> Message:
     """One task for the resident executor (:mod:`fedtune.client.worker`), by message type.
-    ``identity``: the site's signing key for secure aggregation (ftclient --key)."""
+    ``identity``: the site's signing key for secure aggregation (ftclient --key); ``policy``: the
+    site's own rules (ftclient's flags; default: the process's installed policy)."""
     kind = msg.metadata.message_type
     if kind == MessageType.TRAIN:
-        return handle_train(msg, context, None, device, arrived=arrived, received=received)
+        return handle_train(msg, context, None, device, arrived=arrived, received=received, policy=policy)
     if kind == MessageType.EVALUATE:
-        return handle_evaluate(msg, context, None, device)
+        return handle_evaluate(msg, context, None, device, policy)
     if kind in secagg.STAGES:
         return handle_secure_stage(msg, context, None, device, identity)
     raise ValueError(f"this site does not handle {kind!r} messages")
 
 
-def make_client_app(sites: list[SiteFiles] | None = None, device: str | None = None) -> ClientApp:
+def make_client_app(sites: list[SiteFiles] | None = None, device: str | None = None, policy: SitePolicy | None = None) -> ClientApp:
+    """``policy``: the sites' rules (default: the process's; ftsim's virtual sites are permissive)."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, sites, device)
+        return handle_train(msg, context, sites, device, policy=policy)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, sites, device)
+        return handle_evaluate(msg, context, sites, device, policy)
 
     for stage in secagg.STAGES:
         app.train(stage.split(".", 1)[1])(lambda msg, context: handle_secure_stage(msg, context, sites, device))

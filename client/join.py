@@ -67,7 +67,49 @@ def join_parser() -> argparse.ArgumentParser:
         "site then shares its secrets only with sites whose keys are among them (without it, it trusts the keys the coordinator "
         "publishes, and a malicious coordinator could enrol keys of its own)",
     )
+    # This site's policy (fedtune.client.policy): what it refuses whatever the coordinator asks.
+    pol = p.add_argument_group("site policy (checked before every round trains; a refusal says why here and to the coordinator)")
+    pol.add_argument("--allow-plaintext", action="store_true", help="also take part in rounds without secure aggregation (default: refuse them)")
+    pol.add_argument(
+        "--min-noise-multiplier",
+        type=float,
+        metavar="X",
+        help="require differential privacy: refuse a round whose noise multiplier (as this site computes it from the run's "
+        "privacy settings and population) is below X, a round with DP off, and a plaintext round",
+    )
+    pol.add_argument("--model", metavar="NAME", help="the only model this site takes: 'default', a local folder or .gguf, or a hub id (default: the run's, with its sha256 logged)")
+    pol.add_argument(
+        "--model-sha256",
+        metavar="HEX",
+        help="the only weights this site takes: sha256 of the model's weights file (of several: of their sha256sum listing), as ftclient logs it",
+    )
+    pol.add_argument("--cache-dir", metavar="DIR", help="where this site provisions models (default: $FEDTUNE_CACHE or ~/.cache/fedtune); the coordinator's model.cache_dir is ignored")
+    pol.add_argument(
+        "--model-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder a run's local model may be in, besides the cache and --work-dir (repeatable)",
+    )
     return p
+
+
+def site_policy(args: argparse.Namespace, work: Path):
+    """This site's policy, from its own flags only (never from a message)."""
+    from .policy import SitePolicy
+
+    try:
+        return SitePolicy.strict(
+            allow_plaintext=bool(getattr(args, "allow_plaintext", False)),
+            min_noise_multiplier=getattr(args, "min_noise_multiplier", None),
+            model=getattr(args, "model", None),
+            model_sha256=getattr(args, "model_sha256", None),
+            cache_dir=getattr(args, "cache_dir", None),
+            work_dir=work,
+            model_roots=tuple(getattr(args, "model_root", None) or ()),
+        )
+    except ValueError as e:
+        raise JoinError(f"site policy: {e}") from None
 
 
 def key_fingerprint(pub_line: bytes) -> str:
@@ -158,6 +200,11 @@ def join(args: argparse.Namespace) -> int:
     work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="ftclient-"))
     work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o700)
+    try:
+        policy = site_policy(args, work)
+    except JoinError as e:
+        print(f"ftclient: {e}", file=sys.stderr)
+        return 2
     secret = os.urandom(32)
     write_private_file(work / "runtime.secret", secret)
     port = free_port()
@@ -188,10 +235,13 @@ def join(args: argparse.Namespace) -> int:
     if key_note:
         say(f"site key ({key_note})")
     say(f"SuperNode log: {log}")
+    for line in policy.describe():
+        say(f"site policy: {line}")
 
     from fedtune.common.secagg import load_identity, new_identity
 
     from .app import handle
+    from .policy import install as install_policy
     from .secure import Identity, load_pins
     from .worker import ResidentExecutor
 
@@ -208,8 +258,9 @@ def join(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    install_policy(policy)  # also for the paths that load a model without being handed one (key advertisement)
     node = spawn(cmd, log, env=tool_env())
-    executor = ResidentExecutor(f"127.0.0.1:{port}", lambda m, c, t, r: handle(m, c, t, r, device, identity), secret=secret)
+    executor = ResidentExecutor(f"127.0.0.1:{port}", lambda m, c, t, r: handle(m, c, t, r, device, identity, policy=policy), secret=secret)
     log_stop = threading.Event()
     seen: dict[str, bool] = {"refused": False, "tls": False}
 

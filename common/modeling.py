@@ -152,6 +152,8 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, bool]:
         return str(target), True
     p = Path(cfg.name).expanduser()
     gguf = None
+    if cfg.gguf_file is not None and (Path(cfg.gguf_file).name != cfg.gguf_file or cfg.gguf_file in (".", "..")):
+        raise ModelError(f"model.gguf_file: {cfg.gguf_file!r} must be a file name inside model.name, not a path")
     if p.is_file() and p.suffix.lower() == ".gguf":
         gguf = p
     elif p.is_dir() and cfg.gguf_file:

@@ -38,6 +38,7 @@ class Federation:
 
     def __init__(self, tmp: Path, model_dir: Path, **federation):
         self.tmp = tmp
+        self.model_dir = model_dir
         self.pki = tmp / "pki"
         create_certificates(self.pki, ["localhost"], days=1)
         self.authorized = tmp / "authorized"
@@ -89,6 +90,7 @@ class Federation:
             "--key", str(key),
             "--threads", "1",
             "--work-dir", str(self.tmp / "work" / name),
+            "--model-root", str(self.model_dir),  # the run's tiny model: outside a site's own folders, so named here
         ]  # fmt: skip
         return self._spawn(cmd, self.tmp / f"{name}.out")
 

@@ -218,6 +218,37 @@ def test_ftclient_join_rank_reaches_the_node_config(tmp_path):
         node_config("s", argparse.Namespace(data="t.jsonl", eval_data=None, rank=0))
 
 
+def test_ftclient_site_policy_comes_from_its_own_flags(tmp_path, monkeypatch):
+    from fedtune.client.join import JoinError, join_parser, site_policy
+
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "env-cache"))
+    base = ["--server", "h:8000", "--data", "d.jsonl"]
+    strict = site_policy(join_parser().parse_args(base), tmp_path / "work")
+    # ftclient's default is the strict policy: no plaintext, the site's own cache, its own folders.
+    assert not strict.allow_plaintext and strict.min_noise_multiplier is None and strict.model is None and strict.model_sha256 is None
+    assert strict.cache_dir == str((tmp_path / "env-cache").resolve())
+    assert strict.model_roots == (str((tmp_path / "env-cache").resolve()), str((tmp_path / "work").resolve()))
+    flags = [
+        "--allow-plaintext", "--min-noise-multiplier", "1.5", "--model", str(tmp_path / "m"), "--model-sha256", "AB" * 32,
+        "--cache-dir", str(tmp_path / "c"), "--model-root", str(tmp_path / "r1"), "--model-root", str(tmp_path / "r2"),
+    ]  # fmt: skip
+    pol = site_policy(join_parser().parse_args(base + flags), tmp_path / "work")
+    assert pol.allow_plaintext and pol.min_noise_multiplier == 1.5 and pol.model == str(tmp_path / "m") and pol.model_sha256 == "ab" * 32
+    assert pol.cache_dir == str((tmp_path / "c").resolve())
+    assert {str((tmp_path / n).resolve()) for n in ("c", "r1", "r2", "work", "m")} == set(pol.model_roots)
+    with pytest.raises(JoinError, match="site policy: model sha256: expected 64 hexadecimal digits"):
+        site_policy(join_parser().parse_args(base + ["--model-sha256", "xyz"]), tmp_path)
+    with pytest.raises(JoinError, match="site policy: minimum noise multiplier"):
+        site_policy(join_parser().parse_args(base + ["--min-noise-multiplier", "-1"]), tmp_path)
+
+
+def test_ftclient_join_refuses_a_bad_pin_before_connecting(tmp_path, capsys):
+    data = str(DATA_DIR / "medical" / "train.jsonl")
+    args = ["--server", "h:8000", "--data", data, "--insecure", "--work-dir", str(tmp_path / "w"), "--model-sha256", "nothex"]
+    assert ftclient.main(args) == 2
+    assert "site policy: model sha256" in capsys.readouterr().err
+
+
 def test_ftsim_and_ftserver_take_the_privacy_and_rank_flags(tmp_path, capsys):
     from fedtune.simulations import cli as ftsim
 

@@ -10,7 +10,6 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

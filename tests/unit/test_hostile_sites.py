@@ -22,7 +22,7 @@ from fedtune.common import adapters
 from fedtune.server import app as server
 from fedtune.server.deploy import make_logger
 
-from .test_server_rounds import FakeGrid, _state, _task_identity, run_state, trainer  # noqa: F401  (fixture)
+from .test_server_rounds import FakeGrid, _task_identity, run_state, trainer  # noqa: F401  (fixture)
 
 
 def reply(name: str, delta: dict | None, metrics: dict, status: str = "ok", reason: str | None = None) -> RecordDict:

@@ -252,9 +252,12 @@ def test_secure_aggregation_gives_the_plain_mean_within_its_bound(tiny_model_dir
     assert sec["fedtune"]["secure_aggregation"] is True and runs["plain"][1]["fedtune"]["secure_aggregation"] is False
     for r in sec["rounds"][1:]:
         st = r["secure_aggregation"]
-        assert st["sites_per_stage"] == [3, 3, 3, 3, 3] and st["threshold"] == 2 and r["accepted"] == 3
-        assert st["upload_bytes_per_param"] == 4.0
-        assert all(s["summed"] and s["bytes_sent"] == 4 * sec["trainable_params"] for s in r["sites"].values())
+        # Six stages (advertise, share keys, train, consistency, unmask, answers), every site in each.
+        assert st["sites_per_stage"] == [3, 3, 3, 3, 3, 3] and st["threshold"] == 2 and r["accepted"] == 3
+        # 4 bytes a value, plus one uint32 for the weight that travels inside the masked vector.
+        n = sec["trainable_params"]
+        assert st["upload_bytes_per_param"] == pytest.approx(4.0 * (n + 1) / n, abs=1e-4)
+        assert all(s["summed"] and s["bytes_sent"] == 4 * (n + 1) for s in r["sites"].values())
     assert "weighted mean of 3 site(s) unmasked" in log
 
     from fedtune.common.checkpoint import load_adapter_state

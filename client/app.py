@@ -340,7 +340,14 @@ def handle_train(
         _say_local_stopping(site, server_round, stats)
     local = methods.get_state(rt.model)
     delta = adapters.delta({k: local[k] for k in trainable}, {k: global_state[k] for k in trainable})
-    delta, bounded = privacy.site_release(cfg, delta, secure=sa is not None, n_sites=population)
+    try:
+        delta, bounded = privacy.site_release(cfg, delta, secure=sa is not None, n_sites=population)
+    except privacy.NonFiniteUpdate as e:  # a diverged model: refuse the round, never send zeros or NaN
+        if sa is not None:
+            secure.forget(context)
+        if verbose:
+            _say(site, str(e))
+        return _reply(msg, site, "refused", {"num-examples": 0, **counts}, reason=str(e))
     metrics = {
         "num-examples": len(st.train_items),
         "train-loss": stats.loss_mean,

@@ -41,6 +41,16 @@ def label_accuracy(chosen: Sequence[str], references: Sequence[str]) -> float:
     return exact_match(chosen, references)
 
 
+def lower_median(values: Sequence[float]) -> float:
+    """The median, and of an even count the lower of the two middle values: with two sites, one
+    site's claim alone never moves it (the plain median of 100 and 10,000,000 is 5,000,050).
+    Plain rounds (server.aggregation) and secure rounds (secagg.round_weight_cap) both cap
+    weights with it, so a site weighs the same either way."""
+    if not values:
+        raise ValueError("lower_median: no values")
+    return float(sorted(values)[(len(values) - 1) // 2])
+
+
 def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     pairs = [(v, w) for v, w in zip(values, weights) if w > 0 and math.isfinite(v)]
     total = sum(w for _, w in pairs)

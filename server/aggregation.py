@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fedtune.common.metrics import lower_median
+
 WIRE_DTYPE = np.dtype(np.float32)
 
 
@@ -96,14 +98,6 @@ class RunningMean:
         if self._acc is None:
             raise ValueError("RunningMean.result: no updates")
         return OrderedDict((k, (v / self.total_weight).astype(WIRE_DTYPE)) for k, v in self._acc.items())
-
-
-def lower_median(values: Sequence[float]) -> float:
-    """The median, and of an even count the lower of the two middle values: with two sites, one
-    site's claim alone never moves it (the plain median of 100 and 10,000,000 is 5,000,050)."""
-    if not values:
-        raise ValueError("lower_median: no values")
-    return float(sorted(values)[(len(values) - 1) // 2])
 
 
 def capped_weights(counts: Sequence[float], cap: float | None) -> list[float]:

@@ -46,6 +46,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedtune.common.metrics import lower_median
+
 __all__ = [
     "MOD",
     "MOD_BITS",
@@ -183,15 +185,13 @@ class Quantizer:
 
 
 def round_weight_cap(counts: Iterable[int], factor: float | None, max_weight: int) -> int:
-    """The round's weight cap: ``max_weight``, and at most ``factor`` x the median of the
+    """The round's weight cap: ``max_weight``, and at most ``factor`` x the lower median of the
     sites' example ``counts`` (None: no relative cap). Sites that inflate their count cannot move
     the median while they are fewer than half."""
-    counts = sorted(int(c) for c in counts)
+    counts = [int(c) for c in counts]
     if factor is None or not counts:
         return int(max_weight)
-    n = len(counts)
-    median = counts[n // 2] if n % 2 else (counts[n // 2 - 1] + counts[n // 2]) / 2
-    return int(max(1, min(max_weight, math.floor(factor * median))))
+    return int(max(1, min(max_weight, math.floor(factor * lower_median(counts)))))
 
 
 # ---------------------------------------------------------------- masks, keys, sealing

@@ -301,3 +301,21 @@ def test_a_site_without_local_early_stopping_reports_no_planned_steps(tmp_path, 
     reply = handle_train(message(tiny_config, global_state, 1, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
     m = reply.content["metrics"]
     assert m["train-steps"] == tiny_config.train.local_steps and "planned-steps" not in m and not any(k.startswith("local-") for k in m)
+
+
+def test_a_site_whose_training_diverged_refuses_the_round_instead_of_sending_nan(tmp_path, tiny_config, global_state, monkeypatch):
+    """A NaN in the trained adapter: the site answers 'refused' with the reason and sends no
+    update (neither the NaN nor zeros in its place)."""
+    real = client_app.train_round
+
+    def diverge(model, *args, **kwargs):
+        stats = real(model, *args, **kwargs)
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = math.nan
+        return stats
+
+    monkeypatch.setattr(client_app, "train_round", diverge)
+    reply = handle_train(message(tiny_config, global_state, 1, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
+    assert reply.content["site"]["status"] == "refused"
+    assert "not finite" in reply.content["site"]["reason"]
+    assert "arrays" not in reply.content and reply.content["metrics"]["num-examples"] == 0

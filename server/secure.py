@@ -205,21 +205,7 @@ def secure_mean(
     outbox: dict[int, dict[int, bytes]] = {}
 
     def share_content(sid: int) -> RecordDict:
-        ids = nbrs[sid]
-        rec = ConfigRecord(
-            {
-                "round-tag": tag,
-                "threshold": t,
-                "weight-cap": cap,
-                "nbr-ids": ids,
-                "nbr-c": [keys[j][0] for j in ids],
-                "nbr-s": [keys[j][1] for j in ids],
-                "nbr-sig": [signed[j][1] for j in ids],
-                "nbr-pk": [signed[j][0] for j in ids],
-                "nbr-node": [str(node_of[j]) for j in ids],
-            }
-        )
-        return RecordDict({p.RECORD: rec})
+        return RecordDict({p.RECORD: p.share_keys_record(tag, t, cap, nbrs[sid], keys, signed, node_of)})
 
     def got_shares(m: Message, node: int, sid: int) -> None:
         if _ok(m, node, names):

@@ -41,7 +41,7 @@ and a reason, and forgets the round; the coordinator treats it as a dropout.
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from .primitives import SHARE_BYTES
 
@@ -76,6 +76,26 @@ def advert_payload(run_id: int, tag: bytes, sid: int, c_pub: bytes, s_pub: bytes
 def alive_payload(run_id: int, tag: bytes, alive) -> bytes:
     """What a site signs at the consistency check: the alive set U3 of the run's round."""
     return b"fedtune-secagg/consistency/v2" + (int(run_id) % (1 << 64)).to_bytes(8, "big") + tag + _ids(sorted(int(a) for a in alive))
+
+
+def share_keys_record(tag: bytes, threshold: int, cap: int, ids: list[int], keys, signed, node_of) -> ConfigRecord:
+    """Stage 2's request to one site: its neighbours ``ids`` with their X25519 keys
+    (``keys[j]`` = (c, s)), each neighbour's identity key and signature on them
+    (``signed[j]`` = (identity, signature)) and Flower node id (``node_of[j]``), the threshold
+    and the round's weight cap."""
+    return ConfigRecord(
+        {
+            "round-tag": tag,
+            "threshold": threshold,
+            "weight-cap": cap,
+            "nbr-ids": ids,
+            "nbr-c": [keys[j][0] for j in ids],
+            "nbr-s": [keys[j][1] for j in ids],
+            "nbr-sig": [signed[j][1] for j in ids],
+            "nbr-pk": [signed[j][0] for j in ids],
+            "nbr-node": [str(node_of[j]) for j in ids],
+        }
+    )
 
 
 def ints_to_bytes(values: list[int]) -> list[bytes]:

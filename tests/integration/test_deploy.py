@@ -47,6 +47,7 @@ class Federation:
         self.out = tmp / "run"
         self.procs: list[subprocess.Popen] = []
         fed = {"rounds": 2, "min_sites": 2, "expected_sites": 2, "join_timeout_s": 90, "round_timeout_s": 90, **federation}
+        self.rounds = fed["rounds"]
         self.config = tmp / "run.json"
         self.config.write_text(
             json.dumps(
@@ -104,6 +105,17 @@ class Federation:
             if time.time() > deadline:
                 raise AssertionError(f"{needle!r} not in {name} after {timeout:.0f} s:\n{self.text(name)[-3000:]}")
             time.sleep(0.2)
+
+    def two_sites_one_round_in(self) -> tuple[subprocess.Popen, dict[str, Path]]:
+        """ftserver with registered sites alpha (medical) and beta (legal), once round 1 is done.
+        -> (the ftserver process, each site's private key)."""
+        keys = {n: self.site_key(n) for n in ("alpha", "beta")}
+        server = self.server()
+        self.wait_for("server.out", "site key registered: beta", 60)
+        self.site("alpha", keys["alpha"], DATA / "medical" / "train.jsonl")
+        self.site("beta", keys["beta"], DATA / "legal" / "train.jsonl")
+        self.wait_for("server.out", f"round 1/{self.rounds} done", 180)
+        return server, keys
 
     def finish(self, proc: subprocess.Popen, timeout: float, log: str = "server.out") -> int:
         try:
@@ -247,12 +259,7 @@ def test_site_killed_mid_round(federation, min_sites):
 
 def test_coordinator_killed_with_sigkill_then_resumed(federation):
     fed = federation(rounds=3)
-    keys = {n: fed.site_key(n) for n in ("alpha", "beta")}
-    server = fed.server()
-    fed.wait_for("server.out", "site key registered: beta", 60)
-    fed.site("alpha", keys["alpha"], DATA / "medical" / "train.jsonl")
-    fed.site("beta", keys["beta"], DATA / "legal" / "train.jsonl")
-    fed.wait_for("server.out", "round 1/3 done", 180)
+    server, _ = fed.two_sites_one_round_in()
     os.kill(server.pid, signal.SIGKILL)  # the coordinator only; its SuperLink goes with it
     server.wait(10)
     first = _rounds(fed.out)

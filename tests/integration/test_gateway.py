@@ -149,12 +149,7 @@ def attack(a: Attacker, db: Path, port: int, ca: Path) -> dict[str, tuple[bool, 
 
 def test_attacker_on_the_public_port_gets_only_the_fleet_api(federation, tmp_path):  # noqa: F811
     fed = federation(rounds=3)
-    keys = {n: fed.site_key(n) for n in ("alpha", "beta")}
-    server = fed.server()
-    fed.wait_for("server.out", "site key registered: beta", 60)
-    fed.site("alpha", keys["alpha"], DATA / "medical" / "train.jsonl")
-    fed.site("beta", keys["beta"], DATA / "legal" / "train.jsonl")
-    fed.wait_for("server.out", "round 1/3 done", 180)
+    server, keys = fed.two_sites_one_round_in()
 
     state = fed.out / ".ftserver"
     db = state / "superlink.db"

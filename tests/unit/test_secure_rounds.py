@@ -226,18 +226,8 @@ TAG = b"t" * p.TAG_BYTES
 
 def share_record(tag, i, ids, keys, signed, cap=360, threshold=3, **changes) -> ConfigRecord:
     """What an honest coordinator sends site ``i`` at key sharing (node ids are the site numbers here)."""
-    rec = {
-        "round-tag": tag,
-        "threshold": threshold,
-        "weight-cap": cap,
-        "nbr-ids": ids,
-        "nbr-c": [keys[j][0] for j in ids],
-        "nbr-s": [keys[j][1] for j in ids],
-        "nbr-sig": [signed[j][1] for j in ids],
-        "nbr-pk": [signed[j][0] for j in ids],
-        "nbr-node": [str(j) for j in ids],
-    }
-    return ConfigRecord({**rec, **changes})
+    rec = p.share_keys_record(tag, threshold, cap, ids, keys, signed, {j: j for j in ids})
+    return ConfigRecord({**dict(rec.items()), **changes})
 
 
 def advertise_all(sites, tag=TAG) -> tuple[dict, dict]:

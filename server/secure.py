@@ -50,7 +50,7 @@ from fedtune.common.secagg import (
 )
 from fedtune.common.secagg import protocol as p
 
-from .messaging import FederationError, Printer, exchange, site_of
+from .messaging import FederationError, Printer, exchange, site_of, site_reason
 
 
 class KeyFolder:
@@ -135,8 +135,10 @@ def secure_mean(
         t0 = time.time()
 
         def seen(m: Message, n: int) -> None:
-            if not m.has_error() and "site" in m.content and m.content["site"].get("status") != "ok" and kind != MessageType.TRAIN:
-                refused[site_of(m, n, names)[0]] = "refused: " + str(m.content["site"].get("reason", "no reason given"))[:300]
+            if not m.has_error() and kind != MessageType.TRAIN:
+                who, status = site_of(m, n, names)
+                if status != "ok":  # the site's reason, read as every site string is (messaging.site_reason)
+                    refused[who] = f"{status}: {site_reason(m, status)}"
             absorb(m, n, sid_of[n])
 
         exchange(grid, [node_of[i] for i in targets], lambda n: build(sid_of[n]), kind, timeout, seen)

@@ -818,3 +818,27 @@ def test_a_site_signs_with_its_ftclient_key_which_the_coordinator_publishes_from
     args = join_parser().parse_args(["--server", "h:1", "--data", str(data), "--insecure", "--peer-keys", str(tmp_path / "run")])
     with pytest.raises(JoinError, match="--peer-keys: .*no \\*.pub file"):
         check_inputs(args)
+
+
+class RefusesWithAForgedLine(SecureSite):
+    """A site that refuses key advertisement with a reason built to forge a line in server.log."""
+
+    def __call__(self, m: Message):
+        if m.metadata.message_type == p.ADVERTISE:
+            out = RecordDict({"site": self._site("refused", "no\n[12:00:00] round 1 FORGED | \x1b[2Jall sites agreed")})
+            self.replies.append(out)
+            return out
+        return super().__call__(m)
+
+
+def test_a_refusal_reason_in_a_secure_stage_cannot_forge_a_log_line_or_a_record(tiny_config, tmp_path):
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+    sites[2] = RefusesWithAForgedLine(2, sites[2].update, sites[2].examples)
+    said: list[str] = []
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, said.append)
+    assert r["accepted"] == 4
+    why = r["secure_aggregation"]["refused_by_coordinator"]["site2"]
+    assert "FORGED" in why and not any(c in why for c in "\n\r\x1b")
+    assert all("\n" not in line and "\x1b" not in line for line in said)
+    assert not any(line.startswith("[12:00:00]") for line in "\n".join(said).splitlines())

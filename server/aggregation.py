@@ -79,6 +79,7 @@ class RunningMean:
 
     def __init__(self) -> None:
         self._acc: OrderedDict[str, np.ndarray] | None = None
+        self._weights: list[float] = []  # in arrival order
         self.total_weight = 0.0
         self.count = 0
 
@@ -92,7 +93,12 @@ class RunningMean:
         for k, acc in self._acc.items():
             acc += weight * update[k].astype(np.float64)
         self.total_weight += weight
+        self._weights.append(float(weight))
         self.count += 1
+
+    def weights(self) -> list[float]:
+        """Each update's weight, in the order they were added (as :meth:`CappedMean.weights`)."""
+        return list(self._weights)
 
     def result(self) -> OrderedDict[str, np.ndarray]:
         if self._acc is None:

@@ -472,7 +472,7 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
         update = mean.result() if cfg.federation.aggregator == "mean" else robust_aggregate(kept, cfg.federation.aggregator, cfg.federation.trim_fraction)
         weight = {}
         if cfg.federation.aggregator == "mean":
-            weight = dict(zip(weighed, mean.weights() if cap is not None else [1.0 if equal else float(sites[n]["examples"]) for n in weighed]))
+            weight = dict(zip(weighed, mean.weights()))
             for name, w in weight.items():
                 sites[name]["weight"] = w
                 if cap is not None and w < sites[name]["examples"]:

@@ -842,3 +842,31 @@ def test_a_refusal_reason_in_a_secure_stage_cannot_forge_a_log_line_or_a_record(
     assert "FORGED" in why and not any(c in why for c in "\n\r\x1b")
     assert all("\n" not in line and "\x1b" not in line for line in said)
     assert not any(line.startswith("[12:00:00]") for line in "\n".join(said).splitlines())
+
+
+class AdvertisesAForgedSignature(SecureSite):
+    """A site whose key advertisement carries a signature that does not verify."""
+
+    def __call__(self, m: Message):
+        out = super().__call__(m)
+        if m.metadata.message_type == p.ADVERTISE and p.RECORD in out:
+            rec = out[p.RECORD]
+            sig = bytearray(rec["sig"])
+            sig[-1] ^= 1
+            out[p.RECORD] = ConfigRecord({**dict(rec.items()), "sig": bytes(sig)})
+        return out
+
+
+def test_the_coordinator_drops_a_site_whose_advertisement_is_not_signed_so_the_others_still_sum(tiny_config, tmp_path):
+    """Honest sites refuse to share keys with a forged advertisement, so a coordinator that
+    passed it on would see the whole round abort; it drops that one site at advertisement."""
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+    sites[4] = AdvertisesAForgedSignature(4, sites[4].update, sites[4].examples)
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    st = r["secure_aggregation"]
+    assert r["accepted"] == 4 and st["sites_per_stage"][:2] == [5, 4]
+    assert "no valid signature" in st["refused_by_coordinator"]["site4"]
+    want = expected_mean(sites, [1, 2, 3, 5], round_cap(rs, sites))
+    for k in SHAPES:
+        np.testing.assert_allclose(rs.global_state[k], want[k], atol=bound_for(rs, sites, [1, 2, 3, 5]) + 1e-7)

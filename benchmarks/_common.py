@@ -8,8 +8,8 @@ belongs in a ``bench`` extra / dev dependency of its own).
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import statistics
 import subprocess
 import sys

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _common import DEFAULT_CONFIG, median, run_ftsim, say, site_specs, log_tail
+from _common import DEFAULT_CONFIG, log_tail, median, run_ftsim, say, site_specs
 
 
 class SimFailed(RuntimeError):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from _common import DATA, DEFAULT_CONFIG, median, say
 
 
@@ -172,5 +171,5 @@ def run(steps: int = 4, reps: int = 6) -> dict:
             "device": str(dev),
         },
     }
-    del plain, base
+    plain = base = None  # free both copies before the next arm (arm_plain has run)
     return out

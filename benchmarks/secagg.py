@@ -60,7 +60,6 @@ def _client_app(paths: list[str], weights: list[int]):
     from fedtune.common import adapters
     from fedtune.common.secagg import SecAggError, load_identity
     from fedtune.common.secagg import protocol as p
-
     from fedtune.simulations.cli import with_site_keys
 
     sites, _ = with_site_keys([client_app.SiteFiles(f"site{i}", path) for i, path in enumerate(paths)])

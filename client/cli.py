@@ -24,6 +24,7 @@ import argparse
 import statistics
 import sys
 
+
 def check(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 

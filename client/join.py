@@ -22,7 +22,16 @@ import time
 from pathlib import Path
 
 from fedtune.common.checkpoint import write_private_file
-from fedtune.common.procs import flwr_config_string, follow, free_port, sigterm_as_interrupt, spawn, stop, tail, tool_env
+from fedtune.common.procs import (
+    flwr_config_string,
+    follow,
+    free_port,
+    sigterm_as_interrupt,
+    spawn,
+    stop,
+    tail,
+    tool_env,
+)
 
 EXIT_REFUSED = 3
 REFUSED_MARKERS = ("[code: 2004]", "Failed to activate SuperNode")

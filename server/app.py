@@ -45,10 +45,10 @@ from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TR
 from .aggregation import (
     CappedMean,
     RunningMean,
-    capped_weights,
     ServerOptimizer,
-    l2_norm,
+    capped_weights,
     change_by_layer,
+    l2_norm,
     lora_product_error,
     noised_mean,
     robust_aggregate,

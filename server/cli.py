@@ -54,7 +54,19 @@ from fedtune.common.config import (
     load_config,
     read_config_file,
 )
-from fedtune.common.procs import flwr_config_string, follow, free_port, rotate, sigterm_as_interrupt, spawn_capped, stop, tail, tool, tool_env, wait_for_port
+from fedtune.common.procs import (
+    flwr_config_string,
+    follow,
+    free_port,
+    rotate,
+    sigterm_as_interrupt,
+    spawn_capped,
+    stop,
+    tail,
+    tool,
+    tool_env,
+    wait_for_port,
+)
 
 CONN = "fedtune"
 STATE_DIR = ".ftserver"

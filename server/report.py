@@ -17,7 +17,6 @@ from fedtune.common.checkpoint import atomic_write_bytes
 
 from .messaging import clean
 
-
 _MD_SPECIAL = re.compile(r"([\\`*\[\]|<>!])")
 
 

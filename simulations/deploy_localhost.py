@@ -135,7 +135,7 @@ class Demo:
         return code == REFUSED_EXIT, f"exit code {code}: {line.strip()}"
 
     def stop_all(self) -> None:
-        for name, proc in reversed(list(self.procs.items())):
+        for proc in reversed(list(self.procs.values())):
             stop(proc, 15)
         left = [n for n, p in self.procs.items() if p.poll() is None]
         if left:

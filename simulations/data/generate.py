@@ -435,21 +435,26 @@ def main():
     rng = random.Random(SEED + 1)
     train, evl = build_splits(rng, MED_LABELS, make_medical,
                               eval_extra_order=["urgent", "emergency", "routine"])
-    to_chat = lambda s, lab: {"messages": [
-        {"role": "user", "content": MED_PROMPT.format(situation=s)},
-        {"role": "assistant", "content": lab}]}
+    def to_chat(s, lab):
+        return {"messages": [{"role": "user", "content": MED_PROMPT.format(situation=s)},
+                             {"role": "assistant", "content": lab}]}
+
     write_jsonl(OUT_DIR / "medical" / "train.jsonl", [to_chat(s, l) for s, l in train])
     write_jsonl(OUT_DIR / "medical" / "eval.jsonl", [to_chat(s, l) for s, l in evl])
 
     rng = random.Random(SEED + 2)
     train, evl = build_splits(rng, LEGAL_LABELS, make_legal)
-    to_alpaca = lambda s, lab: {"instruction": LEGAL_INSTRUCTION, "input": s, "output": lab}
+    def to_alpaca(s, lab):
+        return {"instruction": LEGAL_INSTRUCTION, "input": s, "output": lab}
+
     write_jsonl(OUT_DIR / "legal" / "train.jsonl", [to_alpaca(s, l) for s, l in train])
     write_jsonl(OUT_DIR / "legal" / "eval.jsonl", [to_alpaca(s, l) for s, l in evl])
 
     rng = random.Random(SEED + 3)
     train, evl = build_splits(rng, FIN_LABELS, make_financial)
-    to_pc = lambda s, lab: {"prompt": FIN_PROMPT.format(tx=s), "completion": lab}
+    def to_pc(s, lab):
+        return {"prompt": FIN_PROMPT.format(tx=s), "completion": lab}
+
     write_jsonl(OUT_DIR / "financial" / "train.jsonl", [to_pc(s, l) for s, l in train])
     write_jsonl(OUT_DIR / "financial" / "eval.jsonl", [to_pc(s, l) for s, l in evl])
 

@@ -15,7 +15,6 @@ import json
 import socket
 import sqlite3
 import ssl
-import tomllib
 from base64 import b64encode
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import flwr
 import httpx
 import psutil
 import pytest
+import tomllib
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.proto import control_pb2, fab_pb2, fleet_pb2, message_pb2, runtime_pb2  # pylint: disable=E0611

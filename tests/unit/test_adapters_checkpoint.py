@@ -54,8 +54,8 @@ def test_trainable_state_is_lora_only_float32_copies(tiny_peft_model, tiny_confi
 
 
 def test_wrap_peft_is_seeded(tiny_config):
-    from fedtune.common.modeling import load_base_model
     from fedtune.common.methods import wrap
+    from fedtune.common.modeling import load_base_model
 
     a = methods.get_state(wrap(load_base_model(tiny_config.model, "cpu")[0], tiny_config.peft, seed=5))
     b = methods.get_state(wrap(load_base_model(tiny_config.model, "cpu")[0], tiny_config.peft, seed=5))

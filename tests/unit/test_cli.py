@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,8 +11,6 @@ from fedtune.client import cli as ftclient
 from fedtune.common import fteval, methods
 from fedtune.common.checkpoint import save_adapter
 from fedtune.server import cli as ftserver
-
-from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "simulations" / "data"
 

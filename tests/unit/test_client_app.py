@@ -15,8 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from fedtune.client import app as client_app
 from fedtune.client.app import SiteFiles, handle_evaluate, handle_train, resolve_site, sites_from_config
 from fedtune.common import adapters, methods
-from fedtune.common.modeling import load_base_model
 from fedtune.common.methods import wrap
+from fedtune.common.modeling import load_base_model
 from fedtune.server.aggregation import spec_of, validate_update
 
 SECRET = "SECRET-ACCOUNT-4242-7777"

@@ -14,12 +14,11 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fedtune.common.config import ConfigError, DataConfig, FedTuneConfig
+from fedtune.common.config import DataConfig, FedTuneConfig
 from fedtune.common.data import MAX_NESTING, DataError, Example, iter_raw_records, load_site_data, tokenize_all
 
 SECRET = "SECRET-7f3a-PATIENT-JANE-DOE"

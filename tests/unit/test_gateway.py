@@ -268,6 +268,7 @@ def test_spawn_capped_rotates(tmp_path):
 def test_ftserver_puts_the_superlink_on_loopback_and_the_gateway_on_the_public_port(tmp_path, monkeypatch, insecure):
     import os
     import stat
+
     import tomllib
 
     from fedtune.client.keys import create_site_keys

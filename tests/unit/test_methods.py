@@ -459,7 +459,7 @@ def test_ffa_lora_trains_b_only_and_averages_the_products_exactly(tiny_config, t
         errors = []
         for a_key in (k for k in init.state if ".lora_A." in k):
             b_key = a_key.replace(".lora_A.", ".lora_B.")
-            product = lambda s: s[b_key].astype(np.float64) @ s[a_key].astype(np.float64)  # noqa: E731
+            product = lambda s: s[b_key].astype(np.float64) @ s[a_key].astype(np.float64)  # noqa: E731, B023 (used in this iteration only)
             mean_of_products = sum(w * product(s) for w, s in zip(weights, site_states)) / sum(weights)
             errors.append(float(np.abs(product(rs.global_state) - mean_of_products).max()))
         results[ffa] = (rs, init, max(errors))

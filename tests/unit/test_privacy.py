@@ -21,7 +21,6 @@ from .test_client_app import fresh_caches  # noqa: F401  (autouse fixture)
 from .test_methods import method_config, real_sites
 from .test_server_rounds import FakeGrid, _task_identity, trainer  # noqa: F401  (fixture)
 
-
 # ---------------------------------------------------------------------------------------------
 # Clipping
 

@@ -122,8 +122,8 @@ def test_train_round_is_deterministic(tiny_peft_model, items):
 def test_dropout_draws_are_a_function_of_site_and_round(tiny_config, items):
     """With dropout on, a round repeats exactly whatever the process's RNG did before (a resumed
     run or another virtual site in between), and another round draws differently."""
-    from fedtune.common.modeling import load_base_model
     from fedtune.common.methods import wrap
+    from fedtune.common.modeling import load_base_model
 
     peft = tiny_config.peft.model_copy(update={"dropout": 0.3})
     base, tok, dev = load_base_model(tiny_config.model, "cpu")

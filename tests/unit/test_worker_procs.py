@@ -78,9 +78,9 @@ def test_supernode_poll_setting_is_checked(monkeypatch, value, ok):
 
 
 def test_serverapp_object_pulls_are_tightened_once():
-    from flwr.superlink.grid import http_grid
-
     import functools
+
+    from flwr.superlink.grid import http_grid
 
     original = http_grid.pull_objects
     # Importing fedtune.server.deploy (as other tests do) has already tuned this process once.

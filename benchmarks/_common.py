@@ -69,7 +69,13 @@ def _role(p: psutil.Process, root_pid: int | None = None) -> str:
     for key in ("raylet", "gcs_server"):
         if exe.endswith("/" + key):
             return f"ray {key}"
-    for script in ("dashboard/agent.py", "runtime_env/agent/main.py", "dashboard/dashboard.py", "log_monitor.py", "monitor.py"):
+    for script in (
+        "dashboard/agent.py",
+        "runtime_env/agent/main.py",
+        "dashboard/dashboard.py",
+        "log_monitor.py",
+        "monitor.py",
+    ):
         if script in cmd:
             return f"ray {script.split('/')[-1] if script != 'runtime_env/agent/main.py' else 'runtime_env agent'}"
     return name[:40]
@@ -187,7 +193,9 @@ class SimRun:
         return json.loads((self.out / "metrics.json").read_text())
 
 
-def run_ftsim(args: list[str], out: Path, interval: float = 0.2, timeout_s: float = 1800, env_extra: dict | None = None) -> SimRun:
+def run_ftsim(
+    args: list[str], out: Path, interval: float = 0.2, timeout_s: float = 1800, env_extra: dict | None = None
+) -> SimRun:
     """Run ``python -m fedtune.simulations.cli ARGS --out OUT`` and sample its process tree."""
     out.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{out.name}.log"

@@ -81,7 +81,9 @@ def main() -> int:
     ap.add_argument("--only", action="append", choices=list(RUNS), help="run only these (repeatable)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=5)
-    ap.add_argument("--dp-clip", type=float, default=0.05, help="L2 bound under DP (default 0.05; see benchmarks/README.md)")
+    ap.add_argument(
+        "--dp-clip", type=float, default=0.05, help="L2 bound under DP (default 0.05; see benchmarks/README.md)"
+    )
     ap.add_argument("--quick", action="store_true", help="1 round of 2 steps, few eval examples")
     args = ap.parse_args()
     out = Path(args.out)
@@ -106,8 +108,18 @@ def main() -> int:
         trained = [r for r in doc["rounds"] if r["round"] > 0 and "accepted" in r]
         errs = [r["aggregation_error_rel"] for r in trained if "aggregation_error_rel" in r]
         n_test = 8 if args.quick else HELD_OUT
-        fin = fteval(["--adapter", str(out / name / "adapter")], files["finance-test"], out / f"{name}-finance.json", generate=True)
-        med = fteval(["--adapter", str(out / name / "adapter")], files["medical-test"], out / f"{name}-medical.json", generate=False)
+        fin = fteval(
+            ["--adapter", str(out / name / "adapter")],
+            files["finance-test"],
+            out / f"{name}-finance.json",
+            generate=True,
+        )
+        med = fteval(
+            ["--adapter", str(out / name / "adapter")],
+            files["medical-test"],
+            out / f"{name}-medical.json",
+            generate=False,
+        )
         results[name] = {
             "wall_s": round(run.wall_s, 1),
             "rounds": len(trained),
@@ -123,10 +135,16 @@ def main() -> int:
         say(f"{name}: {json.dumps(results[name])}")
     base_fin = fteval(["--model", "default"], files["finance-test"], out / "base-finance.json", True)
     base_med = fteval(["--model", "default"], files["medical-test"], out / "base-medical.json", False)
-    results["base model"] = {"finance_loss": base_fin.get("loss"), "finance_exact_match": base_fin.get("exact_match"), "medical_loss": base_med.get("loss")}
+    results["base model"] = {
+        "finance_loss": base_fin.get("loss"),
+        "finance_exact_match": base_fin.get("exact_match"),
+        "medical_loss": base_med.get("loss"),
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print()
-    print("| run | final eval loss (sites) | finance loss | finance EM | medical loss | aggregation error (rel., mean) | epsilon | MB/round/site | wall s |")
+    print(
+        "| run | final eval loss (sites) | finance loss | finance EM | medical loss | aggregation error (rel., mean) | epsilon | MB/round/site | wall s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     f = lambda x, s=".3f": "–" if x is None else format(x, s)  # noqa: E731
     for name, r in results.items():

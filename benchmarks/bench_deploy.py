@@ -34,7 +34,9 @@ def _rounds(doc: dict) -> list[dict]:
     return [r for r in doc["rounds"] if r["round"] >= 1]
 
 
-def run_deploy(out: Path, rounds: int, local_steps: int, eval_examples: int, timeout_s: float = 3600) -> tuple[int, float, Path]:
+def run_deploy(
+    out: Path, rounds: int, local_steps: int, eval_examples: int, timeout_s: float = 3600
+) -> tuple[int, float, Path]:
     log = out.parent / f"{out.name}.log"
     cmd = [
         sys.executable, "-m", "fedtune.simulations.deploy_localhost",
@@ -47,15 +49,32 @@ def run_deploy(out: Path, rounds: int, local_steps: int, eval_examples: int, tim
     ]  # fmt: skip
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(REPO), timeout=timeout_s, env=dict(os.environ)).returncode
+        rc = subprocess.run(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(REPO), timeout=timeout_s, env=dict(os.environ)
+        ).returncode
     return rc, time.perf_counter() - t0, log
 
 
 def deploy_vs_sim(workdir: Path, rounds: int, local_steps: int, eval_examples: int, env: dict) -> dict:
-    inputs = {"config": "bundled demo (default model, 3 sites)", "rounds": rounds, "local_steps": local_steps, "eval_examples": eval_examples}
+    inputs = {
+        "config": "bundled demo (default model, 3 sites)",
+        "rounds": rounds,
+        "local_steps": local_steps,
+        "eval_examples": eval_examples,
+    }
     say(f"fig 5: ftsim, then deploy_localhost, on {inputs}")
     sim = run_ftsim(
-        ["--config", str(DEFAULT_CONFIG), "--rounds", str(rounds), "--local-steps", str(local_steps), "--no-plots", "--set", f"eval.max_examples={eval_examples}"],
+        [
+            "--config",
+            str(DEFAULT_CONFIG),
+            "--rounds",
+            str(rounds),
+            "--local-steps",
+            str(local_steps),
+            "--no-plots",
+            "--set",
+            f"eval.max_examples={eval_examples}",
+        ],
         workdir / "sim",
         env_extra=env,
     )
@@ -68,13 +87,23 @@ def deploy_vs_sim(workdir: Path, rounds: int, local_steps: int, eval_examples: i
     sim_doc, dep_doc = sim.metrics(), json.loads((workdir / "deploy" / "metrics.json").read_text())
     s_rounds, d_rounds = _rounds(sim_doc), _rounds(dep_doc)
     per_round = [
-        {"round": s["round"], "sim_s": s["seconds"], "deploy_s": d["seconds"], "sim_train_phase_s": s["train_seconds"], "deploy_train_phase_s": d["train_seconds"]}
+        {
+            "round": s["round"],
+            "sim_s": s["seconds"],
+            "deploy_s": d["seconds"],
+            "sim_train_phase_s": s["train_seconds"],
+            "deploy_train_phase_s": d["train_seconds"],
+        }
         for s, d in zip(s_rounds, d_rounds)
     ]
     sim_mean = sum(x["sim_s"] for x in per_round) / len(per_round)
     dep_mean = sum(x["deploy_s"] for x in per_round) / len(per_round)
-    startups = {r["round"]: [s.get("startup_seconds") for s in r["sites"].values() if s.get("status") == "ok"] for r in d_rounds}
-    receives = {r["round"]: [s.get("receive_seconds") for s in r["sites"].values() if s.get("status") == "ok"] for r in d_rounds}
+    startups = {
+        r["round"]: [s.get("startup_seconds") for s in r["sites"].values() if s.get("status") == "ok"] for r in d_rounds
+    }
+    receives = {
+        r["round"]: [s.get("receive_seconds") for s in r["sites"].values() if s.get("status") == "ok"] for r in d_rounds
+    }
     later = [x for rnd, xs in startups.items() if rnd >= 2 for x in xs if x is not None]
     return {
         "inputs": inputs,

@@ -31,11 +31,15 @@ def _check(run, what: str) -> None:
 
 def round_over_train(workdir: Path, rounds: int, local_steps: int, eval_examples: int, env: dict) -> dict:
     args = [
-        "--config", str(DEFAULT_CONFIG),  # the bundled demo: 3 sites, default model, default.yaml
-        "--rounds", str(rounds),
-        "--local-steps", str(local_steps),
+        "--config",
+        str(DEFAULT_CONFIG),  # the bundled demo: 3 sites, default model, default.yaml
+        "--rounds",
+        str(rounds),
+        "--local-steps",
+        str(local_steps),
         "--no-plots",
-        "--set", f"eval.max_examples={eval_examples}",
+        "--set",
+        f"eval.max_examples={eval_examples}",
     ]
     say(f"fig 2: ftsim {' '.join(args[2:])} (3 bundled sites)")
     run = run_ftsim(args, workdir / "fig2-3sites", env_extra=env)
@@ -80,16 +84,30 @@ def round_over_train(workdir: Path, rounds: int, local_steps: int, eval_examples
     }
 
 
-def memory_ratio(workdir: Path, n_small: int, n_large: int, local_steps: int, eval_examples: int, env: dict, interval: float) -> dict:
+def memory_ratio(
+    workdir: Path, n_small: int, n_large: int, local_steps: int, eval_examples: int, env: dict, interval: float
+) -> dict:
     runs = {}
     for n in (n_small, n_large):
-        args = ["--config", str(DEFAULT_CONFIG), "--rounds", "1", "--local-steps", str(local_steps), "--no-plots", "--set", f"eval.max_examples={eval_examples}"]
+        args = [
+            "--config",
+            str(DEFAULT_CONFIG),
+            "--rounds",
+            "1",
+            "--local-steps",
+            str(local_steps),
+            "--no-plots",
+            "--set",
+            f"eval.max_examples={eval_examples}",
+        ]
         for spec in site_specs(n):
             args += ["--site", spec]
         say(f"fig 3: ftsim with {n} sites, 1 round, {local_steps} local step(s), eval.max_examples={eval_examples}")
         run = run_ftsim(args, workdir / f"fig3-{n}sites", interval=interval, env_extra=env)
         _check(run, f"fig 3 ({n} sites)")
-        say(f"  {n} sites: peak tree RSS {run.peak_rss_bytes / 2**20:.0f} MiB over {run.peak_nprocs} processes, {run.wall_s:.0f} s, {run.samples} samples")
+        say(
+            f"  {n} sites: peak tree RSS {run.peak_rss_bytes / 2**20:.0f} MiB over {run.peak_nprocs} processes, {run.wall_s:.0f} s, {run.samples} samples"
+        )
         runs[n] = run
     small, large = runs[n_small], runs[n_large]
     roles = sorted(set(small.peak_breakdown) | set(large.peak_breakdown))

@@ -70,13 +70,22 @@ def run(steps: int = 4, reps: int = 6) -> dict:
         content = RecordDict(
             {
                 **adapters.adapter_records(init_state),
-                "config": ConfigRecord({capp.CONFIG_KEY: cfg.to_json(), "server-round": 1, capp.TRAINABLE_KEY: list(init_state)}),
+                "config": ConfigRecord(
+                    {capp.CONFIG_KEY: cfg.to_json(), "server-round": 1, capp.TRAINABLE_KEY: list(init_state)}
+                ),
             }
         )
         # As a SuperNode hands it to the ClientApp: metadata filled in by the SuperLink.
         meta = Metadata(
-            run_id=1, message_id=f"bench-{time.monotonic_ns()}", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-            group_id="1", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN,
+            run_id=1,
+            message_id=f"bench-{time.monotonic_ns()}",
+            src_node_id=0,
+            dst_node_id=1,
+            reply_to_message_id="",
+            group_id="1",
+            created_at=time.time(),
+            ttl=3600.0,
+            message_type=MessageType.TRAIN,
         )
         return Message(content=content, metadata=meta)
 
@@ -87,7 +96,13 @@ def run(steps: int = 4, reps: int = 6) -> dict:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         m = reply.content["metrics"]
         assert reply.content["site"]["status"] == "ok", reply.content["site"]["status"]
-        return {"wall": wall, "cpu": cpu, "loop": float(m["train-seconds"]), "tokens": int(m["train-tokens"]), "loss0": float(m["train-loss-first"])}
+        return {
+            "wall": wall,
+            "cpu": cpu,
+            "loop": float(m["train-seconds"]),
+            "tokens": int(m["train-tokens"]),
+            "loss0": float(m["train-loss-first"]),
+        }
 
     # --- B/C: a plain peft + torch loop on a second copy of the base model.
     base, _, dev = load_base_model(cfg.model)
@@ -139,7 +154,9 @@ def run(steps: int = 4, reps: int = 6) -> dict:
             + f"  (A's train_round loop {runs['A'][-1]['loop']:.1f} s)"
         )
 
-    ratio = [b["wall"] / a["wall"] for a, b in zip(runs["A"], runs["B"])]  # tokens equal, so time ratio = throughput ratio
+    ratio = [
+        b["wall"] / a["wall"] for a, b in zip(runs["A"], runs["B"])
+    ]  # tokens equal, so time ratio = throughput ratio
     ratio_loop = [b["wall"] / a["loop"] for a, b in zip(runs["A"], runs["B"])]
     out = {
         "train_throughput_ratio": median(ratio),

@@ -95,11 +95,19 @@ import numpy as np
 
 @dataclass
 class FlowerSecAggResult:
-    aggregate: np.ndarray  # Flower's new global parameters (1-D float64) from global params at zeros; see the module docstring
+    aggregate: (
+        np.ndarray
+    )  # Flower's new global parameters (1-D float64) from global params at zeros; see the module docstring
     seconds: float  # wall time of the fit stage alone (module docstring: "What is timed")
-    upload_bytes_per_param: float  # upload_bytes / number of parameters (~8: int64 for SecAgg+, float64 for plain FedAvg)
-    upload_bytes: int = 0  # one client's vector upload (masked int64 .npy blobs; plain: its float64 .npy), largest over clients
-    setup_upload_bytes: int = 0  # one client's bytes in the other SecAgg+ stages (keys, shares), largest over clients; 0 for plain
+    upload_bytes_per_param: (
+        float  # upload_bytes / number of parameters (~8: int64 for SecAgg+, float64 for plain FedAvg)
+    )
+    upload_bytes: int = (
+        0  # one client's vector upload (masked int64 .npy blobs; plain: its float64 .npy), largest over clients
+    )
+    setup_upload_bytes: int = (
+        0  # one client's bytes in the other SecAgg+ stages (keys, shares), largest over clients; 0 for plain
+    )
 
 
 # ------------------------------------------------------------------ semantics, for callers
@@ -110,9 +118,15 @@ def quantized_weights(weights, *, max_weight: float = 1000.0, quantization_range
     return np.array([round(n / max_weight * quantization_range) for n in weights], dtype=np.float64)
 
 
-def reference_mean(vectors, weights, *, quantized: bool = False, max_weight: float = 1000.0, quantization_range: int = 2**22) -> np.ndarray:
+def reference_mean(
+    vectors, weights, *, quantized: bool = False, max_weight: float = 1000.0, quantization_range: int = 2**22
+) -> np.ndarray:
     """``sum w_i x_i / sum w_i`` in float64; with ``quantized=True`` over Flower's quantized weights."""
-    w = quantized_weights(weights, max_weight=max_weight, quantization_range=quantization_range) if quantized else np.asarray(weights, dtype=np.float64)
+    w = (
+        quantized_weights(weights, max_weight=max_weight, quantization_range=quantization_range)
+        if quantized
+        else np.asarray(weights, dtype=np.float64)
+    )
     acc = np.zeros(np.asarray(vectors[0]).size, dtype=np.float64)
     for wi, x in zip(w, vectors):
         acc += wi * np.asarray(x, dtype=np.float64).ravel()
@@ -120,7 +134,12 @@ def reference_mean(vectors, weights, *, quantized: bool = False, max_weight: flo
 
 
 def aggregate_error_bound(
-    weights, *, max_abs: float = 0.0, clipping_range: float = 8.0, max_weight: float = 1000.0, quantization_range: int = 2**22
+    weights,
+    *,
+    max_abs: float = 0.0,
+    clipping_range: float = 8.0,
+    max_weight: float = 1000.0,
+    quantization_range: int = 2**22,
 ) -> float:
     """Per-coordinate bound on ``|aggregate - weighted mean|`` for a call with these settings, where nothing is clipped.
 
@@ -285,12 +304,20 @@ def _warm_up(grid, num_nodes: int, wait_s: float = 300.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(nodes)} of {num_nodes} virtual clients registered in {wait_s:.0f} s")
         time.sleep(0.05)
-    content = compat.evaluateins_to_recorddict(EvaluateIns(Parameters(tensors=[], tensor_type="numpy.ndarray"), {}), True)
-    msgs = [Message(content=content, dst_node_id=nid, message_type=MessageType.EVALUATE, group_id="warm-up") for nid in nodes]
+    content = compat.evaluateins_to_recorddict(
+        EvaluateIns(Parameters(tensors=[], tensor_type="numpy.ndarray"), {}), True
+    )
+    msgs = [
+        Message(content=content, dst_node_id=nid, message_type=MessageType.EVALUATE, group_id="warm-up")
+        for nid in nodes
+    ]
     replies = list(grid.send_and_receive(msgs, timeout=wait_s))
     bad = [r for r in replies if r.has_error()]
     if len(replies) < num_nodes or bad:
-        raise RuntimeError(f"warm-up: {len(replies) - len(bad)} of {num_nodes} virtual clients answered" + (f"; first error: {bad[0].error}" if bad else ""))
+        raise RuntimeError(
+            f"warm-up: {len(replies) - len(bad)} of {num_nodes} virtual clients answered"
+            + (f"; first error: {bad[0].error}" if bad else "")
+        )
 
 
 def _make_server_app(num_clients: int, num_params: int, fit_workflow, out: list):
@@ -380,7 +407,9 @@ def _run(vectors, weights, fit_workflow, secure: bool, cpus_per_client: float) -
     if not out or timed.aggregate is None or timed.seconds is None:
         raise RuntimeError("the Flower simulation ended without an aggregate (see Flower's messages above)")
     if len(timed.aggregate) != 1 or timed.aggregate[0].size != n:
-        raise RuntimeError(f"Flower returned {len(timed.aggregate)} arrays, expected one of {n} values (the round failed?)")
+        raise RuntimeError(
+            f"Flower returned {len(timed.aggregate)} arrays, expected one of {n} values (the round failed?)"
+        )
     vec_bytes = max(timed.grid.vector_bytes.values(), default=0)
     other = max(timed.grid.other_bytes.values(), default=0) if secure else 0
     return FlowerSecAggResult(
@@ -438,7 +467,9 @@ def flower_secaggplus(
     if reconstruction_threshold is None:
         reconstruction_threshold = _majority_threshold(num_shares, m)
     if m * quantization_range >= modulus_range:
-        raise ValueError(f"{m} clients x quantization_range {quantization_range} >= modulus_range {modulus_range}: the sum would wrap")
+        raise ValueError(
+            f"{m} clients x quantization_range {quantization_range} >= modulus_range {modulus_range}: the sum would wrap"
+        )
     if quantization_range >= 2**31:
         raise ValueError("quantization_range must be < 2**31 (Flower quantizes into int32)")
     workflow = SecAggPlusWorkflow(
@@ -453,7 +484,9 @@ def flower_secaggplus(
     return _run(vectors, weights, workflow, secure=True, cpus_per_client=cpus_per_client)
 
 
-def flower_plain_fedavg(vectors: list[np.ndarray], weights: list[int], *, cpus_per_client: float = 1.0) -> FlowerSecAggResult:
+def flower_plain_fedavg(
+    vectors: list[np.ndarray], weights: list[int], *, cpus_per_client: float = 1.0
+) -> FlowerSecAggResult:
     """The same harness without secure aggregation: Flower's default fit workflow and legacy FedAvg.
 
     ``aggregate`` is ``sum n_i x_i / sum n_i`` up to float64 rounding; ``seconds`` is timed the
@@ -473,6 +506,8 @@ if __name__ == "__main__":  # a quick look: python benchmarks/flower_secagg.py [
     for name, fn in (("secagg+", flower_secaggplus), ("plain", flower_plain_fedavg)):
         r = fn(xs, ws)
         err = float(np.abs(r.aggregate - reference_mean(xs, ws)).max())
-        print(f"{name}: {m} clients x {n} params: {r.seconds:.3f} s, {r.upload_bytes_per_param:.3f} B/param, max |err| {err:.3g}")
+        print(
+            f"{name}: {m} clients x {n} params: {r.seconds:.3f} s, {r.upload_bytes_per_param:.3f} B/param, max |err| {err:.3g}"
+        )
     print(f"bound (defaults): {aggregate_error_bound(ws, max_abs=0.01):.3g}")
     shutdown()

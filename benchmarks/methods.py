@@ -39,7 +39,21 @@ import psutil
 from _common import REPO, median, say
 
 FINANCE = REPO.parent / "shared" / "data" / "finance" / "train.jsonl"
-METHODS = ["lora", "qlora", "dora", "ia3", "adapter", "prefix", "prompt", "full", "loha", "lokr", "vera", "oft", "fourierft"]
+METHODS = [
+    "lora",
+    "qlora",
+    "dora",
+    "ia3",
+    "adapter",
+    "prefix",
+    "prompt",
+    "full",
+    "loha",
+    "lokr",
+    "vera",
+    "oft",
+    "fourierft",
+]
 
 
 def child(method: str, steps: int, n_eval: int, device: str = "cpu") -> dict:
@@ -91,8 +105,16 @@ def child(method: str, steps: int, n_eval: int, device: str = "cpu") -> dict:
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     last[0] = time.perf_counter()
     stats = train_round(
-        model, items, tok.pad_token_id, cfg.train, dev, server_round=1, total_rounds=1, seed=0,
-        progress=progress, lr_groups=methods.lr_scales(model, cfg.layers),
+        model,
+        items,
+        tok.pad_token_id,
+        cfg.train,
+        dev,
+        server_round=1,
+        total_rounds=1,
+        seed=0,
+        progress=progress,
+        lr_groups=methods.lr_scales(model, cfg.layers),
     )
     rss_after_train = psutil.Process().memory_info().rss
     # The peak so far: loading (a few hundred MB: the weights are mapped) is far below training's.
@@ -135,7 +157,12 @@ def main() -> int:
     ap.add_argument("--eval-examples", type=int, default=120)
     ap.add_argument("--quick", action="store_true", help="3 steps, 8 eval examples (a smoke run)")
     ap.add_argument("--json", help="write every figure here")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 for every method but the fp32 LoRA reference; memory = torch's peak allocation")
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: bf16 for every method but the fp32 LoRA reference; memory = torch's peak allocation",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     steps, n_eval = (3, 8) if args.quick else (args.steps, args.eval_examples)
@@ -150,24 +177,48 @@ def main() -> int:
     rows = []
     for m in todo:
         say(f"{m}: {steps} steps ...")
-        cmd = [sys.executable, __file__, "--child", m, "--steps", str(steps), "--eval-examples", str(n_eval), "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            m,
+            "--steps",
+            str(steps),
+            "--eval-examples",
+            str(n_eval),
+            "--device",
+            args.device,
+        ]
         cmd += ["--quick"] if args.quick else []
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not found:
             say(f"{m}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}")
-            rows.append({"method": m, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"})
+            rows.append(
+                {
+                    "method": m,
+                    "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
+                }
+            )
             continue
         r = json.loads(found[-1][len("RESULT ") :])
-        say(f"{m}: step {r['step_s']:.2f} s, peak {r['peak_rss_mb']:.0f} MB, {r['bytes_per_round'] / 1e6:.3f} MB/round, eval loss {r['eval_loss']:.3f}")
+        say(
+            f"{m}: step {r['step_s']:.2f} s, peak {r['peak_rss_mb']:.0f} MB, {r['bytes_per_round'] / 1e6:.3f} MB/round, eval loss {r['eval_loss']:.3f}"
+        )
         rows.append(r)
     ref = next(r for r in rows if r["method"] == "lora" and "error" not in r)
     print()
     where = "2 CPU cores" if args.device == "cpu" else "CUDA (LoRA fp32, the others bf16; memory: peak CUDA allocation)"
-    print(f"default model, ../shared/data/finance ({ref['train_examples']} train / {ref['eval_examples']} eval), {steps} steps of batch 4, {where}")
-    print(f"base model before training: eval loss {ref['base_eval_loss']:.3f}, exact match {ref['base_exact_match']:.3f}")
+    print(
+        f"default model, ../shared/data/finance ({ref['train_examples']} train / {ref['eval_examples']} eval), {steps} steps of batch 4, {where}"
+    )
+    print(
+        f"base model before training: eval loss {ref['base_eval_loss']:.3f}, exact match {ref['base_exact_match']:.3f}"
+    )
     print()
-    print("| method | lr | trainable params | step time (s) | vs LoRA | peak memory (MB) | vs LoRA | memory after training (MB) | bytes per round | eval loss | exact match |")
+    print(
+        "| method | lr | trainable params | step time (s) | vs LoRA | peak memory (MB) | vs LoRA | memory after training (MB) | bytes per round | eval loss | exact match |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

@@ -50,9 +50,16 @@ def verdict(key: str, value: float) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
-    ap.add_argument("--only", action="append", choices=["train", "round", "mem", "deploy"], help="run only these figures (repeatable)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=["train", "round", "mem", "deploy"],
+        help="run only these figures (repeatable)",
+    )
     ap.add_argument("--reps", type=int, help="fig 1: interleaved repetitions (full 6, quick 1)")
-    ap.add_argument("--steps", type=int, help="fig 1: optimizer steps per repetition, i.e. per handle_train call (full 4, quick 1)")
+    ap.add_argument(
+        "--steps", type=int, help="fig 1: optimizer steps per repetition, i.e. per handle_train call (full 4, quick 1)"
+    )
     ap.add_argument(
         "--ray-niceness",
         default="0",
@@ -72,7 +79,9 @@ def main(argv=None) -> int:
     report: dict = {"mode": "quick" if q else "full", "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
     docs = []
     ours: list = []  # processes from our ftsim trees still alive after ftsim exited
-    say(f"mode {'quick' if q else 'full'}; {os.cpu_count()} CPUs; ftsim outputs under {workdir}; Ray worker niceness {a.ray_niceness}")
+    say(
+        f"mode {'quick' if q else 'full'}; {os.cpu_count()} CPUs; ftsim outputs under {workdir}; Ray worker niceness {a.ray_niceness}"
+    )
     try:
         if "train" in todo:
             import bench_train
@@ -82,17 +91,25 @@ def main(argv=None) -> int:
             r = bench_train.run(steps=steps, reps=reps)
             figures["train_throughput_ratio"] = r["train_throughput_ratio"]
             report["train"] = r
-            print("\n== 1. train_throughput_ratio: ClientApp path (handle_train -> train_round) / plain peft+torch loop")
+            print(
+                "\n== 1. train_throughput_ratio: ClientApp path (handle_train -> train_round) / plain peft+torch loop"
+            )
             print(f"   inputs: {json.dumps(r['inputs'])}")
             print(f"   per-rep ratios (B time / A time, equal tokens): {', '.join(f'{x:.3f}' for x in r['ratios'])}")
-            print(f"   A ClientApp path: {r['a_tokens_per_s']:.1f} tok/s, {r['a_steps_per_s']:.3f} steps/s (of which outside train_round: {r['a_overhead_s']:.2f} s/call)")
+            print(
+                f"   A ClientApp path: {r['a_tokens_per_s']:.1f} tok/s, {r['a_steps_per_s']:.3f} steps/s (of which outside train_round: {r['a_overhead_s']:.2f} s/call)"
+            )
             print(f"   B plain loop:     {r['b_tokens_per_s']:.1f} tok/s, {r['b_steps_per_s']:.3f} steps/s")
-            print(f"   train_throughput_ratio = {r['train_throughput_ratio']:.3f}   ({verdict('train_throughput_ratio', r['train_throughput_ratio'])})")
+            print(
+                f"   train_throughput_ratio = {r['train_throughput_ratio']:.3f}   ({verdict('train_throughput_ratio', r['train_throughput_ratio'])})"
+            )
             print(
                 f"   cross-checks: train_round loop alone vs B {r['train_throughput_ratio_loop_only']:.3f}; "
                 f"CPU-time ratio {r['cpu_time_ratio']:.3f}; fastest-rep ratio {r['fastest_ratio']:.3f}"
             )
-            print(f"   check: first-step losses A {r['loss0']['A']:.4f} / B {r['loss0']['B']:.4f} (same batches, init and dropout seed); tokens A {r['tokens_a']} = B {r['tokens_b']}")
+            print(
+                f"   check: first-step losses A {r['loss0']['A']:.4f} / B {r['loss0']['B']:.4f} (same batches, init and dropout seed); tokens A {r['tokens_a']} = B {r['tokens_b']}"
+            )
 
         if "round" in todo:
             import bench_sim
@@ -112,7 +129,9 @@ def main(argv=None) -> int:
                     f"   round {x['round']}: training phase {x['train_phase_s']:.1f} s, whole round {x['round_s']:.1f} s, "
                     f"sum of {x['sites']} sites' train_seconds {x['sum_site_train_s']:.1f} s -> {x['train_phase_over_train']:.3f} / {x['round_over_train']:.3f}"
                 )
-            print(f"   round_over_train (training phase, all rounds) = {r['round_over_train']:.3f}   ({verdict('round_over_train', r['round_over_train'])})")
+            print(
+                f"   round_over_train (training phase, all rounds) = {r['round_over_train']:.3f}   ({verdict('round_over_train', r['round_over_train'])})"
+            )
             print(
                 f"   round_with_eval_over_train = {r['round_with_eval_over_train']:.3f}   (adds checkpointing and the evaluation of the new "
                 f"adapter at every site; round 0 alone, evaluation only, took {r['round0_eval_s']:.1f} s)"
@@ -135,7 +154,9 @@ def main(argv=None) -> int:
             report["mem"] = {**r, "peak_mib": {str(k): v for k, v in r["peak_mib"].items()}}
             print(f"\n== 3. {key}: ftsim peak summed RSS of the whole process tree, {n_large} sites / {n_small} sites")
             print(f"   inputs: {json.dumps(r['inputs'])}")
-            print(f"   peak: {n_small} sites {r['peak_mib'][n_small]:.0f} MiB, {n_large} sites {r['peak_mib'][n_large]:.0f} MiB")
+            print(
+                f"   peak: {n_small} sites {r['peak_mib'][n_small]:.0f} MiB, {n_large} sites {r['peak_mib'][n_large]:.0f} MiB"
+            )
             print(f"     {'process (MiB)':46s} {'at the peak sample':>22s}   {'own peak':>17s}")
             print(f"     {'':46s} {n_small:>10d} {n_large:>11d}   {n_small:>8d} {n_large:>8d}")
             for role, v in r["breakdown_mib"].items():
@@ -172,8 +193,14 @@ def main(argv=None) -> int:
             )
             for rnd, xs in r["startup_s_by_round"].items():
                 rx = r["receive_s_by_round"][rnd]
-                print(f"   round {rnd}: startup_s per site {', '.join(f'{x:.3f}' for x in xs)}; receive_s {', '.join(f'{x:.2f}' for x in rx)}")
-            goal = verdict("startup_s_after_first_round", r["startup_s_after_first_round_max"]) if not q else "quick run: 2 rounds"
+                print(
+                    f"   round {rnd}: startup_s per site {', '.join(f'{x:.3f}' for x in xs)}; receive_s {', '.join(f'{x:.2f}' for x in rx)}"
+                )
+            goal = (
+                verdict("startup_s_after_first_round", r["startup_s_after_first_round_max"])
+                if not q
+                else "quick run: 2 rounds"
+            )
             print(
                 f"   startup_s_after_first_round (max over sites, rounds >= 2) = {r['startup_s_after_first_round_max']:.3f} s, "
                 f"median {r['startup_s_after_first_round_median']:.3f} s   ({goal})"
@@ -203,7 +230,10 @@ def main(argv=None) -> int:
             say(f"ftsim outputs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\nprocesses of our ftsim runs alive after they exited: {len(ours)}" + (f" (killed by pid): {ours}" if ours else ""))
+    print(
+        f"\nprocesses of our ftsim runs alive after they exited: {len(ours)}"
+        + (f" (killed by pid): {ours}" if ours else "")
+    )
     print(f"ray/ftsim processes on the machine now (anyone's): {len(stray)}" + (f": {stray}" if stray else ""))
     print(f"benchmark wall time: {time.time() - t_start:.0f} s")
     if a.json:

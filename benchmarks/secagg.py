@@ -48,7 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flower_secagg as fs  # noqa: E402
 
 # The 1.3 goal is a round that trains: the protocol alone (secure_over_plain) has no goal of its own.
-GOALS = {"secure_over_plain_with_training": ("<=", 1.3), "ours_over_flower": ("<", 1.0), "upload_bytes_per_param": ("<=", 4.0)}
+GOALS = {
+    "secure_over_plain_with_training": ("<=", 1.3),
+    "ours_over_flower": ("<", 1.0),
+    "upload_bytes_per_param": ("<=", 4.0),
+}
 
 
 def _client_app(paths: list[str], weights: list[int]):
@@ -67,7 +71,9 @@ def _client_app(paths: list[str], weights: list[int]):
 
     def reply(msg, i, status, metrics, records=None):
         info = ConfigRecord({"name": sites[i].name, "status": status})
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics), "site": info, **(records or {})}), reply_to=msg)
+        return Message(
+            content=RecordDict({"metrics": MetricRecord(metrics), "site": info, **(records or {})}), reply_to=msg
+        )
 
     @app.train()
     def train(msg, context):
@@ -87,9 +93,13 @@ def _client_app(paths: list[str], weights: list[int]):
 
     def stage(msg, context):
         i = int(context.node_config["partition-id"])
-        if msg.metadata.message_type == p.ADVERTISE:  # the site's example count is its given weight (no data file to count)
+        if (
+            msg.metadata.message_type == p.ADVERTISE
+        ):  # the site's example count is its given weight (no data file to count)
             ident = secure.Identity(load_identity(sites[i].key))
-            return reply(msg, i, "ok", {}, {p.RECORD: secure.advertise(context, msg.content[p.RECORD], ident, weights[i])})
+            return reply(
+                msg, i, "ok", {}, {p.RECORD: secure.advertise(context, msg.content[p.RECORD], ident, weights[i])}
+            )
         return client_app.handle_secure_stage(msg, context, sites)
 
     for kind in p.STAGES:
@@ -102,7 +112,9 @@ def _client_app(paths: list[str], weights: list[int]):
     return app
 
 
-def fedtune_round(vectors, weights, *, secure: bool, clip: float = 0.1, max_weight: int = 10_000, cpus_per_client: float = 1.0):
+def fedtune_round(
+    vectors, weights, *, secure: bool, clip: float = 0.1, max_weight: int = 10_000, cpus_per_client: float = 1.0
+):
     """One training round of ours over the vectors -> {aggregate (new global vector from zeros),
     seconds, upload (bytes per param), secure (the round's secure_aggregation record)}."""
     from collections import OrderedDict
@@ -194,7 +206,9 @@ def ftsim_round_seconds(secure: bool, out: Path, rounds: int) -> list[float]:
 
     cmd = [sys.executable, "-m", "fedtune.simulations.cli", "--rounds", str(rounds), "--no-plots", "--out", str(out)]
     # The general-knowledge scoring (eval.forgetting) happens outside the rounds timed here: skipped.
-    cmd += ["--set", "eval.max_examples=8", "--set", "eval.exact_match=false", "--set", "eval.forgetting=false"] + (["--secure-aggregation"] if secure else [])
+    cmd += ["--set", "eval.max_examples=8", "--set", "eval.exact_match=false", "--set", "eval.forgetting=false"] + (
+        ["--secure-aggregation"] if secure else []
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ftsim failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -218,7 +232,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="5 sites, 10k parameters, 1 repetition")
     ap.add_argument("--sites", type=int)
-    ap.add_argument("--params", type=int, action="append", help="parameter counts (repeatable; default 1000000 and 10000000)")
+    ap.add_argument(
+        "--params", type=int, action="append", help="parameter counts (repeatable; default 1000000 and 10000000)"
+    )
     ap.add_argument("--reps", type=int)
     ap.add_argument(
         "--model-rounds",
@@ -236,7 +252,9 @@ def main(argv=None) -> int:
     # and the clip applies to (n_i / W) * x_i, so the same 0.1 covers the same updates.
     flower_kw = dict(max_weight=float(max(weights)), clipping_range=0.1, quantization_range=2**32 // (m + 1) - 1)
     figures: dict[str, float] = {}
-    print(f"secure aggregation benchmark: {m} sites, weights {weights}, sizes {sizes}, {reps} repetition(s) each, interleaved")
+    print(
+        f"secure aggregation benchmark: {m} sites, weights {weights}, sizes {sizes}, {reps} repetition(s) each, interleaved"
+    )
     try:
         for n in sizes:
             xs = [rng.normal(0, 1e-3, n) for _ in range(m)]
@@ -253,7 +271,9 @@ def main(argv=None) -> int:
                 err_ours = float(np.abs(ours["aggregate"] - want).max())
                 err_flower = float(np.abs(flower.aggregate - want).max())
                 gap = float(np.abs(ours["aggregate"] - flower.aggregate).max())
-                bound = our_error_bound(weights) + fs.aggregate_error_bound(weights, max_abs=float(max(np.abs(x).max() for x in xs)), **flower_kw)
+                bound = our_error_bound(weights) + fs.aggregate_error_bound(
+                    weights, max_abs=float(max(np.abs(x).max() for x in xs)), **flower_kw
+                )
                 print(
                     f"  {n:>10,} params rep {rep + 1}: plain {plain['seconds']:.2f} s | ours secure {ours['seconds']:.2f} s "
                     f"(stages {ours['secure']['stage_seconds']}) | Flower SecAgg+ {flower.seconds:.2f} s; "
@@ -294,9 +314,13 @@ def main(argv=None) -> int:
         f"  signatures (ECDSA P-384): sign {sig['sign_ms']:.2f} ms, verify {sig['verify_ms']:.2f} ms; per round "
         f"{sig['site_ms_per_round']:.1f} ms CPU at each site, {sig['coordinator_ms_per_round']:.1f} ms at the coordinator"
     )
-    figures["secure_over_plain"] = max(v for k, v in figures.items() if k.startswith("secure_over_plain_") and k != "secure_over_plain_with_training")
+    figures["secure_over_plain"] = max(
+        v for k, v in figures.items() if k.startswith("secure_over_plain_") and k != "secure_over_plain_with_training"
+    )
     figures["ours_over_flower"] = max(v for k, v in figures.items() if k.startswith("ours_over_flower_"))
-    print(f"secure_over_plain = {figures['secure_over_plain']:.6f}  (the protocol against one plain exchange, no training: no goal)")
+    print(
+        f"secure_over_plain = {figures['secure_over_plain']:.6f}  (the protocol against one plain exchange, no training: no goal)"
+    )
     for key in GOALS:
         if key in figures:
             print(f"{key} = {figures[key]:.6f}  ({verdict(key, figures[key], sizes[-1])})")

@@ -88,7 +88,14 @@ def runtime(cfg: FedTuneConfig, device: str | None = None) -> Runtime:
     """The process's base model + adapter, loaded once and reused for every task."""
     global _RUNTIME
     anchored = cfg.train.anchor_mu > 0
-    key = (cfg.model.model_dump_json(), cfg.peft.model_dump_json(), cfg.layers.model_dump_json(), cfg.train.seed, device, anchored)
+    key = (
+        cfg.model.model_dump_json(),
+        cfg.peft.model_dump_json(),
+        cfg.layers.model_dump_json(),
+        cfg.train.seed,
+        device,
+        anchored,
+    )
     if _RUNTIME is None or _RUNTIME.key != key:
         _RUNTIME = None  # drop the old model before loading another
         model, tokenizer, dev = methods.load_model(cfg, device)
@@ -142,7 +149,9 @@ def resolve_site(context: Context, sites: list[SiteFiles] | None) -> SiteFiles:
     if "data-path" in nc:
         name = str(nc.get("site-name") or f"site-{context.node_id}")
         rank = int(nc["lora-rank"]) if nc.get("lora-rank") not in (None, "", 0) else None
-        return SiteFiles(name, str(nc["data-path"]), str(nc["eval-data-path"]) if nc.get("eval-data-path") else None, rank)
+        return SiteFiles(
+            name, str(nc["data-path"]), str(nc["eval-data-path"]) if nc.get("eval-data-path") else None, rank
+        )
     if sites is not None and "partition-id" in nc:
         pid = int(nc["partition-id"])
         if not 0 <= pid < len(sites):
@@ -167,7 +176,9 @@ def site_model(
     policy = policy or site_policy.active()
     cfg = policy.admit(cfg)
     if site.rank is not None and cfg.peft.method not in MIXED_RANK_METHODS:
-        raise SiteRefusal(f"this site trains LoRA rank {site.rank}, and the run's method {cfg.peft.method} has no LoRA rank")
+        raise SiteRefusal(
+            f"this site trains LoRA rank {site.rank}, and the run's method {cfg.peft.method} has no LoRA rank"
+        )
     if site.rank is not None and site.rank > cfg.peft.r:
         raise SiteRefusal(f"this site's LoRA rank {site.rank} is above the run's peft.r {cfg.peft.r}")
     own = methods.site_config(cfg, site.rank)
@@ -195,7 +206,9 @@ def train_local(
     ``steps``: this many optimizer steps instead of the run's train.local_steps / local_epochs.
     ``validation``: the examples local early stopping (train.local_patience) checks the loss on,
     the first eval.max_examples of them, as the site's evaluation does; none usable: every step runs."""
-    train_cfg = cfg.train if steps is None else cfg.train.model_copy(update={"local_steps": steps, "local_epochs": None})
+    train_cfg = (
+        cfg.train if steps is None else cfg.train.model_copy(update={"local_steps": steps, "local_epochs": None})
+    )
     return train_round(
         rt.model,
         items,
@@ -208,7 +221,9 @@ def train_local(
         progress=progress,
         lr_groups=methods.lr_scales(rt.model, cfg.layers),
         proximal_mu=proximal_mu,
-        base_anchor=(cfg.train.anchor_mu, [rt.base[n] for n, p in rt.model.named_parameters() if p.requires_grad]) if rt.base else None,
+        base_anchor=(cfg.train.anchor_mu, [rt.base[n] for n, p in rt.model.named_parameters() if p.requires_grad])
+        if rt.base
+        else None,
         validate=_validator(cfg, rt, validation),
     )
 
@@ -233,7 +248,9 @@ def local_stopping_metrics(stats: TrainStats) -> dict:
     """What a site reports of its local early stopping: steps and losses only."""
     out = {"planned-steps": stats.planned_steps}
     if stats.val_losses:
-        out.update({"local-val-start": stats.val_start, "local-val-best": stats.val_best, "local-best-step": stats.best_step})
+        out.update(
+            {"local-val-start": stats.val_start, "local-val-best": stats.val_best, "local-best-step": stats.best_step}
+        )
     if stats.stopped_at is not None:
         out["local-stopped-at"] = stats.stopped_at
     return out
@@ -241,7 +258,10 @@ def local_stopping_metrics(stats: TrainStats) -> dict:
 
 def _say_local_stopping(site: SiteFiles, server_round: int, stats: TrainStats) -> None:
     if not stats.val_losses:
-        _say(site, f"round {server_round}: local early stopping is configured, but this site has no usable validation examples: trained all {stats.steps} steps")
+        _say(
+            site,
+            f"round {server_round}: local early stopping is configured, but this site has no usable validation examples: trained all {stats.steps} steps",
+        )
     elif stats.stopped_at is not None:
         _say(
             site,
@@ -249,10 +269,15 @@ def _say_local_stopping(site: SiteFiles, server_round: int, stats: TrainStats) -
             f"(validation loss {stats.val_best:.3f} at step {stats.best_step} kept)",
         )
     elif stats.best_step != stats.steps:
-        _say(site, f"round {server_round}: kept step {stats.best_step} of {stats.steps} (validation loss {stats.val_best:.3f})")
+        _say(
+            site,
+            f"round {server_round}: kept step {stats.best_step} of {stats.steps} (validation loss {stats.val_best:.3f})",
+        )
 
 
-def _reply(msg: Message, site: SiteFiles, status: str, metrics: dict, records: dict | None = None, reason: str | None = None) -> Message:
+def _reply(
+    msg: Message, site: SiteFiles, status: str, metrics: dict, records: dict | None = None, reason: str | None = None
+) -> Message:
     """``records``: more records to send, e.g. the update (:func:`fedtune.common.adapters.adapter_records`).
     ``reason``: why the site refused (a protocol reason, never data)."""
     info = {"name": site.name, "status": status, **({"reason": reason} if reason else {})}
@@ -317,7 +342,13 @@ def handle_train(
     if cfg.privacy.enabled and population < 1:  # the noise cannot be sized: refuse before spending the round training
         if sa is not None:
             secure.forget(context)
-        return _reply(msg, site, "refused", {"num-examples": 0, **counts}, reason="differential privacy: the round names no site population")
+        return _reply(
+            msg,
+            site,
+            "refused",
+            {"num-examples": 0, **counts},
+            reason="differential privacy: the round names no site population",
+        )
     if verbose:
         _say(site, f"round {server_round}: training on {len(st.train_items)} examples")
 
@@ -397,7 +428,11 @@ def _example_count(msg: Message, site: SiteFiles, device: str | None) -> int | N
 
 
 def handle_secure_stage(
-    msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None, identity: secure.Identity | None = None
+    msg: Message,
+    context: Context,
+    sites: list[SiteFiles] | None,
+    device: str | None = None,
+    identity: secure.Identity | None = None,
 ) -> Message:
     """The stages of a secure round around training (key advertisement, key sharing, the
     consistency check, unmasking). The masked upload is the TRAIN reply (:func:`handle_train`).
@@ -430,7 +465,11 @@ def handle_secure_stage(
 
 
 def handle_evaluate(
-    msg: Message, context: Context, sites: list[SiteFiles] | None, device: str | None = None, policy: SitePolicy | None = None
+    msg: Message,
+    context: Context,
+    sites: list[SiteFiles] | None,
+    device: str | None = None,
+    policy: SitePolicy | None = None,
 ) -> Message:
     """No update leaves on evaluation, but the model and path checks of ``policy`` apply as in training."""
     cfg, _, global_state = _read_message(msg)
@@ -438,7 +477,9 @@ def handle_evaluate(
     policy = policy or site_policy.active()
     try:
         cfg = policy.admit(cfg)
-        rt, st, global_state = site_model(cfg, site, global_state, device, policy)  # a lower-rank site scores the adapter at its rank
+        rt, st, global_state = site_model(
+            cfg, site, global_state, device, policy
+        )  # a lower-rank site scores the adapter at its rank
     except SiteRefusal as e:
         _say(site, f"evaluation refused: {e}")
         return _reply(msg, site, "refused", {"num-examples": 0}, reason=str(e))
@@ -453,7 +494,11 @@ def handle_evaluate(
     if res.exact_match is not None:
         metrics["exact-match"] = res.exact_match
     if verbose:
-        _say(site, f"evaluation: loss {res.loss:.3f}" + (f", exact match {res.exact_match:.2f}" if res.exact_match is not None else ""))
+        _say(
+            site,
+            f"evaluation: loss {res.loss:.3f}"
+            + (f", exact match {res.exact_match:.2f}" if res.exact_match is not None else ""),
+        )
     return _reply(msg, site, "ok", metrics)
 
 
@@ -479,7 +524,9 @@ def handle(
     raise ValueError(f"this site does not handle {kind!r} messages")
 
 
-def make_client_app(sites: list[SiteFiles] | None = None, device: str | None = None, policy: SitePolicy | None = None) -> ClientApp:
+def make_client_app(
+    sites: list[SiteFiles] | None = None, device: str | None = None, policy: SitePolicy | None = None
+) -> ClientApp:
     """``policy``: the sites' rules (default: the process's; ftsim's virtual sites are permissive)."""
     app = ClientApp()
 

@@ -33,7 +33,12 @@ def check(args: argparse.Namespace) -> int:
     from fedtune.common.modeling import ModelError, load_tokenizer, resolve_model_source
 
     try:
-        cfg = DataConfig(format=args.format, max_length=args.max_length, max_invalid_fraction=1.0, max_record_bytes=args.max_record_bytes)
+        cfg = DataConfig(
+            format=args.format,
+            max_length=args.max_length,
+            max_invalid_fraction=1.0,
+            max_record_bytes=args.max_record_bytes,
+        )
     except ValidationError as e:
         print(f"ftclient check: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", file=sys.stderr)
         return 2
@@ -65,24 +70,41 @@ def check(args: argparse.Namespace) -> int:
     print(f"invalid         {len(invalid)}")
     if lengths:
         p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
-        print(f"tokens/example  min {lengths[0]}  median {int(statistics.median(lengths))}  p95 {p95}  max {lengths[-1]}")
+        print(
+            f"tokens/example  min {lengths[0]}  median {int(statistics.median(lengths))}  p95 {p95}  max {lengths[-1]}"
+        )
         over = sum(1 for n in lengths if n > cfg.max_length)
-        print(f"over max_length {over} of {len(lengths)} (max_length {cfg.max_length}: truncated; {len(lengths) - usable} lose their whole answer and are dropped)")
+        print(
+            f"over max_length {over} of {len(lengths)} (max_length {cfg.max_length}: truncated; {len(lengths) - usable} lose their whole answer and are dropped)"
+        )
     for where, why in invalid[:20]:
         print(f"problem         {args.data}: {where}: {why}")
     if len(invalid) > 20:
         print(f"problem         ... and {len(invalid) - 20} more")
     ok = n_valid > 0 and usable > 0
-    print("verdict         " + ("usable" if ok and not invalid else "usable, with problems above" if ok else "NOT usable: no example to train on"))
+    print(
+        "verdict         "
+        + (
+            "usable"
+            if ok and not invalid
+            else "usable, with problems above"
+            if ok
+            else "NOT usable: no example to train on"
+        )
+    )
     return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "check":
-        p = argparse.ArgumentParser(prog="ftclient check", description="Validate a site's data file locally; nothing is sent.")
+        p = argparse.ArgumentParser(
+            prog="ftclient check", description="Validate a site's data file locally; nothing is sent."
+        )
         p.add_argument("--data", required=True)
-        p.add_argument("--model", default="default", help="whose tokenizer measures lengths (default: the default model)")
+        p.add_argument(
+            "--model", default="default", help="whose tokenizer measures lengths (default: the default model)"
+        )
         p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "prompt_completion", "text"])
         p.add_argument("--max-length", type=int, default=512)
         p.add_argument(
@@ -95,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "keygen":
         from .keys import create_site_keys
 
-        p = argparse.ArgumentParser(prog="ftclient keygen", description="Make this site's key pair for site authentication.")
+        p = argparse.ArgumentParser(
+            prog="ftclient keygen", description="Make this site's key pair for site authentication."
+        )
         p.add_argument("--out", required=True, help="folder for site_key (private, stays here) and site_key.pub")
         p.add_argument("--force", action="store_true", help="replace an existing key pair")
         args = p.parse_args(argv[1:])

@@ -55,20 +55,31 @@ def join_parser() -> argparse.ArgumentParser:
         "Data paths and the device stay at this site; only adapter updates and metrics are sent.",
     )
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the coordinator's address")
-    p.add_argument("--data", required=True, metavar="FILE", help="this site's training data (JSONL, JSON, CSV or Parquet)")
+    p.add_argument(
+        "--data", required=True, metavar="FILE", help="this site's training data (JSONL, JSON, CSV or Parquet)"
+    )
     p.add_argument("--eval-data", metavar="FILE", help="held-out evaluation data (default: a split of --data)")
     p.add_argument("--name", help="this site's name in the coordinator's reports (default: the host name)")
     p.add_argument("--ca-cert", metavar="FILE", help="the coordinator's ca.crt (required with TLS)")
     p.add_argument("--key", metavar="FILE", help="this site's private key from 'ftclient keygen' (required with TLS)")
     p.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where this site trains (default: cuda if available)")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where this site trains (default: cuda if available)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads for training (default: torch's choice, all cores)")
     p.add_argument(
         "--rank",
         type=int,
         help="this site's LoRA rank, below the run's peft.r for a site with less GPU memory (mixed ranks, HetLoRA; default: the run's)",
     )
-    p.add_argument("--work-dir", metavar="DIR", help="folder for the SuperNode's log and runtime secret (default: a new private temp folder)")
+    p.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="folder for the SuperNode's log and runtime secret (default: a new private temp folder)",
+    )
     p.add_argument(
         "--peer-keys",
         metavar="DIR",
@@ -77,8 +88,14 @@ def join_parser() -> argparse.ArgumentParser:
         "publishes, and a malicious coordinator could enrol keys of its own)",
     )
     # This site's policy (fedtune.client.policy): what it refuses whatever the coordinator asks.
-    pol = p.add_argument_group("site policy (checked before every round trains; a refusal says why here and to the coordinator)")
-    pol.add_argument("--allow-plaintext", action="store_true", help="also take part in rounds without secure aggregation (default: refuse them)")
+    pol = p.add_argument_group(
+        "site policy (checked before every round trains; a refusal says why here and to the coordinator)"
+    )
+    pol.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        help="also take part in rounds without secure aggregation (default: refuse them)",
+    )
     pol.add_argument(
         "--min-noise-multiplier",
         type=float,
@@ -86,13 +103,21 @@ def join_parser() -> argparse.ArgumentParser:
         help="require differential privacy: refuse a round whose noise multiplier (as this site computes it from the run's "
         "privacy settings and population) is below X, a round with DP off, and a plaintext round",
     )
-    pol.add_argument("--model", metavar="NAME", help="the only model this site takes: 'default', a local folder or .gguf, or a hub id (default: the run's, with its sha256 logged)")
+    pol.add_argument(
+        "--model",
+        metavar="NAME",
+        help="the only model this site takes: 'default', a local folder or .gguf, or a hub id (default: the run's, with its sha256 logged)",
+    )
     pol.add_argument(
         "--model-sha256",
         metavar="HEX",
         help="the only weights this site takes: sha256 of the model's weights file (of several: of their sha256sum listing), as ftclient logs it",
     )
-    pol.add_argument("--cache-dir", metavar="DIR", help="where this site provisions models (default: $FEDTUNE_CACHE or ~/.cache/fedtune); the coordinator's model.cache_dir is ignored")
+    pol.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where this site provisions models (default: $FEDTUNE_CACHE or ~/.cache/fedtune); the coordinator's model.cache_dir is ignored",
+    )
     pol.add_argument(
         "--model-root",
         action="append",
@@ -149,7 +174,9 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, dict]:
         except DataError as e:
             raise JoinError(f"{label}: {e}") from None
         if not d.examples:
-            raise JoinError(f"{label} {path}: no usable record among {d.records_read} (run 'ftclient check --data {path}' for details)")
+            raise JoinError(
+                f"{label} {path}: no usable record among {d.records_read} (run 'ftclient check --data {path}' for details)"
+            )
         counts[label] = (len(d.examples), d.n_invalid)
     if getattr(args, "peer_keys", None):
         from .secure import load_pins
@@ -163,7 +190,9 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, dict]:
     if not args.ca_cert:
         raise JoinError("TLS is on: pass --ca-cert FILE (the coordinator's ca.crt), or --insecure for a test network")
     if not args.key:
-        raise JoinError("site authentication is on with TLS: pass --key FILE (make it with 'ftclient keygen --out DIR'; send DIR/site_key.pub to the coordinator)")
+        raise JoinError(
+            "site authentication is on with TLS: pass --key FILE (make it with 'ftclient keygen --out DIR'; send DIR/site_key.pub to the coordinator)"
+        )
     from cryptography import x509
 
     try:
@@ -173,7 +202,9 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, dict]:
     try:
         key = serialization.load_ssh_private_key(Path(args.key).read_bytes(), None)
     except (OSError, ValueError, TypeError) as e:
-        raise JoinError(f"--key {args.key}: not a readable OpenSSH private key ({type(e).__name__}); use site_key from 'ftclient keygen'") from None
+        raise JoinError(
+            f"--key {args.key}: not a readable OpenSSH private key ({type(e).__name__}); use site_key from 'ftclient keygen'"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":
         raise JoinError(f"--key {args.key}: expected an ECDSA P-384 key (ftclient keygen makes one)")
     return args.name or socket.gethostname(), counts
@@ -257,10 +288,13 @@ def join(args: argparse.Namespace) -> int:
     # Secure aggregation signs with the site key the SuperNode signs in with (read here, never
     # sent; without --key, i.e. --insecure, with a key made for this process, trusted on first use).
     identity = Identity(
-        load_identity(Path(args.key).read_bytes()) if args.key else new_identity(), load_pins(args.peer_keys) if args.peer_keys else None
+        load_identity(Path(args.key).read_bytes()) if args.key else new_identity(),
+        load_pins(args.peer_keys) if args.peer_keys else None,
     )
     if identity.pinned is not None:
-        say(f"secure aggregation: shares secrets only with the {len(identity.pinned)} site key(s) pinned in {args.peer_keys}")
+        say(
+            f"secure aggregation: shares secrets only with the {len(identity.pinned)} site key(s) pinned in {args.peer_keys}"
+        )
 
     device = None if args.device == "auto" else args.device
     if args.threads:
@@ -269,7 +303,9 @@ def join(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     install_policy(policy)  # also for the paths that load a model without being handed one (key advertisement)
     node = spawn(cmd, log, env=tool_env())
-    executor = ResidentExecutor(f"127.0.0.1:{port}", lambda m, c, t, r: handle(m, c, t, r, device, identity, policy=policy), secret=secret)
+    executor = ResidentExecutor(
+        f"127.0.0.1:{port}", lambda m, c, t, r: handle(m, c, t, r, device, identity, policy=policy), secret=secret
+    )
     log_stop = threading.Event()
     seen: dict[str, bool] = {"refused": False, "tls": False}
 
@@ -317,7 +353,11 @@ def join(args: argparse.Namespace) -> int:
             )
             code = 1
         else:
-            print(f"ftclient: the SuperNode exited (code {node.returncode}); its log ({log}):\n{tail(log)}", file=sys.stderr, flush=True)
+            print(
+                f"ftclient: the SuperNode exited (code {node.returncode}); its log ({log}):\n{tail(log)}",
+                file=sys.stderr,
+                flush=True,
+            )
             code = 1
     except KeyboardInterrupt:
         say(f"stopping ({executor.tasks_done} task(s) served)")

@@ -23,8 +23,17 @@ def create_site_keys(directory: str | Path, force: bool = False) -> tuple[Path, 
     priv, pub = d / PRIVATE, d / PUBLIC
     existing = [p.name for p in (priv, pub) if p.exists()]
     if existing and not force:
-        raise FileExistsError(f"{d}: already holds {', '.join(existing)}; pass --force to replace them (the coordinator must register the new key)")
+        raise FileExistsError(
+            f"{d}: already holds {', '.join(existing)}; pass --force to replace them (the coordinator must register the new key)"
+        )
     key = ec.generate_private_key(ec.SECP384R1())
-    write_private_file(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    write_private_file(
+        priv,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
+    pub.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    )
     return priv, pub

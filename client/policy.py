@@ -83,7 +83,10 @@ def weights_sha256(folder: str | Path) -> str | None:
     """The digest a site pins with ``--model-sha256``: of the model folder's one weights file, the
     file's sha256 (``sha256sum model.safetensors``); of several (shards), the sha256 of their
     ``sha256sum`` listing in name order (``sha256sum *.safetensors | sha256sum``). None: no weights file."""
-    files = sorted((p for p in Path(folder).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES), key=lambda p: p.name.encode())
+    files = sorted(
+        (p for p in Path(folder).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES),
+        key=lambda p: p.name.encode(),
+    )
     if not files:
         return None
     if len(files) == 1:
@@ -155,9 +158,18 @@ class SitePolicy:
     def describe(self) -> list[str]:
         """The policy in a few lines, for the site's log when it starts."""
         lines = [
-            "plaintext rounds: " + ("allowed (--allow-plaintext)" if self.allow_plaintext else "refused: updates leave only under secure aggregation"),
+            "plaintext rounds: "
+            + (
+                "allowed (--allow-plaintext)"
+                if self.allow_plaintext
+                else "refused: updates leave only under secure aggregation"
+            ),
             "differential privacy: "
-            + (f"required, noise multiplier at least {self.min_noise_multiplier:g}" if self.min_noise_multiplier is not None else "not required"),
+            + (
+                f"required, noise multiplier at least {self.min_noise_multiplier:g}"
+                if self.min_noise_multiplier is not None
+                else "not required"
+            ),
             "model: "
             + (f"only {self.model}" if self.model else "the run's (its weights' sha256 is logged)")
             + (f", weights sha256 {self.model_sha256}" if self.model_sha256 else ""),
@@ -181,14 +193,18 @@ class SitePolicy:
         if want is None:
             return
         if not cfg.privacy.enabled:
-            raise SiteRefusal(f"site policy: this site requires differential privacy (noise multiplier at least {want:g}), and the run has it off")
+            raise SiteRefusal(
+                f"site policy: this site requires differential privacy (noise multiplier at least {want:g}), and the run has it off"
+            )
         if plaintext:
             raise SiteRefusal(
                 "site policy: this site requires differential privacy noise it adds itself, and in a plaintext round "
                 "the coordinator adds it: run with secure aggregation"
             )
         if population < 1:
-            raise SiteRefusal("site policy: differential privacy: the round names no site population, so the noise cannot be sized")
+            raise SiteRefusal(
+                "site policy: differential privacy: the round names no site population, so the noise cannot be sized"
+            )
         sigma = privacy.noise_multiplier(cfg, population)
         if not sigma >= want:
             raise SiteRefusal(
@@ -203,7 +219,9 @@ class SitePolicy:
         blanked, and the model checked against the pin and the allowed folders. SiteRefusal if not."""
         name = cfg.model.name
         if self.model is not None and not _same_model(name, self.model):
-            raise SiteRefusal(f"site policy: the run's model.name {_shown(name)} is not the model this site takes (ftclient --model)")
+            raise SiteRefusal(
+                f"site policy: the run's model.name {_shown(name)} is not the model this site takes (ftclient --model)"
+            )
         if not self.strict_paths:
             return cfg
         roots = tuple(Path(r) for r in self.model_roots)
@@ -217,7 +235,9 @@ class SitePolicy:
                         f"site policy: model.name {_shown(name)} would be fetched from a model hub; this site takes a hub "
                         "model only when its operator names it (ftclient --model)"
                     )
-                raise SiteRefusal("site policy: model.name is a local path outside this site's model folders (its cache, work folder and --model-root)")
+                raise SiteRefusal(
+                    "site policy: model.name is a local path outside this site's model folders (its cache, work folder and --model-root)"
+                )
             if cfg.model.gguf_file is not None:
                 inner = _resolved(str(Path(name).expanduser() / cfg.model.gguf_file))
                 allowed = roots + ((local,) if pinned else ())
@@ -240,14 +260,20 @@ class SitePolicy:
         source, is_local = resolve_model_source(cfg.model)  # provisions the default model into the site's cache
         digest = weights_sha256(source) if is_local else _hub_digest(source)
         if self.model_sha256 is not None and digest != self.model_sha256:
-            self._say(f"model {cfg.model.name}: weights sha256 {digest or 'unknown'} is not the pinned {self.model_sha256}")
-            raise SiteRefusal("site policy: the model's weights are not the ones this site pinned (ftclient --model-sha256)")
+            self._say(
+                f"model {cfg.model.name}: weights sha256 {digest or 'unknown'} is not the pinned {self.model_sha256}"
+            )
+            raise SiteRefusal(
+                "site policy: the model's weights are not the ones this site pinned (ftclient --model-sha256)"
+            )
         if (source, digest) not in self._logged:  # once per weights, not every round
             self._logged.add((source, digest))
             if digest is None:
                 self._say(f"model {cfg.model.name}: no weights file found to hash in {source}")
             elif self.model_sha256 is None:
-                self._say(f"model {cfg.model.name}: weights sha256 {digest} (pin it with --model {cfg.model.name} --model-sha256 {digest})")
+                self._say(
+                    f"model {cfg.model.name}: weights sha256 {digest} (pin it with --model {cfg.model.name} --model-sha256 {digest})"
+                )
             else:
                 self._say(f"model {cfg.model.name}: weights sha256 {digest}, as pinned")
 

@@ -107,12 +107,16 @@ def flatten_update(delta: Mapping[str, object], reference: Mapping[str, object])
     coordinator sent), after checking it has exactly the reference's tensors and shapes."""
     if set(delta) != set(reference):
         missing, extra = sorted(set(reference) - set(delta)), sorted(set(delta) - set(reference))
-        raise SecAggError(f"update does not match the global adapter (missing {missing[:2]}, unexpected {extra[:2]}): refused before masking")
+        raise SecAggError(
+            f"update does not match the global adapter (missing {missing[:2]}, unexpected {extra[:2]}): refused before masking"
+        )
     parts = []
     for name, ref in reference.items():
         a = np.asarray(delta[name], dtype=np.float64)
         if tuple(a.shape) != tuple(ref.shape):
-            raise SecAggError(f"update tensor {name}: shape {tuple(a.shape)}, expected {tuple(ref.shape)}: refused before masking")
+            raise SecAggError(
+                f"update tensor {name}: shape {tuple(a.shape)}, expected {tuple(ref.shape)}: refused before masking"
+            )
         parts.append(a.reshape(-1))
     return np.concatenate(parts) if parts else np.zeros(0)
 
@@ -132,7 +136,9 @@ def _state(context: Context, sa: ConfigRecord, stage_done: int) -> ConfigRecord:
     if st["round-tag"] != _tag(sa):
         raise SecAggError("request for another round than the one in progress: refused")
     if int(st["stage"]) != stage_done:
-        raise SecAggError(f"request out of order (this site completed stage {int(st['stage'])}, the request needs stage {stage_done}): refused")
+        raise SecAggError(
+            f"request out of order (this site completed stage {int(st['stage'])}, the request needs stage {stage_done}): refused"
+        )
     return st
 
 
@@ -162,7 +168,9 @@ def _quantizer(st: ConfigRecord, cap: int | None = None) -> Quantizer:
     return Quantizer(float(st["clip"]), int(st["weight-cap"] if cap is None else cap), int(st["n-sites"]))
 
 
-def advertise(context: Context, sa: ConfigRecord, identity: Identity | None = None, examples: int | None = None) -> ConfigRecord:
+def advertise(
+    context: Context, sa: ConfigRecord, identity: Identity | None = None, examples: int | None = None
+) -> ConfigRecord:
     """Stage 1: draw this round's two X25519 key pairs and self-mask seed, keep them here with
     the round's quantization settings; answer with the two public keys signed by this site's
     identity, that identity's public key, and ``examples`` (this site's example count) when given."""
@@ -191,7 +199,12 @@ def advertise(context: Context, sa: ConfigRecord, identity: Identity | None = No
             "stage": p.DONE_ADVERTISE,
         }
     )
-    out = {"c-pub": c_pub, "s-pub": s_pub, "signer": identity.public, "sig": sign(identity.key, p.advert_payload(context.run_id, tag, sid, c_pub, s_pub))}
+    out = {
+        "c-pub": c_pub,
+        "s-pub": s_pub,
+        "signer": identity.public,
+        "sig": sign(identity.key, p.advert_payload(context.run_id, tag, sid, c_pub, s_pub)),
+    }
     if examples is not None:
         out["examples"] = int(examples)
     return ConfigRecord(out)
@@ -244,7 +257,9 @@ def _check_peers(context: Context, nodes: list[str], pks: list[bytes], identity:
     if identity.pinned is not None:
         stray = [n for n, k in zip(nodes, pks) if k not in identity.pinned]
         if stray:
-            raise SecAggError(f"the identity keys published for node(s) {', '.join(stray[:3])} are not among this site's pinned peer keys: refused")
+            raise SecAggError(
+                f"the identity keys published for node(s) {', '.join(stray[:3])} are not among this site's pinned peer keys: refused"
+            )
     seen: dict[str, bytes] = {}
     if p.PEERS in context.state:
         rec = context.state[p.PEERS]
@@ -252,7 +267,9 @@ def _check_peers(context: Context, nodes: list[str], pks: list[bytes], identity:
     owner = {k: n for n, k in seen.items()}
     for n, k in zip(nodes, pks):
         if n in seen and seen[n] != k:
-            raise SecAggError(f"the identity key published for node {n} changed during the run (a substituted key?): refused")
+            raise SecAggError(
+                f"the identity key published for node {n} changed during the run (a substituted key?): refused"
+            )
         if k in owner and owner[k] != n:
             raise SecAggError(f"the identity key of node {owner[k]} is now published for node {n}: refused")
     return {**seen, **dict(zip(nodes, pks))}
@@ -268,15 +285,28 @@ def share_keys(context: Context, sa: ConfigRecord, identity: Identity | None = N
     ids = [int(j) for j in sa["nbr-ids"]]
     c_pubs, s_pubs = list(sa["nbr-c"]), list(sa["nbr-s"])
     sigs, pks, nodes = list(sa.get("nbr-sig", [])), list(sa.get("nbr-pk", [])), [str(n) for n in sa.get("nbr-node", [])]
-    if not ids or any(len(x) != len(ids) for x in (c_pubs, s_pubs, sigs, pks, nodes)) or len(set(ids)) != len(ids) or site.sid in ids:
-        raise SecAggError("neighbour list: expected distinct other sites, each with two public keys, a signature, an identity key and a node: refused")
+    if (
+        not ids
+        or any(len(x) != len(ids) for x in (c_pubs, s_pubs, sigs, pks, nodes))
+        or len(set(ids)) != len(ids)
+        or site.sid in ids
+    ):
+        raise SecAggError(
+            "neighbour list: expected distinct other sites, each with two public keys, a signature, an identity key and a node: refused"
+        )
     mine = set(site.advertise())
     if len(set(c_pubs) | set(s_pubs)) != 2 * len(ids) or mine & (set(c_pubs) | set(s_pubs)):
         raise SecAggError("neighbour keys repeat, or repeat this site's own: refused")
     peers = _check_peers(context, nodes, pks, identity)
-    forged = [j for j, c, s_, sig, pk in zip(ids, c_pubs, s_pubs, sigs, pks) if not verify(pk, sig, p.advert_payload(context.run_id, site.round_tag, j, c, s_))]
+    forged = [
+        j
+        for j, c, s_, sig, pk in zip(ids, c_pubs, s_pubs, sigs, pks)
+        if not verify(pk, sig, p.advert_payload(context.run_id, site.round_tag, j, c, s_))
+    ]
     if forged:
-        raise SecAggError(f"the advertised keys of site(s) {forged[:5]} are not signed by their published identity keys (substituted keys?): refused")
+        raise SecAggError(
+            f"the advertised keys of site(s) {forged[:5]} are not signed by their published identity keys (substituted keys?): refused"
+        )
     threshold = int(sa["threshold"])
     why = check_threshold(threshold, len(ids) + 1)
     if why:
@@ -293,7 +323,15 @@ def share_keys(context: Context, sa: ConfigRecord, identity: Identity | None = N
         sealed = site.share_keys(keys, ids, threshold)
     except ValueError as e:  # a public key that is not a valid X25519 point
         raise SecAggError(f"neighbour key: {e}: refused") from None
-    changes = {"threshold": threshold, "weight-cap": cap, "nbr-ids": ids, "nbr-c": c_pubs, "nbr-s": s_pubs, "nbr-pk": pks, "stage": p.DONE_SHARE}
+    changes = {
+        "threshold": threshold,
+        "weight-cap": cap,
+        "nbr-ids": ids,
+        "nbr-c": c_pubs,
+        "nbr-s": s_pubs,
+        "nbr-pk": pks,
+        "stage": p.DONE_SHARE,
+    }
     _save(context, st, site, **changes)
     context.state[p.PEERS] = ConfigRecord({"nodes": list(peers), "keys": list(peers.values())})
     to = sorted(sealed)
@@ -301,7 +339,9 @@ def share_keys(context: Context, sa: ConfigRecord, identity: Identity | None = N
 
 
 @_refusal_ends_round
-def masked_input(context: Context, sa: ConfigRecord, flat: np.ndarray, weight: int, seed: int) -> tuple[np.ndarray, dict]:
+def masked_input(
+    context: Context, sa: ConfigRecord, flat: np.ndarray, weight: int, seed: int
+) -> tuple[np.ndarray, dict]:
     """Stage 3, after training: take the shares sealed to this site; quantize weight x update
     (refused if not finite; each value clipped) with ``weight`` capped at the round's weight cap
     and appended; mask it with the self-mask and a pairwise mask per neighbour that shared keys
@@ -315,11 +355,15 @@ def masked_input(context: Context, sa: ConfigRecord, flat: np.ndarray, weight: i
         raise SecAggError("forwarded shares: expected at most one from each of this site's neighbours: refused")
     threshold = int(st["threshold"])
     if len(senders) + 1 < threshold:
-        raise SecAggError(f"only {len(senders)} neighbour(s) shared keys; with this site {threshold} are needed to unmask: refused")
+        raise SecAggError(
+            f"only {len(senders)} neighbour(s) shared keys; with this site {threshold} are needed to unmask: refused"
+        )
     try:
         site.receive_shares(keys, dict(zip(senders, sealed)))
     except InvalidTag:
-        raise SecAggError("a forwarded share does not authenticate (tampered, or sealed for another site or round): refused") from None
+        raise SecAggError(
+            "a forwarded share does not authenticate (tampered, or sealed for another site or round): refused"
+        ) from None
     q = _quantizer(st)
     if weight < 1:
         raise SecAggError("no examples: nothing to contribute")
@@ -347,7 +391,9 @@ def consistency(context: Context, sa: ConfigRecord, identity: Identity | None = 
         raise SecAggError("alive set leaves out this site, which uploaded: refused")
     holders = set(u3) & (_senders(st) | {me})
     if len(holders) < threshold:
-        raise SecAggError(f"alive set holds {len(holders)} of this site's share holders, fewer than the threshold {threshold}: refused")
+        raise SecAggError(
+            f"alive set holds {len(holders)} of this site's share holders, fewer than the threshold {threshold}: refused"
+        )
     context.state[p.STATE] = ConfigRecord({**dict(st), "u3": sorted(u3), "stage": p.DONE_CONSISTENCY})
     return ConfigRecord({"sig": sign(identity.key, p.alive_payload(context.run_id, _tag(sa), u3))})
 
@@ -367,17 +413,23 @@ def unmask(context: Context, sa: ConfigRecord) -> ConfigRecord:
     signers, sigs = [int(j) for j in sa.get("sig-ids", [])], list(sa.get("sigs", []))
     holders = set(u3) & (senders | {me})
     if len(signers) != len(sigs) or len(set(signers)) != len(signers) or not set(signers) <= holders:
-        raise SecAggError("consistency signatures: expected at most one from each of this site's share holders in the alive set: refused")
+        raise SecAggError(
+            "consistency signatures: expected at most one from each of this site's share holders in the alive set: refused"
+        )
     payload = p.alive_payload(context.run_id, _tag(sa), u3)
     bad = [j for j, sig in zip(signers, sigs) if not verify(pk_of[j], sig, payload)]
     if bad:
         raise SecAggError(f"the signatures of site(s) {bad[:5]} on the alive set do not verify: refused")
     if len(signers) < threshold:
-        raise SecAggError(f"only {len(signers)} of this site's share holders signed the alive set, {threshold} needed: refused")
+        raise SecAggError(
+            f"only {len(signers)} of this site's share holders signed the alive set, {threshold} needed: refused"
+        )
     alive, dropped = [int(j) for j in sa["alive"]], [int(j) for j in sa["dropped"]]
     check_unmask_request(alive, dropped, threshold, me, senders)  # refuses strangers, overlaps, short requests
     if (sorted(alive), sorted(dropped)) != unmask_view(u3, senders, me):
-        raise SecAggError("unmask request: the alive and dropped sites are not this site's view of the alive set it signed: refused")
+        raise SecAggError(
+            "unmask request: the alive and dropped sites are not this site's view of the alive set it signed: refused"
+        )
     shares = _site(st).unmask(alive, dropped, threshold)
     self_ids, pair_ids = sorted(shares["self_seed"]), sorted(shares["pair_key"])
     return ConfigRecord(

@@ -210,7 +210,11 @@ def train_round(
     t0 = time.perf_counter()
     first_step_at = time.time()
     # Checks count as training time (train-seconds): they are what local early stopping costs.
-    stopping = LocalStopping(validate, params, cfg, n_steps) if validate is not None and cfg.local_patience is not None else None
+    stopping = (
+        LocalStopping(validate, params, cfg, n_steps)
+        if validate is not None and cfg.local_patience is not None
+        else None
+    )
     if stopping is not None:
         stopping.stop_after(0)
     stopped_at = None

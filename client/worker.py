@@ -113,7 +113,9 @@ class ResidentExecutor:
         interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if secret:
             interceptors.append(
-                SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}))
+                SuperExecAuthHttpInterceptor(
+                    master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})
+                )
             )
         self.acquirer = _client(runtime_address, interceptors, retry=False)
         self.tasks_done = 0
@@ -122,7 +124,9 @@ class ResidentExecutor:
     def acquire(self) -> str | None:
         """-> a task token, or None when there is no ClientApp task waiting."""
         try:
-            res = self.acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+            res = self.acquirer.AcquireTask(
+                AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
+            )
         except httpx.HTTPError:
             return None  # SuperNode not up yet, or going away
         return res.token if res.HasField("task") and res.token else None

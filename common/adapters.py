@@ -51,7 +51,9 @@ def adapter_records(state: Mapping[str, torch.Tensor]) -> dict:
     return {"arrays": ArrayRecord(OrderedDict([("flat", flat)])), LAYOUT_KEY: layout}
 
 
-def read_adapter(content, max_values: int | None = None, max_tensors: int | None = None) -> OrderedDict[str, np.ndarray]:
+def read_adapter(
+    content, max_values: int | None = None, max_tensors: int | None = None
+) -> OrderedDict[str, np.ndarray]:
     """Message content -> name -> array (dtype as sent; validation checks it). ValueError when the
     records are missing or malformed, or do not describe the vector they came with.
 
@@ -85,7 +87,9 @@ def _read_adapter(content, max_values: int | None, max_tensors: int | None) -> O
         raise ValueError(f"adapter layout: missing {e}") from None
     if max_tensors is not None and len(names) > max_tensors:
         raise ValueError(f"adapter layout: {len(names):,} tensors, more than the {max_tensors:,} this round trains")
-    if not all(isinstance(n, str) for n in names) or not all(isinstance(d, int) and not isinstance(d, bool) for d in [*ndims, *dims]):
+    if not all(isinstance(n, str) for n in names) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in [*ndims, *dims]
+    ):
         raise ValueError("adapter layout: names must be strings, ndims and dims whole numbers")
     if len(names) != len(ndims) or sum(ndims) != len(dims) or any(n < 0 for n in ndims) or any(d < 0 for d in dims):
         raise ValueError("adapter layout: names, ndims and dims do not agree")

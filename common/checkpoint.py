@@ -103,7 +103,10 @@ def save_adapter(
         atomic_write_bytes(d / ADAPTER_CONFIG, config_bytes)
         manifest["files"][ADAPTER_CONFIG] = _sha256(config_bytes)
     extra = {name: (json.dumps(obj, indent=2) + "\n").encode("utf-8") for name, obj in (extra_json or {}).items()}
-    extra |= {name: save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}) for name, arrays in (extra_arrays or {}).items()}
+    extra |= {
+        name: save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        for name, arrays in (extra_arrays or {}).items()
+    }
     for name, data in extra.items():
         atomic_write_bytes(d / name, data)
         manifest["files"][name] = _sha256(data)
@@ -115,7 +118,9 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")]  # a file in the folder itself
+FileName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+]  # a file in the folder itself
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 

@@ -62,12 +62,16 @@ class ModelConfig(_Strict):
         description="'default' (SmolLM2-135M-Instruct, provisioned locally), a local HF directory, "
         "a .gguf file, or a hub id (the only case that reaches the network).",
     )
-    gguf_file: str | None = Field(None, description="GGUF file name inside `name` when `name` is a directory or hub id.")
+    gguf_file: str | None = Field(
+        None, description="GGUF file name inside `name` when `name` is a directory or hub id."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on a GPU."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cache_dir: str | None = Field(None, description="Where provisioned models live (default: $FEDTUNE_CACHE or ~/.cache/fedtune).")
+    cache_dir: str | None = Field(
+        None, description="Where provisioned models live (default: $FEDTUNE_CACHE or ~/.cache/fedtune)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -77,7 +81,9 @@ class ModelConfig(_Strict):
         return v
 
 
-PeftMethod = Literal["lora", "qlora", "dora", "ia3", "adapter", "prefix", "prompt", "full", "loha", "lokr", "vera", "oft", "fourierft"]
+PeftMethod = Literal[
+    "lora", "qlora", "dora", "ia3", "adapter", "prefix", "prompt", "full", "loha", "lokr", "vera", "oft", "fourierft"
+]
 
 # Methods whose update folds into the base weights (merge_and_unload): the LoRA family and its kin.
 MERGEABLE_METHODS = ("lora", "qlora", "dora", "ia3", "loha", "lokr", "vera", "oft", "fourierft")
@@ -88,8 +94,19 @@ LAYERED_METHODS = ("lora", "qlora", "dora", "ia3", "adapter", "full", "loha", "l
 MIXED_RANK_METHODS = ("lora", "qlora", "dora")
 # train.lr when it is not set: what each method is usually trained with (its paper or peft's examples).
 DEFAULT_LR = {
-    "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4, "loha": 2e-4, "lokr": 2e-4,
-    "vera": 4e-3, "ia3": 3e-3, "adapter": 5e-3, "prefix": 5e-3, "prompt": 3e-2, "full": 2e-5, "oft": 2e-4, "fourierft": 1e-2,
+    "lora": 2e-4,
+    "qlora": 2e-4,
+    "dora": 2e-4,
+    "loha": 2e-4,
+    "lokr": 2e-4,
+    "vera": 4e-3,
+    "ia3": 3e-3,
+    "adapter": 5e-3,
+    "prefix": 5e-3,
+    "prompt": 3e-2,
+    "full": 2e-5,
+    "oft": 2e-4,
+    "fourierft": 1e-2,
 }
 
 
@@ -103,7 +120,9 @@ class PeftSettings(_Strict):
     )
     r: int = Field(16, ge=1, le=1024, description="Rank (lora, qlora, dora, loha, lokr, vera).")
     alpha: float = Field(32.0, gt=0, le=1e4, description="Scaling (lora, qlora, dora, loha, lokr).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input (lora, qlora, dora, loha, lokr, vera).")
+    dropout: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input (lora, qlora, dora, loha, lokr, vera)."
+    )
     target_modules: list[str] | Literal["all-linear", "attention", "mlp"] = Field(
         "all-linear",
         description="What is adapted (or, for full, trained): every linear layer of the blocks, the attention or the MLP "
@@ -111,9 +130,18 @@ class PeftSettings(_Strict):
     )
     num_virtual_tokens: int = Field(16, ge=1, le=4096, description="Virtual tokens (prefix, prompt).")
     adapter_len: int = Field(10, ge=1, le=4096, description="adapter: learned prompt length per adapted layer.")
-    adapter_layers: int | None = Field(None, ge=1, le=100_000, description="adapter: how many top layers get one (default: all).")
-    oft_block_size: int = Field(32, ge=1, le=65536, description="oft: block size of the orthogonal matrices (must divide each adapted layer's input).")
-    n_frequency: int = Field(1000, ge=1, le=10_000_000, description="fourierft: learned spectral coefficients per adapted layer.")
+    adapter_layers: int | None = Field(
+        None, ge=1, le=100_000, description="adapter: how many top layers get one (default: all)."
+    )
+    oft_block_size: int = Field(
+        32,
+        ge=1,
+        le=65536,
+        description="oft: block size of the orthogonal matrices (must divide each adapted layer's input).",
+    )
+    n_frequency: int = Field(
+        1000, ge=1, le=10_000_000, description="fourierft: learned spectral coefficients per adapted layer."
+    )
     ffa: bool = Field(
         False,
         description="FFA-LoRA (lora, qlora): A stays frozen at its seeded init, shared by every site, and only B trains, "
@@ -133,7 +161,11 @@ class PeftSettings(_Strict):
         """One line for a run's header, e.g. 'qlora r=16 on a 4-bit nf4 base'."""
         m = self.method
         if m in RANKED_METHODS:
-            text = f"{m} r={self.r}" + (" (FFA: A frozen)" if self.ffa else "") + (f" on a 4-bit {self.quant_type} base" if m == "qlora" else "")
+            text = (
+                f"{m} r={self.r}"
+                + (" (FFA: A frozen)" if self.ffa else "")
+                + (f" on a 4-bit {self.quant_type} base" if m == "qlora" else "")
+            )
         elif m in ("prefix", "prompt"):
             text = f"{m} tuning, {self.num_virtual_tokens} virtual tokens"
         elif m == "adapter":
@@ -141,15 +173,25 @@ class PeftSettings(_Strict):
         else:
             text = "full fine-tuning" if m == "full" else m
         if m not in ("prefix", "prompt", "adapter") and self.target_modules != "all-linear":
-            text += f" on {self.target_modules if isinstance(self.target_modules, str) else ', '.join(self.target_modules)}"
+            text += (
+                f" on {self.target_modules if isinstance(self.target_modules, str) else ', '.join(self.target_modules)}"
+            )
         return text
 
     @model_validator(mode="after")
     def _options_fit_method(self) -> "PeftSettings":
         if self.ffa and self.method not in ("lora", "qlora"):
-            raise ValueError(f"peft.ffa (FFA-LoRA) freezes LoRA's A matrices: it needs method lora or qlora, not {self.method!r}")
-        if self.method in ("prefix", "prompt", "adapter") and "target_modules" in self.model_fields_set and self.target_modules != "all-linear":
-            raise ValueError(f"peft.target_modules does not apply to method {self.method!r} (it adds learned tokens, not per-module weights)")
+            raise ValueError(
+                f"peft.ffa (FFA-LoRA) freezes LoRA's A matrices: it needs method lora or qlora, not {self.method!r}"
+            )
+        if (
+            self.method in ("prefix", "prompt", "adapter")
+            and "target_modules" in self.model_fields_set
+            and self.target_modules != "all-linear"
+        ):
+            raise ValueError(
+                f"peft.target_modules does not apply to method {self.method!r} (it adds learned tokens, not per-module weights)"
+            )
         return self
 
 
@@ -159,14 +201,24 @@ class LayerConfig(_Strict):
     (and any other tensor outside the layers) above the top one."""
 
     freeze_bottom: int = Field(0, ge=0, le=100_000, description="The bottom k layers (and the embeddings) never train.")
-    only: list[int] | None = Field(None, description="Train only these layers (0 = bottom); tensors outside the layers then stay frozen.")
+    only: list[int] | None = Field(
+        None, description="Train only these layers (0 = bottom); tensors outside the layers then stay frozen."
+    )
     unfreeze_start: int | None = Field(
-        None, ge=1, le=100_000, description="Progressive unfreezing: the top N layers train in round 1 (default: off, all train)."
+        None,
+        ge=1,
+        le=100_000,
+        description="Progressive unfreezing: the top N layers train in round 1 (default: off, all train).",
     )
     unfreeze_every: int = Field(1, ge=1, le=100_000, description="Progressive unfreezing: rounds between steps.")
-    unfreeze_step: int = Field(1, ge=1, le=100_000, description="Progressive unfreezing: layers added at each step, downwards.")
+    unfreeze_step: int = Field(
+        1, ge=1, le=100_000, description="Progressive unfreezing: layers added at each step, downwards."
+    )
     lr_decay: float = Field(
-        1.0, gt=0, le=1.0, description="Discriminative learning rates: layer i trains at lr * lr_decay^(top - i); 1 turns it off."
+        1.0,
+        gt=0,
+        le=1.0,
+        description="Discriminative learning rates: layer i trains at lr * lr_decay^(top - i); 1 turns it off.",
     )
 
     @field_validator("only")
@@ -178,7 +230,9 @@ class LayerConfig(_Strict):
 
     @property
     def active(self) -> bool:
-        return self.freeze_bottom > 0 or self.only is not None or self.unfreeze_start is not None or self.lr_decay != 1.0
+        return (
+            self.freeze_bottom > 0 or self.only is not None or self.unfreeze_start is not None or self.lr_decay != 1.0
+        )
 
 
 DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text"]
@@ -193,7 +247,10 @@ class DataConfig(_Strict):
         0.1, ge=0.0, le=0.9, description="Share of the train file held out for evaluation when a site has no eval file."
     )
     max_invalid_fraction: float = Field(
-        0.0, ge=0.0, le=1.0, description="Bad records skipped and counted up to this share; above it the file is refused."
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Bad records skipped and counted up to this share; above it the file is refused.",
     )
     max_record_bytes: int = Field(
         1 << 20,
@@ -202,7 +259,9 @@ class DataConfig(_Strict):
         description="Longest record read (a JSONL line, a JSON list item, a CSV row, a Parquet row); a longer one is "
         "reported at its line without being read whole, so memory stays bounded whatever the file holds.",
     )
-    system_prompt: str | None = Field(None, description="Prepended as a system message (else the chat template's default).")
+    system_prompt: str | None = Field(
+        None, description="Prepended as a system message (else the chat template's default)."
+    )
 
     @field_validator("system_prompt")
     @classmethod
@@ -219,7 +278,9 @@ class TrainConfig(_Strict):
     local_epochs: float | None = Field(None, gt=0, le=1000, description="Or: passes over the site's data per round.")
     batch_size: int = Field(4, ge=1, le=4096)
     grad_accum: int = Field(1, ge=1, le=4096)
-    lr: float | None = Field(None, gt=0, le=1.0, description="Peak learning rate (default: the method's, see DEFAULT_LR).")
+    lr: float | None = Field(
+        None, gt=0, le=1.0, description="Peak learning rate (default: the method's, see DEFAULT_LR)."
+    )
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, le=1.0, description="Share of all steps (over all rounds) spent warming up.")
@@ -240,9 +301,14 @@ class TrainConfig(_Strict):
         "row without improvement, and sends the update of the best weights it checked (default: never; every step runs).",
     )
     local_eval_every: int | None = Field(
-        None, ge=1, le=1_000_000, description="Optimizer steps between local validation checks (default: a fifth of the round's steps, at least 1)."
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Optimizer steps between local validation checks (default: a fifth of the round's steps, at least 1).",
     )
-    local_min_delta: float = Field(0.0, ge=0, le=1e6, description="A local validation loss improvement smaller than this does not count.")
+    local_min_delta: float = Field(
+        0.0, ge=0, le=1e6, description="A local validation loss improvement smaller than this does not count."
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1)
 
     @model_validator(mode="after")
@@ -251,7 +317,9 @@ class TrainConfig(_Strict):
         if self.local_patience is None:
             stray = [f"train.{k}" for k in ("local_eval_every", "local_min_delta") if getattr(self, k)]
             if stray:
-                raise ValueError(f"{' and '.join(stray)} only apply to local early stopping: set train.local_patience too, or leave them out")
+                raise ValueError(
+                    f"{' and '.join(stray)} only apply to local early stopping: set train.local_patience too, or leave them out"
+                )
         return self
 
     @model_validator(mode="after")
@@ -269,7 +337,9 @@ class TrainConfig(_Strict):
 class EvalConfig(_Strict):
     """What sites measure on their evaluation split each round."""
 
-    max_examples: int = Field(64, ge=1, le=1_000_000, description="Evaluation examples per site (first N of the split).")
+    max_examples: int = Field(
+        64, ge=1, le=1_000_000, description="Evaluation examples per site (first N of the split)."
+    )
     batch_size: int = Field(8, ge=1, le=4096)
     exact_match: bool = Field(True, description="Also generate greedy answers and score exact match.")
     max_new_tokens: int = Field(16, ge=1, le=4096)
@@ -279,7 +349,10 @@ class EvalConfig(_Strict):
         "(lowest loss, or highest exact match) and drives early stopping.",
     )
     patience: int | None = Field(
-        None, ge=1, le=100_000, description="Stop when the validation metric has not improved for this many rounds (default: never)."
+        None,
+        ge=1,
+        le=100_000,
+        description="Stop when the validation metric has not improved for this many rounds (default: never).",
     )
     min_delta: float = Field(0.0, ge=0, le=1e6, description="An improvement smaller than this does not count.")
     forgetting: bool = Field(
@@ -316,19 +389,31 @@ class FederationConfig(_Strict):
         "fedadam, fedyogi and fedadagrad use it as a pseudo-gradient for an adaptive server optimizer (Reddi et al. 2021).",
     )
     server_lr: float | None = Field(
-        None, gt=0, le=100.0, description="Server learning rate (default: 1.0 for fedavg/fedprox/fedavgm, 1e-3 for the adaptive ones, sized for LoRA deltas)."
+        None,
+        gt=0,
+        le=100.0,
+        description="Server learning rate (default: 1.0 for fedavg/fedprox/fedavgm, 1e-3 for the adaptive ones, sized for LoRA deltas).",
     )
-    proximal_mu: float = Field(0.01, ge=0, le=1e4, description="fedprox: weight mu of the proximal term in each site's loss.")
+    proximal_mu: float = Field(
+        0.01, ge=0, le=1e4, description="fedprox: weight mu of the proximal term in each site's loss."
+    )
     server_momentum: float = Field(0.9, ge=0, lt=1.0, description="fedavgm: momentum of the server's update.")
     server_beta1: float = Field(0.9, ge=0, lt=1.0, description="fedadam/fedyogi: first-moment decay.")
     server_beta2: float = Field(0.99, ge=0, lt=1.0, description="fedadam/fedyogi: second-moment decay.")
-    server_tau: float = Field(1e-6, gt=0, le=1.0, description="fedadam/fedyogi/fedadagrad: adaptivity (added to the root of the second moment).")
+    server_tau: float = Field(
+        1e-6,
+        gt=0,
+        le=1.0,
+        description="fedadam/fedyogi/fedadagrad: adaptivity (added to the root of the second moment).",
+    )
     aggregator: Literal["mean", "median", "trimmed-mean"] = Field(
         "mean",
         description="How sites' updates combine: the example-weighted mean; or, robust to outlying sites, the coordinate-wise "
         "median or trimmed mean (these inspect each site's update, so they cannot run under secure aggregation).",
     )
-    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="trimmed-mean: share of sites dropped at each end, per coordinate.")
+    trim_fraction: float = Field(
+        0.1, ge=0.0, lt=0.5, description="trimmed-mean: share of sites dropped at each end, per coordinate."
+    )
     update_norm_bound: Annotated[float, Field(gt=0, le=1e6)] | Literal["auto", "off"] | None = Field(
         "auto",
         description="Each site scales its update (all its tensors as one vector) down to this L2 norm before it leaves; the "
@@ -344,14 +429,25 @@ class FederationConfig(_Strict):
         "with fewer valid updates by round_timeout_s, the round fails and the run stops (resume it later).",
     )
     expected_sites: int | None = Field(
-        None, ge=1, le=100_000, description="Start as soon as this many sites have joined (default: the sites listed, else min_sites)."
+        None,
+        ge=1,
+        le=100_000,
+        description="Start as soon as this many sites have joined (default: the sites listed, else min_sites).",
     )
     join_timeout_s: float = Field(
-        600.0, gt=0, le=7 * 24 * 3600, description="How long to wait for sites to join; then start with those present if at least min_sites."
+        600.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="How long to wait for sites to join; then start with those present if at least min_sites.",
     )
-    round_timeout_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600, description="A site that has not answered by then is dropped from the round.")
+    round_timeout_s: float = Field(
+        3600.0, gt=0, le=7 * 24 * 3600, description="A site that has not answered by then is dropped from the round."
+    )
     sites_per_round: int | None = Field(
-        None, ge=1, le=100_000, description="Train on a random sample of this many connected sites each round (default: all)."
+        None,
+        ge=1,
+        le=100_000,
+        description="Train on a random sample of this many connected sites each round (default: all).",
     )
     max_examples_per_update: int = Field(
         10_000_000, ge=1, le=2**31 - 1, description="An update claiming more examples than this is rejected."
@@ -373,7 +469,9 @@ class FederationConfig(_Strict):
     @model_validator(mode="after")
     def _consistent_counts(self) -> "FederationConfig":
         if self.sites_per_round is not None and self.sites_per_round < self.min_sites:
-            raise ValueError(f"sites_per_round ({self.sites_per_round}) is below min_sites ({self.min_sites}): no round could succeed")
+            raise ValueError(
+                f"sites_per_round ({self.sites_per_round}) is below min_sites ({self.min_sites}): no round could succeed"
+            )
         if self.expected_sites is not None and self.expected_sites < self.min_sites:
             raise ValueError(f"expected_sites ({self.expected_sites}) is below min_sites ({self.min_sites})")
         return self
@@ -400,10 +498,14 @@ class SecureAggregationConfig(_Strict):
     """SecAgg+ (Bell et al. 2020): the coordinator learns only the weighted mean of the updates."""
 
     enabled: bool | None = Field(
-        None, description="On or off; unset means the tool's default: on for ftserver, off for ftsim (--secure-aggregation)."
+        None,
+        description="On or off; unset means the tool's default: on for ftserver, off for ftsim (--secure-aggregation).",
     )
     neighbours: int | None = Field(
-        None, ge=1, le=100_000, description="Sites each site shares its secrets with and masks against (default: every other site)."
+        None,
+        ge=1,
+        le=100_000,
+        description="Sites each site shares its secrets with and masks against (default: every other site).",
     )
     threshold: int | None = Field(
         None,
@@ -420,10 +522,16 @@ class SecureAggregationConfig(_Strict):
         "when that is larger: an AdamW step moves a value by about lr, so a round's delta stays inside; LoRA deltas per round are ~1e-3).",
     )
     max_weight: int = Field(
-        10_000, ge=1, le=2**31 - 1, description="A site's weight is its example count, capped at this (it bounds the 32-bit field's range)."
+        10_000,
+        ge=1,
+        le=2**31 - 1,
+        description="A site's weight is its example count, capped at this (it bounds the 32-bit field's range).",
     )
     stage_timeout_s: float = Field(
-        300.0, gt=0, le=24 * 3600, description="Deadline of each key-sharing, masked-upload and unmasking stage (training keeps federation.round_timeout_s)."
+        300.0,
+        gt=0,
+        le=24 * 3600,
+        description="Deadline of each key-sharing, masked-upload and unmasking stage (training keeps federation.round_timeout_s).",
     )
 
     @model_validator(mode="after")
@@ -450,7 +558,9 @@ class PrivacyConfig(_Strict):
         le=1000,
         description="The privacy budget; setting it turns DP on. The run stops before a round would spend more than this.",
     )
-    delta: float = Field(1e-5, gt=0, lt=0.1, description="The delta of (epsilon, delta)-DP; keep it below 1/(number of sites).")
+    delta: float = Field(
+        1e-5, gt=0, lt=0.1, description="The delta of (epsilon, delta)-DP; keep it below 1/(number of sites)."
+    )
     clip: float = Field(
         1.0,
         gt=0,
@@ -472,7 +582,9 @@ class PrivacyConfig(_Strict):
 
 
 class SimulationConfig(_Strict):
-    cpus_per_site: float = Field(2.0, gt=0, le=1024, description="Ray resources per virtual site (one worker per this many CPUs).")
+    cpus_per_site: float = Field(
+        2.0, gt=0, le=1024, description="Ray resources per virtual site (one worker per this many CPUs)."
+    )
     gpus_per_site: float = Field(0.0, ge=0, le=64)
     baselines: bool = Field(
         False,
@@ -484,8 +596,13 @@ class SimulationConfig(_Strict):
 class OutputConfig(_Strict):
     dir: str | None = Field(None, description="Where a run writes its outputs (ftsim default: ftsim-runs/<time>).")
     plots: bool = True
-    merged: bool = Field(False, description="Also save merged/: a LoRA-family adapter folded into its base (a plain HF model folder).")
-    tensorboard: bool = Field(False, description="Also write every round's metrics as TensorBoard event files in tensorboard/ (the tensorboard extra).")
+    merged: bool = Field(
+        False, description="Also save merged/: a LoRA-family adapter folded into its base (a plain HF model folder)."
+    )
+    tensorboard: bool = Field(
+        False,
+        description="Also write every round's metrics as TensorBoard event files in tensorboard/ (the tensorboard extra).",
+    )
     keep_checkpoints: int | None = Field(
         3,
         ge=1,
@@ -513,7 +630,8 @@ class FedTuneConfig(_Strict):
         if self.output.merged and self.peft.method not in MERGEABLE_METHODS:
             raise ValueError(
                 f"output.merged: a {self.peft.method} adapter cannot be folded into the base; "
-                f"merging works for {', '.join(MERGEABLE_METHODS)}" + (" (full fine-tuning already saves model/)" if self.peft.method == "full" else "")
+                f"merging works for {', '.join(MERGEABLE_METHODS)}"
+                + (" (full fine-tuning already saves model/)" if self.peft.method == "full" else "")
             )
         if self.train.lr is None:
             object.__setattr__(self.train, "lr", DEFAULT_LR[self.peft.method])
@@ -539,7 +657,9 @@ class FedTuneConfig(_Strict):
             )
         for s in ranked:
             if s.rank > self.peft.r:
-                raise ValueError(f"federation.sites[{s.name}].rank {s.rank}: at most peft.r ({self.peft.r}), the global adapter's rank")
+                raise ValueError(
+                    f"federation.sites[{s.name}].rank {s.rank}: at most peft.r ({self.peft.r}), the global adapter's rank"
+                )
         return self
 
     @model_validator(mode="after")
@@ -571,7 +691,12 @@ class FedTuneConfig(_Strict):
         if bound != "auto":
             return float(bound)
         steps = self.train.local_steps or AUTO_BOUND_STEPS
-        return AUTO_BOUND_FACTOR * (self.train.lr or DEFAULT_LR[self.peft.method]) * steps * math.sqrt(max(int(n_values), 1))
+        return (
+            AUTO_BOUND_FACTOR
+            * (self.train.lr or DEFAULT_LR[self.peft.method])
+            * steps
+            * math.sqrt(max(int(n_values), 1))
+        )
 
     def with_secure_default(self, enabled: bool) -> "FedTuneConfig":
         """This config with ``secure_aggregation.enabled`` set to the tool's default where it is
@@ -583,7 +708,12 @@ class FedTuneConfig(_Strict):
         try:
             return FedTuneConfig.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(_format_errors(e, "configuration (secure aggregation is on by default here; set secure_aggregation.enabled: false to turn it off)")) from None
+            raise ConfigError(
+                _format_errors(
+                    e,
+                    "configuration (secure aggregation is on by default here; set secure_aggregation.enabled: false to turn it off)",
+                )
+            ) from None
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -615,7 +745,9 @@ def secure_aggregation_conflicts(cfg: "FedTuneConfig") -> list[str]:
                 f"with the {n} sites listed; no round could ever be unmasked"
             )
         if sa.max_weight >= (1 << 32) // n:
-            problems.append(f"secure_aggregation.max_weight {sa.max_weight}: must be below {(1 << 32) // n} for {n} sites (32-bit field)")
+            problems.append(
+                f"secure_aggregation.max_weight {sa.max_weight}: must be below {(1 << 32) // n} for {n} sites (32-bit field)"
+            )
     return problems
 
 
@@ -628,7 +760,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
-        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, (dict, list)) else f" (got {got!r})"
+        shown = (
+            "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, (dict, list)) else f" (got {got!r})"
+        )
         lines.append(f"  - {key}: {msg}{shown}")
     return "\n".join(lines)
 
@@ -706,8 +840,15 @@ def add_shared_flags(p) -> None:
     on an argparse parser (their keys: SHARED_FLAG_KEYS)."""
     from typing import get_args
 
-    p.add_argument("--peft", choices=get_args(PeftMethod), help="fine-tuning method (default lora; see peft in the config)")
-    p.add_argument("--merged", action="store_const", const=True, help="also save merged/: the adapter folded into the base (LoRA family)")
+    p.add_argument(
+        "--peft", choices=get_args(PeftMethod), help="fine-tuning method (default lora; see peft in the config)"
+    )
+    p.add_argument(
+        "--merged",
+        action="store_const",
+        const=True,
+        help="also save merged/: the adapter folded into the base (LoRA family)",
+    )
     p.add_argument("--strategy", choices=get_args(Strategy), help="server optimizer (default fedavg)")
     p.add_argument(
         "--patience",
@@ -715,7 +856,12 @@ def add_shared_flags(p) -> None:
         metavar="N",
         help="stop when the federated validation metric (eval.select_metric) has not improved for N rounds; the best round's adapter is in best/",
     )
-    p.add_argument("--tensorboard", action="store_const", const=True, help="also write the metrics as TensorBoard event files in OUT/tensorboard")
+    p.add_argument(
+        "--tensorboard",
+        action="store_const",
+        const=True,
+        help="also write the metrics as TensorBoard event files in OUT/tensorboard",
+    )
     p.add_argument(
         "--update-norm-bound",
         type=lambda v: v if v in ("auto", "off") else float(v),
@@ -731,7 +877,12 @@ def add_shared_flags(p) -> None:
     )
     p.add_argument("--dp-delta", type=float, metavar="D", help="delta of (epsilon, delta)-DP (default 1e-5)")
     p.add_argument("--dp-clip", type=float, metavar="C", help="L2 bound on each site's update under DP (default 1.0)")
-    p.add_argument("--dp-noise-multiplier", type=float, metavar="Z", help="noise std on the sum in units of the clip (default: calibrated to the budget and rounds)")
+    p.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        metavar="Z",
+        help="noise std on the sum in units of the clip (default: calibrated to the budget and rounds)",
+    )
 
 
 def flag_overrides(args, flag_keys: dict[str, str]) -> dict[str, Any]:
@@ -747,7 +898,10 @@ def flag_overrides(args, flag_keys: dict[str, str]) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None, source: str | None = None
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+    source: str | None = None,
 ) -> FedTuneConfig:
     """Config file (or an already-parsed ``base`` mapping, named ``source`` in errors) + dotted overrides -> FedTuneConfig."""
     data = read_config_file(path) if path is not None else copy.deepcopy(base or {})

@@ -202,7 +202,9 @@ class _JsonText:
             text = self.decoder.decode(raw, final=not raw)
         except UnicodeDecodeError as e:
             line = self.line + self.buf.count("\n") + raw[: max(0, e.start - pending)].count(b"\n")
-            raise DataError(f"{self.path}: line {line}: not valid UTF-8 (byte {self.nbytes - pending + e.start})") from None
+            raise DataError(
+                f"{self.path}: line {line}: not valid UTF-8 (byte {self.nbytes - pending + e.start})"
+            ) from None
         if self.nbytes == 0:
             text = text.lstrip("\ufeff")
         self.nbytes += len(raw)
@@ -284,7 +286,7 @@ def _json_records(data: Any, path: Path) -> Iterator[tuple[str, Any, str | None]
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
+        raise DataError(f'{path}: expected a JSON list of records (or {{"data": [...]}})')
     for i, rec in enumerate(data):
         yield _record(f"record {i}", rec)
 
@@ -424,10 +426,18 @@ def _read_parquet(path: Path, cap: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[t
         raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
 
 
-READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+READERS = {
+    ".jsonl": _read_jsonl,
+    ".ndjson": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}
 
 
-def iter_raw_records(path: str | Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[tuple[str, Any, str | None]]:
+def iter_raw_records(
+    path: str | Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+) -> Iterator[tuple[str, Any, str | None]]:
     """Yield (where, record or None, problem or None) for each record in the file, streamed
     (memory: about one record, at most ``max_record_bytes``)."""
     p = Path(path)
@@ -445,6 +455,7 @@ def iter_raw_records(path: str | Path, max_record_bytes: int = DEFAULT_MAX_RECOR
 
 # ---------------------------------------------------------------- formats
 
+
 def detect_format(record: Any) -> str:
     if not isinstance(record, dict):
         raise RecordError(f"expected an object with fields, got a {type(record).__name__}")
@@ -458,7 +469,9 @@ def detect_format(record: Any) -> str:
         shown = f"fields {names[:8]}"
     else:
         shown = f"{len(names)} fields whose names are not identifiers (is a CSV header row missing?)"
-    raise RecordError(f"cannot tell the format from {shown}; expected instruction+output, messages, prompt+completion, or text")
+    raise RecordError(
+        f"cannot tell the format from {shown}; expected instruction+output, messages, prompt+completion, or text"
+    )
 
 
 def _text_field(record: dict, key: str, required: bool = True) -> str:
@@ -493,7 +506,12 @@ def normalize_record(record: Any, fmt: str) -> Example:
         instruction = _text_field(record, "instruction")
         extra = _text_field(record, "input", required=False)
         user = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
-        return Example(messages=[{"role": "user", "content": user}, {"role": "assistant", "content": _text_field(record, "output")}])
+        return Example(
+            messages=[
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": _text_field(record, "output")},
+            ]
+        )
     if fmt == "prompt_completion":
         return Example(
             messages=[
@@ -579,7 +597,13 @@ def read_valid_records(path: str | Path, cfg: DataConfig) -> ValidRecords:
 def load_site_data(path: str | Path, cfg: DataConfig) -> SiteData:
     """Read, validate and normalise a site file (:func:`read_valid_records`)."""
     r = read_valid_records(path, cfg)
-    return SiteData(path=str(r.path), format=r.format or "unknown", examples=[ex for _, _, ex in r.valid], records_read=r.records_read, invalid=r.invalid)
+    return SiteData(
+        path=str(r.path),
+        format=r.format or "unknown",
+        examples=[ex for _, _, ex in r.valid],
+        records_read=r.records_read,
+        invalid=r.invalid,
+    )
 
 
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -594,6 +618,7 @@ def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple
 
 
 # ---------------------------------------------------------------- tokenization
+
 
 def ensure_chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
@@ -624,13 +649,15 @@ def chat_segments(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, 
         full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise RecordError("the chat template does not render turns as a growing prefix; cannot mask prompts")
-        segments.append((prompt[len(done):], False))
-        segments.append((full[len(prompt):], True))
+        segments.append((prompt[len(done) :], False))
+        segments.append((full[len(prompt) :], True))
         done = full
     return segments
 
 
-def tokenize_example(example: Example, tokenizer, max_length: int, system_prompt: str | None = None) -> dict[str, list[int]] | None:
+def tokenize_example(
+    example: Example, tokenizer, max_length: int, system_prompt: str | None = None
+) -> dict[str, list[int]] | None:
     """-> {"input_ids", "labels"} truncated to max_length, or None if no answer token survives."""
     if example.is_chat:
         segments = chat_segments(tokenizer, _with_system(example.messages, system_prompt))

@@ -38,7 +38,9 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     with a stride of T and is several times slower on CPU.
     """
     b, t, v = logits.shape
-    flat = F.cross_entropy(logits.reshape(b * t, v).float(), labels.reshape(b * t), ignore_index=IGNORE_INDEX, reduction="none")
+    flat = F.cross_entropy(
+        logits.reshape(b * t, v).float(), labels.reshape(b * t), ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return flat.view(b, t)
 
 
@@ -61,7 +63,9 @@ def answer_nll(model, items: list[dict], pad_id: int, device, batch_size: int) -
     total, count, per_item = 0.0, 0, []
     for chunk in _batches(items, batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        logits = text_logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
+        logits = text_logits(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["input_ids"]
+        )
         # logits[:, t] predicts token t+1: [B, T-1, V] against labels [B, T-1].
         shift_labels = batch["labels"][:, 1:]
         nll = token_nll(logits[:, :-1], shift_labels)
@@ -85,7 +89,9 @@ def generate_answers(model, tokenizer, prompts: list[str], device, max_new_token
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with warnings.catch_warnings():
                 # peft's prompt learning ignores position ids by design and warns on every call.
-                warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
+                warnings.filterwarnings(
+                    "ignore", message="Position ids are not supported for parameter efficient tuning"
+                )
                 # and prefix tuning's cache, handed to generate, meets transformers' own (harmless).
                 warnings.filterwarnings("ignore", message="Both `past_key_values` and `cache` are set")
                 gen = model.generate(
@@ -104,7 +110,9 @@ def generate_answers(model, tokenizer, prompts: list[str], device, max_new_token
     return out
 
 
-def choose_labels(model, tokenizer, examples: list[Example], labels: list[str], data_cfg: DataConfig, device, batch_size: int) -> list[str]:
+def choose_labels(
+    model, tokenizer, examples: list[Example], labels: list[str], data_cfg: DataConfig, device, batch_size: int
+) -> list[str]:
     """For each chat example, the label whose rendered answer (label + end of turn) has the lowest NLL."""
     items = []
     for ex in examples:
@@ -134,10 +142,14 @@ def evaluate_examples(
     chat = [ex for ex in examples if ex.is_chat]
     if chat and eval_cfg.exact_match:
         pairs = [prompt_and_reference(ex, tokenizer, data_cfg.system_prompt) for ex in chat]
-        preds = generate_answers(model, tokenizer, [p for p, _ in pairs], device, eval_cfg.max_new_tokens, eval_cfg.batch_size)
+        preds = generate_answers(
+            model, tokenizer, [p for p, _ in pairs], device, eval_cfg.max_new_tokens, eval_cfg.batch_size
+        )
         result.exact_match = metrics.exact_match(preds, [r for _, r in pairs])
     if chat and labels:
         chosen = choose_labels(model, tokenizer, chat, labels, data_cfg, device, eval_cfg.batch_size)
-        refs = [ex.messages[max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")]["content"] for ex in chat]
+        refs = [
+            ex.messages[max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")]["content"] for ex in chat
+        ]
         result.label_accuracy = metrics.label_accuracy(chosen, refs)
     return result

@@ -39,7 +39,9 @@ def general_knowledge(model, tokenizer, device, max_length: int = 256, batch_siz
     for name, fmt in (("text", "text"), ("qa", "messages")):
         cfg = DataConfig(format=fmt, max_length=max_length)
         examples[name] = load_site_data(GENERAL_DIR / f"{name}.jsonl", cfg).examples
-        total, count, _ = answer_nll(model, tokenize_all(examples[name], tokenizer, cfg).items, tokenizer.pad_token_id, device, batch_size)
+        total, count, _ = answer_nll(
+            model, tokenize_all(examples[name], tokenizer, cfg).items, tokenizer.pad_token_id, device, batch_size
+        )
         out[f"{name}_loss"] = metrics.mean_loss(total, count)
     pairs = [prompt_and_reference(ex, tokenizer) for ex in examples["qa"]]
     preds = generate_answers(model, tokenizer, [p for p, _ in pairs], device, MAX_NEW_TOKENS, batch_size)

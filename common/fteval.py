@@ -25,11 +25,22 @@ from .data import DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fteval", description="Score a model (optionally with a PEFT adapter) on a data file.")
-    p.add_argument("--model", help="'default', a local HF directory, a .gguf file or a hub id (default: the adapter's base, else 'default')")
+    p = argparse.ArgumentParser(
+        prog="fteval", description="Score a model (optionally with a PEFT adapter) on a data file."
+    )
+    p.add_argument(
+        "--model",
+        help="'default', a local HF directory, a .gguf file or a hub id (default: the adapter's base, else 'default')",
+    )
     p.add_argument("--adapter", help="PEFT adapter directory (e.g. an ftsim run's adapter/)")
-    p.add_argument("--data", help="JSONL, JSON, CSV or Parquet in any supported record format (required unless --export-merged)")
-    p.add_argument("--export-merged", metavar="DIR", help="save the adapter folded into its full-precision base as a HF model folder (LoRA family)")
+    p.add_argument(
+        "--data", help="JSONL, JSON, CSV or Parquet in any supported record format (required unless --export-merged)"
+    )
+    p.add_argument(
+        "--export-merged",
+        metavar="DIR",
+        help="save the adapter folded into its full-precision base as a HF model folder (LoRA family)",
+    )
     p.add_argument("--labels", help="comma-separated label set: also score by the most likely label")
     p.add_argument("--out", help="write the scores as JSON here")
     p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "prompt_completion", "text"])
@@ -64,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model_cfg = ModelConfig(name=args.model or base_of(args.adapter), device=args.device)
-        data_cfg = DataConfig(format=args.format, max_length=args.max_length, max_invalid_fraction=args.max_invalid_fraction)
+        data_cfg = DataConfig(
+            format=args.format, max_length=args.max_length, max_invalid_fraction=args.max_invalid_fraction
+        )
         eval_cfg = EvalConfig(
             max_examples=args.max_examples or 1_000_000,
             batch_size=args.batch_size,
@@ -105,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         **res.as_dict(),
         "seconds": round(time.time() - t0, 2),
     }
-    print(f"examples        {res.examples}" + (f"  (skipped {data.n_invalid} invalid records)" if data.n_invalid else ""))
+    print(
+        f"examples        {res.examples}" + (f"  (skipped {data.n_invalid} invalid records)" if data.n_invalid else "")
+    )
     print(f"loss            {res.loss:.4f}  (mean over {res.answer_tokens} answer tokens)")
     print(f"perplexity      {res.perplexity:.3f}")
     if res.exact_match is not None:

@@ -66,7 +66,9 @@ def resolve_targets(model, peft: PeftSettings) -> list[str] | str:
     names = [n for n, _ in model.named_modules()]
     for want in tm:
         if not any(n == want or n.endswith("." + want) for n in names):
-            raise ConfigError(f"peft.target_modules: no module of the model is named {want!r} (e.g. {', '.join(groups['all'][:4])})")
+            raise ConfigError(
+                f"peft.target_modules: no module of the model is named {want!r} (e.g. {', '.join(groups['all'][:4])})"
+            )
     return list(tm)
 
 
@@ -93,8 +95,13 @@ def peft_config(model, peft: PeftSettings, seed: int, base_name: str | None = No
         return None
     if m in ("lora", "qlora", "dora"):
         cfg = P.LoraConfig(
-            r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout, target_modules=resolve_targets(model, peft),
-            task_type=task, bias="none", use_dora=m == "dora",
+            r=peft.r,
+            lora_alpha=peft.alpha,
+            lora_dropout=peft.dropout,
+            target_modules=resolve_targets(model, peft),
+            task_type=task,
+            bias="none",
+            use_dora=m == "dora",
         )
     elif m == "ia3":
         groups = block_linears(model)
@@ -102,29 +109,61 @@ def peft_config(model, peft: PeftSettings, seed: int, base_name: str | None = No
         if targets == "all-linear":
             targets = groups["all"]
         mlp = set(groups["mlp"])
-        cfg = P.IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if t.rsplit(".", 1)[-1] in mlp], task_type=task)
+        cfg = P.IA3Config(
+            target_modules=targets,
+            feedforward_modules=[t for t in targets if t.rsplit(".", 1)[-1] in mlp],
+            task_type=task,
+        )
     elif m == "adapter":
         n = n_layers_of(model)
         if peft.adapter_layers is not None and peft.adapter_layers > n:
             raise ConfigError(f"peft.adapter_layers {peft.adapter_layers}: the model has {n} layers")
-        cfg = P.AdaptionPromptConfig(adapter_len=peft.adapter_len, adapter_layers=peft.adapter_layers or n, task_type=task)
+        cfg = P.AdaptionPromptConfig(
+            adapter_len=peft.adapter_len, adapter_layers=peft.adapter_layers or n, task_type=task
+        )
     elif m == "prefix":
         cfg = P.PrefixTuningConfig(num_virtual_tokens=peft.num_virtual_tokens, task_type=task)
     elif m == "prompt":
         cfg = P.PromptTuningConfig(num_virtual_tokens=peft.num_virtual_tokens, task_type=task)
     elif m == "loha":
-        cfg = P.LoHaConfig(r=peft.r, alpha=peft.alpha, module_dropout=peft.dropout, target_modules=resolve_targets(model, peft), task_type=task)
+        cfg = P.LoHaConfig(
+            r=peft.r,
+            alpha=peft.alpha,
+            module_dropout=peft.dropout,
+            target_modules=resolve_targets(model, peft),
+            task_type=task,
+        )
     elif m == "lokr":
-        cfg = P.LoKrConfig(r=peft.r, alpha=peft.alpha, module_dropout=peft.dropout, target_modules=resolve_targets(model, peft), task_type=task)
+        cfg = P.LoKrConfig(
+            r=peft.r,
+            alpha=peft.alpha,
+            module_dropout=peft.dropout,
+            target_modules=resolve_targets(model, peft),
+            task_type=task,
+        )
     elif m == "vera":
         # The frozen random projections are drawn from this key, so every site has the same ones.
-        cfg = P.VeraConfig(r=peft.r, vera_dropout=peft.dropout, target_modules=resolve_targets(model, peft), projection_prng_key=seed, task_type=task)
+        cfg = P.VeraConfig(
+            r=peft.r,
+            vera_dropout=peft.dropout,
+            target_modules=resolve_targets(model, peft),
+            projection_prng_key=seed,
+            task_type=task,
+        )
     elif m == "oft":
-        cfg = P.OFTConfig(oft_block_size=peft.oft_block_size, r=0, module_dropout=peft.dropout, target_modules=resolve_targets(model, peft), task_type=task)
+        cfg = P.OFTConfig(
+            oft_block_size=peft.oft_block_size,
+            r=0,
+            module_dropout=peft.dropout,
+            target_modules=resolve_targets(model, peft),
+            task_type=task,
+        )
     elif m == "fourierft":
         # The spectral locations are drawn from random_loc_seed (peft's default 777) at every site alike;
         # the update is linear in the trained coefficients, so averaging them is exact.
-        cfg = P.FourierFTConfig(n_frequency=peft.n_frequency, target_modules=resolve_targets(model, peft), task_type=task)
+        cfg = P.FourierFTConfig(
+            n_frequency=peft.n_frequency, target_modules=resolve_targets(model, peft), task_type=task
+        )
     else:  # pragma: no cover - the config's Literal lists the methods
         raise ConfigError(f"peft.method {m!r} is not supported")
     if base_name:
@@ -292,12 +331,16 @@ def position(key: str, n_layers: int) -> int:
 def check_layers(lc: LayerConfig, n_layers: int) -> None:
     """ConfigError when the layers section cannot fit a model of ``n_layers`` layers."""
     if lc.freeze_bottom >= n_layers and lc.freeze_bottom > 0:
-        raise ConfigError(f"layers.freeze_bottom {lc.freeze_bottom}: the model has {n_layers} layers, so none would train")
+        raise ConfigError(
+            f"layers.freeze_bottom {lc.freeze_bottom}: the model has {n_layers} layers, so none would train"
+        )
     bad = [i for i in lc.only or [] if i >= n_layers]
     if bad:
         raise ConfigError(f"layers.only: layer(s) {bad} do not exist; the model has layers 0..{n_layers - 1}")
     if lc.only is not None and lc.freeze_bottom and all(i < lc.freeze_bottom for i in lc.only):
-        raise ConfigError(f"layers.only {lc.only} are all below layers.freeze_bottom {lc.freeze_bottom}: nothing would train")
+        raise ConfigError(
+            f"layers.only {lc.only} are all below layers.freeze_bottom {lc.freeze_bottom}: nothing would train"
+        )
 
 
 def active_positions(lc: LayerConfig, n_layers: int, rnd: int) -> set[int]:
@@ -344,7 +387,9 @@ def load_model(cfg: FedTuneConfig, device: str | None = None, quantized: bool = 
     trainable for the method, with layer-wise control checked against the model."""
     from .modeling import load_base_model
 
-    model, tokenizer, dev = load_base_model(cfg.model, device, four_bit=cfg.peft if quantized and cfg.peft.method == "qlora" else None)
+    model, tokenizer, dev = load_base_model(
+        cfg.model, device, four_bit=cfg.peft if quantized and cfg.peft.method == "qlora" else None
+    )
     check_layers(cfg.layers, n_layers_of(model))
     return wrap(model, cfg.peft, seed=cfg.train.seed), tokenizer, dev
 
@@ -377,7 +422,9 @@ def read_method_info(adapter_dir: str | Path) -> dict:
         raise ConfigError(f"{f}: not valid JSON") from None
 
 
-def load_trained(model_cfg: ModelConfig, adapter_dir: str | Path | None, device: str | None = None, merged_precision: bool = False):
+def load_trained(
+    model_cfg: ModelConfig, adapter_dir: str | Path | None, device: str | None = None, merged_precision: bool = False
+):
     """A base model with a saved adapter on it, loaded as it was trained (a qlora adapter on its
     4-bit base, unless ``merged_precision``: then on the full-precision base, as a merge needs).
     -> (model, tokenizer, device)."""
@@ -386,21 +433,27 @@ def load_trained(model_cfg: ModelConfig, adapter_dir: str | Path | None, device:
     info = read_method_info(adapter_dir) if adapter_dir else {}
     four_bit = None
     if info.get("method") == "qlora" and not merged_precision:
-        four_bit = PeftSettings(method="qlora", quant_type=info.get("quant_type", "nf4"), double_quant=bool(info.get("double_quant", True)))
+        four_bit = PeftSettings(
+            method="qlora", quant_type=info.get("quant_type", "nf4"), double_quant=bool(info.get("double_quant", True))
+        )
     model, tokenizer, dev = load_base_model(model_cfg, device, four_bit=four_bit)
     if adapter_dir:
         model = load_adapter(model, adapter_dir)
     return model, tokenizer, dev
 
 
-def export_merged(model_cfg: ModelConfig, adapter_dir: str | Path, out_dir: str | Path, device: str | None = "cpu") -> Path:
+def export_merged(
+    model_cfg: ModelConfig, adapter_dir: str | Path, out_dir: str | Path, device: str | None = "cpu"
+) -> Path:
     """Fold a LoRA-family adapter into its full-precision base and save a plain Hugging Face model
     folder (atomically). A qlora adapter merges into the unquantized base: its outputs differ from
     the 4-bit model by the quantization error."""
     info = read_method_info(adapter_dir)
     method = info.get("method", "lora")
     if method not in MERGEABLE_METHODS:
-        raise ConfigError(f"{adapter_dir}: a {method} adapter cannot be merged into the base (only {', '.join(MERGEABLE_METHODS)})")
+        raise ConfigError(
+            f"{adapter_dir}: a {method} adapter cannot be merged into the base (only {', '.join(MERGEABLE_METHODS)})"
+        )
     model, tokenizer, _ = load_trained(model_cfg, adapter_dir, device, merged_precision=True)
     from .modeling import save_model_dir
 
@@ -495,4 +548,6 @@ def rank_of(state: Mapping, shapes: Mapping[str, tuple]) -> int | None:
 def lora_pairs(keys) -> list[tuple[str, str]]:
     """(lora_A key, lora_B key) of every LoRA layer among ``keys``."""
     keys = set(keys)
-    return sorted((k, k.replace("lora_A", "lora_B")) for k in keys if _rank_axis(k) == 0 and k.replace("lora_A", "lora_B") in keys)
+    return sorted(
+        (k, k.replace("lora_A", "lora_B")) for k in keys if _rank_axis(k) == 0 and k.replace("lora_A", "lora_B") in keys
+    )

@@ -57,7 +57,9 @@ def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     return sum(v * w for v, w in pairs) / total if total > 0 else float("nan")
 
 
-def weighted_scores(scores: Iterable[Mapping | None], keys: Sequence[str] = ("eval_loss", "exact_match")) -> dict[str, float]:
+def weighted_scores(
+    scores: Iterable[Mapping | None], keys: Sequence[str] = ("eval_loss", "exact_match")
+) -> dict[str, float]:
     """The federated metrics: each key's mean over the sites' scores that have it (finite), weighted
     by their ``eval_examples``; a key no site has is left out."""
     scores = [s for s in scores if s and s.get("eval_examples")]

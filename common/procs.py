@@ -42,7 +42,9 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def spawn(cmd: list[str], log_path: Path | None = None, env: dict[str, str] | None = None, cwd: Path | None = None, **kw) -> subprocess.Popen:
+def spawn(
+    cmd: list[str], log_path: Path | None = None, env: dict[str, str] | None = None, cwd: Path | None = None, **kw
+) -> subprocess.Popen:
     """Start ``cmd`` in its own process group, output appended to ``log_path`` (or piped when None)."""
     out = open(log_path, "ab") if log_path is not None else subprocess.PIPE  # noqa: SIM115 - owned by the child
     try:
@@ -63,7 +65,12 @@ def spawn(cmd: list[str], log_path: Path | None = None, env: dict[str, str] | No
 
 
 def spawn_capped(
-    cmd: list[str], log_path: Path, max_bytes: int = 10 << 20, backups: int = 2, env: dict[str, str] | None = None, cwd: Path | None = None
+    cmd: list[str],
+    log_path: Path,
+    max_bytes: int = 10 << 20,
+    backups: int = 2,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen:
     """:func:`spawn`, but the child's output reaches ``log_path`` through a pipe and a thread
     that rotates the file at ``max_bytes`` (``log_path.1`` .. ``.{backups}`` keep the older

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 def duration(seconds: float) -> str:
     s = int(round(seconds))
-    return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+    return (
+        f"{s // 3600} h {s % 3600 // 60:02d} min"
+        if s >= 3600
+        else f"{s // 60} min {s % 60:02d} s"
+        if s >= 60
+        else f"{s} s"
+    )
 
 
 def bar(frac: float, spent: float, width: int = 20) -> str:
@@ -15,4 +21,6 @@ def bar(frac: float, spent: float, width: int = 20) -> str:
     frac = min(1.0, max(0.0, frac))
     filled = round(width * frac)
     eta = spent * (1 - frac) / frac if frac > 0 else None
-    return f"▕{'█' * filled}{'░' * (width - filled)}▏ {100 * frac:.0f}%" + (f", ETA {duration(eta)}" if eta is not None else "")
+    return f"▕{'█' * filled}{'░' * (width - filled)}▏ {100 * frac:.0f}%" + (
+        f", ETA {duration(eta)}" if eta is not None else ""
+    )

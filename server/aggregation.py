@@ -58,7 +58,9 @@ def validate_update(
     return problems
 
 
-def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> OrderedDict[str, np.ndarray]:
+def weighted_mean(
+    updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
+) -> OrderedDict[str, np.ndarray]:
     """sum_i w_i * u_i / sum_i w_i, key by key, accumulated in float64, returned as float32."""
     if not updates:
         raise ValueError("weighted_mean: no updates")
@@ -178,7 +180,9 @@ class CappedMean:
         return OrderedDict((k, (v / total).astype(WIRE_DTYPE)) for k, v in acc.items())
 
 
-def add_update(global_state: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+def add_update(
+    global_state: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]
+) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, (global_state[k].astype(np.float64) + update[k]).astype(WIRE_DTYPE)) for k in global_state)
 
 
@@ -208,7 +212,9 @@ def fedavg_step(
     return add_update(global_state, weighted_mean(deltas, num_examples))
 
 
-def robust_aggregate(updates: Sequence[Mapping[str, np.ndarray]], method: str, trim_fraction: float = 0.1) -> OrderedDict[str, np.ndarray]:
+def robust_aggregate(
+    updates: Sequence[Mapping[str, np.ndarray]], method: str, trim_fraction: float = 0.1
+) -> OrderedDict[str, np.ndarray]:
     """Coordinate-wise ``median`` or ``trimmed-mean`` of the sites' updates (unweighted, as in
     Yin et al. 2018: a site cannot buy influence by claiming many examples). The trimmed mean
     drops ``floor(trim_fraction * n)`` values at each end of every coordinate."""
@@ -229,7 +235,14 @@ def robust_aggregate(updates: Sequence[Mapping[str, np.ndarray]], method: str, t
     return out
 
 
-DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedavgm": 1.0, "fedadam": 1e-3, "fedyogi": 1e-3, "fedadagrad": 1e-3}
+DEFAULT_SERVER_LR = {
+    "fedavg": 1.0,
+    "fedprox": 1.0,
+    "fedavgm": 1.0,
+    "fedadam": 1e-3,
+    "fedyogi": 1e-3,
+    "fedadagrad": 1e-3,
+}
 
 
 class ServerOptimizer:
@@ -246,7 +259,15 @@ class ServerOptimizer:
     state (m, v, t) goes into every checkpoint, so a resumed run continues it exactly.
     """
 
-    def __init__(self, strategy: str, lr: float | None = None, momentum: float = 0.9, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-6):
+    def __init__(
+        self,
+        strategy: str,
+        lr: float | None = None,
+        momentum: float = 0.9,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-6,
+    ):
         if strategy not in DEFAULT_SERVER_LR:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(DEFAULT_SERVER_LR)}")
         self.strategy = strategy
@@ -260,7 +281,9 @@ class ServerOptimizer:
     def from_config(cls, fed) -> "ServerOptimizer":
         return cls(fed.strategy, fed.server_lr, fed.server_momentum, fed.server_beta1, fed.server_beta2, fed.server_tau)
 
-    def step(self, global_state: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    def step(
+        self, global_state: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]
+    ) -> OrderedDict[str, np.ndarray]:
         """The new global state; ``delta`` may cover only the tensors that trained this round."""
         self.t += 1
         s = self.strategy
@@ -300,7 +323,9 @@ class ServerOptimizer:
 
     def restore(self, doc: dict, arrays: Mapping[str, np.ndarray]) -> None:
         if doc.get("strategy", self.strategy) != self.strategy:
-            raise ValueError(f"the checkpoint's server optimizer is {doc.get('strategy')!r}, this run's is {self.strategy!r}")
+            raise ValueError(
+                f"the checkpoint's server optimizer is {doc.get('strategy')!r}, this run's is {self.strategy!r}"
+            )
         self.t = int(doc.get("t", 0))
         self.m = OrderedDict((k[2:], np.asarray(v, dtype=np.float64)) for k, v in arrays.items() if k.startswith("m/"))
         self.v = OrderedDict((k[2:], np.asarray(v, dtype=np.float64)) for k, v in arrays.items() if k.startswith("v/"))
@@ -342,13 +367,19 @@ def lora_product_error(
     return {"aggregation_error": err, "aggregation_error_rel": err / math.sqrt(ref2) if ref2 > 0 else 0.0}
 
 
-def noised_mean(mean: Mapping[str, np.ndarray], n: int, std: float, rng: np.random.Generator) -> OrderedDict[str, np.ndarray]:
+def noised_mean(
+    mean: Mapping[str, np.ndarray], n: int, std: float, rng: np.random.Generator
+) -> OrderedDict[str, np.ndarray]:
     """The mean of ``n`` clipped updates as if N(0, std^2) had been added to their sum:
     mean + N(0, std^2) / n per value (the coordinator's Gaussian mechanism, central DP)."""
-    return OrderedDict((k, (v.astype(np.float64) + rng.normal(0.0, std, size=v.shape) / n).astype(WIRE_DTYPE)) for k, v in mean.items())
+    return OrderedDict(
+        (k, (v.astype(np.float64) + rng.normal(0.0, std, size=v.shape) / n).astype(WIRE_DTYPE)) for k, v in mean.items()
+    )
 
 
-def site_alignment(updates: Sequence[Mapping[str, np.ndarray]], aggregate: Mapping[str, np.ndarray], layer_of=None) -> list[dict]:
+def site_alignment(
+    updates: Sequence[Mapping[str, np.ndarray]], aggregate: Mapping[str, np.ndarray], layer_of=None
+) -> list[dict]:
     """Each site's update norm and its cosine similarity to the aggregate (which way it pulled:
     1 along the mean, 0 across it, below 0 against it); cosine None when either norm is 0.
     With ``layer_of`` (key -> layer label) also ``by_layer``: the same two per layer."""
@@ -369,10 +400,14 @@ def site_alignment(updates: Sequence[Mapping[str, np.ndarray]], aggregate: Mappi
             v = u[k].astype(np.float64).ravel()
             dot[label[k]] = dot.get(label[k], 0.0) + float(np.dot(v, a))
             uu[label[k]] = uu.get(label[k], 0.0) + float(np.dot(v, v))
-        site = {"update_norm": math.sqrt(sum(uu.values())), "cosine_to_aggregate": cosine(sum(dot.values()), sum(uu.values()), sum(aa.values()))}
+        site = {
+            "update_norm": math.sqrt(sum(uu.values())),
+            "cosine_to_aggregate": cosine(sum(dot.values()), sum(uu.values()), sum(aa.values())),
+        }
         if layer_of is not None:
             site["by_layer"] = {
-                g: {"update_norm": math.sqrt(uu[g]), "cosine_to_aggregate": cosine(dot[g], uu[g], aa[g])} for g in sorted(uu, key=int)
+                g: {"update_norm": math.sqrt(uu[g]), "cosine_to_aggregate": cosine(dot[g], uu[g], aa[g])}
+                for g in sorted(uu, key=int)
             }
         out.append(site)
     return out

@@ -98,7 +98,9 @@ class RunState:
     accountant: privacy.Accountant | None = None
     stopped: str | None = None
     forgetting: dict = field(default_factory=dict)  # general knowledge: {"base": ..., "final": ...}
-    site_keys: object = None  # secure aggregation: the registered sites' identity keys (SEC1 P-384; a KeyFolder), if known
+    site_keys: object = (
+        None  # secure aggregation: the registered sites' identity keys (SEC1 P-384; a KeyFolder), if known
+    )
     first_round: int = 1  # where this process started training (after a resume, later)
     first_round_at: float | None = None
 
@@ -127,7 +129,9 @@ class RunState:
         self.optimizer.restore(doc.get("optimizer") or {}, optimizer_arrays or {})
         if self.accountant is not None:
             if "privacy" not in doc:
-                raise ValueError("the run had no privacy accountant; differential privacy cannot be turned on in the middle of a run")
+                raise ValueError(
+                    "the run had no privacy accountant; differential privacy cannot be turned on in the middle of a run"
+                )
             self.accountant = privacy.Accountant.restore(doc["privacy"])
 
     def layer_of(self, key: str) -> int:
@@ -145,7 +149,9 @@ class RunState:
     def best(self) -> dict | None:
         ev = self.cfg.eval
         rnd, value, since = best_round(self.rounds, ev.select_metric, ev.min_delta)
-        return None if rnd is None else {"round": rnd, "metric": ev.select_metric, "value": value, "rounds_since": since}
+        return (
+            None if rnd is None else {"round": rnd, "metric": ev.select_metric, "value": value, "rounds_since": since}
+        )
 
     def metrics_doc(self) -> dict:
         return {
@@ -228,7 +234,9 @@ def wait_for_sites(grid: Grid, wanted: int, minimum: int, timeout: float, say: P
         if len(nodes) >= wanted:
             return nodes
         if len(nodes) != last:
-            say(f"waiting for sites: {len(nodes)} connected, {wanted} expected ({minimum} needed; deadline in {deadline - time.time():.0f} s)")
+            say(
+                f"waiting for sites: {len(nodes)} connected, {wanted} expected ({minimum} needed; deadline in {deadline - time.time():.0f} s)"
+            )
             last = len(nodes)
         if time.time() > deadline:
             if len(nodes) >= minimum:
@@ -274,11 +282,15 @@ def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(float(x)) else None
 
 
-def broadcast_content(rs: RunState, rnd: int, trainable: list[str] | None = None, population: int | None = None) -> RecordDict:
+def broadcast_content(
+    rs: RunState, rnd: int, trainable: list[str] | None = None, population: int | None = None
+) -> RecordDict:
     """What every site gets: the global adapter, the run's config and the round number; for
     training also the round's trainable set, which every update must match exactly, and under
     DP the number of sites the round was drawn from (it sets the noise)."""
-    conf = {CONFIG_KEY: rs.cfg.to_json(), ROUND_KEY: rnd} | ({TRAINABLE_KEY: trainable} if trainable is not None else {})
+    conf = {CONFIG_KEY: rs.cfg.to_json(), ROUND_KEY: rnd} | (
+        {TRAINABLE_KEY: trainable} if trainable is not None else {}
+    )
     if population is not None:
         conf[DP_POPULATION_KEY] = population
     return RecordDict({**adapters.adapter_records(adapters.to_tensors(rs.global_state)), "config": ConfigRecord(conf)})
@@ -307,10 +319,13 @@ def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Pr
     # (weighting 'equal': every site alike), so no site sets the best round or early stopping alone.
     fed = rs.cfg.federation
     counts = [v["eval_examples"] for v in ok.values()]
-    weights = [1.0] * len(counts) if fed.weighting == "equal" else capped_weights(counts, fed.weight_cap) if counts else []
+    weights = (
+        [1.0] * len(counts) if fed.weighting == "equal" else capped_weights(counts, fed.weight_cap) if counts else []
+    )
     agg = weighted_scores([{**v, "eval_examples": w} for v, w in zip(ok.values(), weights)])
     summary = "  ".join(
-        f"{n}: loss {_fmt(v['eval_loss'])}" + (f" EM {v['exact_match']:.2f}" if v.get("exact_match") is not None else "")
+        f"{n}: loss {_fmt(v['eval_loss'])}"
+        + (f" EM {v['exact_match']:.2f}" if v.get("exact_match") is not None else "")
         for n, v in sorted(ok.items())
     )
     say(f"round {rnd} eval  | {summary}" if summary else f"round {rnd} eval  | no site evaluated")
@@ -322,7 +337,9 @@ def dp_round(rs: RunState, population: int) -> tuple[float, float]:
     return privacy.sampling_rate(rs.cfg, population), privacy.noise_multiplier(rs.cfg, population)
 
 
-def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer, population: int | None = None) -> dict:
+def run_training_round(
+    grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer, population: int | None = None
+) -> dict:
     """One round of training: each site's update is validated (a lower-rank LoRA update is
     zero-padded to the global rank: HetLoRA), clipped to the update-norm bound if one is set, and
     folded into the example-weighted mean as it arrives (or, for a robust aggregator, kept for the
@@ -385,12 +402,18 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             "startup_seconds": _num(mr.get("startup-seconds")),
             "invalid_records": max(int(mr.get("invalid-records") or 0), 0),
             **({"rank": mr["lora-rank"]} if "lora-rank" in mr else {}),
-            **({"update_norm_before_clip": _num(mr.get("update-norm")), "clipped": bool(mr.get("update-clipped"))} if "update-clipped" in mr else {}),
+            **(
+                {"update_norm_before_clip": _num(mr.get("update-norm")), "clipped": bool(mr.get("update-clipped"))}
+                if "update-clipped" in mr
+                else {}
+            ),
             **({"planned_steps": max(mr["planned-steps"], 0)} if "planned-steps" in mr else {}),
             **({"metrics_dropped": dropped} if dropped else {}),
         }
         steps = f"{info['steps']} steps"
-        if "local-best-step" in mr:  # train.local_patience: the site checked its validation loss and kept its best weights
+        if (
+            "local-best-step" in mr
+        ):  # train.local_patience: the site checked its validation loss and kept its best weights
             stop = info["local_stop"] = {
                 "stopped_at": max(int(mr.get("local-stopped-at") or 0), 0) or None,  # a stop is at step 1 or later
                 "best_step": max(int(mr.get("local-best-step") or 0), 0),
@@ -410,7 +433,9 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             return
         rank = None
         try:
-            if mr.get("update-nonfinite"):  # an older site zeroed a diverged update and said so: never average its zeros
+            if mr.get(
+                "update-nonfinite"
+            ):  # an older site zeroed a diverged update and said so: never average its zeros
                 raise ValueError("the site's update was not finite (NaN/Inf; the site replaced it by zeros)")
             arrays = adapters.read_adapter(m.content, max_values=n_values, max_tensors=len(spec))
             info["bytes_sent"] = adapters.record_nbytes(m.content["arrays"])
@@ -449,7 +474,9 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
                 info["bytes_sent"] = out.summed.get(name, 0)
         accepted = len(out.summed)
         if dp and accepted < privacy.min_summed(cfg, population):  # the protocol aborts first; never release less noise
-            raise FederationError(f"round {rnd}: {accepted} site(s) summed, fewer than the {privacy.min_summed(cfg, population)} the sites' noise is sized for")
+            raise FederationError(
+                f"round {rnd}: {accepted} site(s) summed, fewer than the {privacy.min_summed(cfg, population)} the sites' noise is sized for"
+            )
         record["secure_aggregation"] = out.stats
         say(
             f"round {rnd} secure | weighted mean of {accepted} site(s) unmasked "
@@ -460,7 +487,9 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
         received = exchange(grid, nodes, content, MessageType.TRAIN, cfg.federation.round_timeout_s, absorb)
         missing = len(nodes) - received
         if missing:
-            say(f"round {rnd} | {missing} site(s) did not answer within {cfg.federation.round_timeout_s:.0f} s (federation.round_timeout_s): dropped from this round")
+            say(
+                f"round {rnd} | {missing} site(s) did not answer within {cfg.federation.round_timeout_s:.0f} s (federation.round_timeout_s): dropped from this round"
+            )
         accepted = mean.count + len(kept)
         if accepted < cfg.federation.min_sites:
             raise FederationError(
@@ -469,7 +498,11 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
                 f"federation.min_sites is {cfg.federation.min_sites}. The global adapter stays at round {rnd - 1}; "
                 "the run can be resumed from its last checkpoint."
             )
-        update = mean.result() if cfg.federation.aggregator == "mean" else robust_aggregate(kept, cfg.federation.aggregator, cfg.federation.trim_fraction)
+        update = (
+            mean.result()
+            if cfg.federation.aggregator == "mean"
+            else robust_aggregate(kept, cfg.federation.aggregator, cfg.federation.trim_fraction)
+        )
         weight = {}
         if cfg.federation.aggregator == "mean":
             weight = dict(zip(weighed, mean.weights()))
@@ -479,7 +512,9 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
                     sites[name]["weight_capped"] = True
             if cap is not None and any(i.get("weight_capped") for i in sites.values()):
                 capped = ", ".join(n for n in weighed if sites[n].get("weight_capped"))
-                say(f"round {rnd} | weight capped at {mean.limit():g} (federation.weight_cap {cap:g} x the median example count): {capped}")
+                say(
+                    f"round {rnd} | weight capped at {mean.limit():g} (federation.weight_cap {cap:g} x the median example count): {capped}"
+                )
         if measured:
             for (name, _, _), align in zip(measured, site_alignment([a for _, a, _ in measured], update, rs.layer_of)):
                 sites[name].update(align)
@@ -491,9 +526,16 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
                     )
                 )  # fmt: skip
         if dp:  # central DP: the coordinator, which saw the clipped updates, releases only their noised mean
-            update = noised_mean(update, accepted, dp_round(rs, population)[1] * cfg.privacy.clip, np.random.default_rng(secrets.randbits(128)))
+            update = noised_mean(
+                update,
+                accepted,
+                dp_round(rs, population)[1] * cfg.privacy.clip,
+                np.random.default_rng(secrets.randbits(128)),
+            )
     if bound is not None and not dp:
-        record["clipped_updates"] = sum(1 for i in sites.values() if i.get("clipped") or i.get("clipped_by_coordinator"))
+        record["clipped_updates"] = sum(
+            1 for i in sites.values() if i.get("clipped") or i.get("clipped_by_coordinator")
+        )
     if dp:
         q, sigma = dp_round(rs, population)
         rs.accountant.spend(q, sigma)
@@ -503,7 +545,9 @@ def run_training_round(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say
             "noise_multiplier": sigma,
             "clip": cfg.privacy.clip,
             "sampling_rate": q,
-            "noise": "distributed: each site adds its share before masking" if secure else "central: added by the coordinator",
+            "noise": "distributed: each site adds its share before masking"
+            if secure
+            else "central: added by the coordinator",
         }
     before = rs.global_state
     rs.global_state = apply_update(rs, rnd, update)
@@ -577,7 +621,9 @@ def general_knowledge(cfg: FedTuneConfig, state: OrderedDict | None) -> dict:
 
     device = None if cfg.model.device == "auto" else cfg.model.device
     if state is None:
-        model, tokenizer, device = load_base_model(cfg.model, device, four_bit=cfg.peft if cfg.peft.method == "qlora" else None)
+        model, tokenizer, device = load_base_model(
+            cfg.model, device, four_bit=cfg.peft if cfg.peft.method == "qlora" else None
+        )
     else:
         model, tokenizer, device = methods.load_model(cfg, device)
         methods.set_state(model, adapters.to_tensors(state))
@@ -671,11 +717,19 @@ def check_free_space(rs: RunState, resume: bool) -> None:
     one = checkpoint_bytes(rs)
     need = one * copies
     if resume:
-        held = sum(f.stat().st_size for f in (rs.out / "checkpoints").rglob("*") if f.is_file()) if (rs.out / "checkpoints").is_dir() else 0
+        held = (
+            sum(f.stat().st_size for f in (rs.out / "checkpoints").rglob("*") if f.is_file())
+            if (rs.out / "checkpoints").is_dir()
+            else 0
+        )
         need = max(need - held, 2 * one)
     free = shutil.disk_usage(rs.out).free
     if free < need:
-        what = f"output.keep_checkpoints {keep}" if keep is not None else f"output.keep_checkpoints null: all {rs.cfg.federation.rounds + 1} rounds"
+        what = (
+            f"output.keep_checkpoints {keep}"
+            if keep is not None
+            else f"output.keep_checkpoints null: all {rs.cfg.federation.rounds + 1} rounds"
+        )
         raise FederationError(
             f"{rs.out}: {free / 1e6:,.1f} MB free on its disk, about {need / 1e6:,.1f} MB needed: {copies} copies of a "
             f"{one / 1e6:,.1f} MB checkpoint ({what}, plus the best round's, the one being written, adapter/ and best/). "
@@ -746,7 +800,9 @@ def resume_accountant(rs: RunState, say: Printer) -> None:
         rs.accountant = ledger
 
 
-def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = print, resume: bool = False, site_keys=None) -> RunState:
+def run_federation(
+    grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = print, resume: bool = False, site_keys=None
+) -> RunState:
     """``site_keys``: the registered sites' identity keys (SEC1 P-384 bytes) that secure
     aggregation publishes to the sites; None: the keys the sites present."""
     out.mkdir(parents=True, exist_ok=True)
@@ -775,7 +831,9 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             raise FederationError(str(e)) from None
     check_free_space(rs, resume)
     what = "weights (full fine-tuning)" if peft_config is None else "adapter"
-    say(f"{cfg.peft.method} {what}: {rs.trainable_params:,} trainable parameters ({rs.trainable_params * 4 / 1e6:.1f} MB as float32)")
+    say(
+        f"{cfg.peft.method} {what}: {rs.trainable_params:,} trainable parameters ({rs.trainable_params * 4 / 1e6:.1f} MB as float32)"
+    )
     first = 1
     if resume:
         rp = resume_point(out, say, spec_of(state), peft=peft_config is not None)
@@ -832,9 +890,21 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
                 break
             if len(train_nodes) < fewest_sites(cfg):  # a Poisson draw too small to aggregate: nothing released
                 rs.accountant.spend(q, sigma)  # charged all the same (conservative)
-                say(f"round {rnd}: only {len(train_nodes)} site(s) drawn (sampling rate {q:.3g}); skipped, epsilon now {rs.accountant.epsilon():.3f}")
-                rs.rounds.append({"round": rnd, "skipped": "too few sites drawn", "privacy": {"epsilon": rs.accountant.epsilon()}, "sites": {}, "aggregate": rs.rounds[-1].get("aggregate", {})})
-                privacy.ledger_charge(out / privacy.LEDGER, rnd, q, sigma, rs.rounds[-1]["privacy"]["epsilon"], released=False)
+                say(
+                    f"round {rnd}: only {len(train_nodes)} site(s) drawn (sampling rate {q:.3g}); skipped, epsilon now {rs.accountant.epsilon():.3f}"
+                )
+                rs.rounds.append(
+                    {
+                        "round": rnd,
+                        "skipped": "too few sites drawn",
+                        "privacy": {"epsilon": rs.accountant.epsilon()},
+                        "sites": {},
+                        "aggregate": rs.rounds[-1].get("aggregate", {}),
+                    }
+                )
+                privacy.ledger_charge(
+                    out / privacy.LEDGER, rnd, q, sigma, rs.rounds[-1]["privacy"]["epsilon"], released=False
+                )
                 save_round(rs, rnd)
                 atomic_write_json(out / "metrics.json", rs.metrics_doc())
                 prune_checkpoints(rs, say)
@@ -844,8 +914,12 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             # The release: the noised adapter is written (adapter/, the checkpoint) and sent for evaluation
             # next. Its charge is on disk first, so no crash from here on can lose it (resume_accountant).
             p = tr["privacy"]
-            privacy.ledger_charge(out / privacy.LEDGER, rnd, p["sampling_rate"], p["noise_multiplier"], p["epsilon"], released=True)
-            say(f"round {rnd} privacy | epsilon {p['epsilon']:.3f} of {cfg.privacy.epsilon:g} spent (delta {cfg.privacy.delta:g})")
+            privacy.ledger_charge(
+                out / privacy.LEDGER, rnd, p["sampling_rate"], p["noise_multiplier"], p["epsilon"], released=True
+            )
+            say(
+                f"round {rnd} privacy | epsilon {p['epsilon']:.3f} of {cfg.privacy.epsilon:g} spent (delta {cfg.privacy.delta:g})"
+            )
         save_round(rs, rnd)
         ev = run_evaluation(grid, nodes, rs, rnd, say)
         sites = tr.pop("sites")
@@ -854,7 +928,9 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
             entry.update({k: v for k, v in e.items() if k != "status"})
             if e.get("status") not in (None, "ok"):  # why this site has no evaluation this round
                 entry["eval_status"] = e["status"]
-        rs.rounds.append({"round": rnd, "sites": sites, "aggregate": ev["aggregate"], **tr, "seconds": round(time.time() - t, 3)})
+        rs.rounds.append(
+            {"round": rnd, "sites": sites, "aggregate": ev["aggregate"], **tr, "seconds": round(time.time() - t, 3)}
+        )
         since = keep_best(rs, rnd, say)
         if rs.events is not None:
             rs.events.round(rs.rounds[-1])
@@ -868,7 +944,9 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
         atomic_write_json(out / "metrics.json", rs.metrics_doc())
         prune_checkpoints(rs, say)
         eta = (time.time() - t) * (fed.rounds - rnd)
-        say(f"round {rnd}/{fed.rounds} done in {time.time() - t:.0f} s; checkpoint {out / 'checkpoints' / f'round-{rnd:04d}'}; ETA {progress.duration(eta)}")
+        say(
+            f"round {rnd}/{fed.rounds} done in {time.time() - t:.0f} s; checkpoint {out / 'checkpoints' / f'round-{rnd:04d}'}; ETA {progress.duration(eta)}"
+        )
         if rs.stopped:
             say(f"stopping: {rs.stopped}")
             break
@@ -884,7 +962,12 @@ def run_federation(grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = pri
 
 
 def make_server_app(
-    cfg: FedTuneConfig, out: Path, say: Printer = print, result: list | None = None, resume: bool = False, site_keys=None
+    cfg: FedTuneConfig,
+    out: Path,
+    say: Printer = print,
+    result: list | None = None,
+    resume: bool = False,
+    site_keys=None,
 ) -> ServerApp:
     app = ServerApp()
 

@@ -24,7 +24,9 @@ FILES = ("ca.crt", "ca.key", "server.crt", "server.key")
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedtune"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedtune"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
 
 
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
@@ -38,10 +40,15 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
 
 
 def _write_private(path: Path, key) -> None:
-    write_private_file(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    write_private_file(
+        path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
 
 
-def create_certificates(directory: str | Path, hosts: list[str], days: int = 365, force: bool = False) -> dict[str, Path]:
+def create_certificates(
+    directory: str | Path, hosts: list[str], days: int = 365, force: bool = False
+) -> dict[str, Path]:
     """Write a CA and a server certificate for ``hosts`` (DNS names or IPs) into ``directory``."""
     if not hosts:
         raise ValueError("give at least one --host: the name or IP address sites will connect to")
@@ -54,7 +61,9 @@ def create_certificates(directory: str | Path, hosts: list[str], days: int = 365
     d.mkdir(parents=True, exist_ok=True)
     existing = [f for f in FILES if (d / f).exists()]
     if existing and not force:
-        raise FileExistsError(f"{d}: already holds {', '.join(existing)}; pass --force to replace them (sites will need the new ca.crt)")
+        raise FileExistsError(
+            f"{d}: already holds {', '.join(existing)}; pass --force to replace them (sites will need the new ca.crt)"
+        )
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (

@@ -94,9 +94,13 @@ class ServerError(RuntimeError):
 def init(argv: list[str]) -> int:
     from .certs import create_certificates
 
-    p = argparse.ArgumentParser(prog="ftserver init", description="Create a CA and a server certificate for the coordinator.")
+    p = argparse.ArgumentParser(
+        prog="ftserver init", description="Create a CA and a server certificate for the coordinator."
+    )
     p.add_argument("dir")
-    p.add_argument("--host", action="append", default=[], required=True, help="a DNS name or IP sites will connect to (repeatable)")
+    p.add_argument(
+        "--host", action="append", default=[], required=True, help="a DNS name or IP sites will connect to (repeatable)"
+    )
     p.add_argument("--days", type=int, default=365, help="validity (default 365)")
     p.add_argument("--force", action="store_true", help="replace existing files")
     args = p.parse_args(argv)
@@ -117,11 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the coordinator: a Flower SuperLink with TLS and site authentication, and fedtune's ServerApp. "
         "'ftserver init DIR --host NAME' makes the certificates.",
     )
-    p.add_argument("--config", help="YAML/TOML run config, as for ftsim; site data paths in it are ignored (default: the built-in defaults)")
+    p.add_argument(
+        "--config",
+        help="YAML/TOML run config, as for ftsim; site data paths in it are ignored (default: the built-in defaults)",
+    )
     p.add_argument("--out", help="output directory for this run (required unless --resume)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last verified checkpoint")
     p.add_argument("--certs", metavar="DIR", help="folder with ca.crt, server.crt, server.key (from 'ftserver init')")
-    p.add_argument("--authorized-keys", metavar="DIR", help="folder of SITE.pub files (from 'ftclient keygen'); only these sites may join")
+    p.add_argument(
+        "--authorized-keys",
+        metavar="DIR",
+        help="folder of SITE.pub files (from 'ftclient keygen'); only these sites may join",
+    )
     p.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=None, help="port sites connect to (default 8000)")
@@ -133,9 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--min-sites", type=int, help="fewest sites a round needs (federation.min_sites)")
-    p.add_argument("--expected-sites", type=int, help="start once this many sites have joined (federation.expected_sites)")
+    p.add_argument(
+        "--expected-sites", type=int, help="start once this many sites have joined (federation.expected_sites)"
+    )
     p.add_argument("--join-timeout", type=float, help="seconds to wait for sites to join (federation.join_timeout_s)")
-    p.add_argument("--round-timeout", type=float, help="seconds before a silent site is dropped from a round (federation.round_timeout_s)")
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        help="seconds before a silent site is dropped from a round (federation.round_timeout_s)",
+    )
     p.add_argument(
         "--no-secure-aggregation",
         dest="secure_aggregation",
@@ -145,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_shared_flags(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, e.g. train.lr=1e-4 (repeatable)",
+    )
     return p
 
 
@@ -162,20 +185,32 @@ FLAG_KEYS = SHARED_FLAG_KEYS | {
 def resolve(args: argparse.Namespace) -> tuple[FedTuneConfig, Path, dict]:
     """-> (config, output dir, network settings). On --resume both come from the run's folder."""
     overrides = flag_overrides(args, FLAG_KEYS)
-    net = {"certs": args.certs, "authorized_keys": args.authorized_keys, "insecure": args.insecure, "host": args.host, "port": args.port}
+    net = {
+        "certs": args.certs,
+        "authorized_keys": args.authorized_keys,
+        "insecure": args.insecure,
+        "host": args.host,
+        "port": args.port,
+    }
     net["max_message_mb"] = args.max_message_mb
     if args.resume:
         if args.config or args.out:
-            raise ConfigError("--resume DIR takes the run's saved config and writes to DIR; don't combine it with --config or --out")
+            raise ConfigError(
+                "--resume DIR takes the run's saved config and writes to DIR; don't combine it with --config or --out"
+            )
         out = Path(args.resume).resolve()
         saved_cfg, saved_net = out / CONFIG_JSON, out / SERVER_JSON
         try:
             base = json.loads(saved_cfg.read_text())
             old_net = json.loads(saved_net.read_text())
         except (OSError, ValueError):
-            raise ConfigError(f"--resume {args.resume}: nothing to resume (no readable {CONFIG_JSON} and {SERVER_JSON}: not an ftserver run folder)") from None
+            raise ConfigError(
+                f"--resume {args.resume}: nothing to resume (no readable {CONFIG_JSON} and {SERVER_JSON}: not an ftserver run folder)"
+            ) from None
         if not (out / "metrics.json").is_file():
-            raise ConfigError(f"--resume {args.resume}: the run never finished its first evaluation (no metrics.json); start it again instead")
+            raise ConfigError(
+                f"--resume {args.resume}: the run never finished its first evaluation (no metrics.json); start it again instead"
+            )
         for k, v in old_net.items():  # flags given now win over the saved ones
             if net.get(k) in (None, False):
                 net[k] = v
@@ -184,7 +219,9 @@ def resolve(args: argparse.Namespace) -> tuple[FedTuneConfig, Path, dict]:
         raise ConfigError("--out DIR is required: where the run's adapter, checkpoints and metrics go")
     out = Path(args.out).resolve()
     if (out / "metrics.json").exists():
-        raise ConfigError(f"--out {args.out} already holds a run; continue it with --resume {args.out}, or choose another folder")
+        raise ConfigError(
+            f"--out {args.out} already holds a run; continue it with --resume {args.out}, or choose another folder"
+        )
     base, source = (read_config_file(args.config), args.config) if args.config else ({}, "the built-in defaults")
     fed = base.get("federation") if isinstance(base.get("federation"), dict) else None
     if fed and isinstance(fed.get("sites"), list):
@@ -207,16 +244,22 @@ def check_network(net: dict) -> dict:
     if net.get("max_message_mb") is None:
         net["max_message_mb"] = DEFAULT_MAX_BODY_MB
     if not 1 <= float(net["max_message_mb"]) <= 1 << 20:
-        raise ConfigError(f"--max-message-mb {net['max_message_mb']}: expected at least 1 (Flower's requests reach 5 MiB)")
+        raise ConfigError(
+            f"--max-message-mb {net['max_message_mb']}: expected at least 1 (Flower's requests reach 5 MiB)"
+        )
     if net["insecure"]:
         net["certs"] = None
     else:
         if not net["certs"]:
-            raise ConfigError("TLS is on: pass --certs DIR (make one with 'ftserver init DIR --host NAME'), or --insecure for a test network")
+            raise ConfigError(
+                "TLS is on: pass --certs DIR (make one with 'ftserver init DIR --host NAME'), or --insecure for a test network"
+            )
         d = Path(net["certs"]).resolve()
         missing = [f for f in CERT_FILES if not (d / f).is_file()]
         if missing:
-            raise ConfigError(f"--certs {d}: missing {', '.join(missing)} (make them with 'ftserver init {d} --host NAME')")
+            raise ConfigError(
+                f"--certs {d}: missing {', '.join(missing)} (make them with 'ftserver init {d} --host NAME')"
+            )
         net["certs"] = str(d)
         check_server_cert_covers_loopback(d / "server.crt")
         if not net["authorized_keys"]:
@@ -242,11 +285,17 @@ def check_server_cert_covers_loopback(path: Path) -> None:
 
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
-        ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)
+        ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.IPAddress
+        )
     except (OSError, ValueError, x509.ExtensionNotFound) as e:
-        raise ConfigError(f"{path}: not a readable server certificate with subject alternative names ({type(e).__name__})") from None
+        raise ConfigError(
+            f"{path}: not a readable server certificate with subject alternative names ({type(e).__name__})"
+        ) from None
     if ipaddress.ip_address(LOOPBACK) not in ips:
-        raise ConfigError(f"{path}: does not list {LOOPBACK}, where ftserver talks to its SuperLink; make the certificates with 'ftserver init'")
+        raise ConfigError(
+            f"{path}: does not list {LOOPBACK}, where ftserver talks to its SuperLink; make the certificates with 'ftserver init'"
+        )
 
 
 def check_public_key(path: Path) -> None:
@@ -256,7 +305,9 @@ def check_public_key(path: Path) -> None:
     try:
         key = serialization.load_ssh_public_key(path.read_bytes())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not an OpenSSH public key ({type(e).__name__}); expected site_key.pub from 'ftclient keygen'") from None
+        raise ConfigError(
+            f"{path}: not an OpenSSH public key ({type(e).__name__}); expected site_key.pub from 'ftclient keygen'"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise ConfigError(f"{path}: expected an ECDSA P-384 key (ftclient keygen makes one), got {type(key).__name__}")
 
@@ -296,7 +347,9 @@ class Coordinator:
         self.stopping = threading.Event()
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([tool("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.state)
+        return subprocess.run(
+            [tool("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.state
+        )
 
     def start_link(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
@@ -324,7 +377,14 @@ class Coordinator:
             cmd.append("--insecure")
         else:
             c = Path(self.net["certs"])
-            cmd += ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"), "--ssl-keyfile", str(c / "server.key")]
+            cmd += [
+                "--ssl-ca-certfile",
+                str(c / "ca.crt"),
+                "--ssl-certfile",
+                str(c / "server.crt"),
+                "--ssl-keyfile",
+                str(c / "server.key"),
+            ]
         if self.net["authorized_keys"]:
             cmd.append("--enable-supernode-auth")
         log = self.state / "superlink.out"
@@ -358,15 +418,28 @@ class Coordinator:
             cmd.append("--insecure")
         else:
             c = Path(net["certs"])
-            cmd += ["--ca-cert", str(c / "ca.crt"), "--certfile", str(c / "server.crt"), "--keyfile", str(c / "server.key")]
+            cmd += [
+                "--ca-cert",
+                str(c / "ca.crt"),
+                "--certfile",
+                str(c / "server.crt"),
+                "--keyfile",
+                str(c / "server.key"),
+            ]
         log = self.state / "gateway.log"
         self.gateway = spawn_capped(cmd, log, env=self.env, cwd=self.state)
         if not wait_for_port(probe_host(net), int(net["port"]), self.gateway, 60):
             stop(self.gateway)
-            raise ServerError(f"the gateway did not start on {net['host']}:{net['port']} (port in use?). Its log ({log}):\n{tail(log)}")
+            raise ServerError(
+                f"the gateway did not start on {net['host']}:{net['port']} (port in use?). Its log ({log}):\n{tail(log)}"
+            )
 
     def check_children(self) -> None:
-        for name, proc, log in (("SuperLink", self.link, "superlink.out"), ("SuperExec", self.superexec, "superexec.out"), ("gateway", self.gateway, "gateway.log")):
+        for name, proc, log in (
+            ("SuperLink", self.link, "superlink.out"),
+            ("SuperExec", self.superexec, "superexec.out"),
+            ("gateway", self.gateway, "gateway.log"),
+        ):
             if proc is not None and proc.poll() is not None:
                 raise ServerError(f"the {name} exited (code {proc.returncode}); its log:\n{tail(self.state / log)}")
 
@@ -428,10 +501,15 @@ class Coordinator:
         from .deploy import write_app_dir
 
         app_dir = write_app_dir(self.state / "app")
-        run_config = flwr_config_string({"config-path": str(self.out / CONFIG_JSON), "out-dir": str(self.out), "resume": self.resume})
+        run_config = flwr_config_string(
+            {"config-path": str(self.out / CONFIG_JSON), "out-dir": str(self.out), "resume": self.resume}
+        )
         rotate(self.state / "serverapp.log", 2)  # this start's log alone in serverapp.log: run_id reads it
         self.run_proc = spawn_capped(
-            [tool("flwr"), "run", str(app_dir), CONN, "--run-config", run_config, "--stream"], self.state / "serverapp.log", env=self.env, cwd=self.state
+            [tool("flwr"), "run", str(app_dir), CONN, "--run-config", run_config, "--stream"],
+            self.state / "serverapp.log",
+            env=self.env,
+            cwd=self.state,
         )
 
     def run_id(self) -> str | None:
@@ -510,13 +588,17 @@ def serve(args: argparse.Namespace) -> int:
     try:
         tls = "TLS" if not net["insecure"] else "NO TLS"
         auth = f"site keys from {net['authorized_keys']}" if net["authorized_keys"] else "no site authentication"
-        say(f"starting the SuperLink on loopback ({tls}; {auth}; runtime dependency installation off; ServerApp under a SuperExec with a secret)")
+        say(
+            f"starting the SuperLink on loopback ({tls}; {auth}; runtime dependency installation off; ServerApp under a SuperExec with a secret)"
+        )
         co.start_link()
         co.start_superexec()
         co.register_keys(say)
         threading.Thread(target=co.watch_keys, args=(say,), daemon=True).start()
         co.start_gateway()
-        say(f"sites connect to {net['host']}:{net['port']} ({tls}): the gateway serves only the Fleet API; requests up to {net['max_message_mb']:g} MB")
+        say(
+            f"sites connect to {net['host']}:{net['port']} ({tls}): the gateway serves only the Fleet API; requests up to {net['max_message_mb']:g} MB"
+        )
         fed = cfg.federation
         say(
             f"{'resuming' if args.resume else 'run'}: model {cfg.model.name}; {cfg.peft.describe()}; {fed.strategy}; "
@@ -546,7 +628,9 @@ def serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         status = {"status": "unknown"}
     if status.get("status") == "completed":
-        say(f"done: {status.get('rounds')} rounds. adapter: {out / 'adapter'}  metrics: {out / 'metrics.json'}  report: {out / 'report.md'}")
+        say(
+            f"done: {status.get('rounds')} rounds. adapter: {out / 'adapter'}  metrics: {out / 'metrics.json'}  report: {out / 'report.md'}"
+        )
         return 0
     from .deploy import missing_status_reason
 
@@ -557,7 +641,10 @@ def serve(args: argparse.Namespace) -> int:
         or f"the ServerApp ended without a result; see {co.state / 'serverapp.log'}:\n{tail(co.state / 'serverapp.log')}"
     )
     print(f"ftserver: run failed: {reason}", file=sys.stderr)
-    print(f"ftserver: checkpoints so far are in {out / 'checkpoints'}; continue with: ftserver --resume {out}", file=sys.stderr)
+    print(
+        f"ftserver: checkpoints so far are in {out / 'checkpoints'}; continue with: ftserver --resume {out}",
+        file=sys.stderr,
+    )
     return 1
 
 

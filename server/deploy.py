@@ -87,7 +87,9 @@ def hold_run_lock(out: Path, wait_s: float = 60.0):
         except BlockingIOError:
             if time.time() > deadline:
                 f.close()
-                raise FederationError(f"{path}: another ServerApp of this run is still running after {wait_s:.0f} s") from None
+                raise FederationError(
+                    f"{path}: another ServerApp of this run is still running after {wait_s:.0f} s"
+                ) from None
             time.sleep(0.2)
 
 
@@ -116,7 +118,11 @@ def make_logger(out: Path):
         except OSError as e:
             if not broken:
                 broken.append(str(e))
-                print(f"{log_path}: cannot append ({disk_full_or(e)}); progress lines go to stdout only", file=sys.stderr, flush=True)
+                print(
+                    f"{log_path}: cannot append ({disk_full_or(e)}); progress lines go to stdout only",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     return say
 
@@ -215,7 +221,9 @@ def main(grid: Grid, context: Context) -> None:
         raise
     except BaseException as e:
         # Every write of the error path (server.log, run-status.json) copes with a full disk.
-        reason = disk_full_or(e) + (" (free space on the disk of the output folder, then resume)" if is_disk_full(e) else "")
+        reason = disk_full_or(e) + (
+            " (free space on the disk of the output folder, then resume)" if is_disk_full(e) else ""
+        )
         say(f"FAILED: {reason}")
         write_status(out, {"status": "failed", "reason": reason, "traceback": traceback.format_exc()})
         raise

@@ -65,10 +65,30 @@ FLEET_PATHS = (
 # SuperLink hold in memory.
 DEFAULT_MAX_BODY_MB = 64
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
 )
 # Never taken from a caller: the gateway says who the caller is, and the length is its own.
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"}
+NOT_FORWARDED = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+}
 
 log = logging.getLogger("fedtune.gateway")
 
@@ -90,7 +110,9 @@ def _drop_listed_in_connection(headers) -> set[str]:
     return {t.strip().lower() for v in headers for t in v.split(",") if t.strip()}
 
 
-def build_app(upstream: str, verify: ssl.SSLContext | bool, max_body: int, transport: httpx.AsyncBaseTransport | None = None) -> Router:
+def build_app(
+    upstream: str, verify: ssl.SSLContext | bool, max_body: int, transport: httpx.AsyncBaseTransport | None = None
+) -> Router:
     """The gateway as an ASGI app: Fleet API paths forwarded to ``upstream``, all else refused."""
     client: dict[str, httpx.AsyncClient] = {}
 
@@ -163,7 +185,11 @@ def build_app(upstream: str, verify: ssl.SSLContext | bool, max_body: int, trans
 
         out = StreamingResponse(relay(), status_code=resp.status_code, background=BackgroundTask(resp.aclose))
         # Raw bytes (no decoding), so the upstream's content-length/-encoding still hold.
-        out.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.multi_items() if k.lower() not in drop]
+        out.raw_headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1"))
+            for k, v in resp.headers.multi_items()
+            if k.lower() not in drop
+        ]
         return out
 
     async def not_found(scope, receive, send) -> None:
@@ -188,22 +214,44 @@ def _loopback(url: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fedtune.server.gateway", description="Serve Flower's Fleet API, and only it, in front of a loopback SuperLink.")
+    p = argparse.ArgumentParser(
+        prog="python -m fedtune.server.gateway",
+        description="Serve Flower's Fleet API, and only it, in front of a loopback SuperLink.",
+    )
     p.add_argument("--host", required=True, help="address sites reach (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--upstream", required=True, help="the SuperLink, on loopback: https://127.0.0.1:PORT (http:// with --insecure)")
+    p.add_argument(
+        "--upstream", required=True, help="the SuperLink, on loopback: https://127.0.0.1:PORT (http:// with --insecure)"
+    )
     p.add_argument("--ca-cert", help="CA that signed the SuperLink's certificate (verifies the upstream)")
     p.add_argument("--certfile", help="this endpoint's TLS certificate (server.crt)")
     p.add_argument("--keyfile", help="this endpoint's TLS key (server.key)")
-    p.add_argument("--insecure", action="store_true", help="plain HTTP on both sides (test networks only); paths are still filtered")
-    p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, help=f"largest request body accepted (default {DEFAULT_MAX_BODY_MB} MB)")
-    p.add_argument("--max-connections", type=int, default=1000, help="open connections and requests at once; more get 503 (default 1000)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP on both sides (test networks only); paths are still filtered",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=DEFAULT_MAX_BODY_MB,
+        help=f"largest request body accepted (default {DEFAULT_MAX_BODY_MB} MB)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=1000,
+        help="open connections and requests at once; more get 503 (default 1000)",
+    )
     args = p.parse_args(argv)
     if not _loopback(args.upstream):
         p.error(f"--upstream {args.upstream}: the SuperLink must be on loopback (127.0.0.1)")
     want = "http" if args.insecure else "https"
     if urlsplit(args.upstream).scheme != want:
-        p.error(f"--upstream {args.upstream}: expected {want}://" + (" (--insecure)" if args.insecure else " (TLS; --insecure for plain HTTP)"))
+        p.error(
+            f"--upstream {args.upstream}: expected {want}://"
+            + (" (--insecure)" if args.insecure else " (TLS; --insecure for plain HTTP)")
+        )
     if not args.insecure and not (args.ca_cert and args.certfile and args.keyfile):
         p.error("TLS: --ca-cert, --certfile and --keyfile are required (or --insecure)")
     if not args.max_body_mb > 0:
@@ -211,7 +259,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def server_config(app, host: str, port: int, certfile: str | None = None, keyfile: str | None = None, max_connections: int = 1000):
+def server_config(
+    app, host: str, port: int, certfile: str | None = None, keyfile: str | None = None, max_connections: int = 1000
+):
     """uvicorn's settings for the gateway: h11 (strict parsing), no websockets, no trust in a
     caller's X-Forwarded-* (proxy_headers off), no access log, no server banner."""
     import uvicorn
@@ -246,7 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.insecure:
         verify = ssl.create_default_context(cafile=args.ca_cert)
     app = build_app(args.upstream.rstrip("/"), verify, int(args.max_body_mb * 1_000_000))
-    config = server_config(app, args.host, args.port, None if args.insecure else args.certfile, None if args.insecure else args.keyfile, args.max_connections)
+    config = server_config(
+        app,
+        args.host,
+        args.port,
+        None if args.insecure else args.certfile,
+        None if args.insecure else args.keyfile,
+        args.max_connections,
+    )
     log.info(
         "serving the Fleet API on %s:%d (%s) -> %s; body cap %.0f MB; every other path refused",
         args.host,

@@ -44,7 +44,9 @@ def exchange(
     """Send one message per node (``content``, or ``content(node)`` when each differs); hand each
     reply (and the node it was sent to) to on_reply as it arrives, keeping none, so memory
     does not grow with the number of sites. -> number of replies in time."""
-    msgs = [Message(content=content(n) if callable(content) else content, dst_node_id=n, message_type=kind) for n in nodes]
+    msgs = [
+        Message(content=content(n) if callable(content) else content, dst_node_id=n, message_type=kind) for n in nodes
+    ]
     sent_to = dict(zip(grid.push_messages(msgs), nodes))
     pending = set(sent_to)
     received = 0
@@ -78,7 +80,9 @@ def clean(value: object, limit: int = REASON_CHARS) -> str:
     a space; runs of spaces collapse; too long -> cut, ending in '…'."""
     text = value if isinstance(value, str) else repr(value) if isinstance(value, bytes) else str(value)
     text = _ESCAPES.sub("", text[: 8 * limit])  # the work is bounded whatever the size sent
-    text = "".join(" " if unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp") else ch for ch in text)
+    text = "".join(
+        " " if unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp") else ch for ch in text
+    )
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

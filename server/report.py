@@ -77,7 +77,9 @@ def write_plots(out: Path, doc: dict) -> list[str]:
     made = []
     labels, rounds, grid = _layer_matrix(doc)
     if labels:
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rounds) + 3), max(3, 0.22 * len(labels) + 1.5)), constrained_layout=True)
+        fig, ax = plt.subplots(
+            figsize=(max(5, 1.2 * len(rounds) + 3), max(3, 0.22 * len(labels) + 1.5)), constrained_layout=True
+        )
         im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
         ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])
         ax.set_yticks(range(len(labels)), labels)
@@ -123,7 +125,11 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         made.append("forgetting.png")
     trained = [r for r in doc["rounds"] if r["round"] > 0 and "seconds" in r]
     if trained:
-        eps = [(r["round"], r["privacy"]["epsilon"]) for r in trained if isinstance(r.get("privacy"), dict) and "epsilon" in r["privacy"]]
+        eps = [
+            (r["round"], r["privacy"]["epsilon"])
+            for r in trained
+            if isinstance(r.get("privacy"), dict) and "epsilon" in r["privacy"]
+        ]
         fig, axes = plt.subplots(1, 3 if eps else 2, figsize=(15 if eps else 10, 3.6), constrained_layout=True)
         xs = [r["round"] for r in trained]
         axes[0].bar(xs, [(r.get("update_bytes") or 0) / 1e6 for r in trained], color="tab:blue")
@@ -149,12 +155,21 @@ def write_plots(out: Path, doc: dict) -> list[str]:
     return made
 
 
-BASELINES = (("base", "base model", "tab:grey"), ("alone", "each site alone", "tab:orange"), ("pooled", "all data pooled", "tab:purple"), ("federation", "federation", "tab:green"))
+BASELINES = (
+    ("base", "base model", "tab:grey"),
+    ("alone", "each site alone", "tab:orange"),
+    ("pooled", "all data pooled", "tab:purple"),
+    ("federation", "federation", "tab:green"),
+)
 
 
 def _baseline_metrics(doc: dict) -> list[str]:
     b = doc.get("baselines") or {}
-    return [k for k in ("eval_loss", "exact_match") if any((s.get(t) or {}).get(k) is not None for s in b.get("sites", {}).values() for t, _, _ in BASELINES)]
+    return [
+        k
+        for k in ("eval_loss", "exact_match")
+        if any((s.get(t) or {}).get(k) is not None for s in b.get("sites", {}).values() for t, _, _ in BASELINES)
+    ]
 
 
 def _write_baselines_plot(plt, out: Path, doc: dict) -> bool:
@@ -164,7 +179,9 @@ def _write_baselines_plot(plt, out: Path, doc: dict) -> bool:
         return False
     b = doc["baselines"]
     groups = [*b["sites"], "mean"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(max(6, 1.8 * len(groups) + 2) * len(keys), 4.4), constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(max(6, 1.8 * len(groups) + 2) * len(keys), 4.4), constrained_layout=True, squeeze=False
+    )
     width = 0.8 / len(BASELINES)
     for ax, key in zip(axes[0], keys):
         for j, (t, label, color) in enumerate(BASELINES):
@@ -214,7 +231,11 @@ def _baselines_section(doc: dict, plots: list[str]) -> list[str]:
         full = [v for v in scored.values() if all(x is not None for x in v.values())]
         out.append(
             f"- eval loss: the federation did better than the site alone at {sum(v['federation'] < v['alone'] for v in both)} of {len(both)} site(s)"
-            + (f"; all data pooled did best of the four at {sum(min(v, key=v.get) == 'pooled' for v in full)} of {len(full)}" if full else "")
+            + (
+                f"; all data pooled did best of the four at {sum(min(v, key=v.get) == 'pooled' for v in full)} of {len(full)}"
+                if full
+                else ""
+            )
         )
     for key in _baseline_metrics(doc):
         loss = key == "eval_loss"
@@ -248,7 +269,10 @@ def _forgetting_rows(doc: dict) -> list[tuple[str, float, float, str]]:
     first, last = rounds[0].get("aggregate", {}), rounds[-1].get("aggregate", {})
     if first.get("eval_loss") is not None and last.get("eval_loss") is not None:
         rows.append(("domain eval loss", first["eval_loss"], last["eval_loss"], "loss"))
-    rows += [("general text loss", base["text_loss"], final["text_loss"], "loss"), ("general question loss", base["qa_loss"], final["qa_loss"], "loss")]
+    rows += [
+        ("general text loss", base["text_loss"], final["text_loss"], "loss"),
+        ("general question loss", base["qa_loss"], final["qa_loss"], "loss"),
+    ]
     if first.get("exact_match") is not None and last.get("exact_match") is not None:
         rows.append(("domain exact match", first["exact_match"], last["exact_match"], "score"))
     rows.append(("general questions answered", base["qa_accuracy"], final["qa_accuracy"], "score"))
@@ -287,7 +311,11 @@ def _layer_grid(doc: dict, values_of, missing: float) -> tuple[list[str], list[i
     rounds = [(r["round"], v) for r in doc["rounds"] if (v := values_of(r))]
     keys = sorted({k for _, v in rounds for k in v}, key=int)
     labels = [_layer_label(k, doc.get("n_layers") or None) for k in keys]
-    return labels, [rnd for rnd, _ in rounds], [[missing if v.get(k) is None else v[k] for _, v in rounds] for k in keys]
+    return (
+        labels,
+        [rnd for rnd, _ in rounds],
+        [[missing if v.get(k) is None else v[k] for _, v in rounds] for k in keys],
+    )
 
 
 def _layer_matrix(doc: dict) -> tuple[list[str], list[int], list[list[float]]]:
@@ -319,7 +347,11 @@ def _write_site_pulls_plot(plt, out: Path, doc: dict) -> bool:
     n_labels = max(len(v[0]) for v in per_site.values())
     n_rounds = max(len(v[1]) for v in per_site.values())
     fig, axes = plt.subplots(
-        1, len(per_site), figsize=(max(4.5, 1.0 * n_rounds + 3) * len(per_site), max(3, 0.22 * n_labels + 1.8)), constrained_layout=True, squeeze=False
+        1,
+        len(per_site),
+        figsize=(max(4.5, 1.0 * n_rounds + 3) * len(per_site), max(3, 0.22 * n_labels + 1.8)),
+        constrained_layout=True,
+        squeeze=False,
     )
     im = None
     for i, (ax, (name, (labels, rounds, grid))) in enumerate(zip(axes[0], per_site.items())):
@@ -346,7 +378,9 @@ def _adaptation_section(doc: dict, plots: list[str]) -> list[str]:
     labels, _, grid = _layer_matrix(doc)
     top = sorted(zip(labels, (sum(row) for row in grid)), key=lambda t: -t[1])[:3]
     out.append("Largest total change: " + ", ".join(f"{lab} ({v:.3g})" for lab, v in top) + ".")
-    pulls = [(r["round"], n, s) for r in rounds for n, s in sorted(r.get("sites", {}).items()) if "cosine_to_aggregate" in s]
+    pulls = [
+        (r["round"], n, s) for r in rounds for n, s in sorted(r.get("sites", {}).items()) if "cosine_to_aggregate" in s
+    ]
     if pulls:
         out += [
             "",
@@ -355,11 +389,22 @@ def _adaptation_section(doc: dict, plots: list[str]) -> list[str]:
             "| round | site | update norm | cosine to the aggregate |",
             "| --- | --- | --- | --- |",
         ]
-        out += [f"| {rnd} | {_md(n)} | {_fmt(s.get('update_norm'), '.4g')} | {_fmt(s.get('cosine_to_aggregate'), '.3f')} |" for rnd, n, s in pulls]
+        out += [
+            f"| {rnd} | {_md(n)} | {_fmt(s.get('update_norm'), '.4g')} | {_fmt(s.get('cosine_to_aggregate'), '.3f')} |"
+            for rnd, n, s in pulls
+        ]
         if "sites.png" in plots:
-            out += ["", "The same per layer: blue where a site pulled along the aggregate, red where it pulled against it.", "", "![sites.png](sites.png)"]
+            out += [
+                "",
+                "The same per layer: blue where a site pulled along the aggregate, red where it pulled against it.",
+                "",
+                "![sites.png](sites.png)",
+            ]
     elif doc["fedtune"].get("secure_aggregation") or doc["fedtune"].get("differential_privacy"):
-        out += ["", "Per-site pulls are not shown: under secure aggregation or differential privacy only the aggregate is known or released."]
+        out += [
+            "",
+            "Per-site pulls are not shown: under secure aggregation or differential privacy only the aggregate is known or released.",
+        ]
     return out
 
 
@@ -375,7 +420,11 @@ def _best_lines(doc: dict) -> list[str]:
     out = []
     best = doc.get("best")
     if best:
-        where = "; its adapter: `best/`" if doc["fedtune"].get("artifact") == "adapter" else f"; `checkpoints/round-{best['round']:04d}/`"
+        where = (
+            "; its adapter: `best/`"
+            if doc["fedtune"].get("artifact") == "adapter"
+            else f"; `checkpoints/round-{best['round']:04d}/`"
+        )
         base = " (the base model: no round improved on it)" if best["round"] == 0 else ""
         out.append(f"- best round: {best['round']}{base}, federated {best['metric']} {best['value']:.4f}{where}")
     if doc.get("stopped"):
@@ -415,9 +464,14 @@ def _aggregation_section(doc: dict) -> list[str]:
             f"(epsilon, delta) from an RDP accountant (dp-accounting), delta {priv.get('delta')}, budget epsilon {priv.get('epsilon')}.",
             "",
         ]
-    out += ["| round | site ranks | update norm | aggregation error (rel.) | updates clipped | noise multiplier | epsilon spent |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    out += [
+        "| round | site ranks | update norm | aggregation error (rel.) | updates clipped | noise multiplier | epsilon spent |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rounds:
-        ranks = ", ".join(f"{_md(n)} r={s['rank']}" for n, s in sorted(r.get("sites", {}).items()) if "rank" in s) or "–"
+        ranks = (
+            ", ".join(f"{_md(n)} r={s['rank']}" for n, s in sorted(r.get("sites", {}).items()) if "rank" in s) or "–"
+        )
         p = r.get("privacy", {})
         err = f"{_fmt(r.get('aggregation_error_rel'), '.2e')}" if "aggregation_error_rel" in r else "–"
         out.append(
@@ -445,7 +499,11 @@ def _partition_section(composition: dict | None) -> list[str]:
         "| --- | --- | " + " | ".join("---" for _ in cats) + " |",
     ]
     for name, s in sorted(sites.items()):
-        out.append(f"| {_md(name)} | {s.get('records')} | " + " | ".join(str(s.get("by_category", {}).get(c, 0)) for c in cats) + " |")
+        out.append(
+            f"| {_md(name)} | {s.get('records')} | "
+            + " | ".join(str(s.get("by_category", {}).get(c, 0)) for c in cats)
+            + " |"
+        )
     return out
 
 
@@ -483,13 +541,21 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
             f"{_fmt(f1.get('exact_match'), '.2f')} | {f1.get('examples', '–')} | {f'{sent:,}' if isinstance(sent, int) else '–'} |"
         )
     lines += _baselines_section(doc, plots)
-    lines += ["", "## Rounds", "", "| round | site | status | train loss | eval loss | exact match | steps | train s | bytes sent |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Rounds",
+        "",
+        "| round | site | status | train loss | eval loss | exact match | steps | train s | bytes sent |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rounds:
         for n in names:
             s = r.get("sites", {}).get(n)
             if s is None:
                 continue
-            status = s.get("status") or ("eval " + s["eval_status"] if "eval_status" in s else "ok" if r["round"] == 0 else "–")
+            status = s.get("status") or (
+                "eval " + s["eval_status"] if "eval_status" in s else "ok" if r["round"] == 0 else "–"
+            )
             lines.append(
                 f"| {r['round']} | {_md(n)} | {_md(status)} | {_fmt(s.get('train_loss'))} | "
                 f"{_fmt(s.get('eval_loss'))} | {_fmt(s.get('exact_match'), '.2f')} | {s.get('steps', '–')} | "
@@ -507,7 +573,13 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for rnd, st in secure:
-            dropped = "; ".join(f"{_md(stage)}: {', '.join(_md(x) for x in names_)}" for stage, names_ in st.get("dropped", {}).items()) or "none"
+            dropped = (
+                "; ".join(
+                    f"{_md(stage)}: {', '.join(_md(x) for x in names_)}"
+                    for stage, names_ in st.get("dropped", {}).items()
+                )
+                or "none"
+            )
             stages = ", ".join(f"{k} {v:.1f}" for k, v in st.get("stage_seconds", {}).items())
             lines.append(
                 f"| {rnd} | {st['sites_per_stage'][3]} of {st['sites_per_stage'][0]} | {st['threshold']} | {dropped} | "
@@ -522,9 +594,13 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
         lines += [f"- round {rnd}, {_md(x['site'])}: {_md(x['reason'])}" for rnd, x in rejected]
     lines += ["", "## Plots", ""]
     if plots:
-        lines += [f"![{p}]({p})" for p in plots if p not in ("layers.png", "sites.png", "forgetting.png", "baselines.png")]
+        lines += [
+            f"![{p}]({p})" for p in plots if p not in ("layers.png", "sites.png", "forgetting.png", "baselines.png")
+        ]
     else:
-        lines.append("No plots: install the plot extra (`pip install 'fedtune[plot]'`) to get loss.png and exact_match.png.")
+        lines.append(
+            "No plots: install the plot extra (`pip install 'fedtune[plot]'`) to get loss.png and exact_match.png."
+        )
     return "\n".join(lines) + "\n"
 
 

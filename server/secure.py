@@ -168,14 +168,22 @@ def secure_mean(
     run_of: dict[int, int] = {}
 
     def advertise_content(sid: int) -> RecordDict:
-        rec = ConfigRecord({"round-tag": tag, "sid": sid, "n-sites": len(nodes), "clip": clip, "max-weight": sa.max_weight})
+        rec = ConfigRecord(
+            {"round-tag": tag, "sid": sid, "n-sites": len(nodes), "clip": clip, "max-weight": sa.max_weight}
+        )
         return RecordDict({p.RECORD: rec, "config": content["config"]})
 
     def got_keys(m: Message, node: int, sid: int) -> None:
         if not _ok(m, node, names):
             return
         rec = m.content[p.RECORD]
-        c, s_, pk, sig, n_ex = rec.get("c-pub"), rec.get("s-pub"), rec.get("signer"), rec.get("sig"), rec.get("examples")
+        c, s_, pk, sig, n_ex = (
+            rec.get("c-pub"),
+            rec.get("s-pub"),
+            rec.get("signer"),
+            rec.get("sig"),
+            rec.get("examples"),
+        )
         if not (isinstance(c, bytes) and isinstance(s_, bytes) and len(c) == len(s_) == 32):
             return
         who = name(sid)
@@ -189,12 +197,16 @@ def secure_mean(
             refused[who] = "its advertised keys carry no valid signature"
             return
         if by_examples and not (isinstance(n_ex, int) and 1 <= n_ex <= fed.max_examples_per_update):
-            refused[who] = f"example count {n_ex!r}: expected 1..{fed.max_examples_per_update} (federation.max_examples_per_update)"
+            refused[who] = (
+                f"example count {n_ex!r}: expected 1..{fed.max_examples_per_update} (federation.max_examples_per_update)"
+            )
             return
         keys[sid], signed[sid], run_of[sid] = (c, s_), (pk, sig), m.metadata.run_id
         counts[sid] = int(n_ex) if by_examples else 1
 
-    stage(p.ADVERTISE, sorted(sid_of.values()), advertise_content, got_keys, sa.stage_timeout_s, "advertise", lambda: keys)
+    stage(
+        p.ADVERTISE, sorted(sid_of.values()), advertise_content, got_keys, sa.stage_timeout_s, "advertise", lambda: keys
+    )
     u1 = set(keys)
     need(u1, "key advertisement", t)
     # Still t share holders each: k + 1 = min(k_invited + 1, |u1|), both checked >= t above.
@@ -263,7 +275,15 @@ def secure_mean(
             else:
                 refused[name(sid)] = "its signature on the alive set does not verify"
 
-    stage(p.CONSISTENCY, alive, consistency_content, got_signature, sa.stage_timeout_s, "consistency", lambda: consistency_sigs)
+    stage(
+        p.CONSISTENCY,
+        alive,
+        consistency_content,
+        got_signature,
+        sa.stage_timeout_s,
+        "consistency",
+        lambda: consistency_sigs,
+    )
     u4 = set(consistency_sigs)
     need(u4, "the consistency check", t)
 
@@ -273,7 +293,14 @@ def secure_mean(
     def unmask_content(sid: int) -> RecordDict:
         mine, gone = unmask_view(u3, senders[sid], sid)
         signers = sorted(u4 & (set(senders[sid]) | {sid}))
-        rec = {"round-tag": tag, "u3": alive, "alive": mine, "dropped": gone, "sig-ids": signers, "sigs": [consistency_sigs[j] for j in signers]}
+        rec = {
+            "round-tag": tag,
+            "u3": alive,
+            "alive": mine,
+            "dropped": gone,
+            "sig-ids": signers,
+            "sigs": [consistency_sigs[j] for j in signers],
+        }
         return RecordDict({p.RECORD: ConfigRecord(rec)})
 
     def got_answer(m: Message, node: int, sid: int) -> None:
@@ -281,7 +308,9 @@ def secure_mean(
             rec = m.content[p.RECORD]
             try:
                 answers[sid] = {
-                    "self_seed": dict(zip((int(j) for j in rec["self-ids"]), p.bytes_to_ints(list(rec["self-shares"])))),
+                    "self_seed": dict(
+                        zip((int(j) for j in rec["self-ids"]), p.bytes_to_ints(list(rec["self-shares"])))
+                    ),
                     "pair_key": dict(zip((int(j) for j in rec["pair-ids"]), p.bytes_to_ints(list(rec["pair-shares"])))),
                 }
             except (KeyError, TypeError):

@@ -105,7 +105,11 @@ def _score(cfg: FedTuneConfig, rt, examples: list) -> dict | None:
     if not examples:
         return None
     res = evaluate_examples(rt.model, rt.tokenizer, examples, cfg.data, cfg.eval, rt.device)
-    return {"eval_loss": res.loss, **({"exact_match": res.exact_match} if res.exact_match is not None else {}), "eval_examples": res.examples}
+    return {
+        "eval_loss": res.loss,
+        **({"exact_match": res.exact_match} if res.exact_match is not None else {}),
+        "eval_examples": res.examples,
+    }
 
 
 def _round_score(rec: dict) -> dict | None:
@@ -122,21 +126,29 @@ class _Progress:
 
     def round(self, what: str, i: int, n_rounds: int, stats) -> None:
         self.done += stats.planned_steps  # the budget: a round that stopped early is done all the same
-        ran = f"{stats.steps} steps" if stats.steps == stats.planned_steps else f"{stats.steps} of {stats.planned_steps} steps (stopped early)"
+        ran = (
+            f"{stats.steps} steps"
+            if stats.steps == stats.planned_steps
+            else f"{stats.steps} of {stats.planned_steps} steps (stopped early)"
+        )
         self.say(
             f"baselines | {what}: round {i}/{n_rounds}, {ran}, loss {stats.loss_first:.3f} -> {stats.loss_last:.3f} "
             f"{progress.bar(self.done / max(self.total, 1), time.time() - self.t0)}"
         )
 
 
-def _train(cfg, rt, items, seed_name, plan: list[tuple[int, int]], start: dict, what: str, bar: _Progress, validation=None) -> int:
+def _train(
+    cfg, rt, items, seed_name, plan: list[tuple[int, int]], start: dict, what: str, bar: _Progress, validation=None
+) -> int:
     """Train from ``start`` through the planned (round, steps); -> optimizer steps run."""
     methods.set_state(rt.model, start)
     keys, n_layers = methods.trainable_capable(rt.model), methods.n_layers_of(rt.model)
     ran = 0
     for i, (rnd, steps) in enumerate(plan, 1):
         methods.set_trainable(rt.model, methods.round_keys(keys, n_layers, cfg.layers, rnd))
-        stats = client_app.train_local(cfg, rt, items, client_app.site_seed(cfg, seed_name), rnd, steps=steps, validation=validation)
+        stats = client_app.train_local(
+            cfg, rt, items, client_app.site_seed(cfg, seed_name), rnd, steps=steps, validation=validation
+        )
         ran += stats.steps
         bar.round(what, i, len(plan), stats)
     return ran
@@ -146,20 +158,31 @@ def _save(rt, cfg: FedTuneConfig, folder: Path) -> str | None:
     """The training's adapter as a PEFT folder (adapter methods; full fine-tuning's whole model is not kept)."""
     if not methods.is_peft(rt.model):
         return None
-    save_adapter(folder, methods.get_state(rt.model), methods.saved_peft_config(rt.model, cfg.model.name), {methods.METHOD_FILE: methods.method_info(cfg)})
+    save_adapter(
+        folder,
+        methods.get_state(rt.model),
+        methods.saved_peft_config(rt.model, cfg.model.name),
+        {methods.METHOD_FILE: methods.method_info(cfg)},
+    )
     return str(folder)
 
 
-def run_baselines(cfg: FedTuneConfig, out: Path, rounds: list[dict], say: Callable[[str], None] = print, device: str | None = None) -> dict:
+def run_baselines(
+    cfg: FedTuneConfig, out: Path, rounds: list[dict], say: Callable[[str], None] = print, device: str | None = None
+) -> dict:
     """Train and score the baselines for the finished run in ``out`` (its ``rounds`` records).
     -> the ``baselines`` document that metrics.json keeps."""
     plan = plan_of(rounds)
     if plan.total() == 0:
-        raise BaselineError("the federation ran no training steps that reached the global adapter: there is nothing to compare with")
+        raise BaselineError(
+            "the federation ran no training steps that reached the global adapter: there is nothing to compare with"
+        )
     start_dir = out / "checkpoints" / "round-0000"
     why = verify_checkpoint(start_dir)
     if why is not None:
-        raise BaselineError(f"{start_dir}: the run's starting adapter is needed for the baselines and does not verify: {why}")
+        raise BaselineError(
+            f"{start_dir}: the run's starting adapter is needed for the baselines and does not verify: {why}"
+        )
     start = load_adapter_state(start_dir)
     folder = out / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
@@ -190,8 +213,23 @@ def run_baselines(cfg: FedTuneConfig, out: Path, rounds: list[dict], say: Callab
             done["alone"][site.name] = {"steps": 0, "problem": st.problem}
         else:
             t = time.time()
-            ran = _train(cfg, rt, st.train_items, site.name, plan.alone(site.name), site_start, f"{site.name} alone", bar, st.eval_examples)
-            done["alone"][site.name] = {"steps": ran, "score": _score(cfg, rt, st.eval_examples), "adapter": _save(rt, cfg, folder / "alone" / site.name), "seconds": round(time.time() - t, 1)}
+            ran = _train(
+                cfg,
+                rt,
+                st.train_items,
+                site.name,
+                plan.alone(site.name),
+                site_start,
+                f"{site.name} alone",
+                bar,
+                st.eval_examples,
+            )
+            done["alone"][site.name] = {
+                "steps": ran,
+                "score": _score(cfg, rt, st.eval_examples),
+                "adapter": _save(rt, cfg, folder / "alone" / site.name),
+                "seconds": round(time.time() - t, 1),
+            }
         record()
     # All data pooled: the run's rank, every site's training examples, the federation's total steps.
     if POOLED not in done:
@@ -204,7 +242,13 @@ def run_baselines(cfg: FedTuneConfig, out: Path, rounds: list[dict], say: Callab
         validation = [split[i] for i in range(max(map(len, splits), default=0)) for split in splits if i < len(split)]
         ran = _train(cfg, rt, items, POOLED_SEED_NAME, plan.pooled(), start, "all data pooled", bar, validation)
         scores = {name: None if st.problem else _score(cfg, rt, st.eval_examples) for name, st in states.items()}
-        done[POOLED] = {"steps": ran, "examples": len(items), "scores": scores, "adapter": _save(rt, cfg, folder / POOLED), "seconds": round(time.time() - t, 1)}
+        done[POOLED] = {
+            "steps": ran,
+            "examples": len(items),
+            "scores": scores,
+            "adapter": _save(rt, cfg, folder / POOLED),
+            "seconds": round(time.time() - t, 1),
+        }
         record()
     return baselines_doc(cfg, plan, rounds, done, names)
 
@@ -224,7 +268,9 @@ def baselines_doc(cfg: FedTuneConfig, plan: Plan, rounds: list[dict], done: dict
     """metrics.json's ``baselines``: each site's score under each training, their example-weighted
     means, and the optimizer steps each training ran."""
     first = (rounds[0].get("sites") or {}) if rounds and rounds[0].get("round") == 0 else {}
-    last = next((r.get("sites") or {} for r in reversed(rounds) if int(r.get("round", 0)) > 0 and not r.get("skipped")), {})
+    last = next(
+        (r.get("sites") or {} for r in reversed(rounds) if int(r.get("round", 0)) > 0 and not r.get("skipped")), {}
+    )
     alone, pooled = done.get("alone", {}), done.get(POOLED, {})
     sites = {
         name: {
@@ -251,7 +297,10 @@ def baselines_doc(cfg: FedTuneConfig, plan: Plan, rounds: list[dict], done: dict
         },
         "sites": sites,
         "mean": {t: weighted_scores(sites[n][t] for n in names) for t in TRAININGS},
-        "adapters": {**{n: a["adapter"] for n, a in alone.items() if a.get("adapter")}, **({POOLED: pooled["adapter"]} if pooled.get("adapter") else {})},
+        "adapters": {
+            **{n: a["adapter"] for n, a in alone.items() if a.get("adapter")},
+            **({POOLED: pooled["adapter"]} if pooled.get("adapter") else {}),
+        },
         "seconds": {**{n: a.get("seconds") for n, a in alone.items()}, POOLED: pooled.get("seconds")},
     }
 
@@ -265,13 +314,17 @@ def summary_lines(doc: dict) -> list[str]:
     def cell(s: dict | None) -> str:
         if not s:
             return f"{'–':>16}"
-        text = f"{s['eval_loss']:.3f}" + (f" / {s['exact_match']:.2f}" if em and s.get("exact_match") is not None else "")
+        text = f"{s['eval_loss']:.3f}" + (
+            f" / {s['exact_match']:.2f}" if em and s.get("exact_match") is not None else ""
+        )
         return f"{text:>16}"
 
     rows = [f"{name:<{w}}" + "".join(cell(s.get(t)) for t in TRAININGS) for name, s in doc["sites"].items()]
     rows.append(f"{'mean':<{w}}" + "".join(cell(doc["mean"].get(t)) for t in TRAININGS))
     gains = [
-        (name, s["federation"]["eval_loss"] - s["alone"]["eval_loss"]) for name, s in doc["sites"].items() if s.get("alone") and s.get("federation")
+        (name, s["federation"]["eval_loss"] - s["alone"]["eval_loss"])
+        for name, s in doc["sites"].items()
+        if s.get("alone") and s.get("federation")
     ]
     verdict = (
         [
@@ -291,7 +344,9 @@ def add_baselines(cfg: FedTuneConfig, out: Path, say: Callable[[str], None] = pr
 
     doc = json.loads((out / "metrics.json").read_text())
     t = time.time()
-    doc["baselines"] = run_baselines(cfg, out, doc["rounds"], say, None if cfg.model.device == "auto" else cfg.model.device)
+    doc["baselines"] = run_baselines(
+        cfg, out, doc["rounds"], say, None if cfg.model.device == "auto" else cfg.model.device
+    )
     atomic_write_json(out / "metrics.json", doc)
     write_report(out, doc, plots=cfg.output.plots)
     say(f"baselines done in {progress.duration(time.time() - t)}")

@@ -77,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "With no arguments: the built-in demo (medical, legal and financial sites, bundled data, default model).",
     )
     p.add_argument("--config", help="YAML or TOML config file (see simulations/configs/default.yaml)")
-    p.add_argument("--site", action="append", default=[], metavar="NAME=TRAIN[:EVAL]", help="a virtual site and its data files (repeatable)")
+    p.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="NAME=TRAIN[:EVAL]",
+        help="a virtual site and its data files (repeatable)",
+    )
     p.add_argument(
         "--data",
         action="append",
@@ -93,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         "spread over the sites by a Dirichlet(ALPHA) draw; small ALPHA, strong skew), quantity:ALPHA (site sizes skewed), "
         "domain (one file per site); seeded by --seed",
     )
-    p.add_argument("--sites", type=int, metavar="N", help="how many sites --partition makes (domain: the number of --data files)")
+    p.add_argument(
+        "--sites", type=int, metavar="N", help="how many sites --partition makes (domain: the number of --data files)"
+    )
     p.add_argument(
         "--label-key",
         metavar="KEY",
@@ -113,9 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="tokens per example")
     p.add_argument("--seed", type=int, help="seed for adapter init, data order and splits")
     p.add_argument("--out", help="output directory (default: ftsim-runs/<time>)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last verified checkpoint (add --rounds N to extend it)")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its last verified checkpoint (add --rounds N to extend it)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where sites train")
-    p.add_argument("--cpus-per-site", type=float, help="Ray CPUs per virtual site (default 2: one site at a time on 2 cores)")
+    p.add_argument(
+        "--cpus-per-site", type=float, help="Ray CPUs per virtual site (default 2: one site at a time on 2 cores)"
+    )
     p.add_argument(
         "--site-rank",
         action="append",
@@ -132,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_shared_flags(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, e.g. train.lr=1e-4 (repeatable)",
+    )
     return p
 
 
@@ -183,13 +203,18 @@ def _partition_request(args: argparse.Namespace, section: Any, cfg_path: Path | 
         raise ConfigError(f"{where}: expected a mapping with {', '.join(PARTITION_KEYS)}")
     unknown = sorted(set(section) - set(PARTITION_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; expected {', '.join(PARTITION_KEYS)}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(str, unknown))}; expected {', '.join(PARTITION_KEYS)}"
+        )
     files = [str(Path(f).expanduser().resolve()) for f in args.data]
     if not files and section.get("data") is not None:
         listed = section["data"] if isinstance(section["data"], list) else [section["data"]]
         if not all(isinstance(f, str) and f for f in listed):
             raise ConfigError(f"{where}.data: expected a data file or a list of them")
-        files = [str(Path(f).expanduser() if Path(f).expanduser().is_absolute() else (cfg_path.parent / f).resolve()) for f in listed]
+        files = [
+            str(Path(f).expanduser() if Path(f).expanduser().is_absolute() else (cfg_path.parent / f).resolve())
+            for f in listed
+        ]
     spec = args.partition if args.partition is not None else section.get("spec")
     sites = args.sites if args.sites is not None else section.get("sites")
     label_key = args.label_key if args.label_key is not None else section.get("label_key")
@@ -198,17 +223,23 @@ def _partition_request(args: argparse.Namespace, section: Any, cfg_path: Path | 
         return None
     if not files:
         given = "--partition" if spec is not None else "--sites" if sites is not None else "--label-key"
-        raise ConfigError(f"{given} splits one dataset into sites and needs it: add --data FILE (repeatable; each file is a domain)")
+        raise ConfigError(
+            f"{given} splits one dataset into sites and needs it: add --data FILE (repeatable; each file is a domain)"
+        )
     for f in files:
         if not Path(f).is_file():
             raise ConfigError(f"--data {f}: file not found")
     if sites is not None and (isinstance(sites, bool) or not isinstance(sites, int) or sites < 1):
         raise ConfigError(f"--sites {sites}: expected a whole number of sites, at least 1")
-    if min_records is not None and (isinstance(min_records, bool) or not isinstance(min_records, int) or min_records < 1):
+    if min_records is not None and (
+        isinstance(min_records, bool) or not isinstance(min_records, int) or min_records < 1
+    ):
         raise ConfigError(f"{where}.min_records {min_records!r}: expected a whole number, at least 1")
     if label_key is not None and (not isinstance(label_key, str) or not label_key.strip()):
         raise ConfigError(f"--label-key {label_key!r}: expected the name of a top-level field of the records")
-    return _PartitionRequest(files, str(spec) if spec is not None else "iid", sites, label_key.strip() if label_key else None, min_records)
+    return _PartitionRequest(
+        files, str(spec) if spec is not None else "iid", sites, label_key.strip() if label_key else None, min_records
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> FedTuneConfig:
@@ -251,7 +282,9 @@ def _with_ranks(cfg: FedTuneConfig, ranks: dict[str, int]) -> FedTuneConfig:
 
 def _resolve_run(args: argparse.Namespace) -> Resolved:
     cfg_path = Path(args.config) if args.config else None
-    partition_flags = bool(args.data or args.partition is not None or args.sites is not None or args.label_key is not None)
+    partition_flags = bool(
+        args.data or args.partition is not None or args.sites is not None or args.label_key is not None
+    )
     if cfg_path is None and not args.site and not partition_flags:
         cfg_path = bundled_path("configs", DEFAULT_CONFIG)
     overrides = flag_overrides(args, FLAG_KEYS)
@@ -272,7 +305,9 @@ def _resolve_run(args: argparse.Namespace) -> Resolved:
         overrides["output.dir"] = str(Path(args.resume))
         return Resolved(_check_sites(load_config(None, overrides, base=saved, source=str(record))))
     if args.site and partition_flags:
-        raise ConfigError(f"--site lists the sites and {PARTITION_FLAGS} split one dataset into sites: use one or the other")
+        raise ConfigError(
+            f"--site lists the sites and {PARTITION_FLAGS} split one dataset into sites: use one or the other"
+        )
     raw: dict[str, Any] = read_config_file(cfg_path) if cfg_path is not None else {}
     section = None
     if isinstance(raw.get("simulation"), dict) and "partition" in raw["simulation"]:
@@ -287,7 +322,12 @@ def _resolve_run(args: argparse.Namespace) -> Resolved:
         return load_config(None, ovr, base=raw, source=source) if cfg_path is not None else load_config(None, ovr)
 
     if request is not None:
-        if section is not None and not partition_flags and isinstance(raw.get("federation"), dict) and raw["federation"].get("sites"):
+        if (
+            section is not None
+            and not partition_flags
+            and isinstance(raw.get("federation"), dict)
+            and raw["federation"].get("sites")
+        ):
             raise ConfigError(f"{cfg_path}: both federation.sites and simulation.partition give the sites: keep one")
         return _partitioned(request, overrides, load)
     if args.site:
@@ -316,9 +356,13 @@ def _partitioned(request: _PartitionRequest, overrides: dict, load) -> Resolved:
     pre = load(overrides)  # everything but the sites, checked before the data is read
     out = pre.output.dir or default_out_dir()
     if (Path(out) / "metrics.json").is_file():
-        raise ConfigError(f"--out {out} already holds a run (its sites are in {Path(out) / 'partitions'}); continue it with --resume {out}, or choose another folder")
+        raise ConfigError(
+            f"--out {out} already holds a run (its sites are in {Path(out) / 'partitions'}); continue it with --resume {out}, or choose another folder"
+        )
     try:
-        part = make_partition(request.files, request.spec, request.sites, pre.train.seed, request.label_key, pre.data, request.min_records)
+        part = make_partition(
+            request.files, request.spec, request.sites, pre.train.seed, request.label_key, pre.data, request.min_records
+        )
     except DataError as e:  # names the file and line, never the content
         raise ConfigError(str(e)) from None
     overrides = {**overrides, "output.dir": str(out), "federation.sites": part.site_configs(out)}
@@ -329,9 +373,13 @@ def _partitioned(request: _PartitionRequest, overrides: dict, load) -> Resolved:
 
 def _check_sites(cfg: FedTuneConfig, check_files: bool = True) -> FedTuneConfig:
     if not cfg.federation.sites:
-        raise ConfigError("no sites: pass --site NAME=TRAIN[:EVAL] (repeatable), --data FILE with --partition SPEC, or list federation.sites in --config")
+        raise ConfigError(
+            "no sites: pass --site NAME=TRAIN[:EVAL] (repeatable), --data FILE with --partition SPEC, or list federation.sites in --config"
+        )
     if cfg.federation.min_sites > len(cfg.federation.sites):
-        raise ConfigError(f"federation.min_sites is {cfg.federation.min_sites} but only {len(cfg.federation.sites)} site(s) are given")
+        raise ConfigError(
+            f"federation.min_sites is {cfg.federation.min_sites} but only {len(cfg.federation.sites)} site(s) are given"
+        )
     for s in cfg.federation.sites if check_files else ():
         for label, f in (("train", s.train), ("eval", s.eval)):
             if f is not None and not Path(f).is_file():
@@ -405,7 +453,10 @@ def with_site_keys(sites: list) -> tuple[list, frozenset]:
     from fedtune.common.secagg import identity_public, new_identity
 
     keys = [new_identity() for _ in sites]
-    pem = [k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()) for k in keys]
+    pem = [
+        k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        for k in keys
+    ]
     return [replace(s, key=k) for s, k in zip(sites, pem)], frozenset(identity_public(k) for k in keys)
 
 
@@ -427,7 +478,9 @@ def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
     prepare_engine()
     try:
         start_ray()
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites), backend_config=backend_config)
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=len(sites), backend_config=backend_config
+        )
     finally:
         try:
             import ray
@@ -465,10 +518,14 @@ def main(argv: list[str] | None = None) -> int:
     if ranked:
         say(f"mixed LoRA ranks (HetLoRA zero-padding): {', '.join(ranked)}; the others r={cfg.peft.r}")
     if cfg.privacy.enabled:
-        say(f"client-level differential privacy: budget epsilon {cfg.privacy.epsilon:g} at delta {cfg.privacy.delta:g}; updates clipped to L2 norm {cfg.privacy.clip:g}")
+        say(
+            f"client-level differential privacy: budget epsilon {cfg.privacy.epsilon:g} at delta {cfg.privacy.delta:g}; updates clipped to L2 norm {cfg.privacy.clip:g}"
+        )
     elif cfg.federation.update_norm_bound not in (None, "off"):
         bound = cfg.federation.update_norm_bound
-        say(f"update-norm bound: each site clips its update to L2 norm {'auto (10 x lr x steps x sqrt(values))' if bound == 'auto' else f'{bound:g}'}")
+        say(
+            f"update-norm bound: each site clips its update to L2 norm {'auto (10 x lr x steps x sqrt(values))' if bound == 'auto' else f'{bound:g}'}"
+        )
     if resolved.partition is not None:
         # Counts only: site records never reach the console or a log.
         say(resolved.partition.summary())
@@ -487,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftsim: failed: {e}", file=sys.stderr)
         return 1
     last = rs.rounds[-1]
-    say(f"done in {time.time() - t0:.0f} s. Final global eval: " + ", ".join(f"{k} {v:.3f}" for k, v in last.get("aggregate", {}).items()))
+    say(
+        f"done in {time.time() - t0:.0f} s. Final global eval: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in last.get("aggregate", {}).items())
+    )
     if cfg.simulation.baselines:
         from fedtune.simulations.baselines import BaselineError, add_baselines
 
@@ -497,7 +557,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ftsim: baselines: {e}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print(f"ftsim: interrupted; the baselines finished so far are kept in {out / 'baselines'} (continue with: ftsim --resume {out})", file=sys.stderr)
+            print(
+                f"ftsim: interrupted; the baselines finished so far are kept in {out / 'baselines'} (continue with: ftsim --resume {out})",
+                file=sys.stderr,
+            )
             return 130
     artifact = out / ("model" if cfg.peft.method == "full" else "adapter")
     merged = f"   merged: {out / 'merged'}" if cfg.output.merged else ""

@@ -76,7 +76,9 @@ class Demo:
         for name in SITES:  # the intruder's key is made but never handed to the coordinator
             (authorized / f"{name}.pub").write_bytes((self.work / "sites" / name / "site_key.pub").read_bytes())
         (self.work / "logs").mkdir(exist_ok=True)
-        self.say(f"fresh certificates in {pki}; site keys for {', '.join(SITES)} registered; '{INTRUDER}' has a key nobody registered")
+        self.say(
+            f"fresh certificates in {pki}; site keys for {', '.join(SITES)} registered; '{INTRUDER}' has a key nobody registered"
+        )
         # Provision the model once here, so four processes don't all start by fetching it.
         cfg = load_config(self.args.config or bundled_path("configs", DEFAULT_CONFIG))
         resolve_model_source(cfg.model)
@@ -94,7 +96,10 @@ class Demo:
             "--min-sites", "2",
             "--join-timeout", "300",
         ]  # fmt: skip
-        cmd += ["--config", str(Path(self.args.config).resolve() if self.args.config else bundled_path("configs", DEFAULT_CONFIG))]
+        cmd += [
+            "--config",
+            str(Path(self.args.config).resolve() if self.args.config else bundled_path("configs", DEFAULT_CONFIG)),
+        ]
         for s in self.args.set:
             cmd += ["--set", s]
         proc = spawn(cmd, None, env=tool_env())
@@ -146,7 +151,9 @@ class Demo:
     def run(self) -> int:
         port = self.prepare()
         threads = self.args.threads_per_site or max(1, (os.cpu_count() or 1) // len(SITES))
-        self.say(f"starting ftserver on 127.0.0.1:{port} (TLS + site authentication), {self.args.rounds} round(s); output {self.out}")
+        self.say(
+            f"starting ftserver on 127.0.0.1:{port} (TLS + site authentication), {self.args.rounds} round(s); output {self.out}"
+        )
         server = self.start_server(port)
         time.sleep(2)
         for name in SITES:
@@ -162,7 +169,9 @@ class Demo:
                 p = self.procs[name]
                 if p.poll() is not None and name not in exited:
                     exited.add(name)
-                    self.say(f"site {name} exited (code {p.returncode}); its log:\n{tail(self.work / 'logs' / f'{name}.log')}")
+                    self.say(
+                        f"site {name} exited (code {p.returncode}); its log:\n{tail(self.work / 'logs' / f'{name}.log')}"
+                    )
             time.sleep(1)
         code = server.returncode
         self.say(f"ftserver exited with code {code}")
@@ -172,8 +181,12 @@ class Demo:
             last = doc["rounds"][-1]
             agg = ", ".join(f"{k} {v:.3f}" for k, v in last.get("aggregate", {}).items())
             self.say(f"{last['round']} round(s) done; final global eval: {agg}")
-            self.say(f"adapter: {self.out / 'adapter'}  metrics: {self.out / 'metrics.json'}  report: {self.out / 'report.md'}")
-        self.say(f"result: run {'completed' if code == 0 else 'FAILED'}; unregistered site {'refused' if refused else 'NOT refused'}")
+            self.say(
+                f"adapter: {self.out / 'adapter'}  metrics: {self.out / 'metrics.json'}  report: {self.out / 'report.md'}"
+            )
+        self.say(
+            f"result: run {'completed' if code == 0 else 'FAILED'}; unregistered site {'refused' if refused else 'NOT refused'}"
+        )
         return 0 if ok else 1
 
 

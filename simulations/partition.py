@@ -72,11 +72,14 @@ def parse_spec(text: str) -> PartitionSpec:
     except ValueError:
         raise ConfigError(f"--partition {raw!r}: ALPHA {arg.strip()!r} is not a number; expected {ACCEPTED}") from None
     if not np.isfinite(alpha) or alpha <= 0:
-        raise ConfigError(f"--partition {raw!r}: ALPHA must be a finite number > 0, got {arg.strip()}; expected {ACCEPTED}")
+        raise ConfigError(
+            f"--partition {raw!r}: ALPHA must be a finite number > 0, got {arg.strip()}; expected {ACCEPTED}"
+        )
     return PartitionSpec(kind, alpha)
 
 
 # ---------------------------------------------------------------- the split (pure)
+
 
 def _cuts(proportions: np.ndarray, n: int) -> np.ndarray:
     """Split points for n items in these proportions (as FedLab / NIID-Bench compute them)."""
@@ -122,7 +125,9 @@ def split_indices(
         sites = [[i for i, (d, _) in enumerate(keys) if d == dom] for dom in domains]
         small = [f"{dom} ({len(s)})" for dom, s in zip(domains, sites) if len(s) < min_records]
         if small:
-            raise ConfigError(f"--partition domain: each site needs at least {min_records} records; too few in {', '.join(small)}")
+            raise ConfigError(
+                f"--partition domain: each site needs at least {min_records} records; too few in {', '.join(small)}"
+            )
     else:
         sites = None
         by_cat: dict[str, list[int]] = {}
@@ -152,6 +157,7 @@ def split_indices(
 
 
 # ---------------------------------------------------------------- the records
+
 
 def domain_names(files: Sequence[str | Path]) -> list[str]:
     """A name per file: its folder's name for generic file names (finance/train.jsonl), else its stem; made unique."""
@@ -188,7 +194,9 @@ class Dataset:
     converted: bool = False  # records rewritten as chat messages (files in different chat formats)
 
 
-def read_dataset(files: Sequence[str | Path], label_key: str | None = None, data_cfg: DataConfig | None = None) -> Dataset:
+def read_dataset(
+    files: Sequence[str | Path], label_key: str | None = None, data_cfg: DataConfig | None = None
+) -> Dataset:
     """Read and validate every file as a site's data is validated (``load_site_data``'s rules).
 
     Errors are DataErrors naming the file and the line (or record, row) and the field, never
@@ -230,7 +238,9 @@ def read_dataset(files: Sequence[str | Path], label_key: str | None = None, data
             )
     converted = len(formats) > 1
     if converted and "text" in formats:
-        raise DataError(f"--data: plain-text files cannot share sites with chat-format files (formats here: {', '.join(sorted(formats))})")
+        raise DataError(
+            f"--data: plain-text files cannot share sites with chat-format files (formats here: {', '.join(sorted(formats))})"
+        )
     # A site file is read in one format; files in different chat formats are written as the
     # chat messages they stand for (what a site trains on is the same).
     records = [{"messages": ex.messages} for ex in examples] if converted else [r for r, _ in raw]
@@ -238,6 +248,7 @@ def read_dataset(files: Sequence[str | Path], label_key: str | None = None, data
 
 
 # ---------------------------------------------------------------- the partition
+
 
 @dataclass
 class Partition:

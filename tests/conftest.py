@@ -45,7 +45,9 @@ def pytest_configure(config):
     # peft's prefix tuning still passes past_key_values, which transformers 5 has deprecated.
     config.addinivalue_line("filterwarnings", "ignore:`past_key_values` is deprecated:FutureWarning")
     # make_scheduler fast-forwards a fresh scheduler to the round's first step on purpose.
-    config.addinivalue_line("filterwarnings", "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`:UserWarning")
+    config.addinivalue_line(
+        "filterwarnings", "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`:UserWarning"
+    )
 
 
 def seed_everything(seed: int = 0) -> None:

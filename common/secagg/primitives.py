@@ -122,7 +122,9 @@ class Quantizer:
         if self.n_sites < 1:
             raise ValueError("n_sites must be at least 1")
         if not 1 <= self.max_weight < MOD // self.n_sites:
-            raise ValueError(f"max_weight {self.max_weight}: expected 1..{MOD // self.n_sites - 1} for {self.n_sites} sites")
+            raise ValueError(
+                f"max_weight {self.max_weight}: expected 1..{MOD // self.n_sites - 1} for {self.n_sites} sites"
+            )
 
     @property
     def span(self) -> float:
@@ -175,7 +177,9 @@ class Quantizer:
         mean = values / weight
         slack = self.clip + self.mean_error_bound(weight, n_summed)
         if mean.size and float(np.abs(mean).max()) > slack:
-            raise SecAggError("the unmasked sum is not a sum of updates (values beyond the clip range): a share or masked vector was wrong")
+            raise SecAggError(
+                "the unmasked sum is not a sum of updates (values beyond the clip range): a share or masked vector was wrong"
+            )
         return mean, weight
 
     def mean_error_bound(self, total_weight: int, n_summed: int) -> float:
@@ -264,7 +268,9 @@ def public_bytes(private: X25519PrivateKey) -> bytes:
 
 
 def private_bytes(private: X25519PrivateKey) -> bytes:
-    return private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    return private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -295,7 +301,11 @@ def identity_public(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey)
 def load_identity(data: bytes) -> ec.EllipticCurvePrivateKey:
     """A P-384 private key from OpenSSH (``ftclient keygen``'s site_key) or PEM (PKCS8) bytes."""
     try:
-        key = serialization.load_ssh_private_key(data, None) if data.lstrip().startswith(b"-----BEGIN OPENSSH") else serialization.load_pem_private_key(data, None)
+        key = (
+            serialization.load_ssh_private_key(data, None)
+            if data.lstrip().startswith(b"-----BEGIN OPENSSH")
+            else serialization.load_pem_private_key(data, None)
+        )
     except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise ValueError(f"not a readable private key ({e})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != IDENTITY_CURVE.name:
@@ -328,7 +338,9 @@ def verify(public: bytes, signature: bytes, payload: bytes) -> bool:
     if not isinstance(public, bytes) or not isinstance(signature, bytes):
         return False
     try:
-        ec.EllipticCurvePublicKey.from_encoded_point(IDENTITY_CURVE, public).verify(signature, payload, ec.ECDSA(hashes.SHA384()))
+        ec.EllipticCurvePublicKey.from_encoded_point(IDENTITY_CURVE, public).verify(
+            signature, payload, ec.ECDSA(hashes.SHA384())
+        )
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True
@@ -411,7 +423,9 @@ def unmask_view(u3: Iterable[int], senders: Iterable[int], me: int) -> tuple[lis
     return sorted(u3 & (senders | {me})), sorted(senders - u3)
 
 
-def check_unmask_request(alive: Iterable[int], dropped: Iterable[int], threshold: int, me: int, senders: Iterable[int]) -> None:
+def check_unmask_request(
+    alive: Iterable[int], dropped: Iterable[int], threshold: int, me: int, senders: Iterable[int]
+) -> None:
     """Refuse (SecAggError) an unmask request that is not this site's own view of the round:
     ``alive`` and ``dropped`` disjoint; ``alive`` this site and sites that sent it shares;
     ``dropped`` sites that sent it shares (they completed key sharing) but are not summed;
@@ -424,11 +438,17 @@ def check_unmask_request(alive: Iterable[int], dropped: Iterable[int], threshold
         raise SecAggError("unmask request lists this site, which uploaded, as not alive: refused")
     strangers = (alive | dropped) - senders - {me}
     if strangers:
-        raise SecAggError(f"unmask request lists sites {sorted(strangers)[:5]} that sent this site no shares (not its share holders): refused")
+        raise SecAggError(
+            f"unmask request lists sites {sorted(strangers)[:5]} that sent this site no shares (not its share holders): refused"
+        )
     if senders - alive - dropped:
-        raise SecAggError(f"unmask request leaves out sites {sorted(senders - alive - dropped)[:5]} that sent this site shares: refused")
+        raise SecAggError(
+            f"unmask request leaves out sites {sorted(senders - alive - dropped)[:5]} that sent this site shares: refused"
+        )
     if len(alive) < threshold:
-        raise SecAggError(f"unmask request lists {len(alive)} alive site(s), fewer than the threshold {threshold}: refused")
+        raise SecAggError(
+            f"unmask request lists {len(alive)} alive site(s), fewer than the threshold {threshold}: refused"
+        )
 
 
 # ---------------------------------------------------------------- one round, in memory
@@ -504,7 +524,9 @@ def unmask_sum(
     SecAggError (nothing released) below the threshold."""
     alive = set(alive)
     if len(answers) < threshold:
-        raise SecAggError(f"only {len(answers)} site(s) answered the unmask request, {threshold} needed: round aborted, nothing released")
+        raise SecAggError(
+            f"only {len(answers)} site(s) answered the unmask request, {threshold} needed: round aborted, nothing released"
+        )
     seeds = []
     for i in sorted(alive):
         shares = {h: a["self_seed"][i] for h, a in answers.items() if i in a["self_seed"]}

@@ -70,12 +70,24 @@ def _ids(values) -> bytes:
 def advert_payload(run_id: int, tag: bytes, sid: int, c_pub: bytes, s_pub: bytes) -> bytes:
     """What a site signs at advertisement: its two X25519 public keys, bound to the run, the
     round and its number in the round."""
-    return b"fedtune-secagg/advertise/v2" + (int(run_id) % (1 << 64)).to_bytes(8, "big") + tag + int(sid).to_bytes(8, "big") + c_pub + s_pub
+    return (
+        b"fedtune-secagg/advertise/v2"
+        + (int(run_id) % (1 << 64)).to_bytes(8, "big")
+        + tag
+        + int(sid).to_bytes(8, "big")
+        + c_pub
+        + s_pub
+    )
 
 
 def alive_payload(run_id: int, tag: bytes, alive) -> bytes:
     """What a site signs at the consistency check: the alive set U3 of the run's round."""
-    return b"fedtune-secagg/consistency/v2" + (int(run_id) % (1 << 64)).to_bytes(8, "big") + tag + _ids(sorted(int(a) for a in alive))
+    return (
+        b"fedtune-secagg/consistency/v2"
+        + (int(run_id) % (1 << 64)).to_bytes(8, "big")
+        + tag
+        + _ids(sorted(int(a) for a in alive))
+    )
 
 
 def share_keys_record(tag: bytes, threshold: int, cap: int, ids: list[int], keys, signed, node_of) -> ConfigRecord:

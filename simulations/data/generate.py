@@ -30,6 +30,7 @@ SEED = 20240611
 # helpers
 # --------------------------------------------------------------------------
 
+
 def split_counts(labels, total):
     """Spread `total` items over labels as evenly as possible (first labels
     get the remainder)."""
@@ -62,7 +63,7 @@ def build_splits(rng, labels, make_input, eval_extra_order=None):
             seen.add(key)
             items.append(text)
         train += [(t, lab) for t in items[: train_counts[lab]]]
-        evl += [(t, lab) for t in items[train_counts[lab]:]]
+        evl += [(t, lab) for t in items[train_counts[lab] :]]
     rng.shuffle(train)
     rng.shuffle(evl)
     return train, evl
@@ -80,9 +81,11 @@ def write_jsonl(path, records):
 # --------------------------------------------------------------------------
 
 MED_LABELS = ["emergency", "urgent", "routine"]
-MED_PROMPT = ("Triage the following patient situation. "
-              "Answer with one word: emergency, urgent or routine.\n\n"
-              "Situation: {situation}")
+MED_PROMPT = (
+    "Triage the following patient situation. "
+    "Answer with one word: emergency, urgent or routine.\n\n"
+    "Situation: {situation}"
+)
 
 MED_SYMPTOMS = {
     "emergency": [
@@ -168,28 +171,81 @@ MED_ROUTINE_REQUESTS = [
 ]
 
 MED_ONSET = {
-    "emergency": ["starting about twenty minutes ago", "beginning suddenly an hour ago",
-                  "starting just now", "beginning ten minutes ago at work",
-                  "since waking up this morning", "coming on within the last half hour"],
-    "urgent": ["for the past two days", "since yesterday evening", "since this morning",
-               "for about a day and a half", "since the day before yesterday",
-               "for around 24 hours"],
-    "routine": ["for several months", "on and off for about a year",
-                "unchanged for many weeks", "for a long time",
-                "stable for months", "for the last few months"],
+    "emergency": [
+        "starting about twenty minutes ago",
+        "beginning suddenly an hour ago",
+        "starting just now",
+        "beginning ten minutes ago at work",
+        "since waking up this morning",
+        "coming on within the last half hour",
+    ],
+    "urgent": [
+        "for the past two days",
+        "since yesterday evening",
+        "since this morning",
+        "for about a day and a half",
+        "since the day before yesterday",
+        "for around 24 hours",
+    ],
+    "routine": [
+        "for several months",
+        "on and off for about a year",
+        "unchanged for many weeks",
+        "for a long time",
+        "stable for months",
+        "for the last few months",
+    ],
 }
 
-MED_CONTEXT = ["", "", "They have no known allergies.", "They take no regular medication.",
-               "They have a history of high blood pressure.", "They live alone.",
-               "They are otherwise healthy.", "They have type 2 diabetes.",
-               "They are a non-smoker.", "They had a knee operation last year."]
+MED_CONTEXT = [
+    "",
+    "",
+    "They have no known allergies.",
+    "They take no regular medication.",
+    "They have a history of high blood pressure.",
+    "They live alone.",
+    "They are otherwise healthy.",
+    "They have type 2 diabetes.",
+    "They are a non-smoker.",
+    "They had a knee operation last year.",
+]
 
-MED_NAMES = ["Arlo Penwick", "Mira Castell", "Tobias Renn", "Ines Varga", "Dario Lume",
-             "Hana Okoro", "Felix Brandt", "Sunniva Hale", "Rafe Delmont", "Priya Anand",
-             "Lucan Ferro", "Odile Marsh", "Yusuf Tarik", "Greta Solberg", "Nico Albani",
-             "Esme Quill", "Joren Vale", "Amara Nwosu", "Kit Ashdown", "Leona Brisk"]
-MED_RELATIVES = ["mother", "father", "partner", "brother", "sister", "neighbour",
-                 "flatmate", "colleague", "husband", "wife", "grandmother", "grandfather"]
+MED_NAMES = [
+    "Arlo Penwick",
+    "Mira Castell",
+    "Tobias Renn",
+    "Ines Varga",
+    "Dario Lume",
+    "Hana Okoro",
+    "Felix Brandt",
+    "Sunniva Hale",
+    "Rafe Delmont",
+    "Priya Anand",
+    "Lucan Ferro",
+    "Odile Marsh",
+    "Yusuf Tarik",
+    "Greta Solberg",
+    "Nico Albani",
+    "Esme Quill",
+    "Joren Vale",
+    "Amara Nwosu",
+    "Kit Ashdown",
+    "Leona Brisk",
+]
+MED_RELATIVES = [
+    "mother",
+    "father",
+    "partner",
+    "brother",
+    "sister",
+    "neighbour",
+    "flatmate",
+    "colleague",
+    "husband",
+    "wife",
+    "grandmother",
+    "grandfather",
+]
 MED_SEX = [("man", "male"), ("woman", "female")]
 
 MED_SYMPTOM_TEMPLATES = [
@@ -212,9 +268,14 @@ MED_REQUEST_TEMPLATES = [
 
 def make_medical(rng, label):
     sex, sexadj = rng.choice(MED_SEX)
-    fields = dict(age=rng.randint(18, 88), sex=sex, sexadj=sexadj,
-                  name=rng.choice(MED_NAMES), relative=rng.choice(MED_RELATIVES),
-                  context=rng.choice(MED_CONTEXT))
+    fields = dict(
+        age=rng.randint(18, 88),
+        sex=sex,
+        sexadj=sexadj,
+        name=rng.choice(MED_NAMES),
+        relative=rng.choice(MED_RELATIVES),
+        context=rng.choice(MED_CONTEXT),
+    )
     if label == "routine" and rng.random() < 0.5:
         fields["item"] = rng.choice(MED_ROUTINE_REQUESTS)
         tpl = rng.choice(MED_REQUEST_TEMPLATES)
@@ -231,29 +292,63 @@ def make_medical(rng, label):
 # --------------------------------------------------------------------------
 
 LEGAL_LABELS = ["termination", "confidentiality", "indemnification", "payment", "governing-law"]
-LEGAL_INSTRUCTION = ("Classify the type of the following contract clause. Answer with one label: "
-                     "termination, confidentiality, indemnification, payment or governing-law.")
+LEGAL_INSTRUCTION = (
+    "Classify the type of the following contract clause. Answer with one label: "
+    "termination, confidentiality, indemnification, payment or governing-law."
+)
 
-LEGAL_PARTIES = [("the Supplier", "the Customer"), ("the Licensor", "the Licensee"),
-                 ("the Service Provider", "the Client"), ("the Consultant", "the Company"),
-                 ("the Seller", "the Buyer"), ("the Landlord", "the Tenant"),
-                 ("the Contractor", "the Owner"), ("the Distributor", "the Manufacturer")]
-LEGAL_SUBJECTS = ["Software", "Services", "Licensed Materials", "Premises", "Equipment",
-                  "Platform", "Deliverables", "Products"]
-LEGAL_INFO = ["the terms of this Agreement", "its pricing and customer lists",
-              "any source code, designs or technical data", "the results of the pilot study",
-              "business plans and financial forecasts", "trade secrets relating to the {subject}",
-              "personal data received from the other party", "the contents of any audit report"]
-LEGAL_HARM = ["personal injury or death", "damage to property", "a data security breach",
-              "a product defect", "the infringement of a third party's patent",
-              "environmental contamination"]
-LEGAL_JURIS = [("England and Wales", "London"), ("the State of New York", "New York County"),
-               ("the State of Delaware", "Wilmington, Delaware"), ("the Province of Ontario", "Toronto"),
-               ("Singapore", "Singapore"), ("Ireland", "Dublin"), ("the Netherlands", "Amsterdam"),
-               ("New South Wales", "Sydney"), ("Switzerland", "Zurich"),
-               ("the State of California", "San Francisco"), ("Scotland", "Edinburgh")]
-LEGAL_AMOUNTS = ["USD 4,500", "EUR 12,000", "GBP 850", "USD 27,300", "EUR 1,950", "GBP 6,400",
-                 "USD 980", "EUR 48,000"]
+LEGAL_PARTIES = [
+    ("the Supplier", "the Customer"),
+    ("the Licensor", "the Licensee"),
+    ("the Service Provider", "the Client"),
+    ("the Consultant", "the Company"),
+    ("the Seller", "the Buyer"),
+    ("the Landlord", "the Tenant"),
+    ("the Contractor", "the Owner"),
+    ("the Distributor", "the Manufacturer"),
+]
+LEGAL_SUBJECTS = [
+    "Software",
+    "Services",
+    "Licensed Materials",
+    "Premises",
+    "Equipment",
+    "Platform",
+    "Deliverables",
+    "Products",
+]
+LEGAL_INFO = [
+    "the terms of this Agreement",
+    "its pricing and customer lists",
+    "any source code, designs or technical data",
+    "the results of the pilot study",
+    "business plans and financial forecasts",
+    "trade secrets relating to the {subject}",
+    "personal data received from the other party",
+    "the contents of any audit report",
+]
+LEGAL_HARM = [
+    "personal injury or death",
+    "damage to property",
+    "a data security breach",
+    "a product defect",
+    "the infringement of a third party's patent",
+    "environmental contamination",
+]
+LEGAL_JURIS = [
+    ("England and Wales", "London"),
+    ("the State of New York", "New York County"),
+    ("the State of Delaware", "Wilmington, Delaware"),
+    ("the Province of Ontario", "Toronto"),
+    ("Singapore", "Singapore"),
+    ("Ireland", "Dublin"),
+    ("the Netherlands", "Amsterdam"),
+    ("New South Wales", "Sydney"),
+    ("Switzerland", "Zurich"),
+    ("the State of California", "San Francisco"),
+    ("Scotland", "Edinburgh"),
+]
+LEGAL_AMOUNTS = ["USD 4,500", "EUR 12,000", "GBP 850", "USD 27,300", "EUR 1,950", "GBP 6,400", "USD 980", "EUR 48,000"]
 
 LEGAL_TEMPLATES = {
     "termination": [
@@ -310,22 +405,34 @@ def make_legal(rng, label):
     subject = rng.choice(LEGAL_SUBJECTS)
     jur, city = rng.choice(LEGAL_JURIS)
     fields = dict(
-        A=a_party, B=b_party, subject=subject,
+        A=a_party,
+        B=b_party,
+        subject=subject,
         info=rng.choice(LEGAL_INFO).format(subject=subject),
-        harm=rng.choice(LEGAL_HARM), jur=jur, city=city,
-        n=rng.choice([14, 30, 45, 60, 90, 120, 180]), m=rng.choice([7, 10, 15, 20, 30]),
-        k=rng.choice([3, 6, 12, 18, 24]), y=rng.choice([2, 3, 5, 7, 10]),
-        d=rng.choice([14, 21, 30, 45, 60]), amt=rng.choice(LEGAL_AMOUNTS),
+        harm=rng.choice(LEGAL_HARM),
+        jur=jur,
+        city=city,
+        n=rng.choice([14, 30, 45, 60, 90, 120, 180]),
+        m=rng.choice([7, 10, 15, 20, 30]),
+        k=rng.choice([3, 6, 12, 18, 24]),
+        y=rng.choice([2, 3, 5, 7, 10]),
+        d=rng.choice([14, 21, 30, 45, 60]),
+        amt=rng.choice(LEGAL_AMOUNTS),
         r=rng.choice(["1", "1.5", "2", "0.75"]),
-        freq=rng.choice(["monthly in arrears", "quarterly in advance",
-                         "upon completion of each milestone", "at the end of each calendar month"]),
+        freq=rng.choice(
+            [
+                "monthly in arrears",
+                "quarterly in advance",
+                "upon completion of each milestone",
+                "at the end of each calendar month",
+            ]
+        ),
         pct=rng.choice([10, 15, 20, 25, 30, 40, 50]),
         cur=rng.choice(["US dollars", "euros", "pounds sterling", "Singapore dollars"]),
     )
     text = rng.choice(LEGAL_TEMPLATES[label]).format(**fields)
     text = text[0].upper() + text[1:]
-    num = rng.choice(LEGAL_NUMBERING).format(a=rng.randint(2, 24), b=rng.randint(1, 9),
-                                             c=rng.choice("abcdefgh"))
+    num = rng.choice(LEGAL_NUMBERING).format(a=rng.randint(2, 24), b=rng.randint(1, 9), c=rng.choice("abcdefgh"))
     return num + text
 
 
@@ -334,41 +441,104 @@ def make_legal(rng, label):
 # --------------------------------------------------------------------------
 
 FIN_LABELS = ["groceries", "travel", "utilities", "salary"]
-FIN_PROMPT = ("Categorize this bank transaction. "
-              "Answer with one word: groceries, travel, utilities or salary.\n\n"
-              "Transaction: {tx}")
+FIN_PROMPT = (
+    "Categorize this bank transaction. "
+    "Answer with one word: groceries, travel, utilities or salary.\n\n"
+    "Transaction: {tx}"
+)
 
 FIN_MERCHANTS = {
-    "groceries": ["GREENLEAF MARKET", "FRESHWAY FOODS", "HARVEST BASKET GROCERY",
-                  "CORNERSTONE SUPERMARKET", "VALLEY FARM STORES", "DAILY PANTRY",
-                  "MAPLE & OAK GROCERS", "SUNRISE FRESH MARKET", "PRICEWISE SUPERMARKETS",
-                  "ORCHARD LANE FOOD HALL", "QUICKCART MINI MART", "GOLDEN GRAIN BAKERY & DELI",
-                  "NORTHFIELD ORGANIC GROCER", "BUDGETBASKET DISCOUNT FOODS"],
-    "travel": ["SKYLARK AIRWAYS", "BLUEJET AIR", "NORTHSTAR RAIL", "HARBOURVIEW HOTEL",
-               "CITYHOP TAXI", "ROAMSTAY LODGINGS", "TRAILWAY COACHES", "AIRPORT PARKING T2",
-               "GLOBETROT TRAVEL AGENCY", "SEABREEZE FERRIES", "DRIVEAWAY CAR RENTAL",
-               "METRO TRANSIT FARES", "PINECREST INN & SUITES", "AEROLINK BOOKINGS"],
-    "utilities": ["CITY WATER DEPT", "BRIGHTGRID ELECTRIC", "NORTHGAS ENERGY",
-                  "FIBRENET BROADBAND", "RIVERSIDE SEWER & REFUSE", "VOLTA POWER CO",
-                  "HEATWELL DISTRICT HEATING", "CONNECTA TELECOM", "CLEARSTREAM WATER",
-                  "SUNFIELD SOLAR ENERGY", "METROGAS SUPPLY", "LINKUP HOME INTERNET"],
-    "salary": ["KESTREL DYNAMICS", "HOLLOWAY & PINE LLP", "BRAMBLE HEALTH TRUST",
-               "ORION FREIGHT INC", "LAKESIDE SCHOOL DISTRICT", "TANGENT SOFTWARE GMBH",
-               "MERIDIAN FOODS PLC", "COPPERLINE MINING", "CITY OF ASHFORD",
-               "BLUEJAY AVIATION SERVICES", "WILLOWBROOK COUNTY COUNCIL", "QUARTZ LABS LTD"],
+    "groceries": [
+        "GREENLEAF MARKET",
+        "FRESHWAY FOODS",
+        "HARVEST BASKET GROCERY",
+        "CORNERSTONE SUPERMARKET",
+        "VALLEY FARM STORES",
+        "DAILY PANTRY",
+        "MAPLE & OAK GROCERS",
+        "SUNRISE FRESH MARKET",
+        "PRICEWISE SUPERMARKETS",
+        "ORCHARD LANE FOOD HALL",
+        "QUICKCART MINI MART",
+        "GOLDEN GRAIN BAKERY & DELI",
+        "NORTHFIELD ORGANIC GROCER",
+        "BUDGETBASKET DISCOUNT FOODS",
+    ],
+    "travel": [
+        "SKYLARK AIRWAYS",
+        "BLUEJET AIR",
+        "NORTHSTAR RAIL",
+        "HARBOURVIEW HOTEL",
+        "CITYHOP TAXI",
+        "ROAMSTAY LODGINGS",
+        "TRAILWAY COACHES",
+        "AIRPORT PARKING T2",
+        "GLOBETROT TRAVEL AGENCY",
+        "SEABREEZE FERRIES",
+        "DRIVEAWAY CAR RENTAL",
+        "METRO TRANSIT FARES",
+        "PINECREST INN & SUITES",
+        "AEROLINK BOOKINGS",
+    ],
+    "utilities": [
+        "CITY WATER DEPT",
+        "BRIGHTGRID ELECTRIC",
+        "NORTHGAS ENERGY",
+        "FIBRENET BROADBAND",
+        "RIVERSIDE SEWER & REFUSE",
+        "VOLTA POWER CO",
+        "HEATWELL DISTRICT HEATING",
+        "CONNECTA TELECOM",
+        "CLEARSTREAM WATER",
+        "SUNFIELD SOLAR ENERGY",
+        "METROGAS SUPPLY",
+        "LINKUP HOME INTERNET",
+    ],
+    "salary": [
+        "KESTREL DYNAMICS",
+        "HOLLOWAY & PINE LLP",
+        "BRAMBLE HEALTH TRUST",
+        "ORION FREIGHT INC",
+        "LAKESIDE SCHOOL DISTRICT",
+        "TANGENT SOFTWARE GMBH",
+        "MERIDIAN FOODS PLC",
+        "COPPERLINE MINING",
+        "CITY OF ASHFORD",
+        "BLUEJAY AVIATION SERVICES",
+        "WILLOWBROOK COUNTY COUNCIL",
+        "QUARTZ LABS LTD",
+    ],
 }
-FIN_TOWNS = ["ASHFORD", "BRENTMOOR", "CALDER BAY", "DUNMORE", "ELMSTEAD", "FENWICK",
-             "GLENHAVEN", "HOLTBY", "IRONBRIDGE", "KESWOLD"]
-FIN_AMOUNT_RANGE = {"groceries": (4, 190), "travel": (3, 1400), "utilities": (18, 320),
-                    "salary": (1650, 7800)}
+FIN_TOWNS = [
+    "ASHFORD",
+    "BRENTMOOR",
+    "CALDER BAY",
+    "DUNMORE",
+    "ELMSTEAD",
+    "FENWICK",
+    "GLENHAVEN",
+    "HOLTBY",
+    "IRONBRIDGE",
+    "KESWOLD",
+]
+FIN_AMOUNT_RANGE = {"groceries": (4, 190), "travel": (3, 1400), "utilities": (18, 320), "salary": (1650, 7800)}
 # plausible per-merchant ranges for travel (fares, taxis and hotels differ a lot)
-FIN_TRAVEL_RANGE = {"SKYLARK AIRWAYS": (60, 1400), "BLUEJET AIR": (45, 900),
-                    "NORTHSTAR RAIL": (12, 240), "HARBOURVIEW HOTEL": (90, 780),
-                    "CITYHOP TAXI": (7, 85), "ROAMSTAY LODGINGS": (70, 650),
-                    "TRAILWAY COACHES": (9, 120), "AIRPORT PARKING T2": (12, 160),
-                    "GLOBETROT TRAVEL AGENCY": (150, 1400), "SEABREEZE FERRIES": (18, 320),
-                    "DRIVEAWAY CAR RENTAL": (45, 600), "METRO TRANSIT FARES": (3, 60),
-                    "PINECREST INN & SUITES": (80, 540), "AEROLINK BOOKINGS": (55, 1200)}
+FIN_TRAVEL_RANGE = {
+    "SKYLARK AIRWAYS": (60, 1400),
+    "BLUEJET AIR": (45, 900),
+    "NORTHSTAR RAIL": (12, 240),
+    "HARBOURVIEW HOTEL": (90, 780),
+    "CITYHOP TAXI": (7, 85),
+    "ROAMSTAY LODGINGS": (70, 650),
+    "TRAILWAY COACHES": (9, 120),
+    "AIRPORT PARKING T2": (12, 160),
+    "GLOBETROT TRAVEL AGENCY": (150, 1400),
+    "SEABREEZE FERRIES": (18, 320),
+    "DRIVEAWAY CAR RENTAL": (45, 600),
+    "METRO TRANSIT FARES": (3, 60),
+    "PINECREST INN & SUITES": (80, 540),
+    "AEROLINK BOOKINGS": (55, 1200),
+}
 FIN_TEMPLATES = {
     "groceries": [
         "CARD PURCHASE {date} {merchant} {town} -{amt}",
@@ -418,9 +588,13 @@ def make_financial(rng, label):
     lo, hi = FIN_TRAVEL_RANGE.get(merchant, FIN_AMOUNT_RANGE[label])
     amount = rng.randint(lo * 100, hi * 100) / 100
     fields = dict(
-        merchant=merchant, town=rng.choice(FIN_TOWNS),
-        date=fin_date(rng), amt=f"{amount:,.2f}", store=rng.randint(100, 9999),
-        ref=f"{rng.randint(100000, 999999)}", month=rng.choice(MONTHS),
+        merchant=merchant,
+        town=rng.choice(FIN_TOWNS),
+        date=fin_date(rng),
+        amt=f"{amount:,.2f}",
+        store=rng.randint(100, 9999),
+        ref=f"{rng.randint(100000, 999999)}",
+        month=rng.choice(MONTHS),
         cur=rng.choice(["USD", "EUR", "GBP"]),
     )
     return rng.choice(FIN_TEMPLATES[label]).format(**fields)
@@ -430,20 +604,26 @@ def make_financial(rng, label):
 # main
 # --------------------------------------------------------------------------
 
+
 def main():
     # medical: eval 14/13/13 -> give the extra eval item to "urgent"
     rng = random.Random(SEED + 1)
-    train, evl = build_splits(rng, MED_LABELS, make_medical,
-                              eval_extra_order=["urgent", "emergency", "routine"])
+    train, evl = build_splits(rng, MED_LABELS, make_medical, eval_extra_order=["urgent", "emergency", "routine"])
+
     def to_chat(s, lab):
-        return {"messages": [{"role": "user", "content": MED_PROMPT.format(situation=s)},
-                             {"role": "assistant", "content": lab}]}
+        return {
+            "messages": [
+                {"role": "user", "content": MED_PROMPT.format(situation=s)},
+                {"role": "assistant", "content": lab},
+            ]
+        }
 
     write_jsonl(OUT_DIR / "medical" / "train.jsonl", [to_chat(s, l) for s, l in train])
     write_jsonl(OUT_DIR / "medical" / "eval.jsonl", [to_chat(s, l) for s, l in evl])
 
     rng = random.Random(SEED + 2)
     train, evl = build_splits(rng, LEGAL_LABELS, make_legal)
+
     def to_alpaca(s, lab):
         return {"instruction": LEGAL_INSTRUCTION, "input": s, "output": lab}
 
@@ -452,6 +632,7 @@ def main():
 
     rng = random.Random(SEED + 3)
     train, evl = build_splits(rng, FIN_LABELS, make_financial)
+
     def to_pc(s, lab):
         return {"prompt": FIN_PROMPT.format(tx=s), "completion": lab}
 

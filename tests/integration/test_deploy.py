@@ -46,7 +46,14 @@ class Federation:
         self.port = free_port()
         self.out = tmp / "run"
         self.procs: list[subprocess.Popen] = []
-        fed = {"rounds": 2, "min_sites": 2, "expected_sites": 2, "join_timeout_s": 90, "round_timeout_s": 90, **federation}
+        fed = {
+            "rounds": 2,
+            "min_sites": 2,
+            "expected_sites": 2,
+            "join_timeout_s": 90,
+            "round_timeout_s": 90,
+            **federation,
+        }
         self.rounds = fed["rounds"]
         self.config = tmp / "run.json"
         self.config.write_text(
@@ -78,7 +85,17 @@ class Federation:
 
     def server(self, *extra: str, log: str = "server.out") -> subprocess.Popen:
         args = ["--config", str(self.config), "--out", str(self.out)] if "--resume" not in extra else []
-        cmd = [str(BIN / "ftserver"), *args, "--certs", str(self.pki), "--authorized-keys", str(self.authorized), "--port", str(self.port), *extra]
+        cmd = [
+            str(BIN / "ftserver"),
+            *args,
+            "--certs",
+            str(self.pki),
+            "--authorized-keys",
+            str(self.authorized),
+            "--port",
+            str(self.port),
+            *extra,
+        ]
         return self._spawn(cmd, self.tmp / log)
 
     def site(self, name: str, key: Path, data: Path) -> subprocess.Popen:
@@ -156,7 +173,22 @@ def test_registered_sites_train_two_rounds_and_an_unregistered_site_is_refused(f
     fed = federation()
     medical = tmp_path / "medical.jsonl"
     lines = (DATA / "medical" / "train.jsonl").read_text().splitlines()
-    medical.write_text("\n".join([*lines[:60], json.dumps({"messages": [{"role": "user", "content": f"Triage {SECRET}."}, {"role": "assistant", "content": "routine"}]})]) + "\n")
+    medical.write_text(
+        "\n".join(
+            [
+                *lines[:60],
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"Triage {SECRET}."},
+                            {"role": "assistant", "content": "routine"},
+                        ]
+                    }
+                ),
+            ]
+        )
+        + "\n"
+    )
     alpha, beta, mallory = fed.site_key("alpha"), fed.site_key("beta"), fed.site_key("mallory", register=False)
     server = fed.server()
     fed.wait_for("server.out", "site key registered: beta", 60)
@@ -171,7 +203,14 @@ def test_registered_sites_train_two_rounds_and_an_unregistered_site_is_refused(f
     # A site that trusts another CA does not talk to this server, and is told why.
     create_certificates(tmp_path / "other-pki", ["localhost"], days=1)
     cmd = [str(BIN / "ftclient"), "--server", f"localhost:{fed.port}", "--data", str(DATA / "legal" / "train.jsonl")]
-    cmd += ["--ca-cert", str(tmp_path / "other-pki" / "ca.crt"), "--key", str(mallory), "--work-dir", str(tmp_path / "work" / "eve")]
+    cmd += [
+        "--ca-cert",
+        str(tmp_path / "other-pki" / "ca.crt"),
+        "--key",
+        str(mallory),
+        "--work-dir",
+        str(tmp_path / "work" / "eve"),
+    ]
     eve = fed._spawn(cmd, tmp_path / "eve.out")
     assert fed.finish(eve, 90, "eve.out") == 1
     assert "TLS: the server at" in fed.text("eve.out") and "does not vouch for" in fed.text("eve.out")

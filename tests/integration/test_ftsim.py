@@ -36,7 +36,11 @@ def _ray_processes() -> set[int]:
 def _ftsim(args: list[str], timeout: int, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "fedtune.simulations.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "fedtune.simulations.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -57,13 +61,31 @@ def test_two_sites_two_rounds_tiny_model(tiny_model_dir, tmp_path):
     before = _ray_processes()
     proc = _ftsim(
         [
-            "--model", str(tiny_model_dir),
-            "--site", f"medical={DATA / 'medical/train.jsonl'}:{DATA / 'medical/eval.jsonl'}",
-            "--site", f"legal={DATA / 'legal/train.jsonl'}",
-            "--site", f"broken={bad}",
-            "--rounds", "2", "--local-steps", "3", "--batch-size", "2", "--max-length", "160",
-            "--set", "eval.max_examples=6", "--set", "eval.max_new_tokens=4", "--set", "peft.r=4",
-            "--out", str(out), "--baselines",
+            "--model",
+            str(tiny_model_dir),
+            "--site",
+            f"medical={DATA / 'medical/train.jsonl'}:{DATA / 'medical/eval.jsonl'}",
+            "--site",
+            f"legal={DATA / 'legal/train.jsonl'}",
+            "--site",
+            f"broken={bad}",
+            "--rounds",
+            "2",
+            "--local-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "160",
+            "--set",
+            "eval.max_examples=6",
+            "--set",
+            "eval.max_new_tokens=4",
+            "--set",
+            "peft.r=4",
+            "--out",
+            str(out),
+            "--baselines",
         ],
         timeout=600,
     )
@@ -113,8 +135,13 @@ def test_two_sites_two_rounds_tiny_model(tiny_model_dir, tmp_path):
     for name in ("medical", "legal"):
         assert all(b["sites"][name][t]["eval_loss"] > 0 for t in ("base", "alone", "pooled", "federation"))
     assert b["sites"]["broken"] == {"base": None, "alone": None, "pooled": None, "federation": None}
-    assert (out / "baselines" / "alone" / "medical" / "adapter_model.safetensors").is_file() and (out / "baselines" / "pooled").is_dir()
-    assert "## Does federation help? Baselines at equal compute" in report and (out / "baselines.png").stat().st_size > 1000
+    assert (out / "baselines" / "alone" / "medical" / "adapter_model.safetensors").is_file() and (
+        out / "baselines" / "pooled"
+    ).is_dir()
+    assert (
+        "## Does federation help? Baselines at equal compute" in report
+        and (out / "baselines.png").stat().st_size > 1000
+    )
     assert 'alt="baselines.png"' in (out / "report.html").read_text()
     assert "baselines | legal alone: round 2/2, 3 steps" in log and "eval loss / exact match per site" in log
     left = _wait_gone(before)
@@ -138,10 +165,23 @@ def test_default_model_one_round_loss_falls(tmp_path):
     out = tmp_path / "run"
     proc = _ftsim(
         [
-            "--site", f"financial={DATA / 'financial/train.jsonl'}:{DATA / 'financial/eval.jsonl'}",
-            "--rounds", "1", "--local-steps", "6", "--lr", "0.001", "--max-length", "128",
-            "--set", "eval.max_examples=12", "--set", "eval.exact_match=false",
-            "--out", str(out), "--no-plots",
+            "--site",
+            f"financial={DATA / 'financial/train.jsonl'}:{DATA / 'financial/eval.jsonl'}",
+            "--rounds",
+            "1",
+            "--local-steps",
+            "6",
+            "--lr",
+            "0.001",
+            "--max-length",
+            "128",
+            "--set",
+            "eval.max_examples=12",
+            "--set",
+            "eval.exact_match=false",
+            "--out",
+            str(out),
+            "--no-plots",
         ],
         timeout=900,
     )
@@ -160,10 +200,30 @@ def test_sigterm_leaves_no_process_behind(tiny_model_dir, tmp_path):
 
     before = _ray_processes()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedtune.simulations.cli", "--model", str(tiny_model_dir),
-         "--site", f"a={DATA / 'legal/train.jsonl'}", "--rounds", "50", "--local-steps", "50",
-         "--batch-size", "2", "--set", "peft.r=4", "--set", "eval.max_examples=2", "--out", str(tmp_path / "run")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fedtune.simulations.cli",
+            "--model",
+            str(tiny_model_dir),
+            "--site",
+            f"a={DATA / 'legal/train.jsonl'}",
+            "--rounds",
+            "50",
+            "--local-steps",
+            "50",
+            "--batch-size",
+            "2",
+            "--set",
+            "peft.r=4",
+            "--set",
+            "eval.max_examples=2",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.time() + 240
     while time.time() < deadline and not (tmp_path / "run" / "metrics.json").exists():
@@ -186,12 +246,28 @@ def test_resume_after_kill_9_and_from_a_corrupted_checkpoint(tiny_model_dir, tmp
 
     out = tmp_path / "run"
     args = [
-        "--model", str(tiny_model_dir), "--site", f"a={DATA / 'legal/train.jsonl'}", "--site", f"b={DATA / 'medical/train.jsonl'}",
-        "--local-steps", "2", "--batch-size", "2", "--set", "peft.r=4", "--set", "eval.max_examples=2", "--set", "eval.exact_match=false",
+        "--model",
+        str(tiny_model_dir),
+        "--site",
+        f"a={DATA / 'legal/train.jsonl'}",
+        "--site",
+        f"b={DATA / 'medical/train.jsonl'}",
+        "--local-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--set",
+        "peft.r=4",
+        "--set",
+        "eval.max_examples=2",
+        "--set",
+        "eval.exact_match=false",
     ]
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedtune.simulations.cli", *args, "--rounds", "40", "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
     def recorded() -> list[int]:
@@ -279,12 +355,34 @@ def test_qlora_through_ftsim_with_merged_export(tiny_model_dir_64, tmp_path):
     out = tmp_path / "run"
     proc = _ftsim(
         [
-            "--model", str(tiny_model_dir_64), "--peft", "qlora", "--merged",
-            "--site", f"medical={DATA / 'medical/train.jsonl'}:{DATA / 'medical/eval.jsonl'}",
-            "--site", f"legal={DATA / 'legal/train.jsonl'}:{DATA / 'legal/eval.jsonl'}",
-            "--rounds", "1", "--local-steps", "4", "--batch-size", "2", "--max-length", "160", "--lr", "1e-2",
-            "--set", "eval.max_examples=4", "--set", "eval.exact_match=false", "--set", "peft.r=4", "--no-plots",
-            "--out", str(out),
+            "--model",
+            str(tiny_model_dir_64),
+            "--peft",
+            "qlora",
+            "--merged",
+            "--site",
+            f"medical={DATA / 'medical/train.jsonl'}:{DATA / 'medical/eval.jsonl'}",
+            "--site",
+            f"legal={DATA / 'legal/train.jsonl'}:{DATA / 'legal/eval.jsonl'}",
+            "--rounds",
+            "1",
+            "--local-steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "160",
+            "--lr",
+            "1e-2",
+            "--set",
+            "eval.max_examples=4",
+            "--set",
+            "eval.exact_match=false",
+            "--set",
+            "peft.r=4",
+            "--no-plots",
+            "--out",
+            str(out),
         ],
         timeout=600,
     )
@@ -294,14 +392,35 @@ def test_qlora_through_ftsim_with_merged_export(tiny_model_dir_64, tmp_path):
     doc = json.loads((out / "metrics.json").read_text())
     r1 = doc["rounds"][1]
     assert r1["accepted"] == 2 and doc["fedtune"]["peft"] == "qlora"
-    assert r1["trainable_params"] == doc["trainable_params"] and 4 * doc["trainable_params"] <= r1["update_bytes"] < 4 * doc["trainable_params"] + 256
+    assert (
+        r1["trainable_params"] == doc["trainable_params"]
+        and 4 * doc["trainable_params"] <= r1["update_bytes"] < 4 * doc["trainable_params"] + 256
+    )
     assert r1["aggregate"]["eval_loss"] < doc["rounds"][0]["aggregate"]["eval_loss"]
 
     from fedtune.common import fteval
 
     scores = tmp_path / "s.json"
-    assert fteval.main(["--adapter", str(out / "adapter"), "--data", str(DATA / "medical/eval.jsonl"), "--max-examples", "4",
-                        "--max-length", "160", "--no-generate", "--device", "cpu", "--out", str(scores)]) == 0
+    assert (
+        fteval.main(
+            [
+                "--adapter",
+                str(out / "adapter"),
+                "--data",
+                str(DATA / "medical/eval.jsonl"),
+                "--max-examples",
+                "4",
+                "--max-length",
+                "160",
+                "--no-generate",
+                "--device",
+                "cpu",
+                "--out",
+                str(scores),
+            ]
+        )
+        == 0
+    )
     assert json.loads(scores.read_text())["loss"] == pytest.approx(r1["sites"]["medical"]["eval_loss"], abs=1e-5)
     from transformers import AutoModelForCausalLM
 
@@ -342,11 +461,17 @@ def test_partitioned_sites_mixed_ranks_and_dp_under_secure_aggregation(tiny_mode
     assert [r["round"] for r in doc["rounds"]] == [0, 1, 2] and "privacy budget" in doc["stopped"]
     for r, eps in zip(doc["rounds"][1:], (4.753, 7.088)):
         assert r["accepted"] == 3 and r["secure_aggregation"]["summed_weight"] == 3
-        assert r["privacy"]["epsilon"] == pytest.approx(eps, abs=1e-3) and r["privacy"]["noise"].startswith("distributed")
+        assert r["privacy"]["epsilon"] == pytest.approx(eps, abs=1e-3) and r["privacy"]["noise"].startswith(
+            "distributed"
+        )
         assert r["sites"]["site-1"]["rank"] == 2 and "rank" not in r["sites"]["site-2"]
         assert "aggregation_error" not in r  # the coordinator sees no single update
     report = (out / "report.md").read_text()
-    assert "## Aggregation and privacy" in report and "site-1 r=2" in report and "**stopped early**: privacy budget" in report
+    assert (
+        "## Aggregation and privacy" in report
+        and "site-1 r=2" in report
+        and "**stopped early**: privacy budget" in report
+    )
     assert "## Sites' data" in report and "client-level differential privacy" in report
     for name, site in composition["sites"].items():
         assert f"| {name} | {site['records']} | " in report

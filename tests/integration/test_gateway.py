@@ -53,9 +53,18 @@ class Attacker:
             "flwr-signature": b64encode(sign_message(key, ts.encode("ascii"))).decode(),
         }
 
-    def post(self, path: str, msg, *, key: ec.EllipticCurvePrivateKey | None = None, target: str | None = None) -> httpx.Response:
-        headers = {"content-type": "application/protobuf", "accept": "application/protobuf", **VERSION, **self.signed(key or self.key)}
-        req = self.client.build_request("POST", f"https://{self.base}{path}", content=msg.SerializeToString(), headers=headers)
+    def post(
+        self, path: str, msg, *, key: ec.EllipticCurvePrivateKey | None = None, target: str | None = None
+    ) -> httpx.Response:
+        headers = {
+            "content-type": "application/protobuf",
+            "accept": "application/protobuf",
+            **VERSION,
+            **self.signed(key or self.key),
+        }
+        req = self.client.build_request(
+            "POST", f"https://{self.base}{path}", content=msg.SerializeToString(), headers=headers
+        )
         if target is not None:  # the request line exactly as given: httpx would normalise ../ and //
             req.extensions["target"] = target.encode()
         return self.client.send(req)
@@ -74,7 +83,9 @@ def flower_error_code(r: httpx.Response) -> int | None:
 
 def node_id_of(db: Path, key) -> int:
     with sqlite3.connect(db) as c:
-        (nid,) = c.execute("SELECT node_id FROM node WHERE public_key = ?", (public_key_to_bytes(key.public_key()),)).fetchone()
+        (nid,) = c.execute(
+            "SELECT node_id FROM node WHERE public_key = ?", (public_key_to_bytes(key.public_key()),)
+        ).fetchone()
     return nid + (1 << 64) if nid < 0 else nid
 
 
@@ -82,7 +93,11 @@ def oversized_declared(host: str, port: int, ca: Path) -> bytes:
     """Headers announcing a 10 GB push-object, and no body: refused at once, nothing read."""
     ctx = ssl.create_default_context(cafile=str(ca))
     with socket.create_connection((host, port), timeout=30) as raw, ctx.wrap_socket(raw, server_hostname=host) as s:
-        s.sendall(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Type: application/protobuf\r\nContent-Length: 10000000000\r\n\r\n")
+        s.sendall(
+            b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: "
+            + host.encode()
+            + b"\r\nContent-Type: application/protobuf\r\nContent-Length: 10000000000\r\n\r\n"
+        )
         return s.recv(4096)
 
 
@@ -101,8 +116,17 @@ def attack(a: Attacker, db: Path, port: int, ca: Path) -> dict[str, tuple[bool, 
     # Control API: a Sybil node, a run whose ServerApp would run on the coordinator, and the rest.
     fab = fab_pb2.Fab(hash_str="0" * 64, content=b"PK\x05\x06" + b"\0" * 18)
     gw("control start-run", a.post("/v1/control/start-run", control_pb2.StartRunRequest(fab=fab)))
-    gw("control register-node", a.post("/v1/control/register-node", control_pb2.RegisterNodeRequest(public_key=public_key_to_bytes(sybil.public_key()), name="sybil")))
-    gw("control unregister-node", a.post("/v1/control/unregister-node", control_pb2.UnregisterNodeRequest(node_id=alpha_id)))
+    gw(
+        "control register-node",
+        a.post(
+            "/v1/control/register-node",
+            control_pb2.RegisterNodeRequest(public_key=public_key_to_bytes(sybil.public_key()), name="sybil"),
+        ),
+    )
+    gw(
+        "control unregister-node",
+        a.post("/v1/control/unregister-node", control_pb2.UnregisterNodeRequest(node_id=alpha_id)),
+    )
     gw("control stop-run", a.post("/v1/control/stop-run", control_pb2.StopRunRequest(run_id=run_id)))
     gw("control list-runs", a.post("/v1/control/list-runs", control_pb2.ListRunsRequest()))
     gw("control list-nodes", a.post("/v1/control/list-nodes", control_pb2.ListNodesRequest()))
@@ -125,10 +149,20 @@ def attack(a: Attacker, db: Path, port: int, ca: Path) -> dict[str, tuple[bool, 
     ):
         gw(f"path {target}", a.post("/v1/control/list-runs", control_pb2.ListRunsRequest(), target=target))
     # The Fleet API's own node enrolment: forwarded, and refused by Flower (site authentication on).
-    r = a.post("/v1/fleet/register-node", fleet_pb2.RegisterNodeFleetRequest(public_key=public_key_to_bytes(sybil.public_key())), key=sybil)
-    out["fleet register-node"] = (r.status_code == 412 and flower_error_code(r) == 2001, f"{r.status_code} {r.text[:160]!r}")
+    r = a.post(
+        "/v1/fleet/register-node",
+        fleet_pb2.RegisterNodeFleetRequest(public_key=public_key_to_bytes(sybil.public_key())),
+        key=sybil,
+    )
+    out["fleet register-node"] = (
+        r.status_code == 412 and flower_error_code(r) == 2001,
+        f"{r.status_code} {r.text[:160]!r}",
+    )
     r = a.post("/v1/fleet/unregister-node", fleet_pb2.UnregisterNodeFleetRequest(node_id=alpha_id))
-    out["fleet unregister-node"] = (r.status_code == 412 and flower_error_code(r) == 2002, f"{r.status_code} {r.text[:160]!r}")
+    out["fleet unregister-node"] = (
+        r.status_code == 412 and flower_error_code(r) == 2002,
+        f"{r.status_code} {r.text[:160]!r}",
+    )
     # Bodies over the cap (64 MB by default): announced, and streamed without a length.
     reply = oversized_declared("localhost", port, ca)
     out["oversized declared"] = (reply.startswith(b"HTTP/1.1 413"), repr(reply[:80]))
@@ -174,11 +208,18 @@ def test_attacker_on_the_public_port_gets_only_the_fleet_api(federation, tmp_pat
     with sqlite3.connect(db) as c:
         nodes = {bytes(k): status for k, status in c.execute("SELECT public_key, status FROM node")}
         assert c.execute("SELECT count(*) FROM run").fetchone()[0] == 1
-    site_keys = {public_key_to_bytes(serialization.load_ssh_private_key(k.read_bytes(), None).public_key()) for k in keys.values()}
+    site_keys = {
+        public_key_to_bytes(serialization.load_ssh_private_key(k.read_bytes(), None).public_key())
+        for k in keys.values()
+    }
     assert set(nodes) == site_keys and "unregistered" not in nodes.values(), nodes.values()
     # Refusals are logged by the gateway; nothing of ftserver's is left running.
     assert "refused POST b'/v1/control/start-run'" in (state / "gateway.log").read_text()
-    leftovers = [p.info for p in psutil.process_iter(["pid", "cmdline"]) if any(str(fed.out) in part for part in (p.info["cmdline"] or []))]
+    leftovers = [
+        p.info
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if any(str(fed.out) in part for part in (p.info["cmdline"] or []))
+    ]
     assert not leftovers, leftovers
     for port in (fed.port, int(internal.rsplit(":", 1)[1])):
         with pytest.raises(OSError):

@@ -47,7 +47,9 @@ def test_flower_defaults_give_the_weighted_mean_within_the_bound(vectors):
     assert _max_err(unweighted, weighted) > 3 * bound
     assert _max_err(r.aggregate, unweighted) > bound
     # Against the mean over Flower's quantized weights, only the quantization error remains.
-    assert _max_err(r.aggregate, fs.reference_mean(vectors, WEIGHTS, quantized=True)) < fs.aggregate_error_bound(WEIGHTS)
+    assert _max_err(r.aggregate, fs.reference_mean(vectors, WEIGHTS, quantized=True)) < fs.aggregate_error_bound(
+        WEIGHTS
+    )
     # Masked int64 vector + 1-element weight array, each with a 128-byte .npy header.
     assert r.upload_bytes == 8 * 1000 + 8 + 2 * 128
     assert 8.0 <= r.upload_bytes_per_param < 8.3
@@ -78,11 +80,15 @@ def test_our_secure_round_agrees_with_flowers_secaggplus_on_the_same_inputs(vect
     kw = {"max_weight": 10.0, "clipping_range": 0.01}
     theirs = fs.flower_secaggplus(vectors, WEIGHTS, **kw)
     mine = ours.fedtune_round(vectors, WEIGHTS, secure=True, clip=0.01, max_weight=100)
-    bound = ours.our_error_bound(WEIGHTS, clip=0.01, max_weight=100) + fs.aggregate_error_bound(WEIGHTS, max_abs=0.01, **kw)
+    bound = ours.our_error_bound(WEIGHTS, clip=0.01, max_weight=100) + fs.aggregate_error_bound(
+        WEIGHTS, max_abs=0.01, **kw
+    )
     assert bound < 2e-7
     assert _max_err(mine["aggregate"], theirs.aggregate) <= bound
     # Both are the weighted mean, not something that merely agrees with the other.
-    assert _max_err(mine["aggregate"], fs.reference_mean(vectors, WEIGHTS)) <= ours.our_error_bound(WEIGHTS, clip=0.01, max_weight=100)
+    assert _max_err(mine["aggregate"], fs.reference_mean(vectors, WEIGHTS)) <= ours.our_error_bound(
+        WEIGHTS, clip=0.01, max_weight=100
+    )
     assert _max_err(mine["aggregate"], np.mean(vectors, axis=0)) > 1e3 * bound
     # Ours uploads 4 bytes a value (and 4 for the weight beside them), Flower's 8; ours never saw a site's update in the clear.
     assert mine["upload"] == pytest.approx(4.0 * 1001 / 1000) and theirs.upload_bytes_per_param > 8.0

@@ -106,7 +106,9 @@ def test_delta_and_apply_delta_hand_computed():
 
 
 def test_delta_upcasts_half():
-    d = adapters.delta({"a": torch.tensor([1.0], dtype=torch.bfloat16)}, {"a": torch.tensor([0.25], dtype=torch.float16)})
+    d = adapters.delta(
+        {"a": torch.tensor([1.0], dtype=torch.bfloat16)}, {"a": torch.tensor([0.25], dtype=torch.float16)}
+    )
     assert d["a"].dtype == torch.float32 and d["a"].item() == 0.75
 
 
@@ -195,7 +197,11 @@ def test_save_adapter_loads_with_peft_and_gives_same_logits(tmp_path, tiny_peft_
     x = torch.tensor([[1, 10, 20, 30, 40, 2]])
     with torch.no_grad():
         expected = model(input_ids=x).logits
-    pc = methods.peft_config(None, tiny_config.peft, 0, base_name=tiny_config.model.name) if which_config == "from_settings" else model.peft_config["default"]
+    pc = (
+        methods.peft_config(None, tiny_config.peft, 0, base_name=tiny_config.model.name)
+        if which_config == "from_settings"
+        else model.peft_config["default"]
+    )
     out = save_adapter(tmp_path / "adapter", state, pc)
     assert sorted(os.listdir(out)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST])
     cfg = json.loads((out / ADAPTER_CONFIG).read_text())

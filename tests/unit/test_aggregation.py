@@ -281,7 +281,9 @@ def test_fedprox_server_step_is_fedavgs():
     x = OrderedDict(a=np.array([1.0, -2.0], np.float32))
     d = OrderedDict(a=np.array([0.25, 0.5], np.float32))
     assert np.array_equal(ServerOptimizer("fedprox").step(x, d)["a"], np.array([1.25, -1.5], np.float32))
-    assert np.array_equal(ServerOptimizer("fedprox", lr=2.0).step(x, d)["a"], ServerOptimizer("fedavg", lr=2.0).step(x, d)["a"])
+    assert np.array_equal(
+        ServerOptimizer("fedprox", lr=2.0).step(x, d)["a"], ServerOptimizer("fedavg", lr=2.0).step(x, d)["a"]
+    )
 
 
 def test_capped_mean_equals_the_weighted_mean_with_capped_weights():
@@ -291,9 +293,14 @@ def test_capped_mean_equals_the_weighted_mean_with_capped_weights():
 
     rng = np.random.default_rng(0)
     counts = [10, 30, 1e7, 10, 40]
-    updates = [OrderedDict(a=rng.normal(size=(3, 2)).astype(np.float32), b=rng.normal(size=(4,)).astype(np.float32)) for _ in counts]
+    updates = [
+        OrderedDict(a=rng.normal(size=(3, 2)).astype(np.float32), b=rng.normal(size=(4,)).astype(np.float32))
+        for _ in counts
+    ]
     assert lower_median(counts) == 30 and lower_median([100, 1e7]) == 100
-    assert capped_weights(counts, 3.0) == [10, 30, 90, 10, 40] and capped_weights(counts, None) == [float(c) for c in counts]
+    assert capped_weights(counts, 3.0) == [10, 30, 90, 10, 40] and capped_weights(counts, None) == [
+        float(c) for c in counts
+    ]
     m = CappedMean(3.0)
     for u, n in zip(updates, counts):
         m.add(u, n)

@@ -31,9 +31,22 @@ NAMES = ("medical", "financial")
 def test_the_plan_counts_only_the_steps_that_reached_the_global_adapter():
     rounds = [
         {"round": 0, "sites": {"a": {"eval_loss": 1.0}}},
-        {"round": 1, "sites": {"a": {"status": "ok", "steps": 3}, "b": {"status": "ok", "steps": 2}, "c": {"status": "rejected", "steps": 3}}},
+        {
+            "round": 1,
+            "sites": {
+                "a": {"status": "ok", "steps": 3},
+                "b": {"status": "ok", "steps": 2},
+                "c": {"status": "rejected", "steps": 3},
+            },
+        },
         {"round": 2, "skipped": "too few sites drawn", "sites": {}},
-        {"round": 3, "sites": {"a": {"status": "ok", "steps": 3, "summed": False}, "b": {"status": "ok", "steps": 4, "summed": True}}},
+        {
+            "round": 3,
+            "sites": {
+                "a": {"status": "ok", "steps": 3, "summed": False},
+                "b": {"status": "ok", "steps": 4, "summed": True},
+            },
+        },
     ]
     plan = baselines.plan_of(rounds)
     assert plan.alone("a") == [(1, 3)]
@@ -47,7 +60,9 @@ def test_the_plan_counts_only_the_steps_that_reached_the_global_adapter():
 
 
 def test_scores_are_weighted_by_examples():
-    mean = weighted_scores([{"eval_loss": 1.0, "exact_match": 0.5, "eval_examples": 3}, {"eval_loss": 3.0, "eval_examples": 1}, None])
+    mean = weighted_scores(
+        [{"eval_loss": 1.0, "exact_match": 0.5, "eval_examples": 3}, {"eval_loss": 3.0, "eval_examples": 1}, None]
+    )
     assert mean == {"eval_loss": 1.5, "exact_match": 0.5}
 
 
@@ -62,8 +77,17 @@ def federate(tiny_config, tmp_path, **train):
     data["train"].update({"local_steps": 3, "lr": 1e-2, **train})
     data["eval"]["forgetting"] = False
     data["federation"]["sites"] = [
-        {"name": "medical", "train": str(DATA_DIR / "medical" / "train.jsonl"), "eval": str(DATA_DIR / "medical" / "eval.jsonl")},
-        {"name": "financial", "train": str(DATA_DIR / "financial" / "train.jsonl"), "eval": str(DATA_DIR / "financial" / "eval.jsonl"), "rank": 2},
+        {
+            "name": "medical",
+            "train": str(DATA_DIR / "medical" / "train.jsonl"),
+            "eval": str(DATA_DIR / "medical" / "eval.jsonl"),
+        },
+        {
+            "name": "financial",
+            "train": str(DATA_DIR / "financial" / "train.jsonl"),
+            "eval": str(DATA_DIR / "financial" / "eval.jsonl"),
+            "rank": 2,
+        },
     ]
     cfg = load_config(None, base=data)
     grid, files = real_sites(NAMES, {"financial": 2})
@@ -97,8 +121,13 @@ def test_baselines_run_at_the_federations_compute_and_seed(federated_run, monkey
     assert [c["round"] for c in calls] == [1, 2, 1, 2, 1, 2]
     assert sum(per_training) == 2 * 12  # alone and pooled each spend the federation's compute
     # The same seed a site trains with in the federation; the pooled run has its own, and all the data.
-    sizes = {name: len(client_app.site_state(f, cfg, client_app.runtime(cfg, "cpu")).train_items) for name, f in zip(NAMES, client_app.sites_from_config(cfg))}
-    assert calls[0]["seed"] == client_app.site_seed(cfg, "medical") and calls[2]["seed"] == client_app.site_seed(cfg, "financial")
+    sizes = {
+        name: len(client_app.site_state(f, cfg, client_app.runtime(cfg, "cpu")).train_items)
+        for name, f in zip(NAMES, client_app.sites_from_config(cfg))
+    }
+    assert calls[0]["seed"] == client_app.site_seed(cfg, "medical") and calls[2]["seed"] == client_app.site_seed(
+        cfg, "financial"
+    )
     assert calls[4]["items"] == sum(sizes.values()) and calls[4]["seed"] not in (calls[0]["seed"], calls[2]["seed"])
 
     # Every site has a score under every training; base and federation are the run's own rounds.
@@ -110,8 +139,18 @@ def test_baselines_run_at_the_federations_compute_and_seed(federated_run, monkey
         assert s["alone"]["eval_loss"] < s["base"]["eval_loss"]  # training alone helps its own data at lr 1e-2
     assert set(doc["mean"]) == {"base", "alone", "pooled", "federation"}
     # Adapters are kept; financial alone trained at its own rank 2.
-    assert load_adapter_state(out / "baselines" / "alone" / "financial")["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 2
-    assert load_adapter_state(out / "baselines" / "pooled")["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 4
+    assert (
+        load_adapter_state(out / "baselines" / "alone" / "financial")[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        ].shape[0]
+        == 2
+    )
+    assert (
+        load_adapter_state(out / "baselines" / "pooled")[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        ].shape[0]
+        == 4
+    )
     assert any("ETA" in line for line in said) and any("financial alone: round 2/2" in line for line in said)
 
     # A second call (ftsim --resume DIR --baselines) reuses what is done: no training.
@@ -144,8 +183,17 @@ def test_the_report_shows_the_baselines_table_and_plot(federated_run):
         baselines.plan_of(rs.rounds),
         rs.rounds,
         {
-            "alone": {"medical": {"steps": 6, "score": {"eval_loss": 2.0, "exact_match": 0.5, "eval_examples": 4}}, "financial": {"steps": 6, "score": None}},
-            "pooled": {"steps": 12, "scores": {"medical": {"eval_loss": 1.5, "eval_examples": 4}, "financial": {"eval_loss": 1.0, "eval_examples": 4}}},
+            "alone": {
+                "medical": {"steps": 6, "score": {"eval_loss": 2.0, "exact_match": 0.5, "eval_examples": 4}},
+                "financial": {"steps": 6, "score": None},
+            },
+            "pooled": {
+                "steps": 12,
+                "scores": {
+                    "medical": {"eval_loss": 1.5, "eval_examples": 4},
+                    "financial": {"eval_loss": 1.0, "eval_examples": 4},
+                },
+            },
         },
         list(NAMES),
     )
@@ -155,16 +203,24 @@ def test_the_report_shows_the_baselines_table_and_plot(federated_run):
     assert "federation 12 (medical 6, financial 6); alone medical 6, financial 6; pooled 12" in md
     fed = rs.rounds[-1]["sites"]["medical"]["eval_loss"]
     better = "better" if fed < 2.0 else "worse"
-    assert f"| medical | {rs.rounds[0]['sites']['medical']['eval_loss']:.3f} | 2.000 | 1.500 | {fed:.3f} | {fed - 2.0:+.3f} ({better}) |" in md
+    assert (
+        f"| medical | {rs.rounds[0]['sites']['medical']['eval_loss']:.3f} | 2.000 | 1.500 | {fed:.3f} | {fed - 2.0:+.3f} ({better}) |"
+        in md
+    )
     assert "| financial |" in md and "| – | 1.000 |" in md  # financial alone has no score
     # The verdict counts only sites scored under both (financial alone has no score).
-    assert f"- eval loss: the federation did better than the site alone at {int(fed < 2.0)} of 1 site(s); all data pooled did best of the four at 1 of 1" in md
+    assert (
+        f"- eval loss: the federation did better than the site alone at {int(fed < 2.0)} of 1 site(s); all data pooled did best of the four at 1 of 1"
+        in md
+    )
     html = (out / "report.html").read_text()
     assert (out / "baselines.png").stat().st_size > 1000
     assert html.count("data:image/png;base64,") == md.count("](") and 'alt="baselines.png"' in html
 
 
-def test_with_local_early_stopping_the_baselines_get_the_planned_budget_and_stop_by_the_same_rule(tiny_config, tmp_path, monkeypatch):
+def test_with_local_early_stopping_the_baselines_get_the_planned_budget_and_stop_by_the_same_rule(
+    tiny_config, tmp_path, monkeypatch
+):
     # lr 0.5 overshoots at once: every site's validation loss stops improving and rounds end early.
     cfg, out, rs = federate(tiny_config, tmp_path, local_steps=6, lr=0.5, local_patience=1, local_eval_every=1)
     ran = {n: sum(r["sites"][n]["steps"] for r in rs.rounds[1:]) for n in NAMES}

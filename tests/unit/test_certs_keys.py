@@ -23,7 +23,10 @@ def test_server_certificate_is_signed_by_the_ca_for_the_given_hosts(tmp_path):
     server.verify_directly_issued_by(ca)  # raises if the signature or issuer is wrong
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["coordinator.example", "localhost"]
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("127.0.0.1")]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("10.1.2.3"),
+        ipaddress.ip_address("127.0.0.1"),
+    ]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert 29 <= (server.not_valid_after_utc - server.not_valid_before_utc).days <= 31

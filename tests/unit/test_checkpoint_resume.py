@@ -59,7 +59,9 @@ def run_two_rounds(tiny_config, out: Path, **federation):
     return cfg, grid
 
 
-@pytest.mark.parametrize("damage", ["empty manifest", "files as a list", "weights not safetensors", "server state not json"])
+@pytest.mark.parametrize(
+    "damage", ["empty manifest", "files as a list", "weights not safetensors", "server state not json"]
+)
 def test_resume_falls_back_a_round_when_the_last_checkpoint_cannot_be_loaded(tiny_config, tmp_path, damage):
     """Round 2's checkpoint is damaged so that it verifies (or not) but cannot load: resume says
     why and continues from round 1 instead of failing in safetensors or json."""
@@ -72,7 +74,11 @@ def test_resume_falls_back_a_round_when_the_last_checkpoint_cannot_be_loaded(tin
     elif damage == "files as a list":
         (d / MANIFEST).write_text('{"files": []}')
     else:  # content whose hash the manifest records: it verifies, and fails to load
-        name, data = (ADAPTER_WEIGHTS, b"not a safetensors file") if damage.startswith("weights") else (server.SERVER_STATE, b"{not json")
+        name, data = (
+            (ADAPTER_WEIGHTS, b"not a safetensors file")
+            if damage.startswith("weights")
+            else (server.SERVER_STATE, b"{not json")
+        )
         (d / name).write_bytes(data)
         manifest["files"][name] = ck._sha256(data)
         (d / MANIFEST).write_text(json.dumps(manifest))
@@ -135,7 +141,10 @@ def test_a_run_that_cannot_fit_its_checkpoints_refuses_to_start_and_says_why(tin
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(server.shutil, "disk_usage", lambda p: usage._replace(free=50_000))
     cfg = tiny_run_config(tiny_config)
-    with pytest.raises(server.FederationError, match=r"MB free on its disk, about .* MB needed: 6 copies of a .* MB checkpoint \(output.keep_checkpoints 3"):
+    with pytest.raises(
+        server.FederationError,
+        match=r"MB free on its disk, about .* MB needed: 6 copies of a .* MB checkpoint \(output.keep_checkpoints 3",
+    ):
         server.run_federation(FakeGrid({1: constant(1e-3, name="a")}), cfg, tmp_path / "run", lambda s: None)
 
 
@@ -143,10 +152,18 @@ def deploy_context(out: Path, cfg) -> object:
     from flwr.app import Context, RecordDict
 
     (out.parent / "cfg.json").write_text(cfg.to_json())
-    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"config-path": str(out.parent / "cfg.json"), "out-dir": str(out), "resume": False})
+    return Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={"config-path": str(out.parent / "cfg.json"), "out-dir": str(out), "resume": False},
+    )
 
 
-def test_the_error_path_reports_a_full_disk_even_when_nothing_can_be_written(tiny_config, tmp_path, monkeypatch, capsys):
+def test_the_error_path_reports_a_full_disk_even_when_nothing_can_be_written(
+    tiny_config, tmp_path, monkeypatch, capsys
+):
     """Every write fails with ENOSPC (simulated): the ServerApp still ends with its status, on
     stderr, and ftserver reads 'disk full' from it, not 'ended without a result'."""
     from fedtune.server import deploy
@@ -162,7 +179,9 @@ def test_the_error_path_reports_a_full_disk_even_when_nothing_can_be_written(tin
     monkeypatch.setattr(deploy, "atomic_write_json", no_space)
     monkeypatch.setattr(deploy, "atomic_write_bytes", no_space)
     real_open = open
-    monkeypatch.setattr("builtins.open", lambda f, *a, **k: no_space() if str(f).endswith(deploy.SERVER_LOG) else real_open(f, *a, **k))
+    monkeypatch.setattr(
+        "builtins.open", lambda f, *a, **k: no_space() if str(f).endswith(deploy.SERVER_LOG) else real_open(f, *a, **k)
+    )
     out = tmp_path / "run"
     with pytest.raises(OSError):
         deploy.main(None, deploy_context(out, tiny_run_config(tiny_config)))
@@ -179,7 +198,10 @@ def tiny_disk(tmp_path):
 
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

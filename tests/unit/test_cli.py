@@ -17,8 +17,21 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "simulations" / "data"
 
 def test_fteval_scores_base_and_adapter(tiny_model_dir, tiny_config, tiny_peft_model, tmp_path, capsys):
     data = DATA_DIR / "financial" / "eval.jsonl"
-    args = ["--model", str(tiny_model_dir), "--data", str(data), "--max-examples", "5", "--max-new-tokens", "3", "--device", "cpu"]
-    assert fteval.main([*args, "--labels", "groceries,travel,utilities,salary", "--out", str(tmp_path / "base.json")]) == 0
+    args = [
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--max-examples",
+        "5",
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+    ]
+    assert (
+        fteval.main([*args, "--labels", "groceries,travel,utilities,salary", "--out", str(tmp_path / "base.json")]) == 0
+    )
     base = json.loads((tmp_path / "base.json").read_text())
     assert base["examples"] == 5 and base["format"] == "prompt_completion"
     assert base["loss"] > 0 and 0 <= base["exact_match"] <= 1 and 0 <= base["label_accuracy"] <= 1
@@ -28,7 +41,9 @@ def test_fteval_scores_base_and_adapter(tiny_model_dir, tiny_config, tiny_peft_m
     # An adapter pushed far from its init must change the loss that fteval reports.
     model, _, _ = tiny_peft_model
     state = {k: v + 0.5 for k, v in methods.get_state(model).items()}
-    save_adapter(tmp_path / "adapter", state, methods.peft_config(None, tiny_config.peft, 0, base_name=str(tiny_model_dir)))
+    save_adapter(
+        tmp_path / "adapter", state, methods.peft_config(None, tiny_config.peft, 0, base_name=str(tiny_model_dir))
+    )
     # No --model: the adapter's recorded base is used.
     rest = args[2:]
     assert fteval.main(["--adapter", str(tmp_path / "adapter"), *rest, "--out", str(tmp_path / "ad.json")]) == 0
@@ -43,7 +58,12 @@ def test_fteval_bad_input_names_the_file(tiny_model_dir, tmp_path, capsys):
     assert fteval.main(["--model", str(tiny_model_dir), "--data", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "line 1" in err and "completion" in err
-    assert fteval.main(["--model", str(tiny_model_dir), "--data", str(DATA_DIR / "legal/eval.jsonl"), "--adapter", str(tmp_path)]) == 2
+    assert (
+        fteval.main(
+            ["--model", str(tiny_model_dir), "--data", str(DATA_DIR / "legal/eval.jsonl"), "--adapter", str(tmp_path)]
+        )
+        == 2
+    )
     assert "not a PEFT adapter folder" in capsys.readouterr().err
 
 
@@ -62,7 +82,9 @@ def test_ftclient_check_reports_counts_and_problems(tiny_model_dir, tmp_path, ca
     assert "empty file" in capsys.readouterr().err
 
 
-def test_ftclient_check_reports_a_50_mb_line_deep_nesting_and_a_lone_surrogate_at_their_lines(tiny_model_dir, tmp_path, capsys):
+def test_ftclient_check_reports_a_50_mb_line_deep_nesting_and_a_lone_surrogate_at_their_lines(
+    tiny_model_dir, tmp_path, capsys
+):
     """Issue 15: a 50 MB single line once took 9.2 GB and was still running at 150 s; nested JSON
     gave a RecursionError traceback; a lone surrogate crashed tokenization without a location."""
     import time
@@ -120,10 +142,19 @@ def pki(tmp_path):
         (lambda t, p: ["--out", str(t / "r")], "TLS is on: pass --certs DIR"),
         (lambda t, p: ["--out", str(t / "r"), "--certs", str(t)], "missing ca.crt, server.crt, server.key"),
         (lambda t, p: ["--out", str(t / "r"), "--certs", str(p["pki"])], "pass --authorized-keys DIR"),
-        (lambda t, p: ["--out", str(t / "r"), "--certs", str(p["pki"]), "--authorized-keys", str(t / "nope")], "not a folder"),
+        (
+            lambda t, p: ["--out", str(t / "r"), "--certs", str(p["pki"]), "--authorized-keys", str(t / "nope")],
+            "not a folder",
+        ),
         (lambda t, p: ["--out", str(t / "r"), "--insecure", "--port", "70000"], "--port 70000: expected 1..65535"),
-        (lambda t, p: ["--out", str(t / "r"), "--insecure", "--set", "federation.sites_per_round=0"], "federation.sites_per_round"),
-        (lambda t, p: ["--out", str(t / "r"), "--insecure", "--min-sites", "3", "--expected-sites", "2"], "expected_sites (2) is below min_sites (3)"),
+        (
+            lambda t, p: ["--out", str(t / "r"), "--insecure", "--set", "federation.sites_per_round=0"],
+            "federation.sites_per_round",
+        ),
+        (
+            lambda t, p: ["--out", str(t / "r"), "--insecure", "--min-sites", "3", "--expected-sites", "2"],
+            "expected_sites (2) is below min_sites (3)",
+        ),
         (lambda t, p: ["--resume", str(t / "nothing")], "nothing to resume"),
         (lambda t, p: ["--resume", str(t), "--out", str(t)], "don't combine it with --config or --out"),
     ],
@@ -136,7 +167,10 @@ def test_ftserver_refuses_bad_input_naming_what_is_wrong(make_args, expected, pk
 
 def test_ftserver_names_a_bad_site_key_file(pki, tmp_path, capsys):
     (pki["keys"] / "mallory.pub").write_text("ssh-rsa AAAA not-a-key\n")
-    assert ftserver.main(["--out", str(tmp_path / "r"), "--certs", str(pki["pki"]), "--authorized-keys", str(pki["keys"])]) == 2
+    assert (
+        ftserver.main(["--out", str(tmp_path / "r"), "--certs", str(pki["pki"]), "--authorized-keys", str(pki["keys"])])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "mallory.pub" in err and "ftclient keygen" in err
 
@@ -156,8 +190,14 @@ def test_ftserver_will_not_overwrite_a_run(pki, tmp_path, capsys):
         (lambda d, p: ["--server", "h:8000", "--data", "/no/such.jsonl"], "--data /no/such.jsonl: file not found"),
         (lambda d, p: ["--server", "h:8000", "--data", d], "TLS is on: pass --ca-cert FILE"),
         (lambda d, p: ["--server", "h:8000", "--data", d, "--ca-cert", str(p["ca"])], "pass --key FILE"),
-        (lambda d, p: ["--server", "h:8000", "--data", d, "--ca-cert", d, "--key", str(p["key"])], "not a readable PEM certificate"),
-        (lambda d, p: ["--server", "h:8000", "--data", d, "--ca-cert", str(p["ca"]), "--key", str(p["ca"])], "not a readable OpenSSH private key"),
+        (
+            lambda d, p: ["--server", "h:8000", "--data", d, "--ca-cert", d, "--key", str(p["key"])],
+            "not a readable PEM certificate",
+        ),
+        (
+            lambda d, p: ["--server", "h:8000", "--data", d, "--ca-cert", str(p["ca"]), "--key", str(p["ca"])],
+            "not a readable OpenSSH private key",
+        ),
     ],
 )
 def test_ftclient_join_refuses_bad_input_before_connecting(make_args, expected, pki, capsys):
@@ -198,7 +238,11 @@ def test_node_config_quotes_paths_safely(tmp_path):
         weird = tmp_path / name / "train.jsonl"
         args = argparse.Namespace(data=str(weird), eval_data=str(weird))
         parsed = parse_config_args([node_config("site a", args)])
-        assert parsed == {"site-name": "site a", "data-path": str(weird.resolve()), "eval-data-path": str(weird.resolve())}
+        assert parsed == {
+            "site-name": "site a",
+            "data-path": str(weird.resolve()),
+            "eval-data-path": str(weird.resolve()),
+        }
     args = argparse.Namespace(data=str(tmp_path / "both'\"quotes.jsonl"), eval_data=None)
     with pytest.raises(ValueError, match="cannot be passed to Flower"):
         node_config("a", args)
@@ -224,7 +268,12 @@ def test_ftclient_site_policy_comes_from_its_own_flags(tmp_path, monkeypatch):
     base = ["--server", "h:8000", "--data", "d.jsonl"]
     strict = site_policy(join_parser().parse_args(base), tmp_path / "work")
     # ftclient's default is the strict policy: no plaintext, the site's own cache, its own folders.
-    assert not strict.allow_plaintext and strict.min_noise_multiplier is None and strict.model is None and strict.model_sha256 is None
+    assert (
+        not strict.allow_plaintext
+        and strict.min_noise_multiplier is None
+        and strict.model is None
+        and strict.model_sha256 is None
+    )
     assert strict.cache_dir == str((tmp_path / "env-cache").resolve())
     assert strict.model_roots == (str((tmp_path / "env-cache").resolve()), str((tmp_path / "work").resolve()))
     flags = [
@@ -232,7 +281,12 @@ def test_ftclient_site_policy_comes_from_its_own_flags(tmp_path, monkeypatch):
         "--cache-dir", str(tmp_path / "c"), "--model-root", str(tmp_path / "r1"), "--model-root", str(tmp_path / "r2"),
     ]  # fmt: skip
     pol = site_policy(join_parser().parse_args(base + flags), tmp_path / "work")
-    assert pol.allow_plaintext and pol.min_noise_multiplier == 1.5 and pol.model == str(tmp_path / "m") and pol.model_sha256 == "ab" * 32
+    assert (
+        pol.allow_plaintext
+        and pol.min_noise_multiplier == 1.5
+        and pol.model == str(tmp_path / "m")
+        and pol.model_sha256 == "ab" * 32
+    )
     assert pol.cache_dir == str((tmp_path / "c").resolve())
     assert {str((tmp_path / n).resolve()) for n in ("c", "r1", "r2", "work", "m")} == set(pol.model_roots)
     with pytest.raises(JoinError, match="site policy: model sha256: expected 64 hexadecimal digits"):
@@ -243,7 +297,17 @@ def test_ftclient_site_policy_comes_from_its_own_flags(tmp_path, monkeypatch):
 
 def test_ftclient_join_refuses_a_bad_pin_before_connecting(tmp_path, capsys):
     data = str(DATA_DIR / "medical" / "train.jsonl")
-    args = ["--server", "h:8000", "--data", data, "--insecure", "--work-dir", str(tmp_path / "w"), "--model-sha256", "nothex"]
+    args = [
+        "--server",
+        "h:8000",
+        "--data",
+        data,
+        "--insecure",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--model-sha256",
+        "nothex",
+    ]
     assert ftclient.main(args) == 2
     assert "site policy: model sha256" in capsys.readouterr().err
 
@@ -253,7 +317,9 @@ def test_ftsim_and_ftserver_take_the_privacy_and_rank_flags(tmp_path, capsys):
 
     d = str(DATA_DIR / "medical" / "train.jsonl")
     two = ["--site", f"a={d}", "--site", f"b={d}"]
-    cfg = ftsim.resolve_config(ftsim.build_parser().parse_args([*two, "--dp-epsilon", "8", "--dp-clip", "0.2", "--site-rank", "b=4"]))
+    cfg = ftsim.resolve_config(
+        ftsim.build_parser().parse_args([*two, "--dp-epsilon", "8", "--dp-clip", "0.2", "--site-rank", "b=4"])
+    )
     assert cfg.privacy.epsilon == 8 and cfg.privacy.clip == 0.2 and cfg.privacy.delta == 1e-5
     assert [s.rank for s in cfg.federation.sites] == [None, 4]
     assert not cfg.simulation.baselines
@@ -267,7 +333,9 @@ def test_ftsim_and_ftserver_take_the_privacy_and_rank_flags(tmp_path, capsys):
     assert "expected NAME=R" in capsys.readouterr().err
     assert ftsim.main([*two, "--dp-epsilon", "8", "--set", "federation.aggregator=median"]) == 2
     assert "use aggregator 'mean'" in capsys.readouterr().err
-    server_args = ftserver.build_parser().parse_args(["--out", str(tmp_path / "s"), "--dp-epsilon", "4", "--dp-noise-multiplier", "1.5"])
+    server_args = ftserver.build_parser().parse_args(
+        ["--out", str(tmp_path / "s"), "--dp-epsilon", "4", "--dp-noise-multiplier", "1.5"]
+    )
     cfg = ftserver.resolve(server_args)[0]
     assert cfg.privacy.epsilon == 4 and cfg.privacy.noise_multiplier == 1.5 and cfg.secure_aggregation.enabled
 
@@ -286,7 +354,10 @@ def test_secure_aggregation_is_opt_in_for_ftsim_and_on_by_default_for_ftserver(t
     d = str(DATA_DIR / "medical" / "train.jsonl")
     two = ["--site", f"a={d}", "--site", f"b={d}"]
     assert ftsim.resolve_config(ftsim.build_parser().parse_args(two)).secure_aggregation.enabled is False
-    assert ftsim.resolve_config(ftsim.build_parser().parse_args([*two, "--secure-aggregation"])).secure_aggregation.enabled is True
+    assert (
+        ftsim.resolve_config(ftsim.build_parser().parse_args([*two, "--secure-aggregation"])).secure_aggregation.enabled
+        is True
+    )
     # One site: a sum of one update is that update.
     assert ftsim.main(["--site", f"a={d}", "--secure-aggregation"]) == 2
     assert "secure aggregation needs at least 2 sites" in capsys.readouterr().err
@@ -295,9 +366,13 @@ def test_secure_aggregation_is_opt_in_for_ftsim_and_on_by_default_for_ftserver(t
 
     server_args = ftserver.build_parser().parse_args(["--out", str(tmp_path / "a"), "--insecure"])
     assert ftserver.resolve(server_args)[0].secure_aggregation.enabled is True
-    server_args = ftserver.build_parser().parse_args(["--out", str(tmp_path / "b"), "--insecure", "--no-secure-aggregation"])
+    server_args = ftserver.build_parser().parse_args(
+        ["--out", str(tmp_path / "b"), "--insecure", "--no-secure-aggregation"]
+    )
     assert ftserver.resolve(server_args)[0].secure_aggregation.enabled is False
-    server_args = ftserver.build_parser().parse_args(["--out", str(tmp_path / "c"), "--set", "federation.aggregator=median"])
+    server_args = ftserver.build_parser().parse_args(
+        ["--out", str(tmp_path / "c"), "--set", "federation.aggregator=median"]
+    )
     with pytest.raises(ftserver.ConfigError, match="on by default here"):
         ftserver.resolve(server_args)
 

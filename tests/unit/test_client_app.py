@@ -107,7 +107,9 @@ def test_good_site_replies_with_a_matching_delta(tmp_path, tiny_config, global_s
     assert list(arrays) == list(global_state)
     assert {k: a.shape for k, a in arrays.items()} == {k: tuple(v.shape) for k, v in global_state.items()}
     assert all(a.dtype == np.float32 for a in arrays.values())
-    assert validate_update(arrays, spec_of(global_state), m["num-examples"], cfg.federation.max_examples_per_update) == []
+    assert (
+        validate_update(arrays, spec_of(global_state), m["num-examples"], cfg.federation.max_examples_per_update) == []
+    )
     assert m["upload-bytes"] == adapters.record_nbytes(reply.content["arrays"])
     assert any(np.abs(a).max() > 0 for a in arrays.values())
 
@@ -125,7 +127,12 @@ def test_good_site_replies_with_a_matching_delta(tmp_path, tiny_config, global_s
 def test_site_with_no_usable_records_sends_no_update(tmp_path, tiny_config, global_state, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"instruction": f"{SECRET} {i}"}) + "\n" for i in range(4)), encoding="utf-8")
-    reply = handle_train(message(tiny_config, global_state, 1, MessageType.TRAIN), context({"data-path": str(bad), "site-name": "broken"}), None, "cpu")
+    reply = handle_train(
+        message(tiny_config, global_state, 1, MessageType.TRAIN),
+        context({"data-path": str(bad), "site-name": "broken"}),
+        None,
+        "cpu",
+    )
     assert "arrays" not in reply.content
     assert reply.content["metrics"]["num-examples"] == 0
     assert reply.content["site"]["status"] == "data-error"
@@ -140,7 +147,9 @@ def test_site_whose_examples_are_all_too_long(tmp_path, tiny_config, global_stat
     cfg.data.max_length = 8  # every prompt is longer: no answer token survives
     cfg.data.eval_fraction = 0.0
     data = write_site(tmp_path / "long.jsonl", 4)
-    reply = handle_train(message(cfg, global_state, 1, MessageType.TRAIN), context({"data-path": str(data)}), None, "cpu")
+    reply = handle_train(
+        message(cfg, global_state, 1, MessageType.TRAIN), context({"data-path": str(data)}), None, "cpu"
+    )
     assert "arrays" not in reply.content
     m = reply.content["metrics"]
     assert m["num-examples"] == 0 and m["dropped-too-long"] == 4 and m["records"] == 4
@@ -181,7 +190,9 @@ def test_evaluate_uses_the_eval_file_and_the_global_adapter(tmp_path, tiny_confi
 def test_evaluate_on_a_broken_site(tmp_path, tiny_config, global_state):
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"")
-    reply = handle_evaluate(message(tiny_config, global_state, 1, MessageType.EVALUATE), context({"data-path": str(bad)}), None, "cpu")
+    reply = handle_evaluate(
+        message(tiny_config, global_state, 1, MessageType.EVALUATE), context({"data-path": str(bad)}), None, "cpu"
+    )
     assert reply.content["metrics"]["num-examples"] == 0 and reply.content["site"]["status"] == "data-error"
 
 
@@ -189,7 +200,9 @@ def test_resolve_site():
     sites = [SiteFiles("a", "a.jsonl"), SiteFiles("b", "b.jsonl", "b-eval.jsonl")]
     assert resolve_site(context({"partition-id": 1, "num-partitions": 2}), sites) == sites[1]
     assert resolve_site(context({"data-path": "/d/x.csv", "site-name": "x"}), sites) == SiteFiles("x", "/d/x.csv", None)
-    assert resolve_site(context({"data-path": "x.csv", "eval-data-path": "y.csv"}), None) == SiteFiles(f"site-{NODE}", "x.csv", "y.csv")
+    assert resolve_site(context({"data-path": "x.csv", "eval-data-path": "y.csv"}), None) == SiteFiles(
+        f"site-{NODE}", "x.csv", "y.csv"
+    )
     with pytest.raises(ValueError, match="partition-id 2 has no site"):
         resolve_site(context({"partition-id": 2}), sites)
     with pytest.raises(ValueError, match="data-path"):
@@ -224,23 +237,37 @@ def spy_on_training(monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize("strategy, mu, expected", [("fedprox", 0.5, 0.5), ("fedavg", 0.5, 0.0), ("fedadam", 0.5, 0.0)])
-def test_the_proximal_term_is_on_for_fedprox_only(tmp_path, tiny_config, global_state, monkeypatch, strategy, mu, expected):
+def test_the_proximal_term_is_on_for_fedprox_only(
+    tmp_path, tiny_config, global_state, monkeypatch, strategy, mu, expected
+):
     seen = spy_on_training(monkeypatch)
     cfg = tiny_config.model_copy(deep=True)
     cfg.federation.strategy, cfg.federation.proximal_mu = strategy, mu
-    reply = handle_train(message(cfg, global_state, 1, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
+    reply = handle_train(
+        message(cfg, global_state, 1, MessageType.TRAIN),
+        context({"data-path": str(write_site(tmp_path / "s.jsonl"))}),
+        None,
+        "cpu",
+    )
     assert reply.content["site"]["status"] == "ok" and seen["proximal_mu"] == expected
 
 
 @pytest.mark.parametrize("anchor_mu", [0.0, 0.3])
-def test_the_base_anchor_reaches_training_with_the_base_weights(tmp_path, tiny_config, global_state, monkeypatch, anchor_mu):
+def test_the_base_anchor_reaches_training_with_the_base_weights(
+    tmp_path, tiny_config, global_state, monkeypatch, anchor_mu
+):
     """train.anchor_mu > 0: the site anchors to the weights its freshly built model had (the base
     model: every lora_B zero), not to the global adapter it was sent."""
     seen = spy_on_training(monkeypatch)
     cfg = tiny_config.model_copy(deep=True)
     cfg.train.anchor_mu = anchor_mu
     moved = {k: v + 0.1 for k, v in global_state.items()}
-    reply = handle_train(message(cfg, moved, 1, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
+    reply = handle_train(
+        message(cfg, moved, 1, MessageType.TRAIN),
+        context({"data-path": str(write_site(tmp_path / "s.jsonl"))}),
+        None,
+        "cpu",
+    )
     assert reply.content["site"]["status"] == "ok"
     if anchor_mu == 0:
         assert seen["base_anchor"] is None
@@ -268,11 +295,18 @@ def test_local_early_stopping_reports_steps_and_losses_only(tmp_path, tiny_confi
     cfg.data.eval_fraction = 0.5
     cfg.eval.max_examples = 3
     cfg.train.local_steps, cfg.train.local_patience, cfg.train.local_eval_every = 6, 2, 1
-    reply = handle_train(message(cfg, global_state, 2, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl", 8)), "site-name": "bank"}), None, "cpu")
+    reply = handle_train(
+        message(cfg, global_state, 2, MessageType.TRAIN),
+        context({"data-path": str(write_site(tmp_path / "s.jsonl", 8)), "site-name": "bank"}),
+        None,
+        "cpu",
+    )
 
     assert reply.content["site"]["status"] == "ok"
     m = reply.content["metrics"]
-    assert m["train-steps"] == 3 and m["planned-steps"] == 6 and m["local-stopped-at"] == 3 and m["local-best-step"] == 1
+    assert (
+        m["train-steps"] == 3 and m["planned-steps"] == 6 and m["local-stopped-at"] == 3 and m["local-best-step"] == 1
+    )
     assert m["local-val-start"] == 3.0 and m["local-val-best"] == 2.0
     assert len(checked) == 4 and all(c is checked[0] for c in checked) and len(checked[0]) == 3
     assert all(isinstance(v, (int, float)) for v in m.values())
@@ -285,11 +319,18 @@ def test_local_early_stopping_reports_steps_and_losses_only(tmp_path, tiny_confi
         torch.testing.assert_close(rebuilt[k], local[k], rtol=0, atol=1e-6)
 
 
-def test_local_early_stopping_without_validation_examples_trains_every_step(tmp_path, tiny_config, global_state, capsys):
+def test_local_early_stopping_without_validation_examples_trains_every_step(
+    tmp_path, tiny_config, global_state, capsys
+):
     cfg = tiny_config.model_copy(deep=True)
     cfg.data.eval_fraction = 0.0  # and no eval file: nothing to check on
     cfg.train.local_steps, cfg.train.local_patience = 3, 1
-    reply = handle_train(message(cfg, global_state, 1, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
+    reply = handle_train(
+        message(cfg, global_state, 1, MessageType.TRAIN),
+        context({"data-path": str(write_site(tmp_path / "s.jsonl"))}),
+        None,
+        "cpu",
+    )
     assert reply.content["site"]["status"] == "ok"
     m = reply.content["metrics"]
     assert m["train-steps"] == m["planned-steps"] == 3
@@ -298,12 +339,23 @@ def test_local_early_stopping_without_validation_examples_trains_every_step(tmp_
 
 
 def test_a_site_without_local_early_stopping_reports_no_planned_steps(tmp_path, tiny_config, global_state):
-    reply = handle_train(message(tiny_config, global_state, 1, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
+    reply = handle_train(
+        message(tiny_config, global_state, 1, MessageType.TRAIN),
+        context({"data-path": str(write_site(tmp_path / "s.jsonl"))}),
+        None,
+        "cpu",
+    )
     m = reply.content["metrics"]
-    assert m["train-steps"] == tiny_config.train.local_steps and "planned-steps" not in m and not any(k.startswith("local-") for k in m)
+    assert (
+        m["train-steps"] == tiny_config.train.local_steps
+        and "planned-steps" not in m
+        and not any(k.startswith("local-") for k in m)
+    )
 
 
-def test_a_site_whose_training_diverged_refuses_the_round_instead_of_sending_nan(tmp_path, tiny_config, global_state, monkeypatch):
+def test_a_site_whose_training_diverged_refuses_the_round_instead_of_sending_nan(
+    tmp_path, tiny_config, global_state, monkeypatch
+):
     """A NaN in the trained adapter: the site answers 'refused' with the reason and sends no
     update (neither the NaN nor zeros in its place)."""
     real = client_app.train_round
@@ -315,7 +367,12 @@ def test_a_site_whose_training_diverged_refuses_the_round_instead_of_sending_nan
         return stats
 
     monkeypatch.setattr(client_app, "train_round", diverge)
-    reply = handle_train(message(tiny_config, global_state, 1, MessageType.TRAIN), context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
+    reply = handle_train(
+        message(tiny_config, global_state, 1, MessageType.TRAIN),
+        context({"data-path": str(write_site(tmp_path / "s.jsonl"))}),
+        None,
+        "cpu",
+    )
     assert reply.content["site"]["status"] == "refused"
     assert "not finite" in reply.content["site"]["reason"]
     assert "arrays" not in reply.content and reply.content["metrics"]["num-examples"] == 0

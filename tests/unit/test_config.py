@@ -50,7 +50,10 @@ def test_yaml_file_loads(tmp_path):
     assert cfg.train.lr == pytest.approx(0.001)
     assert cfg.train.local_steps == 5
     assert cfg.federation.rounds == 7
-    assert [(s.name, s.train, s.eval) for s in cfg.federation.sites] == [("a", "a.jsonl", None), ("b", "b.jsonl", "b-eval.jsonl")]
+    assert [(s.name, s.train, s.eval) for s in cfg.federation.sites] == [
+        ("a", "a.jsonl", None),
+        ("b", "b.jsonl", "b-eval.jsonl"),
+    ]
 
 
 def test_toml_file_loads(tmp_path):

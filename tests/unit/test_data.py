@@ -55,10 +55,23 @@ RECORDS = {
 
 EXPECTED = {
     "alpaca": [
-        Example(messages=[{"role": "user", "content": "Name the colour of the sky."}, {"role": "assistant", "content": "blue"}]),
-        Example(messages=[{"role": "user", "content": "Translate to French.\n\ncat"}, {"role": "assistant", "content": "chat"}]),
+        Example(
+            messages=[
+                {"role": "user", "content": "Name the colour of the sky."},
+                {"role": "assistant", "content": "blue"},
+            ]
+        ),
+        Example(
+            messages=[
+                {"role": "user", "content": "Translate to French.\n\ncat"},
+                {"role": "assistant", "content": "chat"},
+            ]
+        ),
     ],
-    "messages": [Example(messages=RECORDS["messages"][0]["messages"]), Example(messages=RECORDS["messages"][1]["messages"])],
+    "messages": [
+        Example(messages=RECORDS["messages"][0]["messages"]),
+        Example(messages=RECORDS["messages"][1]["messages"]),
+    ],
     "prompt_completion": [
         Example(messages=[{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]),
         Example(messages=[{"role": "user", "content": "Say no."}, {"role": "assistant", "content": "no"}]),
@@ -154,7 +167,9 @@ def test_json_file_holding_jsonl_is_read(tmp_path):
 
 def test_bom_and_blank_lines(tmp_path):
     path = tmp_path / "s.jsonl"
-    path.write_text("\ufeff" + json.dumps(RECORDS["text"][0]) + "\n\n  \n" + json.dumps(RECORDS["text"][1]) + "\n", encoding="utf-8")
+    path.write_text(
+        "\ufeff" + json.dumps(RECORDS["text"][0]) + "\n\n  \n" + json.dumps(RECORDS["text"][1]) + "\n", encoding="utf-8"
+    )
     data = load_site_data(path, DataConfig())
     assert data.records_read == 2 and data.examples == EXPECTED["text"]
 
@@ -196,7 +211,11 @@ def test_numbers_are_text():
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages", r"messages\[0\].role"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages", r"messages\[0\].content"),
         ({"messages": [{"role": "user", "content": "q"}]}, "messages", "no non-empty assistant turn"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}, "messages", "no non-empty assistant"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+            "messages",
+            "no non-empty assistant",
+        ),
         ({"prompt": "a"}, "prompt_completion", "missing field 'completion'"),
         ({"text": ""}, "text", "field 'text' is empty"),
     ],
@@ -269,7 +288,9 @@ def test_csv_extra_fields(tmp_path):
 
 def test_non_utf8_jsonl(tmp_path):
     path = tmp_path / "s.jsonl"
-    path.write_bytes(json.dumps(RECORDS["text"][0]).encode() + b"\n" + b'{"text": "caf\xe9 ' + SECRET.encode() + b'"}\n')
+    path.write_bytes(
+        json.dumps(RECORDS["text"][0]).encode() + b"\n" + b'{"text": "caf\xe9 ' + SECRET.encode() + b'"}\n'
+    )
     with pytest.raises(DataError) as ei:
         load_site_data(path, DataConfig())
     msg = str(ei.value)
@@ -338,7 +359,10 @@ def test_bad_parquet(tmp_path):
     ],
 )
 def test_error_never_quotes_record_content(tmp_path, bad):
-    path = write_jsonl(tmp_path / "s", [RECORDS["alpaca"][0] if not isinstance(bad, dict) or "messages" not in bad else RECORDS["messages"][1], bad])
+    path = write_jsonl(
+        tmp_path / "s",
+        [RECORDS["alpaca"][0] if not isinstance(bad, dict) or "messages" not in bad else RECORDS["messages"][1], bad],
+    )
     with pytest.raises(DataError) as ei:
         load_site_data(path, DataConfig())
     assert "line 2" in str(ei.value)
@@ -405,14 +429,19 @@ def ids(tok, text: str) -> list[int]:
 def test_template_renders_as_expected(tiny_tokenizer):
     # The hand-written expectations below assume this exact ChatML rendering.
     msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
-    assert tiny_tokenizer.apply_chat_template(msgs, tokenize=False) == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    assert (
+        tiny_tokenizer.apply_chat_template(msgs, tokenize=False)
+        == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    )
     assert tiny_tokenizer.eos_token == "<|im_end|>"
     assert len(ids(tiny_tokenizer, "<|im_end|>")) == 1
 
 
 def test_single_turn_masks_prompt(tiny_tokenizer):
     tok = tiny_tokenizer
-    ex = Example(messages=[{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "blue"}])
+    ex = Example(
+        messages=[{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "blue"}]
+    )
     out = tokenize_example(ex, tok, max_length=512)
     prompt = ids(tok, "<|im_start|>user\nWhat colour is the sky?<|im_end|>\n<|im_start|>assistant\n")
     answer = ids(tok, "blue<|im_end|>\n")
@@ -426,7 +455,9 @@ def test_multi_turn_with_system_labels_each_answer(tiny_tokenizer):
     tok = tiny_tokenizer
     ex = EXPECTED["messages"][0]  # system, user, assistant, user, assistant
     out = tokenize_example(ex, tok, max_length=512)
-    p1 = ids(tok, "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    p1 = ids(
+        tok, "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     a1 = ids(tok, "Hello<|im_end|>\n")
     p2 = ids(tok, "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
     a2 = ids(tok, "4<|im_end|>\n")
@@ -464,8 +495,15 @@ def test_truncation(tiny_tokenizer):
 
 def test_answer_truncated_away_is_dropped(tiny_tokenizer):
     tok = tiny_tokenizer
-    ex = Example(messages=[{"role": "user", "content": "A rather long question about the weather today?"}, {"role": "assistant", "content": "sunny"}])
-    n_prompt = len(ids(tok, "<|im_start|>user\nA rather long question about the weather today?<|im_end|>\n<|im_start|>assistant\n"))
+    ex = Example(
+        messages=[
+            {"role": "user", "content": "A rather long question about the weather today?"},
+            {"role": "assistant", "content": "sunny"},
+        ]
+    )
+    n_prompt = len(
+        ids(tok, "<|im_start|>user\nA rather long question about the weather today?<|im_end|>\n<|im_start|>assistant\n")
+    )
     # Exactly at the prompt's length: no answer token survives.
     assert tokenize_example(ex, tok, n_prompt) is None
     # One more token: the first answer token survives and is labelled.
@@ -489,7 +527,10 @@ def test_bundled_data_tokenizes(tiny_tokenizer):
 
 
 def test_collate_pads():
-    items = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9, 10, 11, 12], "labels": [-100, -100, 10, 11, 12]}]
+    items = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        {"input_ids": [8, 9, 10, 11, 12], "labels": [-100, -100, 10, 11, 12]},
+    ]
     b = collate(items, pad_id=0)
     assert b["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]
     assert b["labels"].tolist() == [[-100, 6, 7, -100, -100], [-100, -100, 10, 11, 12]]

@@ -25,7 +25,9 @@ SECRET = "SECRET-7f3a-PATIENT-JANE-DOE"
 MB = 1 << 20
 
 
-def write_huge_line(path: Path, head: bytes, tail: bytes, mb: int = 50, before: bytes = b"", after: bytes = b"") -> Path:
+def write_huge_line(
+    path: Path, head: bytes, tail: bytes, mb: int = 50, before: bytes = b"", after: bytes = b""
+) -> Path:
     """``before`` + head + 50 MB of SECRET-laden text + tail + ``after``, written in 1 MB pieces."""
     piece = (SECRET.encode() + b" ") * (MB // (len(SECRET) + 1))
     with path.open("wb") as f:
@@ -56,10 +58,22 @@ GOOD = json.dumps({"text": "fine"}).encode()
 @pytest.mark.parametrize(
     "name, head, tail, before, expected",
     [
-        ("s.jsonl", b'{"text": "', b'"}\n', GOOD + b"\n", r"line 2: longer than data\.max_record_bytes \(1048576 bytes\)"),
+        (
+            "s.jsonl",
+            b'{"text": "',
+            b'"}\n',
+            GOOD + b"\n",
+            r"line 2: longer than data\.max_record_bytes \(1048576 bytes\)",
+        ),
         ("s.jsonl", b"", b"", b"", r"line 1: longer than data\.max_record_bytes"),  # no newline at all
         ("s.json", b'[{"text": "', b'"}]', b"", r"line 1: record 0 is longer than data\.max_record_bytes"),
-        ("s.json", b'[\n{"text": "a"},\n{"text": "', b'"}]', b"", r"line 3: record 1 is longer than data\.max_record_bytes"),
+        (
+            "s.json",
+            b'[\n{"text": "a"},\n{"text": "',
+            b'"}]',
+            b"",
+            r"line 3: record 1 is longer than data\.max_record_bytes",
+        ),
         ("s.json", b'{"text": "', b'"}', b"", r"line 1: record 0: field 'text' is longer than data\.max_record_bytes"),
         ("s.csv", b'text\n"', b'"\n', b"", r"s\.csv: line 2: (a row )?longer than data\.max_record_bytes"),
     ],
@@ -79,7 +93,9 @@ def test_a_50_mb_record_fails_fast_at_its_line_in_bounded_memory(tmp_path, name,
 
 
 def test_an_overlong_jsonl_line_is_skipped_and_counted_under_the_tolerance(tmp_path):
-    path = write_huge_line(tmp_path / "s.jsonl", b'{"text": "', b'"}\n', mb=3, before=GOOD + b"\n", after=GOOD + b"\n" + GOOD + b"\n")
+    path = write_huge_line(
+        tmp_path / "s.jsonl", b'{"text": "', b'"}\n', mb=3, before=GOOD + b"\n", after=GOOD + b"\n" + GOOD + b"\n"
+    )
     data = load_site_data(path, DataConfig(max_invalid_fraction=0.5))
     assert data.records_read == 4 and data.examples == [Example(text="fine")] * 3
     assert data.invalid == [("line 2", "longer than data.max_record_bytes (1048576 bytes)")]
@@ -154,7 +170,11 @@ def test_deep_nesting_is_a_located_error_not_a_recursion_error(tmp_path, depth):
 def test_records_at_the_nesting_cap_are_fine(tmp_path):
     # messages (1) -> list (2) -> turn (3); plus MAX_NESTING - 3 levels of a harmless extra field.
     extra = "[" * (MAX_NESTING - 1) + "]" * (MAX_NESTING - 1)
-    rec = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "extra": ' + extra + "}"
+    rec = (
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "extra": '
+        + extra
+        + "}"
+    )
     path = tmp_path / "s.jsonl"
     path.write_text(rec + "\n")
     assert len(load_site_data(path, DataConfig()).examples) == 1
@@ -169,10 +189,15 @@ def test_records_at_the_nesting_cap_are_fine(tmp_path):
         ({"instruction": "\ud800" + SECRET, "output": "y"}, "field 'instruction'"),
         ({"prompt": "p", "completion": SECRET + "\udfff"}, "field 'completion'"),
         ({"text": "ok \udc80"}, "field 'text'"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\ud83d"}]}, r"messages\[1\]\.content"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\ud83d"}]},
+            r"messages\[1\]\.content",
+        ),
     ],
 )
-def test_a_lone_surrogate_is_refused_at_file_line_and_field_before_tokenization(tmp_path, tiny_tokenizer, record, field):
+def test_a_lone_surrogate_is_refused_at_file_line_and_field_before_tokenization(
+    tmp_path, tiny_tokenizer, record, field
+):
     path = tmp_path / "s.jsonl"
     bad = json.dumps(record)  # json.dumps escapes it: "\ud800", as a file would hold it
     good = re.sub(r"\\ud[89a-f][0-9a-f]{2}", "", bad)

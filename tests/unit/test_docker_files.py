@@ -232,7 +232,9 @@ def test_compose_has_the_services(compose):
     assert set(SERVICES) <= set(compose["services"])
 
 
-BUILDS = [("setup", "Dockerfile.server"), ("coordinator", "Dockerfile.server")] + [(s, "Dockerfile.client") for s in SITES]
+BUILDS = [("setup", "Dockerfile.server"), ("coordinator", "Dockerfile.server")] + [
+    (s, "Dockerfile.client") for s in SITES
+]
 
 
 @pytest.mark.parametrize("service,dockerfile", BUILDS)
@@ -241,13 +243,17 @@ def test_services_build_from_the_cpu_images(compose, service, dockerfile):
     assert (DOCKER / interpolate(build["context"])).resolve() == REPO, "the build context is the repository root"
     assert build["dockerfile"] == f"docker/{dockerfile}"
     assert (REPO / build["dockerfile"]).is_file()
-    assert compose["services"][service]["image"].split(":")[0] == ("fedtune-server" if "server" in dockerfile else "fedtune-client")
+    assert compose["services"][service]["image"].split(":")[0] == (
+        "fedtune-server" if "server" in dockerfile else "fedtune-client"
+    )
 
 
 def test_everything_waits_for_setup(compose):
     for name in ("coordinator", *SITES):
         deps = compose["services"][name].get("depends_on")
-        assert isinstance(deps, dict) and deps.get("setup", {}).get("condition") == "service_completed_successfully", name
+        assert isinstance(deps, dict) and deps.get("setup", {}).get("condition") == "service_completed_successfully", (
+            name
+        )
 
 
 def test_sites_wait_for_a_healthy_coordinator(compose):
@@ -307,7 +313,9 @@ def test_site_mounts_no_other_secret(compose, site):
     others = {site_key_volume(compose, s) for s in SITES if s != site}
     assert not names & others, f"{site} mounts another site's key volume"
     assert ca_key_volume(compose) not in names, f"{site} mounts the volume that holds ca.key"
-    coordinator_certs = mount_for(compose["services"]["coordinator"], flag(command(compose["services"]["coordinator"]), "--certs")).source
+    coordinator_certs = mount_for(
+        compose["services"]["coordinator"], flag(command(compose["services"]["coordinator"]), "--certs")
+    ).source
     assert coordinator_certs not in names, f"{site} mounts the coordinator's server.key"
 
 
@@ -319,9 +327,13 @@ def test_coordinator_offers_only_the_gateway_port(compose):
     for spec in [*svc.get("ports", []), *svc.get("expose", [])]:
         target = spec.get("target") if isinstance(spec, dict) else str(spec).rsplit(":", 1)[-1].split("/")[0]
         assert str(target) == port, f"coordinator publishes {spec}: only the gateway port {port} may be offered"
-    assert f"'127.0.0.1', {port}" in " ".join(svc["healthcheck"]["test"]), "the healthcheck should probe the gateway port"
+    assert f"'127.0.0.1', {port}" in " ".join(svc["healthcheck"]["test"]), (
+        "the healthcheck should probe the gateway port"
+    )
     for name in ("Dockerfile.server", "Dockerfile.server.cuda"):
-        assert [e.split() for e in all_of(DOCKER / name, "EXPOSE")] == [[port]], f"{name} exposes more than the gateway port"
+        assert [e.split() for e in all_of(DOCKER / name, "EXPOSE")] == [[port]], (
+            f"{name} exposes more than the gateway port"
+        )
 
 
 def test_coordinator_mounts_no_site_key_or_data(compose):
@@ -332,7 +344,9 @@ def test_coordinator_mounts_no_site_key_or_data(compose):
     data = REPO / "simulations" / "data"
     for m in mounts(svc):
         if not m.named:
-            assert not m.host_path().is_relative_to(data) and not data.is_relative_to(m.host_path()), f"coordinator mounts site data: {m}"
+            assert not m.host_path().is_relative_to(data) and not data.is_relative_to(m.host_path()), (
+                f"coordinator mounts site data: {m}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,9 +364,19 @@ def test_coordinator_accepts_what_setup_made(deployment):
     args = build_parser().parse_args(command(deployment.compose["services"]["coordinator"]))
     certs = deployment.path("coordinator", args.certs)
     keys = deployment.path("coordinator", args.authorized_keys)
-    net = check_network({"certs": str(certs), "authorized_keys": str(keys), "insecure": args.insecure, "host": args.host, "port": args.port})
+    net = check_network(
+        {
+            "certs": str(certs),
+            "authorized_keys": str(keys),
+            "insecure": args.insecure,
+            "host": args.host,
+            "port": args.port,
+        }
+    )
     assert net["certs"] and net["authorized_keys"]
-    assert {f.name for f in certs.iterdir()} == set(CERT_FILES), "the coordinator gets ca.crt, server.crt, server.key and nothing else"
+    assert {f.name for f in certs.iterdir()} == set(CERT_FILES), (
+        "the coordinator gets ca.crt, server.crt, server.key and nothing else"
+    )
     assert sorted(p.stem for p in keys.glob("*.pub")) == sorted(SITES)
 
 
@@ -391,11 +415,15 @@ def test_site_accepts_what_setup_made_and_is_authorized(deployment, site):
     authorized = deployment.path("coordinator", flag(coord_cmd, "--authorized-keys")) / f"{site}.pub"
     openssh = (serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     private = serialization.load_ssh_private_key(Path(args.key).read_bytes(), None)
-    assert private.public_key().public_bytes(*openssh) == serialization.load_ssh_public_key(authorized.read_bytes()).public_bytes(*openssh)
+    assert private.public_key().public_bytes(*openssh) == serialization.load_ssh_public_key(
+        authorized.read_bytes()
+    ).public_bytes(*openssh)
 
     # The coordinator's certificate is issued by the CA the site trusts, for the host it dials.
     ca = x509.load_pem_x509_certificate(Path(args.ca_cert).read_bytes())
-    server = x509.load_pem_x509_certificate((deployment.path("coordinator", flag(coord_cmd, "--certs")) / "server.crt").read_bytes())
+    server = x509.load_pem_x509_certificate(
+        (deployment.path("coordinator", flag(coord_cmd, "--certs")) / "server.crt").read_bytes()
+    )
     server.verify_directly_issued_by(ca)
     dns = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
     assert args.server.rsplit(":", 1)[0] in dns
@@ -534,7 +562,9 @@ def test_runs_as_the_non_root_user(name):
     path = DOCKER / name
     users = all_of(path, "USER")
     assert users and users[-1] == RUNTIME_USER, f"{name}: should end as USER {RUNTIME_USER}"
-    assert any("useradd" in r and RUNTIME_USER in r for r in all_of(path, "RUN")), f"{name}: creates no user {RUNTIME_USER}"
+    assert any("useradd" in r and RUNTIME_USER in r for r in all_of(path, "RUN")), (
+        f"{name}: creates no user {RUNTIME_USER}"
+    )
     env = " ".join(all_of(path, "ENV"))
     assert re.search(r"\bFEDTUNE_CACHE=/cache\b", env), f"{name}: FEDTUNE_CACHE should be /cache"
 

@@ -33,16 +33,30 @@ class Upstream:
 
     async def handle(self, request: Request) -> Response:
         body = await request.body()
-        self.seen.append({"method": request.method, "path": request.scope["path"], "raw": request.scope["raw_path"], "headers": dict(request.headers), "size": len(body)})
+        self.seen.append(
+            {
+                "method": request.method,
+                "path": request.scope["path"],
+                "raw": request.scope["raw_path"],
+                "headers": dict(request.headers),
+                "size": len(body),
+            }
+        )
         status = int(request.headers.get("x-test-status", "200"))
-        return Response(b"flower:" + body[:16], status_code=status, headers={"x-flwr-answer": "yes", "connection": "close" if status >= 500 else "keep-alive"})
+        return Response(
+            b"flower:" + body[:16],
+            status_code=status,
+            headers={"x-flwr-answer": "yes", "connection": "close" if status >= 500 else "keep-alive"},
+        )
 
     def app(self):
         return Router([Route("/{rest:path}", self.handle, methods=["GET", "POST", "PUT", "DELETE"])])
 
 
 def serve(app, port: int, config: uvicorn.Config | None = None, **kw) -> uvicorn.Server:
-    config = config or uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on", http="h11", **kw)
+    config = config or uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on", http="h11", **kw
+    )
     server = uvicorn.Server(config)
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.time() + 10
@@ -88,14 +102,22 @@ def test_allowlist_is_flowers_fleet_router():
     from flwr.superlink.routers.fleet.router import router
 
     flower = {(r.path, tuple(sorted(r.methods))) for r in router.routes if isinstance(r, APIRoute)}
-    assert flower == {(p, ("POST",)) for p in gateway.FLEET_PATHS}, "flwr's Fleet router changed: review gateway.FLEET_PATHS"
+    assert flower == {(p, ("POST",)) for p in gateway.FLEET_PATHS}, (
+        "flwr's Fleet router changed: review gateway.FLEET_PATHS"
+    )
 
 
 @pytest.mark.parametrize("path", gateway.FLEET_PATHS)
 def test_fleet_paths_are_forwarded_with_flower_headers(pair, path):
     up, url, _ = pair
     n = len(up.seen)
-    headers = {"x-flwr-signature": "c2ln", "flwr-version": "1.42.0", "content-type": "application/protobuf", "x-forwarded-for": "6.6.6.6", "te": "trailers"}
+    headers = {
+        "x-flwr-signature": "c2ln",
+        "flwr-version": "1.42.0",
+        "content-type": "application/protobuf",
+        "x-forwarded-for": "6.6.6.6",
+        "te": "trailers",
+    }
     r = httpx.post(url + path, content=b"\x08\x01payload", headers=headers)
     assert r.status_code == 200 and r.content == b"flower:\x08\x01payload" and r.headers["x-flwr-answer"] == "yes"
     assert len(up.seen) == n + 1
@@ -224,8 +246,27 @@ def test_tls_process_verifies_the_upstream_with_ca_crt(tmp_path):
         ports = {}
         for name, ca in (("good", pki["ca.crt"]), ("wrong-ca", other["ca.crt"])):
             ports[name] = free_port()
-            cmd = [sys.executable, "-m", "fedtune.server.gateway", "--host", "127.0.0.1", "--port", str(ports[name]), "--upstream", f"https://127.0.0.1:{up_port}"]
-            cmd += ["--ca-cert", str(ca), "--certfile", str(pki["server.crt"]), "--keyfile", str(pki["server.key"]), "--max-body-mb", "0.001"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "fedtune.server.gateway",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports[name]),
+                "--upstream",
+                f"https://127.0.0.1:{up_port}",
+            ]
+            cmd += [
+                "--ca-cert",
+                str(ca),
+                "--certfile",
+                str(pki["server.crt"]),
+                "--keyfile",
+                str(pki["server.key"]),
+                "--max-body-mb",
+                "0.001",
+            ]
             procs.append(spawn(cmd, tmp_path / f"{name}.log"))
         for p, port in zip(procs, ports.values()):
             deadline = time.time() + 30
@@ -235,11 +276,22 @@ def test_tls_process_verifies_the_upstream_with_ca_crt(tmp_path):
         ctx = ssl.create_default_context(cafile=str(pki["ca.crt"]))
         r = httpx.post(f"https://localhost:{ports['good']}/v1/fleet/get-run", content=b"hi", verify=ctx)
         assert r.status_code == 200 and r.content == b"flower:hi"
-        assert httpx.post(f"https://localhost:{ports['good']}/v1/fleet/get-run", content=b"a" * 1001, verify=ctx).status_code == 413
-        assert httpx.post(f"https://localhost:{ports['good']}/v1/control/list-runs", content=b"", verify=ctx).status_code == 404
+        assert (
+            httpx.post(
+                f"https://localhost:{ports['good']}/v1/fleet/get-run", content=b"a" * 1001, verify=ctx
+            ).status_code
+            == 413
+        )
+        assert (
+            httpx.post(f"https://localhost:{ports['good']}/v1/control/list-runs", content=b"", verify=ctx).status_code
+            == 404
+        )
         # The upstream's certificate is not from the CA it was given: nothing is forwarded.
         n = len(up.seen)
-        assert httpx.post(f"https://localhost:{ports['wrong-ca']}/v1/fleet/get-run", content=b"hi", verify=ctx).status_code == 502
+        assert (
+            httpx.post(f"https://localhost:{ports['wrong-ca']}/v1/fleet/get-run", content=b"hi", verify=ctx).status_code
+            == 502
+        )
         assert len(up.seen) == n
         log = (tmp_path / "good.log").read_text()
         assert "refused POST b'/v1/control/list-runs'" in log and "413" in log
@@ -254,7 +306,9 @@ def test_spawn_capped_rotates(tmp_path):
     from fedtune.common.procs import spawn_capped
 
     log = tmp_path / "child.log"
-    p = spawn_capped([sys.executable, "-c", "import sys\nfor i in range(3000): print('x' * 99)"], log, max_bytes=50_000, backups=2)
+    p = spawn_capped(
+        [sys.executable, "-c", "import sys\nfor i in range(3000): print('x' * 99)"], log, max_bytes=50_000, backups=2
+    )
     p.wait(30)
     deadline = time.time() + 10
     while (not log.exists() or log.stat().st_size == 0) and time.time() < deadline:
@@ -280,7 +334,11 @@ def test_ftserver_puts_the_superlink_on_loopback_and_the_gateway_on_the_public_p
     keys = tmp_path / "keys"
     keys.mkdir()
     (keys / "alpha.pub").write_bytes(create_site_keys(tmp_path / "site")[1].read_bytes())
-    net = {"certs": None if insecure else str(tmp_path / "pki"), "authorized_keys": None if insecure else str(keys), "insecure": insecure}
+    net = {
+        "certs": None if insecure else str(tmp_path / "pki"),
+        "authorized_keys": None if insecure else str(keys),
+        "insecure": insecure,
+    }
     net = cli.check_network({**net, "host": "0.0.0.0", "port": 8000})
     assert net["max_message_mb"] == gateway.DEFAULT_MAX_BODY_MB == 64
     started = {}
@@ -294,7 +352,11 @@ def test_ftserver_puts_the_superlink_on_loopback_and_the_gateway_on_the_public_p
         return Proc()
 
     monkeypatch.setattr(cli, "spawn_capped", fake_spawn)
-    monkeypatch.setattr(cli, "wait_for_port", lambda host, port, proc, timeout: started.setdefault("probed", []).append((host, port)) or True)
+    monkeypatch.setattr(
+        cli,
+        "wait_for_port",
+        lambda host, port, proc, timeout: started.setdefault("probed", []).append((host, port)) or True,
+    )
     co = cli.Coordinator(FedTuneConfig(), tmp_path / "run", net, resume=False)
     co.start_link()
     co.start_superexec()
@@ -314,7 +376,11 @@ def test_ftserver_puts_the_superlink_on_loopback_and_the_gateway_on_the_public_p
     assert arg(gw, "--upstream") == ("http://" if insecure else "https://") + co.link_address
     assert ("--insecure" in link) == ("--insecure" in sx) == ("--insecure" in gw) == insecure
     if not insecure:
-        assert "--enable-supernode-auth" in link and arg(gw, "--ca-cert").endswith("ca.crt") and arg(sx, "--root-certificates").endswith("ca.crt")
+        assert (
+            "--enable-supernode-auth" in link
+            and arg(gw, "--ca-cert").endswith("ca.crt")
+            and arg(sx, "--root-certificates").endswith("ca.crt")
+        )
     flwr_home = tomllib.loads((co.state / "flwr" / "config.toml").read_text())
     assert flwr_home["superlink"]["fedtune"]["address"] == co.link_address  # ftserver's own Control API calls
     assert started["probed"] == [("127.0.0.1", int(arg(link, "--port"))), ("127.0.0.1", 8000)]
@@ -330,7 +396,16 @@ def test_ftserver_refuses_a_tiny_body_cap_and_a_certificate_without_loopback(tmp
     from fedtune.server.certs import create_certificates
 
     with pytest.raises(ConfigError, match="--max-message-mb 0.5"):
-        cli.check_network({"certs": None, "authorized_keys": None, "insecure": True, "host": None, "port": None, "max_message_mb": 0.5})
+        cli.check_network(
+            {
+                "certs": None,
+                "authorized_keys": None,
+                "insecure": True,
+                "host": None,
+                "port": None,
+                "max_message_mb": 0.5,
+            }
+        )
     pki = create_certificates(tmp_path / "pki", ["coordinator.example"], days=1)
     # A server certificate someone made elsewhere, for the public name only.
     key = ec.generate_private_key(ec.SECP384R1())
@@ -347,4 +422,12 @@ def test_ftserver_refuses_a_tiny_body_cap_and_a_certificate_without_loopback(tmp
     keys = tmp_path / "keys"
     keys.mkdir()
     with pytest.raises(ConfigError, match="does not list 127.0.0.1"):
-        cli.check_network({"certs": str(tmp_path / "pki"), "authorized_keys": str(keys), "insecure": False, "host": None, "port": None})
+        cli.check_network(
+            {
+                "certs": str(tmp_path / "pki"),
+                "authorized_keys": str(keys),
+                "insecure": False,
+                "host": None,
+                "port": None,
+            }
+        )

@@ -41,14 +41,22 @@ def constant(value: float, n: int = 10, name: str = "site", **extra):
         if m.metadata.message_type == "evaluate":
             return reply(name, None, {"num-examples": 4, "eval-loss": 1.0})
         glob = adapters.read_adapter(m.content)
-        return reply(name, OrderedDict((k, np.full(v.shape, value, np.float32)) for k, v in glob.items()), {"num-examples": n, "train-loss": 1.0, **extra})
+        return reply(
+            name,
+            OrderedDict((k, np.full(v.shape, value, np.float32)) for k, v in glob.items()),
+            {"num-examples": n, "train-loss": 1.0, **extra},
+        )
 
     return handle
 
 
 def tiny_run_config(tiny_config, **federation):
-    fed = tiny_config.federation.model_copy(update={"rounds": 1, "min_sites": 1, "round_timeout_s": 2, "join_timeout_s": 1, **federation})
-    return tiny_config.model_copy(update={"federation": fed, "output": tiny_config.output.model_copy(update={"plots": False})})
+    fed = tiny_config.federation.model_copy(
+        update={"rounds": 1, "min_sites": 1, "round_timeout_s": 2, "join_timeout_s": 1, **federation}
+    )
+    return tiny_config.model_copy(
+        update={"federation": fed, "output": tiny_config.output.model_copy(update={"plots": False})}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +67,9 @@ def test_a_site_claiming_ten_million_examples_weighs_at_most_the_cap(tiny_config
     """Two honest sites (100 examples, update 1e-3) and one claiming 10,000,000 with -0.5: the
     median count is 100, so the hostile site weighs at most 3 x 100 = 300 of 500 (weight_cap 3)."""
     rs = run_state(tiny_config, tmp_path, min_sites=1, round_timeout_s=5, update_norm_bound=None)
-    grid = FakeGrid({1: trainer("alpha", 1e-3, n=100), 2: trainer("beta", 1e-3, n=100), 3: trainer("mallory", -0.5, n=10_000_000)})
+    grid = FakeGrid(
+        {1: trainer("alpha", 1e-3, n=100), 2: trainer("beta", 1e-3, n=100), 3: trainer("mallory", -0.5, n=10_000_000)}
+    )
     r = server.run_training_round(grid, [1, 2, 3], rs, 1, lambda s: None)
     cap_share = 300 / 500
     expected = (1 - cap_share) * 1e-3 + cap_share * -0.5
@@ -108,7 +118,9 @@ def test_a_global_that_is_not_finite_is_refused_and_the_round_fails_cleanly(tiny
     grid = FakeGrid({1: trainer("mallory", 3e38, n=10)})
     server.run_training_round(grid, [1], rs, 1, lambda s: None)
     after_1 = {k: v.copy() for k, v in rs.global_state.items()}
-    with pytest.raises(server.FederationError, match=r"round 2: the new global adapter is not finite.*stays at round 1"):
+    with pytest.raises(
+        server.FederationError, match=r"round 2: the new global adapter is not finite.*stays at round 1"
+    ):
         server.run_training_round(grid, [1], rs, 2, lambda s: None)
     for k in after_1:
         np.testing.assert_array_equal(rs.global_state[k], after_1[k])
@@ -173,7 +185,13 @@ def test_a_site_name_or_reason_cannot_forge_a_line_in_server_log(tiny_config, tm
     def liar(m):
         if m.metadata.message_type == "evaluate":
             return reply("evil\n" + FORGED + "\n\x1b[2K", None, {"num-examples": 4, "eval-loss": 1.0})
-        return reply("evil\n" + FORGED, None, {"num-examples": 0}, status="refused", reason="no\r\n" + FORGED + "\u2028" + FORGED + "\x1b[1A")
+        return reply(
+            "evil\n" + FORGED,
+            None,
+            {"num-examples": 0},
+            status="refused",
+            reason="no\r\n" + FORGED + "\u2028" + FORGED + "\x1b[1A",
+        )
 
     server.run_federation(FakeGrid({1: constant(1e-3, name="alpha"), 2: liar}), cfg, out, make_logger(out))
     lines = (out / "server.log").read_text(encoding="utf-8").split("\n")[:-1]
@@ -207,7 +225,9 @@ def test_report_html_does_not_embed_a_file_a_site_names(tiny_config, tmp_path):
         if m.metadata.message_type == "evaluate":
             return reply("trudy", None, {"num-examples": 4, "eval-loss": 1.0})
         glob = adapters.read_adapter(m.content)
-        delta = OrderedDict((k, np.zeros(v.shape, np.float32)) for k, v in glob.items()) | {"x" + image: np.zeros(1, np.float32)}
+        delta = OrderedDict((k, np.zeros(v.shape, np.float32)) for k, v in glob.items()) | {
+            "x" + image: np.zeros(1, np.float32)
+        }
         return reply("trudy", delta, {"num-examples": 10})
 
     server.run_federation(FakeGrid({1: constant(1e-3, name="alpha"), 2: liar, 3: smuggler}), cfg, out, lambda s: None)
@@ -242,7 +262,12 @@ def test_unknown_metric_keys_never_reach_metrics_json(tiny_config, tmp_path):
             return reply("mallory", None, {"num-examples": 4, "eval-loss": 1.0, "injected-eval": 2})
         return reply("mallory", None, {"num-examples": 0, "invalid-records": 2, **extra}, status="refused", reason="no")
 
-    server.run_federation(FakeGrid({1: constant(1e-3, name="alpha", **{"evil-ok": 5, "lora-rank": [1, 2]}), 2: liar}), cfg, out, lambda s: None)
+    server.run_federation(
+        FakeGrid({1: constant(1e-3, name="alpha", **{"evil-ok": 5, "lora-rank": [1, 2]}), 2: liar}),
+        cfg,
+        out,
+        lambda s: None,
+    )
     text = (out / "metrics.json").read_text()
     for key in ("evil_key", "evil-key", "evil_ok", "evil-ok", "injected", '"rank"'):
         assert key not in text, key
@@ -258,10 +283,15 @@ def test_two_sites_sending_one_name_stay_two_sites(tiny_config, tmp_path):
     never merged with or passed off as the first; a node claiming another node's fallback name
     ('node-1') is too; and the names hold from round to round."""
     rs = run_state(tiny_config, tmp_path, min_sites=1, round_timeout_s=5)
-    grid = FakeGrid({1: trainer("alpha", 1e-3, n=10), 2: trainer("alpha", 2e-3, n=10), 3: trainer("node-1", 3e-3, n=10)})
+    grid = FakeGrid(
+        {1: trainer("alpha", 1e-3, n=10), 2: trainer("alpha", 2e-3, n=10), 3: trainer("node-1", 3e-3, n=10)}
+    )
     r = server.run_training_round(grid, [1, 2, 3], rs, 1, lambda s: None)
     names = set(r["sites"])
-    assert names in ({"alpha", "alpha@node-2", "node-1@node-3"}, {"alpha", "alpha@node-1", "node-1@node-3"}) and r["accepted"] == 3
+    assert (
+        names in ({"alpha", "alpha@node-2", "node-1@node-3"}, {"alpha", "alpha@node-1", "node-1@node-3"})
+        and r["accepted"] == 3
+    )
     r = server.run_training_round(grid, [1, 2, 3], rs, 2, lambda s: None)
     assert set(r["sites"]) == names
 
@@ -291,7 +321,21 @@ def test_the_default_bound_never_clips_an_honest_update(tiny_config, tmp_path, m
 
 @pytest.mark.parametrize(
     "raw",
-    ["a\nb", "a\r\nb", "a\u2028b", "a\u2029b", "a\x85b", "a\x1b[31mb", "a\x1b]0;title\x07b", "a\u202eb", "a\u2066b", "a\u200bb", "a\x00b", "a\tb", "a\ufeffb"],
+    [
+        "a\nb",
+        "a\r\nb",
+        "a\u2028b",
+        "a\u2029b",
+        "a\x85b",
+        "a\x1b[31mb",
+        "a\x1b]0;title\x07b",
+        "a\u202eb",
+        "a\u2066b",
+        "a\u200bb",
+        "a\x00b",
+        "a\tb",
+        "a\ufeffb",
+    ],
 )
 def test_clean_leaves_one_line_of_printable_text(raw):
     from fedtune.server.messaging import clean, clean_name
@@ -311,5 +355,11 @@ def test_a_site_claiming_many_eval_examples_does_not_set_the_federated_score_alo
     def scorer(name, loss, n):
         return lambda m: reply(name, None, {"num-examples": n, "eval-loss": loss})
 
-    ev = server.run_evaluation(FakeGrid({1: scorer("a", 1.0, 4), 2: scorer("b", 1.0, 4), 3: scorer("mallory", 0.0, 10_000_000)}), [1, 2, 3], rs, 1, lambda s: None)
+    ev = server.run_evaluation(
+        FakeGrid({1: scorer("a", 1.0, 4), 2: scorer("b", 1.0, 4), 3: scorer("mallory", 0.0, 10_000_000)}),
+        [1, 2, 3],
+        rs,
+        1,
+        lambda s: None,
+    )
     assert ev["aggregate"]["eval_loss"] == pytest.approx(0.4)

@@ -66,7 +66,13 @@ def test_updates_of_b_alone_on_a_shared_a_aggregate_exactly():
 
 
 def test_rank_truncation_padding_and_detection():
-    g = OrderedDict({A: np.arange(40, dtype=np.float32).reshape(8, 5), B: np.arange(24, dtype=np.float32).reshape(3, 8), "m.bias": np.zeros(3, np.float32)})
+    g = OrderedDict(
+        {
+            A: np.arange(40, dtype=np.float32).reshape(8, 5),
+            B: np.arange(24, dtype=np.float32).reshape(3, 8),
+            "m.bias": np.zeros(3, np.float32),
+        }
+    )
     spec = {k: v.shape for k, v in g.items()}
     cut = methods.truncate_rank(g, 2)
     assert cut[A].shape == (2, 5) and cut[B].shape == (3, 2) and cut["m.bias"].shape == (3,)
@@ -74,7 +80,9 @@ def test_rank_truncation_padding_and_detection():
     padded = methods.pad_rank(cut, spec)
     assert np.array_equal(padded[A][:2], g[A][:2]) and not padded[A][2:].any() and not padded[B][:, 2:].any()
     assert methods.rank_of({A: cut[A], B: g[B], "m.bias": g["m.bias"]}, spec) is None  # ranks disagree
-    assert methods.rank_of({A: np.zeros((9, 5), np.float32), B: np.zeros((3, 9), np.float32)}, spec) is None  # above the global rank
+    assert (
+        methods.rank_of({A: np.zeros((9, 5), np.float32), B: np.zeros((3, 9), np.float32)}, spec) is None
+    )  # above the global rank
     assert methods.rank_of({A: np.zeros((2, 6), np.float32)}, spec) is None  # another dimension is off
     assert methods.lora_pairs(g) == [(A, B)]
 
@@ -119,21 +127,33 @@ def test_mixed_ranks_pad_with_zeros_and_report_the_error(tiny_config, tmp_path):
     a_key = next(k for k in init.state if ".lora_A." in k)
     assert d_med[a_key].shape[0] == 4 and d_fin[a_key].shape[0] == 8 and rs.global_state[a_key].shape[0] == 8
     total = w_med + w_fin
-    np.testing.assert_allclose(rs.global_state[a_key][4:] - init.state[a_key][4:], d_fin[a_key][4:] * w_fin / total, atol=1e-6)
     np.testing.assert_allclose(
-        rs.global_state[a_key][:4] - init.state[a_key][:4], (d_med[a_key] * w_med + d_fin[a_key][:4] * w_fin) / total, atol=1e-6
+        rs.global_state[a_key][4:] - init.state[a_key][4:], d_fin[a_key][4:] * w_fin / total, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        rs.global_state[a_key][:4] - init.state[a_key][:4],
+        (d_med[a_key] * w_med + d_fin[a_key][:4] * w_fin) / total,
+        atol=1e-6,
     )
     # The error, computed here from the sites' own adapters at their own ranks.
     err2 = ref2 = 0.0
     for a, b in methods.lora_pairs(init.state):
         mean = np.zeros((init.state[b].shape[0], init.state[a].shape[1]))
         for d, w, r in ((d_med, w_med, 4), (d_fin, w_fin, 8)):
-            mean += w / total * (init.state[b][:, :r] + d[b]).astype(np.float64) @ (init.state[a][:r] + d[a]).astype(np.float64)
+            mean += (
+                w
+                / total
+                * (init.state[b][:, :r] + d[b]).astype(np.float64)
+                @ (init.state[a][:r] + d[a]).astype(np.float64)
+            )
         new = rs.global_state[b].astype(np.float64) @ rs.global_state[a].astype(np.float64)
         err2 += float(np.sum((new - mean) ** 2))
         ref2 += float(np.sum((mean - init.state[b].astype(np.float64) @ init.state[a].astype(np.float64)) ** 2))
     assert r1["aggregation_error"] == pytest.approx(np.sqrt(err2), rel=1e-4)
-    assert r1["aggregation_error_rel"] == pytest.approx(np.sqrt(err2 / ref2), rel=1e-4) and r1["aggregation_error_rel"] > 0.01
+    assert (
+        r1["aggregation_error_rel"] == pytest.approx(np.sqrt(err2 / ref2), rel=1e-4)
+        and r1["aggregation_error_rel"] > 0.01
+    )
     assert "medical r=4" in (tmp_path / "report.md").read_text()
 
 

@@ -61,9 +61,16 @@ def method_config(tiny_config, method: str, **layers):
     return load_config(None, base=data)
 
 
-def real_sites(names=("medical", "financial"), ranks: dict[str, int] | None = None) -> tuple[FakeGrid, list[client_app.SiteFiles]]:
+def real_sites(
+    names=("medical", "financial"), ranks: dict[str, int] | None = None
+) -> tuple[FakeGrid, list[client_app.SiteFiles]]:
     """Sites that run the real ClientApp handlers on the bundled data (``ranks``: a site's own LoRA rank)."""
-    files = [client_app.SiteFiles(n, str(DATA_DIR / n / "train.jsonl"), str(DATA_DIR / n / "eval.jsonl"), (ranks or {}).get(n)) for n in names]
+    files = [
+        client_app.SiteFiles(
+            n, str(DATA_DIR / n / "train.jsonl"), str(DATA_DIR / n / "eval.jsonl"), (ranks or {}).get(n)
+        )
+        for n in names
+    ]
 
     def site(i: int):
         ctx = Context(run_id=1, node_id=i + 1, node_config={"partition-id": i}, state=RecordDict(), run_config={})
@@ -118,7 +125,10 @@ def test_one_federated_round_per_method(method, tiny_config, tmp_path):
             if type(p).__name__ == "Params4bit":
                 # bitsandbytes keeps a 4-bit weight with its quantization state: compare what the layers compute.
                 assert not p.requires_grad
-                site_layer, fresh_layer = site_model.get_submodule(name[: -len(".weight")]), fresh.get_submodule(name[: -len(".weight")])
+                site_layer, fresh_layer = (
+                    site_model.get_submodule(name[: -len(".weight")]),
+                    fresh.get_submodule(name[: -len(".weight")]),
+                )
                 z = torch.randn(3, site_layer.in_features, generator=torch.Generator().manual_seed(0))
                 with torch.no_grad():
                     assert torch.equal(site_layer(z), fresh_layer(z)), name
@@ -140,7 +150,9 @@ def test_one_federated_round_per_method(method, tiny_config, tmp_path):
         assert not (tmp_path / "adapter").exists()
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
     else:
-        assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == cfg.model.name
+        assert (
+            json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == cfg.model.name
+        )
         reloaded = methods.load_trained(cfg.model, tmp_path / "adapter", "cpu")[0]
     torch.testing.assert_close(logits(reloaded, x), expected, rtol=0, atol=1e-5)
     base = load_base_model(cfg.model, "cpu")[0]
@@ -197,7 +209,11 @@ def test_learning_rate_defaults_to_the_methods_own():
 
 # ---- layer-wise control ---------------------------------------------------------------------------
 
-KEYS = ["model.embed_tokens.weight"] + [f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)] + ["model.norm.weight", "lm_head.weight"]
+KEYS = (
+    ["model.embed_tokens.weight"]
+    + [f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)]
+    + ["model.norm.weight", "lm_head.weight"]
+)
 
 
 def trains(lc: LayerConfig, rnd: int = 1) -> list[int]:
@@ -216,7 +232,14 @@ def test_layer_positions_and_static_selection():
 def test_progressive_unfreezing_schedule():
     lc = LayerConfig(unfreeze_start=1, unfreeze_every=2, unfreeze_step=1)
     assert [trains(lc, r) for r in (1, 2, 3, 4, 5, 6, 7, 8)] == [
-        [3, 4], [3, 4], [2, 3, 4], [2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4], [-1, 0, 1, 2, 3, 4], [-1, 0, 1, 2, 3, 4],
+        [3, 4],
+        [3, 4],
+        [2, 3, 4],
+        [2, 3, 4],
+        [1, 2, 3, 4],
+        [1, 2, 3, 4],
+        [-1, 0, 1, 2, 3, 4],
+        [-1, 0, 1, 2, 3, 4],
     ]  # top layer and head first, one more layer every 2 rounds, embeddings once every layer trains
     assert trains(LayerConfig(unfreeze_start=1, unfreeze_step=2, freeze_bottom=1), 2) == [1, 2, 3, 4]
     assert trains(LayerConfig(unfreeze_start=9, freeze_bottom=1), 1) == [1, 2, 3, 4]  # never the frozen ones
@@ -234,7 +257,10 @@ def test_discriminative_learning_rates(tiny_config):
     assert sorted(by_scale) == [0.25, 0.5, 1.0]
     assert id(params["model.embed_tokens.weight"]) in by_scale[0.25]
     assert id(params["model.layers.0.mlp.up_proj.weight"]) in by_scale[0.5]
-    assert id(params["model.layers.1.mlp.up_proj.weight"]) in by_scale[1.0] and id(params["lm_head.weight"]) in by_scale[1.0]
+    assert (
+        id(params["model.layers.1.mlp.up_proj.weight"]) in by_scale[1.0]
+        and id(params["lm_head.weight"]) in by_scale[1.0]
+    )
     opt = make_optimizer(model, cfg.train, groups)
     assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([cfg.train.lr * s for s in (0.25, 0.5, 1.0)])
 
@@ -249,13 +275,17 @@ def test_layer_wise_config_errors(tiny_config):
     with pytest.raises(ConfigError, match="peft.target_modules does not apply to method 'prefix'"):
         load_config(None, {"peft.method": "prefix", "peft.target_modules": "mlp"})
     with pytest.raises(ConfigError, match="no module of the model is named 'qkv'"):
-        methods.load_model(load_config(None, base={**json.loads(tiny_config.to_json()), "peft": {"target_modules": ["qkv"]}}), "cpu")
+        methods.load_model(
+            load_config(None, base={**json.loads(tiny_config.to_json()), "peft": {"target_modules": ["qkv"]}}), "cpu"
+        )
 
 
 @pytest.mark.parametrize("modules, expect", [("attention", ("self_attn",)), ("mlp", ("mlp",))])
 def test_attention_or_mlp_only(tiny_config, modules, expect):
     for method in ("lora", "ia3", "full"):
-        cfg = load_config(None, base={**json.loads(tiny_config.to_json()), "peft": {"method": method, "target_modules": modules}})
+        cfg = load_config(
+            None, base={**json.loads(tiny_config.to_json()), "peft": {"method": method, "target_modules": modules}}
+        )
         model = methods.load_model(cfg, "cpu")[0]
         keys = methods.trainable_capable(model)
         assert keys and all(any(e in k for e in expect) for k in keys), (method, keys[:3])
@@ -316,23 +346,42 @@ def test_updates_that_do_not_match_the_trainable_set_are_rejected(tiny_config, t
     cfg = method_config(tiny_config, "lora", unfreeze_start=1)
     init = server.initial_adapter(cfg)
     rs = server.RunState(
-        cfg=cfg, out=tmp_path, global_state=init.state, peft_config=None, trainable_params=0,
-        trainable_keys=init.trainable_keys, n_layers=init.n_layers,
+        cfg=cfg,
+        out=tmp_path,
+        global_state=init.state,
+        peft_config=None,
+        trainable_params=0,
+        trainable_keys=init.trainable_keys,
+        n_layers=init.n_layers,
     )
 
     def greedy(m):  # sends a delta for every tensor, frozen ones included
         delta = adapters.to_tensors(OrderedDict((k, np.full(v.shape, 0.01, np.float32)) for k, v in init.state.items()))
-        return RecordDict({"metrics": MetricRecord({"num-examples": 5}), "site": ConfigRecord({"name": "greedy", "status": "ok"}), **adapters.adapter_records(delta)})
+        return RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": 5}),
+                "site": ConfigRecord({"name": "greedy", "status": "ok"}),
+                **adapters.adapter_records(delta),
+            }
+        )
 
     def honest(m):
         keys = list(m.content["config"]["trainable"])
         delta = adapters.to_tensors(OrderedDict((k, np.full(init.state[k].shape, 0.01, np.float32)) for k in keys))
-        return RecordDict({"metrics": MetricRecord({"num-examples": 5}), "site": ConfigRecord({"name": "honest", "status": "ok"}), **adapters.adapter_records(delta)})
+        return RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": 5}),
+                "site": ConfigRecord({"name": "honest", "status": "ok"}),
+                **adapters.adapter_records(delta),
+            }
+        )
 
     out = server.run_training_round(FakeGrid({1: greedy, 2: honest}), [1, 2], rs, 1, lambda s: None)
     # Refused on its declared size before it is read (more values than the round's trainable set), or by name.
     reason = out["sites"]["greedy"]["reason"]
-    assert out["sites"]["greedy"]["status"] == "rejected" and ("refused unread" in reason or "unexpected tensor" in reason)
+    assert out["sites"]["greedy"]["status"] == "rejected" and (
+        "refused unread" in reason or "unexpected tensor" in reason
+    )
     assert out["sites"]["honest"]["status"] == "ok" and out["accepted"] == 1
 
 
@@ -343,7 +392,9 @@ def test_a_site_refuses_a_trainable_set_its_model_does_not_train(tiny_config, tm
     state = methods.get_state(methods.load_model(cfg, "cpu")[0])
     files = [client_app.SiteFiles("medical", str(DATA_DIR / "medical" / "train.jsonl"))]
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    reply = client_app.handle_train(message(cfg, state, 1, "train", trainable=["model.layers.0.mlp.up_proj.weight"]), ctx, files, "cpu")
+    reply = client_app.handle_train(
+        message(cfg, state, 1, "train", trainable=["model.layers.0.mlp.up_proj.weight"]), ctx, files, "cpu"
+    )
     assert reply.content["site"]["status"] == "refused"
     assert "trainable set" in reply.content["site"]["reason"] and "arrays" not in reply.content
 
@@ -368,7 +419,12 @@ def test_fteval_scores_a_qlora_adapter_on_its_4bit_base_and_exports_merged(tiny_
     assert fteval.main(["--adapter", str(tmp_path / "adapter"), *score, "--out", str(tmp_path / "q.json")]) == 0
     assert json.loads((tmp_path / "q.json").read_text())["loss"] == pytest.approx(site_loss, abs=1e-5)
 
-    assert fteval.main(["--adapter", str(tmp_path / "adapter"), "--export-merged", str(tmp_path / "merged"), "--device", "cpu"]) == 0
+    assert (
+        fteval.main(
+            ["--adapter", str(tmp_path / "adapter"), "--export-merged", str(tmp_path / "merged"), "--device", "cpu"]
+        )
+        == 0
+    )
     assert "merged model:" in capsys.readouterr().out
     x = torch.tensor([[1, 60, 61, 62, 2]])
     full_precision = methods.load_trained(cfg.model, tmp_path / "adapter", "cpu", merged_precision=True)[0]
@@ -386,7 +442,10 @@ def test_fteval_refuses_to_merge_what_cannot_merge(tiny_config, tmp_path, capsys
     cfg = method_config(tiny_config, "prompt")
     grid, _ = real_sites(("medical", "financial"))
     server.run_federation(grid, cfg, tmp_path, lambda s: None)
-    assert fteval.main(["--adapter", str(tmp_path / "adapter"), "--export-merged", str(tmp_path / "m"), "--device", "cpu"]) == 2
+    assert (
+        fteval.main(["--adapter", str(tmp_path / "adapter"), "--export-merged", str(tmp_path / "m"), "--device", "cpu"])
+        == 2
+    )
     assert "a prompt adapter cannot be merged into the base" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
@@ -416,7 +475,10 @@ def test_a_layer_selection_that_leaves_nothing_to_train_stops_the_run_clearly(ti
     data["peft"]["adapter_layers"] = 1  # LLaMA-Adapter in the top layer only
     cfg = load_config(None, base=data)
     grid, _ = real_sites()
-    with pytest.raises(server.FederationError, match=r"round 1: the layers section leaves nothing to train: adapter has tensors in layers \[1\]"):
+    with pytest.raises(
+        server.FederationError,
+        match=r"round 1: the layers section leaves nothing to train: adapter has tensors in layers \[1\]",
+    ):
         server.run_federation(grid, cfg, tmp_path, lambda s: None)
 
 
@@ -464,7 +526,10 @@ def test_ffa_lora_trains_b_only_and_averages_the_products_exactly(tiny_config, t
             errors.append(float(np.abs(product(rs.global_state) - mean_of_products).max()))
         results[ffa] = (rs, init, max(errors))
     (plain, plain_init, plain_err), (ffa, ffa_init, ffa_err) = results[False], results[True]
-    assert all(".lora_B." in k for k in ffa_init.trainable_keys) and len(ffa_init.trainable_keys) == len(plain_init.trainable_keys) // 2
+    assert (
+        all(".lora_B." in k for k in ffa_init.trainable_keys)
+        and len(ffa_init.trainable_keys) == len(plain_init.trainable_keys) // 2
+    )
     assert all(np.array_equal(ffa.global_state[k], ffa_init.state[k]) for k in ffa_init.state if ".lora_A." in k)
     assert ffa.rounds[1]["update_bytes"] < 0.6 * plain.rounds[1]["update_bytes"]
     assert ffa_err < 1e-6, ffa_err  # exact, to float error

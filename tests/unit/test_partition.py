@@ -46,7 +46,12 @@ def finance_like(tmp_path: Path, n: int = 60, name: str = "finance/train.jsonl")
 
 def medical_like(tmp_path: Path, n: int = 40, name: str = "medical/train.jsonl") -> tuple[Path, list[dict]]:
     recs = [
-        {"messages": [{"role": "user", "content": f"SECRET-M{i} what is it?"}, {"role": "assistant", "content": f"SECRET-A{i} an answer"}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"SECRET-M{i} what is it?"},
+                {"role": "assistant", "content": f"SECRET-A{i} an answer"},
+            ]
+        }
         for i in range(n)
     ]
     return write_jsonl(tmp_path / name, recs), recs
@@ -59,9 +64,16 @@ def assert_exact_cover(sites: list[list[int]], n: int) -> None:
 
 # ---------------------------------------------------------------- spec parsing
 
+
 @pytest.mark.parametrize(
     "text, kind, alpha",
-    [("iid", "iid", None), ("domain", "domain", None), ("dirichlet:0.3", "dirichlet", 0.3), (" Dirichlet:1e3 ", "dirichlet", 1000.0), ("quantity:2", "quantity", 2.0)],
+    [
+        ("iid", "iid", None),
+        ("domain", "domain", None),
+        ("dirichlet:0.3", "dirichlet", 0.3),
+        (" Dirichlet:1e3 ", "dirichlet", 1000.0),
+        ("quantity:2", "quantity", 2.0),
+    ],
 )
 def test_parse_spec_accepts_the_documented_forms(text, kind, alpha):
     spec = parse_spec(text)
@@ -93,6 +105,7 @@ def test_parse_spec_refuses_bad_values_naming_them_and_the_accepted_forms(text, 
 
 
 # ---------------------------------------------------------------- the split
+
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("seed", [0, 1, 7])
@@ -212,11 +225,16 @@ def test_an_impossible_minimum_is_a_clear_error():
 
 
 def test_domain_names_come_from_folders_for_generic_file_names():
-    assert domain_names(["a/finance/train.jsonl", "b/medical/train.jsonl", "c/legal.jsonl"]) == ["finance", "medical", "legal"]
+    assert domain_names(["a/finance/train.jsonl", "b/medical/train.jsonl", "c/legal.jsonl"]) == [
+        "finance",
+        "medical",
+        "legal",
+    ]
     assert domain_names(["x/train.jsonl", "y/x/data.jsonl", "z/x.csv"]) == ["x", "x-2", "x-3"]
 
 
 # ---------------------------------------------------------------- files and composition
+
 
 def test_site_files_hold_the_original_records_and_the_composition(tmp_path):
     fin, fin_recs = finance_like(tmp_path)
@@ -238,7 +256,9 @@ def test_site_files_hold_the_original_records_and_the_composition(tmp_path):
     for s, recs in zip(sites, written):
         c = comp["sites"][s["name"]]
         assert c["records"] == len(recs)
-        assert c["by_category"] == {k: Counter(r["completion"].strip() for r in recs).get(k, 0) for k in ("negative", "neutral", "positive")}
+        assert c["by_category"] == {
+            k: Counter(r["completion"].strip() for r in recs).get(k, 0) for k in ("negative", "neutral", "positive")
+        }
         assert set(c["by_category"]) == {"positive", "negative", "neutral"}
 
 
@@ -249,7 +269,10 @@ def test_files_in_different_chat_formats_are_written_as_messages(tmp_path):
     sites = part.write(tmp_path / "run")
     first = [json.loads(x) for x in Path(sites[0]["train"]).read_text().splitlines()]
     second = [json.loads(x) for x in Path(sites[1]["train"]).read_text().splitlines()]
-    expect_fin = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]} for r in fin_recs]
+    expect_fin = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in fin_recs
+    ]
     assert sorted(map(json.dumps, first)) == sorted(map(json.dumps, expect_fin))
     assert sorted(map(json.dumps, second)) == sorted(map(json.dumps, med_recs))
     assert part.composition()["sites"]["site-1"]["by_category"] == {"finance": 12, "medical": 0}
@@ -275,6 +298,7 @@ def test_a_bad_file_names_file_and_line_not_content(tmp_path):
 
 # ---------------------------------------------------------------- the command line
 
+
 class _Stop(Exception):
     pass
 
@@ -288,14 +312,30 @@ def test_ftsim_prints_the_composition_in_counts_only(tmp_path, monkeypatch, caps
     med, _ = medical_like(tmp_path)
     monkeypatch.setattr(ftsim, "run", _no_run)
     out = tmp_path / "run"
-    argv = ["--data", str(fin), "--data", str(med), "--partition", "dirichlet:0.3", "--sites", "4", "--seed", "3", "--out", str(out)]
+    argv = [
+        "--data",
+        str(fin),
+        "--data",
+        str(med),
+        "--partition",
+        "dirichlet:0.3",
+        "--sites",
+        "4",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+    ]
     assert ftsim.main(argv) == 1  # stopped where the simulation would start
     cap = capsys.readouterr()
     lines = [line.split("] ", 1)[1] for line in cap.out.splitlines() if "] site-" in line]
     comp = json.loads((out / "partitions" / "composition.json").read_text())
     assert len(lines) == 4
     for line, (name, c) in zip(lines, comp["sites"].items()):
-        assert line == f"{name}: {c['records']} records | finance {c['by_category']['finance']}, medical {c['by_category']['medical']}"
+        assert (
+            line
+            == f"{name}: {c['records']} records | finance {c['by_category']['finance']}, medical {c['by_category']['medical']}"
+        )
     assert "4 sites (site-1, site-2, site-3, site-4)" in cap.out and "partition dirichlet:0.3 (seed 3)" in cap.out
     assert "SECRET" not in cap.out + cap.err
     assert comp["seed"] == 3 and sum(c["records"] for c in comp["sites"].values()) == 100
@@ -313,7 +353,9 @@ def test_ftsim_partition_sites_and_output_dir_in_the_config(tmp_path, monkeypatc
     res = ftsim.resolve_run(args)
     out = Path(res.cfg.output.dir)
     assert out.parts[0] == "ftsim-runs" and res.partition.spec == PartitionSpec("iid")
-    assert [s.train for s in res.cfg.federation.sites] == [str((tmp_path / out / "partitions" / f"site-{k}" / "train.jsonl").resolve()) for k in (1, 2, 3)]
+    assert [s.train for s in res.cfg.federation.sites] == [
+        str((tmp_path / out / "partitions" / f"site-{k}" / "train.jsonl").resolve()) for k in (1, 2, 3)
+    ]
     assert all(Path(s.train).is_file() and s.eval is None for s in res.cfg.federation.sites)
 
     # --resume DIR reads the sites from the run's saved config and does not split again.
@@ -338,7 +380,9 @@ def test_ftsim_reads_a_partition_section_from_the_config_file(tmp_path):
     assert len(res.cfg.federation.sites) == 3 and res.cfg.simulation.cpus_per_site == 1
     assert res.partition.label_key == "completion" and min(len(s) for s in res.partition.sites) >= 4
     # Flags win over the section.
-    res = ftsim.resolve_run(ftsim.build_parser().parse_args(["--config", str(cfg_file), "--sites", "2", "--partition", "iid"]))
+    res = ftsim.resolve_run(
+        ftsim.build_parser().parse_args(["--config", str(cfg_file), "--sites", "2", "--partition", "iid"])
+    )
     assert len(res.cfg.federation.sites) == 2 and str(res.partition.spec) == "iid"
     cfg_file.write_text("simulation:\n  partition: {data: finance/train.jsonl, spec: iid, sites: 2, shards: 3}\n")
     assert ftsim.main(["--config", str(cfg_file)]) == 2
@@ -347,9 +391,15 @@ def test_ftsim_reads_a_partition_section_from_the_config_file(tmp_path):
 @pytest.mark.parametrize(
     "make_argv, expected",
     [
-        (lambda d: ["--partition", "dirichlet:0.3", "--sites", "4"], "--partition splits one dataset into sites and needs it: add --data"),
+        (
+            lambda d: ["--partition", "dirichlet:0.3", "--sites", "4"],
+            "--partition splits one dataset into sites and needs it: add --data",
+        ),
         (lambda d: ["--sites", "4"], "--sites splits one dataset"),
-        (lambda d: ["--data", d, "--partition", "iid", "--sites", "2", "--site", f"a={d}"], "--site lists the sites and --data"),
+        (
+            lambda d: ["--data", d, "--partition", "iid", "--sites", "2", "--site", f"a={d}"],
+            "--site lists the sites and --data",
+        ),
         (lambda d: ["--data", d, "--partition", "dirichlet:zero", "--sites", "2"], "'dirichlet:zero'"),
         (lambda d: ["--data", d, "--partition", "domain", "--sites", "2"], "but --sites 2"),
         (lambda d: ["--data", d, "--partition", "dirichlet:0.3"], "needs the number of sites: add --sites N"),
@@ -357,7 +407,10 @@ def test_ftsim_reads_a_partition_section_from_the_config_file(tmp_path):
         (lambda d: ["--data", d, "--sites", "0"], "--sites 0"),
         (lambda d: ["--data", d, "--data", d, "--sites", "2"], "given twice"),
         (lambda d: ["--resume", "somewhere", "--data", d], "--resume DIR takes the run's saved config"),
-        (lambda d: ["--data", d, "--sites", "2", "--set", "federation.min_sites=3"], "federation.min_sites is 3 but only 2"),
+        (
+            lambda d: ["--data", d, "--sites", "2", "--set", "federation.min_sites=3"],
+            "federation.min_sites is 3 but only 2",
+        ),
     ],
 )
 def test_ftsim_partition_flags_refuse_bad_combinations(make_argv, expected, tmp_path, monkeypatch, capsys):

@@ -65,8 +65,18 @@ def test_a_site_clips_before_sending_and_reports_counts_but_under_dp_nothing_nor
     nan = OrderedDict(a=torch.tensor([math.nan, 1.0]))
     for bound in (0.1, "off"):  # a NaN update never leaves a site, bound or not
         with pytest.raises(privacy.NonFiniteUpdate):
-            privacy.site_release(load_config(None, base=json.loads(tiny_config.to_json()) | {"federation": {"update_norm_bound": bound}}), nan, secure=False, n_sites=3)
-    dp = load_config(None, base=json.loads(tiny_config.to_json()) | {"privacy": {"epsilon": 8.0, "clip": 0.1, "noise_multiplier": 1.0}})
+            privacy.site_release(
+                load_config(
+                    None, base=json.loads(tiny_config.to_json()) | {"federation": {"update_norm_bound": bound}}
+                ),
+                nan,
+                secure=False,
+                n_sites=3,
+            )
+    dp = load_config(
+        None,
+        base=json.loads(tiny_config.to_json()) | {"privacy": {"epsilon": 8.0, "clip": 0.1, "noise_multiplier": 1.0}},
+    )
     out, metrics = privacy.site_release(dp, big, secure=False, n_sites=3)
     assert metrics == {} and 0.1 * (1 - 2e-6) <= privacy.l2(out) <= 0.1  # central DP: the coordinator adds the noise
 
@@ -193,7 +203,11 @@ def test_update_norm_bound_without_dp_is_enforced_by_the_coordinator_too(tiny_co
     rs = server.RunState(cfg=cfg, out=tmp_path, global_state=state, peft_config=None, trainable_params=10)
     grid = FakeGrid({1: trainer("alpha", 1.0, n=10), 2: trainer("beta", 0.01, n=10)})  # the test sites do not clip
     r = server.run_training_round(grid, [1, 2], rs, 1, lambda s: None)
-    assert r["clipped_updates"] == 1 and r["sites"]["alpha"]["clipped_by_coordinator"] and not r["sites"]["beta"]["clipped_by_coordinator"]
+    assert (
+        r["clipped_updates"] == 1
+        and r["sites"]["alpha"]["clipped_by_coordinator"]
+        and not r["sites"]["beta"]["clipped_by_coordinator"]
+    )
     np.testing.assert_allclose(rs.global_state["a"], (0.5 / math.sqrt(10) + 0.01) / 2, rtol=1e-5)
 
 
@@ -257,7 +271,10 @@ def test_distributed_noise_under_secure_aggregation_completes_a_round(tiny_confi
     assert r["privacy"]["noise_multiplier"] == pytest.approx(sigma)
     assert r["secure_aggregation"]["clip"] == pytest.approx(0.05 + 7 * sigma * 0.05 / math.sqrt(2))
     assert r["secure_aggregation"]["summed_weight"] == 3  # every site weighs 1 under DP
-    assert r["privacy"]["epsilon"] == pytest.approx(privacy.epsilon_of([(1.0, sigma, 1)], 1e-5)) and r["privacy"]["epsilon"] <= 20.0
+    assert (
+        r["privacy"]["epsilon"] == pytest.approx(privacy.epsilon_of([(1.0, sigma, 1)], 1e-5))
+        and r["privacy"]["epsilon"] <= 20.0
+    )
     for site in r["sites"].values():
         assert not {"update_norm", "update_norm_before_clip", "clipped", "cosine_to_aggregate"} & set(site)
 
@@ -300,6 +317,8 @@ def test_update_norm_bound_holds_under_secure_aggregation(tiny_config, tmp_path)
         assert r["accepted"] == 3
         moved[bound] = privacy.l2({k: rs.global_state[k].astype(np.float64) - init[k] for k in init})
         if bound is not None:
-            assert all(s["clipped"] and s["update_norm_before_clip"] > bound for s in r["sites"].values())  # the sites say so
+            assert all(
+                s["clipped"] and s["update_norm_before_clip"] > bound for s in r["sites"].values()
+            )  # the sites say so
             assert r["clipped_updates"] == 3
     assert moved[0.02] <= 0.02 * (1 + 1e-3) and moved[None] > 3 * 0.02, moved

@@ -59,7 +59,10 @@ def dp_config(tiny_config, rounds: int):
 def killed_run(cfg, out: Path, tmp_path: Path, kill_round: int) -> None:
     (tmp_path / "cfg.json").write_text(cfg.to_json())
     p = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "cfg.json"), str(out), str(TESTS), str(kill_round)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", CHILD, str(tmp_path / "cfg.json"), str(out), str(TESTS), str(kill_round)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
 
@@ -77,13 +80,20 @@ def test_a_round_released_before_a_kill_stays_charged_after_resume(tiny_config, 
     assert [x["event"] for x in lines] == ["start", "charge"] and lines[1]["round"] == 1 and lines[1]["released"]
 
     said: list[str] = []
-    rs = server.run_federation(FakeGrid({1: constant(1e-3, name="a"), 2: constant(2e-3, name="b")}), cfg, out, said.append, resume=True)
+    rs = server.run_federation(
+        FakeGrid({1: constant(1e-3, name="a"), 2: constant(2e-3, name="b")}), cfg, out, said.append, resume=True
+    )
     assert any("resuming after round 0" in s for s in said)
     assert rs.accountant.history == [[1.0, 1.0, 3]]  # round 1 (killed), round 1 again, round 2
     assert any("privacy ledger: 1 round(s) charged, the checkpoint's accountant 0" in s for s in said)
     assert rs.rounds[-1]["privacy"]["epsilon"] == pytest.approx(privacy.epsilon_of([(1.0, 1.0, 3)], 1e-5))
     lines = [json.loads(x) for x in (out / privacy.LEDGER).read_text().splitlines()]
-    assert [(x["event"], x.get("round")) for x in lines] == [("start", None), ("charge", 1), ("charge", 1), ("charge", 2)]
+    assert [(x["event"], x.get("round")) for x in lines] == [
+        ("start", None),
+        ("charge", 1),
+        ("charge", 1),
+        ("charge", 2),
+    ]
     # The checkpoint's accountant agrees from now on: a later resume needs no ledger.
     state = json.loads((out / "checkpoints" / "round-0002" / server.SERVER_STATE).read_text())
     assert state["privacy"]["history"] == [[1.0, 1.0, 3]]

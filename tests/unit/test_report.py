@@ -31,8 +31,27 @@ def make_doc(with_em: bool = True) -> dict:
             {
                 "round": 1,
                 "sites": {
-                    "clinic": {"status": "ok", "train_loss": 2.25, "eval_loss": 2.0, "exact_match": em(0.5), "examples": 10, "steps": 2, "train_seconds": 1.25, "bytes_sent": 16384},
-                    "bank": {"status": "rejected", "reason": "a: 2 non-finite value(s)", "train_loss": float("nan"), "eval_loss": 2.9, "exact_match": em(0.0), "examples": 8, "steps": 2, "train_seconds": 1.0, "bytes_sent": 16384},
+                    "clinic": {
+                        "status": "ok",
+                        "train_loss": 2.25,
+                        "eval_loss": 2.0,
+                        "exact_match": em(0.5),
+                        "examples": 10,
+                        "steps": 2,
+                        "train_seconds": 1.25,
+                        "bytes_sent": 16384,
+                    },
+                    "bank": {
+                        "status": "rejected",
+                        "reason": "a: 2 non-finite value(s)",
+                        "train_loss": float("nan"),
+                        "eval_loss": 2.9,
+                        "exact_match": em(0.0),
+                        "examples": 8,
+                        "steps": 2,
+                        "train_seconds": 1.0,
+                        "bytes_sent": 16384,
+                    },
                 },
                 "rejected": [{"site": "bank", "reason": "a: 2 non-finite value(s)"}],
                 "aggregate": {},
@@ -40,8 +59,26 @@ def make_doc(with_em: bool = True) -> dict:
             {
                 "round": 2,
                 "sites": {
-                    "clinic": {"status": "ok", "train_loss": 1.75, "eval_loss": 1.5, "exact_match": em(0.75), "examples": 10, "steps": 2, "train_seconds": 1.5, "bytes_sent": 16384},
-                    "bank": {"status": "ok", "train_loss": 2.5, "eval_loss": 2.625, "exact_match": em(0.25), "examples": 8, "steps": 2, "train_seconds": 1.0, "bytes_sent": 16384},
+                    "clinic": {
+                        "status": "ok",
+                        "train_loss": 1.75,
+                        "eval_loss": 1.5,
+                        "exact_match": em(0.75),
+                        "examples": 10,
+                        "steps": 2,
+                        "train_seconds": 1.5,
+                        "bytes_sent": 16384,
+                    },
+                    "bank": {
+                        "status": "ok",
+                        "train_loss": 2.5,
+                        "eval_loss": 2.625,
+                        "exact_match": em(0.25),
+                        "examples": 8,
+                        "steps": 2,
+                        "train_seconds": 1.0,
+                        "bytes_sent": 16384,
+                    },
                 },
                 "rejected": [],
                 "aggregate": {},
@@ -61,7 +98,10 @@ def test_write_report_with_plots(tmp_path):
     path = write_report(tmp_path, make_doc())
     assert path == tmp_path / "report.md"
     md = path.read_text(encoding="utf-8")
-    assert "| site | eval loss, base | eval loss, final | exact match, base | exact match, final | examples | bytes sent / round |" in md
+    assert (
+        "| site | eval loss, base | eval loss, final | exact match, base | exact match, final | examples | bytes sent / round |"
+        in md
+    )
     assert "| clinic | 2.500 | 1.500 | 0.25 | 0.75 | 10 | 16,384 |" in md
     assert "| bank | 3.000 | 2.625 | 0.00 | 0.25 | 8 | 16,384 |" in md
     assert "| 1 | bank | rejected | – | 2.900 | 0.00 | 2 | 1.0 | 16384 |" in md

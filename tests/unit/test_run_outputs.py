@@ -29,7 +29,12 @@ def rounds_of(values, metric="eval_loss"):
         ([3.0, 2.0, 2.5, 1.9, 1.95], "eval_loss", 0.0, (3, 1.9, 1)),
         ([3.0, 2.0, 2.5, 1.9, 1.95], "eval_loss", 0.2, (1, 2.0, 3)),  # 2.0 -> 1.9 is not enough
         ([3.0, 3.0, 3.0], "eval_loss", 0.0, (0, 3.0, 2)),  # a tie does not improve: the base stays best
-        ([0.2, 0.5, 0.4, None], "exact_match", 0.0, (1, 0.5, 2)),  # higher is better; a round without it does not improve
+        (
+            [0.2, 0.5, 0.4, None],
+            "exact_match",
+            0.0,
+            (1, 0.5, 2),
+        ),  # higher is better; a round without it does not improve
         ([None, None], "eval_loss", 0.0, (None, None, 0)),
     ],
 )
@@ -64,13 +69,22 @@ def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_
                 return handle(m)
             rnd = int(m.content["config"]["server-round"])
             site = handle(m)["site"]
-            return RecordDict({"metrics": MetricRecord({"num-examples": 4, "eval-loss": script[rnd]}), "site": ConfigRecord(dict(site))})
+            return RecordDict(
+                {
+                    "metrics": MetricRecord({"num-examples": 4, "eval-loss": script[rnd]}),
+                    "site": ConfigRecord(dict(site)),
+                }
+            )
 
         grid.sites[node] = scripted
     said: list[str] = []
     rs = server.run_federation(grid, cfg, tmp_path, said.append)
     assert [r["round"] for r in rs.rounds] == [0, 1, 2, 3]
-    assert "early stopping" in rs.stopped and "since round 1" in rs.stopped and any("stopping: early stopping" in s for s in said)
+    assert (
+        "early stopping" in rs.stopped
+        and "since round 1" in rs.stopped
+        and any("stopping: early stopping" in s for s in said)
+    )
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert doc["best"] == {"round": 1, "metric": "eval_loss", "value": 2.0, "rounds_since": 2}
     best = load_adapter_state(tmp_path / "best")
@@ -110,7 +124,9 @@ def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_
     losses = [(e.step, e.value) for e in acc.Scalars("federation/eval_loss")]
     assert losses == [(r["round"], pytest.approx(r["aggregate"]["eval_loss"])) for r in doc["rounds"]]
     cos = acc.Scalars("site/medical/cosine_to_aggregate")
-    assert [e.step for e in cos] == [1, 2, 3] and cos[0].value == pytest.approx(doc["rounds"][1]["sites"]["medical"]["cosine_to_aggregate"])
+    assert [e.step for e in cos] == [1, 2, 3] and cos[0].value == pytest.approx(
+        doc["rounds"][1]["sites"]["medical"]["cosine_to_aggregate"]
+    )
     assert {"round/update_bytes", "round/seconds", "layer_change/0", "layer_change/1"} <= set(acc.Tags()["scalars"])
 
 

@@ -28,7 +28,9 @@ def run_round(updates, weights, threshold, k, q, drop_before_share=(), drop_afte
     uploaders = [i for i in shared if i not in drop_after_share]
     rng = np.random.default_rng(1)
     masked = {
-        i: sites[i].masked_input(q.encode(updates[i - 1], weights[i - 1], rng), keys, [j for j in nbrs[i] if j in shared])
+        i: sites[i].masked_input(
+            q.encode(updates[i - 1], weights[i - 1], rng), keys, [j for j in nbrs[i] if j in shared]
+        )
         for i in uploaders
     }
     # Each site is asked for its own view of the alive set: its share holders in it, and the

@@ -43,12 +43,22 @@ class SecureSite:
     message type it never answers. ``reported``: the example count it reports at key
     advertisement (default: ``examples``, what it trains on and encodes)."""
 
-    def __init__(self, idx: int, update: OrderedDict, examples: int, silent_at: str | None = None, reported: int | None = None, pinned=None):
+    def __init__(
+        self,
+        idx: int,
+        update: OrderedDict,
+        examples: int,
+        silent_at: str | None = None,
+        reported: int | None = None,
+        pinned=None,
+    ):
         self.name = f"site{idx}"
         self.update, self.examples, self.silent_at = update, examples, silent_at
         self.reported = examples if reported is None else reported
         self.identity = secure.Identity(IDENTITIES[idx], pinned)
-        self.ctx = Context(run_id=1, node_id=idx, node_config={"partition-id": idx - 1}, state=RecordDict(), run_config={})
+        self.ctx = Context(
+            run_id=1, node_id=idx, node_config={"partition-id": idx - 1}, state=RecordDict(), run_config={}
+        )
         self.sites = [client_app.SiteFiles(f"site{i}", "unused") for i in range(1, 10)]
         self.replies: list[RecordDict] = []
         self.snapshots: list[dict] = []  # the round's secrets (keys, seed, shares held) as they stood after masking
@@ -76,7 +86,12 @@ class SecureSite:
             cfg = FedTuneConfig.from_json(str(m.content["config"][CONFIG_KEY]))
             n = None if cfg.privacy.enabled or cfg.federation.weighting == "equal" else self.reported
             try:
-                out = RecordDict({"site": self._site("ok"), p.RECORD: secure.advertise(self.ctx, m.content[p.RECORD], self.identity, n)})
+                out = RecordDict(
+                    {
+                        "site": self._site("ok"),
+                        p.RECORD: secure.advertise(self.ctx, m.content[p.RECORD], self.identity, n),
+                    }
+                )
             except SecAggError as e:
                 out = RecordDict({"site": self._site("refused", str(e))})
         else:
@@ -94,7 +109,10 @@ class SecureSite:
 def secure_state(tiny_config, tmp_path, sa: dict | None = None, site_keys=REGISTERED, **federation) -> server.RunState:
     fed = tiny_config.federation.model_copy(update={"round_timeout_s": 2.0, **federation})
     cfg = tiny_config.model_copy(
-        update={"federation": fed, "secure_aggregation": SecureAggregationConfig(enabled=True, stage_timeout_s=2.0, **(sa or {}))}
+        update={
+            "federation": fed,
+            "secure_aggregation": SecureAggregationConfig(enabled=True, stage_timeout_s=2.0, **(sa or {})),
+        }
     )
     return server.RunState(
         cfg=cfg,
@@ -121,11 +139,15 @@ def five(silent: dict[int, str] | None = None, updates=None, **kw) -> dict[int, 
 
 
 def expected_mean(sites: dict[int, SecureSite], ids, cap: int | None = None) -> OrderedDict:
-    return weighted_mean([sites[i].update for i in ids], [min(sites[i].examples, cap or sites[i].examples) for i in ids])
+    return weighted_mean(
+        [sites[i].update for i in ids], [min(sites[i].examples, cap or sites[i].examples) for i in ids]
+    )
 
 
 def round_cap(rs, sites) -> int:
-    return round_weight_cap([s.reported for s in sites.values()], rs.cfg.federation.weight_cap, rs.cfg.secure_aggregation.max_weight)
+    return round_weight_cap(
+        [s.reported for s in sites.values()], rs.cfg.federation.weight_cap, rs.cfg.secure_aggregation.max_weight
+    )
 
 
 def bound_for(rs, sites, ids) -> float:
@@ -150,7 +172,9 @@ def test_secure_round_gives_the_weighted_mean_within_the_stated_bound_and_never_
     plain = np.mean([s.update["a"] for s in sites.values()], axis=0)
     assert np.abs(plain - want["a"]).max() > 100 * bound
     assert r["accepted"] == 5 and stats["sites_per_stage"] == [5, 5, 5, 5, 5, 5] and stats["threshold"] == 3
-    assert stats["upload_bytes_per_param"] == pytest.approx(4.0 * (37 + 1) / 37, abs=1e-4)  # 4 bytes a value, and 4 for the weight
+    assert stats["upload_bytes_per_param"] == pytest.approx(
+        4.0 * (37 + 1) / 37, abs=1e-4
+    )  # 4 bytes a value, and 4 for the weight
     # The mean divides by the weights the sites encoded, which are their counts (none capped here).
     assert stats["summed_weight"] == stats["reported_weight"] == sum(EXAMPLES) and stats["weight_cap"] == 360
     assert stats["identity_keys"] == "registered"
@@ -180,7 +204,13 @@ def test_dropouts_at_each_stage_still_give_the_survivors_exact_mean(tiny_config,
         assert np.abs(rs.global_state[k].astype(np.float64) - want[k]).max() <= bound + 1e-7
     assert r["accepted"] == len(summed)
     assert sorted(n for n, v in r["sites"].items() if v.get("summed")) == [f"site{i}" for i in summed]
-    label = {p.ADVERTISE: "advertise", p.SHARE_KEYS: "share_keys", "train": "train", p.CONSISTENCY: "consistency", p.UNMASK: "unmask"}[stage]
+    label = {
+        p.ADVERTISE: "advertise",
+        p.SHARE_KEYS: "share_keys",
+        "train": "train",
+        p.CONSISTENCY: "consistency",
+        p.UNMASK: "unmask",
+    }[stage]
     # A site silent from the first message of its first round was never named: its node id stands in.
     named = [f"node-{i}" if stage == p.ADVERTISE else f"site{i}" for i in dropped]
     assert r["secure_aggregation"]["dropped"] == {label: named}
@@ -191,7 +221,9 @@ def test_dropouts_at_each_stage_still_give_the_survivors_exact_mean(tiny_config,
 def test_three_dropouts_abort_the_round_and_release_nothing(tiny_config, tmp_path, stage):
     rs = secure_state(tiny_config, tmp_path)
     sites = five({1: stage, 3: stage, 5: stage})
-    with pytest.raises(server.FederationError, match=r"secure aggregation aborted .*2 site\(s\) left, 3 needed.*nothing was"):
+    with pytest.raises(
+        server.FederationError, match=r"secure aggregation aborted .*2 site\(s\) left, 3 needed.*nothing was"
+    ):
         server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
     for k in SHAPES:
         np.testing.assert_array_equal(rs.global_state[k], 0.0)
@@ -218,7 +250,9 @@ def test_a_non_finite_update_is_refused_at_the_site_before_masking(tiny_config, 
     assert r["sites"]["site3"]["status"] == "refused" and "non-finite" in r["sites"]["site3"]["reason"]
     assert r["accepted"] == 4 and p.STATE not in sites[3].ctx.state
     want = expected_mean(sites, [1, 2, 4, 5])
-    assert np.abs(rs.global_state["b"].astype(np.float64) - want["b"]).max() <= bound_for(rs, sites, [1, 2, 4, 5]) + 1e-7
+    assert (
+        np.abs(rs.global_state["b"].astype(np.float64) - want["b"]).max() <= bound_for(rs, sites, [1, 2, 4, 5]) + 1e-7
+    )
 
 
 TAG = b"t" * p.TAG_BYTES
@@ -247,7 +281,9 @@ def _site_after_consistency(u3=(1, 2, 3, 4, 5)):
     keys, signed = advertise_all(sites)
     out = {}
     for i, s in sites.items():
-        sealed = secure.share_keys(s.ctx, share_record(TAG, i, [j for j in range(1, 6) if j != i], keys, signed), s.identity)
+        sealed = secure.share_keys(
+            s.ctx, share_record(TAG, i, [j for j in range(1, 6) if j != i], keys, signed), s.identity
+        )
         out[i] = dict(zip(sealed["to"], sealed["sealed"]))
     for i, s in sites.items():
         senders = [j for j in range(1, 6) if j != i]
@@ -255,7 +291,11 @@ def _site_after_consistency(u3=(1, 2, 3, 4, 5)):
         secure.masked_input(s.ctx, rec, secure.flatten_update(s.update, _global()), s.examples, seed=i)
     if u3 is None:
         return sites, {}
-    sigs = {i: secure.consistency(s.ctx, ConfigRecord({"round-tag": TAG, "alive": list(u3)}), s.identity)["sig"] for i, s in sites.items() if i in u3}
+    sigs = {
+        i: secure.consistency(s.ctx, ConfigRecord({"round-tag": TAG, "alive": list(u3)}), s.identity)["sig"]
+        for i, s in sites.items()
+        if i in u3
+    }
     return sites, sigs
 
 
@@ -302,10 +342,22 @@ def test_a_site_answers_one_unmask_request_per_round_and_refuses_unsafe_ones():
     "forge, match",
     [
         (lambda u3, sigs: unmask_request(1, [1, 2, 3, 4, 5], sigs), "another alive set than the one this site signed"),
-        (lambda u3, sigs: unmask_request(1, u3, sigs, signers=[1, 2]), "only 2 of this site's share holders signed the alive set, 3 needed"),
-        (lambda u3, sigs: unmask_request(1, u3, {**sigs, 3: sigs[2]}), r"signatures of site\(s\) \[3\] on the alive set do not verify"),
-        (lambda u3, sigs: unmask_request(1, u3, {**sigs, 98: sigs[2]}, signers=[1, 2, 98]), "at most one from each of this site's share holders"),
-        (lambda u3, sigs: unmask_request(1, u3, sigs, alive=[1, 2, 3], dropped=[4, 5]), "not this site's view of the alive set it signed"),
+        (
+            lambda u3, sigs: unmask_request(1, u3, sigs, signers=[1, 2]),
+            "only 2 of this site's share holders signed the alive set, 3 needed",
+        ),
+        (
+            lambda u3, sigs: unmask_request(1, u3, {**sigs, 3: sigs[2]}),
+            r"signatures of site\(s\) \[3\] on the alive set do not verify",
+        ),
+        (
+            lambda u3, sigs: unmask_request(1, u3, {**sigs, 98: sigs[2]}, signers=[1, 2, 98]),
+            "at most one from each of this site's share holders",
+        ),
+        (
+            lambda u3, sigs: unmask_request(1, u3, sigs, alive=[1, 2, 3], dropped=[4, 5]),
+            "not this site's view of the alive set it signed",
+        ),
     ],
 )
 def test_an_unmask_request_without_the_survivors_signatures_on_the_same_alive_set_is_refused(forge, match):
@@ -324,7 +376,9 @@ def test_a_site_signs_one_alive_set_only_if_it_is_in_it_with_enough_share_holder
         secure.consistency(sites[2].ctx, ConfigRecord({"round-tag": TAG, "alive": [2, 3, 98, 99]}), sites[2].identity)
     with pytest.raises(SecAggError, match="fewer than the threshold 3"):
         secure.consistency(sites[4].ctx, ConfigRecord({"round-tag": TAG, "alive": [3, 4]}), sites[4].identity)
-    sig = secure.consistency(sites[3].ctx, ConfigRecord({"round-tag": TAG, "alive": [1, 2, 3]}), sites[3].identity)["sig"]
+    sig = secure.consistency(sites[3].ctx, ConfigRecord({"round-tag": TAG, "alive": [1, 2, 3]}), sites[3].identity)[
+        "sig"
+    ]
     assert prim.verify(identity_public(IDENTITIES[3]), sig, p.alive_payload(1, TAG, [1, 2, 3]))
     with pytest.raises(SecAggError, match="out of order"):  # once per round
         secure.consistency(sites[3].ctx, ConfigRecord({"round-tag": TAG, "alive": [1, 2, 3, 4]}), sites[3].identity)
@@ -333,7 +387,11 @@ def test_a_site_signs_one_alive_set_only_if_it_is_in_it_with_enough_share_holder
 def test_a_site_refuses_out_of_order_or_unsafe_key_sharing():
     s = five()[1]
     with pytest.raises(SecAggError, match="no secure round in progress"):
-        secure.share_keys(s.ctx, ConfigRecord({"round-tag": TAG, "threshold": 3, "nbr-ids": [2], "nbr-c": [b"x"], "nbr-s": [b"y"]}), s.identity)
+        secure.share_keys(
+            s.ctx,
+            ConfigRecord({"round-tag": TAG, "threshold": 3, "nbr-ids": [2], "nbr-c": [b"x"], "nbr-s": [b"y"]}),
+            s.identity,
+        )
     sites = {1: s, **{j: o for j, o in five().items() if j in (2, 3)}}
     keys, signed = advertise_all(sites)
     # A threshold of half the holders or less lets two disjoint groups rebuild both secrets.
@@ -343,10 +401,16 @@ def test_a_site_refuses_out_of_order_or_unsafe_key_sharing():
         secure.ready_to_train(s.ctx, ConfigRecord({"round-tag": TAG, "from": [], "sealed": []}))
     unsafe = [
         (lambda sg: {"nbr-pk": [sg[2][0], sg[2][0]]}, "identity keys repeat"),  # one identity for two sites
-        (lambda sg: {"nbr-pk": [sg[2][0], identity_public(IDENTITIES[1])]}, "identity keys repeat, or repeat this site's own"),
+        (
+            lambda sg: {"nbr-pk": [sg[2][0], identity_public(IDENTITIES[1])]},
+            "identity keys repeat, or repeat this site's own",
+        ),
         (lambda sg: {"nbr-node": ["2", "2"]}, "Flower nodes repeat"),
         (lambda sg: {"nbr-node": ["2", "1"]}, "name this site's own"),
-        (lambda sg: {"nbr-sig": [sg[3][1], sg[3][1]]}, r"keys of site\(s\) \[2\] are not signed by their published identity keys"),
+        (
+            lambda sg: {"nbr-sig": [sg[3][1], sg[3][1]]},
+            r"keys of site\(s\) \[2\] are not signed by their published identity keys",
+        ),
         (lambda sg: {"weight-cap": 0}, "weight cap 0"),
         (lambda sg: {"weight-cap": 20_000}, "weight cap 20000"),
     ]
@@ -397,7 +461,12 @@ def test_configs_that_secure_aggregation_cannot_serve_fail_at_start(tmp_path):
     cfg = load_config(overrides={"federation.aggregator": "trimmed-mean"})
     with pytest.raises(ConfigError, match="on by default here"):
         cfg.with_secure_default(True)
-    assert load_config(overrides={"federation.aggregator": "median", "secure_aggregation.enabled": False}).with_secure_default(True).secure_aggregation.enabled is False
+    assert (
+        load_config(overrides={"federation.aggregator": "median", "secure_aggregation.enabled": False})
+        .with_secure_default(True)
+        .secure_aggregation.enabled
+        is False
+    )
     one_site = {"federation.sites": [{"name": "a", "train": "x.jsonl"}], "secure_aggregation.enabled": True}
     with pytest.raises(ConfigError, match="needs at least 2 sites"):
         load_config(overrides=one_site)
@@ -418,7 +487,10 @@ def test_an_unusable_threshold_aborts_clearly_before_anything_is_sent(tiny_confi
     rs = secure_state(tiny_config, tmp_path, sa={"threshold": 5})
     sites = {i: s for i, s in five().items() if i != 2}
     grid = FakeGrid(sites)
-    with pytest.raises(server.FederationError, match=r"secure aggregation cannot start: secure_aggregation.threshold 5 with 4 share holders"):
+    with pytest.raises(
+        server.FederationError,
+        match=r"secure aggregation cannot start: secure_aggregation.threshold 5 with 4 share holders",
+    ):
         server.run_training_round(grid, list(sites), rs, 1, lambda s: None)
     assert grid.sent == []
 
@@ -536,7 +608,11 @@ def test_the_attack_harness_opens_a_site_when_the_sites_give_their_shares_away(t
     # Give the harness site 1's neighbours' mask keys as if the sites had revealed them.
     snapshots = {i: s.snapshots[-1] for i, s in sites.items()}
     for h, (b, _) in list(grid.answers.items()):
-        shares = {k: p.bytes_to_ints(list(snapshots[h]["held-s"]))[list(snapshots[h]["held-ids"]).index(k)] for k in range(2, 6) if k != h}
+        shares = {
+            k: p.bytes_to_ints(list(snapshots[h]["held-s"]))[list(snapshots[h]["held-ids"]).index(k)]
+            for k in range(2, 6)
+            if k != h
+        }
         grid.answers[h] = (b, shares)
     code = grid.open_site_1()
     cap = round_cap(rs, sites)
@@ -578,7 +654,10 @@ def test_a_substituted_key_is_refused_and_nothing_is_unmasked(tiny_config, tmp_p
     with pytest.raises(server.FederationError, match="aborted at key sharing"):
         server.run_training_round(grid, list(sites), rs, 1, lambda s: None)
     for i in (1, 2, 4, 5):
-        assert any("advertised keys of site(s) [3] are not signed by their published identity keys" in r for r in sites[i].refusals())
+        assert any(
+            "advertised keys of site(s) [3] are not signed by their published identity keys" in r
+            for r in sites[i].refusals()
+        )
     assert grid.masked == {} and grid.answers == {}  # no site trained or masked: nothing to open
     assert all(p.STATE not in sites[i].ctx.state for i in (1, 2, 4, 5))  # the refusing sites forgot the round
 
@@ -591,7 +670,9 @@ def test_a_substituted_identity_is_refused_by_pinned_sites_and_when_it_changes_d
     rs = secure_state(tiny_config, tmp_path)
     pinned = five(pinned=REGISTERED)
     with pytest.raises(server.FederationError, match="aborted at key sharing"):
-        server.run_training_round(MaliciousCoordinator(pinned, substitute_keys(3, rogue)), list(pinned), rs, 1, lambda s: None)
+        server.run_training_round(
+            MaliciousCoordinator(pinned, substitute_keys(3, rogue)), list(pinned), rs, 1, lambda s: None
+        )
     assert any("published for node(s) 3 are not among this site's pinned peer keys" in r for r in pinned[1].refusals())
 
     rs = secure_state(tiny_config, tmp_path)
@@ -635,7 +716,9 @@ def check_fresh_secrets(sites: dict[int, SecureSite]) -> tuple[int, int]:
     assert len(set(seeds)) == len(seeds), f"self-mask seeds repeat: {len(seeds) - len(set(seeds))} of {len(seeds)}"
     assert all(len(v) == 1 for v in pairs.values()), "the two ends of a pair derive different mask keys"
     keys = [next(iter(v)) for v in pairs.values()]
-    assert len(set(keys)) == len(keys), f"pairwise mask keys repeat across pairs or rounds: {len(set(keys))} distinct of {len(keys)}"
+    assert len(set(keys)) == len(keys), (
+        f"pairwise mask keys repeat across pairs or rounds: {len(set(keys))} distinct of {len(keys)}"
+    )
     assert not set(keys) & set(seeds), "a pairwise mask key equals a self-mask seed"
     return len(seeds), len(keys)
 
@@ -646,12 +729,22 @@ def two_rounds(tiny_config, tmp_path, n_values: int = 37, same_update: bool = Fa
     if n_values != 37:
         rs.global_state, rs.trainable_params = OrderedDict(w=np.zeros(n_values, np.float32)), n_values
     x = OrderedDict(w=np.random.default_rng(1).normal(0, 0.01, n_values).astype(np.float32)) if n_values != 37 else None
-    ups = [x] * 5 if same_update else ([OrderedDict(w=np.random.default_rng(i).normal(0, 0.01, n_values).astype(np.float32)) for i in range(5)] if x else None)
+    ups = (
+        [x] * 5
+        if same_update
+        else (
+            [OrderedDict(w=np.random.default_rng(i).normal(0, 0.01, n_values).astype(np.float32)) for i in range(5)]
+            if x
+            else None
+        )
+    )
     sites = five(updates=ups)
     seen = []
     for rnd in (1, 2):
         grid = MaliciousCoordinator(sites)
-        rs.global_state = OrderedDict((k, np.zeros_like(v)) for k, v in rs.global_state.items())  # the same update twice
+        rs.global_state = OrderedDict(
+            (k, np.zeros_like(v)) for k, v in rs.global_state.items()
+        )  # the same update twice
         server.run_training_round(grid, list(sites), rs, rnd, lambda s: None)
         seen.append(grid.masked)
     return sites, seen
@@ -815,7 +908,9 @@ def test_a_site_signs_with_its_ftclient_key_which_the_coordinator_publishes_from
     with pytest.raises(ValueError, match="no \\*.pub file"):
         secure.load_pins(tmp_path / "run")
     data = Path(__file__).resolve().parents[2] / "simulations" / "data" / "medical" / "train.jsonl"
-    args = join_parser().parse_args(["--server", "h:1", "--data", str(data), "--insecure", "--peer-keys", str(tmp_path / "run")])
+    args = join_parser().parse_args(
+        ["--server", "h:1", "--data", str(data), "--insecure", "--peer-keys", str(tmp_path / "run")]
+    )
     with pytest.raises(JoinError, match="--peer-keys: .*no \\*.pub file"):
         check_inputs(args)
 

@@ -71,7 +71,9 @@ def trainer(name: str, value: float = 1.0, n: int = 10, bad: str | None = None) 
         delta = adapters.to_tensors(_state(value=value))
         if bad == "nan":
             delta["a"][0, 0] = math.nan
-        content = RecordDict({"metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, "startup-seconds": 0.01}), "site": site})
+        content = RecordDict(
+            {"metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, "startup-seconds": 0.01}), "site": site}
+        )
         for k, v in adapters.adapter_records(delta).items():
             content[k] = v
         if bad == "layout":
@@ -87,7 +89,14 @@ def run_state(tiny_config, tmp_path, **federation) -> server.RunState:
     bound ('auto': 10 x lr x steps x sqrt(10) = 0.06 here) would clip (test_hostile_sites uses it)."""
     federation = {"update_norm_bound": None, **federation}
     cfg = tiny_config.model_copy(update={"federation": tiny_config.federation.model_copy(update=federation)})
-    return server.RunState(cfg=cfg, out=tmp_path, global_state=_state(), peft_config=None, trainable_params=10, rng=np.random.default_rng(0))
+    return server.RunState(
+        cfg=cfg,
+        out=tmp_path,
+        global_state=_state(),
+        peft_config=None,
+        trainable_params=10,
+        rng=np.random.default_rng(0),
+    )
 
 
 def test_round_completes_without_a_silent_site_when_enough_remain(tiny_config, tmp_path):
@@ -106,7 +115,9 @@ def test_round_completes_without_a_silent_site_when_enough_remain(tiny_config, t
 def test_round_fails_clearly_below_min_sites_and_keeps_the_adapter(tiny_config, tmp_path):
     rs = run_state(tiny_config, tmp_path, min_sites=3, round_timeout_s=0.5)
     grid = FakeGrid({1: trainer("alpha"), 2: trainer("beta"), 3: lambda m: None})
-    with pytest.raises(server.FederationError, match=r"round 4: only 2 valid update\(s\) of 3 site\(s\) asked \(1 did not answer") as e:
+    with pytest.raises(
+        server.FederationError, match=r"round 4: only 2 valid update\(s\) of 3 site\(s\) asked \(1 did not answer"
+    ) as e:
         server.run_training_round(grid, [1, 2, 3], rs, 4, lambda s: None)
     assert "min_sites is 3" in str(e.value) and "stays at round 3" in str(e.value)
     np.testing.assert_array_equal(rs.global_state["a"], 0.0)
@@ -114,7 +125,9 @@ def test_round_fails_clearly_below_min_sites_and_keeps_the_adapter(tiny_config, 
 
 def test_bad_updates_are_rejected_with_reasons_not_averaged(tiny_config, tmp_path):
     rs = run_state(tiny_config, tmp_path, min_sites=1, round_timeout_s=5)
-    grid = FakeGrid({1: trainer("alpha", 2.0), 2: trainer("nan", 9.0, bad="nan"), 3: trainer("torn", 9.0, bad="layout")})
+    grid = FakeGrid(
+        {1: trainer("alpha", 2.0), 2: trainer("nan", 9.0, bad="nan"), 3: trainer("torn", 9.0, bad="layout")}
+    )
     r = server.run_training_round(grid, [1, 2, 3], rs, 1, lambda s: None)
     assert r["accepted"] == 1
     reasons = {x["site"]: x["reason"] for x in r["rejected"]}
@@ -146,7 +159,10 @@ def test_wait_for_sites_deadline(monkeypatch):
     # Fewer than wanted but enough at the deadline: go with those.
     assert server.wait_for_sites(grid, 3, 2, 0.3, said.append) == [1, 2]
     assert any("join deadline passed: starting with the 2 site(s)" in s for s in said)
-    with pytest.raises(server.FederationError, match=r"only 2 site\(s\) joined within 0 s \(federation.join_timeout_s\); 3 needed \(federation.min_sites"):
+    with pytest.raises(
+        server.FederationError,
+        match=r"only 2 site\(s\) joined within 0 s \(federation.join_timeout_s\); 3 needed \(federation.min_sites",
+    ):
         server.wait_for_sites(grid, 3, 3, 0.3, said.append)
 
 
@@ -222,7 +238,9 @@ def test_a_resumed_fedadam_run_ends_exactly_where_an_uninterrupted_one_does(tiny
     fed = tiny_config.federation.model_copy(
         update={"rounds": 3, "min_sites": 2, "round_timeout_s": 0.5, "join_timeout_s": 0.5, "strategy": "fedadam"}
     )
-    cfg = tiny_config.model_copy(update={"federation": fed, "output": tiny_config.output.model_copy(update={"plots": False})})
+    cfg = tiny_config.model_copy(
+        update={"federation": fed, "output": tiny_config.output.model_copy(update={"plots": False})}
+    )
 
     def site(name, scale, dies_in_round=None):
         def handle(m: Message):
@@ -239,28 +257,43 @@ def test_a_resumed_fedadam_run_ends_exactly_where_an_uninterrupted_one_does(tiny
 
         return handle
 
-    straight = server.run_federation(FakeGrid({1: site("a", 0.01), 2: site("b", -0.03)}), cfg, tmp_path / "straight", lambda s: None)
+    straight = server.run_federation(
+        FakeGrid({1: site("a", 0.01), 2: site("b", -0.03)}), cfg, tmp_path / "straight", lambda s: None
+    )
 
     out = tmp_path / "resumed"
     with pytest.raises(server.FederationError, match="round 2"):
-        server.run_federation(FakeGrid({1: site("a", 0.01), 2: site("b", -0.03, dies_in_round=2)}), cfg, out, lambda s: None)
+        server.run_federation(
+            FakeGrid({1: site("a", 0.01), 2: site("b", -0.03, dies_in_round=2)}), cfg, out, lambda s: None
+        )
     assert (out / "checkpoints" / "round-0001" / server.OPTIMIZER_ARRAYS).is_file()
-    assert json.loads((out / "checkpoints" / "round-0001" / "server_state.json").read_text())["optimizer"] == {"strategy": "fedadam", "t": 1}
-    resumed = server.run_federation(FakeGrid({1: site("a", 0.01), 2: site("b", -0.03)}), cfg, out, lambda s: None, resume=True)
+    assert json.loads((out / "checkpoints" / "round-0001" / "server_state.json").read_text())["optimizer"] == {
+        "strategy": "fedadam",
+        "t": 1,
+    }
+    resumed = server.run_federation(
+        FakeGrid({1: site("a", 0.01), 2: site("b", -0.03)}), cfg, out, lambda s: None, resume=True
+    )
     for k in straight.global_state:
         np.testing.assert_array_equal(resumed.global_state[k], straight.global_state[k])
     assert resumed.optimizer.t == 3
     # The check has teeth: without the moments (a fresh optimizer from round 1's adapter) rounds 2-3 end elsewhere.
     fresh = server.ServerOptimizer("fedadam")
-    state = OrderedDict((k, v.numpy()) for k, v in server.load_adapter_state(out / "checkpoints" / "round-0001").items())
+    state = OrderedDict(
+        (k, v.numpy()) for k, v in server.load_adapter_state(out / "checkpoints" / "round-0001").items()
+    )
     for rnd in (2, 3):
         state = fresh.step(state, OrderedDict((k, np.full(v.shape, -0.01 * rnd, np.float32)) for k, v in state.items()))
     assert any(not np.allclose(state[k], straight.global_state[k], atol=1e-6) for k in state)
 
 
 def test_a_site_that_fails_evaluation_is_recorded_as_such(tiny_config, tmp_path):
-    fed = tiny_config.federation.model_copy(update={"rounds": 1, "min_sites": 1, "round_timeout_s": 2, "join_timeout_s": 1})
-    cfg = tiny_config.model_copy(update={"federation": fed, "output": tiny_config.output.model_copy(update={"plots": False})})
+    fed = tiny_config.federation.model_copy(
+        update={"rounds": 1, "min_sites": 1, "round_timeout_s": 2, "join_timeout_s": 1}
+    )
+    cfg = tiny_config.model_copy(
+        update={"federation": fed, "output": tiny_config.output.model_copy(update={"plots": False})}
+    )
     import torch
 
     def flaky(m: Message):
@@ -269,7 +302,9 @@ def test_a_site_that_fails_evaluation_is_recorded_as_such(tiny_config, tmp_path)
         content = trainer("flaky", 0.0)(m)
         if m.metadata.message_type == "train":
             glob = adapters.read_adapter(m.content)
-            for k, v in adapters.adapter_records(OrderedDict((k, torch.zeros(v.shape)) for k, v in glob.items())).items():
+            for k, v in adapters.adapter_records(
+                OrderedDict((k, torch.zeros(v.shape)) for k, v in glob.items())
+            ).items():
                 content[k] = v
         return content
 
@@ -302,9 +337,15 @@ def test_each_sites_pull_per_layer():
     a = {"model.layers.0.w": np.array([3.0, 0.0]), "model.layers.1.w": np.array([0.0, -4.0])}
     b = {"model.layers.0.w": np.array([0.0, 1.0]), "model.layers.1.w": np.array([0.0, 0.0])}
     sa, sb = site_alignment([a, b], agg, lambda k: int(k.split(".")[2]))
-    assert sa["by_layer"] == {"0": {"update_norm": 3.0, "cosine_to_aggregate": 1.0}, "1": {"update_norm": 4.0, "cosine_to_aggregate": -1.0}}
+    assert sa["by_layer"] == {
+        "0": {"update_norm": 3.0, "cosine_to_aggregate": 1.0},
+        "1": {"update_norm": 4.0, "cosine_to_aggregate": -1.0},
+    }
     assert sa["update_norm"] == 5.0 and sa["cosine_to_aggregate"] == pytest.approx((3 - 8) / (5 * math.sqrt(5)))
-    assert sb["by_layer"]["0"] == {"update_norm": 1.0, "cosine_to_aggregate": 0.0} and sb["by_layer"]["1"]["cosine_to_aggregate"] is None
+    assert (
+        sb["by_layer"]["0"] == {"update_norm": 1.0, "cosine_to_aggregate": 0.0}
+        and sb["by_layer"]["1"]["cosine_to_aggregate"] is None
+    )
     assert "by_layer" not in site_alignment([a], agg)[0]
 
 
@@ -323,7 +364,14 @@ def test_a_sites_local_early_stop_is_recorded_and_shown(tiny_config, tmp_path):
     def stopping(m: Message):
         content = trainer("alpha")(m)
         if m.metadata.message_type != "evaluate":
-            stop = {"train-steps": 6, "planned-steps": 10, "local-stopped-at": 6, "local-best-step": 4, "local-val-start": 2.5, "local-val-best": 1.25}
+            stop = {
+                "train-steps": 6,
+                "planned-steps": 10,
+                "local-stopped-at": 6,
+                "local-best-step": 4,
+                "local-val-start": 2.5,
+                "local-val-best": 1.25,
+            }
             content["metrics"] = MetricRecord({**dict(content["metrics"].items()), **stop})
         return content
 
@@ -342,6 +390,8 @@ def test_a_site_reporting_a_nan_eval_loss_does_not_stop_the_round(tiny_config, t
     federated mean, which the other site's loss makes."""
     rs = run_state(tiny_config, tmp_path, min_sites=1, round_timeout_s=5)
     said: list[str] = []
-    ev = server.run_evaluation(FakeGrid({1: trainer("alpha", math.nan), 2: trainer("beta", 1.0)}), [1, 2], rs, 1, said.append)
+    ev = server.run_evaluation(
+        FakeGrid({1: trainer("alpha", math.nan), 2: trainer("beta", 1.0)}), [1, 2], rs, 1, said.append
+    )
     assert ev["sites"]["alpha"]["eval_loss"] is None and ev["aggregate"] == {"eval_loss": 2.0}
     assert any("alpha: loss ?" in s and "beta: loss 2.000" in s for s in said)

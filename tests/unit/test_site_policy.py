@@ -53,7 +53,9 @@ def strict(tiny_model_dir, site_cache, **kw) -> SitePolicy:
     return SitePolicy.strict(cache_dir=site_cache, **kw)
 
 
-def train(cfg, state, tmp_path, policy, secure_record: bool = False, population: int | None = None, eval_: bool = False):
+def train(
+    cfg, state, tmp_path, policy, secure_record: bool = False, population: int | None = None, eval_: bool = False
+):
     msg = message(cfg, state, 1, MessageType.EVALUATE if eval_ else MessageType.TRAIN)
     if secure_record:
         msg.content[secagg.RECORD] = ConfigRecord({"stage": "not-a-real-round"})
@@ -78,7 +80,9 @@ def refused(reply, needle: str) -> str:
 # (a) plaintext rounds
 
 
-def test_a_plaintext_train_is_refused_before_anything_loads(tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training, capsys):
+def test_a_plaintext_train_is_refused_before_anything_loads(
+    tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training, capsys
+):
     reply = train(tiny_config, global_state, tmp_path, strict(tiny_model_dir, site_cache))
     reason = refused(reply, "only under secure aggregation")
     assert "--allow-plaintext" in reason
@@ -86,10 +90,15 @@ def test_a_plaintext_train_is_refused_before_anything_loads(tmp_path, tiny_confi
     assert reason in capsys.readouterr().err  # and the site's own log says why
 
 
-def test_a_config_that_turns_secure_aggregation_off_is_refused_even_with_a_record(tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training):
+def test_a_config_that_turns_secure_aggregation_off_is_refused_even_with_a_record(
+    tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training
+):
     cfg = tiny_config.model_copy(deep=True)
     cfg.secure_aggregation.enabled = False
-    refused(train(cfg, global_state, tmp_path, strict(tiny_model_dir, site_cache), secure_record=True), "only under secure aggregation")
+    refused(
+        train(cfg, global_state, tmp_path, strict(tiny_model_dir, site_cache), secure_record=True),
+        "only under secure aggregation",
+    )
     assert client_app._RUNTIME is None
 
 
@@ -117,20 +126,29 @@ def dp_config(tiny_config, **privacy_settings):
     return type(tiny_config).model_validate(doc)
 
 
-def test_dp_off_is_refused_when_the_site_demands_dp(tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training):
+def test_dp_off_is_refused_when_the_site_demands_dp(
+    tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training
+):
     pol = strict(tiny_model_dir, site_cache, min_noise_multiplier=1.0)
-    refused(train(tiny_config, global_state, tmp_path, pol, secure_record=True), "requires differential privacy (noise multiplier at least 1)")
+    refused(
+        train(tiny_config, global_state, tmp_path, pol, secure_record=True),
+        "requires differential privacy (noise multiplier at least 1)",
+    )
     assert client_app._RUNTIME is None
 
 
-def test_noise_below_the_sites_minimum_is_refused(tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training):
+def test_noise_below_the_sites_minimum_is_refused(
+    tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training
+):
     pol = strict(tiny_model_dir, site_cache, min_noise_multiplier=1.0)
     cfg = dp_config(tiny_config, noise_multiplier=0.3)
     reason = refused(train(cfg, global_state, tmp_path, pol, secure_record=True, population=3), "noise multiplier 0.3 ")
     assert "below this site's minimum 1" in reason and client_app._RUNTIME is None
 
 
-def test_the_site_computes_the_multiplier_from_epsilon_and_population_as_privacy_does(tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training):
+def test_the_site_computes_the_multiplier_from_epsilon_and_population_as_privacy_does(
+    tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training
+):
     """No explicit multiplier: a huge epsilon calibrates to little noise; the site works it out
     from the config and the round's population (privacy.noise_multiplier) and refuses."""
     pol = strict(tiny_model_dir, site_cache, min_noise_multiplier=0.8)
@@ -143,19 +161,26 @@ def test_the_site_computes_the_multiplier_from_epsilon_and_population_as_privacy
     pol.check_round(dp_config(tiny_config, epsilon=1.0), secure=True, population=3)
 
 
-def test_dp_without_a_population_or_in_a_plaintext_round_is_refused(tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training):
+def test_dp_without_a_population_or_in_a_plaintext_round_is_refused(
+    tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training
+):
     pol = strict(tiny_model_dir, site_cache, min_noise_multiplier=1.0, allow_plaintext=True)
     cfg = dp_config(tiny_config, noise_multiplier=5.0)
     refused(train(cfg, global_state, tmp_path, pol, secure_record=True), "names no site population")
     # Plaintext: the coordinator, not the site, would add the noise; a site that demands DP refuses.
-    refused(train(cfg, global_state, tmp_path, pol, secure_record=False, population=3), "in a plaintext round the coordinator adds it")
+    refused(
+        train(cfg, global_state, tmp_path, pol, secure_record=False, population=3),
+        "in a plaintext round the coordinator adds it",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # (c) the model: pinned name and pinned weights
 
 
-def test_a_model_other_than_the_pinned_one_is_refused_before_it_loads(tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training):
+def test_a_model_other_than_the_pinned_one_is_refused_before_it_loads(
+    tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training
+):
     other = tmp_path / "their-model"
     shutil.copytree(tiny_model_dir, other)
     pol = strict(tiny_model_dir, site_cache, allow_plaintext=True, model=str(tiny_model_dir), model_roots=(tmp_path,))
@@ -178,20 +203,33 @@ def test_weights_other_than_the_pinned_ones_are_refused_after_provisioning_befor
     assert weights_sha256(tiny_model_dir) in capsys.readouterr().err  # the site's log shows what it found
 
 
-def test_the_pinned_weights_train_and_an_unpinned_site_logs_the_digest_to_pin(tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, capsys):
+def test_the_pinned_weights_train_and_an_unpinned_site_logs_the_digest_to_pin(
+    tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, capsys
+):
     digest = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
     assert weights_sha256(tiny_model_dir) == digest  # one weights file: sha256sum of it
     reply = train(tiny_config, global_state, tmp_path, strict(tiny_model_dir, site_cache, allow_plaintext=True))
     assert reply.content["site"]["status"] == "ok"
-    assert f"weights sha256 {digest} (pin it with --model {tiny_model_dir} --model-sha256 {digest})" in capsys.readouterr().err
-    pinned = strict(tiny_model_dir, site_cache, allow_plaintext=True, model=str(tiny_model_dir), model_sha256=digest.upper())
+    assert (
+        f"weights sha256 {digest} (pin it with --model {tiny_model_dir} --model-sha256 {digest})"
+        in capsys.readouterr().err
+    )
+    pinned = strict(
+        tiny_model_dir, site_cache, allow_plaintext=True, model=str(tiny_model_dir), model_sha256=digest.upper()
+    )
     assert train(tiny_config, global_state, tmp_path, pinned).content["site"]["status"] == "ok"
 
 
 def test_sharded_weights_digest_is_the_sha256_of_their_sha256sum_listing(tmp_path):
-    for name, data in (("model-00002-of-00002.safetensors", b"b"), ("model-00001-of-00002.safetensors", b"a"), ("config.json", b"{}")):
+    for name, data in (
+        ("model-00002-of-00002.safetensors", b"b"),
+        ("model-00001-of-00002.safetensors", b"a"),
+        ("config.json", b"{}"),
+    ):
         (tmp_path / name).write_bytes(data)
-    listing = "".join(f"{hashlib.sha256(d).hexdigest()}  model-0000{i}-of-00002.safetensors\n" for i, d in ((1, b"a"), (2, b"b")))
+    listing = "".join(
+        f"{hashlib.sha256(d).hexdigest()}  model-0000{i}-of-00002.safetensors\n" for i, d in ((1, b"a"), (2, b"b"))
+    )
     assert weights_sha256(tmp_path) == hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -230,7 +268,9 @@ def test_the_coordinators_cache_dir_is_ignored_and_the_site_provisions_in_its_ow
     assert reply.content["site"]["status"] == "ok" and not (tmp_path / "coordinator-chosen").exists()
 
 
-def test_ftsims_permissive_sites_still_use_the_configs_cache_dir(tmp_path, tiny_config, global_state, fake_default_model):
+def test_ftsims_permissive_sites_still_use_the_configs_cache_dir(
+    tmp_path, tiny_config, global_state, fake_default_model
+):
     """The simulator's own sites: the config is the user's, its cache_dir is honoured (as before)."""
     cfg = tiny_config.model_copy(deep=True)
     cfg.model.name, cfg.model.cache_dir = "default", str(tmp_path / "sim-cache")
@@ -239,8 +279,12 @@ def test_ftsims_permissive_sites_still_use_the_configs_cache_dir(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("eval_", [False, True])
-def test_a_local_model_path_outside_the_sites_folders_is_refused(tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training, eval_):
-    pol = SitePolicy.strict(cache_dir=site_cache, work_dir=tmp_path / "work", allow_plaintext=True)  # tiny_model_dir is not among them
+def test_a_local_model_path_outside_the_sites_folders_is_refused(
+    tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training, eval_
+):
+    pol = SitePolicy.strict(
+        cache_dir=site_cache, work_dir=tmp_path / "work", allow_plaintext=True
+    )  # tiny_model_dir is not among them
     reply = train(tiny_config, global_state, tmp_path, pol, eval_=eval_)
     reason = refused(reply, "model.name is a local path outside this site's model folders")
     assert str(tiny_model_dir) not in reason  # nothing of the site's file system goes back
@@ -251,7 +295,9 @@ def test_a_local_model_path_outside_the_sites_folders_is_refused(tmp_path, tiny_
     assert refused(train(cfg, global_state, tmp_path, pol, eval_=eval_), "outside") == reason
 
 
-def test_a_symlink_out_of_an_allowed_folder_is_refused(tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training):
+def test_a_symlink_out_of_an_allowed_folder_is_refused(
+    tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training
+):
     root = tmp_path / "models"
     root.mkdir()
     os.symlink(tiny_model_dir, root / "innocent")
@@ -263,7 +309,9 @@ def test_a_symlink_out_of_an_allowed_folder_is_refused(tmp_path, tiny_config, ti
     refused(train(cfg, global_state, tmp_path, pol), "outside this site's model folders")
 
 
-def test_a_hub_model_and_a_gguf_file_escaping_its_folder_are_refused(tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training):
+def test_a_hub_model_and_a_gguf_file_escaping_its_folder_are_refused(
+    tmp_path, tiny_config, tiny_model_dir, site_cache, global_state, no_training
+):
     pol = strict(tiny_model_dir, site_cache, allow_plaintext=True)
     cfg = tiny_config.model_copy(deep=True)
     cfg.model.name = "attacker/exfiltrate-model"
@@ -285,16 +333,23 @@ def test_the_configs_other_file_names_are_blanked_for_the_site(tiny_config, tiny
     assert PERMISSIVE.admit(tiny_config) is tiny_config  # ftsim: untouched
 
 
-def test_the_installed_policy_guards_the_key_advertisement_too(tmp_path, tiny_config, site_cache, monkeypatch, no_training):
+def test_the_installed_policy_guards_the_key_advertisement_too(
+    tmp_path, tiny_config, site_cache, monkeypatch, no_training
+):
     """A secure round's key advertisement loads the site's data (and so the model) to report its
     example count: the policy ftclient installs for the process checks it there as well."""
-    monkeypatch.setattr(site_policy, "_INSTALLED", SitePolicy.strict(cache_dir=site_cache))  # the tiny model is outside its folders
+    monkeypatch.setattr(
+        site_policy, "_INSTALLED", SitePolicy.strict(cache_dir=site_cache)
+    )  # the tiny model is outside its folders
     cfg = tiny_config.model_copy(deep=True)
     cfg.secure_aggregation.enabled = True
     msg = message(cfg, {}, 1, secagg.ADVERTISE)
     msg.content[secagg.RECORD] = ConfigRecord({"stage": "advertise"})
     reply = handle_secure_stage(msg, context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
-    assert reply.content["site"]["status"] == "refused" and "outside this site's model folders" in reply.content["site"]["reason"]
+    assert (
+        reply.content["site"]["status"] == "refused"
+        and "outside this site's model folders" in reply.content["site"]["reason"]
+    )
     assert client_app._RUNTIME is None
 
 

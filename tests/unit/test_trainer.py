@@ -60,7 +60,11 @@ def test_batch_order_covers_each_item_once_per_epoch(n_items, batch_size):
 
 def test_batch_order_continues_across_rounds():
     whole = batch_order(7, 2, 12, seed=3, start_batch=0)
-    parts = batch_order(7, 2, 5, seed=3, start_batch=0) + batch_order(7, 2, 4, seed=3, start_batch=5) + batch_order(7, 2, 3, seed=3, start_batch=9)
+    parts = (
+        batch_order(7, 2, 5, seed=3, start_batch=0)
+        + batch_order(7, 2, 4, seed=3, start_batch=5)
+        + batch_order(7, 2, 3, seed=3, start_batch=9)
+    )
     assert parts == whole
 
 
@@ -79,7 +83,17 @@ def test_train_round_lowers_loss(tiny_peft_model, items):
     before, n_tok, _ = answer_nll(model, items, tok.pad_token_id, dev, 4)
     cfg = _cfg(local_steps=10, batch_size=4, lr=1e-2)
     seen = []
-    stats = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=1, total_rounds=1, seed=0, progress=lambda s, n, l: seen.append((s, n, l)))
+    stats = train_round(
+        model,
+        items,
+        tok.pad_token_id,
+        cfg,
+        dev,
+        server_round=1,
+        total_rounds=1,
+        seed=0,
+        progress=lambda s, n, l: seen.append((s, n, l)),
+    )
     after, n_tok2, _ = answer_nll(model, items, tok.pad_token_id, dev, 4)
     assert n_tok == n_tok2 > 0
     assert stats.steps == 10 and stats.examples_seen == 40
@@ -97,7 +111,9 @@ def test_train_round_lowers_loss(tiny_peft_model, items):
 def test_only_lora_parameters_change(tiny_peft_model, items):
     model, tok, dev = tiny_peft_model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_round(model, items, tok.pad_token_id, _cfg(local_steps=3, lr=1e-2), dev, server_round=1, total_rounds=1, seed=0)
+    train_round(
+        model, items, tok.pad_token_id, _cfg(local_steps=3, lr=1e-2), dev, server_round=1, total_rounds=1, seed=0
+    )
     after = dict(model.named_parameters())
     lora = [n for n in before if "lora_" in n]
     base = [n for n in before if "lora_" not in n]
@@ -134,7 +150,9 @@ def test_dropout_draws_are_a_function_of_site_and_round(tiny_config, items):
     def run(rnd: int) -> float:
         methods.set_state(model, init)
         torch.rand(1000)  # whatever else used the global RNG before this round
-        return train_round(model, items, tok.pad_token_id, cfg, dev, server_round=rnd, total_rounds=3, seed=9).loss_first
+        return train_round(
+            model, items, tok.pad_token_id, cfg, dev, server_round=rnd, total_rounds=3, seed=9
+        ).loss_first
 
     first = run(2)
     assert run(2) == first
@@ -145,10 +163,28 @@ def test_grad_accum_matches_one_big_batch(tiny_peft_model, items):
     """Token-weighted accumulation: 2 micro-batches of 1 == 1 batch of 2 (same items, same step)."""
     model, tok, dev = tiny_peft_model
     init = methods.get_state(model)
-    one = train_round(model, items, tok.pad_token_id, _cfg(local_steps=1, batch_size=2, grad_accum=1, lr=1e-2), dev, server_round=1, total_rounds=1, seed=4)
+    one = train_round(
+        model,
+        items,
+        tok.pad_token_id,
+        _cfg(local_steps=1, batch_size=2, grad_accum=1, lr=1e-2),
+        dev,
+        server_round=1,
+        total_rounds=1,
+        seed=4,
+    )
     big = methods.get_state(model)
     methods.set_state(model, init)
-    acc = train_round(model, items, tok.pad_token_id, _cfg(local_steps=1, batch_size=1, grad_accum=2, lr=1e-2), dev, server_round=1, total_rounds=1, seed=4)
+    acc = train_round(
+        model,
+        items,
+        tok.pad_token_id,
+        _cfg(local_steps=1, batch_size=1, grad_accum=2, lr=1e-2),
+        dev,
+        server_round=1,
+        total_rounds=1,
+        seed=4,
+    )
     small = methods.get_state(model)
     assert acc.steps == 1 and acc.examples_seen == one.examples_seen == 2
     assert acc.loss_first == pytest.approx(one.loss_first, rel=1e-5)
@@ -172,10 +208,28 @@ def test_grad_clipping_is_applied(tiny_peft_model, items, monkeypatch):
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     n_lora = sum(1 for n, p in model.named_parameters() if p.requires_grad)
-    train_round(model, items, tok.pad_token_id, _cfg(local_steps=3, max_grad_norm=1e-3, grad_accum=2), dev, server_round=1, total_rounds=1, seed=0)
+    train_round(
+        model,
+        items,
+        tok.pad_token_id,
+        _cfg(local_steps=3, max_grad_norm=1e-3, grad_accum=2),
+        dev,
+        server_round=1,
+        total_rounds=1,
+        seed=0,
+    )
     assert calls == [(n_lora, 1e-3)] * 3
     calls.clear()
-    train_round(model, items, tok.pad_token_id, _cfg(local_steps=2, max_grad_norm=0.0), dev, server_round=1, total_rounds=1, seed=0)
+    train_round(
+        model,
+        items,
+        tok.pad_token_id,
+        _cfg(local_steps=2, max_grad_norm=0.0),
+        dev,
+        server_round=1,
+        total_rounds=1,
+        seed=0,
+    )
     assert calls == []  # 0 turns clipping off
 
 
@@ -283,7 +337,17 @@ def test_the_base_anchor_pulls_the_weights_toward_the_base_model(tiny_peft_model
     dist = []
     for mu in (0.0, 1.0, 30.0):
         methods.set_state(model, start)
-        train_round(model, items, tok.pad_token_id, cfg, dev, server_round=1, total_rounds=1, seed=5, base_anchor=(mu, base_params))
+        train_round(
+            model,
+            items,
+            tok.pad_token_id,
+            cfg,
+            dev,
+            server_round=1,
+            total_rounds=1,
+            seed=5,
+            base_anchor=(mu, base_params),
+        )
         after = methods.get_state(model)
         dist.append(float(sum(((after[k] - base[k]) ** 2).sum() for k in base)) ** 0.5)
     assert dist[0] > dist[1] > dist[2], dist
@@ -327,7 +391,18 @@ def test_local_early_stopping_stops_after_patience_checks_and_keeps_the_best(tin
     validate, seen = _scripted(model, script)
     cfg = _cfg(local_steps=6, lr=1e-2, local_patience=2, local_eval_every=1)
     steps = []
-    stats = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=1, total_rounds=1, seed=0, progress=lambda s, n, l: steps.append(s), validate=validate)
+    stats = train_round(
+        model,
+        items,
+        tok.pad_token_id,
+        cfg,
+        dev,
+        server_round=1,
+        total_rounds=1,
+        seed=0,
+        progress=lambda s, n, l: steps.append(s),
+        validate=validate,
+    )
     # Checks at 0 (the start), 1 (best), 2 and 3 (two without improvement): the 1.0 at step 4 is never reached.
     assert [s for s, _ in stats.val_losses] == [0, 1, 2, 3] and len(seen) == 4
     assert stats.steps == 3 and steps == [1, 2, 3] and stats.planned_steps == 6
@@ -346,17 +421,23 @@ def test_a_best_at_the_round_start_restores_the_start_weights(tiny_peft_model, i
     start = _trainable(model)
     validate, _ = _scripted(model, script)
     cfg = _cfg(local_steps=5, lr=1e-2, local_patience=2, local_eval_every=1, local_min_delta=min_delta)
-    stats = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=1, total_rounds=1, seed=0, validate=validate)
+    stats = train_round(
+        model, items, tok.pad_token_id, cfg, dev, server_round=1, total_rounds=1, seed=0, validate=validate
+    )
     assert stats.steps == 2 and stats.stopped_at == 2 and stats.best_step == 0
     assert all(torch.equal(a, b) for a, b in zip(_trainable(model), start))
 
 
-@pytest.mark.parametrize("n_steps, every, checked", [(7, 3, [0, 3, 6, 7]), (10, None, [0, 2, 4, 6, 8, 10]), (3, None, [0, 1, 2, 3])])
+@pytest.mark.parametrize(
+    "n_steps, every, checked", [(7, 3, [0, 3, 6, 7]), (10, None, [0, 2, 4, 6, 8, 10]), (3, None, [0, 1, 2, 3])]
+)
 def test_local_checks_come_every_n_steps_and_at_the_last(tiny_peft_model, items, n_steps, every, checked):
     model, tok, dev = tiny_peft_model
     validate, _ = _scripted(model, [10.0 - i for i in range(20)])  # always better: never stops
     cfg = _cfg(local_steps=n_steps, local_patience=1, local_eval_every=every)
-    stats = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=1, total_rounds=1, seed=0, validate=validate)
+    stats = train_round(
+        model, items, tok.pad_token_id, cfg, dev, server_round=1, total_rounds=1, seed=0, validate=validate
+    )
     assert [s for s, _ in stats.val_losses] == checked
     assert stats.steps == stats.best_step == n_steps and stats.stopped_at is None
 
@@ -369,11 +450,25 @@ def test_local_early_stopping_leaves_training_as_it_was_until_it_stops(tiny_peft
     cfg = _cfg(local_steps=4, batch_size=3, lr=1e-2)
     plain = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=2, total_rounds=3, seed=7)
     reference = methods.get_state(model)
-    assert plain.steps == plain.planned_steps == plain.best_step == 4 and plain.stopped_at is None and plain.val_losses == []
+    assert (
+        plain.steps == plain.planned_steps == plain.best_step == 4
+        and plain.stopped_at is None
+        and plain.val_losses == []
+    )
 
     calls = []
     methods.set_state(model, init)
-    unused = train_round(model, items, tok.pad_token_id, cfg, dev, server_round=2, total_rounds=3, seed=7, validate=lambda: calls.append(1) or 0.0)
+    unused = train_round(
+        model,
+        items,
+        tok.pad_token_id,
+        cfg,
+        dev,
+        server_round=2,
+        total_rounds=3,
+        seed=7,
+        validate=lambda: calls.append(1) or 0.0,
+    )
     assert calls == [] and unused.steps == 4
     assert all(torch.equal(v, reference[k]) for k, v in methods.get_state(model).items())
 
@@ -385,7 +480,15 @@ def test_local_early_stopping_leaves_training_as_it_was_until_it_stops(tiny_peft
 
     methods.set_state(model, init)
     checked = train_round(
-        model, items, tok.pad_token_id, cfg.model_copy(update={"local_patience": 1, "local_eval_every": 1}), dev, server_round=2, total_rounds=3, seed=7, validate=validate
+        model,
+        items,
+        tok.pad_token_id,
+        cfg.model_copy(update={"local_patience": 1, "local_eval_every": 1}),
+        dev,
+        server_round=2,
+        total_rounds=3,
+        seed=7,
+        validate=validate,
     )
     assert checked.steps == 4 and checked.best_step == 4 and len(checked.val_losses) == 5
     assert checked.loss_first == plain.loss_first and checked.loss_last == plain.loss_last

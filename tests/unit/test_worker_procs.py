@@ -130,7 +130,9 @@ def test_stop_ends_the_child_and_what_it_started(tmp_path):
 
     def alive() -> list[str]:  # the group's processes that are not zombies waiting to be reaped
         out = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True).stdout
-        return [line for line in out.splitlines() if line.split()[0] == str(group) and not line.split()[1].startswith("Z")]
+        return [
+            line for line in out.splitlines() if line.split()[0] == str(group) and not line.split()[1].startswith("Z")
+        ]
 
     assert len(alive()) == 2
     assert stop(proc, timeout=5) is not None

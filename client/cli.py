@@ -28,24 +28,22 @@ import sys
 def check(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from fedtune.common.config import DataConfig, ModelConfig
+    from fedtune.common.config import DataConfig, ModelConfig, config_overrides
     from fedtune.common.data import DataError, RecordError, read_valid_records, tokenize_example, truncate_item
     from fedtune.common.modeling import ModelError, load_tokenizer, resolve_model_source
 
+    given = config_overrides(args, "ftclient check")  # --format, --max-length, ...: the schema's flags
     try:
-        cfg = DataConfig(
-            format=args.format,
-            max_length=args.max_length,
-            max_invalid_fraction=1.0,
-            max_record_bytes=args.max_record_bytes,
-        )
-    except ValidationError as e:
-        print(f"ftclient check: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", file=sys.stderr)
+        cfg = DataConfig(**_section(given, "data"), max_invalid_fraction=1.0)
+        model = ModelConfig(**_section(given, "model"))
+    except ValidationError as e:  # named by its key, e.g. data.max_record_bytes
+        section = "model" if e.title == ModelConfig.__name__ else "data"
+        print(f"ftclient check: {section}.{e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", file=sys.stderr)
         return 2
     try:
         # Streamed: memory stays about one record (--max-record-bytes) whatever the file holds.
         data = read_valid_records(args.data, cfg)
-        source, is_local = resolve_model_source(ModelConfig(name=args.model))
+        source, is_local = resolve_model_source(model)
         tok = load_tokenizer(source, is_local)
     except (DataError, ModelError) as e:
         print(f"ftclient check: {e}", file=sys.stderr)
@@ -95,24 +93,25 @@ def check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _section(overrides: dict, section: str) -> dict:
+    """{'data.max_length': 256, 'model.name': 'm'}, 'data' -> {'max_length': 256}."""
+    return {k.split(".", 1)[1]: v for k, v in overrides.items() if k.split(".", 1)[0] == section}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "check":
+        from fedtune.common.config import add_config_flags
+
         p = argparse.ArgumentParser(
-            prog="ftclient check", description="Validate a site's data file locally; nothing is sent."
+            prog="ftclient check",
+            description="Validate a site's data file locally; nothing is sent. Token lengths are measured with "
+            "--model's tokenizer.",
         )
-        p.add_argument("--data", required=True)
         p.add_argument(
-            "--model", default="default", help="whose tokenizer measures lengths (default: the default model)"
+            "--data", required=True, metavar="FILE", help="the site's data file (JSONL, JSON, CSV or Parquet)"
         )
-        p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "prompt_completion", "text"])
-        p.add_argument("--max-length", type=int, default=512)
-        p.add_argument(
-            "--max-record-bytes",
-            type=int,
-            default=1 << 20,
-            help="longest record read (a line, list item or row; default 1 MiB, as data.max_record_bytes); longer ones are reported at their line",
-        )
+        add_config_flags(p, "ftclient check", "each as the config key in brackets (every key: docs/configuration.md)")
         return check(p.parse_args(argv[1:]))
     if argv and argv[0] == "keygen":
         from .keys import create_site_keys

@@ -11,12 +11,14 @@ import copy
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 DEFAULT_MODEL = "default"
 AUTO_BOUND_FACTOR = 10.0  # federation.update_norm_bound 'auto': see FedTuneConfig.norm_bound
@@ -54,6 +56,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True)
 
 
+# The tools whose command-line flags are declared here, on the Field each flag sets (see the
+# flag section at the end of this module, which builds their argparse arguments).
+FLAG_TOOLS = ("ftsim", "ftserver", "ftclient check")
+_FLAG_NAME = re.compile(r"^--[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+
+
+def flag(name: str, *tools: str, metavar: str | None = None, const: Any = None) -> dict[str, Any]:
+    """A Field's ``json_schema_extra``: the command-line flag ``name`` sets this key in ``tools``
+    (default: ftsim and ftserver). Its help is the Field's description; its type and choices come
+    from the Field's annotation (a Literal gives the choices). ``const``: the flag takes no value and
+    sets this one (a bool Field's flag sets true unless ``const`` says otherwise)."""
+    tools = tools or ("ftsim", "ftserver")
+    if not _FLAG_NAME.match(name) or not set(tools) <= set(FLAG_TOOLS):
+        raise ValueError(f"flag {name!r} for {tools}: expected --lower-case-words for tools among {FLAG_TOOLS}")
+    spec: dict[str, Any] = {"name": name, "tools": list(tools)}
+    if metavar is not None:
+        spec["metavar"] = metavar
+    if const is not None:
+        spec["const"] = const
+    return {"flags": [spec]}
+
+
+def flags(*declared: dict[str, Any]) -> dict[str, Any]:
+    """Several flags on one key: ``flags(flag("--x", "ftsim", const=True), flag("--no-x", "ftserver", const=False))``."""
+    return {"flags": [spec for d in declared for spec in d["flags"]]}
+
+
 class ModelConfig(_Strict):
     """Which base model, and where it runs."""
 
@@ -61,6 +90,7 @@ class ModelConfig(_Strict):
         DEFAULT_MODEL,
         description="'default' (SmolLM2-135M-Instruct, provisioned locally), a local HF directory, "
         "a .gguf file, or a hub id (the only case that reaches the network).",
+        json_schema_extra=flag("--model", "ftsim", "ftclient check"),
     )
     gguf_file: str | None = Field(
         None, description="GGUF file name inside `name` when `name` is a directory or hub id."
@@ -68,7 +98,11 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on a GPU."
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where sites train: auto is cuda when torch sees a GPU, else cpu.",
+        json_schema_extra=flag("--device", "ftsim"),
+    )
     cache_dir: str | None = Field(
         None, description="Where provisioned models live (default: $FEDTUNE_CACHE or ~/.cache/fedtune)."
     )
@@ -117,6 +151,7 @@ class PeftSettings(_Strict):
         "lora",
         description="lora, qlora (4-bit NF4 base + LoRA), dora, ia3, adapter (LLaMA-Adapter), prefix, prompt, "
         "full (every weight; for small models), or peft's loha, lokr, vera, oft, fourierft.",
+        json_schema_extra=flag("--peft"),
     )
     r: int = Field(16, ge=1, le=1024, description="Rank (lora, qlora, dora, loha, lokr, vera).")
     alpha: float = Field(32.0, gt=0, le=1e4, description="Scaling (lora, qlora, dora, loha, lokr).")
@@ -241,8 +276,19 @@ DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text"]
 class DataConfig(_Strict):
     """How a site's file becomes training examples."""
 
-    format: DataFormat = "auto"
-    max_length: int = Field(512, ge=8, le=131072, description="Tokens per example; longer ones are truncated.")
+    format: DataFormat = Field(
+        "auto",
+        description="How records are read: alpaca, messages, prompt_completion or text; auto: told by the first "
+        "record's fields.",
+        json_schema_extra=flag("--format", "ftclient check"),
+    )
+    max_length: int = Field(
+        512,
+        ge=8,
+        le=131072,
+        description="Tokens per example; longer ones are truncated.",
+        json_schema_extra=flag("--max-length", "ftsim", "ftclient check"),
+    )
     eval_fraction: float = Field(
         0.1, ge=0.0, le=0.9, description="Share of the train file held out for evaluation when a site has no eval file."
     )
@@ -258,6 +304,7 @@ class DataConfig(_Strict):
         le=1 << 30,
         description="Longest record read (a JSONL line, a JSON list item, a CSV row, a Parquet row); a longer one is "
         "reported at its line without being read whole, so memory stays bounded whatever the file holds.",
+        json_schema_extra=flag("--max-record-bytes", "ftclient check", metavar="B"),
     )
     system_prompt: str | None = Field(
         None, description="Prepended as a system message (else the chat template's default)."
@@ -274,12 +321,24 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     """Local training at each site, per round."""
 
-    local_steps: int | None = Field(10, ge=1, le=1_000_000, description="Optimizer steps per round.")
+    local_steps: int | None = Field(
+        10,
+        ge=1,
+        le=1_000_000,
+        description="Optimizer steps per round.",
+        json_schema_extra=flag("--local-steps", "ftsim"),
+    )
     local_epochs: float | None = Field(None, gt=0, le=1000, description="Or: passes over the site's data per round.")
-    batch_size: int = Field(4, ge=1, le=4096)
+    batch_size: int = Field(
+        4, ge=1, le=4096, description="Examples per micro-batch.", json_schema_extra=flag("--batch-size", "ftsim")
+    )
     grad_accum: int = Field(1, ge=1, le=4096)
     lr: float | None = Field(
-        None, gt=0, le=1.0, description="Peak learning rate (default: the method's, see DEFAULT_LR)."
+        None,
+        gt=0,
+        le=1.0,
+        description="Peak learning rate (default: the method's, see DEFAULT_LR).",
+        json_schema_extra=flag("--lr", "ftsim"),
     )
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -309,7 +368,13 @@ class TrainConfig(_Strict):
     local_min_delta: float = Field(
         0.0, ge=0, le=1e6, description="A local validation loss improvement smaller than this does not count."
     )
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seeds the adapter's init, the data order and the hold-out split.",
+        json_schema_extra=flag("--seed", "ftsim"),
+    )
 
     @model_validator(mode="after")
     def _local_stopping_is_on(self) -> TrainConfig:
@@ -352,7 +417,9 @@ class EvalConfig(_Strict):
         None,
         ge=1,
         le=100_000,
-        description="Stop when the validation metric has not improved for this many rounds (default: never).",
+        description="Stop when the federated validation metric (select_metric) has not improved for this many rounds "
+        "(default: never); the best round's adapter is kept in best/.",
+        json_schema_extra=flag("--patience", metavar="N"),
     )
     min_delta: float = Field(0.0, ge=0, le=1e6, description="An improvement smaller than this does not count.")
     forgetting: bool = Field(
@@ -381,12 +448,13 @@ Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedada
 
 
 class FederationConfig(_Strict):
-    rounds: int = Field(3, ge=1, le=100_000)
+    rounds: int = Field(3, ge=1, le=100_000, description="Federated rounds.", json_schema_extra=flag("--rounds"))
     strategy: Strategy = Field(
         "fedavg",
         description="How the server applies the round's mean update: fedavg adds it; fedprox too, and each site's loss gets "
         "a proximal term (mu/2)||w - w_global||^2 (Li et al. 2020); fedavgm adds it with server momentum; "
         "fedadam, fedyogi and fedadagrad use it as a pseudo-gradient for an adaptive server optimizer (Reddi et al. 2021).",
+        json_schema_extra=flag("--strategy"),
     )
     server_lr: float | None = Field(
         None,
@@ -420,6 +488,7 @@ class FederationConfig(_Strict):
         "coordinator checks it again when it sees single updates. Works with secure aggregation (the clipping is at the site). "
         "'auto' (default): 10 x lr x local steps x sqrt(values in the update), well above what AdamW can move an honest "
         "update (see FedTuneConfig.norm_bound); a number: that bound; 'off' or null: none. Under differential privacy, privacy.clip is the bound.",
+        json_schema_extra=flag("--update-norm-bound", metavar="C"),
     )
     min_sites: int = Field(
         1,
@@ -427,21 +496,28 @@ class FederationConfig(_Strict):
         le=100_000,
         description="Fewest sites a round needs: with fewer connected, wait up to join_timeout_s, then stop; "
         "with fewer valid updates by round_timeout_s, the round fails and the run stops (resume it later).",
+        json_schema_extra=flag("--min-sites", "ftserver"),
     )
     expected_sites: int | None = Field(
         None,
         ge=1,
         le=100_000,
         description="Start as soon as this many sites have joined (default: the sites listed, else min_sites).",
+        json_schema_extra=flag("--expected-sites", "ftserver"),
     )
     join_timeout_s: float = Field(
         600.0,
         gt=0,
         le=7 * 24 * 3600,
         description="How long to wait for sites to join; then start with those present if at least min_sites.",
+        json_schema_extra=flag("--join-timeout", "ftserver", metavar="SECONDS"),
     )
     round_timeout_s: float = Field(
-        3600.0, gt=0, le=7 * 24 * 3600, description="A site that has not answered by then is dropped from the round."
+        3600.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="A site that has not answered by then is dropped from the round.",
+        json_schema_extra=flag("--round-timeout", "ftserver", metavar="SECONDS"),
     )
     sites_per_round: int | None = Field(
         None,
@@ -499,7 +575,11 @@ class SecureAggregationConfig(_Strict):
 
     enabled: bool | None = Field(
         None,
-        description="On or off; unset means the tool's default: on for ftserver, off for ftsim (--secure-aggregation).",
+        description="Secure aggregation on or off (off: the coordinator sees each site's update); unset means the tool's "
+        "default: on for ftserver, off for ftsim.",
+        json_schema_extra=flags(
+            flag("--secure-aggregation", "ftsim", const=True), flag("--no-secure-aggregation", "ftserver", const=False)
+        ),
     )
     neighbours: int | None = Field(
         None,
@@ -556,10 +636,16 @@ class PrivacyConfig(_Strict):
         None,
         gt=0,
         le=1000,
-        description="The privacy budget; setting it turns DP on. The run stops before a round would spend more than this.",
+        description="The privacy budget; setting it turns DP on: each update clipped to clip, Gaussian noise on their sum, "
+        "epsilon reported every round. The run stops before a round would spend more than this.",
+        json_schema_extra=flag("--dp-epsilon", metavar="EPS"),
     )
     delta: float = Field(
-        1e-5, gt=0, lt=0.1, description="The delta of (epsilon, delta)-DP; keep it below 1/(number of sites)."
+        1e-5,
+        gt=0,
+        lt=0.1,
+        description="The delta of (epsilon, delta)-DP; keep it below 1/(number of sites).",
+        json_schema_extra=flag("--dp-delta", metavar="D"),
     )
     clip: float = Field(
         1.0,
@@ -567,6 +653,7 @@ class PrivacyConfig(_Strict):
         le=1e6,
         description="L2 bound C on each site's update (its sensitivity). A LoRA r=16 update of the default model after 10 "
         "steps at lr 1e-3 has a norm of about 3.",
+        json_schema_extra=flag("--dp-clip", metavar="C"),
     )
     noise_multiplier: float | None = Field(
         None,
@@ -574,6 +661,7 @@ class PrivacyConfig(_Strict):
         le=1e6,
         description="Noise standard deviation on the sum, in units of clip. Default: the smallest that spends epsilon "
         "in federation.rounds rounds.",
+        json_schema_extra=flag("--dp-noise-multiplier", metavar="Z"),
     )
 
     @property
@@ -583,25 +671,43 @@ class PrivacyConfig(_Strict):
 
 class SimulationConfig(_Strict):
     cpus_per_site: float = Field(
-        2.0, gt=0, le=1024, description="Ray resources per virtual site (one worker per this many CPUs)."
+        2.0,
+        gt=0,
+        le=1024,
+        description="Ray CPUs reserved per virtual site: sites train side by side only as the CPUs allow (2 on 2 cores: "
+        "one at a time).",
+        json_schema_extra=flag("--cpus-per-site", "ftsim"),
     )
     gpus_per_site: float = Field(0.0, ge=0, le=64)
     baselines: bool = Field(
         False,
         description="After the federation, also train each site alone and all the data pooled, with the federation's "
-        "compute and seed, and score every site under the base model, alone, pooled and federated (ftsim --baselines).",
+        "compute and seed, and score every site under the base model, alone, pooled and federated (about 2x the "
+        "training time).",
+        json_schema_extra=flag("--baselines", "ftsim"),
     )
 
 
 class OutputConfig(_Strict):
-    dir: str | None = Field(None, description="Where a run writes its outputs (ftsim default: ftsim-runs/<time>).")
-    plots: bool = True
+    dir: str | None = Field(
+        None,
+        description="Where a run writes its outputs (ftsim default: ftsim-runs/<time>).",
+        json_schema_extra=flag("--out", "ftsim"),
+    )
+    plots: bool = Field(
+        True,
+        description="Whether report.md comes with its PNG plots.",
+        json_schema_extra=flag("--no-plots", const=False),
+    )
     merged: bool = Field(
-        False, description="Also save merged/: a LoRA-family adapter folded into its base (a plain HF model folder)."
+        False,
+        description="Also save merged/: a LoRA-family adapter folded into its base (a plain HF model folder).",
+        json_schema_extra=flag("--merged"),
     )
     tensorboard: bool = Field(
         False,
         description="Also write every round's metrics as TensorBoard event files in tensorboard/ (the tensorboard extra).",
+        json_schema_extra=flag("--tensorboard"),
     )
     keep_checkpoints: int | None = Field(
         3,
@@ -820,83 +926,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-# Flags that ftsim and ftserver share: the method, the strategy, update-norm bounding and DP.
-SHARED_FLAG_KEYS = {
-    "peft": "peft.method",
-    "merged": "output.merged",
-    "strategy": "federation.strategy",
-    "patience": "eval.patience",
-    "tensorboard": "output.tensorboard",
-    "update_norm_bound": "federation.update_norm_bound",
-    "dp_epsilon": "privacy.epsilon",
-    "dp_delta": "privacy.delta",
-    "dp_clip": "privacy.clip",
-    "dp_noise_multiplier": "privacy.noise_multiplier",
-}
-
-
-def add_shared_flags(p) -> None:
-    """ftsim's and ftserver's --peft, --merged, --strategy, --update-norm-bound and --dp-* flags
-    on an argparse parser (their keys: SHARED_FLAG_KEYS)."""
-    from typing import get_args
-
-    p.add_argument(
-        "--peft", choices=get_args(PeftMethod), help="fine-tuning method (default lora; see peft in the config)"
-    )
-    p.add_argument(
-        "--merged",
-        action="store_const",
-        const=True,
-        help="also save merged/: the adapter folded into the base (LoRA family)",
-    )
-    p.add_argument("--strategy", choices=get_args(Strategy), help="server optimizer (default fedavg)")
-    p.add_argument(
-        "--patience",
-        type=int,
-        metavar="N",
-        help="stop when the federated validation metric (eval.select_metric) has not improved for N rounds; the best round's adapter is in best/",
-    )
-    p.add_argument(
-        "--tensorboard",
-        action="store_const",
-        const=True,
-        help="also write the metrics as TensorBoard event files in OUT/tensorboard",
-    )
-    p.add_argument(
-        "--update-norm-bound",
-        type=lambda v: v if v in ("auto", "off") else float(v),
-        metavar="C",
-        help="each site clips its update to this L2 norm (works with secure aggregation); 'auto' (default) or 'off'",
-    )
-    p.add_argument(
-        "--dp-epsilon",
-        type=float,
-        metavar="EPS",
-        help="client-level differential privacy with this epsilon budget: updates clipped to --dp-clip, Gaussian noise on their sum, "
-        "epsilon reported every round; the run stops before exceeding it",
-    )
-    p.add_argument("--dp-delta", type=float, metavar="D", help="delta of (epsilon, delta)-DP (default 1e-5)")
-    p.add_argument("--dp-clip", type=float, metavar="C", help="L2 bound on each site's update under DP (default 1.0)")
-    p.add_argument(
-        "--dp-noise-multiplier",
-        type=float,
-        metavar="Z",
-        help="noise std on the sum in units of the clip (default: calibrated to the budget and rounds)",
-    )
-
-
-def flag_overrides(args, flag_keys: dict[str, str]) -> dict[str, Any]:
-    """A command line's overrides: every ``--set KEY=VALUE``, then each flag given (attribute
-    name -> dotted key in ``flag_keys``), then ``--no-plots``. Flags win over ``--set``."""
-    overrides = dict(parse_override(text) for text in args.set)
-    for attr, key in flag_keys.items():
-        if getattr(args, attr) is not None:
-            overrides[key] = getattr(args, attr)
-    if args.no_plots:
-        overrides["output.plots"] = False
-    return overrides
-
-
 def load_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
@@ -915,3 +944,196 @@ def load_config(
         return FedTuneConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line flags from the schema. Each flag is declared once, on the Field it sets
+# (json_schema_extra=flag(...)); its help is the Field's description, its type and choices come
+# from the Field's annotation. ftsim, ftserver and ftclient check add them with
+# add_config_flags(parser, tool) and read them back with config_overrides(args, tool); their
+# own flags (--config, --resume, --set, --certs, ...) stay in their CLI modules.
+# docs/configuration.md is generated from the same walk (fedtune.common.config_reference).
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One key of the schema: ``federation.rounds``; a key of a list of sections reads ``federation.sites[].rank``."""
+
+    key: str
+    field: FieldInfo
+    section: type[BaseModel]  # the model that declares it
+
+
+def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[ConfigKey]:
+    """Every key of ``model`` (default: FedTuneConfig) in the order the schema declares them. A
+    section is walked, not listed; a list of sections (federation.sites) is listed, then its items' keys."""
+    keys = []
+    for name, field in (model or FedTuneConfig).model_fields.items():
+        key = prefix + name
+        sub = _section_type(field.annotation)
+        if sub is not None and get_origin(field.annotation) is not list:
+            keys += config_keys(sub, key + ".")
+            continue
+        keys.append(ConfigKey(key, field, model or FedTuneConfig))
+        if sub is not None:
+            keys += config_keys(sub, key + "[].")
+    return keys
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if get_origin(annotation) is list:
+        annotation = get_args(annotation)[0]
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def annotation_alternatives(annotation: Any) -> list[Any]:
+    """``int | Literal['a'] | None`` -> [int, Literal['a'], NoneType]; anything else -> [it]."""
+    import types
+    import typing
+
+    return list(get_args(annotation)) if get_origin(annotation) in (typing.Union, types.UnionType) else [annotation]
+
+
+def yaml_text(value: Any) -> str:
+    """A value as a config file writes it: true, null, 1e-05, auto, [q_proj, v_proj]."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(yaml_text(v) for v in value) + "]"
+    return value if isinstance(value, str) else repr(value)
+
+
+@dataclass(frozen=True)
+class ConfigFlag:
+    """A command-line flag that sets one config key (declared on its Field with :func:`flag`)."""
+
+    name: str  # '--rounds'
+    key: str  # 'federation.rounds'
+    tools: tuple[str, ...]
+    description: str  # the Field's description: the flag's help
+    default: Any  # the schema's default (shown in the help; the flag itself defaults to None)
+    metavar: str | None = None
+    const: Any = None  # the value a switch sets; None: the flag takes a value
+    choices: tuple[str, ...] | None = None  # a Literal's values
+    type: Any = None  # str -> value, as argparse's type=
+
+    @property
+    def dest(self) -> str:
+        return self.name[2:].replace("-", "_")
+
+    @property
+    def help(self) -> str:
+        if self.const is not None:
+            said = f"sets {self.key}: {yaml_text(self.const)}"
+        else:
+            said = self.key + ("" if self.default is None else f"; default {yaml_text(self.default)}")
+        return f"{self.description} [{said}]".replace("%", "%%")  # argparse formats help with %
+
+    def usage(self) -> str:
+        """How the flag is written: '--rounds ROUNDS', '--peft {lora,...}', '--merged'."""
+        if self.const is not None:
+            return self.name
+        shown = self.metavar or ("{" + ",".join(self.choices) + "}" if self.choices else self.dest.upper())
+        return f"{self.name} {shown}"
+
+
+_FLAGS: list[ConfigFlag] = []  # every declared flag, built once on first use
+
+
+def config_flags(tool: str | None = None) -> tuple[ConfigFlag, ...]:
+    """The flags declared on the schema's Fields, in schema order: ``tool``'s (one of FLAG_TOOLS), or every one."""
+    if tool is not None and tool not in FLAG_TOOLS:
+        raise ValueError(f"unknown tool {tool!r}; flags are declared for {', '.join(FLAG_TOOLS)}")
+    if not _FLAGS:
+        found = [
+            _config_flag(ck, spec)
+            for ck in config_keys()
+            if isinstance(ck.field.json_schema_extra, dict)
+            for spec in ck.field.json_schema_extra.get("flags", [])
+        ]
+        owner: dict[tuple[str, str], str] = {}
+        for f in found:
+            for t in f.tools:
+                if (t, f.name) in owner:
+                    raise TypeError(f"{t}: flag {f.name} is declared on both {owner[t, f.name]} and {f.key}")
+                owner[t, f.name] = f.key
+        _FLAGS.extend(found)
+    return tuple(f for f in _FLAGS if tool is None or tool in f.tools)
+
+
+def _config_flag(ck: ConfigKey, spec: dict[str, Any]) -> ConfigFlag:
+    name, field = spec["name"], ck.field
+    if not field.description:
+        raise TypeError(f"{ck.key}: flag {name} needs the Field's description (it is the flag's help)")
+    options = [a for a in annotation_alternatives(field.annotation) if a is not type(None)]
+    words = tuple(str(v) for a in options if get_origin(a) is Literal for v in get_args(a))
+    kinds = [get_args(a)[0] if get_origin(a) is Annotated else a for a in options if get_origin(a) is not Literal]
+    const, choices, parse = spec.get("const"), None, None
+    if kinds == [bool]:
+        const = True if const is None else const
+    elif const is not None:
+        raise TypeError(f"{ck.key}: flag {name} sets a constant, which only a bool key takes")
+    elif not kinds:
+        choices = words
+    elif len(kinds) == 1 and kinds[0] in (int, float, str):
+        parse = _value_or_word(kinds[0], words) if words else kinds[0]
+    else:
+        raise TypeError(f"{ck.key}: flag {name}: no command-line form for {field.annotation}")
+    return ConfigFlag(
+        name=name,
+        key=ck.key,
+        tools=tuple(spec["tools"]),
+        description=field.description,
+        default=None if field.is_required() else field.get_default(call_default_factory=True),
+        metavar=spec.get("metavar"),
+        const=const,
+        choices=choices,
+        type=parse,
+    )
+
+
+def _value_or_word(kind: type, words: tuple[str, ...]):
+    """argparse type for a key that takes a number or a word (federation.update_norm_bound: 0.5, auto, off)."""
+
+    def parse(text: str):
+        if text in words:
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            import argparse
+
+            what = "a number" if kind in (int, float) else f"a {kind.__name__}"
+            raise argparse.ArgumentTypeError(f"expected {what} or one of {', '.join(words)}, got {text!r}") from None
+
+    parse.__name__ = f"{kind.__name__} or {'/'.join(words)}"
+    return parse
+
+
+def add_config_flags(parser, tool: str, description: str | None = None) -> None:
+    """``tool``'s flags from the schema on an argparse parser, in a group of their own. Each
+    defaults to None, meaning not given: the config's value stands."""
+    group = parser.add_argument_group(
+        "config flags",
+        description
+        or "each sets the config key in brackets (every key: docs/configuration.md); a flag wins over --set and the config file",
+    )
+    for f in config_flags(tool):
+        if f.const is not None:
+            group.add_argument(f.name, dest=f.dest, action="store_const", const=f.const, default=None, help=f.help)
+        else:
+            group.add_argument(
+                f.name, dest=f.dest, type=f.type, choices=f.choices, metavar=f.metavar, default=None, help=f.help
+            )
+
+
+def config_overrides(args, tool: str) -> dict[str, Any]:
+    """A command line's dotted-key overrides: every ``--set KEY=VALUE`` (where the tool has --set),
+    then each of ``tool``'s config flags given. Flags win over ``--set``."""
+    overrides = dict(parse_override(text) for text in getattr(args, "set", None) or [])
+    for f in config_flags(tool):
+        if getattr(args, f.dest) is not None:
+            overrides[f.key] = getattr(args, f.dest)
+    return overrides

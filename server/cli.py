@@ -46,11 +46,10 @@ from pathlib import Path
 
 from fedtune.common.checkpoint import atomic_write_bytes, atomic_write_json, write_private_file
 from fedtune.common.config import (
-    SHARED_FLAG_KEYS,
     ConfigError,
     FedTuneConfig,
-    add_shared_flags,
-    flag_overrides,
+    add_config_flags,
+    config_overrides,
     load_config,
     read_config_file,
 )
@@ -142,26 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="largest request a site may send, in MB (default 64; Flower sends arrays in 5 MiB chunks, so this fits any model)",
     )
-    p.add_argument("--rounds", type=int, help="federated rounds")
-    p.add_argument("--min-sites", type=int, help="fewest sites a round needs (federation.min_sites)")
-    p.add_argument(
-        "--expected-sites", type=int, help="start once this many sites have joined (federation.expected_sites)"
-    )
-    p.add_argument("--join-timeout", type=float, help="seconds to wait for sites to join (federation.join_timeout_s)")
-    p.add_argument(
-        "--round-timeout",
-        type=float,
-        help="seconds before a silent site is dropped from a round (federation.round_timeout_s)",
-    )
-    p.add_argument(
-        "--no-secure-aggregation",
-        dest="secure_aggregation",
-        action="store_const",
-        const=False,
-        help="let the coordinator see each site's update (secure aggregation is on by default)",
-    )
-    add_shared_flags(p)
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument(
         "--set",
         action="append",
@@ -169,22 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any config key, e.g. train.lr=1e-4 (repeatable)",
     )
+    add_config_flags(p, "ftserver")  # --rounds, --peft, --no-secure-aggregation, ...: declared in common/config.py
     return p
-
-
-FLAG_KEYS = SHARED_FLAG_KEYS | {
-    "rounds": "federation.rounds",
-    "min_sites": "federation.min_sites",
-    "expected_sites": "federation.expected_sites",
-    "join_timeout": "federation.join_timeout_s",
-    "round_timeout": "federation.round_timeout_s",
-    "secure_aggregation": "secure_aggregation.enabled",
-}
 
 
 def resolve(args: argparse.Namespace) -> tuple[FedTuneConfig, Path, dict]:
     """-> (config, output dir, network settings). On --resume both come from the run's folder."""
-    overrides = flag_overrides(args, FLAG_KEYS)
+    overrides = config_overrides(args, "ftserver")
     net = {
         "certs": args.certs,
         "authorized_keys": args.authorized_keys,

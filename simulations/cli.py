@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedtune.common.config import (
-    SHARED_FLAG_KEYS,
     ConfigError,
     FedTuneConfig,
-    add_shared_flags,
-    flag_overrides,
+    add_config_flags,
+    config_overrides,
     load_config,
     read_config_file,
 )
@@ -107,28 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="--partition: a record's category is this top-level field (e.g. completion for a label), not its file",
     )
-    p.add_argument("--model", help="'default', a local HF directory, a .gguf file, or a hub id")
-    p.add_argument(
-        "--secure-aggregation",
-        action="store_const",
-        const=True,
-        help="SecAgg+: the coordinator sees only the weighted mean of the sites' updates (see secure_aggregation in the config)",
-    )
-    p.add_argument("--rounds", type=int, help="federated rounds")
-    p.add_argument("--local-steps", type=int, help="optimizer steps per site per round")
-    p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--batch-size", type=int, help="examples per micro-batch")
-    p.add_argument("--max-length", type=int, help="tokens per example")
-    p.add_argument("--seed", type=int, help="seed for adapter init, data order and splits")
-    p.add_argument("--out", help="output directory (default: ftsim-runs/<time>)")
     p.add_argument(
         "--resume",
         metavar="DIR",
         help="continue the run in DIR from its last verified checkpoint (add --rounds N to extend it)",
-    )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where sites train")
-    p.add_argument(
-        "--cpus-per-site", type=float, help="Ray CPUs per virtual site (default 2: one site at a time on 2 cores)"
     )
     p.add_argument(
         "--site-rank",
@@ -138,37 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="site NAME trains LoRA rank R, below peft.r (mixed ranks, HetLoRA zero-padding; repeatable)",
     )
     p.add_argument(
-        "--baselines",
-        action="store_const",
-        const=True,
-        help="after the federation, also train each site alone and all the data pooled at the federation's compute and seed, "
-        "and report every site's score under the base model, alone, pooled and federated (about 2x the training time)",
-    )
-    add_shared_flags(p)
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="any config key, e.g. train.lr=1e-4 (repeatable)",
     )
+    add_config_flags(p, "ftsim")  # --rounds, --lr, --out, --secure-aggregation, ...: declared in common/config.py
     return p
-
-
-FLAG_KEYS = SHARED_FLAG_KEYS | {
-    "model": "model.name",
-    "secure_aggregation": "secure_aggregation.enabled",
-    "rounds": "federation.rounds",
-    "local_steps": "train.local_steps",
-    "lr": "train.lr",
-    "batch_size": "train.batch_size",
-    "max_length": "data.max_length",
-    "seed": "train.seed",
-    "device": "model.device",
-    "cpus_per_site": "simulation.cpus_per_site",
-    "baselines": "simulation.baselines",
-}
 
 
 def default_out_dir() -> str:
@@ -287,9 +245,7 @@ def _resolve_run(args: argparse.Namespace) -> Resolved:
     )
     if cfg_path is None and not args.site and not partition_flags:
         cfg_path = bundled_path("configs", DEFAULT_CONFIG)
-    overrides = flag_overrides(args, FLAG_KEYS)
-    if args.out:
-        overrides["output.dir"] = args.out
+    overrides = config_overrides(args, "ftsim")  # --out among them: output.dir
     if args.resume:
         # The run's own record holds its config; flags may change what is safe to change (e.g. --rounds).
         # A partitioned run's saved config lists its sites' files in DIR/partitions: never split again.

@@ -332,7 +332,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(
         4, ge=1, le=4096, description="Examples per micro-batch.", json_schema_extra=flag("--batch-size", "ftsim")
     )
-    grad_accum: int = Field(1, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches accumulated into each optimizer step.")
     lr: float | None = Field(
         None,
         gt=0,
@@ -340,8 +340,10 @@ class TrainConfig(_Strict):
         description="Peak learning rate (default: the method's, see DEFAULT_LR).",
         json_schema_extra=flag("--lr", "ftsim"),
     )
-    weight_decay: float = Field(0.0, ge=0, le=1.0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW's weight decay.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="The learning rate's schedule after the warm-up, over all rounds' steps."
+    )
     warmup_ratio: float = Field(0.1, ge=0, le=1.0, description="Share of all steps (over all rounds) spent warming up.")
     max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm; 0 turns clipping off.")
     anchor_mu: float = Field(
@@ -405,9 +407,9 @@ class EvalConfig(_Strict):
     max_examples: int = Field(
         64, ge=1, le=1_000_000, description="Evaluation examples per site (first N of the split)."
     )
-    batch_size: int = Field(8, ge=1, le=4096)
+    batch_size: int = Field(8, ge=1, le=4096, description="Evaluation examples per forward pass.")
     exact_match: bool = Field(True, description="Also generate greedy answers and score exact match.")
-    max_new_tokens: int = Field(16, ge=1, le=4096)
+    max_new_tokens: int = Field(16, ge=1, le=4096, description="Tokens generated per answer for exact match.")
     select_metric: Literal["eval_loss", "exact_match"] = Field(
         "eval_loss",
         description="The federated validation metric (the sites' example-weighted mean) that picks the best round "
@@ -432,9 +434,13 @@ class EvalConfig(_Strict):
 class SiteConfig(_Strict):
     """A virtual site in ftsim: a name and its files."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    train: str
-    eval: str | None = None
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="The site's name in the reports and the log."
+    )
+    train: str = Field(description="The site's training data file (a relative path is relative to the config file).")
+    eval: str | None = Field(
+        None, description="Its evaluation file (default: a held-out share of train, data.eval_fraction)."
+    )
     rank: int | None = Field(
         None,
         ge=1,
@@ -448,6 +454,8 @@ Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedada
 
 
 class FederationConfig(_Strict):
+    """The rounds: what the server does with the sites' updates, how they combine, and which sites take part."""
+
     rounds: int = Field(3, ge=1, le=100_000, description="Federated rounds.", json_schema_extra=flag("--rounds"))
     strategy: Strategy = Field(
         "fedavg",
@@ -540,7 +548,11 @@ class FederationConfig(_Strict):
         "(null: no relative cap; max_examples_per_update and secure_aggregation.max_weight still bound it). Under secure "
         "aggregation the cap is applied by each site before masking and the weight travels inside the masked vector.",
     )
-    sites: list[SiteConfig] = Field(default_factory=list)
+    sites: list[SiteConfig] = Field(
+        default_factory=list,
+        description="ftsim's virtual sites, each a name and its files (ftserver: the sites bring their own data; "
+        "a list here only says how many to wait for, as expected_sites).",
+    )
 
     @model_validator(mode="after")
     def _consistent_counts(self) -> "FederationConfig":
@@ -670,6 +682,8 @@ class PrivacyConfig(_Strict):
 
 
 class SimulationConfig(_Strict):
+    """ftsim only: Ray's resources per virtual site, and the baselines."""
+
     cpus_per_site: float = Field(
         2.0,
         gt=0,
@@ -678,7 +692,7 @@ class SimulationConfig(_Strict):
         "one at a time).",
         json_schema_extra=flag("--cpus-per-site", "ftsim"),
     )
-    gpus_per_site: float = Field(0.0, ge=0, le=64)
+    gpus_per_site: float = Field(0.0, ge=0, le=64, description="Ray GPUs per virtual site (0.5: two sites share one).")
     baselines: bool = Field(
         False,
         description="After the federation, also train each site alone and all the data pooled, with the federation's "
@@ -689,6 +703,8 @@ class SimulationConfig(_Strict):
 
 
 class OutputConfig(_Strict):
+    """What a run writes, and where."""
+
     dir: str | None = Field(
         None,
         description="Where a run writes its outputs (ftsim default: ftsim-runs/<time>).",

@@ -383,3 +383,222 @@ def test_one_ftserver_per_run_folder(tmp_path, capsys):
         ftserver.hold_folder(tmp_path)
     first.close()
     ftserver.hold_folder(tmp_path).close()  # free again once the holder is gone
+
+
+# Flags from the schema: each config flag is declared once, on the Field it sets (common/config.py).
+
+# The flags the tools had when each was written by hand (SHARED_FLAG_KEYS + FLAG_KEYS), and their keys:
+# every one keeps its name and its key.
+LEGACY_SHARED = {
+    "--peft": "peft.method",
+    "--merged": "output.merged",
+    "--strategy": "federation.strategy",
+    "--patience": "eval.patience",
+    "--tensorboard": "output.tensorboard",
+    "--update-norm-bound": "federation.update_norm_bound",
+    "--dp-epsilon": "privacy.epsilon",
+    "--dp-delta": "privacy.delta",
+    "--dp-clip": "privacy.clip",
+    "--dp-noise-multiplier": "privacy.noise_multiplier",
+    "--rounds": "federation.rounds",
+    "--no-plots": "output.plots",
+}
+LEGACY_FTSIM = LEGACY_SHARED | {
+    "--model": "model.name",
+    "--secure-aggregation": "secure_aggregation.enabled",
+    "--local-steps": "train.local_steps",
+    "--lr": "train.lr",
+    "--batch-size": "train.batch_size",
+    "--max-length": "data.max_length",
+    "--seed": "train.seed",
+    "--device": "model.device",
+    "--cpus-per-site": "simulation.cpus_per_site",
+    "--baselines": "simulation.baselines",
+    "--out": "output.dir",
+}
+LEGACY_FTSERVER = LEGACY_SHARED | {
+    "--min-sites": "federation.min_sites",
+    "--expected-sites": "federation.expected_sites",
+    "--join-timeout": "federation.join_timeout_s",
+    "--round-timeout": "federation.round_timeout_s",
+    "--no-secure-aggregation": "secure_aggregation.enabled",
+}
+LEGACY_CHECK = {
+    "--model": "model.name",
+    "--format": "data.format",
+    "--max-length": "data.max_length",
+    "--max-record-bytes": "data.max_record_bytes",
+}
+
+
+def _tool_parsers():
+    import argparse
+
+    from fedtune.common.config import add_config_flags
+    from fedtune.simulations import cli as ftsim
+
+    check = argparse.ArgumentParser(prog="ftclient check")
+    add_config_flags(check, "ftclient check")
+    return {"ftsim": ftsim.build_parser(), "ftserver": ftserver.build_parser(), "ftclient check": check}
+
+
+def _sample(f) -> list[str]:
+    """A valid command-line value for flag ``f`` (nothing for a switch)."""
+    if f.const is not None:
+        return []
+    if f.choices:
+        return [f.choices[-1]]
+    if f.default is not None and not isinstance(f.default, bool):
+        return [str(f.default)]
+    return ["0.5" if f.type is float else "2" if f.type is int else "x"]
+
+
+def _key_exists(key: str) -> bool:
+    from fedtune.common.config import FedTuneConfig
+
+    model = FedTuneConfig
+    for part in key.split("."):
+        if model is None or part not in model.model_fields:
+            return False
+        ann = model.model_fields[part].annotation
+        model = ann if isinstance(ann, type) and hasattr(ann, "model_fields") else None
+    return model is None  # a value, not a section
+
+
+@pytest.mark.parametrize(
+    "tool, legacy", [("ftsim", LEGACY_FTSIM), ("ftserver", LEGACY_FTSERVER), ("ftclient check", LEGACY_CHECK)]
+)
+def test_every_flag_a_tool_had_keeps_its_name_and_key(tool, legacy):
+    from fedtune.common.config import config_flags
+
+    declared = {f.name: f.key for f in config_flags(tool)}
+    assert {name: declared.get(name) for name in legacy} == legacy
+    options = {s for a in _tool_parsers()[tool]._actions for s in a.option_strings}
+    assert set(legacy) <= options
+
+
+def test_every_declared_flag_sets_a_real_key_to_a_value_that_loads():
+    from fedtune.common.config import FLAG_TOOLS, config_flags, config_overrides, load_config
+
+    assert config_flags()  # the walk finds them
+    parsers = _tool_parsers()
+    for f in config_flags():
+        assert _key_exists(f.key), f"{f.name}: {f.key} is not a key of the schema"
+        assert f.tools and set(f.tools) <= set(FLAG_TOOLS)
+        for tool in f.tools:
+            args = parsers[tool].parse_args([f.name, *_sample(f)])
+            overrides = config_overrides(args, tool)
+            assert list(overrides) == [f.key], (tool, f.name, overrides)
+            cfg = load_config(None, overrides)  # the parsed value has the type the strict schema takes
+            value = cfg
+            for part in f.key.split("."):
+                value = getattr(value, part)
+            assert value == overrides[f.key], (f.name, value)
+
+
+def test_ftsim_and_ftserver_parse_a_shared_flag_to_the_same_key_and_value():
+    from fedtune.common.config import config_flags, config_overrides
+
+    parsers = _tool_parsers()
+    shared = [f for f in config_flags() if {"ftsim", "ftserver"} <= set(f.tools)]
+    assert {f.name for f in shared} == set(LEGACY_SHARED)
+    for f in shared:
+        argv = [f.name, *_sample(f)]
+        got = [config_overrides(parsers[t].parse_args(argv), t) for t in ("ftsim", "ftserver")]
+        assert got[0] == got[1] == {f.key: got[0][f.key]}, (f.name, got)
+
+
+def test_a_flag_left_out_is_none_so_the_config_decides():
+    from fedtune.common.config import config_flags, config_overrides
+
+    for tool, parser in _tool_parsers().items():
+        args = parser.parse_args([])
+        assert all(getattr(args, f.dest) is None for f in config_flags(tool))
+        assert config_overrides(args, tool) == {}
+
+
+def test_a_flag_wins_over_set_and_set_wins_over_the_file(tmp_path):
+    from fedtune.simulations import cli as ftsim
+
+    d = str(DATA_DIR / "medical" / "train.jsonl")
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("federation:\n  rounds: 9\noutput:\n  plots: true\n")
+    base = ["--config", str(cfg_file), "--site", f"a={d}"]
+
+    def resolved(*extra):
+        return ftsim.resolve_config(ftsim.build_parser().parse_args([*base, *extra]))
+
+    assert resolved().federation.rounds == 9
+    assert resolved("--set", "federation.rounds=7").federation.rounds == 7
+    assert resolved("--set", "federation.rounds=7", "--rounds", "2").federation.rounds == 2
+    assert resolved("--rounds", "2", "--set", "federation.rounds=7").federation.rounds == 2  # order on the line aside
+    assert resolved().output.plots is True
+    assert resolved("--set", "output.plots=true", "--no-plots").output.plots is False
+    assert resolved("--out", str(tmp_path / "o")).output.dir == str(tmp_path / "o")
+    server = ftserver.build_parser().parse_args(["--out", str(tmp_path / "s"), "--set", "eval.patience=4"])
+    assert ftserver.resolve(server)[0].eval.patience == 4
+    server = ftserver.build_parser().parse_args(
+        ["--out", str(tmp_path / "s"), "--set", "eval.patience=4", "--patience", "2", "--join-timeout", "5"]
+    )
+    cfg = ftserver.resolve(server)[0]
+    assert cfg.eval.patience == 2 and cfg.federation.join_timeout_s == 5.0
+
+
+@pytest.mark.parametrize(
+    "tool, argv, named",
+    [
+        ("ftsim", ["--peft", "lorax"], ["invalid choice: 'lorax'", "'lora'", "'qlora'", "'full'"]),
+        ("ftserver", ["--peft", "lorax"], ["invalid choice: 'lorax'", "'lora'", "'qlora'"]),
+        ("ftserver", ["--strategy", "fedsgd"], ["invalid choice: 'fedsgd'", "'fedavg'", "'fedyogi'"]),
+        ("ftsim", ["--device", "tpu"], ["invalid choice: 'tpu'", "'auto', 'cpu', 'cuda'"]),
+        ("ftclient check", ["--format", "xml"], ["invalid choice: 'xml'", "'alpaca'", "'prompt_completion'"]),
+        ("ftsim", ["--update-norm-bound", "huge"], ["expected a number or one of auto, off, got 'huge'"]),
+        ("ftserver", ["--rounds", "three"], ["--rounds: invalid int value: 'three'"]),
+    ],
+)
+def test_a_flag_refuses_a_bad_value_naming_what_it_takes(tool, argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        _tool_parsers()[tool].parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert all(n in err for n in named), err
+
+
+def test_update_norm_bound_flag_takes_a_number_or_its_words():
+    from fedtune.common.config import config_overrides
+
+    p = _tool_parsers()["ftsim"]
+    for text, value in (("0.5", 0.5), ("auto", "auto"), ("off", "off"), ("3", 3.0)):
+        assert config_overrides(p.parse_args(["--update-norm-bound", text]), "ftsim") == {
+            "federation.update_norm_bound": value
+        }
+
+
+def test_a_flag_help_is_its_key_description_and_names_the_key():
+    from fedtune.common.config import config_flags, config_keys
+
+    described = {k.key: k.field.description for k in config_keys()}
+    for f in config_flags():
+        assert f.description == described[f.key] and f.description
+        assert f.help.startswith(f.description.replace("%", "%%")) and f.key in f.help
+    text = " ".join(ftserver.build_parser().format_help().split())  # argparse wraps the lines
+    assert "[federation.join_timeout_s; default 600.0]" in text
+    assert "[sets secure_aggregation.enabled: false]" in text
+
+
+def test_a_bad_flag_declaration_fails_at_import():
+    from fedtune.common.config import flag
+
+    assert flag("--rounds") == {"flags": [{"name": "--rounds", "tools": ["ftsim", "ftserver"]}]}
+    for bad in (lambda: flag("rounds"), lambda: flag("--Rounds"), lambda: flag("--rounds", "ftclient")):
+        with pytest.raises(ValueError, match="expected --lower-case-words"):
+            bad()
+
+
+def test_ftclient_check_flags_reach_its_data_and_model_config(tmp_path, capsys):
+    f = tmp_path / "site.jsonl"
+    f.write_text('{"prompt": "q", "completion": "a"}\n')
+    assert ftclient.main(["check", "--data", str(f), "--max-length", "4"]) == 2
+    assert "data.max_length: Input should be greater than or equal to 8" in capsys.readouterr().err
+    assert ftclient.main(["check", "--data", str(f), "--model", " "]) == 2
+    assert "model.name: " in capsys.readouterr().err

@@ -5,7 +5,14 @@ extra), so a run can be watched and compared with the tools people already use:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+
+from .record import RoundRecord, Scores
+
+# The figures written per round and per site (RoundRecord's and SiteRound's fields).
+ROUND_FIGURES = ("update_norm", "update_bytes", "seconds", "aggregation_error_rel", "accepted")
+SITE_FIGURES = ("eval_loss", "exact_match", "train_loss", "update_norm", "cosine_to_aggregate")
 
 
 class EventWriter:
@@ -18,20 +25,21 @@ class EventWriter:
             raise RuntimeError("output.tensorboard needs TensorBoard: pip install 'fedtune[tensorboard]'") from None
         self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
 
-    def round(self, record: dict) -> None:
-        step = int(record["round"])
-        scalars = {f"federation/{k}": v for k, v in (record.get("aggregate") or {}).items()}
-        for key in ("update_norm", "update_bytes", "seconds", "aggregation_error_rel", "accepted"):
-            scalars[f"round/{key}"] = record.get(key)
-        scalars["privacy/epsilon"] = (record.get("privacy") or {}).get("epsilon")
-        for layer, norm in (record.get("layer_change") or {}).items():
+    def round(self, record: RoundRecord | Mapping) -> None:
+        """One round's figures: a :class:`RoundRecord` or the round's entry in metrics.json."""
+        r = record if isinstance(record, RoundRecord) else RoundRecord.model_validate(record)
+        scalars = {f"federation/{k}": getattr(r.aggregate, k) for k in Scores.model_fields}
+        for key in ROUND_FIGURES:
+            scalars[f"round/{key}"] = getattr(r, key)
+        scalars["privacy/epsilon"] = r.privacy.epsilon if r.privacy is not None else None
+        for layer, norm in (r.layer_change or {}).items():
             scalars[f"layer_change/{layer}"] = norm
-        for site, s in (record.get("sites") or {}).items():
-            for key in ("eval_loss", "exact_match", "train_loss", "update_norm", "cosine_to_aggregate"):
-                scalars[f"site/{site}/{key}"] = s.get(key)
+        for site, s in r.sites.items():
+            for key in SITE_FIGURES:
+                scalars[f"site/{site}/{key}"] = getattr(s, key)
         for tag, value in scalars.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.writer.add_scalar(tag, float(value), step)
+                self.writer.add_scalar(tag, float(value), r.round)
         self.writer.flush()
 
     def close(self) -> None:

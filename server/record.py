@@ -281,8 +281,11 @@ def _explain(e: ValidationError, source: str) -> RecordError:
 
 
 def _version(doc: dict, source: str) -> int | None:
-    v = doc.get("schema_version")
-    if v not in READABLE_VERSIONS or isinstance(v, bool):
+    """The document's schema_version; None where it has none (an earlier release's record)."""
+    if "schema_version" not in doc:
+        return None
+    v = doc["schema_version"]
+    if v is None or v not in READABLE_VERSIONS or isinstance(v, bool) or not isinstance(v, int):
         raise RecordError(
             f"{source}: schema_version {v!r}: this fedtune reads run records of schema_version {SCHEMA_VERSION} "
             "(and the unversioned records of earlier releases); a newer record needs a newer fedtune"

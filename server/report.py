@@ -1,57 +1,104 @@
-"""report.md, a self-contained report.html and PNG plots from a run's metrics document (metrics.json).
+"""report.md, a self-contained report.html and PNG plots from a run's record (metrics.json,
+read through :class:`fedtune.server.record.RunRecord`).
 
 Plotting needs matplotlib (the ``plot`` extra); without it the report still lists the
 numbers and says how to get the plots.
+
+The report renders what the coordinator records. Parts that only another program knows about
+(ftsim's split of one dataset into sites, its baselines) come in as sections (:class:`ReportSection`),
+which that program builds (``fedtune.simulations.report_sections``) and passes to
+:func:`write_report`: this module never reads another program's files.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from fedtune.common.checkpoint import atomic_write_bytes
 
 from .messaging import clean
+from .record import RoundRecord, RunRecord, SiteRound, validate_record
 
 _MD_SPECIAL = re.compile(r"([\\`*\[\]|<>!])")
 
 
-def _md(text: object) -> str:
+def md(text: object) -> str:
     """Text from the run's record (site names, statuses, reasons: written by sites) as markdown
     that says only itself: one line (messaging.clean), every character markdown could read as
     markup (links, images, tables, code, emphasis, HTML) backslash-escaped."""
     return _MD_SPECIAL.sub(r"\\\1", clean(text))
 
 
-def _fmt(x, spec=".3f") -> str:
+def fmt(x, spec=".3f") -> str:
+    """A number for a table cell; a dash for a missing or non-finite one."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     return format(x, spec)
 
 
-def site_names(doc: dict) -> list[str]:
-    names: set[str] = set()
-    for r in doc["rounds"]:
-        names.update(r.get("sites", {}))
-    return sorted(names)
+def _get(m: BaseModel, key: str, default: object = "–") -> object:
+    """``m.key`` when the record holds the key (even as null), else ``default``: a cell shows a
+    dash for a figure that was never recorded."""
+    return getattr(m, key) if key in m.model_fields_set else default
 
 
-def series(doc: dict, site: str, key: str) -> tuple[list[int], list[float]]:
+def _has(m: BaseModel, key: str) -> bool:
+    """Whether the record holds ``key`` (a null value included)."""
+    return key in m.model_fields_set
+
+
+_NO_SITE = SiteRound()
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """A part of the report that is not the coordinator's to know: markdown lines placed before
+    (``before_per_site``) or after (``after_per_site``) the per-site table, and optionally plots.
+
+    ``lines(record, plots)``: the section's markdown lines (starting with a blank line), given the
+    plot files made (so it embeds its own only if they exist). ``draw(plt, out, record)``: draws
+    its plots into ``out`` with matplotlib's pyplot -> the file names written; ``files``: the names
+    it may write, which it shows itself (they are not listed again under "Plots")."""
+
+    where: Literal["before_per_site", "after_per_site"]
+    lines: Callable[[RunRecord, Sequence[str]], list[str]]
+    draw: Callable[[Any, Path, RunRecord], list[str]] | None = None
+    files: tuple[str, ...] = ()
+
+
+def as_record(doc: RunRecord | Mapping) -> RunRecord:
+    """The run record, from a :class:`RunRecord` or a metrics document (validated)."""
+    return validate_record(doc)
+
+
+def site_names(doc: RunRecord | Mapping) -> list[str]:
+    return as_record(doc).site_names()
+
+
+def series(doc: RunRecord | Mapping, site: str, key: str) -> tuple[list[int], list[float]]:
+    """Site ``site``'s figure ``key`` (a :class:`SiteRound` field) over the rounds that have it finite."""
     xs, ys = [], []
-    for r in doc["rounds"]:
-        v = r.get("sites", {}).get(site, {}).get(key)
+    for r in as_record(doc).rounds:
+        v = getattr(r.sites.get(site, _NO_SITE), key)
         if isinstance(v, (int, float)) and math.isfinite(v):
-            xs.append(r["round"])
+            xs.append(r.round)
             ys.append(float(v))
     return xs, ys
 
 
-def write_plots(out: Path, doc: dict) -> list[str]:
-    """loss.png (train and eval loss per site per round) and exact_match.png. -> file names."""
+def write_plots(out: Path, doc: RunRecord | Mapping, sections: Sequence[ReportSection] = ()) -> list[str]:
+    """loss.png (train and eval loss per site per round), exact_match.png, layers.png, sites.png,
+    forgetting.png, rounds.png (those the record has figures for) and the sections' plots.
+    -> file names."""
     try:
         import matplotlib
 
@@ -59,7 +106,8 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    names = site_names(doc)
+    doc = as_record(doc)
+    names = doc.site_names()
 
     def panel(ax, key: str, title: str, xlabel: str, ylabel: str) -> None:
         """One line per site of metric `key` over rounds."""
@@ -105,8 +153,9 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         fig.savefig(out / "exact_match.png", dpi=110)
         plt.close(fig)
         made.append("exact_match.png")
-    if _write_baselines_plot(plt, out, doc):
-        made.append("baselines.png")
+    for section in sections:
+        if section.draw is not None:
+            made += section.draw(plt, out, doc)
     table = _forgetting_rows(doc)
     if table:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
@@ -123,23 +172,19 @@ def write_plots(out: Path, doc: dict) -> list[str]:
         fig.savefig(out / "forgetting.png", dpi=110)
         plt.close(fig)
         made.append("forgetting.png")
-    trained = [r for r in doc["rounds"] if r["round"] > 0 and "seconds" in r]
+    trained = [r for r in doc.rounds if r.round > 0 and r.seconds is not None]
     if trained:
-        eps = [
-            (r["round"], r["privacy"]["epsilon"])
-            for r in trained
-            if isinstance(r.get("privacy"), dict) and "epsilon" in r["privacy"]
-        ]
+        eps = [(r.round, r.privacy.epsilon) for r in trained if r.privacy is not None]
         fig, axes = plt.subplots(1, 3 if eps else 2, figsize=(15 if eps else 10, 3.6), constrained_layout=True)
-        xs = [r["round"] for r in trained]
-        axes[0].bar(xs, [(r.get("update_bytes") or 0) / 1e6 for r in trained], color="tab:blue")
+        xs = [r.round for r in trained]
+        axes[0].bar(xs, [(r.update_bytes or 0) / 1e6 for r in trained], color="tab:blue")
         axes[0].set_title("bytes one site sent per round")
         axes[0].set_ylabel("MB")
-        axes[1].bar(xs, [r["seconds"] for r in trained], color="tab:orange")
+        axes[1].bar(xs, [r.seconds for r in trained], color="tab:orange")
         axes[1].set_title("time per round (train + evaluate)")
         axes[1].set_ylabel("seconds")
         if eps:
-            budget = (doc.get("config", {}).get("privacy") or {}).get("epsilon")
+            budget = doc.setting("privacy", "epsilon")
             axes[2].plot([x for x, _ in eps], [e for _, e in eps], marker="o", color="tab:red", label="spent")
             if budget:
                 axes[2].axhline(budget, linestyle="--", color="grey", label="budget")
@@ -155,131 +200,28 @@ def write_plots(out: Path, doc: dict) -> list[str]:
     return made
 
 
-BASELINES = (
-    ("base", "base model", "tab:grey"),
-    ("alone", "each site alone", "tab:orange"),
-    ("pooled", "all data pooled", "tab:purple"),
-    ("federation", "federation", "tab:green"),
-)
-
-
-def _baseline_metrics(doc: dict) -> list[str]:
-    b = doc.get("baselines") or {}
-    return [
-        k
-        for k in ("eval_loss", "exact_match")
-        if any((s.get(t) or {}).get(k) is not None for s in b.get("sites", {}).values() for t, _, _ in BASELINES)
-    ]
-
-
-def _write_baselines_plot(plt, out: Path, doc: dict) -> bool:
-    """baselines.png: every site's score (and the mean) under each training, side by side."""
-    keys = _baseline_metrics(doc)
-    if not keys:
-        return False
-    b = doc["baselines"]
-    groups = [*b["sites"], "mean"]
-    fig, axes = plt.subplots(
-        1, len(keys), figsize=(max(6, 1.8 * len(groups) + 2) * len(keys), 4.4), constrained_layout=True, squeeze=False
-    )
-    width = 0.8 / len(BASELINES)
-    for ax, key in zip(axes[0], keys):
-        for j, (t, label, color) in enumerate(BASELINES):
-            vals = [((b["sites"][g].get(t) if g != "mean" else b["mean"].get(t)) or {}).get(key) for g in groups]
-            xs = [i + (j - (len(BASELINES) - 1) / 2) * width for i in range(len(groups))]
-            bars = ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=label, color=color)
-            ax.bar_label(bars, [_fmt(v, ".2f") for v in vals], fontsize=7, padding=1)
-        ax.set_xticks(range(len(groups)), groups)
-        ax.set_title("eval loss (lower is better)" if key == "eval_loss" else "exact match (higher is better)")
-        if key == "exact_match":
-            ax.set_ylim(0, 1.08)
-        ax.grid(alpha=0.3, axis="y")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(BASELINES), fontsize=9)
-    fig.suptitle("does federation help? each site's validation score at equal compute")
-    fig.savefig(out / "baselines.png", dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _baselines_section(doc: dict, plots: list[str]) -> list[str]:
-    b = doc.get("baselines")
-    if not b:
-        return []
-    steps = b["steps"]
-    fed = ", ".join(f"{_md(n)} {v}" for n, v in steps["federation"].items() if n != "total")
-    alone = ", ".join(f"{_md(n)} {v}" for n, v in steps["alone"].items())
-    out = [
-        "",
-        "## Does federation help? Baselines at equal compute",
-        "",
-        "Every site's validation score under four trainings with the same seed and compute: the base model; the site "
-        "alone, on its own data, running the optimizer steps it ran in the federation; all sites' data pooled in one "
-        "place, running their sum; and the federation. Alone and pooled train without the federation's clipping or noise.",
-        "",
-        f"- optimizer steps of {b['examples_per_step']} examples: federation {steps['federation']['total']} ({fed}); "
-        f"alone {alone}; pooled {steps['pooled']}"
-        + (
-            f" (budget {steps['budget']} each: local early stopping ended some rounds sooner)"
-            if steps.get("budget") not in (None, steps["federation"]["total"])
-            else ""
-        ),
-    ]
-    scored = {n: {t: (row.get(t) or {}).get("eval_loss") for t, _, _ in BASELINES} for n, row in b["sites"].items()}
-    both = [v for v in scored.values() if v["alone"] is not None and v["federation"] is not None]
-    if both:
-        full = [v for v in scored.values() if all(x is not None for x in v.values())]
-        out.append(
-            f"- eval loss: the federation did better than the site alone at {sum(v['federation'] < v['alone'] for v in both)} of {len(both)} site(s)"
-            + (
-                f"; all data pooled did best of the four at {sum(min(v, key=v.get) == 'pooled' for v in full)} of {len(full)}"
-                if full
-                else ""
-            )
-        )
-    for key in _baseline_metrics(doc):
-        loss = key == "eval_loss"
-        spec = ".3f" if loss else ".2f"
-        out += [
-            "",
-            f"| site: {'eval loss (lower is better)' if loss else 'exact match (higher is better)'} | base model | alone | pooled | federation | federation against alone |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for name, row in [*((_md(n), r) for n, r in b["sites"].items()), ("**mean**", b["mean"])]:
-            v = {t: (row.get(t) or {}).get(key) for t, _, _ in BASELINES}
-            gain = "–"
-            if v["alone"] is not None and v["federation"] is not None:
-                d = v["federation"] - v["alone"]
-                better = d < 0 if loss else d > 0
-                gain = f"{d:+{spec}} ({'better' if better else 'worse' if d else 'same'})"
-            out.append(f"| {name} | " + " | ".join(_fmt(v[t], spec) for t, _, _ in BASELINES) + f" | {gain} |")
-    if "baselines.png" in plots:
-        out += ["", "![baselines.png](baselines.png)"]
-    return out
-
-
-def _forgetting_rows(doc: dict) -> list[tuple[str, float, float, str]]:
+def _forgetting_rows(doc: RunRecord) -> list[tuple[str, float, float, str]]:
     """(measure, base, final, 'loss'|'score'): the domains' federated eval next to the general set."""
-    f = doc.get("forgetting") or {}
-    base, final = f.get("base"), f.get("final")
-    rounds = doc["rounds"]
-    if not (base and final and rounds):
+    f = doc.forgetting
+    rounds = doc.rounds
+    if not (f is not None and f.base and f.final and rounds):
         return []
+    base, final = f.base, f.final
     rows = []
-    first, last = rounds[0].get("aggregate", {}), rounds[-1].get("aggregate", {})
-    if first.get("eval_loss") is not None and last.get("eval_loss") is not None:
-        rows.append(("domain eval loss", first["eval_loss"], last["eval_loss"], "loss"))
+    first, last = rounds[0].aggregate, rounds[-1].aggregate
+    if first.eval_loss is not None and last.eval_loss is not None:
+        rows.append(("domain eval loss", first.eval_loss, last.eval_loss, "loss"))
     rows += [
-        ("general text loss", base["text_loss"], final["text_loss"], "loss"),
-        ("general question loss", base["qa_loss"], final["qa_loss"], "loss"),
+        ("general text loss", base.text_loss, final.text_loss, "loss"),
+        ("general question loss", base.qa_loss, final.qa_loss, "loss"),
     ]
-    if first.get("exact_match") is not None and last.get("exact_match") is not None:
-        rows.append(("domain exact match", first["exact_match"], last["exact_match"], "score"))
-    rows.append(("general questions answered", base["qa_accuracy"], final["qa_accuracy"], "score"))
+    if first.exact_match is not None and last.exact_match is not None:
+        rows.append(("domain exact match", first.exact_match, last.exact_match, "score"))
+    rows.append(("general questions answered", base.qa_accuracy, final.qa_accuracy, "score"))
     return rows
 
 
-def _forgetting_section(doc: dict, plots: list[str]) -> list[str]:
+def _forgetting_section(doc: RunRecord, plots: Sequence[str]) -> list[str]:
     rows = _forgetting_rows(doc)
     if not rows:
         return []
@@ -305,12 +247,14 @@ def _layer_label(label: str, n_layers: int | None) -> str:
     return "embeddings" if i < 0 else "head/other" if n_layers is not None and i >= n_layers else f"layer {i}"
 
 
-def _layer_grid(doc: dict, values_of, missing: float) -> tuple[list[str], list[int], list[list[float]]]:
+def _layer_grid(
+    doc: RunRecord, values_of: Callable[[RoundRecord], Mapping | None], missing: float
+) -> tuple[list[str], list[int], list[list[float]]]:
     """-> (layer labels bottom-up, rounds, value[layer][round]) over the rounds for which
     ``values_of(round record)`` gives a {layer: value} mapping; ``missing`` where it has no value."""
-    rounds = [(r["round"], v) for r in doc["rounds"] if (v := values_of(r))]
+    rounds = [(r.round, v) for r in doc.rounds if (v := values_of(r))]
     keys = sorted({k for _, v in rounds for k in v}, key=int)
-    labels = [_layer_label(k, doc.get("n_layers") or None) for k in keys]
+    labels = [_layer_label(k, doc.n_layers or None) for k in keys]
     return (
         labels,
         [rnd for rnd, _ in rounds],
@@ -318,20 +262,20 @@ def _layer_grid(doc: dict, values_of, missing: float) -> tuple[list[str], list[i
     )
 
 
-def _layer_matrix(doc: dict) -> tuple[list[str], list[int], list[list[float]]]:
+def _layer_matrix(doc: RunRecord) -> tuple[list[str], list[int], list[list[float]]]:
     """The norm of the global change per layer and round (each round's layer_change)."""
-    return _layer_grid(doc, lambda r: r.get("layer_change"), 0.0)
+    return _layer_grid(doc, lambda r: r.layer_change, 0.0)
 
 
-def _site_layer_cosines(doc: dict) -> dict[str, tuple[list[str], list[int], list[list[float]]]]:
+def _site_layer_cosines(doc: RunRecord) -> dict[str, tuple[list[str], list[int], list[list[float]]]]:
     """Per site: (layer labels bottom-up, rounds, cosine[layer][round]; NaN where unknown) from the
     rounds whose records hold the site's per-layer pull (``by_layer``)."""
     out = {}
-    for name in site_names(doc):
+    for name in doc.site_names():
 
-        def cosines(r: dict, name=name) -> dict | None:
-            by_layer = (r.get("sites", {}).get(name) or {}).get("by_layer")
-            return {k: v.get("cosine_to_aggregate") for k, v in by_layer.items()} if by_layer else None
+        def cosines(r: RoundRecord, name=name) -> dict | None:
+            by_layer = r.sites.get(name, _NO_SITE).by_layer
+            return {k: v.cosine_to_aggregate for k, v in by_layer.items()} if by_layer else None
 
         labels, rounds, grid = _layer_grid(doc, cosines, math.nan)
         if rounds:
@@ -339,7 +283,7 @@ def _site_layer_cosines(doc: dict) -> dict[str, tuple[list[str], list[int], list
     return out
 
 
-def _write_site_pulls_plot(plt, out: Path, doc: dict) -> bool:
+def _write_site_pulls_plot(plt, out: Path, doc: RunRecord) -> bool:
     """sites.png: which way each site pulled, per layer and round (its cosine to the aggregate)."""
     per_site = _site_layer_cosines(doc)
     if not per_site:
@@ -367,9 +311,9 @@ def _write_site_pulls_plot(plt, out: Path, doc: dict) -> bool:
     return True
 
 
-def _adaptation_section(doc: dict, plots: list[str]) -> list[str]:
+def _adaptation_section(doc: RunRecord, plots: Sequence[str]) -> list[str]:
     """Where adaptation happens (per layer) and which site pulls which way (per round)."""
-    rounds = [r for r in doc["rounds"] if r["round"] > 0 and r.get("layer_change")]
+    rounds = [r for r in doc.rounds if r.round > 0 and r.layer_change]
     if not rounds:
         return []
     out = ["", "## Where adaptation happens", ""]
@@ -378,9 +322,7 @@ def _adaptation_section(doc: dict, plots: list[str]) -> list[str]:
     labels, _, grid = _layer_matrix(doc)
     top = sorted(zip(labels, (sum(row) for row in grid)), key=lambda t: -t[1])[:3]
     out.append("Largest total change: " + ", ".join(f"{lab} ({v:.3g})" for lab, v in top) + ".")
-    pulls = [
-        (r["round"], n, s) for r in rounds for n, s in sorted(r.get("sites", {}).items()) if "cosine_to_aggregate" in s
-    ]
+    pulls = [(r.round, n, s) for r in rounds for n, s in sorted(r.sites.items()) if _has(s, "cosine_to_aggregate")]
     if pulls:
         out += [
             "",
@@ -390,7 +332,7 @@ def _adaptation_section(doc: dict, plots: list[str]) -> list[str]:
             "| --- | --- | --- | --- |",
         ]
         out += [
-            f"| {rnd} | {_md(n)} | {_fmt(s.get('update_norm'), '.4g')} | {_fmt(s.get('cosine_to_aggregate'), '.3f')} |"
+            f"| {rnd} | {md(n)} | {fmt(s.update_norm, '.4g')} | {fmt(s.cosine_to_aggregate, '.3f')} |"
             for rnd, n, s in pulls
         ]
         if "sites.png" in plots:
@@ -400,7 +342,7 @@ def _adaptation_section(doc: dict, plots: list[str]) -> list[str]:
                 "",
                 "![sites.png](sites.png)",
             ]
-    elif doc["fedtune"].get("secure_aggregation") or doc["fedtune"].get("differential_privacy"):
+    elif doc.fedtune.secure_aggregation or doc.fedtune.differential_privacy:
         out += [
             "",
             "Per-site pulls are not shown: under secure aggregation or differential privacy only the aggregate is known or released.",
@@ -408,46 +350,45 @@ def _adaptation_section(doc: dict, plots: list[str]) -> list[str]:
     return out
 
 
-def _artifact_line(doc: dict) -> str:
-    if doc["fedtune"].get("artifact") == "model":
+def _artifact_line(doc: RunRecord) -> str:
+    if doc.fedtune.artifact == "model":
         return "- final model: `model/` (a Hugging Face model folder: `AutoModelForCausalLM.from_pretrained('model')`); per-round checkpoints in `checkpoints/`"
-    merged = "; merged into the base: `merged/`" if doc.get("config", {}).get("output", {}).get("merged") else ""
+    merged = "; merged into the base: `merged/`" if doc.setting("output", "merged") else ""
     return f"- final adapter: `adapter/` (loads with `PeftModel.from_pretrained(base, 'adapter')`){merged}; per-round checkpoints in `checkpoints/`"
 
 
-def _best_lines(doc: dict) -> list[str]:
+def _best_lines(doc: RunRecord) -> list[str]:
     """The best round by the federated validation metric, and why the run stopped early."""
     out = []
-    best = doc.get("best")
+    best = doc.best
     if best:
         where = (
             "; its adapter: `best/`"
-            if doc["fedtune"].get("artifact") == "adapter"
-            else f"; `checkpoints/round-{best['round']:04d}/`"
+            if doc.fedtune.artifact == "adapter"
+            else f"; `checkpoints/round-{best.round:04d}/`"
         )
-        base = " (the base model: no round improved on it)" if best["round"] == 0 else ""
-        out.append(f"- best round: {best['round']}{base}, federated {best['metric']} {best['value']:.4f}{where}")
-    if doc.get("stopped"):
-        out.append(f"- **stopped early**: {doc['stopped']}")
+        base = " (the base model: no round improved on it)" if best.round == 0 else ""
+        out.append(f"- best round: {best.round}{base}, federated {best.metric} {best.value:.4f}{where}")
+    if doc.stopped:
+        out.append(f"- **stopped early**: {doc.stopped}")
     return out
 
 
-def _update_size_line(rounds: list[dict]) -> str:
+def _update_size_line(rounds: Sequence[RoundRecord]) -> str:
     """What trained and travelled per round (layer-wise control changes it between rounds)."""
-    sizes = [(r["round"], r["trainable_params"], r.get("update_bytes") or 0) for r in rounds if "trainable_params" in r]
+    sizes = [(r.round, r.trainable_params, r.update_bytes or 0) for r in rounds if _has(r, "trainable_params")]
     if not sizes:
         return "- update size per round: not recorded"
     parts = "; ".join(f"round {n}: {p:,} parameters, {b / 1e6:.2f} MB per site" for n, p, b in sizes)
     return f"- update size per round: {parts}"
 
 
-def _aggregation_section(doc: dict) -> list[str]:
+def _aggregation_section(doc: RunRecord) -> list[str]:
     """Per round: the sites' LoRA ranks (mixed ranks), the aggregation error against the mean of
     the sites' B·A products, updates clipped to the norm bound, and the privacy spent."""
-    rounds = [r for r in doc["rounds"] if r["round"] > 0]
-    priv = doc.get("config", {}).get("privacy", {})
-    has = lambda key: any(key in r for r in rounds)  # noqa: E731
-    ranked = any("rank" in s for r in rounds for s in r.get("sites", {}).values())
+    rounds = [r for r in doc.rounds if r.round > 0]
+    has = lambda key: any(_has(r, key) for r in rounds)  # noqa: E731
+    ranked = any(_has(s, "rank") for r in rounds for s in r.sites.values())
     if not (has("aggregation_error") or has("privacy") or has("clipped_updates") or ranked):
         return []
     out = ["", "## Aggregation and privacy", ""]
@@ -460,8 +401,8 @@ def _aggregation_section(doc: dict) -> list[str]:
         ]
     if has("privacy"):
         out += [
-            f"Client-level differential privacy: each update clipped to L2 norm {priv.get('clip')}, Gaussian noise on the sum; "
-            f"(epsilon, delta) from an RDP accountant (dp-accounting), delta {priv.get('delta')}, budget epsilon {priv.get('epsilon')}.",
+            f"Client-level differential privacy: each update clipped to L2 norm {doc.setting('privacy', 'clip')}, Gaussian noise on the sum; "
+            f"(epsilon, delta) from an RDP accountant (dp-accounting), delta {doc.setting('privacy', 'delta')}, budget epsilon {doc.setting('privacy', 'epsilon')}.",
             "",
         ]
     out += [
@@ -469,78 +410,57 @@ def _aggregation_section(doc: dict) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rounds:
-        ranks = (
-            ", ".join(f"{_md(n)} r={s['rank']}" for n, s in sorted(r.get("sites", {}).items()) if "rank" in s) or "–"
-        )
-        p = r.get("privacy", {})
-        err = f"{_fmt(r.get('aggregation_error_rel'), '.2e')}" if "aggregation_error_rel" in r else "–"
+        ranks = ", ".join(f"{md(n)} r={s.rank}" for n, s in sorted(r.sites.items()) if _has(s, "rank")) or "–"
+        p = r.privacy
+        err = f"{fmt(r.aggregation_error_rel, '.2e')}" if _has(r, "aggregation_error_rel") else "–"
         out.append(
-            f"| {r['round']} | {ranks} | {_fmt(r.get('update_norm'), '.4f')} | {err} | {r.get('clipped_updates', '–')} | "
-            f"{_fmt(p.get('noise_multiplier'))} | {_fmt(p.get('epsilon'))} |"
+            f"| {r.round} | {ranks} | {fmt(r.update_norm, '.4f')} | {err} | {_get(r, 'clipped_updates')} | "
+            f"{fmt(p and p.noise_multiplier)} | {fmt(p and p.epsilon)} |"
         )
     return out
 
 
-def _partition_section(composition: dict | None) -> list[str]:
-    """ftsim --partition: how the one dataset was split into the sites (counts only)."""
-    if not composition:
-        return []
-    sites = composition.get("sites", {})
-    cats = sorted({c for s in sites.values() for c in s.get("by_category", {})})
-    by = f"the field `{composition['label_key']}`" if composition.get("label_key") else "domain (file)"
-    out = [
-        "",
-        "## Sites' data",
-        "",
-        f"One dataset of {composition.get('records', '?')} records from {len(composition.get('data', []))} file(s), split by "
-        f"`{composition.get('spec')}` (seed {composition.get('seed')}) over categories by {by}.",
-        "",
-        "| site | records | " + " | ".join(cats) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in cats) + " |",
-    ]
-    for name, s in sorted(sites.items()):
-        out.append(
-            f"| {_md(name)} | {s.get('records')} | "
-            + " | ".join(str(s.get("by_category", {}).get(c, 0)) for c in cats)
-            + " |"
-        )
-    return out
-
-
-def render_markdown(doc: dict, plots: list[str], composition: dict | None = None) -> str:
-    names = site_names(doc)
-    rounds = doc["rounds"]
-    last = rounds[-1]["round"] if rounds else 0
+def render_markdown(doc: RunRecord | Mapping, plots: Sequence[str], sections: Sequence[ReportSection] = ()) -> str:
+    """report.md's text: the record's figures; ``plots``: the plot files made (embedded by name);
+    ``sections``: parts others contribute (:class:`ReportSection`), in order at their place."""
+    doc = as_record(doc)
+    names = doc.site_names()
+    rounds = doc.rounds
+    last = rounds[-1].round if rounds else 0
     lines = [
         "# fedtune run report",
         "",
-        f"- model: `{doc['model']}`; method: {doc['fedtune']['peft']} ({doc['trainable_params']:,} trainable parameters); "
-        f"aggregation: {doc['fedtune']['strategy']} over {doc['fedtune']['update']}s"
-        + (", secure (SecAgg+)" if doc["fedtune"].get("secure_aggregation") else "")
-        + (", client-level differential privacy" if doc["fedtune"].get("differential_privacy") else ""),
-        f"- sites: {', '.join(_md(n) for n in names) or 'none'}; rounds: {last}; wall time: {doc['elapsed_s']:.0f} s",
+        f"- model: `{doc.model}`; method: {doc.fedtune.peft} ({doc.trainable_params:,} trainable parameters); "
+        f"aggregation: {doc.fedtune.strategy} over {doc.fedtune.update}s"
+        + (", secure (SecAgg+)" if doc.fedtune.secure_aggregation else "")
+        + (", client-level differential privacy" if doc.fedtune.differential_privacy else ""),
+        f"- sites: {', '.join(md(n) for n in names) or 'none'}; rounds: {last}; wall time: {doc.elapsed_s:.0f} s",
         _artifact_line(doc),
         *_best_lines(doc),
         _update_size_line(rounds),
+    ]
+    for section in sections:
+        if section.where == "before_per_site":
+            lines += section.lines(doc, plots)
+    lines += [
         "",
         "## Per site: base model (round 0) against the final round",
         "",
         "| site | eval loss, base | eval loss, final | exact match, base | exact match, final | examples | bytes sent / round |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    if composition:
-        at = lines.index("## Per site: base model (round 0) against the final round")
-        lines[at - 1 : at - 1] = _partition_section(composition)
-    first = rounds[0]["sites"] if rounds else {}
-    final = rounds[-1]["sites"] if rounds else {}
+    first = rounds[0].sites if rounds else {}
+    final = rounds[-1].sites if rounds else {}
     for n in names:
-        f0, f1 = first.get(n, {}), final.get(n, {})
-        sent = f1.get("bytes_sent")
+        f0, f1 = first.get(n, _NO_SITE), final.get(n, _NO_SITE)
+        sent = f1.bytes_sent
         lines.append(
-            f"| {_md(n)} | {_fmt(f0.get('eval_loss'))} | {_fmt(f1.get('eval_loss'))} | {_fmt(f0.get('exact_match'), '.2f')} | "
-            f"{_fmt(f1.get('exact_match'), '.2f')} | {f1.get('examples', '–')} | {f'{sent:,}' if isinstance(sent, int) else '–'} |"
+            f"| {md(n)} | {fmt(f0.eval_loss)} | {fmt(f1.eval_loss)} | {fmt(f0.exact_match, '.2f')} | "
+            f"{fmt(f1.exact_match, '.2f')} | {_get(f1, 'examples')} | {f'{sent:,}' if isinstance(sent, int) else '–'} |"
         )
-    lines += _baselines_section(doc, plots)
+    for section in sections:
+        if section.where == "after_per_site":
+            lines += section.lines(doc, plots)
     lines += [
         "",
         "## Rounds",
@@ -550,18 +470,18 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
     ]
     for r in rounds:
         for n in names:
-            s = r.get("sites", {}).get(n)
+            s = r.sites.get(n)
             if s is None:
                 continue
-            status = s.get("status") or (
-                "eval " + s["eval_status"] if "eval_status" in s else "ok" if r["round"] == 0 else "–"
+            status = s.status or (
+                "eval " + s.eval_status if s.eval_status is not None else "ok" if r.round == 0 else "–"
             )
             lines.append(
-                f"| {r['round']} | {_md(n)} | {_md(status)} | {_fmt(s.get('train_loss'))} | "
-                f"{_fmt(s.get('eval_loss'))} | {_fmt(s.get('exact_match'), '.2f')} | {s.get('steps', '–')} | "
-                f"{_fmt(s.get('train_seconds'), '.1f')} | {s.get('bytes_sent', '–')} |"
+                f"| {r.round} | {md(n)} | {md(status)} | {fmt(s.train_loss)} | "
+                f"{fmt(s.eval_loss)} | {fmt(s.exact_match, '.2f')} | {_get(s, 'steps')} | "
+                f"{fmt(s.train_seconds, '.1f')} | {_get(s, 'bytes_sent')} |"
             )
-    secure = [(r["round"], r["secure_aggregation"]) for r in rounds if r.get("secure_aggregation")]
+    secure = [(r.round, r.secure_aggregation) for r in rounds if r.secure_aggregation is not None]
     if secure:
         lines += [
             "",
@@ -574,29 +494,25 @@ def render_markdown(doc: dict, plots: list[str], composition: dict | None = None
         ]
         for rnd, st in secure:
             dropped = (
-                "; ".join(
-                    f"{_md(stage)}: {', '.join(_md(x) for x in names_)}"
-                    for stage, names_ in st.get("dropped", {}).items()
-                )
+                "; ".join(f"{md(stage)}: {', '.join(md(x) for x in names_)}" for stage, names_ in st.dropped.items())
                 or "none"
             )
-            stages = ", ".join(f"{k} {v:.1f}" for k, v in st.get("stage_seconds", {}).items())
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in st.stage_seconds.items())
             lines.append(
-                f"| {rnd} | {st['sites_per_stage'][3]} of {st['sites_per_stage'][0]} | {st['threshold']} | {dropped} | "
-                f"{st['quantization_error_bound']:.2e} | {st['clipped_values']:,} | {st['upload_bytes_per_param']:.2f} | {stages} |"
+                f"| {rnd} | {st.sites_per_stage[3]} of {st.sites_per_stage[0]} | {st.threshold} | {dropped} | "
+                f"{st.quantization_error_bound:.2e} | {st.clipped_values:,} | {st.upload_bytes_per_param:.2f} | {stages} |"
             )
     lines += _forgetting_section(doc, plots)
     lines += _aggregation_section(doc)
     lines += _adaptation_section(doc, plots)
-    rejected = [(r["round"], x) for r in rounds for x in r.get("rejected", [])]
+    rejected = [(r.round, x) for r in rounds for x in r.rejected]
     if rejected:
         lines += ["", "## Rejected updates", ""]
-        lines += [f"- round {rnd}, {_md(x['site'])}: {_md(x['reason'])}" for rnd, x in rejected]
+        lines += [f"- round {rnd}, {md(x.site)}: {md(x.reason)}" for rnd, x in rejected]
     lines += ["", "## Plots", ""]
     if plots:
-        lines += [
-            f"![{p}]({p})" for p in plots if p not in ("layers.png", "sites.png", "forgetting.png", "baselines.png")
-        ]
+        shown = {"layers.png", "sites.png", "forgetting.png", *(f for section in sections for f in section.files)}
+        lines += [f"![{p}]({p})" for p in plots if p not in shown]
     else:
         lines.append(
             "No plots: install the plot extra (`pip install 'fedtune[plot]'`) to get loss.png and exact_match.png."
@@ -616,12 +532,12 @@ HTML_STYLE = (
 )
 
 
-_ESCAPED = re.compile(r"\\([\\`*\[\]|<>!])")  # what _md escapes
+_ESCAPED = re.compile(r"\\([\\`*\[\]|<>!])")  # what md escapes
 
 
 def _inline(text: str) -> str:
     """One line of the report's markdown as HTML: escaped, then **bold** and `code`; a
-    backslash-escaped character (:func:`_md`) stays that literal character."""
+    backslash-escaped character (:func:`md`) stays that literal character."""
     literal: list[str] = []
 
     def hold(m: re.Match) -> str:
@@ -693,15 +609,15 @@ def render_html(markdown: str, out: Path, images: list[str] | tuple[str, ...] = 
     )
 
 
-def write_report(out: Path, doc: dict, plots: bool = True) -> Path:
-    made = write_plots(out, doc) if plots else []
+def write_report(
+    out: Path, doc: RunRecord | Mapping, plots: bool = True, sections: Sequence[ReportSection] = ()
+) -> Path:
+    """report.md, report.html and (``plots``) the PNG plots in ``out`` from the run's record (a
+    :class:`RunRecord` or the metrics document), with the ``sections`` others contribute."""
+    doc = as_record(doc)
+    made = write_plots(out, doc, sections) if plots else []
     path = out / "report.md"
-    composition = None
-    try:  # ftsim --partition wrote it beside the run
-        composition = json.loads((out / "partitions" / "composition.json").read_text())
-    except (OSError, ValueError):
-        pass
-    markdown = render_markdown(doc, made, composition)
+    markdown = render_markdown(doc, made, sections)
     atomic_write_bytes(path, markdown.encode("utf-8"))
     atomic_write_bytes(out / "report.html", render_html(markdown, out, made).encode("utf-8"))
     return path

@@ -28,15 +28,21 @@ thing federation exists to avoid) have nobody to be protected from.
 Each finished training is saved at once in ``baselines/results.json`` (with its adapter in
 ``baselines/alone/<site>/`` or ``baselines/pooled/``), so a rerun of ``ftsim --resume DIR
 --baselines`` continues where it stopped.
+
+The results go into the run's record (metrics.json) as its ``baselines`` section, whose schema is
+:class:`BaselinesRecord` (the coordinator's :class:`~fedtune.server.record.RunRecord` only carries
+it), and into the report as ftsim's sections (:mod:`fedtune.simulations.report_sections`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedtune.client import app as client_app
 from fedtune.common import methods, progress
@@ -44,6 +50,16 @@ from fedtune.common.checkpoint import atomic_write_json, load_adapter_state, sav
 from fedtune.common.config import FedTuneConfig
 from fedtune.common.evaluation import evaluate_examples
 from fedtune.common.metrics import weighted_scores
+from fedtune.server.record import (
+    FILE,
+    RecordError,
+    RoundRecord,
+    RunRecord,
+    Scores,
+    SiteRound,
+    read_document,
+    write_record,
+)
 
 FOLDER = "baselines"
 RESULTS = "results.json"
@@ -56,6 +72,76 @@ POOLED_SEED_NAME = "all sites pooled"
 
 class BaselineError(RuntimeError):
     pass
+
+
+class _Record(BaseModel):
+    # ftsim writes it: every key declared, no coercion (as fedtune.server.record's models).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=True)
+
+
+class Score(_Record):
+    """One site's validation score under one training (as a site scores the global adapter)."""
+
+    eval_loss: float | None = None
+    exact_match: float | None = None
+    eval_examples: int
+
+
+class TrainingScores(_Record):
+    """One site's score under each training; None where it has none (e.g. its data was unusable)."""
+
+    base: Score | None = None
+    alone: Score | None = None
+    pooled: Score | None = None
+    federation: Score | None = None
+
+
+class MeanScores(_Record):
+    """The example-weighted mean over the sites, per training."""
+
+    base: Scores = Scores()
+    alone: Scores = Scores()
+    pooled: Scores = Scores()
+    federation: Scores = Scores()
+
+
+class Steps(_Record):
+    """The optimizer steps each training ran (``budget``: the steps the federation planned)."""
+
+    budget: int | None = None
+    federation: dict[str, int]  # site -> steps, and "total"
+    alone: dict[str, int]
+    pooled: int
+
+
+class BaselinesRecord(_Record):
+    """metrics.json's ``baselines`` (:func:`baselines_doc`)."""
+
+    compute: str
+    examples_per_step: int
+    steps: Steps
+    sites: dict[str, TrainingScores]
+    mean: MeanScores
+    adapters: dict[str, str] = {}
+    seconds: dict[str, float | None] = {}
+
+    @classmethod
+    def of(cls, record: RunRecord) -> BaselinesRecord | None:
+        """The run record's baselines section, typed; None when it has none. Raises
+        :class:`~fedtune.server.record.RecordError` naming the key that does not fit."""
+        if not record.baselines:
+            return None
+        try:
+            return cls.model_validate(record.baselines)
+        except ValidationError as e:
+            where = "; ".join(
+                "baselines." + ".".join(str(p) for p in err["loc"]) + f": {err['msg']}" for err in e.errors()[:5]
+            )
+            raise RecordError(f"{FILE}: not a valid baselines section: {where}") from None
+
+
+def _rounds(rounds: Sequence[RoundRecord | Mapping]) -> list[RoundRecord]:
+    return [r if isinstance(r, RoundRecord) else RoundRecord.model_validate(r) for r in rounds]
 
 
 @dataclass
@@ -85,18 +171,18 @@ class Plan:
         return {site: {str(r): n for r, n in sorted(by_round.items())} for site, by_round in sorted(self.steps.items())}
 
 
-def plan_of(rounds: list[dict]) -> Plan:
+def plan_of(rounds: Sequence[RoundRecord | Mapping]) -> Plan:
     """The steps each site ran per round, from metrics.json's round records: updates that were
     accepted (and, under secure aggregation, summed)."""
     steps: dict[str, dict[int, int]] = {}
     ran: dict[str, int] = {}
-    for r in rounds:
-        if int(r.get("round", 0)) < 1 or r.get("skipped"):
+    for r in _rounds(rounds):
+        if r.round < 1 or r.skipped:
             continue
-        for name, s in (r.get("sites") or {}).items():
-            if s.get("status") == "ok" and s.get("summed", True) and int(s.get("steps") or 0) > 0:
-                steps.setdefault(name, {})[int(r["round"])] = int(s.get("planned_steps") or s["steps"])
-                ran[name] = ran.get(name, 0) + int(s["steps"])
+        for name, s in r.sites.items():
+            if s.status == "ok" and s.summed is not False and (s.steps or 0) > 0:
+                steps.setdefault(name, {})[r.round] = s.planned_steps or s.steps
+                ran[name] = ran.get(name, 0) + s.steps
     return Plan(steps, ran)
 
 
@@ -112,10 +198,11 @@ def _score(cfg: FedTuneConfig, rt, examples: list) -> dict | None:
     }
 
 
-def _round_score(rec: dict) -> dict | None:
-    if rec.get("eval_loss") is None or not rec.get("eval_examples"):
+def _round_score(site: SiteRound | None) -> dict | None:
+    """A site's evaluation in a round of the federation, as a baseline score."""
+    if site is None or site.eval_loss is None or not site.eval_examples:
         return None
-    return {k: rec[k] for k in ("eval_loss", "exact_match", "eval_examples") if rec.get(k) is not None}
+    return {k: getattr(site, k) for k in ("eval_loss", "exact_match", "eval_examples") if getattr(site, k) is not None}
 
 
 class _Progress:
@@ -168,7 +255,11 @@ def _save(rt, cfg: FedTuneConfig, folder: Path) -> str | None:
 
 
 def run_baselines(
-    cfg: FedTuneConfig, out: Path, rounds: list[dict], say: Callable[[str], None] = print, device: str | None = None
+    cfg: FedTuneConfig,
+    out: Path,
+    rounds: Sequence[RoundRecord | Mapping],
+    say: Callable[[str], None] = print,
+    device: str | None = None,
 ) -> dict:
     """Train and score the baselines for the finished run in ``out`` (its ``rounds`` records).
     -> the ``baselines`` document that metrics.json keeps."""
@@ -264,20 +355,21 @@ def _finished(path: Path, plan: Plan) -> dict:
     return {k: v for k, v in doc.items() if k in ("alone", POOLED)}
 
 
-def baselines_doc(cfg: FedTuneConfig, plan: Plan, rounds: list[dict], done: dict, names: list[str]) -> dict:
-    """metrics.json's ``baselines``: each site's score under each training, their example-weighted
-    means, and the optimizer steps each training ran."""
-    first = (rounds[0].get("sites") or {}) if rounds and rounds[0].get("round") == 0 else {}
-    last = next(
-        (r.get("sites") or {} for r in reversed(rounds) if int(r.get("round", 0)) > 0 and not r.get("skipped")), {}
-    )
+def baselines_doc(
+    cfg: FedTuneConfig, plan: Plan, rounds: Sequence[RoundRecord | Mapping], done: dict, names: list[str]
+) -> dict:
+    """metrics.json's ``baselines`` (:class:`BaselinesRecord`): each site's score under each
+    training, their example-weighted means, and the optimizer steps each training ran."""
+    rounds = _rounds(rounds)
+    first = rounds[0].sites if rounds and rounds[0].round == 0 else {}
+    last = next((r.sites for r in reversed(rounds) if r.round > 0 and not r.skipped), {})
     alone, pooled = done.get("alone", {}), done.get(POOLED, {})
     sites = {
         name: {
-            "base": _round_score(first.get(name, {})),
+            "base": _round_score(first.get(name)),
             "alone": (alone.get(name) or {}).get("score"),
             "pooled": (pooled.get("scores") or {}).get(name),
-            "federation": _round_score(last.get(name, {})),
+            "federation": _round_score(last.get(name)),
         }
         for name in names
     }
@@ -340,15 +432,19 @@ def summary_lines(doc: dict) -> list[str]:
 def add_baselines(cfg: FedTuneConfig, out: Path, say: Callable[[str], None] = print) -> dict:
     """Run the baselines for the finished run in ``out``, put them in its metrics.json under
     ``baselines`` and rewrite its report (the table and baselines.png). -> the metrics document."""
-    from fedtune.server.report import write_report
+    from .report_sections import write_ftsim_report
 
-    doc = json.loads((out / "metrics.json").read_text())
+    try:
+        doc = read_document(out / FILE)
+    except RecordError as e:
+        raise BaselineError(str(e)) from None
     t = time.time()
     doc["baselines"] = run_baselines(
         cfg, out, doc["rounds"], say, None if cfg.model.device == "auto" else cfg.model.device
     )
-    atomic_write_json(out / "metrics.json", doc)
-    write_report(out, doc, plots=cfg.output.plots)
+    BaselinesRecord.model_validate(doc["baselines"])  # ours: a key the schema lacks is a bug, found here
+    write_record(out / FILE, doc)
+    write_ftsim_report(out, plots=cfg.output.plots)
     say(f"baselines done in {progress.duration(time.time() - t)}")
     for line in summary_lines(doc["baselines"]):
         say(line)

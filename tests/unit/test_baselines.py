@@ -18,8 +18,9 @@ from fedtune.common.config import load_config
 from fedtune.common.evaluation import evaluate_examples
 from fedtune.common.metrics import weighted_scores
 from fedtune.server import app as server
-from fedtune.server.report import write_report
+from fedtune.server.record import write_record
 from fedtune.simulations import baselines
+from fedtune.simulations.report_sections import write_ftsim_report
 
 from .test_client_app import fresh_caches  # noqa: F401  (autouse fixture)
 from .test_methods import DATA_DIR, real_sites
@@ -197,7 +198,8 @@ def test_the_report_shows_the_baselines_table_and_plot(federated_run):
         },
         list(NAMES),
     )
-    write_report(out, doc)
+    write_record(out / "metrics.json", doc)  # as ftsim --baselines does: the record, then ftsim's report
+    write_ftsim_report(out)
     md = (out / "report.md").read_text()
     assert "## Does federation help? Baselines at equal compute" in md
     assert "federation 12 (medical 6, financial 6); alone medical 6, financial 6; pooled 12" in md
@@ -238,3 +240,31 @@ def test_with_local_early_stopping_the_baselines_get_the_planned_budget_and_stop
     assert calls == [6, 6, 6, 6, 12, 12]  # each training is offered the federation's planned budget
     assert doc["steps"]["budget"] == 24 and doc["steps"]["federation"] == {**ran, "total": sum(ran.values())}
     assert all(1 <= doc["steps"]["alone"][n] <= 12 for n in NAMES) and 1 <= doc["steps"]["pooled"] <= 24
+
+
+def test_the_baselines_section_of_the_record_is_typed(tiny_config):
+    """metrics.json's baselines (ftsim's section) read through BaselinesRecord; a wrong type is
+    refused naming the key."""
+    from fedtune.server.record import RecordError, validate_record
+
+    from .test_report import make_doc
+
+    rounds = [
+        {"round": 0, "sites": {"a": {"eval_loss": 2.0, "eval_examples": 4}}},
+        {"round": 1, "sites": {"a": {"status": "ok", "steps": 3, "eval_loss": 1.5, "eval_examples": 4}}},
+    ]
+    done = {
+        "alone": {"a": {"steps": 3, "score": {"eval_loss": 1.7, "eval_examples": 4}}},
+        "pooled": {"steps": 3, "scores": {"a": None}},
+    }
+    doc = baselines.baselines_doc(tiny_config, baselines.plan_of(rounds), rounds, done, ["a"])
+    b = baselines.BaselinesRecord.model_validate(doc)
+    assert b.sites["a"].base.eval_loss == 2.0 and b.sites["a"].federation.eval_loss == 1.5
+    assert b.sites["a"].alone.eval_loss == 1.7 and b.sites["a"].pooled is None
+    assert b.steps.federation == {"a": 3, "total": 3} and b.steps.pooled == 3 and b.mean.alone.eval_loss == 1.7
+    record = validate_record({**make_doc(), "baselines": doc})
+    assert baselines.BaselinesRecord.of(record) == b
+    assert baselines.BaselinesRecord.of(validate_record(make_doc())) is None
+    doc["steps"]["pooled"] = "3"
+    with pytest.raises(RecordError, match=r"baselines\.steps\.pooled"):
+        baselines.BaselinesRecord.of(validate_record({**make_doc(), "baselines": doc}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fedtune.server.report import render_markdown, series, site_names, write_report
@@ -173,3 +175,80 @@ def test_report_names_the_artifact_and_each_rounds_update_size():
     doc["fedtune"] |= {"peft": "full", "artifact": "model"}
     md = render_markdown(doc, [])
     assert "final model: `model/`" in md and "adapter/" not in md
+
+
+def test_contributed_sections_are_placed_and_show_their_own_plots(tmp_path):
+    """Sections (what another program knows: ftsim's) go before or after the per-site table;
+    their plots are drawn with the others and embedded by the section, not listed again."""
+    from fedtune.server.report import ReportSection
+
+    def draw(plt, out, record):
+        fig, ax = plt.subplots()
+        ax.plot([r.round for r in record.rounds])
+        fig.savefig(out / "extra.png")
+        plt.close(fig)
+        return ["extra.png"]
+
+    before = ReportSection(
+        "before_per_site", lambda record, plots: ["", "## Before", "", f"{len(record.rounds)} rounds"]
+    )
+    after = ReportSection(
+        "after_per_site",
+        lambda record, plots: ["", "## After", *(["", "![extra.png](extra.png)"] if "extra.png" in plots else [])],
+        draw,
+        ("extra.png",),
+    )
+    md = write_report(tmp_path, make_doc(), sections=[before, after]).read_text()
+    heads = [line for line in md.splitlines() if line.startswith("## ")]
+    assert heads[:4] == [
+        "## Before",
+        "## Per site: base model (round 0) against the final round",
+        "## After",
+        "## Rounds",
+    ]
+    assert "3 rounds" in md and md.count("![extra.png](extra.png)") == 1
+    assert md.index("![extra.png]") < md.index("## Rounds")  # shown by its section, not under Plots
+    assert (tmp_path / "extra.png").read_bytes()[:8] == PNG_MAGIC
+    assert 'alt="extra.png"' in (tmp_path / "report.html").read_text()
+    # Without the sections the report is the coordinator's alone.
+    (tmp_path / "plain").mkdir()
+    plain = write_report(tmp_path / "plain", make_doc(), plots=False).read_text()
+    assert "## Before" not in plain and "## After" not in plain
+
+
+def test_the_sites_data_section_is_ftsims_and_the_coordinators_report_reads_no_ftsim_file(tmp_path):
+    """ftsim --partition's composition is rendered by simulations/, which passes it as a section;
+    server/report.py no longer reads ftsim's partitions/composition.json."""
+    import inspect
+
+    from fedtune.server import report
+    from fedtune.server.record import write_record
+    from fedtune.simulations.report_sections import write_ftsim_report
+
+    (tmp_path / "partitions").mkdir()
+    composition = {
+        "spec": "dirichlet:0.3",
+        "seed": 7,
+        "label_key": None,
+        "data": [{"file": "a.jsonl", "domain": "a"}, {"file": "b.jsonl", "domain": "b"}],
+        "records": 40,
+        "sites": {
+            "clinic": {"records": 25, "by_category": {"a": 20, "b": 5}},
+            "bank": {"records": 15, "by_category": {"a": 0, "b": 15}},
+        },
+    }
+    (tmp_path / "partitions" / "composition.json").write_text(json.dumps(composition))
+    write_record(tmp_path / "metrics.json", make_doc())
+    assert "## Sites' data" not in write_report(tmp_path, make_doc(), plots=False).read_text()
+    assert "composition" not in inspect.getsource(report) and "partitions" not in inspect.getsource(report)
+    md = write_ftsim_report(tmp_path, plots=False).read_text()
+    assert (
+        "One dataset of 40 records from 2 file(s), split by `dirichlet:0.3` (seed 7) over categories by domain (file)."
+        in md
+    )
+    assert "| site | records | a | b |" in md and "| bank | 15 | 0 | 15 |" in md and "| clinic | 25 | 20 | 5 |" in md
+    assert md.index("## Sites' data") < md.index("## Per site")
+    assert md.index("- update size per round") < md.index("## Sites' data")
+    # Nothing of ftsim's to add: the coordinator's report stands.
+    (tmp_path / "partitions" / "composition.json").unlink()
+    assert write_ftsim_report(tmp_path, plots=False) is None

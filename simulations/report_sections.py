@@ -1,0 +1,208 @@
+"""ftsim's parts of the run report: how one dataset was split into the sites (``ftsim --partition``)
+and the baselines (``ftsim --baselines``).
+
+The coordinator's report (:mod:`fedtune.server.report`) knows neither: they are ftsim's, so ftsim
+builds them here as sections (:class:`~fedtune.server.report.ReportSection`) and passes them to
+:func:`~fedtune.server.report.write_report`. :func:`write_ftsim_report` rewrites a finished run's
+report with them; ``ftsim`` calls it after the federation, and ``ftsim --baselines`` after the
+baselines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedtune.server.record import FILE, RunRecord, read_record
+from fedtune.server.report import ReportSection, fmt, md, write_report
+
+from .baselines import TRAININGS, BaselinesRecord, MeanScores, TrainingScores
+from .partition import COMPOSITION_FILE, PARTITIONS_DIR
+
+# The trainings in the table and the plot: (key, label, colour).
+BASELINES = (
+    ("base", "base model", "tab:grey"),
+    ("alone", "each site alone", "tab:orange"),
+    ("pooled", "all data pooled", "tab:purple"),
+    ("federation", "federation", "tab:green"),
+)
+assert tuple(t for t, _, _ in BASELINES) == TRAININGS
+BASELINES_PLOT = "baselines.png"
+
+
+# ------------------------------------------------------------------------------------ sites' data
+
+
+def partition_section(composition: dict) -> ReportSection:
+    """ftsim --partition: how the one dataset was split into the sites (counts only), placed
+    before the per-site table. ``composition``: partition.py's composition.json."""
+
+    def lines(_record: RunRecord, _plots: Sequence[str]) -> list[str]:
+        sites = composition.get("sites", {})
+        cats = sorted({c for s in sites.values() for c in s.get("by_category", {})})
+        by = f"the field `{composition['label_key']}`" if composition.get("label_key") else "domain (file)"
+        out = [
+            "",
+            "## Sites' data",
+            "",
+            f"One dataset of {composition.get('records', '?')} records from {len(composition.get('data', []))} file(s), split by "
+            f"`{composition.get('spec')}` (seed {composition.get('seed')}) over categories by {by}.",
+            "",
+            "| site | records | " + " | ".join(cats) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in cats) + " |",
+        ]
+        for name, s in sorted(sites.items()):
+            out.append(
+                f"| {md(name)} | {s.get('records')} | "
+                + " | ".join(str(s.get("by_category", {}).get(c, 0)) for c in cats)
+                + " |"
+            )
+        return out
+
+    return ReportSection("before_per_site", lines)
+
+
+def read_composition(out: Path) -> dict | None:
+    """The composition ftsim --partition wrote beside the run in ``out``, if any."""
+    try:
+        doc = json.loads((out / PARTITIONS_DIR / COMPOSITION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc else None
+
+
+# -------------------------------------------------------------------------------------- baselines
+
+
+def _value(row: TrainingScores | MeanScores, training: str, key: str) -> float | None:
+    s = getattr(row, training)
+    return None if s is None else getattr(s, key)
+
+
+def _metrics(b: BaselinesRecord) -> list[str]:
+    """The metrics some site has a baseline score for."""
+    return [
+        k
+        for k in ("eval_loss", "exact_match")
+        if any(_value(s, t, k) is not None for s in b.sites.values() for t, _, _ in BASELINES)
+    ]
+
+
+def _rows(b: BaselinesRecord) -> list[tuple[str, TrainingScores | MeanScores]]:
+    """(group, scores) for every site and the example-weighted mean."""
+    return [*b.sites.items(), ("mean", b.mean)]
+
+
+def _draw_baselines(plt, out: Path, record: RunRecord) -> list[str]:
+    """baselines.png: every site's score (and the mean) under each training, side by side."""
+    b = BaselinesRecord.of(record)
+    keys = _metrics(b) if b is not None else []
+    if not keys:
+        return []
+    rows = _rows(b)
+    groups = [g for g, _ in rows]
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(max(6, 1.8 * len(groups) + 2) * len(keys), 4.4), constrained_layout=True, squeeze=False
+    )
+    width = 0.8 / len(BASELINES)
+    for ax, key in zip(axes[0], keys):
+        for j, (t, label, color) in enumerate(BASELINES):
+            vals = [_value(row, t, key) for _, row in rows]
+            xs = [i + (j - (len(BASELINES) - 1) / 2) * width for i in range(len(groups))]
+            bars = ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=label, color=color)
+            ax.bar_label(bars, [fmt(v, ".2f") for v in vals], fontsize=7, padding=1)
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_title("eval loss (lower is better)" if key == "eval_loss" else "exact match (higher is better)")
+        if key == "exact_match":
+            ax.set_ylim(0, 1.08)
+        ax.grid(alpha=0.3, axis="y")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(BASELINES), fontsize=9)
+    fig.suptitle("does federation help? each site's validation score at equal compute")
+    fig.savefig(out / BASELINES_PLOT, dpi=110)
+    plt.close(fig)
+    return [BASELINES_PLOT]
+
+
+def _baselines_lines(record: RunRecord, plots: Sequence[str]) -> list[str]:
+    b = BaselinesRecord.of(record)
+    if b is None:
+        return []
+    steps = b.steps
+    fed = ", ".join(f"{md(n)} {v}" for n, v in steps.federation.items() if n != "total")
+    alone = ", ".join(f"{md(n)} {v}" for n, v in steps.alone.items())
+    out = [
+        "",
+        "## Does federation help? Baselines at equal compute",
+        "",
+        "Every site's validation score under four trainings with the same seed and compute: the base model; the site "
+        "alone, on its own data, running the optimizer steps it ran in the federation; all sites' data pooled in one "
+        "place, running their sum; and the federation. Alone and pooled train without the federation's clipping or noise.",
+        "",
+        f"- optimizer steps of {b.examples_per_step} examples: federation {steps.federation['total']} ({fed}); "
+        f"alone {alone}; pooled {steps.pooled}"
+        + (
+            f" (budget {steps.budget} each: local early stopping ended some rounds sooner)"
+            if steps.budget not in (None, steps.federation["total"])
+            else ""
+        ),
+    ]
+    scored = {n: {t: _value(row, t, "eval_loss") for t, _, _ in BASELINES} for n, row in b.sites.items()}
+    both = [v for v in scored.values() if v["alone"] is not None and v["federation"] is not None]
+    if both:
+        full = [v for v in scored.values() if all(x is not None for x in v.values())]
+        out.append(
+            f"- eval loss: the federation did better than the site alone at {sum(v['federation'] < v['alone'] for v in both)} of {len(both)} site(s)"
+            + (
+                f"; all data pooled did best of the four at {sum(min(v, key=v.get) == 'pooled' for v in full)} of {len(full)}"
+                if full
+                else ""
+            )
+        )
+    for key in _metrics(b):
+        loss = key == "eval_loss"
+        spec = ".3f" if loss else ".2f"
+        out += [
+            "",
+            f"| site: {'eval loss (lower is better)' if loss else 'exact match (higher is better)'} | base model | alone | pooled | federation | federation against alone |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, row in [*((md(n), r) for n, r in b.sites.items()), ("**mean**", b.mean)]:
+            v = {t: _value(row, t, key) for t, _, _ in BASELINES}
+            gain = "–"
+            if v["alone"] is not None and v["federation"] is not None:
+                d = v["federation"] - v["alone"]
+                better = d < 0 if loss else d > 0
+                gain = f"{d:+{spec}} ({'better' if better else 'worse' if d else 'same'})"
+            out.append(f"| {name} | " + " | ".join(fmt(v[t], spec) for t, _, _ in BASELINES) + f" | {gain} |")
+    if BASELINES_PLOT in plots:
+        out += ["", f"![{BASELINES_PLOT}]({BASELINES_PLOT})"]
+    return out
+
+
+def baselines_section() -> ReportSection:
+    """ftsim --baselines: each site's score under the base model, alone, pooled and federated (the
+    record's ``baselines``), with baselines.png, placed after the per-site table."""
+    return ReportSection("after_per_site", _baselines_lines, _draw_baselines, (BASELINES_PLOT,))
+
+
+# ---------------------------------------------------------------------------------------- the run
+
+
+def sections_for(composition: dict | None, record: RunRecord) -> list[ReportSection]:
+    """ftsim's sections for a run: the sites' data when it was partitioned, the baselines when it has them."""
+    return [
+        *([partition_section(composition)] if composition else []),
+        *([baselines_section()] if record.baselines else []),
+    ]
+
+
+def write_ftsim_report(out: Path, plots: bool = True, record: RunRecord | None = None) -> Path | None:
+    """Rewrite the report of the run in ``out`` (its metrics.json, or ``record``) with ftsim's
+    sections. -> report.md's path; None when ftsim has nothing to add (the coordinator's report stands)."""
+    record = record if record is not None else read_record(out / FILE)
+    sections = sections_for(read_composition(out), record)
+    if not sections:
+        return None
+    return write_report(out, record, plots=plots, sections=sections)

@@ -90,7 +90,7 @@ class ModelConfig(_Strict):
         DEFAULT_MODEL,
         description="'default' (SmolLM2-135M-Instruct, provisioned locally), a local HF directory, "
         "a .gguf file, or a hub id (the only case that reaches the network).",
-        json_schema_extra=flag("--model", "ftsim", "ftclient check"),
+        json_schema_extra=flag("--model", "ftsim", "ftclient check", metavar="NAME"),
     )
     gguf_file: str | None = Field(
         None, description="GGUF file name inside `name` when `name` is a directory or hub id."
@@ -287,7 +287,7 @@ class DataConfig(_Strict):
         ge=8,
         le=131072,
         description="Tokens per example; longer ones are truncated.",
-        json_schema_extra=flag("--max-length", "ftsim", "ftclient check"),
+        json_schema_extra=flag("--max-length", "ftsim", "ftclient check", metavar="N"),
     )
     eval_fraction: float = Field(
         0.1, ge=0.0, le=0.9, description="Share of the train file held out for evaluation when a site has no eval file."
@@ -326,11 +326,15 @@ class TrainConfig(_Strict):
         ge=1,
         le=1_000_000,
         description="Optimizer steps per round.",
-        json_schema_extra=flag("--local-steps", "ftsim"),
+        json_schema_extra=flag("--local-steps", "ftsim", metavar="N"),
     )
     local_epochs: float | None = Field(None, gt=0, le=1000, description="Or: passes over the site's data per round.")
     batch_size: int = Field(
-        4, ge=1, le=4096, description="Examples per micro-batch.", json_schema_extra=flag("--batch-size", "ftsim")
+        4,
+        ge=1,
+        le=4096,
+        description="Examples per micro-batch.",
+        json_schema_extra=flag("--batch-size", "ftsim", metavar="N"),
     )
     grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches accumulated into each optimizer step.")
     lr: float | None = Field(
@@ -375,7 +379,7 @@ class TrainConfig(_Strict):
         ge=0,
         le=2**32 - 1,
         description="Seeds the adapter's init, the data order and the hold-out split.",
-        json_schema_extra=flag("--seed", "ftsim"),
+        json_schema_extra=flag("--seed", "ftsim", metavar="N"),
     )
 
     @model_validator(mode="after")
@@ -456,7 +460,9 @@ Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedada
 class FederationConfig(_Strict):
     """The rounds: what the server does with the sites' updates, how they combine, and which sites take part."""
 
-    rounds: int = Field(3, ge=1, le=100_000, description="Federated rounds.", json_schema_extra=flag("--rounds"))
+    rounds: int = Field(
+        3, ge=1, le=100_000, description="Federated rounds.", json_schema_extra=flag("--rounds", metavar="N")
+    )
     strategy: Strategy = Field(
         "fedavg",
         description="How the server applies the round's mean update: fedavg adds it; fedprox too, and each site's loss gets "
@@ -504,14 +510,14 @@ class FederationConfig(_Strict):
         le=100_000,
         description="Fewest sites a round needs: with fewer connected, wait up to join_timeout_s, then stop; "
         "with fewer valid updates by round_timeout_s, the round fails and the run stops (resume it later).",
-        json_schema_extra=flag("--min-sites", "ftserver"),
+        json_schema_extra=flag("--min-sites", "ftserver", metavar="N"),
     )
     expected_sites: int | None = Field(
         None,
         ge=1,
         le=100_000,
         description="Start as soon as this many sites have joined (default: the sites listed, else min_sites).",
-        json_schema_extra=flag("--expected-sites", "ftserver"),
+        json_schema_extra=flag("--expected-sites", "ftserver", metavar="N"),
     )
     join_timeout_s: float = Field(
         600.0,
@@ -690,7 +696,7 @@ class SimulationConfig(_Strict):
         le=1024,
         description="Ray CPUs reserved per virtual site: sites train side by side only as the CPUs allow (2 on 2 cores: "
         "one at a time).",
-        json_schema_extra=flag("--cpus-per-site", "ftsim"),
+        json_schema_extra=flag("--cpus-per-site", "ftsim", metavar="N"),
     )
     gpus_per_site: float = Field(0.0, ge=0, le=64, description="Ray GPUs per virtual site (0.5: two sites share one).")
     baselines: bool = Field(
@@ -708,7 +714,7 @@ class OutputConfig(_Strict):
     dir: str | None = Field(
         None,
         description="Where a run writes its outputs (ftsim default: ftsim-runs/<time>).",
-        json_schema_extra=flag("--out", "ftsim"),
+        json_schema_extra=flag("--out", "ftsim", metavar="DIR"),
     )
     plots: bool = Field(
         True,

@@ -55,7 +55,7 @@ def test_every_key_of_the_schema_has_one_row_with_a_description():
 
 def test_rows_give_type_default_allowed_values_and_flags():
     rows = _rows(ref.render())
-    assert rows["federation.rounds"][:3] == ["integer in [1, 100000]", "`3`", "`--rounds ROUNDS` (ftsim, ftserver)"]
+    assert rows["federation.rounds"][:3] == ["integer in [1, 100000]", "`3`", "`--rounds N` (ftsim, ftserver)"]
     assert rows["federation.update_norm_bound"][0] == "number in (0, 1000000.0], or one of `auto`, `off`, or null"
     assert rows["privacy.delta"][:2] == ["number in (0, 0.1)", "`1e-05`"]
     assert rows["model.device"][0] == "one of `auto`, `cpu`, `cuda`"

@@ -11,10 +11,10 @@ baselines.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fedtune.server.record import FILE, RunRecord, read_record
+from fedtune.server.record import FILE, RecordError, RunRecord, read_record
 from fedtune.server.report import ReportSection, fmt, md, write_report
 
 from .baselines import TRAININGS, BaselinesRecord, MeanScores, TrainingScores
@@ -198,10 +198,21 @@ def sections_for(composition: dict | None, record: RunRecord) -> list[ReportSect
     ]
 
 
-def write_ftsim_report(out: Path, plots: bool = True, record: RunRecord | None = None) -> Path | None:
+def write_ftsim_report(
+    out: Path, plots: bool = True, record: RunRecord | None = None, say: Callable[[str], None] | None = None
+) -> Path | None:
     """Rewrite the report of the run in ``out`` (its metrics.json, or ``record``) with ftsim's
-    sections. -> report.md's path; None when ftsim has nothing to add (the coordinator's report stands)."""
-    record = record if record is not None else read_record(out / FILE)
+    sections. -> report.md's path; None when ftsim has nothing to add (the coordinator's report
+    stands). With ``say``, a record that cannot be read is said there (the coordinator's report
+    stands) instead of raised (:class:`~fedtune.server.record.RecordError`)."""
+    if record is None:
+        try:
+            record = read_record(out / FILE)
+        except RecordError as e:
+            if say is None:
+                raise
+            say(f"report: ftsim's sections are not added: {e}")
+            return None
     sections = sections_for(read_composition(out), record)
     if not sections:
         return None

@@ -249,6 +249,37 @@ def test_the_sites_data_section_is_ftsims_and_the_coordinators_report_reads_no_f
     assert "| site | records | a | b |" in md and "| bank | 15 | 0 | 15 |" in md and "| clinic | 25 | 20 | 5 |" in md
     assert md.index("## Sites' data") < md.index("## Per site")
     assert md.index("- update size per round") < md.index("## Sites' data")
+    # A record that cannot be read: said (with ``say``), and the coordinator's report stands.
+    (tmp_path / "metrics.json").write_text("{")
+    said: list[str] = []
+    assert write_ftsim_report(tmp_path, plots=False, say=said.append) is None
+    assert said and "metrics.json: the run record is not JSON" in said[0]
     # Nothing of ftsim's to add: the coordinator's report stands.
+    write_record(tmp_path / "metrics.json", make_doc())
     (tmp_path / "partitions" / "composition.json").unlink()
     assert write_ftsim_report(tmp_path, plots=False) is None
+
+
+def test_ftsim_writes_its_report_with_the_sites_data_after_the_run(tmp_path, monkeypatch):
+    """ftsim's call site: after the federation (stubbed here: it leaves a record), the report of
+    a partitioned run gets the sites' data section from simulations/."""
+    from types import SimpleNamespace
+
+    from fedtune.server.record import write_record
+    from fedtune.simulations import cli as ftsim
+
+    from .test_partition import finance_like
+
+    data, _ = finance_like(tmp_path)
+    out = tmp_path / "run"
+
+    def federation(cfg, out_dir, say, resume=False):
+        write_record(out_dir / "metrics.json", make_doc())
+        write_report(out_dir, make_doc(), plots=False)  # the coordinator's report
+        return SimpleNamespace(rounds=make_doc()["rounds"], best=lambda: None)
+
+    monkeypatch.setattr(ftsim, "run", federation)
+    argv = ["--data", str(data), "--partition", "iid", "--sites", "2", "--out", str(out), "--no-plots"]
+    assert ftsim.main(argv) == 0
+    md = (out / "report.md").read_text()
+    assert "## Sites' data" in md and "split by `iid`" in md and md.index("## Sites' data") < md.index("## Per site")

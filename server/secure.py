@@ -278,13 +278,13 @@ def configure_advertise(r: SecureRound, sid: int) -> RecordDict:
     return RecordDict({p.RECORD: rec, "config": r.content["config"]})
 
 
-def parse_advert(m: Message) -> Advert | None:
-    """The advertisement in a reply, or None when its two public keys are not 32 bytes each."""
-    rec = m.content[p.RECORD]
+def parse_advert(rec: ConfigRecord, run_id: int) -> Advert | None:
+    """The advertisement in a reply's record (from Flower run ``run_id``), or None when its two
+    public keys are not 32 bytes each."""
     c, s_ = rec.get("c-pub"), rec.get("s-pub")
     if not (isinstance(c, bytes) and isinstance(s_, bytes) and len(c) == len(s_) == 32):
         return None
-    return Advert(c, s_, rec.get("signer"), rec.get("sig"), rec.get("examples"), m.metadata.run_id)
+    return Advert(c, s_, rec.get("signer"), rec.get("sig"), rec.get("examples"), run_id)
 
 
 def advert_problem(
@@ -315,7 +315,7 @@ def advert_problem(
 def aggregate_advertise(r: SecureRound, st: Advertised, m: Message, node: int, sid: int) -> None:
     if not _ok(m, node, r.names):
         return
-    adv = parse_advert(m)
+    adv = parse_advert(m.content[p.RECORD], m.metadata.run_id)
     if adv is None:
         return
     taken = [identity for identity, _ in st.signed.values()]
@@ -375,10 +375,9 @@ def configure_share_keys(r: SecureRound, adv: Advertised, nb: Neighbourhood, sid
     return RecordDict({p.RECORD: rec})
 
 
-def parse_shares(m: Message, expected: list[int]) -> dict[int, bytes] | None:
-    """neighbour -> sealed share from a reply, or None unless it holds one share for each of
-    ``expected`` (the site's neighbours) and no other."""
-    rec = m.content[p.RECORD]
+def parse_shares(rec: ConfigRecord, expected: list[int]) -> dict[int, bytes] | None:
+    """neighbour -> sealed share from a reply's record, or None unless it holds one share for
+    each of ``expected`` (the site's neighbours) and no other."""
     to, sealed = [int(j) for j in rec.get("to", [])], list(rec.get("sealed", []))
     if sorted(to) == expected and len(sealed) == len(to):
         return dict(zip(to, sealed))
@@ -387,7 +386,7 @@ def parse_shares(m: Message, expected: list[int]) -> dict[int, bytes] | None:
 
 def aggregate_share_keys(r: SecureRound, nb: Neighbourhood, st: Shared, m: Message, node: int, sid: int) -> None:
     if _ok(m, node, r.names):
-        shares = parse_shares(m, nb.nbrs[sid])
+        shares = parse_shares(m.content[p.RECORD], nb.nbrs[sid])
         if shares is not None:
             st.outbox[sid] = shares
 
@@ -506,9 +505,8 @@ def configure_unmask(r: SecureRound, sh: Shared, acc: MaskedSum, sigs: dict[int,
     return RecordDict({p.RECORD: ConfigRecord(unmask_request(r.tag, acc.u3, sh.senders[sid], sid, sigs))})
 
 
-def parse_unmask_answer(m: Message) -> dict[str, dict[int, int]] | None:
-    """{"self_seed": {owner: share}, "pair_key": {owner: share}} from a reply, or None when malformed."""
-    rec = m.content[p.RECORD]
+def parse_unmask_answer(rec: ConfigRecord) -> dict[str, dict[int, int]] | None:
+    """{"self_seed": {owner: share}, "pair_key": {owner: share}} from a reply's record, or None when malformed."""
     try:
         return {
             "self_seed": dict(zip((int(j) for j in rec["self-ids"]), p.bytes_to_ints(list(rec["self-shares"])))),
@@ -520,7 +518,7 @@ def parse_unmask_answer(m: Message) -> dict[str, dict[int, int]] | None:
 
 def aggregate_unmask(r: SecureRound, answers: dict, m: Message, node: int, sid: int) -> None:
     if _ok(m, node, r.names):
-        answer = parse_unmask_answer(m)
+        answer = parse_unmask_answer(m.content[p.RECORD])
         if answer is not None:
             answers[sid] = answer
 

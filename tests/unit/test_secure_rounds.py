@@ -24,6 +24,7 @@ from fedtune.common.secagg import Quantizer, SecAggError, identity_public, new_i
 from fedtune.common.secagg import primitives as prim
 from fedtune.common.secagg import protocol as p
 from fedtune.server import app as server
+from fedtune.server import secure as coordinator
 from fedtune.server.aggregation import ServerOptimizer, weighted_mean
 
 from .test_server_rounds import FakeGrid, _task_identity  # noqa: F401  (fixture)
@@ -965,3 +966,92 @@ def test_the_coordinator_drops_a_site_whose_advertisement_is_not_signed_so_the_o
     want = expected_mean(sites, [1, 2, 3, 5], round_cap(rs, sites))
     for k in SHAPES:
         np.testing.assert_allclose(rs.global_state[k], want[k], atol=bound_for(rs, sites, [1, 2, 3, 5]) + 1e-7)
+
+
+# ---------------------------------------------------------------- the coordinator's checks, one by one
+
+
+def _advert(sid: int = 2, key=None, tag: bytes = TAG, run_id: int = 1, examples=50) -> coordinator.Advert:
+    """Site ``sid``'s advertisement, signed by ``key`` (default: site ``sid``'s registered identity)
+    for run 1, arriving in run ``run_id``."""
+    key = IDENTITIES[sid] if key is None else key
+    c, s_ = bytes([sid]) * 32, bytes([sid + 100]) * 32
+    sig = sign(key, p.advert_payload(1, tag, sid, c, s_))
+    return coordinator.Advert(c, s_, identity_public(key), sig, examples, run_id)
+
+
+def test_an_advertisement_is_checked_for_a_registered_unique_key_a_valid_signature_and_a_sane_count():
+    ok = dict(tag=TAG, sid=2, registered=REGISTERED, taken=[], by_examples=True, max_examples=100)
+    assert coordinator.advert_problem(_advert(), **ok) is None
+    assert coordinator.advert_problem(_advert(), **{**ok, "registered": None}) is None  # no registry: as presented
+    assert "not signed by a registered" in coordinator.advert_problem(_advert(key=new_identity()), **ok)
+    assert "another site's key" in coordinator.advert_problem(
+        _advert(), **{**ok, "taken": [identity_public(IDENTITIES[2])]}
+    )
+    assert "no valid signature" in coordinator.advert_problem(_advert(), **{**ok, "sid": 3})  # signed as site 2
+    assert "no valid signature" in coordinator.advert_problem(_advert(tag=b"y" * p.TAG_BYTES), **ok)  # another round
+    assert "no valid signature" in coordinator.advert_problem(_advert(run_id=2), **ok)  # replayed into another run
+    for bad in (0, 101, 2.5, "50", None):
+        assert "example count" in coordinator.advert_problem(_advert(examples=bad), **ok)
+    assert coordinator.advert_problem(_advert(examples=None), **{**ok, "by_examples": False}) is None
+
+
+def test_an_advertisement_whose_keys_are_not_two_32_byte_values_is_not_read():
+    good = {"c-pub": b"c" * 32, "s-pub": b"s" * 32, "signer": b"k", "sig": b"g", "examples": 3}
+    assert coordinator.parse_advert(ConfigRecord(good), 7) == coordinator.Advert(b"c" * 32, b"s" * 32, b"k", b"g", 3, 7)
+    for bad in ({"c-pub": b"c" * 31}, {"s-pub": "s" * 32}, {"c-pub": 5}):
+        assert coordinator.parse_advert(ConfigRecord({**good, **bad}), 7) is None
+
+
+def test_shares_are_kept_only_when_there_is_one_for_each_neighbour_and_no_other():
+    assert coordinator.parse_shares(ConfigRecord({"to": [3, 2], "sealed": [b"3", b"2"]}), [2, 3]) == {3: b"3", 2: b"2"}
+    assert coordinator.parse_shares(ConfigRecord({"to": [2], "sealed": [b"2"]}), [2, 3]) is None  # one missing
+    assert coordinator.parse_shares(ConfigRecord({"to": [2, 3, 4], "sealed": [b"2", b"3", b"4"]}), [2, 3]) is None
+    assert coordinator.parse_shares(ConfigRecord({"to": [2, 3], "sealed": [b"2"]}), [2, 3]) is None  # a share short
+    assert coordinator.parse_shares(ConfigRecord({"to": [2, 2], "sealed": [b"2", b"2"]}), [2, 3]) is None
+    assert coordinator.parse_shares(ConfigRecord({}), [2, 3]) is None
+
+
+def test_a_signature_on_the_alive_set_counts_only_for_that_set_run_round_and_signer():
+    key = IDENTITIES[1]
+    sig = sign(key, p.alive_payload(1, TAG, [1, 2, 3]))
+    assert coordinator.alive_signature_ok(identity_public(key), sig, 1, TAG, [1, 2, 3])
+    assert not coordinator.alive_signature_ok(identity_public(key), sig, 1, TAG, [1, 2])
+    assert not coordinator.alive_signature_ok(identity_public(key), sig, 2, TAG, [1, 2, 3])
+    assert not coordinator.alive_signature_ok(identity_public(key), sig, 1, b"y" * p.TAG_BYTES, [1, 2, 3])
+    assert not coordinator.alive_signature_ok(identity_public(IDENTITIES[2]), sig, 1, TAG, [1, 2, 3])
+    assert not coordinator.alive_signature_ok(identity_public(key), None, 1, TAG, [1, 2, 3])
+
+
+def test_each_site_is_asked_to_unmask_its_own_view_with_its_share_holders_signatures_only():
+    sigs = {1: b"s1", 2: b"s2", 4: b"s4", 5: b"s5"}  # site 3 did not sign
+    req = coordinator.unmask_request(TAG, {1, 2, 3, 4}, [2, 3, 5], 1, sigs)  # 5 shared keys, then dropped
+    assert req == {
+        "round-tag": TAG, "u3": [1, 2, 3, 4], "alive": [1, 2, 3], "dropped": [5],
+        "sig-ids": [1, 2, 5], "sigs": [b"s1", b"s2", b"s5"],
+    }  # fmt: skip
+    assert list(req) == ["round-tag", "u3", "alive", "dropped", "sig-ids", "sigs"]  # the order the sites were sent
+
+
+def test_an_unmask_answer_is_read_or_refused_whole():
+    shares = p.ints_to_bytes([11, 12])
+    rec = {"self-ids": [1, 2], "self-shares": shares, "pair-ids": [5], "pair-shares": p.ints_to_bytes([13])}
+    want = {"self_seed": {1: 11, 2: 12}, "pair_key": {5: 13}}
+    assert coordinator.parse_unmask_answer(ConfigRecord(rec)) == want
+    assert coordinator.parse_unmask_answer(ConfigRecord({k: v for k, v in rec.items() if k != "pair-ids"})) is None
+    assert coordinator.parse_unmask_answer(ConfigRecord({**rec, "self-shares": [1, 2]})) is None  # not bytes
+
+
+def test_a_round_aborts_below_the_threshold_min_sites_or_two_and_never_starts_with_an_unsafe_threshold():
+    coordinator.require_survivors({1, 2, 3}, "x", 3, 1, 4)
+    for alive, t, min_sites in (({1, 2}, 3, 1), ({1, 2, 3}, 2, 4), ({1}, 1, 1)):
+        with pytest.raises(server.FederationError, match="aborted at x.*nothing was unmasked or released"):
+            coordinator.require_survivors(alive, "x", t, min_sites, 4)
+    assert coordinator.round_threshold_or_abort(None, None, 5, 1) == (4, 3)
+    for threshold in (2, 6):  # not above half of the 5 share holders; more than there are
+        with pytest.raises(server.FederationError, match="cannot start.*nothing was sent"):
+            coordinator.round_threshold_or_abort(threshold, None, 5, 1)
+
+
+def test_the_reported_weight_caps_each_site_at_the_rounds_cap():
+    assert coordinator.reported_weight({1: 10, 2: 500, 3: 40}, [1, 2], 100) == 110

@@ -983,7 +983,6 @@ class ConfigKey:
 
     key: str
     field: FieldInfo
-    section: type[BaseModel]  # the model that declares it
 
 
 def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[ConfigKey]:
@@ -996,7 +995,7 @@ def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[
         if sub is not None and get_origin(field.annotation) is not list:
             keys += config_keys(sub, key + ".")
             continue
-        keys.append(ConfigKey(key, field, model or FedTuneConfig))
+        keys.append(ConfigKey(key, field))
         if sub is not None:
             keys += config_keys(sub, key + "[].")
     return keys

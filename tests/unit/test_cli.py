@@ -574,14 +574,19 @@ def test_update_norm_bound_flag_takes_a_number_or_its_words():
         }
 
 
-def test_a_flag_help_is_its_key_description_and_names_the_key():
+def test_a_flag_help_is_its_key_description_and_names_the_key(monkeypatch):
     from fedtune.common.config import config_flags, config_keys
+
+    monkeypatch.setenv("COLUMNS", "10000")  # argparse wraps at the terminal's width, breaking at hyphens too
 
     described = {k.key: k.field.description for k in config_keys()}
     for f in config_flags():
         assert f.description == described[f.key] and f.description
         assert f.help.startswith(f.description.replace("%", "%%")) and f.key in f.help
-    text = " ".join(ftserver.build_parser().format_help().split())  # argparse wraps the lines
+    helps = {tool: " ".join(p.format_help().split()) for tool, p in _tool_parsers().items()}
+    for tool, text in helps.items():
+        assert all(" ".join(f.help.replace("%%", "%").split()) in text for f in config_flags(tool)), tool
+    text = helps["ftserver"]
     assert "[federation.join_timeout_s; default 600.0]" in text
     assert "[sets secure_aggregation.enabled: false]" in text
 

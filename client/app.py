@@ -1,14 +1,16 @@
 """The site: a Flower ClientApp (Message API) that trains and evaluates the global adapter.
 
 What a site needs to know arrives two ways:
-- from the coordinator, in each message: the global adapter (``arrays``) and the run's
-  configuration (``config["fedtune-config"]``, JSON of FedTuneConfig) plus ``server-round``.
-  Everything that must be the same at every site (model, adapter, hyper-parameters) comes
-  from there, so sites cannot drift apart; what a site takes of it is bounded by its own
-  policy (:mod:`fedtune.client.policy`: plaintext, DP, model, paths), checked before anything
-  loads or trains;
-- locally, never sent: which files hold this site's data. In deployment that is
-  ``node_config["data-path"]`` (and ``eval-data-path``, ``site-name``); in ftsim each virtual
+- from the coordinator, in each message (:mod:`fedtune.common.messages`: TrainTask, EvalTask,
+  the secure stages' requests, read and checked there): the global adapter and the run's
+  configuration (stripped of every site's paths) plus the round number. Everything that must
+  be the same at every site (model, adapter, hyper-parameters) comes from there, so sites
+  cannot drift apart; what a site takes of it is bounded by its own policy
+  (:mod:`fedtune.client.policy`: plaintext, DP, model, paths), checked before anything loads
+  or trains. A task that is not the message it should be is refused with the reason;
+- locally, never sent: which files hold this site's data, its Flower node config
+  (:class:`fedtune.common.messages.NodeConfig`). In deployment ftclient sets ``data-path``
+  (and ``eval-data-path``, ``site-name``, ``lora-rank``, ``verbose``); in ftsim each virtual
   site's ``partition-id`` indexes the site table given to :func:`make_client_app`.
 
 The base model and tokenizer are cached per process (``_RUNTIME``): in ftsim a Ray worker
@@ -22,6 +24,7 @@ upstream as counts and a category.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -31,17 +34,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
-from fedtune.common import adapters, methods, privacy
+from fedtune.common import adapters, messages, methods, privacy
 from fedtune.common.config import MIXED_RANK_METHODS, FedTuneConfig
 from fedtune.common.data import DataError, Example, load_site_data, split_examples, tokenize_all
 from fedtune.common.evaluation import answer_nll, evaluate_examples
+from fedtune.common.messages import (
+    EvalMetrics,
+    EvalReply,
+    EvalTask,
+    MessageError,
+    NodeConfig,
+    RoundConfig,
+    SiteStatus,
+    StageReply,
+    TrainMetrics,
+    TrainReply,
+    TrainTask,
+)
 from fedtune.common.metrics import mean_loss
-from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TRAINABLE_KEY
 from fedtune.common.secagg import SecAggError, load_identity
-from fedtune.common.secagg import protocol as secagg
 
 from . import policy as site_policy
 from . import secure
@@ -144,26 +158,21 @@ def site_state(site: SiteFiles, cfg: FedTuneConfig, rt: Runtime) -> SiteState:
     return state
 
 
+def node_settings(context: Context) -> NodeConfig:
+    """This site's own settings (its Flower node config); MessageError names a key it does not know."""
+    return NodeConfig.from_record(context.node_config)
+
+
 def resolve_site(context: Context, sites: list[SiteFiles] | None) -> SiteFiles:
-    nc = context.node_config
-    if "data-path" in nc:
-        name = str(nc.get("site-name") or f"site-{context.node_id}")
-        rank = int(nc["lora-rank"]) if nc.get("lora-rank") not in (None, "", 0) else None
-        return SiteFiles(
-            name, str(nc["data-path"]), str(nc["eval-data-path"]) if nc.get("eval-data-path") else None, rank
-        )
-    if sites is not None and "partition-id" in nc:
-        pid = int(nc["partition-id"])
+    nc = node_settings(context)
+    if nc.data_path is not None:
+        return SiteFiles(nc.site_name or f"site-{context.node_id}", nc.data_path, nc.eval_data_path, nc.lora_rank)
+    if sites is not None and nc.partition_id is not None:
+        pid = nc.partition_id
         if not 0 <= pid < len(sites):
             raise ValueError(f"partition-id {pid} has no site (there are {len(sites)})")
         return sites[pid]
     raise ValueError("this node has no data: set node_config data-path (ftclient --data FILE)")
-
-
-def _read_message(msg: Message) -> tuple[FedTuneConfig, int, dict]:
-    conf = msg.content["config"]
-    cfg = FedTuneConfig.from_json(str(conf[CONFIG_KEY]))
-    return cfg, int(conf[ROUND_KEY]), adapters.to_tensors(adapters.read_adapter(msg.content))
 
 
 def site_model(
@@ -245,14 +254,14 @@ def _validator(cfg: FedTuneConfig, rt: Runtime, validation: list[Example] | None
 
 
 def local_stopping_metrics(stats: TrainStats) -> dict:
-    """What a site reports of its local early stopping: steps and losses only."""
-    out = {"planned-steps": stats.planned_steps}
+    """What a site reports of its local early stopping (:class:`TrainMetrics` fields): steps and losses only."""
+    out = {"planned_steps": stats.planned_steps}
     if stats.val_losses:
         out.update(
-            {"local-val-start": stats.val_start, "local-val-best": stats.val_best, "local-best-step": stats.best_step}
+            {"local_val_start": stats.val_start, "local_val_best": stats.val_best, "local_best_step": stats.best_step}
         )
     if stats.stopped_at is not None:
-        out["local-stopped-at"] = stats.stopped_at
+        out["local_stopped_at"] = stats.stopped_at
     return out
 
 
@@ -275,14 +284,24 @@ def _say_local_stopping(site: SiteFiles, server_round: int, stats: TrainStats) -
         )
 
 
-def _reply(
-    msg: Message, site: SiteFiles, status: str, metrics: dict, records: dict | None = None, reason: str | None = None
-) -> Message:
-    """``records``: more records to send, e.g. the update (:func:`fedtune.common.adapters.adapter_records`).
-    ``reason``: why the site refused (a protocol reason, never data)."""
-    info = {"name": site.name, "status": status, **({"reason": reason} if reason else {})}
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(info), **(records or {})})
-    return Message(content=content, reply_to=msg)
+def _status(site: SiteFiles, status: str, reason: str | None = None) -> SiteStatus:
+    """``reason``: why the site refused (a protocol reason, never data), cut to what a reply may carry."""
+    if reason and len(reason) > messages.MAX_REASON_CHARS:
+        reason = reason[: messages.MAX_REASON_CHARS - 1] + "…"
+    return SiteStatus(site.name[: messages.MAX_NAME_CHARS], status, reason or None)
+
+
+def _reply(msg: Message, reply: TrainReply | EvalReply | StageReply) -> Message:
+    return Message(content=reply.to_record(), reply_to=msg)
+
+
+def _stage_reply(site: SiteFiles, kind: str, record) -> StageReply:
+    """A secure stage's answer (the record client/secure.py built) in its typed envelope."""
+    return StageReply(_status(site, "ok"), messages.STAGE_MESSAGES[kind][1].from_record(record))
+
+
+def _refuse_train(msg: Message, site: SiteFiles, reason: str, metrics: TrainMetrics | None = None) -> Message:
+    return _reply(msg, TrainReply(_status(site, "refused", reason), metrics or TrainMetrics(num_examples=0)))
 
 
 def _say(site: SiteFiles, text: str) -> None:
@@ -306,49 +325,51 @@ def handle_train(
     anything loads or trains (default: the process's, :func:`fedtune.client.policy.active`)."""
     received = time.time() if received is None else received
     arrived = received if arrived is None else arrived
-    cfg, server_round, full_global = _read_message(msg)
     site = resolve_site(context, sites)
-    policy = policy or site_policy.active()
+    verbose = node_settings(context).verbose  # a real site (ftclient); ftsim prints per round at the coordinator
+    secure_round = messages.SECAGG in msg.content
     try:
-        dp_population = int(msg.content["config"].get(DP_POPULATION_KEY, 0)) if cfg.privacy.enabled else 0
-        policy.check_round(cfg, secure=secagg.RECORD in msg.content, population=dp_population)
+        task = TrainTask.from_record(msg.content)
+    except MessageError as e:  # not a train task: nothing loads, nothing trains
+        _say(site, f"refused a malformed train task: {e}")
+        if secure_round:
+            secure.forget(context)
+        return _refuse_train(msg, site, str(e))
+    cfg, server_round, full_global = task.config, task.server_round, adapters.to_tensors(task.adapter)
+    sa = task.secure
+    policy = policy or site_policy.active()
+    population = (task.round.dp_population or 0) if cfg.privacy.enabled else 0
+    try:
+        policy.check_round(cfg, secure=sa is not None, population=population)
         cfg = policy.admit(cfg)
         rt, st, global_state = site_model(cfg, site, full_global, device, policy)
     except SiteRefusal as e:
         _say(site, f"round {server_round}: refused: {e}")
-        if secagg.RECORD in msg.content:
+        if sa is not None:
             secure.forget(context)
-        return _reply(msg, site, "refused", {"num-examples": 0}, reason=str(e))
-    counts = {"records": st.n_records, "invalid-records": st.n_invalid, "dropped-too-long": st.dropped_too_long}
+        return _refuse_train(msg, site, str(e))
+    counts = {"records": st.n_records, "invalid_records": st.n_invalid, "dropped_too_long": st.dropped_too_long}
     if st.problem:
         # A site with nothing usable never sends an update.
-        return _reply(msg, site, st.problem, {"num-examples": 0, **counts})
-    verbose = "data-path" in context.node_config  # a real site (ftclient); ftsim prints per round at the coordinator
-    sa = msg.content[secagg.RECORD] if secagg.RECORD in msg.content else None
+        return _reply(msg, TrainReply(_status(site, st.problem), TrainMetrics(num_examples=0, **counts)))
+    refused = TrainMetrics(num_examples=0, **counts)
     if sa is not None:
         try:
             secure.ready_to_train(context, sa)  # before spending the round training for nothing
         except SecAggError as e:
-            return _reply(msg, site, "refused", {"num-examples": 0, **counts}, reason=str(e))
+            return _refuse_train(msg, site, str(e), refused)
     methods.set_state(rt.model, global_state)
+    trainable = task.trainable
     try:
-        trainable = list(msg.content["config"][TRAINABLE_KEY])
         methods.set_trainable(rt.model, trainable)
     except (KeyError, ValueError) as e:  # the coordinator and this site disagree on what trains
         if sa is not None:
             secure.forget(context)
-        return _reply(msg, site, "refused", {"num-examples": 0, **counts}, reason=f"trainable set: {e}")
-    population = int(msg.content["config"].get(DP_POPULATION_KEY, 0)) if cfg.privacy.enabled else 0
+        return _refuse_train(msg, site, f"trainable set: {e}", refused)
     if cfg.privacy.enabled and population < 1:  # the noise cannot be sized: refuse before spending the round training
         if sa is not None:
             secure.forget(context)
-        return _reply(
-            msg,
-            site,
-            "refused",
-            {"num-examples": 0, **counts},
-            reason="differential privacy: the round names no site population",
-        )
+        return _refuse_train(msg, site, "differential privacy: the round names no site population", refused)
     if verbose:
         _say(site, f"round {server_round}: training on {len(st.train_items)} examples")
 
@@ -378,22 +399,22 @@ def handle_train(
             secure.forget(context)
         if verbose:
             _say(site, str(e))
-        return _reply(msg, site, "refused", {"num-examples": 0, **counts}, reason=str(e))
-    metrics = {
-        "num-examples": len(st.train_items),
-        "train-loss": stats.loss_mean,
-        "train-loss-first": stats.loss_first,
-        "train-loss-last": stats.loss_last,
-        "train-steps": stats.steps,
-        "train-seconds": stats.seconds,
-        "train-tokens": stats.tokens,
-        "receive-seconds": received - arrived,
-        "startup-seconds": stats.first_step_at - received,
+        return _refuse_train(msg, site, str(e), refused)
+    metrics = TrainMetrics(
+        num_examples=len(st.train_items),
+        train_loss=stats.loss_mean,
+        train_loss_first=stats.loss_first,
+        train_loss_last=stats.loss_last,
+        train_steps=stats.steps,
+        train_seconds=stats.seconds,
+        train_tokens=stats.tokens,
+        receive_seconds=received - arrived,
+        startup_seconds=stats.first_step_at - received,
+        lora_rank=site.rank,
         **counts,
-        **bounded,
-        **({"lora-rank": site.rank} if site.rank is not None else {}),
+        **{k.replace("-", "_"): v for k, v in bounded.items()},  # the update's norm and whether it was clipped
         **(local_stopping_metrics(stats) if stopping else {}),
-    }
+    )
     if sa is not None:
         # Secure round: the update goes straight from training to masking; only the masked vector leaves.
         try:
@@ -407,18 +428,20 @@ def handle_train(
             secure.forget(context)  # a site that refuses is out of this round
             if verbose:
                 _say(site, f"secure aggregation: {e}")
-            return _reply(msg, site, "refused", metrics, reason=str(e))
-        metrics["upload-bytes"] = 4 * y.size
-        return _reply(msg, site, "ok", {**metrics, **extra}, {secagg.MASKED: secagg.masked_record(y)})
-    update = adapters.adapter_records(delta)
-    metrics["upload-bytes"] = adapters.record_nbytes(update["arrays"])
-    return _reply(msg, site, "ok", metrics, update)
+            return _refuse_train(msg, site, str(e), metrics)
+        metrics = dataclasses.replace(metrics, **{k.replace("-", "_"): v for k, v in extra.items()})
+        return _reply(msg, TrainReply(_status(site, "ok"), metrics, masked=y))  # upload-bytes: 4 a value
+    return _reply(msg, TrainReply(_status(site, "ok"), metrics, update=delta))  # upload-bytes: the arrays' bytes
 
 
 def _example_count(msg: Message, site: SiteFiles, device: str | None) -> int | None:
     """What a site reports at key advertisement: its example count when the run weights sites by
-    examples (and has no DP), else None. SiteRefusal when it has nothing to train on."""
-    cfg = FedTuneConfig.from_json(str(msg.content["config"][CONFIG_KEY]))
+    examples (and has no DP), else None. SiteRefusal when it has nothing to train on (or the
+    round's config is not one)."""
+    try:
+        cfg = RoundConfig.from_record(msg.content[messages.CONFIG]).config
+    except MessageError as e:
+        raise SiteRefusal(str(e)) from None
     if cfg.privacy.enabled or cfg.federation.weighting == "equal":
         return None
     _, st, _ = site_model(cfg, site, {}, device)  # the data as training will see it (cached)
@@ -437,31 +460,35 @@ def handle_secure_stage(
     """The stages of a secure round around training (key advertisement, key sharing, the
     consistency check, unmasking). The masked upload is the TRAIN reply (:func:`handle_train`).
     ``identity``: the site's signing key (ftclient's site key); else the site table's (ftsim),
-    else one made for the run."""
+    else one made for the run. Each stage's request is read (keys, types, sizes) by its class in
+    :mod:`fedtune.common.messages`; the protocol's checks are :mod:`fedtune.client.secure`'s."""
     site = resolve_site(context, sites)
     if identity is None and site.key is not None:
         identity = secure.Identity(load_identity(site.key))
     kind = msg.metadata.message_type
-    sa = msg.content[secagg.RECORD]
+    if kind not in messages.STAGES:
+        raise ValueError(f"this site does not handle {kind!r} messages")
     try:
-        if kind == secagg.ADVERTISE:
+        if set(msg.content.keys()) - {messages.SECAGG, messages.CONFIG} or messages.SECAGG not in msg.content:
+            raise SecAggError(f"{kind} task: expected the records 'secagg' (and, advertising, 'config')")
+        sa = msg.content[messages.SECAGG]
+        if kind == messages.ADVERTISE:
             try:
-                examples = _example_count(msg, site, device) if "config" in msg.content else None
+                examples = _example_count(msg, site, device) if messages.CONFIG in msg.content else None
             except SiteRefusal as e:
                 secure.forget(context)
-                return _reply(msg, site, "refused", {}, reason=str(e))
-            return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.advertise(context, sa, identity, examples)})
-        if kind == secagg.SHARE_KEYS:
-            return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.share_keys(context, sa, identity)})
-        if kind == secagg.CONSISTENCY:
-            return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.consistency(context, sa, identity)})
-        if kind == secagg.UNMASK:
-            return _reply(msg, site, "ok", {}, {secagg.RECORD: secure.unmask(context, sa)})
+                return _reply(msg, StageReply(_status(site, "refused", str(e))))
+            return _reply(msg, _stage_reply(site, kind, secure.advertise(context, sa, identity, examples)))
+        if kind == messages.SHARE_KEYS:
+            return _reply(msg, _stage_reply(site, kind, secure.share_keys(context, sa, identity)))
+        if kind == messages.CONSISTENCY:
+            return _reply(msg, _stage_reply(site, kind, secure.consistency(context, sa, identity)))
+        return _reply(msg, _stage_reply(site, kind, secure.unmask(context, sa)))
     except SecAggError as e:  # the site has forgotten the round
-        if "data-path" in context.node_config:
+        secure.forget(context)
+        if node_settings(context).verbose:
             _say(site, f"secure aggregation: {e}")
-        return _reply(msg, site, "refused", {}, reason=str(e))
-    raise ValueError(f"this site does not handle {kind!r} messages")
+        return _reply(msg, StageReply(_status(site, "refused", str(e))))
 
 
 def handle_evaluate(
@@ -472,34 +499,38 @@ def handle_evaluate(
     policy: SitePolicy | None = None,
 ) -> Message:
     """No update leaves on evaluation, but the model and path checks of ``policy`` apply as in training."""
-    cfg, _, global_state = _read_message(msg)
     site = resolve_site(context, sites)
+    try:
+        task = EvalTask.from_record(msg.content)
+    except MessageError as e:
+        _say(site, f"refused a malformed evaluation task: {e}")
+        return _reply(msg, EvalReply(_status(site, "refused", str(e)), EvalMetrics(num_examples=0)))
+    cfg = task.config
     policy = policy or site_policy.active()
     try:
         cfg = policy.admit(cfg)
-        rt, st, global_state = site_model(
-            cfg, site, global_state, device, policy
-        )  # a lower-rank site scores the adapter at its rank
+        # a lower-rank site scores the adapter at its rank
+        rt, st, global_state = site_model(cfg, site, adapters.to_tensors(task.adapter), device, policy)
     except SiteRefusal as e:
         _say(site, f"evaluation refused: {e}")
-        return _reply(msg, site, "refused", {"num-examples": 0}, reason=str(e))
+        return _reply(msg, EvalReply(_status(site, "refused", str(e)), EvalMetrics(num_examples=0)))
     if st.problem or not st.eval_examples:
-        return _reply(msg, site, st.problem or "no-eval-examples", {"num-examples": 0})
+        return _reply(msg, EvalReply(_status(site, st.problem or "no-eval-examples"), EvalMetrics(num_examples=0)))
     methods.set_state(rt.model, global_state)
-    verbose = "data-path" in context.node_config
+    verbose = node_settings(context).verbose
     if verbose:
-        _say(site, f"round {int(msg.content['config'][ROUND_KEY])}: evaluating on {len(st.eval_examples)} examples")
+        _say(site, f"round {task.server_round}: evaluating on {len(st.eval_examples)} examples")
     res = evaluate_examples(rt.model, rt.tokenizer, st.eval_examples, cfg.data, cfg.eval, rt.device)
-    metrics = {"num-examples": res.examples, "eval-loss": res.loss, "answer-tokens": res.answer_tokens}
-    if res.exact_match is not None:
-        metrics["exact-match"] = res.exact_match
+    metrics = EvalMetrics(
+        num_examples=res.examples, eval_loss=res.loss, answer_tokens=res.answer_tokens, exact_match=res.exact_match
+    )
     if verbose:
         _say(
             site,
             f"evaluation: loss {res.loss:.3f}"
             + (f", exact match {res.exact_match:.2f}" if res.exact_match is not None else ""),
         )
-    return _reply(msg, site, "ok", metrics)
+    return _reply(msg, EvalReply(_status(site, "ok"), metrics))
 
 
 def handle(
@@ -519,7 +550,7 @@ def handle(
         return handle_train(msg, context, None, device, arrived=arrived, received=received, policy=policy)
     if kind == MessageType.EVALUATE:
         return handle_evaluate(msg, context, None, device, policy)
-    if kind in secagg.STAGES:
+    if kind in messages.STAGES:
         return handle_secure_stage(msg, context, None, device, identity)
     raise ValueError(f"this site does not handle {kind!r} messages")
 
@@ -538,7 +569,7 @@ def make_client_app(
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, sites, device, policy)
 
-    for stage in secagg.STAGES:
+    for stage in messages.STAGES:
         app.train(stage.split(".", 1)[1])(lambda msg, context: handle_secure_stage(msg, context, sites, device))
 
     return app

@@ -210,17 +210,25 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, dict]:
     return args.name or socket.gethostname(), counts
 
 
-def node_config(site: str, args: argparse.Namespace) -> str:
-    """The SuperNode's node config: where this site's data is (it never leaves this machine)."""
-    parts = {"site-name": site, "data-path": str(Path(args.data).resolve())}
-    if args.eval_data:
-        parts["eval-data-path"] = str(Path(args.eval_data).resolve())
-    if getattr(args, "rank", None) is not None:
-        if args.rank < 1:
-            raise JoinError(f"--rank {args.rank}: expected a positive LoRA rank")
-        parts["lora-rank"] = int(args.rank)
+def node_config(site: str, args: argparse.Namespace, verbose: bool = False) -> str:
+    """The SuperNode's node config (:class:`fedtune.common.messages.NodeConfig`): where this
+    site's data is (it never leaves this machine), its name and rank, and ``verbose`` (ftclient
+    prints the site's progress; ftsim's virtual sites do not)."""
+    from fedtune.common.messages import MessageError, NodeConfig
+
+    if getattr(args, "rank", None) is not None and args.rank < 1:
+        raise JoinError(f"--rank {args.rank}: expected a positive LoRA rank")
     try:
-        return flwr_config_string(parts)
+        nc = NodeConfig(
+            site_name=site,
+            data_path=str(Path(args.data).resolve()),
+            eval_data_path=str(Path(args.eval_data).resolve()) if args.eval_data else None,
+            lora_rank=int(args.rank) if getattr(args, "rank", None) is not None else None,
+            verbose=verbose,
+        )
+        return flwr_config_string(nc.to_record())
+    except MessageError as e:
+        raise JoinError(f"--name/--data/--eval-data: {e}") from None
     except ValueError as e:
         raise JoinError(str(e)) from None
 
@@ -231,7 +239,7 @@ def join(args: argparse.Namespace) -> int:
 
     try:
         site, counts = check_inputs(args)
-        node_cfg = node_config(site, args)
+        node_cfg = node_config(site, args, verbose=True)  # a site's operator follows its rounds
     except JoinError as e:
         print(f"ftclient: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,9 @@ in :mod:`fedtune.common.secagg.protocol`).
 
 Each function takes the coordinator's ``secagg`` record and the site's Flower context, checks
 that the request is in order and safe, and returns the record (or, after training, the masked
-vector) to answer with. Anything out of order or unsafe raises :class:`SecAggError`; the caller
+vector) to answer with. The requests and answers are the stage classes of
+:mod:`fedtune.common.messages` (keys, types and sizes checked there; a malformed request is
+refused like an unsafe one). Anything out of order or unsafe raises :class:`SecAggError`; the caller
 answers ``refused`` with the reason, and the site forgets the round. What a site checks before
 it gives anything away: every neighbour's advertised keys carry a valid signature by the
 identity key published for it, identity keys do not repeat and (trust on first use) do not
@@ -32,6 +34,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Context
 
+from fedtune.common.messages import (
+    AdvertiseReply,
+    AdvertiseRequest,
+    ConsistencyReply,
+    ConsistencyRequest,
+    MessageError,
+    SecureTrainRequest,
+    ShareKeysReply,
+    ShareKeysRequest,
+    UnmaskReply,
+    UnmaskRequest,
+)
 from fedtune.common.secagg import (
     Quantizer,
     SecAggError,
@@ -121,14 +135,25 @@ def flatten_update(delta: Mapping[str, object], reference: Mapping[str, object])
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def _tag(sa: ConfigRecord) -> bytes:
-    tag = sa.get("round-tag")
+def _tag(sa) -> bytes:
+    """The round tag of a request (a stage class of fedtune.common.messages, or its record)."""
+    tag = sa.round_tag if hasattr(sa, "round_tag") else sa.get("round-tag")
     if not isinstance(tag, bytes) or len(tag) != p.TAG_BYTES:
         raise SecAggError(f"round tag: expected {p.TAG_BYTES} bytes")
     return tag
 
 
-def _state(context: Context, sa: ConfigRecord, stage_done: int) -> ConfigRecord:
+def _read(sa, cls):
+    """The request ``sa`` (a record, or already read) as the stage class ``cls``; SecAggError when it is not one."""
+    if isinstance(sa, cls):
+        return sa
+    try:
+        return cls.from_record(sa)
+    except MessageError as e:
+        raise SecAggError(f"{e}: refused") from None
+
+
+def _state(context: Context, sa, stage_done: int) -> ConfigRecord:
     """This round's saved state, when the site completed ``stage_done`` of the same round."""
     if p.STATE not in context.state:
         raise SecAggError("no secure round in progress at this site (it restarted, or the round ended): refused")
@@ -169,18 +194,19 @@ def _quantizer(st: ConfigRecord, cap: int | None = None) -> Quantizer:
 
 
 def advertise(
-    context: Context, sa: ConfigRecord, identity: Identity | None = None, examples: int | None = None
+    context: Context, sa: ConfigRecord | AdvertiseRequest, identity: Identity | None = None, examples: int | None = None
 ) -> ConfigRecord:
     """Stage 1: draw this round's two X25519 key pairs and self-mask seed, keep them here with
     the round's quantization settings; answer with the two public keys signed by this site's
     identity, that identity's public key, and ``examples`` (this site's example count) when given."""
     forget(context)  # whatever an earlier, unfinished round left
     identity = identity_for(context, identity)
-    tag, sid, n = _tag(sa), int(sa["sid"]), int(sa["n-sites"])
+    req = _read(sa, AdvertiseRequest)
+    tag, sid, n = _tag(req), req.sid, req.n_sites
     if not 1 <= sid <= n or n < 2:
         raise SecAggError(f"site number {sid} of {n}: expected 1..n with n >= 2")
     try:
-        Quantizer(float(sa["clip"]), int(sa["max-weight"]), n)
+        Quantizer(req.clip, req.max_weight, n)
     except ValueError as e:
         raise SecAggError(f"quantization settings: {e}: refused") from None
     site = Site(sid, tag)
@@ -190,8 +216,8 @@ def advertise(
             "round-tag": tag,
             "sid": sid,
             "n-sites": n,
-            "clip": float(sa["clip"]),
-            "max-weight": int(sa["max-weight"]),
+            "clip": req.clip,
+            "max-weight": req.max_weight,
             "c-key": private_bytes(site.c_key),
             "s-key": private_bytes(site.s_key),
             "self-seed": site.self_seed,
@@ -199,15 +225,13 @@ def advertise(
             "stage": p.DONE_ADVERTISE,
         }
     )
-    out = {
-        "c-pub": c_pub,
-        "s-pub": s_pub,
-        "signer": identity.public,
-        "sig": sign(identity.key, p.advert_payload(context.run_id, tag, sid, c_pub, s_pub)),
-    }
-    if examples is not None:
-        out["examples"] = int(examples)
-    return ConfigRecord(out)
+    return AdvertiseReply(
+        c_pub,
+        s_pub,
+        identity.public,
+        sign(identity.key, p.advert_payload(context.run_id, tag, sid, c_pub, s_pub)),
+        None if examples is None else int(examples),
+    ).to_record()
 
 
 def _refusal_ends_round(stage):
@@ -226,10 +250,12 @@ def _refusal_ends_round(stage):
 
 
 @_refusal_ends_round
-def ready_to_train(context: Context, sa: ConfigRecord) -> None:
+def ready_to_train(context: Context, sa: ConfigRecord | SecureTrainRequest) -> None:
     """Before a site spends a round training: is there a secure round, at the right stage, to
-    mask the update for? (A site that restarted since key sharing has lost its keys.)"""
+    mask the update for? (A site that restarted since key sharing has lost its keys.) And is
+    the request one?"""
     _state(context, sa, p.DONE_SHARE)
+    _read(sa, SecureTrainRequest)
 
 
 def _save(context: Context, st: ConfigRecord, site: Site, **changes) -> None:
@@ -276,15 +302,16 @@ def _check_peers(context: Context, nodes: list[str], pks: list[bytes], identity:
 
 
 @_refusal_ends_round
-def share_keys(context: Context, sa: ConfigRecord, identity: Identity | None = None) -> ConfigRecord:
+def share_keys(context: Context, sa: ConfigRecord | ShareKeysRequest, identity: Identity | None = None) -> ConfigRecord:
     """Stage 2: check every neighbour's signed keys against its published identity key, then
     Shamir shares of the self-mask seed and the mask key, one sealed packet per neighbour."""
     identity = identity_for(context, identity)
     st = _state(context, sa, p.DONE_ADVERTISE)
+    req = _read(sa, ShareKeysRequest)
     site = _site(st)
-    ids = [int(j) for j in sa["nbr-ids"]]
-    c_pubs, s_pubs = list(sa["nbr-c"]), list(sa["nbr-s"])
-    sigs, pks, nodes = list(sa.get("nbr-sig", [])), list(sa.get("nbr-pk", [])), [str(n) for n in sa.get("nbr-node", [])]
+    ids = list(req.nbr_ids)
+    c_pubs, s_pubs = list(req.nbr_c), list(req.nbr_s)
+    sigs, pks, nodes = list(req.nbr_sig), list(req.nbr_pk), list(req.nbr_node)
     if (
         not ids
         or any(len(x) != len(ids) for x in (c_pubs, s_pubs, sigs, pks, nodes))
@@ -307,12 +334,12 @@ def share_keys(context: Context, sa: ConfigRecord, identity: Identity | None = N
         raise SecAggError(
             f"the advertised keys of site(s) {forged[:5]} are not signed by their published identity keys (substituted keys?): refused"
         )
-    threshold = int(sa["threshold"])
+    threshold = req.threshold
     why = check_threshold(threshold, len(ids) + 1)
     if why:
         raise SecAggError(f"{why}: refused")
-    cap = sa.get("weight-cap")
-    if not isinstance(cap, int) or not 1 <= cap <= int(st["max-weight"]):
+    cap = req.weight_cap
+    if not 1 <= cap <= int(st["max-weight"]):
         raise SecAggError(f"weight cap {cap}: expected a whole number in 1..{int(st['max-weight'])}: refused")
     try:
         _quantizer(st, cap)
@@ -335,22 +362,23 @@ def share_keys(context: Context, sa: ConfigRecord, identity: Identity | None = N
     _save(context, st, site, **changes)
     context.state[p.PEERS] = ConfigRecord({"nodes": list(peers), "keys": list(peers.values())})
     to = sorted(sealed)
-    return ConfigRecord({"to": to, "sealed": [sealed[j] for j in to]})
+    return ShareKeysReply(to, [sealed[j] for j in to]).to_record()
 
 
 @_refusal_ends_round
 def masked_input(
-    context: Context, sa: ConfigRecord, flat: np.ndarray, weight: int, seed: int
+    context: Context, sa: ConfigRecord | SecureTrainRequest, flat: np.ndarray, weight: int, seed: int
 ) -> tuple[np.ndarray, dict]:
     """Stage 3, after training: take the shares sealed to this site; quantize weight x update
     (refused if not finite; each value clipped) with ``weight`` capped at the round's weight cap
     and appended; mask it with the self-mask and a pairwise mask per neighbour that shared keys
     (those that did not are left out). -> (masked uint32 vector of len(flat) + 1, metrics)."""
     st = _state(context, sa, p.DONE_SHARE)
+    req = _read(sa, SecureTrainRequest)
     site = _site(st)
     keys = _keys(st)
-    senders = [int(j) for j in sa["from"]]
-    sealed = list(sa["sealed"])
+    senders = list(req.senders)
+    sealed = list(req.sealed)
     if len(senders) != len(sealed) or len(set(senders)) != len(senders) or not set(senders) <= set(keys):
         raise SecAggError("forwarded shares: expected at most one from each of this site's neighbours: refused")
     threshold = int(st["threshold"])
@@ -378,13 +406,16 @@ def masked_input(
 
 
 @_refusal_ends_round
-def consistency(context: Context, sa: ConfigRecord, identity: Identity | None = None) -> ConfigRecord:
+def consistency(
+    context: Context, sa: ConfigRecord | ConsistencyRequest, identity: Identity | None = None
+) -> ConfigRecord:
     """Stage 4: sign the alive set U3 (once per round), if this site is in it and enough of its
     share holders are for an unmasking to be possible."""
     identity = identity_for(context, identity)
     st = _state(context, sa, p.DONE_UPLOAD)
+    req = _read(sa, ConsistencyRequest)
     me, n, threshold = int(st["sid"]), int(st["n-sites"]), int(st["threshold"])
-    u3 = [int(j) for j in sa["alive"]]
+    u3 = list(req.alive)
     if len(set(u3)) != len(u3) or not all(1 <= j <= n for j in u3):
         raise SecAggError(f"alive set: expected distinct site numbers in 1..{n}: refused")
     if me not in u3:
@@ -395,28 +426,29 @@ def consistency(context: Context, sa: ConfigRecord, identity: Identity | None = 
             f"alive set holds {len(holders)} of this site's share holders, fewer than the threshold {threshold}: refused"
         )
     context.state[p.STATE] = ConfigRecord({**dict(st), "u3": sorted(u3), "stage": p.DONE_CONSISTENCY})
-    return ConfigRecord({"sig": sign(identity.key, p.alive_payload(context.run_id, _tag(sa), u3))})
+    return ConsistencyReply(sign(identity.key, p.alive_payload(context.run_id, _tag(req), u3))).to_record()
 
 
 @_refusal_ends_round
-def unmask(context: Context, sa: ConfigRecord) -> ConfigRecord:
+def unmask(context: Context, sa: ConfigRecord | UnmaskRequest) -> ConfigRecord:
     """Stage 5: answer one unmask request, if it names the alive set this site signed, carries
     at least ``threshold`` valid signatures on that set from this site's share holders, and is
     this site's own view of it; then forget this round's secrets (a second request finds nothing)."""
     st = _state(context, sa, p.DONE_CONSISTENCY)
     del context.state[p.STATE]  # answered once at most, whatever happens next
+    req = _read(sa, UnmaskRequest)
     me, threshold, senders = int(st["sid"]), int(st["threshold"]), _senders(st)
-    u3 = sorted({int(j) for j in sa.get("u3", [])})
+    u3 = sorted(set(req.u3))
     if u3 != [int(j) for j in st["u3"]]:
         raise SecAggError("unmask request for another alive set than the one this site signed: refused")
     pk_of = {int(j): k for j, k in zip(st["nbr-ids"], st["nbr-pk"])} | {me: st["me-pk"]}
-    signers, sigs = [int(j) for j in sa.get("sig-ids", [])], list(sa.get("sigs", []))
+    signers, sigs = list(req.sig_ids), list(req.sigs)
     holders = set(u3) & (senders | {me})
     if len(signers) != len(sigs) or len(set(signers)) != len(signers) or not set(signers) <= holders:
         raise SecAggError(
             "consistency signatures: expected at most one from each of this site's share holders in the alive set: refused"
         )
-    payload = p.alive_payload(context.run_id, _tag(sa), u3)
+    payload = p.alive_payload(context.run_id, _tag(req), u3)
     bad = [j for j, sig in zip(signers, sigs) if not verify(pk_of[j], sig, payload)]
     if bad:
         raise SecAggError(f"the signatures of site(s) {bad[:5]} on the alive set do not verify: refused")
@@ -424,7 +456,7 @@ def unmask(context: Context, sa: ConfigRecord) -> ConfigRecord:
         raise SecAggError(
             f"only {len(signers)} of this site's share holders signed the alive set, {threshold} needed: refused"
         )
-    alive, dropped = [int(j) for j in sa["alive"]], [int(j) for j in sa["dropped"]]
+    alive, dropped = list(req.alive), list(req.dropped)
     check_unmask_request(alive, dropped, threshold, me, senders)  # refuses strangers, overlaps, short requests
     if (sorted(alive), sorted(dropped)) != unmask_view(u3, senders, me):
         raise SecAggError(
@@ -432,14 +464,12 @@ def unmask(context: Context, sa: ConfigRecord) -> ConfigRecord:
         )
     shares = _site(st).unmask(alive, dropped, threshold)
     self_ids, pair_ids = sorted(shares["self_seed"]), sorted(shares["pair_key"])
-    return ConfigRecord(
-        {
-            "self-ids": self_ids,
-            "self-shares": p.ints_to_bytes([shares["self_seed"][j] for j in self_ids]),
-            "pair-ids": pair_ids,
-            "pair-shares": p.ints_to_bytes([shares["pair_key"][j] for j in pair_ids]),
-        }
-    )
+    return UnmaskReply(
+        self_ids,
+        p.ints_to_bytes([shares["self_seed"][j] for j in self_ids]),
+        pair_ids,
+        p.ints_to_bytes([shares["pair_key"][j] for j in pair_ids]),
+    ).to_record()
 
 
 def forget(context: Context) -> None:

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedtune.common import messages
+
 Printer = Callable[[str], None]
 
 
@@ -69,8 +71,8 @@ NAME_CHARS = 64  # as a configured site name (common.config.SiteConfig)
 _ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-_])")  # ANSI CSI, OSC, 2-byte
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 _FALLBACK = re.compile(r"^node-(\d+)$")
-# Statuses a site may report (fedtune.client.app); the coordinator adds error, unknown, invalid, rejected.
-SITE_STATUSES = frozenset({"ok", "refused", "data-error", "no-usable-examples", "no-eval-examples"})
+# Statuses a site may report (declared in fedtune.common.messages); the coordinator adds error, unknown, invalid, rejected.
+SITE_STATUSES = messages.SITE_STATUSES
 
 
 def clean(value: object, limit: int = REASON_CHARS) -> str:
@@ -129,7 +131,7 @@ def site_of(m: Message, node: int, names: dict | None = None) -> tuple[str, str]
     if m.has_error():
         return fallback, "error"
     try:
-        site = m.content.get("site")
+        site = m.content.get(messages.SITE)
         raw_name, raw_status = (site.get("name"), site.get("status")) if site is not None else (None, None)
     except (AttributeError, TypeError):
         return fallback, "invalid"
@@ -152,50 +154,29 @@ def site_reason(m: Message, status: str) -> str:
     try:
         if m.has_error():
             return clean(str(m.error.reason).splitlines()[0] if m.error.reason else "error")
-        site = m.content.get("site")
+        site = m.content.get(messages.SITE)
         reason = site.get("reason") if site is not None else None
     except (AttributeError, TypeError, IndexError):
         reason = None
     return clean(reason if isinstance(reason, str) and reason.strip() else status)
 
 
-# Metric keys a site may send and their types: int (a whole number), float (any number; NaN/Inf
-# are kept for the readers to judge: a diverged site's loss), or (type, low, high).
-TRAIN_METRICS: dict[str, object] = {
-    "num-examples": int, "records": int, "invalid-records": int, "dropped-too-long": int,
-    "train-loss": float, "train-loss-first": float, "train-loss-last": float, "train-steps": int,
-    "train-seconds": float, "train-tokens": int, "receive-seconds": float, "startup-seconds": float,
-    "lora-rank": (int, 1, 1 << 20), "update-norm": float, "update-clipped": (int, 0, 1), "update-nonfinite": (int, 0, 1),
-    "planned-steps": int, "local-stopped-at": int, "local-best-step": int, "local-val-start": float, "local-val-best": float,
-    "upload-bytes": int, "clipped-values": int, "secagg-weight": int,
-}  # fmt: skip
-EVAL_METRICS: dict[str, object] = {
-    "num-examples": int, "eval-loss": (float, 0.0, math.inf), "exact-match": (float, 0.0, 1.0), "answer-tokens": int,
-}  # fmt: skip
+# The metric keys a site may send and their types are declared once, in fedtune.common.messages
+# (TrainMetrics, EvalMetrics): wire key -> (int or float, low, high); see messages.metric_value.
+TRAIN_METRICS = messages.TRAIN_METRICS
+EVAL_METRICS = messages.EVAL_METRICS
 
 
 def _typed(value: object, kind) -> object | None:
-    kind, lo, hi = kind if isinstance(kind, tuple) else (kind, -math.inf, math.inf)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if kind is int:
-        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            return None
-        value = int(value)
-        if not -(2**63) <= value < 2**63:
-            return None
-    else:
-        value = float(value)
-    if not math.isnan(value) and not lo <= value <= hi:
-        return None
-    return value
+    """``value`` as ``kind`` declares it (a type, or (type, low, high)), or None."""
+    return messages.metric_value(value, kind if isinstance(kind, tuple) else (kind, -math.inf, math.inf))
 
 
 def site_metrics(m: Message, schema: dict[str, object]) -> tuple[dict, int]:
     """-> (the reply's known metrics with their expected types, how many keys were dropped:
     unknown, or of the wrong type or range). Never raises on what a site sent."""
     try:
-        record = m.content.get("metrics") if not m.has_error() else None
+        record = m.content.get(messages.METRICS) if not m.has_error() else None
         items = list(record.items()) if record is not None else []
     except (AttributeError, TypeError):
         return {}, 1

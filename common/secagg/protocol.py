@@ -94,20 +94,10 @@ def share_keys_record(tag: bytes, threshold: int, cap: int, ids: list[int], keys
     """Stage 2's request to one site: its neighbours ``ids`` with their X25519 keys
     (``keys[j]`` = (c, s)), each neighbour's identity key and signature on them
     (``signed[j]`` = (identity, signature)) and Flower node id (``node_of[j]``), the threshold
-    and the round's weight cap."""
-    return ConfigRecord(
-        {
-            "round-tag": tag,
-            "threshold": threshold,
-            "weight-cap": cap,
-            "nbr-ids": ids,
-            "nbr-c": [keys[j][0] for j in ids],
-            "nbr-s": [keys[j][1] for j in ids],
-            "nbr-sig": [signed[j][1] for j in ids],
-            "nbr-pk": [signed[j][0] for j in ids],
-            "nbr-node": [str(node_of[j]) for j in ids],
-        }
-    )
+    and the round's weight cap. The record is :class:`fedtune.common.messages.ShareKeysRequest`."""
+    from fedtune.common.messages import ShareKeysRequest  # messages imports this module
+
+    return ShareKeysRequest.build(tag, threshold, cap, ids, keys, signed, node_of).to_record()
 
 
 def ints_to_bytes(values: list[int]) -> list[bytes]:

@@ -1,4 +1,6 @@
-"""client/app.py: handle_train / handle_evaluate called directly with hand-built Flower messages."""
+"""client/app.py: handle_train / handle_evaluate called directly with Flower messages built, and
+replies read, through fedtune.common.messages (a reply that is not the message it should be fails
+the read)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 
 from fedtune.client import app as client_app
 from fedtune.client.app import SiteFiles, handle_evaluate, handle_train, resolve_site, sites_from_config
-from fedtune.common import adapters, methods
+from fedtune.common import adapters, messages, methods
+from fedtune.common.messages import EvalReply, EvalTask, NodeConfig, RoundConfig, TrainReply, TrainTask
 from fedtune.common.methods import wrap
 from fedtune.common.modeling import load_base_model
 from fedtune.server.aggregation import spec_of, validate_update
@@ -39,12 +42,27 @@ def global_state(tiny_config):
     return {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}
 
 
-def message(cfg, state, server_round: int, kind: str, trainable: list[str] | None = None) -> Message:
-    """A coordinator's message; TRAIN carries the trainable set (default: every tensor of ``state``)."""
-    conf = {"fedtune-config": cfg.to_json(), "server-round": server_round}
+def message(
+    cfg,
+    state,
+    server_round: int,
+    kind: str,
+    trainable: list[str] | None = None,
+    population: int | None = None,
+    secure: messages.SecureTrainRequest | None = None,
+) -> Message:
+    """A coordinator's message; TRAIN carries the trainable set (default: every tensor of
+    ``state``), under DP the round's ``population``, in a secure round the ``secure`` request."""
     if kind == MessageType.TRAIN:
-        conf["trainable"] = list(state) if trainable is None else trainable
-    content = RecordDict({**adapters.adapter_records(state), "config": ConfigRecord(conf)})
+        rc = RoundConfig(cfg, server_round, list(state) if trainable is None else trainable, population)
+        content = TrainTask(rc, state, secure).to_record()
+    else:
+        content = EvalTask(RoundConfig(cfg, server_round, dp_population=population), state).to_record()
+    return envelope(content, kind, server_round)
+
+
+def envelope(content: RecordDict, kind: str, server_round: int = 1) -> Message:
+    """``content`` as the coordinator's Flower message of type ``kind``."""
     md = Metadata(
         run_id=1,
         message_id=f"msg-{kind}-{server_round}",
@@ -59,8 +77,25 @@ def message(cfg, state, server_round: int, kind: str, trainable: list[str] | Non
     return Message(content=content, metadata=md)
 
 
-def context(node_config: dict) -> Context:
+def context(node_config: dict | NodeConfig) -> Context:
+    """A node's context; ``node_config`` as a NodeConfig (a site's own settings) or as Flower passes it."""
+    if isinstance(node_config, NodeConfig):
+        node_config = node_config.to_record()
     return Context(run_id=1, node_id=NODE, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def site(data: Path, name: str | None = None, **kw) -> Context:
+    """The context of an ftclient site with ``data`` (``verbose``: it prints its progress, as ftclient's do)."""
+    return context(NodeConfig(site_name=name, data_path=str(data), **kw))
+
+
+def train_reply(reply: Message) -> TrainReply:
+    """A site's TRAIN reply as the coordinator reads it: strictly (an unknown or mistyped key fails)."""
+    return TrainReply.from_record(reply.content)
+
+
+def eval_reply(reply: Message) -> EvalReply:
+    return EvalReply.from_record(reply.content)
 
 
 def write_site(path: Path, n: int = 8) -> Path:
@@ -91,26 +126,24 @@ def test_good_site_replies_with_a_matching_delta(tmp_path, tiny_config, global_s
     cfg.data.eval_fraction = 0.25
     data = write_site(tmp_path / "bank.jsonl", 8)
     msg = message(cfg, global_state, 1, MessageType.TRAIN)
-    reply = handle_train(msg, context({"data-path": str(data), "site-name": "bank"}), None, "cpu")
+    reply = handle_train(msg, site(data, "bank"), None, "cpu")
 
     assert reply.metadata.reply_to_message_id == msg.metadata.message_id
     assert reply.metadata.dst_node_id == 0 and reply.metadata.src_node_id == NODE
-    site = reply.content["site"]
-    assert site["name"] == "bank" and site["status"] == "ok"
-    m = reply.content["metrics"]
-    assert m["num-examples"] == 6  # 8 records, round(8 * 0.25) = 2 held out
-    assert m["records"] == 8 and m["invalid-records"] == 0 and m["dropped-too-long"] == 0
-    assert m["train-steps"] == cfg.train.local_steps == 2
-    assert math.isfinite(m["train-loss"]) and m["train-loss-first"] > 0
+    r = train_reply(reply)
+    assert r.site.name == "bank" and r.site.status == "ok"
+    m = r.metrics
+    assert m.num_examples == 6  # 8 records, round(8 * 0.25) = 2 held out
+    assert m.records == 8 and m.invalid_records == 0 and m.dropped_too_long == 0
+    assert m.train_steps == cfg.train.local_steps == 2
+    assert math.isfinite(m.train_loss) and m.train_loss_first > 0
 
-    arrays = adapters.read_adapter(reply.content)
+    arrays = r.update
     assert list(arrays) == list(global_state)
     assert {k: a.shape for k, a in arrays.items()} == {k: tuple(v.shape) for k, v in global_state.items()}
     assert all(a.dtype == np.float32 for a in arrays.values())
-    assert (
-        validate_update(arrays, spec_of(global_state), m["num-examples"], cfg.federation.max_examples_per_update) == []
-    )
-    assert m["upload-bytes"] == adapters.record_nbytes(reply.content["arrays"])
+    assert validate_update(arrays, spec_of(global_state), m.num_examples, cfg.federation.max_examples_per_update) == []
+    assert m.upload_bytes == r.update_bytes == adapters.record_nbytes(reply.content[messages.ARRAYS])
     assert any(np.abs(a).max() > 0 for a in arrays.values())
 
     # The reply is local - global: global + delta is the site's trained adapter.
@@ -120,7 +153,7 @@ def test_good_site_replies_with_a_matching_delta(tmp_path, tiny_config, global_s
         torch.testing.assert_close(rebuilt[k], local[k], rtol=0, atol=1e-6)
 
     # Nothing from the records leaves the site.
-    assert all(isinstance(v, (int, float)) for v in m.values())
+    assert all(isinstance(v, (int, float)) for v in reply.content[messages.METRICS].values())
     assert not any(SECRET in s or "groceries" in s for s in all_strings(reply.content))
 
 
@@ -129,13 +162,14 @@ def test_site_with_no_usable_records_sends_no_update(tmp_path, tiny_config, glob
     bad.write_text("".join(json.dumps({"instruction": f"{SECRET} {i}"}) + "\n" for i in range(4)), encoding="utf-8")
     reply = handle_train(
         message(tiny_config, global_state, 1, MessageType.TRAIN),
-        context({"data-path": str(bad), "site-name": "broken"}),
+        site(bad, "broken"),
         None,
         "cpu",
     )
-    assert "arrays" not in reply.content
-    assert reply.content["metrics"]["num-examples"] == 0
-    assert reply.content["site"]["status"] == "data-error"
+    r = train_reply(reply)
+    assert r.update is None and r.masked is None
+    assert r.metrics.num_examples == 0
+    assert r.site.status == "data-error"
     assert not any(SECRET in s for s in all_strings(reply.content))
     # Detail (file and line) stays in the site's own log.
     err = capsys.readouterr().err
@@ -147,14 +181,13 @@ def test_site_whose_examples_are_all_too_long(tmp_path, tiny_config, global_stat
     cfg.data.max_length = 8  # every prompt is longer: no answer token survives
     cfg.data.eval_fraction = 0.0
     data = write_site(tmp_path / "long.jsonl", 4)
-    reply = handle_train(
-        message(cfg, global_state, 1, MessageType.TRAIN), context({"data-path": str(data)}), None, "cpu"
-    )
-    assert "arrays" not in reply.content
-    m = reply.content["metrics"]
-    assert m["num-examples"] == 0 and m["dropped-too-long"] == 4 and m["records"] == 4
-    assert reply.content["site"]["status"] == "no-usable-examples"
-    assert reply.content["site"]["name"] == f"site-{NODE}"  # no site-name given
+    reply = handle_train(message(cfg, global_state, 1, MessageType.TRAIN), site(data), None, "cpu")
+    r = train_reply(reply)
+    assert r.update is None
+    m = r.metrics
+    assert m.num_examples == 0 and m.dropped_too_long == 4 and m.records == 4
+    assert r.site.status == "no-usable-examples"
+    assert r.site.name == f"site-{NODE}"  # no site-name given
 
 
 def test_evaluate_on_held_out_split(tmp_path, tiny_config, global_state):
@@ -162,14 +195,14 @@ def test_evaluate_on_held_out_split(tmp_path, tiny_config, global_state):
     cfg.data.eval_fraction = 0.5
     data = write_site(tmp_path / "bank.jsonl", 6)
     msg = message(cfg, global_state, 0, MessageType.EVALUATE)
-    reply = handle_evaluate(msg, context({"data-path": str(data), "site-name": "bank"}), None, "cpu")
-    assert "arrays" not in reply.content
-    assert reply.content["site"]["status"] == "ok"
-    m = reply.content["metrics"]
-    assert m["num-examples"] == 3
-    assert math.isfinite(m["eval-loss"]) and m["eval-loss"] > 0
-    assert m["answer-tokens"] > 0
-    assert 0.0 <= m["exact-match"] <= 1.0
+    reply = handle_evaluate(msg, site(data, "bank"), None, "cpu")
+    r = eval_reply(reply)  # an eval reply has no update records: the read refuses any
+    assert r.site.status == "ok"
+    m = r.metrics
+    assert m.num_examples == 3
+    assert math.isfinite(m.eval_loss) and m.eval_loss > 0
+    assert m.answer_tokens > 0
+    assert 0.0 <= m.exact_match <= 1.0
     assert not any(SECRET in s for s in all_strings(reply.content))
 
 
@@ -178,35 +211,38 @@ def test_evaluate_uses_the_eval_file_and_the_global_adapter(tmp_path, tiny_confi
     cfg.eval.exact_match = False
     train = write_site(tmp_path / "t.jsonl", 4)
     ev = write_site(tmp_path / "e.jsonl", 3)
-    ctx = context({"data-path": str(train), "eval-data-path": str(ev)})
+    ctx = site(train, eval_data_path=str(ev))
     r1 = handle_evaluate(message(cfg, global_state, 1, MessageType.EVALUATE), ctx, None, "cpu")
-    m1 = r1.content["metrics"]
-    assert m1["num-examples"] == 3 and "exact-match" not in m1
+    m1 = eval_reply(r1).metrics
+    assert m1.num_examples == 3 and m1.exact_match is None and "exact-match" not in m1.to_dict()
     other = {k: v * 3.0 for k, v in global_state.items()}
     r2 = handle_evaluate(message(cfg, other, 1, MessageType.EVALUATE), ctx, None, "cpu")
-    assert r2.content["metrics"]["eval-loss"] != pytest.approx(m1["eval-loss"])
+    assert eval_reply(r2).metrics.eval_loss != pytest.approx(m1.eval_loss)
 
 
 def test_evaluate_on_a_broken_site(tmp_path, tiny_config, global_state):
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"")
-    reply = handle_evaluate(
-        message(tiny_config, global_state, 1, MessageType.EVALUATE), context({"data-path": str(bad)}), None, "cpu"
-    )
-    assert reply.content["metrics"]["num-examples"] == 0 and reply.content["site"]["status"] == "data-error"
+    reply = handle_evaluate(message(tiny_config, global_state, 1, MessageType.EVALUATE), site(bad), None, "cpu")
+    r = eval_reply(reply)
+    assert r.metrics.num_examples == 0 and r.site.status == "data-error"
 
 
 def test_resolve_site():
     sites = [SiteFiles("a", "a.jsonl"), SiteFiles("b", "b.jsonl", "b-eval.jsonl")]
     assert resolve_site(context({"partition-id": 1, "num-partitions": 2}), sites) == sites[1]
-    assert resolve_site(context({"data-path": "/d/x.csv", "site-name": "x"}), sites) == SiteFiles("x", "/d/x.csv", None)
-    assert resolve_site(context({"data-path": "x.csv", "eval-data-path": "y.csv"}), None) == SiteFiles(
+    assert resolve_site(site(Path("/d/x.csv"), "x"), sites) == SiteFiles("x", "/d/x.csv", None)
+    assert resolve_site(site(Path("x.csv"), eval_data_path="y.csv"), None) == SiteFiles(
         f"site-{NODE}", "x.csv", "y.csv"
     )
+    assert resolve_site(site(Path("x.csv"), "x", lora_rank=4), None) == SiteFiles("x", "x.csv", None, 4)
     with pytest.raises(ValueError, match="partition-id 2 has no site"):
         resolve_site(context({"partition-id": 2}), sites)
     with pytest.raises(ValueError, match="data-path"):
         resolve_site(context({}), None)
+    # A node config key this site does not know (a typo) is an error that names it, not a silent default.
+    with pytest.raises(ValueError, match="unknown key 'data_path'"):
+        resolve_site(context({"data_path": "x.csv"}), None)
 
 
 def test_sites_from_config(tmp_path):
@@ -245,11 +281,11 @@ def test_the_proximal_term_is_on_for_fedprox_only(
     cfg.federation.strategy, cfg.federation.proximal_mu = strategy, mu
     reply = handle_train(
         message(cfg, global_state, 1, MessageType.TRAIN),
-        context({"data-path": str(write_site(tmp_path / "s.jsonl"))}),
+        site(write_site(tmp_path / "s.jsonl")),
         None,
         "cpu",
     )
-    assert reply.content["site"]["status"] == "ok" and seen["proximal_mu"] == expected
+    assert train_reply(reply).site.ok and seen["proximal_mu"] == expected
 
 
 @pytest.mark.parametrize("anchor_mu", [0.0, 0.3])
@@ -264,11 +300,11 @@ def test_the_base_anchor_reaches_training_with_the_base_weights(
     moved = {k: v + 0.1 for k, v in global_state.items()}
     reply = handle_train(
         message(cfg, moved, 1, MessageType.TRAIN),
-        context({"data-path": str(write_site(tmp_path / "s.jsonl"))}),
+        site(write_site(tmp_path / "s.jsonl")),
         None,
         "cpu",
     )
-    assert reply.content["site"]["status"] == "ok"
+    assert train_reply(reply).site.ok
     if anchor_mu == 0:
         assert seen["base_anchor"] is None
         return
@@ -297,24 +333,23 @@ def test_local_early_stopping_reports_steps_and_losses_only(tmp_path, tiny_confi
     cfg.train.local_steps, cfg.train.local_patience, cfg.train.local_eval_every = 6, 2, 1
     reply = handle_train(
         message(cfg, global_state, 2, MessageType.TRAIN),
-        context({"data-path": str(write_site(tmp_path / "s.jsonl", 8)), "site-name": "bank"}),
+        site(write_site(tmp_path / "s.jsonl", 8), "bank", verbose=True),
         None,
         "cpu",
     )
 
-    assert reply.content["site"]["status"] == "ok"
-    m = reply.content["metrics"]
-    assert (
-        m["train-steps"] == 3 and m["planned-steps"] == 6 and m["local-stopped-at"] == 3 and m["local-best-step"] == 1
-    )
-    assert m["local-val-start"] == 3.0 and m["local-val-best"] == 2.0
+    r = train_reply(reply)
+    assert r.site.ok
+    m = r.metrics
+    assert m.train_steps == 3 and m.planned_steps == 6 and m.local_stopped_at == 3 and m.local_best_step == 1
+    assert m.local_val_start == 3.0 and m.local_val_best == 2.0
     assert len(checked) == 4 and all(c is checked[0] for c in checked) and len(checked[0]) == 3
-    assert all(isinstance(v, (int, float)) for v in m.values())
+    assert all(isinstance(v, (int, float)) for v in reply.content[messages.METRICS].values())
     assert not any(SECRET in s or "groceries" in s for s in all_strings(reply.content))
     assert "round 2: stopped early at step 3 of 6 (validation loss 2.000 at step 1 kept)" in capsys.readouterr().err
     # The update is the restored best weights' delta: global + delta is what the site's model holds.
     local = methods.get_state(client_app._RUNTIME.model)
-    rebuilt = adapters.apply_delta(global_state, adapters.to_tensors(adapters.read_adapter(reply.content)))
+    rebuilt = adapters.apply_delta(global_state, adapters.to_tensors(r.update))
     for k in local:
         torch.testing.assert_close(rebuilt[k], local[k], rtol=0, atol=1e-6)
 
@@ -327,29 +362,30 @@ def test_local_early_stopping_without_validation_examples_trains_every_step(
     cfg.train.local_steps, cfg.train.local_patience = 3, 1
     reply = handle_train(
         message(cfg, global_state, 1, MessageType.TRAIN),
-        context({"data-path": str(write_site(tmp_path / "s.jsonl"))}),
+        site(write_site(tmp_path / "s.jsonl"), verbose=True),
         None,
         "cpu",
     )
-    assert reply.content["site"]["status"] == "ok"
-    m = reply.content["metrics"]
-    assert m["train-steps"] == m["planned-steps"] == 3
-    assert not any(k.startswith("local-") for k in m)
+    r = train_reply(reply)
+    assert r.site.ok
+    m = r.metrics
+    assert m.train_steps == m.planned_steps == 3
+    assert not any(k.startswith("local-") for k in m.to_dict())
     assert "no usable validation examples: trained all 3 steps" in capsys.readouterr().err
 
 
 def test_a_site_without_local_early_stopping_reports_no_planned_steps(tmp_path, tiny_config, global_state):
     reply = handle_train(
         message(tiny_config, global_state, 1, MessageType.TRAIN),
-        context({"data-path": str(write_site(tmp_path / "s.jsonl"))}),
+        site(write_site(tmp_path / "s.jsonl")),
         None,
         "cpu",
     )
-    m = reply.content["metrics"]
+    m = train_reply(reply).metrics
     assert (
-        m["train-steps"] == tiny_config.train.local_steps
-        and "planned-steps" not in m
-        and not any(k.startswith("local-") for k in m)
+        m.train_steps == tiny_config.train.local_steps
+        and m.planned_steps is None
+        and not any(k.startswith("local-") for k in m.to_dict())
     )
 
 
@@ -369,10 +405,11 @@ def test_a_site_whose_training_diverged_refuses_the_round_instead_of_sending_nan
     monkeypatch.setattr(client_app, "train_round", diverge)
     reply = handle_train(
         message(tiny_config, global_state, 1, MessageType.TRAIN),
-        context({"data-path": str(write_site(tmp_path / "s.jsonl"))}),
+        site(write_site(tmp_path / "s.jsonl")),
         None,
         "cpu",
     )
-    assert reply.content["site"]["status"] == "refused"
-    assert "not finite" in reply.content["site"]["reason"]
-    assert "arrays" not in reply.content and reply.content["metrics"]["num-examples"] == 0
+    r = train_reply(reply)
+    assert r.site.status == "refused"
+    assert "not finite" in r.site.reason
+    assert r.update is None and r.metrics.num_examples == 0

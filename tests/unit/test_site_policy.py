@@ -1,8 +1,8 @@
 """A site against a malicious coordinator (issue 15): the site's own policy, through the real handlers.
 
 Each test plays the coordinator: it builds the Flower Message a coordinator would send (the run's
-config JSON, the round, the global adapter, maybe a secure-aggregation record) with what an
-attacker would put in it, and hands it to client/app.py handle_train / handle_evaluate with the
+config JSON, the round, the global adapter, maybe a secure-aggregation record; through
+fedtune.common.messages, as the coordinator does) with what an attacker would put in it, and hands it to client/app.py handle_train / handle_evaluate with the
 policy ftclient builds from its flags. Each refusal must come before any training step (a spy on
 train_local / train_round) and, for the model and path checks, before any model loads; its reason
 goes back to the coordinator (a protocol reason) and into the site's own log."""
@@ -15,17 +15,26 @@ import os
 import shutil
 
 import pytest
-from flwr.app import ConfigRecord, MessageType
+from flwr.app import MessageType
 
 from fedtune.client import app as client_app
 from fedtune.client import policy as site_policy
 from fedtune.client.app import handle_evaluate, handle_secure_stage, handle_train
 from fedtune.client.policy import PERMISSIVE, SitePolicy, SiteRefusal, weights_sha256
-from fedtune.common import modeling, privacy
-from fedtune.common.protocol import DP_POPULATION_KEY
-from fedtune.common.secagg import protocol as secagg
+from fedtune.common import messages, modeling, privacy
+from fedtune.common.messages import AdvertiseRequest, RoundConfig, SecureTrainRequest, StageTask, TrainReply
 
-from .test_client_app import SECRET, context, fresh_caches, global_state, message, write_site  # noqa: F401  (fixtures)
+from .test_client_app import (  # noqa: F401  (fixtures)
+    SECRET,
+    envelope,
+    fresh_caches,
+    global_state,
+    message,
+    site,
+    write_site,
+)
+
+TAG = b"t" * 16  # a secure round's tag
 
 
 @pytest.fixture
@@ -56,24 +65,26 @@ def strict(tiny_model_dir, site_cache, **kw) -> SitePolicy:
 def train(
     cfg, state, tmp_path, policy, secure_record: bool = False, population: int | None = None, eval_: bool = False
 ):
-    msg = message(cfg, state, 1, MessageType.EVALUATE if eval_ else MessageType.TRAIN)
-    if secure_record:
-        msg.content[secagg.RECORD] = ConfigRecord({"stage": "not-a-real-round"})
-    if population is not None:
-        msg.content["config"][DP_POPULATION_KEY] = population
-    ctx = context({"data-path": str(write_site(tmp_path / "bank.jsonl")), "site-name": "bank"})
+    # A secure record for a round this site never had keys for: the policy must refuse first.
+    request = SecureTrainRequest(TAG, [], []) if secure_record else None
+    msg = message(cfg, state, 1, MessageType.EVALUATE if eval_ else MessageType.TRAIN, None, population, request)
+    ctx = site(write_site(tmp_path / "bank.jsonl"), "bank")
     if eval_:
         return handle_evaluate(msg, ctx, None, "cpu", policy)
     return handle_train(msg, ctx, None, "cpu", policy=policy)
 
 
 def refused(reply, needle: str) -> str:
-    site = reply.content["site"]
-    assert site["status"] == "refused", dict(site)
-    assert needle in site["reason"], site["reason"]
-    assert "arrays" not in reply.content and reply.content["metrics"]["num-examples"] == 0
-    assert SECRET not in site["reason"]
-    return site["reason"]
+    r = TrainReply.from_record(reply.content)  # an eval reply reads as one too: no update, num-examples
+    assert r.site.status == "refused", r.site
+    assert needle in r.site.reason, r.site.reason
+    assert r.update is None and r.masked is None and r.metrics.num_examples == 0
+    assert SECRET not in r.site.reason
+    return r.site.reason
+
+
+def status(reply) -> str:
+    return messages.SiteStatus.from_record(reply.content[messages.SITE]).status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,14 +115,14 @@ def test_a_config_that_turns_secure_aggregation_off_is_refused_even_with_a_recor
 
 def test_allow_plaintext_lets_a_plaintext_round_train(tmp_path, tiny_config, tiny_model_dir, site_cache, global_state):
     reply = train(tiny_config, global_state, tmp_path, strict(tiny_model_dir, site_cache, allow_plaintext=True))
-    assert reply.content["site"]["status"] == "ok" and "arrays" in reply.content
+    assert status(reply) == "ok" and TrainReply.from_record(reply.content).update is not None
 
 
 def test_ftsims_sites_and_the_default_policy_are_permissive(tmp_path, tiny_config, global_state):
     """ftsim's virtual sites allow plaintext (secure aggregation is off by default there)."""
     assert site_policy.active() is PERMISSIVE and PERMISSIVE.allow_plaintext and not PERMISSIVE.strict_paths
     reply = train(tiny_config, global_state, tmp_path, None)
-    assert reply.content["site"]["status"] == "ok"
+    assert status(reply) == "ok"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +220,7 @@ def test_the_pinned_weights_train_and_an_unpinned_site_logs_the_digest_to_pin(
     digest = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
     assert weights_sha256(tiny_model_dir) == digest  # one weights file: sha256sum of it
     reply = train(tiny_config, global_state, tmp_path, strict(tiny_model_dir, site_cache, allow_plaintext=True))
-    assert reply.content["site"]["status"] == "ok"
+    assert status(reply) == "ok"
     assert (
         f"weights sha256 {digest} (pin it with --model {tiny_model_dir} --model-sha256 {digest})"
         in capsys.readouterr().err
@@ -217,7 +228,7 @@ def test_the_pinned_weights_train_and_an_unpinned_site_logs_the_digest_to_pin(
     pinned = strict(
         tiny_model_dir, site_cache, allow_plaintext=True, model=str(tiny_model_dir), model_sha256=digest.upper()
     )
-    assert train(tiny_config, global_state, tmp_path, pinned).content["site"]["status"] == "ok"
+    assert status(train(tiny_config, global_state, tmp_path, pinned)) == "ok"
 
 
 def test_sharded_weights_digest_is_the_sha256_of_their_sha256sum_listing(tmp_path):
@@ -259,13 +270,13 @@ def test_the_coordinators_cache_dir_is_ignored_and_the_site_provisions_in_its_ow
     cfg = tiny_config.model_copy(deep=True)
     cfg.model.name, cfg.model.cache_dir = "default", str(evil)
     reply = train(cfg, global_state, tmp_path, strict(tiny_model_dir, site_cache, allow_plaintext=True))
-    assert reply.content["site"]["status"] == "ok"
+    assert status(reply) == "ok"
     assert not (tmp_path / "coordinator-chosen").exists()  # not even the provisioning lock file
     assert fake_default_model == [site_cache.resolve() / "models" / modeling.DEFAULT_DIRNAME]
     assert "ignoring the coordinator's model.cache_dir" in capsys.readouterr().err
     # Evaluation too.
     reply = train(cfg, global_state, tmp_path, strict(tiny_model_dir, site_cache), eval_=True)
-    assert reply.content["site"]["status"] == "ok" and not (tmp_path / "coordinator-chosen").exists()
+    assert status(reply) == "ok" and not (tmp_path / "coordinator-chosen").exists()
 
 
 def test_ftsims_permissive_sites_still_use_the_configs_cache_dir(
@@ -274,7 +285,7 @@ def test_ftsims_permissive_sites_still_use_the_configs_cache_dir(
     """The simulator's own sites: the config is the user's, its cache_dir is honoured (as before)."""
     cfg = tiny_config.model_copy(deep=True)
     cfg.model.name, cfg.model.cache_dir = "default", str(tmp_path / "sim-cache")
-    assert train(cfg, global_state, tmp_path, None).content["site"]["status"] == "ok"
+    assert status(train(cfg, global_state, tmp_path, None)) == "ok"
     assert fake_default_model == [tmp_path / "sim-cache" / "models" / modeling.DEFAULT_DIRNAME]
 
 
@@ -343,13 +354,12 @@ def test_the_installed_policy_guards_the_key_advertisement_too(
     )  # the tiny model is outside its folders
     cfg = tiny_config.model_copy(deep=True)
     cfg.secure_aggregation.enabled = True
-    msg = message(cfg, {}, 1, secagg.ADVERTISE)
-    msg.content[secagg.RECORD] = ConfigRecord({"stage": "advertise"})
-    reply = handle_secure_stage(msg, context({"data-path": str(write_site(tmp_path / "s.jsonl"))}), None, "cpu")
-    assert (
-        reply.content["site"]["status"] == "refused"
-        and "outside this site's model folders" in reply.content["site"]["reason"]
+    task = StageTask(AdvertiseRequest(TAG, 1, 2, 0.1, 1000), RoundConfig(cfg, 1, []))
+    msg = envelope(task.to_record(), messages.ADVERTISE)
+    reply = messages.StageReply.from_record(
+        handle_secure_stage(msg, site(write_site(tmp_path / "s.jsonl")), None, "cpu").content, messages.ADVERTISE
     )
+    assert reply.site.status == "refused" and "outside this site's model folders" in reply.site.reason
     assert client_app._RUNTIME is None
 
 

@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -139,11 +140,18 @@ def _expected(key: Key) -> str:
 
 
 def _is(value: object, kind: type) -> bool:
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is int:  # numpy's integers too (a sender's); never a bool
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if kind is bool:
+        return isinstance(value, (bool, np.bool_))
     return isinstance(value, kind)
+
+
+def _plain(value: object, kind: type) -> object:
+    """As a ConfigRecord holds it: Python's int, float and bool."""
+    return kind(value) if kind in (int, float, bool) else value
 
 
 def check_value(what: str, key: Key, value: object) -> object:
@@ -155,7 +163,7 @@ def check_value(what: str, key: Key, value: object) -> object:
             raise bad
         if key.size is not None and len(value) > key.size:  # type: ignore[arg-type]
             raise bad
-        return float(value) if kind is float else value
+        return _plain(value, kind)
     kind = _LISTS[key.kind]
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
         raise bad
@@ -167,7 +175,7 @@ def check_value(what: str, key: Key, value: object) -> object:
             raise MessageError(
                 f"{what}: key {key.wire!r}: expected {_expected(key)}, each {kind.__name__}{item}; got an entry {_shown(v)}"
             )
-    return list(value)
+    return [_plain(v, kind) for v in value]
 
 
 def _shown(value: object) -> str:

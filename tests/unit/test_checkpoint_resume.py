@@ -139,7 +139,7 @@ def test_a_run_that_cannot_fit_its_checkpoints_refuses_to_start_and_says_why(tin
     import shutil
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(server.shutil, "disk_usage", lambda p: usage._replace(free=50_000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=50_000))
     cfg = tiny_run_config(tiny_config)
     with pytest.raises(
         server.FederationError,

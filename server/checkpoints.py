@@ -1,0 +1,171 @@
+"""The coordinator's checkpoint store: ``checkpoints/round-NNNN`` (the global adapter, the
+coordinator's state, the server optimizer's moments), ``adapter/`` and ``best/`` (the global
+adapter as a PEFT folder), pruning by output.keep_checkpoints, the disk-space check before a run,
+and the resume point: the last recorded round whose checkpoint verifies and loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.common import adapters, methods
+from fedtune.common.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    load_adapter_state,
+    load_arrays,
+    save_adapter,
+    verify_checkpoint,
+)
+
+from .aggregation import spec_of
+from .messaging import FederationError, Printer
+from .state import RunState
+
+SERVER_STATE = "server_state.json"
+OPTIMIZER_ARRAYS = "server_optimizer.safetensors"
+
+
+def save_round(rs: RunState, rnd: int) -> None:
+    """The round's checkpoint, and (adapter methods) ``adapter/``: the latest global adapter as a
+    PEFT folder. Full fine-tuning writes its model folder once, at the end (:func:`save_artifacts`)."""
+    state = adapters.to_tensors(rs.global_state)
+    arrays = rs.optimizer.state()[1]
+    info = {methods.METHOD_FILE: methods.method_info(rs.cfg)}
+    save_adapter(
+        rs.out / "checkpoints" / f"round-{rnd:04d}",
+        state,
+        rs.peft_config,
+        {SERVER_STATE: rs.server_state(rnd), **info},
+        {OPTIMIZER_ARRAYS: arrays} if arrays else None,
+    )
+    save_global_adapter(rs, "adapter")
+
+
+def save_global_adapter(rs: RunState, folder: str) -> None:
+    """``rs.out/folder``: the global adapter as a PEFT folder, with the method record beside it
+    (adapter methods; full fine-tuning has no adapter folder)."""
+    if rs.peft_config is not None:
+        info = {methods.METHOD_FILE: methods.method_info(rs.cfg)}
+        save_adapter(rs.out / folder, adapters.to_tensors(rs.global_state), rs.peft_config, info)
+
+
+def prune_checkpoints(rs: RunState, say: Printer) -> None:
+    """After a round is recorded: delete the round checkpoints that output.keep_checkpoints does
+    not keep. Kept: the last ``keep`` rounds' (the newest is the resume point) and the best
+    round's. Each goes by an atomic rename to ``.pruned-round-NNNN`` first, then is deleted, so a
+    crash midway never leaves a torn ``round-NNNN`` (and the next prune finishes the deletion)."""
+    keep = rs.cfg.output.keep_checkpoints
+    root = rs.out / "checkpoints"
+    if keep is None or not root.is_dir():
+        return
+    rounds = sorted(int(p.name[6:]) for p in root.glob("round-[0-9][0-9][0-9][0-9]*") if p.name[6:].isdigit())
+    recorded = [int(r["round"]) for r in rs.rounds]
+    latest = max(recorded, default=-1)
+    best = rs.best()
+    kept = set(rounds[-keep:]) | {latest} | ({best["round"]} if best else set())
+    for rnd in rounds:
+        if rnd in kept or rnd > latest:  # never one not yet recorded (the round in progress)
+            continue
+        src = root / f"round-{rnd:04d}"
+        trash = root / f".pruned-round-{rnd:04d}"
+        try:
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(src, trash)
+        except OSError as e:
+            say(f"checkpoints: could not prune {src}: {e}")
+            continue
+    for trash in root.glob(".pruned-round-*"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def checkpoint_bytes(rs: RunState) -> int:
+    """About what one round checkpoint takes: the global state (float32) and the server
+    optimizer's moments (float64: one array for fedavgm, two for the adaptive ones)."""
+    state = sum(int(v.size) * 4 for v in rs.global_state.values())
+    moments = {"fedavgm": 1, "fedadam": 2, "fedyogi": 2, "fedadagrad": 2}.get(rs.cfg.federation.strategy, 0)
+    return state + moments * 8 * rs.trainable_params + (64 << 10)  # + config, state and manifest files
+
+
+def check_free_space(rs: RunState, resume: bool) -> None:
+    """Refuse to start (FederationError, with the figures) when the output folder's disk cannot
+    hold what the run keeps: checkpoint size x (keep_checkpoints + 3: the best round's, the one
+    being written, and adapter/ with best/), or every round's with keep_checkpoints null. On a
+    resume, what checkpoints/ holds already counts as available (pruning reuses it)."""
+    keep = rs.cfg.output.keep_checkpoints
+    copies = (keep if keep is not None else rs.cfg.federation.rounds + 1) + 3
+    one = checkpoint_bytes(rs)
+    need = one * copies
+    if resume:
+        held = (
+            sum(f.stat().st_size for f in (rs.out / "checkpoints").rglob("*") if f.is_file())
+            if (rs.out / "checkpoints").is_dir()
+            else 0
+        )
+        need = max(need - held, 2 * one)
+    free = shutil.disk_usage(rs.out).free
+    if free < need:
+        what = (
+            f"output.keep_checkpoints {keep}"
+            if keep is not None
+            else f"output.keep_checkpoints null: all {rs.cfg.federation.rounds + 1} rounds"
+        )
+        raise FederationError(
+            f"{rs.out}: {free / 1e6:,.1f} MB free on its disk, about {need / 1e6:,.1f} MB needed: {copies} copies of a "
+            f"{one / 1e6:,.1f} MB checkpoint ({what}, plus the best round's, the one being written, adapter/ and best/). "
+            "Free space, lower output.keep_checkpoints, or choose another output.dir."
+        )
+
+
+@dataclass
+class ResumePoint:
+    round: int
+    rounds: list[dict]
+    state: OrderedDict
+    elapsed: float
+    server_state: dict | None
+    optimizer_arrays: dict | None = None
+
+
+def resume_point(out: Path, say: Printer, spec: dict | None = None, peft: bool = True) -> ResumePoint:
+    """The last round whose metrics were recorded and whose checkpoint verifies and loads.
+
+    -> that round, the round records up to it, the global adapter, the coordinator's RNG and
+    optimizer state as they were after it, and the seconds the run had taken so far.
+    A round's checkpoint is written before its evaluation and its metrics after, so a
+    crash in between leaves the previous round as the resume point, and the round reruns.
+    Any checkpoint that does not verify (its manifest must list the weights, server_state.json
+    and, for an adapter, adapter_config.json) or does not load (or, given ``spec``, does not fit
+    it) is passed over with its reason, one round further back each time.
+    """
+    path = out / "metrics.json"
+    try:
+        doc = json.loads(path.read_text())
+        rounds = list(doc["rounds"])
+        recorded = sorted({int(r["round"]) for r in rounds}, reverse=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FederationError(f"{path}: cannot resume, no readable run record ({type(e).__name__})") from None
+    required = (ADAPTER_WEIGHTS, SERVER_STATE, *((ADAPTER_CONFIG,) if peft else ()))
+    for rnd in recorded:
+        ck = out / "checkpoints" / f"round-{rnd:04d}"
+        why = verify_checkpoint(ck, required)
+        if why is None:
+            try:
+                state = OrderedDict((k, v.float().numpy()) for k, v in load_adapter_state(ck).items())
+                server_state = json.loads((ck / SERVER_STATE).read_text())
+                if not isinstance(server_state, dict) or "rng" not in server_state:
+                    raise ValueError(f"{SERVER_STATE} holds no coordinator state")
+                arrays = load_arrays(ck / OPTIMIZER_ARRAYS) if (ck / OPTIMIZER_ARRAYS).is_file() else None
+                if spec is not None and spec_of(state) != spec:
+                    raise ValueError("its tensors' keys or shapes differ from this config's adapter")
+            except Exception as e:  # noqa: BLE001 - whatever fails to load, fall back a round
+                why = f"{ck}: cannot be loaded: {type(e).__name__}: {e}"
+            else:
+                kept = [r for r in rounds if int(r["round"]) <= rnd]
+                return ResumePoint(rnd, kept, state, float(doc.get("elapsed_s", 0.0)), server_state, arrays)
+        say(f"resume: not using round {rnd}: {why}")
+    raise FederationError(f"{out}: no checkpoint verifies and loads; nothing to resume from (the reasons are above)")

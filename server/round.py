@@ -1,0 +1,462 @@
+"""A round in the shape of Flower's ``Strategy``: configure_train -> (the exchange) ->
+aggregate_train, then configure_evaluate -> (the exchange) -> aggregate_evaluate.
+
+Unlike Flower's ``aggregate_train(server_round, replies)``, which gets every reply at once, ours
+folds each reply in as it arrives (:class:`TrainReplies`, through :mod:`fedtune.server.pipeline`),
+so the coordinator's memory holds one accumulator, not every site's update; aggregate_train then
+works from that accumulator. The exchange itself is :func:`fedtune.server.messaging.exchange`,
+or under secure aggregation :func:`fedtune.server.secure.secure_mean` (which yields only the
+weighted mean). :func:`run_training_round` and :func:`run_evaluation` put the pieces together.
+
+What a message carries is built and read only here (``configure_*``, :func:`train_info`,
+:func:`eval_info`, :func:`decode_update`), so the typed messages can replace it in one place.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedtune.common import adapters, methods, privacy
+from fedtune.common.config import MIXED_RANK_METHODS
+from fedtune.common.metrics import weighted_scores
+from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TRAINABLE_KEY
+
+from .aggregation import (
+    capped_weights,
+    change_by_layer,
+    l2_norm,
+    lora_product_error,
+    noised_mean,
+    site_alignment,
+    spec_of,
+    unflatten,
+)
+from .messaging import (
+    EVAL_METRICS,
+    TRAIN_METRICS,
+    FederationError,
+    Printer,
+    clean,
+    exchange,
+    site_metrics,
+    site_of,
+    site_reason,
+)
+from .pipeline import Fold, Rejected, SiteUpdate, fold, prepare
+from .secure import SecureOutcome, secure_mean
+from .state import RunState, num
+
+# What a refusing site's metrics may add to its record (counts of its data's problems).
+REFUSAL_METRICS = ("num-examples", "records", "invalid-records", "dropped-too-long")
+KEEP_MAX_VALUES = 16_000_000  # 64 MB a site: every adapter method; not full fine-tuning of a large model
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "?" if x is None else format(x, spec)
+
+
+def dp_round(rs: RunState, population: int) -> tuple[float, float]:
+    """-> (sampling rate, noise multiplier) of a DP round drawn from ``population`` sites."""
+    return privacy.sampling_rate(rs.cfg, population), privacy.noise_multiplier(rs.cfg, population)
+
+
+def broadcast_content(
+    rs: RunState, rnd: int, trainable: list[str] | None = None, population: int | None = None
+) -> RecordDict:
+    """What every site gets: the global adapter, the run's config and the round number; for
+    training also the round's trainable set, which every update must match exactly, and under
+    DP the number of sites the round was drawn from (it sets the noise)."""
+    conf = {CONFIG_KEY: rs.cfg.to_json(), ROUND_KEY: rnd} | (
+        {TRAINABLE_KEY: trainable} if trainable is not None else {}
+    )
+    if population is not None:
+        conf[DP_POPULATION_KEY] = population
+    return RecordDict({**adapters.adapter_records(adapters.to_tensors(rs.global_state)), "config": ConfigRecord(conf)})
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """configure_train's answer: what the round sends, and what its replies are checked against."""
+
+    rnd: int
+    nodes: list[int]
+    population: int  # the sites connected, which this round's were drawn from
+    trainable: list[str]  # the tensors that train this round
+    spec: dict  # their shapes: every update must match exactly
+    n_values: int
+    bound: float | None  # the update-norm bound (privacy.clip under DP), or None
+    ranked: bool  # a mixed-rank method: lower-rank updates are padded
+    secure: bool
+    dp: bool
+    content: RecordDict  # the TRAIN message's content
+
+
+def configure_train(rs: RunState, rnd: int, nodes: list[int], population: int | None = None) -> TrainPlan:
+    cfg = rs.cfg
+    dp = rs.accountant is not None
+    population = population or len(nodes)
+    trainable = rs.round_keys(rnd)
+    spec = spec_of({k: rs.global_state[k] for k in trainable})
+    n_values = sum(math.prod(s) for s in spec.values())
+    return TrainPlan(
+        rnd=rnd,
+        nodes=nodes,
+        population=population,
+        trainable=trainable,
+        spec=spec,
+        n_values=n_values,
+        bound=privacy.bound_of(cfg, n_values),
+        ranked=cfg.peft.method in MIXED_RANK_METHODS,
+        secure=bool(cfg.secure_aggregation.enabled),
+        dp=dp,
+        content=broadcast_content(rs, rnd, trainable, population if dp else None),
+    )
+
+
+def new_fold(rs: RunState, plan: TrainPlan) -> Fold:
+    """The round's accumulator. Every site weighs 1 under DP and with weighting 'equal'; else its
+    example count, capped at weight_cap x the round's median count once every reply is in.
+    Single updates are kept for the round's measures (where each site pulled; for LoRA the
+    aggregation error) when the coordinator sees them and they are not huge (full fine-tuning).
+    Not under DP: per-site statistics would be released outside the noise's protection."""
+    fed = rs.cfg.federation
+    equal = plan.dp or fed.weighting == "equal"
+    keep = not plan.secure and not plan.dp and fed.aggregator == "mean" and plan.n_values <= KEEP_MAX_VALUES
+    return Fold(
+        aggregator=fed.aggregator,
+        equal=equal,
+        cap=None if equal else fed.weight_cap,
+        keep_updates=keep,
+        default_rank=rs.cfg.peft.r,
+    )
+
+
+def refusal_info(m: Message, status: str, mr: dict, dropped: int) -> dict:
+    """The record of a site that sent no update: its status, its reason, its data's counts."""
+    info = {"status": status, "reason": site_reason(m, status)}
+    info.update({k.replace("-", "_"): v for k, v in mr.items() if k in REFUSAL_METRICS})
+    if dropped:
+        info["metrics_dropped"] = dropped
+    return info
+
+
+def train_info(mr: dict, dropped: int) -> dict:
+    """A training site's record from its (typed, checked) metrics ``mr``."""
+    info = {
+        "train_loss": num(mr.get("train-loss")),
+        "train_loss_first": num(mr.get("train-loss-first")),
+        "train_loss_last": num(mr.get("train-loss-last")),
+        "examples": mr.get("num-examples"),
+        "steps": max(int(mr.get("train-steps") or 0), 0),
+        "train_seconds": num(mr.get("train-seconds")),
+        "receive_seconds": num(mr.get("receive-seconds")),
+        "startup_seconds": num(mr.get("startup-seconds")),
+        "invalid_records": max(int(mr.get("invalid-records") or 0), 0),
+        **({"rank": mr["lora-rank"]} if "lora-rank" in mr else {}),
+        **(
+            {"update_norm_before_clip": num(mr.get("update-norm")), "clipped": bool(mr.get("update-clipped"))}
+            if "update-clipped" in mr
+            else {}
+        ),
+        **({"planned_steps": max(mr["planned-steps"], 0)} if "planned-steps" in mr else {}),
+        **({"metrics_dropped": dropped} if dropped else {}),
+    }
+    if "local-best-step" in mr:  # train.local_patience: the site checked its validation loss and kept its best weights
+        info["local_stop"] = {
+            "stopped_at": max(int(mr.get("local-stopped-at") or 0), 0) or None,  # a stop is at step 1 or later
+            "best_step": max(int(mr.get("local-best-step") or 0), 0),
+            "val_start": num(mr.get("local-val-start")),
+            "val_best": num(mr.get("local-val-best")),
+        }
+    return info
+
+
+def trained_line(info: dict) -> str:
+    """How a site's training reads in the log."""
+    steps = f"{info['steps']} steps"
+    stop = info.get("local_stop")
+    if stop is not None:
+        if stop["stopped_at"] is not None:
+            steps = f"{info['steps']} of {info.get('planned_steps', '?')} steps (stopped early; kept step {stop['best_step']})"
+        elif stop["best_step"] != info["steps"]:
+            steps += f" (kept step {stop['best_step']})"
+    return f"loss {_fmt(info['train_loss_first'])} -> {_fmt(info['train_loss_last'])} in {steps}, {_fmt(info['train_seconds'], '.1f')} s"
+
+
+def decode_update(m: Message, site: str, mr: dict, plan: TrainPlan) -> SiteUpdate:
+    """A plain reply's update as arrays (at most the round's values and tensors; ValueError else)."""
+    if mr.get("update-nonfinite"):  # an older site zeroed a diverged update and said so: never average its zeros
+        raise ValueError("the site's update was not finite (NaN/Inf; the site replaced it by zeros)")
+    arrays = adapters.read_adapter(m.content, max_values=plan.n_values, max_tensors=len(plan.spec))
+    return SiteUpdate(site, arrays, mr.get("num-examples"))
+
+
+@dataclass
+class TrainReplies:
+    """A round's training replies as they arrive (:meth:`on_reply`): each site's record, the
+    rejected updates, and the accumulator the accepted ones are folded into. Nothing a site sent
+    reaches a log or a record but through messaging's readers."""
+
+    rs: RunState
+    plan: TrainPlan
+    say: Printer
+    fold: Fold
+    sites: dict[str, dict] = field(default_factory=dict)
+    rejected: list[dict] = field(default_factory=list)
+    t0: float = field(default_factory=time.time)
+
+    def on_reply(self, m: Message, node: int) -> None:
+        plan, rs = self.plan, self.rs
+        name, status = site_of(m, node, rs.node_names)
+        mr, dropped = site_metrics(m, TRAIN_METRICS)
+        where = f"round {plan.rnd}/{rs.cfg.federation.rounds} train | {name}"
+        n, of = len(self.sites) + 1, len(plan.nodes)
+        count = f"[{n}/{of} sites, {time.time() - self.t0:.0f} s] {rs.progress(plan.rnd, n, of)}"
+        if status != "ok":
+            info = self.sites[name] = refusal_info(m, status, mr, dropped)
+            self.say(f"{where}: no update ({info['reason']}) {count}")
+            return
+        info = self.sites[name] = train_info(mr, dropped)
+        trained = trained_line(info)
+        if plan.secure:  # a masked vector: server/secure.py checks and sums it
+            info["status"] = "ok"
+            info["clipped_values"] = max(int(mr.get("clipped-values") or 0), 0)
+            self.say(f"{where}: {trained}; masked update received {count}")
+            return
+        problems = None
+        try:
+            u = decode_update(m, name, mr, plan)
+            info["bytes_sent"] = adapters.record_nbytes(m.content["arrays"])
+            u = prepare(u, plan.spec, plan.ranked, rs.cfg.federation.max_examples_per_update, plan.bound)
+        except Rejected as e:
+            problems = e.problems
+        except (ValueError, KeyError, TypeError) as e:
+            problems = [str(e)]
+        if problems:
+            info.update(status="rejected", reason=clean("; ".join(problems[:5])), examples=None)
+            self.rejected.append({"site": name, "reason": info["reason"]})
+            self.say(f"{where}: REJECTED update: {info['reason']} {count}")
+            return
+        info["status"] = "ok"
+        if u.clipped_by_coordinator is not None:
+            info["clipped_by_coordinator"] = u.clipped_by_coordinator
+        fold(self.fold, u)
+        self.say(f"{where}: {trained} {count}")
+
+
+def secure_result(rs: RunState, plan: TrainPlan, replies: TrainReplies, out: SecureOutcome, say: Printer):
+    """-> (the round's mean update, sites summed, the record's additions) from the secure exchange."""
+    update = unflatten(out.mean, plan.spec)
+    for name, info in replies.sites.items():
+        if info.get("status") == "ok":
+            info["summed"] = name in out.summed
+            info["bytes_sent"] = out.summed.get(name, 0)
+    accepted = len(out.summed)
+    fewest = privacy.min_summed(rs.cfg, plan.population) if plan.dp else 0
+    if plan.dp and accepted < fewest:  # the protocol aborts first; never release less noise
+        raise FederationError(
+            f"round {plan.rnd}: {accepted} site(s) summed, fewer than the {fewest} the sites' noise is sized for"
+        )
+    say(
+        f"round {plan.rnd} secure | weighted mean of {accepted} site(s) unmasked "
+        f"(threshold {out.stats['threshold']}, quantization error <= {out.stats['quantization_error_bound']:.2e} per value; "
+        f"stages {', '.join(f'{k} {v:.1f} s' for k, v in out.stats['stage_seconds'].items())})"
+    )
+    return update, accepted, {"secure_aggregation": out.stats}
+
+
+def note_weights(rs: RunState, plan: TrainPlan, replies: TrainReplies, say: Printer) -> dict[str, float]:
+    """Each site's weight in the mean on its record (and whether the cap lowered it) -> the weights."""
+    acc, sites = replies.fold, replies.sites
+    weight = acc.weights()
+    for name, w in weight.items():
+        sites[name]["weight"] = w
+        if acc.cap is not None and w < sites[name]["examples"]:
+            sites[name]["weight_capped"] = True
+    if acc.cap is not None and any(i.get("weight_capped") for i in sites.values()):
+        capped = ", ".join(n for n in acc.weighed if sites[n].get("weight_capped"))
+        say(
+            f"round {plan.rnd} | weight capped at {acc.mean.limit():g} (federation.weight_cap {acc.cap:g} x the median example count): {capped}"
+        )
+    return weight
+
+
+def measures(rs: RunState, plan: TrainPlan, replies: TrainReplies, update: dict, weight: dict) -> dict:
+    """Where each kept update pulled (on its site's record) -> for LoRA, the aggregation error."""
+    measured = replies.fold.measured
+    if not measured:
+        return {}
+    for (name, _, _), align in zip(measured, site_alignment([a for _, a, _ in measured], update, rs.layer_of)):
+        replies.sites[name].update(align)
+    if not plan.ranked:
+        return {}
+    return lora_product_error(
+        rs.global_state, [a for _, a, _ in measured], [r for _, _, r in measured], [weight[n] for n, _, _ in measured],
+        update, methods.lora_pairs(rs.global_state),
+    )  # fmt: skip
+
+
+def plain_result(rs: RunState, plan: TrainPlan, replies: TrainReplies, received: int, say: Printer):
+    """-> (the round's mean update, sites accepted, the record's additions) from the plain exchange."""
+    fed = rs.cfg.federation
+    acc, rnd = replies.fold, plan.rnd
+    missing = len(plan.nodes) - received
+    if missing:
+        say(
+            f"round {rnd} | {missing} site(s) did not answer within {fed.round_timeout_s:.0f} s (federation.round_timeout_s): dropped from this round"
+        )
+    accepted = acc.count
+    if accepted < fed.min_sites:
+        raise FederationError(
+            f"round {rnd}: only {accepted} valid update(s) of {len(plan.nodes)} site(s) asked "
+            f"({missing} did not answer, {len(replies.rejected)} rejected, {len(replies.sites) - accepted - len(replies.rejected)} sent none); "
+            f"federation.min_sites is {fed.min_sites}. The global adapter stays at round {rnd - 1}; "
+            "the run can be resumed from its last checkpoint."
+        )
+    update = acc.result(fed.trim_fraction)
+    weight = note_weights(rs, plan, replies, say)
+    record = measures(rs, plan, replies, update, weight)
+    if plan.dp:  # central DP: the coordinator, which saw the clipped updates, releases only their noised mean
+        sigma = dp_round(rs, plan.population)[1]
+        update = noised_mean(
+            update, accepted, sigma * rs.cfg.privacy.clip, np.random.default_rng(secrets.randbits(128))
+        )
+    return update, accepted, record
+
+
+def charge_privacy(rs: RunState, plan: TrainPlan) -> dict:
+    """Under DP: the round composed into the accountant -> its record."""
+    q, sigma = dp_round(rs, plan.population)
+    rs.accountant.spend(q, sigma)
+    return {
+        "epsilon": rs.accountant.epsilon(),
+        "delta": rs.cfg.privacy.delta,
+        "noise_multiplier": sigma,
+        "clip": rs.cfg.privacy.clip,
+        "sampling_rate": q,
+        "noise": "distributed: each site adds its share before masking"
+        if plan.secure
+        else "central: added by the coordinator",
+    }
+
+
+def aggregate_train(
+    rs: RunState, plan: TrainPlan, replies: TrainReplies, say: Printer, received: int = 0, secure=None
+) -> dict:
+    """The round's mean update (``secure``: the SecureOutcome of a secure exchange; else from the
+    fold of the ``received`` plain replies), charged to the DP accountant, applied by the server
+    optimizer -> the round's training record."""
+    if plan.secure:
+        update, accepted, record = secure_result(rs, plan, replies, secure, say)
+    else:
+        update, accepted, record = plain_result(rs, plan, replies, received, say)
+    sites = replies.sites
+    if plan.bound is not None and not plan.dp:
+        record["clipped_updates"] = sum(
+            1 for i in sites.values() if i.get("clipped") or i.get("clipped_by_coordinator")
+        )
+    if plan.dp:
+        record["privacy"] = charge_privacy(rs, plan)
+    before = rs.global_state
+    rs.global_state = rs.model.step(plan.rnd, update)
+    record["layer_change"] = change_by_layer(before, rs.global_state, rs.layer_of)
+    return {
+        "sites": sites,
+        "rejected": replies.rejected,
+        "accepted": accepted,
+        "applied": True,
+        "update_norm": l2_norm(update),
+        "trainable_tensors": len(plan.trainable),
+        "trainable_params": plan.n_values,
+        "update_bytes": max((s.get("bytes_sent") or 0 for s in sites.values()), default=0),
+        "train_seconds": round(time.time() - replies.t0, 3),
+        **record,
+    }
+
+
+def run_training_round(
+    grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer, population: int | None = None
+) -> dict:
+    """One round of training: each site's update is validated (a lower-rank LoRA update is
+    zero-padded to the global rank: HetLoRA), clipped to the update-norm bound if one is set, and
+    folded into the example-weighted mean as it arrives (or, for a robust aggregator, kept for the
+    coordinate-wise median or trimmed mean); under secure aggregation the sites' updates stay
+    masked and only their weighted mean comes out (:mod:`fedtune.server.secure`). Under DP every
+    site weighs 1 and the mean carries Gaussian noise (added here, or by the sites under secure
+    aggregation). The server optimizer then applies the mean update.
+
+    ``population``: the sites connected, which this round's were drawn from (default: ``nodes``)."""
+    plan = configure_train(rs, rnd, nodes, population)
+    replies = TrainReplies(rs, plan, say, new_fold(rs, plan))
+    if plan.secure:
+        out = secure_mean(
+            grid, nodes, plan.content, rs.cfg, rnd, plan.n_values, replies.on_reply, rs.node_names, say,
+            site_keys=rs.site_keys,
+        )  # fmt: skip
+        return aggregate_train(rs, plan, replies, say, secure=out)
+    timeout = rs.cfg.federation.round_timeout_s
+    received = exchange(grid, nodes, plan.content, MessageType.TRAIN, timeout, replies.on_reply)
+    return aggregate_train(rs, plan, replies, say, received=received)
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+
+def configure_evaluate(rs: RunState, rnd: int) -> RecordDict:
+    """The EVALUATE message's content: the global adapter, the config, the round."""
+    return broadcast_content(rs, rnd)
+
+
+def eval_info(m: Message, node: int, rs: RunState) -> tuple[str, dict]:
+    """One evaluation reply -> (its site, its record)."""
+    name, status = site_of(m, node, rs.node_names)
+    mr, dropped = site_metrics(m, EVAL_METRICS)
+    if status != "ok":
+        return name, {"status": status}
+    return name, {
+        "eval_loss": num(mr.get("eval-loss")),
+        "exact_match": num(mr.get("exact-match")),
+        "eval_examples": max(int(mr.get("num-examples") or 0), 0),
+        **({"eval_metrics_dropped": dropped} if dropped else {}),
+    }
+
+
+def aggregate_evaluate(rs: RunState, rnd: int, results: dict[str, dict], say: Printer) -> dict:
+    """The sites' scores -> the round's evaluation record (``sites`` and the federated ``aggregate``).
+    The federated score weighs sites by their (claimed) eval examples, capped as training weights
+    are (weighting 'equal': every site alike), so no site sets the best round or early stopping alone."""
+    ok = {k: v for k, v in results.items() if "eval_loss" in v and v["eval_examples"] > 0}
+    fed = rs.cfg.federation
+    counts = [v["eval_examples"] for v in ok.values()]
+    weights = (
+        [1.0] * len(counts) if fed.weighting == "equal" else capped_weights(counts, fed.weight_cap) if counts else []
+    )
+    agg = weighted_scores([{**v, "eval_examples": w} for v, w in zip(ok.values(), weights)])
+    summary = "  ".join(
+        f"{n}: loss {_fmt(v['eval_loss'])}"
+        + (f" EM {v['exact_match']:.2f}" if v.get("exact_match") is not None else "")
+        for n, v in sorted(ok.items())
+    )
+    say(f"round {rnd} eval  | {summary}" if summary else f"round {rnd} eval  | no site evaluated")
+    return {"sites": results, "aggregate": agg}
+
+
+def run_evaluation(grid: Grid, nodes: list[int], rs: RunState, rnd: int, say: Printer) -> dict:
+    results: dict[str, dict] = {}
+
+    def absorb(m: Message, node: int) -> None:
+        name, info = eval_info(m, node, rs)
+        results[name] = info
+
+    exchange(grid, nodes, configure_evaluate(rs, rnd), MessageType.EVALUATE, rs.cfg.federation.round_timeout_s, absorb)
+    return aggregate_evaluate(rs, rnd, results, say)

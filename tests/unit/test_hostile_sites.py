@@ -18,7 +18,8 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from fedtune.common import adapters
+from fedtune.common import adapters, messages
+from fedtune.common.messages import EvalMetrics, TrainMetrics
 from fedtune.server import app as server
 from fedtune.server.deploy import make_logger
 
@@ -26,8 +27,10 @@ from .test_server_rounds import FakeGrid, _task_identity, run_state, trainer  # 
 
 
 def reply(name: str, delta: dict | None, metrics: dict, status: str = "ok", reason: str | None = None) -> RecordDict:
+    """A hostile site's reply, built by hand (an attacker does not use fedtune.common.messages, whose
+    classes refuse what it sends), in the records the coordinator reads."""
     site = ConfigRecord({"name": name, "status": status, **({"reason": reason} if reason is not None else {})})
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": site})
+    content = RecordDict({messages.METRICS: MetricRecord(metrics), messages.SITE: site})
     if delta is not None:
         for k, v in adapters.adapter_records(adapters.to_tensors(delta)).items():
             content[k] = v
@@ -38,13 +41,13 @@ def constant(value: float, n: int = 10, name: str = "site", **extra):
     """A site whose delta is ``value`` everywhere (shaped like the broadcast adapter), claiming ``n`` examples."""
 
     def handle(m):
-        if m.metadata.message_type == "evaluate":
-            return reply(name, None, {"num-examples": 4, "eval-loss": 1.0})
-        glob = adapters.read_adapter(m.content)
+        if m.metadata.message_type == messages.EVALUATE:
+            return reply(name, None, EvalMetrics(num_examples=4, eval_loss=1.0).to_dict())
+        glob = messages.TrainTask.from_record(m.content).adapter
         return reply(
             name,
             OrderedDict((k, np.full(v.shape, value, np.float32)) for k, v in glob.items()),
-            {"num-examples": n, "train-loss": 1.0, **extra},
+            {**TrainMetrics(num_examples=n, train_loss=1.0).to_dict(), **extra},  # extra: maybe a hostile key
         )
 
     return handle
@@ -133,8 +136,10 @@ def test_a_site_that_zeroed_a_nan_update_is_rejected_not_averaged(tiny_config, t
 
     def zeroed(m):
         out = trainer("diverged", 0.0, n=1000)(m)
-        if m.metadata.message_type == "train":
-            out["metrics"] = MetricRecord({**dict(out["metrics"].items()), "update-nonfinite": 1, "update-clipped": 1})
+        if m.metadata.message_type == messages.TRAIN:
+            out[messages.METRICS] = MetricRecord(
+                {**dict(out[messages.METRICS].items()), "update-nonfinite": 1, "update-clipped": 1}
+            )
         return out
 
     r = server.run_training_round(FakeGrid({1: trainer("alpha", 1e-3, n=10), 2: zeroed}), [1, 2], rs, 1, lambda s: None)
@@ -160,7 +165,11 @@ def test_an_oversize_update_is_refused_before_its_vector_is_read(tiny_config, tm
     big = OrderedDict(a=np.zeros((2, 3), np.float32), b=np.zeros((4,), np.float32), c=np.zeros((100_000,), np.float32))
 
     def oversize(m):
-        return reply("bloat", big, {"num-examples": 10}) if m.metadata.message_type == "train" else None
+        return (
+            reply("bloat", big, TrainMetrics(num_examples=10).to_dict())
+            if m.metadata.message_type == messages.TRAIN
+            else None
+        )
 
     decoded = []
     real = Array.numpy
@@ -183,12 +192,12 @@ def test_a_site_name_or_reason_cannot_forge_a_line_in_server_log(tiny_config, tm
     out.mkdir()
 
     def liar(m):
-        if m.metadata.message_type == "evaluate":
-            return reply("evil\n" + FORGED + "\n\x1b[2K", None, {"num-examples": 4, "eval-loss": 1.0})
+        if m.metadata.message_type == messages.EVALUATE:
+            return reply("evil\n" + FORGED + "\n\x1b[2K", None, EvalMetrics(num_examples=4, eval_loss=1.0).to_dict())
         return reply(
             "evil\n" + FORGED,
             None,
-            {"num-examples": 0},
+            TrainMetrics(num_examples=0).to_dict(),
             status="refused",
             reason="no\r\n" + FORGED + "\u2028" + FORGED + "\x1b[1A",
         )
@@ -217,18 +226,20 @@ def test_report_html_does_not_embed_a_file_a_site_names(tiny_config, tmp_path):
     image = f"\n![k]({secret})\n"
 
     def liar(m):  # its name, its reason and a tensor name each carry the image line
-        if m.metadata.message_type == "evaluate":
-            return reply("mallory" + image, None, {"num-examples": 4, "eval-loss": 1.0})
-        return reply("mallory" + image, None, {"num-examples": 0}, status="refused", reason="busy" + image)
+        if m.metadata.message_type == messages.EVALUATE:
+            return reply("mallory" + image, None, EvalMetrics(num_examples=4, eval_loss=1.0).to_dict())
+        return reply(
+            "mallory" + image, None, TrainMetrics(num_examples=0).to_dict(), status="refused", reason="busy" + image
+        )
 
     def smuggler(m):  # an update with a tensor of its own: rejected, and the reason names the tensor
-        if m.metadata.message_type == "evaluate":
-            return reply("trudy", None, {"num-examples": 4, "eval-loss": 1.0})
+        if m.metadata.message_type == messages.EVALUATE:
+            return reply("trudy", None, EvalMetrics(num_examples=4, eval_loss=1.0).to_dict())
         glob = adapters.read_adapter(m.content)
         delta = OrderedDict((k, np.zeros(v.shape, np.float32)) for k, v in glob.items()) | {
             "x" + image: np.zeros(1, np.float32)
         }
-        return reply("trudy", delta, {"num-examples": 10})
+        return reply("trudy", delta, TrainMetrics(num_examples=10).to_dict())
 
     server.run_federation(FakeGrid({1: constant(1e-3, name="alpha"), 2: liar, 3: smuggler}), cfg, out, lambda s: None)
     page = (out / "report.html").read_text()
@@ -258,9 +269,15 @@ def test_unknown_metric_keys_never_reach_metrics_json(tiny_config, tmp_path):
     extra = {"evil-key": 1.0, "rank": 7, "status": 0, "records": 3.5}
 
     def liar(m):
-        if m.metadata.message_type == "evaluate":
-            return reply("mallory", None, {"num-examples": 4, "eval-loss": 1.0, "injected-eval": 2})
-        return reply("mallory", None, {"num-examples": 0, "invalid-records": 2, **extra}, status="refused", reason="no")
+        if m.metadata.message_type == messages.EVALUATE:
+            return reply("mallory", None, {**EvalMetrics(num_examples=4, eval_loss=1.0).to_dict(), "injected-eval": 2})
+        return reply(
+            "mallory",
+            None,
+            {**TrainMetrics(num_examples=0, invalid_records=2).to_dict(), **extra},
+            status="refused",
+            reason="no",
+        )
 
     server.run_federation(
         FakeGrid({1: constant(1e-3, name="alpha", **{"evil-ok": 5, "lora-rank": [1, 2]}), 2: liar}),
@@ -353,7 +370,7 @@ def test_a_site_claiming_many_eval_examples_does_not_set_the_federated_score_alo
     rs = run_state(tiny_config, tmp_path)
 
     def scorer(name, loss, n):
-        return lambda m: reply(name, None, {"num-examples": n, "eval-loss": loss})
+        return lambda m: reply(name, None, EvalMetrics(num_examples=n, eval_loss=loss).to_dict())
 
     ev = server.run_evaluation(
         FakeGrid({1: scorer("a", 1.0, 4), 2: scorer("b", 1.0, 4), 3: scorer("mallory", 0.0, 10_000_000)}),

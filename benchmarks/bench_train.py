@@ -39,12 +39,12 @@ def _pad(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def run(steps: int = 4, reps: int = 6) -> dict:
-    from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+    from flwr.app import Context, Message, MessageType, Metadata, RecordDict
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     from fedtune.client import app as capp
     from fedtune.client.trainer import batch_order, dropout_seed
-    from fedtune.common import adapters, methods
+    from fedtune.common import adapters, messages, methods
     from fedtune.common.config import load_config
     from fedtune.common.data import collate
     from fedtune.common.modeling import load_base_model
@@ -67,14 +67,7 @@ def run(steps: int = 4, reps: int = 6) -> dict:
     tokens_per_rep = int(sum(int(b["attention_mask"].sum()) for b in batches))
 
     def message() -> Message:
-        content = RecordDict(
-            {
-                **adapters.adapter_records(init_state),
-                "config": ConfigRecord(
-                    {capp.CONFIG_KEY: cfg.to_json(), "server-round": 1, capp.TRAINABLE_KEY: list(init_state)}
-                ),
-            }
-        )
+        content = messages.TrainTask(messages.RoundConfig(cfg, 1, list(init_state)), init_state).to_record()
         # As a SuperNode hands it to the ClientApp: metadata filled in by the SuperLink.
         meta = Metadata(
             run_id=1,

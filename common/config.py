@@ -20,6 +20,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from .methods.registry import REGISTRY as METHOD_REGISTRY
+from .methods.registry import get as method_spec
+from .methods.registry import names as method_names
+
 DEFAULT_MODEL = "default"
 AUTO_BOUND_FACTOR = 10.0  # federation.update_norm_bound 'auto': see FedTuneConfig.norm_bound
 AUTO_BOUND_STEPS = 1000
@@ -115,33 +119,21 @@ class ModelConfig(_Strict):
         return v
 
 
-PeftMethod = Literal[
-    "lora", "qlora", "dora", "ia3", "adapter", "prefix", "prompt", "full", "loha", "lokr", "vera", "oft", "fourierft"
-]
-
-# Methods whose update folds into the base weights (merge_and_unload): the LoRA family and its kin.
-MERGEABLE_METHODS = ("lora", "qlora", "dora", "ia3", "loha", "lokr", "vera", "oft", "fourierft")
-# Methods with a rank r, and those whose trained tensors live per layer (layer-wise control applies).
-RANKED_METHODS = ("lora", "qlora", "dora", "loha", "lokr", "vera")
-LAYERED_METHODS = ("lora", "qlora", "dora", "ia3", "adapter", "full", "loha", "lokr", "vera", "oft", "fourierft")
-# Methods whose update is a product B·A of rank r: mixed ranks across sites (HetLoRA) and the aggregation-error measure apply.
-MIXED_RANK_METHODS = ("lora", "qlora", "dora")
+# The methods and what each is come from the registry (common/methods/registry.py: one entry per
+# method, no torch at import); the names below are views of it, not tables of their own.
+PeftMethod = Literal[method_names()]
+# Update folds into the base weights (merge_and_unload); peft.r sizes it; tensors per layer (layer-wise
+# control applies); a product B·A of rank r (mixed ranks across sites, HetLoRA, and the aggregation-error measure).
+MERGEABLE_METHODS = method_names(mergeable=True)
+RANKED_METHODS = method_names(rank=True)
+LAYERED_METHODS = method_names(layered=True)
+MIXED_RANK_METHODS = method_names(mixed_ranks=True)
 # train.lr when it is not set: what each method is usually trained with (its paper or peft's examples).
-DEFAULT_LR = {
-    "lora": 2e-4,
-    "qlora": 2e-4,
-    "dora": 2e-4,
-    "loha": 2e-4,
-    "lokr": 2e-4,
-    "vera": 4e-3,
-    "ia3": 3e-3,
-    "adapter": 5e-3,
-    "prefix": 5e-3,
-    "prompt": 3e-2,
-    "full": 2e-5,
-    "oft": 2e-4,
-    "fourierft": 1e-2,
-}
+DEFAULT_LR = {name: m.default_lr for name, m in METHOD_REGISTRY.items()}
+
+
+def _with_option(option: str) -> str:
+    return ", ".join(n for n, m in METHOD_REGISTRY.items() if option in m.options)
 
 
 class PeftSettings(_Strict):
@@ -149,14 +141,14 @@ class PeftSettings(_Strict):
 
     method: PeftMethod = Field(
         "lora",
-        description="lora, qlora (4-bit NF4 base + LoRA), dora, ia3, adapter (LLaMA-Adapter), prefix, prompt, "
-        "full (every weight; for small models), or peft's loha, lokr, vera, oft, fourierft.",
+        description=f"The fine-tuning method: {', '.join(METHOD_REGISTRY)} (what each is: its entry in "
+        "common/methods/registry.py).",
         json_schema_extra=flag("--peft"),
     )
-    r: int = Field(16, ge=1, le=1024, description="Rank (lora, qlora, dora, loha, lokr, vera).")
-    alpha: float = Field(32.0, gt=0, le=1e4, description="Scaling (lora, qlora, dora, loha, lokr).")
+    r: int = Field(16, ge=1, le=1024, description=f"Rank ({_with_option('r')}).")
+    alpha: float = Field(32.0, gt=0, le=1e4, description=f"Scaling ({_with_option('alpha')}).")
     dropout: float = Field(
-        0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input (lora, qlora, dora, loha, lokr, vera)."
+        0.05, ge=0.0, lt=1.0, description=f"Dropout on the adapter's input ({_with_option('dropout')})."
     )
     target_modules: list[str] | Literal["all-linear", "attention", "mlp"] = Field(
         "all-linear",
@@ -193,37 +185,19 @@ class PeftSettings(_Strict):
         return v
 
     def describe(self) -> str:
-        """One line for a run's header, e.g. 'qlora r=16 on a 4-bit nf4 base'."""
-        m = self.method
-        if m in RANKED_METHODS:
-            text = (
-                f"{m} r={self.r}"
-                + (" (FFA: A frozen)" if self.ffa else "")
-                + (f" on a 4-bit {self.quant_type} base" if m == "qlora" else "")
-            )
-        elif m in ("prefix", "prompt"):
-            text = f"{m} tuning, {self.num_virtual_tokens} virtual tokens"
-        elif m == "adapter":
-            text = f"adapter (LLaMA-Adapter, {self.adapter_len} tokens on {self.adapter_layers or 'every'} layer(s))"
-        else:
-            text = "full fine-tuning" if m == "full" else m
-        if m not in ("prefix", "prompt", "adapter") and self.target_modules != "all-linear":
-            text += (
-                f" on {self.target_modules if isinstance(self.target_modules, str) else ', '.join(self.target_modules)}"
-            )
-        return text
+        """One line for a run's header, e.g. 'qlora r=16 on a 4-bit nf4 base' (the method's entry words it)."""
+        return method_spec(self.method).describe(self)
 
     @model_validator(mode="after")
     def _options_fit_method(self) -> "PeftSettings":
-        if self.ffa and self.method not in ("lora", "qlora"):
+        spec = method_spec(self.method)
+        if self.ffa and not spec.ffa_frozen:
             raise ValueError(
-                f"peft.ffa (FFA-LoRA) freezes LoRA's A matrices: it needs method lora or qlora, not {self.method!r}"
+                f"peft.ffa (FFA-LoRA) freezes LoRA's A matrices: it needs method {' or '.join(n for n, m in METHOD_REGISTRY.items() if m.ffa_frozen)}, not {self.method!r}"
             )
-        if (
-            self.method in ("prefix", "prompt", "adapter")
-            and "target_modules" in self.model_fields_set
-            and self.target_modules != "all-linear"
-        ):
+        if spec.check is not None:
+            spec.check(self)
+        if not spec.targets and "target_modules" in self.model_fields_set and self.target_modules != "all-linear":
             raise ValueError(
                 f"peft.target_modules does not apply to method {self.method!r} (it adds learned tokens, not per-module weights)"
             )
@@ -755,15 +729,16 @@ class FedTuneConfig(_Strict):
 
     @model_validator(mode="after")
     def _method_defaults(self) -> "FedTuneConfig":
-        if self.output.merged and self.peft.method not in MERGEABLE_METHODS:
+        spec = method_spec(self.peft.method)
+        if self.output.merged and not spec.mergeable:
             raise ValueError(
                 f"output.merged: a {self.peft.method} adapter cannot be folded into the base; "
                 f"merging works for {', '.join(MERGEABLE_METHODS)}"
-                + (" (full fine-tuning already saves model/)" if self.peft.method == "full" else "")
+                + (" (full fine-tuning already saves model/)" if spec.artifact == "model" else "")
             )
         if self.train.lr is None:
-            object.__setattr__(self.train, "lr", DEFAULT_LR[self.peft.method])
-        if self.layers.active and self.peft.method not in LAYERED_METHODS:
+            object.__setattr__(self.train, "lr", spec.default_lr)
+        if self.layers.active and not spec.layered:
             raise ValueError(
                 f"layers: layer-wise control needs per-layer tensors, and peft.method {self.peft.method!r} trains one tensor "
                 f"for all layers; use one of {', '.join(LAYERED_METHODS)}, or leave the layers section out"
@@ -778,7 +753,7 @@ class FedTuneConfig(_Strict):
                 f"{self.federation.aggregator!r} has another sensitivity: use aggregator 'mean'"
             )
         ranked = [s for s in self.federation.sites if s.rank is not None]
-        if ranked and self.peft.method not in MIXED_RANK_METHODS:
+        if ranked and not method_spec(self.peft.method).mixed_ranks:
             raise ValueError(
                 f"federation.sites[{ranked[0].name}].rank: mixed ranks need a LoRA-family method ({', '.join(MIXED_RANK_METHODS)}); "
                 f"peft.method is {self.peft.method!r}"

@@ -17,6 +17,7 @@ from fedtune.client import app as client_app
 from fedtune.common import adapters, methods
 from fedtune.common.checkpoint import ADAPTER_CONFIG, load_adapter_state
 from fedtune.common.config import ConfigError, LayerConfig, load_config
+from fedtune.common.methods import REGISTRY
 from fedtune.common.modeling import load_base_model
 from fedtune.server import app as server
 
@@ -24,7 +25,8 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "simulations" / "data"
 from .test_client_app import fresh_caches  # noqa: F401  (autouse fixture: every test starts with no cached model)
 from .test_server_rounds import FakeGrid, _task_identity  # noqa: F401  (fixture)
 
-# Method -> learning rate for the tiny model (its logits are flat; see conftest) and what it trains.
+# What the methods that predate the registry train (their state keys contain one of these): pinned
+# here against the registry's own declarations (test_registry_declares_what_the_methods_train).
 METHODS = {
     "lora": ("lora_",),
     "qlora": ("lora_",),
@@ -40,7 +42,13 @@ METHODS = {
     "oft": ("oft_",),
     "fourierft": ("fourierft_",),
 }
+# Learning rates for the tiny model (its logits are flat; see conftest); 1e-2 for the others.
 LR = {"full": 3e-3, "prompt": 1e-1, "prefix": 3e-2, "adapter": 1e-1}
+
+
+def trained_parts(method: str) -> tuple[str, ...]:
+    """What the registry says ``method`` trains ("": any name, for full fine-tuning's own weights)."""
+    return REGISTRY[method].trained_keys or ("",)
 
 
 @pytest.fixture
@@ -94,7 +102,14 @@ def logits(model, text_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=text_ids, attention_mask=torch.ones_like(text_ids)).logits
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+def test_registry_declares_what_the_methods_train():
+    """Every method that predates the registry is in it, saying it trains what it always did; the
+    federated round below then runs every entry (a new method is covered by its entry alone)."""
+    assert {m: trained_parts(m) for m in METHODS} == METHODS
+    assert set(METHODS) < set(REGISTRY)
+
+
+@pytest.mark.parametrize("method", list(REGISTRY))
 def test_one_federated_round_per_method(method, tiny_config, tmp_path):
     cfg = method_config(tiny_config, method)
     grid, _ = real_sites()
@@ -109,7 +124,7 @@ def test_one_federated_round_per_method(method, tiny_config, tmp_path):
     # Only the intended tensors change: the method's trainable ones, and all of them moved.
     changed = {k for k in init.state if not np.array_equal(init.state[k], rs.global_state[k])}
     assert changed and changed <= set(init.trainable_keys)
-    assert all(any(p in k for p in METHODS[method]) for k in changed)
+    assert all(any(p in k for p in trained_parts(method)) for k in changed)
     assert len(changed) >= 0.9 * len(init.trainable_keys)
     frozen_in_state = set(init.state) - set(init.trainable_keys)  # e.g. VeRA's shared projections
     assert (method == "vera") == bool(frozen_in_state)

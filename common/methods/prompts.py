@@ -1,0 +1,29 @@
+"""Prompt learning: prefix tuning (per-layer virtual keys and values) and prompt tuning (virtual
+input tokens). One tensor for all layers, so layer-wise control does not apply; nothing merges."""
+
+from __future__ import annotations
+
+from .spec import Method
+
+
+def build_prefix(model, peft, seed: int):
+    import peft as P
+
+    return P.PrefixTuningConfig(num_virtual_tokens=peft.num_virtual_tokens)
+
+
+def build_prompt(model, peft, seed: int):
+    import peft as P
+
+    return P.PromptTuningConfig(num_virtual_tokens=peft.num_virtual_tokens)
+
+
+def label(peft) -> str:
+    return f"{peft.method} tuning, {peft.num_virtual_tokens} virtual tokens"
+
+
+_PROMPTS = dict(
+    trained_keys=("prompt_embeddings",), options=("num_virtual_tokens",), layered=False, targets=False, label=label
+)
+PREFIX = Method(name="prefix", summary="prefix tuning", build=build_prefix, default_lr=5e-3, **_PROMPTS)
+PROMPT = Method(name="prompt", summary="prompt tuning", build=build_prompt, default_lr=3e-2, **_PROMPTS)

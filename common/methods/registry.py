@@ -23,12 +23,13 @@ One file and one entry. Say peft has ``FooConfig``:
 That is all the code: ``--peft foo`` and ``peft.method: foo`` are accepted, the schema lists it,
 and the tests pick it up: ``tests/unit/test_registry.py`` builds every entry on the tiny model,
 trains it a step and round-trips its state (and merges it, when it says it merges);
-``tests/unit/test_methods.py`` runs one federated round with it. The docs' method table (docs/) is written by hand.
+``tests/unit/test_methods.py`` runs one federated round with it. :mod:`fedtune.common.methods.hra`
+was added this way. The docs' method table (docs/) is written by hand.
 """
 
 from __future__ import annotations
 
-from . import adapter, fourierft, full, ia3, lora, lycoris, oft, prompts, vera
+from . import adapter, fourierft, full, hra, ia3, lora, lycoris, oft, prompts, vera
 from .spec import Method
 
 REGISTRY: dict[str, Method] = {
@@ -47,6 +48,7 @@ REGISTRY: dict[str, Method] = {
         vera.VERA,
         oft.OFT,
         fourierft.FOURIERFT,
+        hra.HRA,
     )
 }
 """Every method, by name, in the order ``--peft`` and the schema list them."""

@@ -93,6 +93,23 @@ def test_an_unknown_method_is_refused_with_the_list():
         methods.get("lorra")
 
 
+def test_the_config_asks_the_registry():
+    """A method's own declarations reach validation: HRA's even-rank check, its default lr, its
+    header line, and the option lists in the schema's descriptions."""
+    with pytest.raises(ConfigError, match="hra starts its reflections in cancelling pairs, so r must be even"):
+        load_config(None, {"peft.method": "hra", "peft.r": 5})
+    cfg = load_config(None, {"peft.method": "hra", "peft.r": 6, "peft.target_modules": "mlp"})
+    assert cfg.train.lr == REGISTRY["hra"].default_lr
+    assert cfg.peft.describe() == "hra r=6 on mlp"
+    assert load_config(None, {"peft.method": "hra", "output.merged": True}).output.merged  # it merges
+    assert "hra" in PeftSettings.model_fields["r"].description
+    assert "hra" not in PeftSettings.model_fields["alpha"].description  # HRA has no scaling
+    with pytest.raises(ConfigError, match="it needs method lora or qlora, not 'hra'"):
+        load_config(None, {"peft.method": "hra", "peft.ffa": True})
+    with pytest.raises(ConfigError, match="mixed ranks need a LoRA-family method"):
+        load_config(None, {"peft.method": "hra", "federation.sites": [{"name": "a", "train": "x.jsonl", "rank": 2}]})
+
+
 def test_the_registry_imports_neither_torch_nor_peft():
     """common/config.py validates against the registry; it must stay light (ftclient check, the CLIs' --help)."""
     code = (

@@ -8,6 +8,8 @@ must name a heading of its page under GitHub's rules (lowercase; punctuation oth
 (fenced blocks and `inline spans`) are not links and are skipped, and so are headings in fenced
 blocks (a shell comment is not a heading).
 
+The threat model (docs/security.md) names the test behind each claim; those tests must exist.
+
 The two set-up commands are a contract: the first is what a newcomer types to see the demo, the
 second is what `.ci/run` runs, ruff's lint and format check before the tests.
 """
@@ -214,3 +216,28 @@ def test_ci_runs_exactly_the_readmes_test_command():
     # ruff's lint and format check run before the tests, so a lint error fails CI at once.
     command = commands[0]
     assert command.index("ruff check .") < command.index("ruff format --check .") < command.index("pytest")
+
+
+# `test_x.py::test_name`, `integration/test_x.py`, or `::test_name` (in the file named last before it).
+TEST_REFERENCE = re.compile(r"`((?:integration/)?test_\w+\.py)?(?:::(test_\w+))?`")
+
+
+def test_the_tests_the_threat_model_names_exist():
+    # The threat model backs each claim with the test that plays the hostile side; a test renamed
+    # or moved would leave the claim pointing at nothing.
+    text = (REPO / "docs" / "security.md").read_text(encoding="utf-8")
+    last, named, missing = None, 0, []
+    for m in TEST_REFERENCE.finditer(text):
+        file, function = m.groups()
+        if not file and not function:
+            continue
+        last = file or last
+        assert last, f"{m.group(0)} names no file before it"
+        path = REPO / "tests" / (last if last.startswith("integration/") else f"unit/{last}")
+        named += 1
+        if not path.exists():
+            missing.append(f"{last}: no such test file")
+        elif function and not re.search(rf"^def {function}\(", path.read_text(encoding="utf-8"), re.M):
+            missing.append(f"{last}::{function}: no such test")
+    assert named >= 30, f"only {named} test references found in the threat model"
+    assert not missing, "\n".join(missing)

@@ -38,7 +38,10 @@ from pathlib import Path
 import psutil
 from _common import REPO, median, say
 
+from fedtune.common.methods import REGISTRY
+
 FINANCE = REPO.parent / "shared" / "data" / "finance" / "train.jsonl"
+# The methods a plain run benchmarks (those benchmarks/README.md has figures for); --only takes any registered one.
 METHODS = [
     "lora",
     "qlora",
@@ -152,7 +155,7 @@ def child(method: str, steps: int, n_eval: int, device: str = "cpu") -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", action="append", choices=METHODS, help="run just these methods (repeatable)")
+    ap.add_argument("--only", action="append", choices=list(REGISTRY), help="run just these methods (repeatable)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--eval-examples", type=int, default=120)
     ap.add_argument("--quick", action="store_true", help="3 steps, 8 eval examples (a smoke run)")

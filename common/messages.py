@@ -495,7 +495,7 @@ def metric_value(value: object, spec: tuple) -> int | float | None:
     is not: int (a whole number; a float that is one is taken), float (any number; NaN is kept
     for the readers to judge, e.g. a diverged site's loss), within [low, high]."""
     kind, lo, hi = spec
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):  # numpy's numbers too
         return None
     if kind is int:
         if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):

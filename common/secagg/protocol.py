@@ -36,6 +36,11 @@ the site's own pinned copy of the registered keys):
 
 A site refuses anything out of order, for another round, or unsafe, with status ``refused``
 and a reason, and forgets the round; the coordinator treats it as a dropout.
+
+Each stage's request and reply, their keys, types and sizes, are classes of
+:mod:`fedtune.common.messages` (AdvertiseRequest/AdvertiseReply, ShareKeysRequest/ShareKeysReply,
+SecureTrainRequest, ConsistencyRequest/ConsistencyReply, UnmaskRequest/UnmaskReply); this module
+keeps the protocol's names, what is signed, and the masked vector's encoding.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def pad_rank(u: SiteUpdate, spec: dict, ranked: bool) -> SiteUpdate:
     return replace(u, arrays=methods.pad_rank(u.arrays, spec), rank=rank)
 
 
-def validate(u: SiteUpdate, spec: dict, max_examples: int | None) -> SiteUpdate:
+def validate(u: SiteUpdate, spec: dict, max_examples: int) -> SiteUpdate:
     """The update matches ``spec`` exactly, is finite, and claims a usable example count; else Rejected."""
     problems = validate_update(u.arrays, spec, u.examples, max_examples)
     if problems:
@@ -69,7 +69,7 @@ def clip(u: SiteUpdate, bound: float | None) -> SiteUpdate:
     return replace(u, arrays=c.update, clipped_by_coordinator=bool(c.norm > bound * (1 + 1e-4)))
 
 
-def prepare(u: SiteUpdate, spec: dict, ranked: bool, max_examples: int | None, bound: float | None) -> SiteUpdate:
+def prepare(u: SiteUpdate, spec: dict, ranked: bool, max_examples: int, bound: float | None) -> SiteUpdate:
     """pad_rank -> validate -> clip. Raises Rejected, or ValueError/KeyError/TypeError from a
     malformed update (the caller treats both as a rejection)."""
     return clip(validate(pad_rank(u, spec, ranked), spec, max_examples), bound)

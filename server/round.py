@@ -20,13 +20,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedtune.common import adapters, methods, privacy
+from fedtune.common import adapters, messages, methods, privacy
 from fedtune.common.config import MIXED_RANK_METHODS
+from fedtune.common.messages import EvalMetrics, TrainMetrics
 from fedtune.common.metrics import weighted_scores
-from fedtune.common.protocol import CONFIG_KEY, DP_POPULATION_KEY, ROUND_KEY, TRAINABLE_KEY
 
 from .aggregation import (
     capped_weights,
@@ -39,8 +39,6 @@ from .aggregation import (
     unflatten,
 )
 from .messaging import (
-    EVAL_METRICS,
-    TRAIN_METRICS,
     FederationError,
     Printer,
     clean,
@@ -54,7 +52,7 @@ from .secure import SecureOutcome, secure_mean
 from .state import RunState, num
 
 # What a refusing site's metrics may add to its record (counts of its data's problems).
-REFUSAL_METRICS = ("num-examples", "records", "invalid-records", "dropped-too-long")
+REFUSAL_METRICS = ("num_examples", "records", "invalid_records", "dropped_too_long")
 KEEP_MAX_VALUES = 16_000_000  # 64 MB a site: every adapter method; not full fine-tuning of a large model
 
 
@@ -72,13 +70,19 @@ def broadcast_content(
 ) -> RecordDict:
     """What every site gets: the global adapter, the run's config and the round number; for
     training also the round's trainable set, which every update must match exactly, and under
-    DP the number of sites the round was drawn from (it sets the noise)."""
-    conf = {CONFIG_KEY: rs.cfg.to_json(), ROUND_KEY: rnd} | (
-        {TRAINABLE_KEY: trainable} if trainable is not None else {}
-    )
-    if population is not None:
-        conf[DP_POPULATION_KEY] = population
-    return RecordDict({**adapters.adapter_records(adapters.to_tensors(rs.global_state)), "config": ConfigRecord(conf)})
+    DP the number of sites the round was drawn from (it sets the noise). The config travels as
+    :func:`fedtune.common.messages.site_config` makes it: no site's paths, no output folder."""
+    rc = messages.RoundConfig(rs.cfg, rnd, trainable, population)
+    if trainable is None:
+        return messages.EvalTask(rc, rs.global_state).to_record()
+    return messages.TrainTask(rc, rs.global_state).to_record()
+
+
+def metrics_of(m: Message, kind: type[TrainMetrics] | type[EvalMetrics]):
+    """-> (the reply's metrics as ``kind``, how many keys were dropped). Read by messaging's
+    tolerant reader (never raises on what a site sent), typed by the messages' declarations."""
+    mr, dropped = site_metrics(m, kind.schema())
+    return kind(**{k.replace("-", "_"): v for k, v in mr.items()}), dropped
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -141,42 +145,44 @@ def new_fold(rs: RunState, plan: TrainPlan) -> Fold:
     )
 
 
-def refusal_info(m: Message, status: str, mr: dict, dropped: int) -> dict:
+def refusal_info(m: Message, status: str, tm: TrainMetrics, dropped: int) -> dict:
     """The record of a site that sent no update: its status, its reason, its data's counts."""
     info = {"status": status, "reason": site_reason(m, status)}
-    info.update({k.replace("-", "_"): v for k, v in mr.items() if k in REFUSAL_METRICS})
+    info.update({k: getattr(tm, k) for k in REFUSAL_METRICS if getattr(tm, k) is not None})
     if dropped:
         info["metrics_dropped"] = dropped
     return info
 
 
-def train_info(mr: dict, dropped: int) -> dict:
-    """A training site's record from its (typed, checked) metrics ``mr``."""
+def train_info(tm: TrainMetrics, dropped: int) -> dict:
+    """A training site's record from its (typed, checked) metrics."""
     info = {
-        "train_loss": num(mr.get("train-loss")),
-        "train_loss_first": num(mr.get("train-loss-first")),
-        "train_loss_last": num(mr.get("train-loss-last")),
-        "examples": mr.get("num-examples"),
-        "steps": max(int(mr.get("train-steps") or 0), 0),
-        "train_seconds": num(mr.get("train-seconds")),
-        "receive_seconds": num(mr.get("receive-seconds")),
-        "startup_seconds": num(mr.get("startup-seconds")),
-        "invalid_records": max(int(mr.get("invalid-records") or 0), 0),
-        **({"rank": mr["lora-rank"]} if "lora-rank" in mr else {}),
+        "train_loss": num(tm.train_loss),
+        "train_loss_first": num(tm.train_loss_first),
+        "train_loss_last": num(tm.train_loss_last),
+        "examples": tm.num_examples,
+        "steps": max(int(tm.train_steps or 0), 0),
+        "train_seconds": num(tm.train_seconds),
+        "receive_seconds": num(tm.receive_seconds),
+        "startup_seconds": num(tm.startup_seconds),
+        "invalid_records": max(int(tm.invalid_records or 0), 0),
+        **({"rank": tm.lora_rank} if tm.lora_rank is not None else {}),
         **(
-            {"update_norm_before_clip": num(mr.get("update-norm")), "clipped": bool(mr.get("update-clipped"))}
-            if "update-clipped" in mr
+            {"update_norm_before_clip": num(tm.update_norm), "clipped": bool(tm.update_clipped)}
+            if tm.update_clipped is not None
             else {}
         ),
-        **({"planned_steps": max(mr["planned-steps"], 0)} if "planned-steps" in mr else {}),
+        **({"planned_steps": max(tm.planned_steps, 0)} if tm.planned_steps is not None else {}),
         **({"metrics_dropped": dropped} if dropped else {}),
     }
-    if "local-best-step" in mr:  # train.local_patience: the site checked its validation loss and kept its best weights
+    if (
+        tm.local_best_step is not None
+    ):  # train.local_patience: the site checked its validation loss, kept its best weights
         info["local_stop"] = {
-            "stopped_at": max(int(mr.get("local-stopped-at") or 0), 0) or None,  # a stop is at step 1 or later
-            "best_step": max(int(mr.get("local-best-step") or 0), 0),
-            "val_start": num(mr.get("local-val-start")),
-            "val_best": num(mr.get("local-val-best")),
+            "stopped_at": max(int(tm.local_stopped_at or 0), 0) or None,  # a stop is at step 1 or later
+            "best_step": max(int(tm.local_best_step or 0), 0),
+            "val_start": num(tm.local_val_start),
+            "val_best": num(tm.local_val_best),
         }
     return info
 
@@ -193,12 +199,12 @@ def trained_line(info: dict) -> str:
     return f"loss {_fmt(info['train_loss_first'])} -> {_fmt(info['train_loss_last'])} in {steps}, {_fmt(info['train_seconds'], '.1f')} s"
 
 
-def decode_update(m: Message, site: str, mr: dict, plan: TrainPlan) -> SiteUpdate:
+def decode_update(m: Message, site: str, tm: TrainMetrics, plan: TrainPlan) -> SiteUpdate:
     """A plain reply's update as arrays (at most the round's values and tensors; ValueError else)."""
-    if mr.get("update-nonfinite"):  # an older site zeroed a diverged update and said so: never average its zeros
+    if tm.update_nonfinite:  # an older site zeroed a diverged update and said so: never average its zeros
         raise ValueError("the site's update was not finite (NaN/Inf; the site replaced it by zeros)")
     arrays = adapters.read_adapter(m.content, max_values=plan.n_values, max_tensors=len(plan.spec))
-    return SiteUpdate(site, arrays, mr.get("num-examples"))
+    return SiteUpdate(site, arrays, tm.num_examples)
 
 
 @dataclass
@@ -218,25 +224,25 @@ class TrainReplies:
     def on_reply(self, m: Message, node: int) -> None:
         plan, rs = self.plan, self.rs
         name, status = site_of(m, node, rs.node_names)
-        mr, dropped = site_metrics(m, TRAIN_METRICS)
+        tm, dropped = metrics_of(m, TrainMetrics)
         where = f"round {plan.rnd}/{rs.cfg.federation.rounds} train | {name}"
         n, of = len(self.sites) + 1, len(plan.nodes)
         count = f"[{n}/{of} sites, {time.time() - self.t0:.0f} s] {rs.progress(plan.rnd, n, of)}"
         if status != "ok":
-            info = self.sites[name] = refusal_info(m, status, mr, dropped)
+            info = self.sites[name] = refusal_info(m, status, tm, dropped)
             self.say(f"{where}: no update ({info['reason']}) {count}")
             return
-        info = self.sites[name] = train_info(mr, dropped)
+        info = self.sites[name] = train_info(tm, dropped)
         trained = trained_line(info)
         if plan.secure:  # a masked vector: server/secure.py checks and sums it
             info["status"] = "ok"
-            info["clipped_values"] = max(int(mr.get("clipped-values") or 0), 0)
+            info["clipped_values"] = max(int(tm.clipped_values or 0), 0)
             self.say(f"{where}: {trained}; masked update received {count}")
             return
         problems = None
         try:
-            u = decode_update(m, name, mr, plan)
-            info["bytes_sent"] = adapters.record_nbytes(m.content["arrays"])
+            u = decode_update(m, name, tm, plan)
+            info["bytes_sent"] = adapters.record_nbytes(m.content[messages.ARRAYS])
             u = prepare(u, plan.spec, plan.ranked, rs.cfg.federation.max_examples_per_update, plan.bound)
         except Rejected as e:
             problems = e.problems
@@ -420,13 +426,13 @@ def configure_evaluate(rs: RunState, rnd: int) -> RecordDict:
 def eval_info(m: Message, node: int, rs: RunState) -> tuple[str, dict]:
     """One evaluation reply -> (its site, its record)."""
     name, status = site_of(m, node, rs.node_names)
-    mr, dropped = site_metrics(m, EVAL_METRICS)
+    em, dropped = metrics_of(m, EvalMetrics)
     if status != "ok":
         return name, {"status": status}
     return name, {
-        "eval_loss": num(mr.get("eval-loss")),
-        "exact_match": num(mr.get("exact-match")),
-        "eval_examples": max(int(mr.get("num-examples") or 0), 0),
+        "eval_loss": num(em.eval_loss),
+        "exact_match": num(em.exact_match),
+        "eval_examples": max(int(em.num_examples or 0), 0),
         **({"eval_metrics_dropped": dropped} if dropped else {}),
     }
 

@@ -395,3 +395,116 @@ def test_a_site_reporting_a_nan_eval_loss_does_not_stop_the_round(tiny_config, t
     )
     assert ev["sites"]["alpha"]["eval_loss"] is None and ev["aggregate"] == {"eval_loss": 2.0}
     assert any("alpha: loss ?" in s and "beta: loss 2.000" in s for s in said)
+
+
+# ---- the update pipeline (server/pipeline.py), one step at a time ---------------------------------
+
+
+def _lora_spec(r: int = 4) -> dict:
+    return {"m.lora_A.weight": (r, 3), "m.lora_B.weight": (5, r)}
+
+
+def _lora_update(r: int, value: float = 1.0) -> dict:
+    return {k: np.full(s, value, np.float32) for k, s in _lora_spec(r).items()}
+
+
+def test_pad_rank_zero_pads_a_lower_rank_and_records_it():
+    from fedtune.server import pipeline
+
+    u = pipeline.pad_rank(pipeline.SiteUpdate("a", _lora_update(2), 10), _lora_spec(4), ranked=True)
+    assert u.rank == 2 and {k: v.shape for k, v in u.arrays.items()} == _lora_spec(4)
+    a, b = u.arrays["m.lora_A.weight"], u.arrays["m.lora_B.weight"]
+    assert (a[:2] == 1).all() and (a[2:] == 0).all() and (b[:, :2] == 1).all() and (b[:, 2:] == 0).all()
+    full = pipeline.SiteUpdate("b", _lora_update(4), 10)
+    assert pipeline.pad_rank(full, _lora_spec(4), ranked=False) is full  # a method without ranks: as it came
+
+
+def test_validate_passes_a_matching_update_and_rejects_with_the_problems():
+    from fedtune.server import pipeline
+
+    spec = {"a": (2, 3), "b": (4,)}
+    good = pipeline.SiteUpdate("a", dict(_state(value=0.5)), 10)
+    assert pipeline.validate(good, spec, 1000) is good
+    bad = dict(_state(value=0.5))
+    bad["a"] = np.full((3, 2), np.nan, np.float32)
+    with pytest.raises(pipeline.Rejected) as e:
+        pipeline.validate(pipeline.SiteUpdate("m", bad, -5), spec, 1000)
+    assert e.value.problems and all(isinstance(p, str) for p in e.value.problems)
+
+
+def test_clip_scales_to_the_bound_and_says_whether_it_did():
+    from fedtune.server import pipeline
+
+    u = pipeline.SiteUpdate("a", dict(_state(value=1.0)), 10)  # norm sqrt(10)
+    assert pipeline.clip(u, None) is u and u.clipped_by_coordinator is None
+    c = pipeline.clip(u, 1.0)
+    assert c.clipped_by_coordinator is True and server.l2_norm(c.arrays) == pytest.approx(1.0, rel=1e-5)
+    assert pipeline.clip(u, 10.0).clipped_by_coordinator is False
+
+
+def test_fold_weighs_by_examples_capped_equal_or_keeps_for_a_robust_aggregator():
+    from fedtune.server import pipeline
+
+    def ups():
+        return [pipeline.SiteUpdate(n, dict(_state(value=v)), k) for n, v, k in [("a", 1.0, 10), ("b", 3.0, 30)]]
+
+    by_examples = pipeline.Fold(keep_updates=True, default_rank=8)
+    for u in ups():
+        pipeline.fold(by_examples, u)
+    assert by_examples.weights() == {"a": 10.0, "b": 30.0} and by_examples.count == 2
+    np.testing.assert_allclose(by_examples.result(0.0)["a"], 2.5)
+    assert [(s, r) for s, _, r in by_examples.measured] == [("a", 8), ("b", 8)]
+    equal = pipeline.Fold(equal=True)
+    for u in ups():
+        pipeline.fold(equal, u)
+    np.testing.assert_allclose(equal.result(0.0)["a"], 2.0)
+    assert equal.measured == []
+    capped = pipeline.Fold(cap=1.0)  # at most 1 x the (lower) median count, 10
+    for u in ups():
+        pipeline.fold(capped, u)
+    assert capped.weights() == {"a": 10.0, "b": 10.0}
+    robust = pipeline.Fold(aggregator="median")
+    for u in [*ups(), pipeline.SiteUpdate("c", dict(_state(value=100.0)), 1)]:
+        pipeline.fold(robust, u)
+    assert robust.weights() == {} and len(robust.kept) == 3
+    np.testing.assert_allclose(robust.result(0.0)["a"], 3.0)
+
+
+def test_prepare_pads_before_it_validates_so_a_lower_rank_passes():
+    from fedtune.server import pipeline
+
+    u = pipeline.prepare(pipeline.SiteUpdate("a", _lora_update(2), 10), _lora_spec(4), True, 1000, None)
+    assert u.rank == 2 and u.clipped_by_coordinator is None
+    with pytest.raises(pipeline.Rejected):  # without padding, the shapes are not the global adapter's
+        pipeline.prepare(pipeline.SiteUpdate("a", _lora_update(2), 10), _lora_spec(4), False, 1000, None)
+
+
+# ---- the run loop's stop conditions (server/app.py) ------------------------------------------------
+
+
+def test_patience_stops_only_without_improvement_and_with_rounds_left(tiny_config, tmp_path):
+    rs = run_state(tiny_config, tmp_path, rounds=5)
+    rs.cfg = rs.cfg.model_copy(update={"eval": rs.cfg.eval.model_copy(update={"patience": 2})})
+    for rnd, loss in enumerate([2.0, 1.0, 1.5, 1.2]):
+        rs.rounds.append({"round": rnd, "aggregate": {"eval_loss": loss}})
+    assert "has not improved for 2 round(s) since round 1" in server.patience(rs, 3, 2)
+    assert server.patience(rs, 5, 2) is None  # the last round: nothing left to save
+    rs.rounds[-1]["aggregate"]["eval_loss"] = 0.5
+    assert server.patience(rs, 3, 2) is None
+
+
+def test_a_new_stop_condition_is_one_function_in_the_list(tiny_config, tmp_path, monkeypatch):
+    """What 'stages' will need: a condition added to STOP_AFTER ends the run after the round it names,
+    recorded in metrics.json's 'stopped' like the built-in ones."""
+    from .test_hostile_sites import constant, tiny_run_config
+
+    cfg = tiny_run_config(tiny_config)
+    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 3})})
+
+    def stage_done(rs, rnd, population):
+        return "stage 1 done" if rnd == 1 else None
+
+    monkeypatch.setattr(server, "STOP_AFTER", (*server.STOP_AFTER, stage_done))
+    rs = server.run_federation(FakeGrid({1: constant(1e-3, name="a")}), cfg, tmp_path / "run", lambda s: None)
+    assert rs.stopped == "stage 1 done" and [r["round"] for r in rs.rounds] == [0, 1]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped"] == "stage 1 done"

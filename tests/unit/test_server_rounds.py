@@ -508,3 +508,20 @@ def test_a_new_stop_condition_is_one_function_in_the_list(tiny_config, tmp_path,
     rs = server.run_federation(FakeGrid({1: constant(1e-3, name="a")}), cfg, tmp_path / "run", lambda s: None)
     assert rs.stopped == "stage 1 done" and [r["round"] for r in rs.rounds] == [0, 1]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped"] == "stage 1 done"
+
+
+def test_the_config_a_site_gets_names_no_sites_paths_nor_the_output_folder(tiny_config, tmp_path):
+    rs = run_state(tiny_config, tmp_path)
+    sites = [{"name": "alpha", "train": "/secret/alpha/train.jsonl"}, {"name": "beta", "train": "/secret/beta.jsonl"}]
+    data = json.loads(rs.cfg.to_json())
+    data["federation"]["sites"], data["output"]["dir"] = sites, str(tmp_path / "out")
+    rs.cfg = type(rs.cfg).model_validate(data)
+    grid = FakeGrid({1: trainer("alpha"), 2: trainer("beta")})
+    server.run_training_round(grid, [1, 2], rs, 1, lambda s: None)
+    server.run_evaluation(grid, [1, 2], rs, 1, lambda s: None)
+    assert len(grid.sent) == 4
+    for m in grid.sent:
+        text = m.content["config"]["fedtune-config"]
+        sent = json.loads(text)
+        assert sent["federation"]["sites"] == [] and sent["output"]["dir"] is None and "/secret/" not in text
+        assert sent["model"] == data["model"] and sent["train"] == data["train"]  # the rest as it is

@@ -40,12 +40,28 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.common import privacy
 from fedtune.common.config import FedTuneConfig
-from fedtune.common.protocol import DP_POPULATION_KEY
+from fedtune.common.messages import (
+    CONFIG,
+    DP_POPULATION_KEY,
+    SECAGG,
+    AdvertiseReply,
+    AdvertiseRequest,
+    ConsistencyRequest,
+    MessageError,
+    SecureTrainRequest,
+    ShareKeysReply,
+    ShareKeysRequest,
+    StageReply,
+    StageTask,
+    TrainReply,
+    UnmaskReply,
+    UnmaskRequest,
+)
 from fedtune.common.secagg import (
     Quantizer,
     SecAggError,
@@ -60,7 +76,7 @@ from fedtune.common.secagg import (
 )
 from fedtune.common.secagg import protocol as p
 
-from .messaging import FederationError, Printer, exchange, site_of, site_reason
+from .messaging import FederationError, Printer, clean, exchange, site_of, site_reason
 
 
 class KeyFolder:
@@ -98,8 +114,26 @@ class SecureOutcome:
     stats: dict = field(default_factory=dict)
 
 
-def _ok(m: Message, node: int, names: dict) -> bool:
-    return not m.has_error() and site_of(m, node, names)[1] == "ok" and p.RECORD in m.content
+def _answered(m: Message, node: int, names: dict) -> bool:
+    """Whether the site answered (no Flower error) with status ok."""
+    return not m.has_error() and site_of(m, node, names)[1] == "ok"
+
+
+def _malformed(r: SecureRound, sid: int, e: MessageError) -> None:
+    r.refused[r.name(sid)] = f"malformed reply: {clean(str(e))}"
+
+
+def _stage_reply(r: SecureRound, stage: str, m: Message, node: int, sid: int):
+    """The stage's typed reply (:mod:`fedtune.common.messages`) of a site that answered ok, or
+    None: an error, another status, or a reply that is not the stage's (keys, types, sizes; the
+    coordinator says why)."""
+    if not _answered(m, node, r.names):
+        return None
+    try:
+        return StageReply.from_record(m.content, stage).reply
+    except MessageError as e:
+        _malformed(r, sid, e)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,19 +306,17 @@ class Advertised:
 
 
 def configure_advertise(r: SecureRound, sid: int) -> RecordDict:
-    rec = ConfigRecord(
-        {"round-tag": r.tag, "sid": sid, "n-sites": len(r.sid_of), "clip": r.clip, "max-weight": r.max_weight}
-    )
-    return RecordDict({p.RECORD: rec, "config": r.content["config"]})
+    req = AdvertiseRequest(r.tag, sid, len(r.sid_of), r.clip, r.max_weight)
+    return StageTask(req, config_record=r.content[CONFIG]).to_record()  # the round's config, forwarded as it is
 
 
-def parse_advert(rec: ConfigRecord, run_id: int) -> Advert | None:
-    """The advertisement in a reply's record (from Flower run ``run_id``), or None when its two
-    public keys are not 32 bytes each."""
-    c, s_ = rec.get("c-pub"), rec.get("s-pub")
+def parse_advert(reply: AdvertiseReply, run_id: int) -> Advert | None:
+    """A site's advertisement (from Flower run ``run_id``), or None when its two public keys are
+    not 32 bytes each."""
+    c, s_ = reply.c_pub, reply.s_pub
     if not (isinstance(c, bytes) and isinstance(s_, bytes) and len(c) == len(s_) == 32):
         return None
-    return Advert(c, s_, rec.get("signer"), rec.get("sig"), rec.get("examples"), run_id)
+    return Advert(c, s_, reply.signer, reply.sig, reply.examples, run_id)
 
 
 def advert_problem(
@@ -313,9 +345,10 @@ def advert_problem(
 
 
 def aggregate_advertise(r: SecureRound, st: Advertised, m: Message, node: int, sid: int) -> None:
-    if not _ok(m, node, r.names):
+    reply = _stage_reply(r, p.ADVERTISE, m, node, sid)
+    if reply is None:
         return
-    adv = parse_advert(m.content[p.RECORD], m.metadata.run_id)
+    adv = parse_advert(reply, m.metadata.run_id)
     if adv is None:
         return
     taken = [identity for identity, _ in st.signed.values()]
@@ -371,24 +404,24 @@ class Shared:
 
 
 def configure_share_keys(r: SecureRound, adv: Advertised, nb: Neighbourhood, sid: int) -> RecordDict:
-    rec = p.share_keys_record(r.tag, r.threshold, nb.cap, nb.nbrs[sid], adv.keys, adv.signed, r.node_of)
-    return RecordDict({p.RECORD: rec})
+    req = ShareKeysRequest.build(r.tag, r.threshold, nb.cap, nb.nbrs[sid], adv.keys, adv.signed, r.node_of)
+    return StageTask(req).to_record()
 
 
-def parse_shares(rec: ConfigRecord, expected: list[int]) -> dict[int, bytes] | None:
-    """neighbour -> sealed share from a reply's record, or None unless it holds one share for
-    each of ``expected`` (the site's neighbours) and no other."""
-    to, sealed = [int(j) for j in rec.get("to", [])], list(rec.get("sealed", []))
+def parse_shares(reply: ShareKeysReply, expected: list[int]) -> dict[int, bytes] | None:
+    """neighbour -> sealed share from a site's reply, or None unless it holds one share for each
+    of ``expected`` (the site's neighbours) and no other."""
+    to, sealed = list(reply.to), list(reply.sealed)
     if sorted(to) == expected and len(sealed) == len(to):
         return dict(zip(to, sealed))
     return None
 
 
 def aggregate_share_keys(r: SecureRound, nb: Neighbourhood, st: Shared, m: Message, node: int, sid: int) -> None:
-    if _ok(m, node, r.names):
-        shares = parse_shares(m.content[p.RECORD], nb.nbrs[sid])
-        if shares is not None:
-            st.outbox[sid] = shares
+    reply = _stage_reply(r, p.SHARE_KEYS, m, node, sid)
+    shares = None if reply is None else parse_shares(reply, nb.nbrs[sid])
+    if shares is not None:
+        st.outbox[sid] = shares
 
 
 def plan_senders(r: SecureRound, nb: Neighbourhood, st: Shared) -> None:
@@ -421,22 +454,25 @@ class MaskedSum:
 
 def configure_train(r: SecureRound, sh: Shared, sid: int) -> RecordDict:
     senders = sh.senders[sid]
-    rec = ConfigRecord({"round-tag": r.tag, "from": senders, "sealed": [sh.outbox[j][sid] for j in senders]})
-    return RecordDict({**dict(r.content.items()), p.RECORD: rec})
+    req = SecureTrainRequest(r.tag, senders, [sh.outbox[j][sid] for j in senders])
+    return RecordDict({**dict(r.content.items()), SECAGG: req.to_record()})
 
 
 def aggregate_train(r: SecureRound, acc: MaskedSum, on_trained, m: Message, node: int, sid: int) -> None:
     on_trained(m, node)
-    if m.has_error() or site_of(m, node, r.names)[1] != "ok":
+    if not _answered(m, node, r.names):
         return
-    try:
-        y = p.read_masked(m.content, r.length + 1)
-    except ValueError:
+    try:  # the metrics as the coordinator's tolerant readers take them: unknown keys dropped
+        reply = TrainReply.from_record(m.content, masked_length=r.length + 1, strict=False)
+    except MessageError as e:
+        _malformed(r, sid, e)
         return
-    acc.total += y
+    if reply.masked is None:  # a plain update, or none, in a secure round: not summed
+        return
+    acc.total += reply.masked
     acc.u3.add(sid)
-    acc.clipped += int((m.content.get("metrics") or {}).get("clipped-values", 0))
-    acc.uploaded[sid] = len(m.content[p.MASKED]["y"].data)
+    acc.clipped += int(reply.metrics.clipped_values or 0)
+    acc.uploaded[sid] = int(reply.update_bytes)
 
 
 def train_stage(grid: Grid, r: SecureRound, sh: Shared, on_trained) -> MaskedSum:
@@ -453,7 +489,7 @@ def train_stage(grid: Grid, r: SecureRound, sh: Shared, on_trained) -> MaskedSum
 
 
 def configure_consistency(r: SecureRound, alive: list[int], sid: int) -> RecordDict:
-    return RecordDict({p.RECORD: ConfigRecord({"round-tag": r.tag, "alive": alive})})
+    return StageTask(ConsistencyRequest(r.tag, alive)).to_record()
 
 
 def alive_signature_ok(identity: bytes, sig: object, run_id: int, tag: bytes, alive: list[int]) -> bool:
@@ -464,12 +500,13 @@ def alive_signature_ok(identity: bytes, sig: object, run_id: int, tag: bytes, al
 def aggregate_consistency(
     r: SecureRound, adv: Advertised, alive: list[int], sigs: dict[int, bytes], m: Message, node: int, sid: int
 ) -> None:
-    if _ok(m, node, r.names):
-        sig = m.content[p.RECORD].get("sig")
-        if alive_signature_ok(adv.signed[sid][0], sig, adv.run_of[sid], r.tag, alive):
-            sigs[sid] = sig
-        else:
-            r.refused[r.name(sid)] = "its signature on the alive set does not verify"
+    reply = _stage_reply(r, p.CONSISTENCY, m, node, sid)
+    if reply is None:
+        return
+    if alive_signature_ok(adv.signed[sid][0], reply.sig, adv.run_of[sid], r.tag, alive):
+        sigs[sid] = reply.sig
+    else:
+        r.refused[r.name(sid)] = "its signature on the alive set does not verify"
 
 
 def consistency_stage(grid: Grid, r: SecureRound, adv: Advertised, acc: MaskedSum) -> dict[int, bytes]:
@@ -486,41 +523,34 @@ def consistency_stage(grid: Grid, r: SecureRound, adv: Advertised, acc: MaskedSu
 # on U3, and answers with the shares that remove the masks.
 
 
-def unmask_request(tag: bytes, u3: Collection[int], senders: list[int], sid: int, sigs: dict[int, bytes]) -> dict:
+def unmask_request(
+    tag: bytes, u3: Collection[int], senders: list[int], sid: int, sigs: dict[int, bytes]
+) -> UnmaskRequest:
     """What site ``sid`` is asked at unmasking: U3, its own view of it (its share holders in U3,
     the senders not in U3) and the U3 signatures of those of its share holders that signed."""
     mine, gone = unmask_view(u3, senders, sid)
     signers = sorted(set(sigs) & (set(senders) | {sid}))
-    return {
-        "round-tag": tag,
-        "u3": sorted(u3),
-        "alive": mine,
-        "dropped": gone,
-        "sig-ids": signers,
-        "sigs": [sigs[j] for j in signers],
-    }
+    return UnmaskRequest(tag, sorted(u3), mine, gone, signers, [sigs[j] for j in signers])
 
 
 def configure_unmask(r: SecureRound, sh: Shared, acc: MaskedSum, sigs: dict[int, bytes], sid: int) -> RecordDict:
-    return RecordDict({p.RECORD: ConfigRecord(unmask_request(r.tag, acc.u3, sh.senders[sid], sid, sigs))})
+    return StageTask(unmask_request(r.tag, acc.u3, sh.senders[sid], sid, sigs)).to_record()
 
 
-def parse_unmask_answer(rec: ConfigRecord) -> dict[str, dict[int, int]] | None:
-    """{"self_seed": {owner: share}, "pair_key": {owner: share}} from a reply's record, or None when malformed."""
-    try:
-        return {
-            "self_seed": dict(zip((int(j) for j in rec["self-ids"]), p.bytes_to_ints(list(rec["self-shares"])))),
-            "pair_key": dict(zip((int(j) for j in rec["pair-ids"]), p.bytes_to_ints(list(rec["pair-shares"])))),
-        }
-    except (KeyError, TypeError):
-        return None
+def parse_unmask_answer(reply: UnmaskReply) -> dict[str, dict[int, int]]:
+    """{"self_seed": {owner: share}, "pair_key": {owner: share}} from a site's answer;
+    MessageError when its ids and shares differ in length."""
+    return reply.shares()
 
 
 def aggregate_unmask(r: SecureRound, answers: dict, m: Message, node: int, sid: int) -> None:
-    if _ok(m, node, r.names):
-        answer = parse_unmask_answer(m.content[p.RECORD])
-        if answer is not None:
-            answers[sid] = answer
+    reply = _stage_reply(r, p.UNMASK, m, node, sid)
+    if reply is None:
+        return
+    try:
+        answers[sid] = parse_unmask_answer(reply)
+    except MessageError as e:
+        _malformed(r, sid, e)
 
 
 def unmask_stage(grid: Grid, r: SecureRound, sh: Shared, acc: MaskedSum, sigs: dict[int, bytes]) -> dict:

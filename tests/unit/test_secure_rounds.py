@@ -5,6 +5,7 @@ coordinator (forged unmask views, substituted keys) and hostile sites (inflated 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -17,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtune.client import app as client_app
 from fedtune.client import secure
-from fedtune.common import adapters
+from fedtune.common import adapters, messages
 from fedtune.common.config import ConfigError, FedTuneConfig, SecureAggregationConfig, load_config
 from fedtune.common.protocol import CONFIG_KEY
 from fedtune.common.secagg import Quantizer, SecAggError, identity_public, new_identity, round_weight_cap, sign
@@ -968,6 +969,42 @@ def test_the_coordinator_drops_a_site_whose_advertisement_is_not_signed_so_the_o
         np.testing.assert_allclose(rs.global_state[k], want[k], atol=bound_for(rs, sites, [1, 2, 3, 5]) + 1e-7)
 
 
+class SendsTextWhereIdsBelong(SecureSite):
+    """A site whose reply at ``stage`` names sites by text where whole numbers belong (``key``)."""
+
+    def __init__(self, *args, stage: str, key: str, **kw):
+        super().__init__(*args, **kw)
+        self.stage, self.key = stage, key
+
+    def __call__(self, m: Message):
+        out = super().__call__(m)
+        if m.metadata.message_type == self.stage and p.RECORD in out:
+            rec = out[p.RECORD]
+            out[p.RECORD] = ConfigRecord({**dict(rec.items()), self.key: [f"x{v}" for v in rec[self.key]]})
+        return out
+
+
+@pytest.mark.parametrize("stage,key", [(p.SHARE_KEYS, "to"), (p.UNMASK, "self-ids"), (p.UNMASK, "pair-ids")])
+def test_a_reply_that_names_sites_by_text_drops_that_site_and_does_not_crash_the_round(
+    tiny_config, tmp_path, stage, key
+):
+    """A malformed stage reply is one site's dropout, never an exception out of the coordinator's
+    round (which would end the round for everyone, and in ftserver the run)."""
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five({5: "train"} if key == "pair-ids" else None)  # a dropout after sharing: its pair keys are asked for
+    sites[2] = SendsTextWhereIdsBelong(2, sites[2].update, sites[2].examples, stage=stage, key=key)
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    st = r["secure_aggregation"]
+    label = "share_keys" if stage == p.SHARE_KEYS else "unmask"
+    assert "site2" in st["dropped"][label]
+    assert "malformed" in st["refused_by_coordinator"]["site2"] and key in st["refused_by_coordinator"]["site2"]
+    summed = {"to": [1, 3, 4, 5], "self-ids": [1, 2, 3, 4, 5], "pair-ids": [1, 2, 3, 4]}[key]
+    assert r["accepted"] == len(summed)
+    want = expected_mean(sites, summed, round_cap(rs, sites))
+    for k in SHAPES:
+        np.testing.assert_allclose(rs.global_state[k], want[k], atol=bound_for(rs, sites, summed) + 1e-7)
+
+
 # ---------------------------------------------------------------- the coordinator's checks, one by one
 
 
@@ -997,19 +1034,22 @@ def test_an_advertisement_is_checked_for_a_registered_unique_key_a_valid_signatu
 
 
 def test_an_advertisement_whose_keys_are_not_two_32_byte_values_is_not_read():
-    good = {"c-pub": b"c" * 32, "s-pub": b"s" * 32, "signer": b"k", "sig": b"g", "examples": 3}
-    assert coordinator.parse_advert(ConfigRecord(good), 7) == coordinator.Advert(b"c" * 32, b"s" * 32, b"k", b"g", 3, 7)
-    for bad in ({"c-pub": b"c" * 31}, {"s-pub": "s" * 32}, {"c-pub": 5}):
-        assert coordinator.parse_advert(ConfigRecord({**good, **bad}), 7) is None
+    good = messages.AdvertiseReply(b"c" * 32, b"s" * 32, b"k", b"g", 3)
+    assert coordinator.parse_advert(good, 7) == coordinator.Advert(b"c" * 32, b"s" * 32, b"k", b"g", 3, 7)
+    for bad in (dict(c_pub=b"c" * 31), dict(s_pub=b"s" * 33), dict(c_pub=b"")):
+        assert coordinator.parse_advert(dataclasses.replace(good, **bad), 7) is None
 
 
 def test_shares_are_kept_only_when_there_is_one_for_each_neighbour_and_no_other():
-    assert coordinator.parse_shares(ConfigRecord({"to": [3, 2], "sealed": [b"3", b"2"]}), [2, 3]) == {3: b"3", 2: b"2"}
-    assert coordinator.parse_shares(ConfigRecord({"to": [2], "sealed": [b"2"]}), [2, 3]) is None  # one missing
-    assert coordinator.parse_shares(ConfigRecord({"to": [2, 3, 4], "sealed": [b"2", b"3", b"4"]}), [2, 3]) is None
-    assert coordinator.parse_shares(ConfigRecord({"to": [2, 3], "sealed": [b"2"]}), [2, 3]) is None  # a share short
-    assert coordinator.parse_shares(ConfigRecord({"to": [2, 2], "sealed": [b"2", b"2"]}), [2, 3]) is None
-    assert coordinator.parse_shares(ConfigRecord({}), [2, 3]) is None
+    def shares(to, sealed):
+        return coordinator.parse_shares(messages.ShareKeysReply(to, sealed), [2, 3])
+
+    assert shares([3, 2], [b"3", b"2"]) == {3: b"3", 2: b"2"}
+    assert shares([2], [b"2"]) is None  # one missing
+    assert shares([2, 3, 4], [b"2", b"3", b"4"]) is None
+    assert shares([2, 3], [b"2"]) is None  # a share short
+    assert shares([2, 2], [b"2", b"2"]) is None
+    assert shares([], []) is None
 
 
 def test_a_signature_on_the_alive_set_counts_only_for_that_set_run_round_and_signer():
@@ -1026,20 +1066,18 @@ def test_a_signature_on_the_alive_set_counts_only_for_that_set_run_round_and_sig
 def test_each_site_is_asked_to_unmask_its_own_view_with_its_share_holders_signatures_only():
     sigs = {1: b"s1", 2: b"s2", 4: b"s4", 5: b"s5"}  # site 3 did not sign
     req = coordinator.unmask_request(TAG, {1, 2, 3, 4}, [2, 3, 5], 1, sigs)  # 5 shared keys, then dropped
-    assert req == {
-        "round-tag": TAG, "u3": [1, 2, 3, 4], "alive": [1, 2, 3], "dropped": [5],
-        "sig-ids": [1, 2, 5], "sigs": [b"s1", b"s2", b"s5"],
-    }  # fmt: skip
-    assert list(req) == ["round-tag", "u3", "alive", "dropped", "sig-ids", "sigs"]  # the order the sites were sent
+    assert req == messages.UnmaskRequest(TAG, [1, 2, 3, 4], [1, 2, 3], [5], [1, 2, 5], [b"s1", b"s2", b"s5"])
+    rec = req.to_record()
+    assert list(rec.keys()) == ["round-tag", "u3", "alive", "dropped", "sig-ids", "sigs"]  # as the sites were sent
+    assert rec["alive"] == [1, 2, 3] and rec["dropped"] == [5] and rec["sig-ids"] == [1, 2, 5]
 
 
 def test_an_unmask_answer_is_read_or_refused_whole():
-    shares = p.ints_to_bytes([11, 12])
-    rec = {"self-ids": [1, 2], "self-shares": shares, "pair-ids": [5], "pair-shares": p.ints_to_bytes([13])}
-    want = {"self_seed": {1: 11, 2: 12}, "pair_key": {5: 13}}
-    assert coordinator.parse_unmask_answer(ConfigRecord(rec)) == want
-    assert coordinator.parse_unmask_answer(ConfigRecord({k: v for k, v in rec.items() if k != "pair-ids"})) is None
-    assert coordinator.parse_unmask_answer(ConfigRecord({**rec, "self-shares": [1, 2]})) is None  # not bytes
+    reply = messages.UnmaskReply([1, 2], p.ints_to_bytes([11, 12]), [5], p.ints_to_bytes([13]))
+    assert coordinator.parse_unmask_answer(reply) == {"self_seed": {1: 11, 2: 12}, "pair_key": {5: 13}}
+    for short in (dict(self_ids=[1]), dict(pair_shares=[])):  # ids and shares that do not pair up
+        with pytest.raises(messages.MessageError, match="differ in length"):
+            coordinator.parse_unmask_answer(dataclasses.replace(reply, **short))
 
 
 def test_a_round_aborts_below_the_threshold_min_sites_or_two_and_never_starts_with_an_unsafe_threshold():

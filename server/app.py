@@ -30,7 +30,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.common import adapters, methods, privacy, progress
-from fedtune.common.checkpoint import atomic_write_json, load_adapter_state  # noqa: F401  (load_adapter_state: tests)
+from fedtune.common.checkpoint import load_adapter_state  # noqa: F401  (tests reach it here)
 from fedtune.common.config import FedTuneConfig
 
 from .aggregation import ServerOptimizer, l2_norm, spec_of  # noqa: F401  (l2_norm: tests)
@@ -46,6 +46,8 @@ from .checkpoints import (  # noqa: F401  (re-exported: tests and tools reach th
     save_round,
 )
 from .messaging import FederationError, Printer
+from .record import FILE as RECORD_FILE
+from .record import RecordError, write_record
 from .report import write_report
 from .round import (  # noqa: F401  (re-exported)
     KEEP_MAX_VALUES,
@@ -189,8 +191,12 @@ def resume_accountant(rs: RunState, say: Printer) -> None:
 
 
 def write_metrics(rs: RunState) -> None:
-    """metrics.json: the run record as it stands (written after every round and at the end)."""
-    atomic_write_json(rs.out / "metrics.json", rs.metrics_doc())
+    """metrics.json: the run record as it stands (after round 0, every round and at the end),
+    checked against the record's schema (:func:`fedtune.server.record.write_record`)."""
+    try:
+        write_record(rs.out / RECORD_FILE, rs.metrics_doc())
+    except RecordError as e:  # a key the schema does not know: our bug, but the run ends cleanly
+        raise FederationError(f"the run record does not match its schema: {e}") from None
 
 
 # ---- stop conditions --------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from fedtune.common.checkpoint import (
 
 from .aggregation import spec_of
 from .messaging import FederationError, Printer
+from .record import FILE as RECORD_FILE
+from .record import RecordError, read_document
 from .state import RunState
 
 SERVER_STATE = "server_state.json"
@@ -142,11 +144,13 @@ def resume_point(out: Path, say: Printer, spec: dict | None = None, peft: bool =
     and, for an adapter, adapter_config.json) or does not load (or, given ``spec``, does not fit
     it) is passed over with its reason, one round further back each time.
     """
-    path = out / "metrics.json"
+    path = out / RECORD_FILE
     try:
-        doc = json.loads(path.read_text())
+        doc = read_document(path)  # checked against the record's schema (an earlier release's too)
         rounds = list(doc["rounds"])
         recorded = sorted({int(r["round"]) for r in rounds}, reverse=True)
+    except RecordError as e:  # its message starts with the path
+        raise FederationError(f"cannot resume, no readable run record: {e}") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FederationError(f"{path}: cannot resume, no readable run record ({type(e).__name__})") from None
     required = (ADAPTER_WEIGHTS, SERVER_STATE, *((ADAPTER_CONFIG,) if peft else ()))

@@ -227,3 +227,19 @@ def test_on_a_really_full_disk_run_status_still_says_disk_full(tiny_config, tiny
     assert status["status"] == "failed" and status["reason"].startswith("disk full: [Errno 28]"), status
     (out / deploy.RUN_STATUS).unlink()  # and had it not been written: ftserver says so from the disk itself
     assert deploy.missing_status_reason(out).startswith("disk full")
+
+
+def test_the_run_record_is_written_and_resumed_through_its_schema(tiny_config, tmp_path):
+    """metrics.json is written by server/record.py's writer (schema_version first) and read back on
+    resume through its reader: a record that does not match the schema is refused by the key's path."""
+    from fedtune.server.record import SCHEMA_VERSION, read_record
+
+    out = tmp_path / "run"
+    cfg, grid = run_two_rounds(tiny_config, out)
+    doc = json.loads((out / "metrics.json").read_text())
+    assert next(iter(doc)) == "schema_version" and doc["schema_version"] == SCHEMA_VERSION
+    assert [r.round for r in read_record(out / "metrics.json").rounds] == [0, 1, 2]
+    doc["rounds"][1]["accepted"] = "two"
+    (out / "metrics.json").write_text(json.dumps(doc))
+    with pytest.raises(server.FederationError, match=r"cannot resume, no readable run record: .*rounds\[1\]"):
+        server.run_federation(grid, cfg, out, lambda s: None, resume=True)

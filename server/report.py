@@ -96,9 +96,8 @@ def series(doc: RunRecord | Mapping, site: str, key: str) -> tuple[list[int], li
 
 
 def write_plots(out: Path, doc: RunRecord | Mapping, sections: Sequence[ReportSection] = ()) -> list[str]:
-    """loss.png (train and eval loss per site per round), exact_match.png, layers.png, sites.png,
-    forgetting.png, rounds.png (those the record has figures for) and the sections' plots.
-    -> file names."""
+    """layers.png, sites.png, loss.png, exact_match.png, forgetting.png, rounds.png (those the
+    record has figures for) and the sections' plots. -> the file names written."""
     try:
         import matplotlib
 
@@ -107,97 +106,128 @@ def write_plots(out: Path, doc: RunRecord | Mapping, sections: Sequence[ReportSe
     except ImportError:
         return []
     doc = as_record(doc)
-    names = doc.site_names()
-
-    def panel(ax, key: str, title: str, xlabel: str, ylabel: str) -> None:
-        """One line per site of metric `key` over rounds."""
-        for name in names:
-            xs, ys = series(doc, name, key)
-            if xs:
-                ax.plot(xs, ys, marker="o", label=name)
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
-
     made = []
+    contributed = [section.draw for section in sections if section.draw is not None]
+    for draw in (
+        _plot_layers,
+        _plot_site_pulls,
+        _plot_losses,
+        _plot_exact_match,
+        *contributed,
+        _plot_forgetting,
+        _plot_rounds,
+    ):
+        made += draw(plt, out, doc)
+    return made
+
+
+def _panel(ax, doc: RunRecord, key: str, title: str, xlabel: str, ylabel: str) -> None:
+    """One line per site of its figure ``key`` over the rounds."""
+    for name in doc.site_names():
+        xs, ys = series(doc, name, key)
+        if xs:
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+
+def _plot_layers(plt, out: Path, doc: RunRecord) -> list[str]:
+    """layers.png: the norm of the global change per layer and round."""
     labels, rounds, grid = _layer_matrix(doc)
-    if labels:
-        fig, ax = plt.subplots(
-            figsize=(max(5, 1.2 * len(rounds) + 3), max(3, 0.22 * len(labels) + 1.5)), constrained_layout=True
-        )
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
-        ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])
-        ax.set_yticks(range(len(labels)), labels)
-        ax.set_xlabel("round")
-        ax.set_ylabel("layer")
-        ax.set_title("where adaptation happens: norm of the global change per layer")
-        fig.colorbar(im, ax=ax, label="L2 norm of the change")
-        fig.savefig(out / "layers.png", dpi=110)
-        plt.close(fig)
-        made.append("layers.png")
-    if _write_site_pulls_plot(plt, out, doc):
-        made.append("sites.png")
+    if not labels:
+        return []
+    fig, ax = plt.subplots(
+        figsize=(max(5, 1.2 * len(rounds) + 3), max(3, 0.22 * len(labels) + 1.5)), constrained_layout=True
+    )
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("round")
+    ax.set_ylabel("layer")
+    ax.set_title("where adaptation happens: norm of the global change per layer")
+    fig.colorbar(im, ax=ax, label="L2 norm of the change")
+    fig.savefig(out / "layers.png", dpi=110)
+    plt.close(fig)
+    return ["layers.png"]
+
+
+def _plot_losses(plt, out: Path, doc: RunRecord) -> list[str]:
+    """loss.png: train and eval loss per site per round."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    panel(axes[0], "train_loss", "train loss (mean over local steps)", "round", "loss")
-    panel(axes[1], "eval_loss", "eval loss (answer tokens)", "round (0 = base model)", "loss")
+    _panel(axes[0], doc, "train_loss", "train loss (mean over local steps)", "round", "loss")
+    _panel(axes[1], doc, "eval_loss", "eval loss (answer tokens)", "round (0 = base model)", "loss")
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
-    made.append("loss.png")
-    if any(series(doc, n, "exact_match")[0] for n in names):
-        fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
-        panel(ax, "exact_match", "exact match of the greedy answer, per site", "round (0 = base model)", "exact match")
-        ax.set_ylim(-0.02, 1.02)
-        fig.savefig(out / "exact_match.png", dpi=110)
-        plt.close(fig)
-        made.append("exact_match.png")
-    for section in sections:
-        if section.draw is not None:
-            made += section.draw(plt, out, doc)
+    return ["loss.png"]
+
+
+def _plot_exact_match(plt, out: Path, doc: RunRecord) -> list[str]:
+    """exact_match.png, when some site reported exact match."""
+    if not any(series(doc, n, "exact_match")[0] for n in doc.site_names()):
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    _panel(
+        ax, doc, "exact_match", "exact match of the greedy answer, per site", "round (0 = base model)", "exact match"
+    )
+    ax.set_ylim(-0.02, 1.02)
+    fig.savefig(out / "exact_match.png", dpi=110)
+    plt.close(fig)
+    return ["exact_match.png"]
+
+
+def _plot_forgetting(plt, out: Path, doc: RunRecord) -> list[str]:
+    """forgetting.png: the domains' gains against the general-knowledge set, base and final."""
     table = _forgetting_rows(doc)
-    if table:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-        for ax, kind in zip(axes, ("loss", "score")):
-            rows = [r for r in table if r[3] == kind]
-            xs = range(len(rows))
-            ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], 0.4, label="base model", color="tab:grey")
-            ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], 0.4, label="after fine-tuning", color="tab:green")
-            ax.set_xticks(list(xs), [r[0] for r in rows], fontsize=8)
-            ax.set_title("losses (lower is better)" if kind == "loss" else "scores (higher is better)")
-            ax.grid(alpha=0.3, axis="y")
-            ax.legend()
-        fig.suptitle("domain gains against general knowledge (forgetting)")
-        fig.savefig(out / "forgetting.png", dpi=110)
-        plt.close(fig)
-        made.append("forgetting.png")
+    if not table:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    for ax, kind in zip(axes, ("loss", "score")):
+        rows = [r for r in table if r[3] == kind]
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], 0.4, label="base model", color="tab:grey")
+        ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], 0.4, label="after fine-tuning", color="tab:green")
+        ax.set_xticks(list(xs), [r[0] for r in rows], fontsize=8)
+        ax.set_title("losses (lower is better)" if kind == "loss" else "scores (higher is better)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend()
+    fig.suptitle("domain gains against general knowledge (forgetting)")
+    fig.savefig(out / "forgetting.png", dpi=110)
+    plt.close(fig)
+    return ["forgetting.png"]
+
+
+def _plot_rounds(plt, out: Path, doc: RunRecord) -> list[str]:
+    """rounds.png: per trained round, the bytes one site sent, the time, and the privacy spent."""
     trained = [r for r in doc.rounds if r.round > 0 and r.seconds is not None]
-    if trained:
-        eps = [(r.round, r.privacy.epsilon) for r in trained if r.privacy is not None]
-        fig, axes = plt.subplots(1, 3 if eps else 2, figsize=(15 if eps else 10, 3.6), constrained_layout=True)
-        xs = [r.round for r in trained]
-        axes[0].bar(xs, [(r.update_bytes or 0) / 1e6 for r in trained], color="tab:blue")
-        axes[0].set_title("bytes one site sent per round")
-        axes[0].set_ylabel("MB")
-        axes[1].bar(xs, [r.seconds for r in trained], color="tab:orange")
-        axes[1].set_title("time per round (train + evaluate)")
-        axes[1].set_ylabel("seconds")
-        if eps:
-            budget = doc.setting("privacy", "epsilon")
-            axes[2].plot([x for x, _ in eps], [e for _, e in eps], marker="o", color="tab:red", label="spent")
-            if budget:
-                axes[2].axhline(budget, linestyle="--", color="grey", label="budget")
-            axes[2].set_title("privacy: cumulative epsilon")
-            axes[2].legend()
-        for ax in axes:
-            ax.set_xlabel("round")
-            ax.grid(alpha=0.3)
-            ax.xaxis.get_major_locator().set_params(integer=True)
-        fig.savefig(out / "rounds.png", dpi=110)
-        plt.close(fig)
-        made.append("rounds.png")
-    return made
+    if not trained:
+        return []
+    eps = [(r.round, r.privacy.epsilon) for r in trained if r.privacy is not None]
+    fig, axes = plt.subplots(1, 3 if eps else 2, figsize=(15 if eps else 10, 3.6), constrained_layout=True)
+    xs = [r.round for r in trained]
+    axes[0].bar(xs, [(r.update_bytes or 0) / 1e6 for r in trained], color="tab:blue")
+    axes[0].set_title("bytes one site sent per round")
+    axes[0].set_ylabel("MB")
+    axes[1].bar(xs, [r.seconds for r in trained], color="tab:orange")
+    axes[1].set_title("time per round (train + evaluate)")
+    axes[1].set_ylabel("seconds")
+    if eps:
+        budget = doc.setting("privacy", "epsilon")
+        axes[2].plot([x for x, _ in eps], [e for _, e in eps], marker="o", color="tab:red", label="spent")
+        if budget:
+            axes[2].axhline(budget, linestyle="--", color="grey", label="budget")
+        axes[2].set_title("privacy: cumulative epsilon")
+        axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.savefig(out / "rounds.png", dpi=110)
+    plt.close(fig)
+    return ["rounds.png"]
 
 
 def _forgetting_rows(doc: RunRecord) -> list[tuple[str, float, float, str]]:
@@ -283,11 +313,11 @@ def _site_layer_cosines(doc: RunRecord) -> dict[str, tuple[list[str], list[int],
     return out
 
 
-def _write_site_pulls_plot(plt, out: Path, doc: RunRecord) -> bool:
+def _plot_site_pulls(plt, out: Path, doc: RunRecord) -> list[str]:
     """sites.png: which way each site pulled, per layer and round (its cosine to the aggregate)."""
     per_site = _site_layer_cosines(doc)
     if not per_site:
-        return False
+        return []
     n_labels = max(len(v[0]) for v in per_site.values())
     n_rounds = max(len(v[1]) for v in per_site.values())
     fig, axes = plt.subplots(
@@ -308,7 +338,7 @@ def _write_site_pulls_plot(plt, out: Path, doc: RunRecord) -> bool:
     fig.suptitle("which way each site pulled, per layer")
     fig.savefig(out / "sites.png", dpi=110)
     plt.close(fig)
-    return True
+    return ["sites.png"]
 
 
 def _adaptation_section(doc: RunRecord, plots: Sequence[str]) -> list[str]:
@@ -424,51 +454,75 @@ def render_markdown(doc: RunRecord | Mapping, plots: Sequence[str], sections: Se
     """report.md's text: the record's figures; ``plots``: the plot files made (embedded by name);
     ``sections``: parts others contribute (:class:`ReportSection`), in order at their place."""
     doc = as_record(doc)
-    names = doc.site_names()
-    rounds = doc.rounds
-    last = rounds[-1].round if rounds else 0
+
+    def contributed(where: str) -> list[str]:
+        return [line for section in sections if section.where == where for line in section.lines(doc, plots)]
+
     lines = [
+        *_header_lines(doc),
+        *contributed("before_per_site"),
+        *_per_site_table(doc),
+        *contributed("after_per_site"),
+        *_rounds_table(doc),
+        *_secure_section(doc),
+        *_forgetting_section(doc, plots),
+        *_aggregation_section(doc),
+        *_adaptation_section(doc, plots),
+        *_rejected_section(doc),
+        *_plots_section(plots, sections),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(doc: RunRecord) -> list[str]:
+    """The title and what ran: model, method, aggregation, sites, rounds, artifact, best round."""
+    last = doc.rounds[-1].round if doc.rounds else 0
+    return [
         "# fedtune run report",
         "",
         f"- model: `{doc.model}`; method: {doc.fedtune.peft} ({doc.trainable_params:,} trainable parameters); "
         f"aggregation: {doc.fedtune.strategy} over {doc.fedtune.update}s"
         + (", secure (SecAgg+)" if doc.fedtune.secure_aggregation else "")
         + (", client-level differential privacy" if doc.fedtune.differential_privacy else ""),
-        f"- sites: {', '.join(md(n) for n in names) or 'none'}; rounds: {last}; wall time: {doc.elapsed_s:.0f} s",
+        f"- sites: {', '.join(md(n) for n in doc.site_names()) or 'none'}; rounds: {last}; wall time: {doc.elapsed_s:.0f} s",
         _artifact_line(doc),
         *_best_lines(doc),
-        _update_size_line(rounds),
+        _update_size_line(doc.rounds),
     ]
-    for section in sections:
-        if section.where == "before_per_site":
-            lines += section.lines(doc, plots)
-    lines += [
+
+
+def _per_site_table(doc: RunRecord) -> list[str]:
+    """Each site's evaluation on the base model (round 0) against the final round."""
+    lines = [
         "",
         "## Per site: base model (round 0) against the final round",
         "",
         "| site | eval loss, base | eval loss, final | exact match, base | exact match, final | examples | bytes sent / round |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    first = rounds[0].sites if rounds else {}
-    final = rounds[-1].sites if rounds else {}
-    for n in names:
+    first = doc.rounds[0].sites if doc.rounds else {}
+    final = doc.rounds[-1].sites if doc.rounds else {}
+    for n in doc.site_names():
         f0, f1 = first.get(n, _NO_SITE), final.get(n, _NO_SITE)
         sent = f1.bytes_sent
         lines.append(
             f"| {md(n)} | {fmt(f0.eval_loss)} | {fmt(f1.eval_loss)} | {fmt(f0.exact_match, '.2f')} | "
             f"{fmt(f1.exact_match, '.2f')} | {_get(f1, 'examples')} | {f'{sent:,}' if isinstance(sent, int) else '–'} |"
         )
-    for section in sections:
-        if section.where == "after_per_site":
-            lines += section.lines(doc, plots)
-    lines += [
+    return lines
+
+
+def _rounds_table(doc: RunRecord) -> list[str]:
+    """Every site in every round: its status, losses, steps, time and upload."""
+    lines = [
         "",
         "## Rounds",
         "",
         "| round | site | status | train loss | eval loss | exact match | steps | train s | bytes sent |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in rounds:
+    names = doc.site_names()
+    for r in doc.rounds:
         for n in names:
             s = r.sites.get(n)
             if s is None:
@@ -481,43 +535,54 @@ def render_markdown(doc: RunRecord | Mapping, plots: Sequence[str], sections: Se
                 f"{fmt(s.eval_loss)} | {fmt(s.exact_match, '.2f')} | {_get(s, 'steps')} | "
                 f"{fmt(s.train_seconds, '.1f')} | {_get(s, 'bytes_sent')} |"
             )
-    secure = [(r.round, r.secure_aggregation) for r in rounds if r.secure_aggregation is not None]
-    if secure:
-        lines += [
-            "",
-            "## Secure aggregation (SecAgg+)",
-            "",
-            "The coordinator saw only masked vectors and, per round, the weighted mean of the sites summed.",
-            "",
-            "| round | sites summed | threshold | dropped | quantization error bound | values clipped | upload B/param | stage seconds |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for rnd, st in secure:
-            dropped = (
-                "; ".join(f"{md(stage)}: {', '.join(md(x) for x in names_)}" for stage, names_ in st.dropped.items())
-                or "none"
-            )
-            stages = ", ".join(f"{k} {v:.1f}" for k, v in st.stage_seconds.items())
-            lines.append(
-                f"| {rnd} | {st.sites_per_stage[3]} of {st.sites_per_stage[0]} | {st.threshold} | {dropped} | "
-                f"{st.quantization_error_bound:.2e} | {st.clipped_values:,} | {st.upload_bytes_per_param:.2f} | {stages} |"
-            )
-    lines += _forgetting_section(doc, plots)
-    lines += _aggregation_section(doc)
-    lines += _adaptation_section(doc, plots)
-    rejected = [(r.round, x) for r in rounds for x in r.rejected]
-    if rejected:
-        lines += ["", "## Rejected updates", ""]
-        lines += [f"- round {rnd}, {md(x.site)}: {md(x.reason)}" for rnd, x in rejected]
-    lines += ["", "## Plots", ""]
-    if plots:
-        shown = {"layers.png", "sites.png", "forgetting.png", *(f for section in sections for f in section.files)}
-        lines += [f"![{p}]({p})" for p in plots if p not in shown]
-    else:
-        lines.append(
-            "No plots: install the plot extra (`pip install 'fedtune[plot]'`) to get loss.png and exact_match.png."
+    return lines
+
+
+def _secure_section(doc: RunRecord) -> list[str]:
+    """Secure aggregation per round: the sites at each stage, the threshold, the quantization."""
+    secure = [(r.round, r.secure_aggregation) for r in doc.rounds if r.secure_aggregation is not None]
+    if not secure:
+        return []
+    lines = [
+        "",
+        "## Secure aggregation (SecAgg+)",
+        "",
+        "The coordinator saw only masked vectors and, per round, the weighted mean of the sites summed.",
+        "",
+        "| round | sites summed | threshold | dropped | quantization error bound | values clipped | upload B/param | stage seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for rnd, st in secure:
+        dropped = (
+            "; ".join(f"{md(stage)}: {', '.join(md(x) for x in names_)}" for stage, names_ in st.dropped.items())
+            or "none"
         )
-    return "\n".join(lines) + "\n"
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in st.stage_seconds.items())
+        lines.append(
+            f"| {rnd} | {st.sites_per_stage[3]} of {st.sites_per_stage[0]} | {st.threshold} | {dropped} | "
+            f"{st.quantization_error_bound:.2e} | {st.clipped_values:,} | {st.upload_bytes_per_param:.2f} | {stages} |"
+        )
+    return lines
+
+
+def _rejected_section(doc: RunRecord) -> list[str]:
+    rejected = [(r.round, x) for r in doc.rounds for x in r.rejected]
+    if not rejected:
+        return []
+    return ["", "## Rejected updates", "", *(f"- round {rnd}, {md(x.site)}: {md(x.reason)}" for rnd, x in rejected)]
+
+
+def _plots_section(plots: Sequence[str], sections: Sequence[ReportSection]) -> list[str]:
+    """The plots no section shows where it belongs."""
+    if not plots:
+        return [
+            "",
+            "## Plots",
+            "",
+            "No plots: install the plot extra (`pip install 'fedtune[plot]'`) to get loss.png and exact_match.png.",
+        ]
+    shown = {"layers.png", "sites.png", "forgetting.png", *(f for section in sections for f in section.files)}
+    return ["", "## Plots", "", *(f"![{p}]({p})" for p in plots if p not in shown)]
 
 
 _INLINE = [

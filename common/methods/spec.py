@@ -24,7 +24,8 @@ Check = Callable[["PeftSettings"], None]
 class Method:
     """One fine-tuning method: what it is, how it is built, and what the federation may do with it.
 
-    The apps, config validation and the report ask these fields instead of lists of names."""
+    Config validation, the trainable model and the rank operations ask these fields instead of
+    keeping lists of method names; so should the apps (``methods.get(cfg.peft.method).four_bit``)."""
 
     name: str
     """``peft.method``: what a config file and ``--peft`` say."""

@@ -397,26 +397,29 @@ def baselines_doc(
     }
 
 
-def summary_lines(doc: dict) -> list[str]:
+def _score_of(row: TrainingScores | MeanScores, training: str) -> Score | Scores | None:
+    return getattr(row, training)
+
+
+def summary_lines(doc: BaselinesRecord | Mapping) -> list[str]:
     """The table for the console: each site's eval loss (and exact match) under each training."""
-    em = any(s.get(t) and s[t].get("exact_match") is not None for s in doc["sites"].values() for t in TRAININGS)
-    w = max(6, *(len(n) + 2 for n in doc["sites"]))
+    b = doc if isinstance(doc, BaselinesRecord) else BaselinesRecord.model_validate(doc)
+    em = any((s := _score_of(row, t)) and s.exact_match is not None for row in b.sites.values() for t in TRAININGS)
+    w = max(6, *(len(n) + 2 for n in b.sites))
     head = f"{'site':<{w}}" + "".join(f"{t:>16}" for t in TRAININGS)
 
-    def cell(s: dict | None) -> str:
-        if not s:
+    def cell(s: Score | Scores | None) -> str:
+        if s is None or s.eval_loss is None:
             return f"{'–':>16}"
-        text = f"{s['eval_loss']:.3f}" + (
-            f" / {s['exact_match']:.2f}" if em and s.get("exact_match") is not None else ""
-        )
+        text = f"{s.eval_loss:.3f}" + (f" / {s.exact_match:.2f}" if em and s.exact_match is not None else "")
         return f"{text:>16}"
 
-    rows = [f"{name:<{w}}" + "".join(cell(s.get(t)) for t in TRAININGS) for name, s in doc["sites"].items()]
-    rows.append(f"{'mean':<{w}}" + "".join(cell(doc["mean"].get(t)) for t in TRAININGS))
+    rows = [f"{name:<{w}}" + "".join(cell(_score_of(row, t)) for t in TRAININGS) for name, row in b.sites.items()]
+    rows.append(f"{'mean':<{w}}" + "".join(cell(_score_of(b.mean, t)) for t in TRAININGS))
     gains = [
-        (name, s["federation"]["eval_loss"] - s["alone"]["eval_loss"])
-        for name, s in doc["sites"].items()
-        if s.get("alone") and s.get("federation")
+        (name, row.federation.eval_loss - row.alone.eval_loss)
+        for name, row in b.sites.items()
+        if row.alone and row.federation and row.alone.eval_loss is not None and row.federation.eval_loss is not None
     ]
     verdict = (
         [
@@ -442,10 +445,10 @@ def add_baselines(cfg: FedTuneConfig, out: Path, say: Callable[[str], None] = pr
     doc["baselines"] = run_baselines(
         cfg, out, doc["rounds"], say, None if cfg.model.device == "auto" else cfg.model.device
     )
-    BaselinesRecord.model_validate(doc["baselines"])  # ours: a key the schema lacks is a bug, found here
+    typed = BaselinesRecord.model_validate(doc["baselines"])  # ours: a key the schema lacks is a bug, found here
     write_record(out / FILE, doc)
     write_ftsim_report(out, plots=cfg.output.plots)
     say(f"baselines done in {progress.duration(time.time() - t)}")
-    for line in summary_lines(doc["baselines"]):
+    for line in summary_lines(typed):
         say(line)
     return doc

@@ -265,6 +265,24 @@ def test_the_baselines_section_of_the_record_is_typed(tiny_config):
     record = validate_record({**make_doc(), "baselines": doc})
     assert baselines.BaselinesRecord.of(record) == b
     assert baselines.BaselinesRecord.of(validate_record(make_doc())) is None
+    # The console's table reads the same record.
+    lines = baselines.summary_lines(b)
+    assert lines[0] == "eval loss per site (lower / higher is better):" and lines[1].split() == [
+        "site",
+        *baselines.TRAININGS,
+    ]
+    assert lines[2].split() == ["a", "2.000", "1.700", "–", "1.500"] and lines[3].split() == [
+        "mean",
+        "2.000",
+        "1.700",
+        "–",
+        "1.500",
+    ]
+    assert (
+        lines[4].startswith("the federation against each site alone, eval loss: a -0.200")
+        and "better at 1 of 1" in lines[4]
+    )
+    assert baselines.summary_lines(doc) == lines
     doc["steps"]["pooled"] = "3"
     with pytest.raises(RecordError, match=r"baselines\.steps\.pooled"):
         baselines.BaselinesRecord.of(validate_record({**make_doc(), "baselines": doc}))

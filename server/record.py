@@ -309,10 +309,11 @@ def validate_record(doc: dict | RunRecord, source: str = FILE) -> RunRecord:
         raise _explain(e, source) from None
 
 
-def write_record(path: Path, doc: dict) -> None:
+def write_record(path: Path, doc: dict | RunRecord) -> None:
     """Validate ``doc`` (the coordinator's metrics document) against :class:`RunRecord`, then write
     it atomically to ``path`` as the same JSON it is (key order and all), with ``schema_version``
-    first. Raises :class:`RecordError` (nothing written) when it does not match the schema."""
+    first. Raises :class:`RecordError` (nothing written) when it does not match the schema.
+    A :class:`RunRecord` is written as the fields it holds (``model_dump(exclude_unset=True)``)."""
     if isinstance(doc, RunRecord):
         doc = doc.model_dump(mode="json", exclude_unset=True)
     if doc.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:

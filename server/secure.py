@@ -26,7 +26,9 @@ stage X has ``configure_X`` (one site's message, from the stage's input state), 
 ``X_stage`` (the exchange, then the survivors check). The checks a hostile site meets are plain
 functions (:func:`advert_problem`, :func:`parse_shares`, :func:`alive_signature_ok`,
 :func:`unmask_request`, :func:`parse_unmask_answer`, :func:`require_survivors`, the weight
-checks in :func:`unmask_mean`); :func:`secure_mean` only chains the stages.
+checks in :func:`unmask_mean`); :func:`secure_mean` only chains the stages. Every request is
+built, and every reply read (keys, types, sizes), by its class in :mod:`fedtune.common.messages`;
+a reply that is not its stage's is that site's dropout, with the reason recorded.
 """
 
 from __future__ import annotations
@@ -112,28 +114,6 @@ class SecureOutcome:
     mean: np.ndarray  # float64, the weighted mean of the summed sites' updates
     summed: dict[str, int]  # the sites summed -> the bytes each uploaded
     stats: dict = field(default_factory=dict)
-
-
-def _answered(m: Message, node: int, names: dict) -> bool:
-    """Whether the site answered (no Flower error) with status ok."""
-    return not m.has_error() and site_of(m, node, names)[1] == "ok"
-
-
-def _malformed(r: SecureRound, sid: int, e: MessageError) -> None:
-    r.refused[r.name(sid)] = f"malformed reply: {clean(str(e))}"
-
-
-def _stage_reply(r: SecureRound, stage: str, m: Message, node: int, sid: int):
-    """The stage's typed reply (:mod:`fedtune.common.messages`) of a site that answered ok, or
-    None: an error, another status, or a reply that is not the stage's (keys, types, sizes; the
-    coordinator says why)."""
-    if not _answered(m, node, r.names):
-        return None
-    try:
-        return StageReply.from_record(m.content, stage).reply
-    except MessageError as e:
-        _malformed(r, sid, e)
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +257,28 @@ def run_stage(
         )
 
 
+def _answered(m: Message, node: int, names: dict) -> bool:
+    """Whether the site answered (no Flower error) with status ok."""
+    return not m.has_error() and site_of(m, node, names)[1] == "ok"
+
+
+def _malformed(r: SecureRound, sid: int, e: MessageError) -> None:
+    r.refused[r.name(sid)] = f"malformed reply: {clean(str(e))}"
+
+
+def _stage_reply(r: SecureRound, stage: str, m: Message, node: int, sid: int):
+    """The stage's typed reply (:mod:`fedtune.common.messages`) of a site that answered ok, or
+    None: an error, another status, or a reply that is not the stage's (keys, types, sizes; the
+    coordinator says why)."""
+    if not _answered(m, node, r.names):
+        return None
+    try:
+        return StageReply.from_record(m.content, stage).reply
+    except MessageError as e:
+        _malformed(r, sid, e)
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage 1: train.advertise. Each site answers with two X25519 public keys signed by its identity
 # key (and, weighting by examples, its example count).
@@ -284,14 +286,14 @@ def run_stage(
 
 @dataclass
 class Advert:
-    """One site's key advertisement as it arrived (nothing checked but the two keys' shape)."""
+    """One site's key advertisement as it arrived (read by AdvertiseReply; not yet checked)."""
 
-    c_pub: bytes
+    c_pub: bytes  # X25519, 32 bytes
     s_pub: bytes
-    identity: object  # the identity public key it signs with (SEC1 P-384), as sent
-    sig: object
-    examples: object
-    run_id: int
+    identity: bytes  # the identity public key it signs with (SEC1 P-384), as sent
+    sig: bytes
+    examples: int | None
+    run_id: int  # the Flower run it answered in
 
 
 @dataclass

@@ -1005,6 +1005,58 @@ def test_a_reply_that_names_sites_by_text_drops_that_site_and_does_not_crash_the
         np.testing.assert_allclose(rs.global_state[k], want[k], atol=bound_for(rs, sites, summed) + 1e-7)
 
 
+class SignsTheAliveSetBadly(SecureSite):
+    """A site whose signature on the alive set does not verify."""
+
+    def __call__(self, m: Message):
+        out = super().__call__(m)
+        if m.metadata.message_type == p.CONSISTENCY and p.RECORD in out:
+            sig = bytearray(out[p.RECORD]["sig"])
+            sig[-1] ^= 1
+            out[p.RECORD] = ConfigRecord({"sig": bytes(sig)})
+        return out
+
+
+def test_the_coordinator_drops_a_site_whose_alive_set_signature_does_not_verify_so_the_round_still_unmasks(
+    tiny_config, tmp_path
+):
+    """Honest sites refuse an unmask request that carries a signature that does not verify, so a
+    coordinator that passed it on would see the round abort; it leaves that site out of U4 (its
+    vector is summed already: its share holders remove its mask)."""
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+    sites[3] = SignsTheAliveSetBadly(3, sites[3].update, sites[3].examples)
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    st = r["secure_aggregation"]
+    assert r["accepted"] == 5 and st["sites_per_stage"] == [5, 5, 5, 5, 4, 4]
+    assert "does not verify" in st["refused_by_coordinator"]["site3"]
+    want = expected_mean(sites, [1, 2, 3, 4, 5], round_cap(rs, sites))
+    for k in SHAPES:
+        np.testing.assert_allclose(rs.global_state[k], want[k], atol=bound_for(rs, sites, [1, 2, 3, 4, 5]) + 1e-7)
+
+
+@pytest.mark.parametrize("key,why", [("site1's", "another site's key"), ("unregistered", "not signed by a registered")])
+def test_the_coordinator_drops_a_site_that_signs_with_another_sites_or_an_unregistered_key(
+    tiny_config, tmp_path, key, why
+):
+    """A second site with site 1's key (honest sites refuse repeated keys, which would abort the
+    round) or with a key nobody registered is dropped at advertisement; the others still sum.
+    (Of two sites with one key, the one whose advertisement arrives second is dropped.)"""
+    rs = secure_state(tiny_config, tmp_path)
+    sites = five()
+    sites[5].identity = secure.Identity(IDENTITIES[1] if key == "site1's" else new_identity())
+    r = server.run_training_round(FakeGrid(sites), list(sites), rs, 1, lambda s: None)
+    st = r["secure_aggregation"]
+    assert r["accepted"] == 4 and st["sites_per_stage"][:2] == [5, 4]
+    (refused,) = st["refused_by_coordinator"]
+    assert refused in (["site1", "site5"] if key == "site1's" else ["site5"])
+    assert why in st["refused_by_coordinator"][refused]
+    summed = [i for i in range(1, 6) if f"site{i}" != refused]
+    want = expected_mean(sites, summed, round_cap(rs, sites))
+    for k in SHAPES:
+        np.testing.assert_allclose(rs.global_state[k], want[k], atol=bound_for(rs, sites, summed) + 1e-7)
+
+
 # ---------------------------------------------------------------- the coordinator's checks, one by one
 
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.common.checkpoint import write_private_file
@@ -233,37 +234,30 @@ def node_config(site: str, args: argparse.Namespace, verbose: bool = False) -> s
         raise JoinError(str(e)) from None
 
 
-def join(args: argparse.Namespace) -> int:
-    def say(msg: str) -> None:
-        print(f"[ftclient {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def say(msg: str) -> None:
+    """ftclient's own progress line on stderr (the site operator's console)."""
+    print(f"[ftclient {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    try:
-        site, counts = check_inputs(args)
-        node_cfg = node_config(site, args, verbose=True)  # a site's operator follows its rounds
-    except JoinError as e:
-        print(f"ftclient: {e}", file=sys.stderr)
-        return 2
-    if args.insecure:
-        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+
+def work_dir(args: argparse.Namespace) -> Path:
+    """The folder for the SuperNode's log and the runtime secret (--work-dir, else a new temp
+    folder), made private to this user."""
     work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="ftclient-"))
     work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o700)
-    try:
-        policy = site_policy(args, work)
-    except JoinError as e:
-        print(f"ftclient: {e}", file=sys.stderr)
-        return 2
-    secret = os.urandom(32)
-    write_private_file(work / "runtime.secret", secret)
-    port = free_port()
-    log = work / "supernode.log"
+    return work
+
+
+def supernode_command(args: argparse.Namespace, port: int, secret_file: Path, node_cfg: str) -> list[str]:
+    """The Flower SuperNode's command line: dial --server (TLS with --ca-cert, or --insecure),
+    sign in with --key, and serve tasks on 127.0.0.1:``port`` only to the holder of ``secret_file``."""
     cmd = [
         sys.executable, "-m", "fedtune.client.supernode",  # flower-supernode, with shorter polls
         "--superlink", args.server,
         "--isolation", "process",  # no SuperExec: this process serves the tasks
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--superexec-auth-secret-file", str(work / "runtime.secret"),
+        "--superexec-auth-secret-file", str(secret_file),
         "--node-config", node_cfg,
     ]  # fmt: skip
     if args.insecure:
@@ -272,29 +266,41 @@ def join(args: argparse.Namespace) -> int:
         cmd += ["--root-certificates", str(Path(args.ca_cert).resolve())]
     if args.key:
         cmd += ["--auth-supernode-private-key", str(Path(args.key).resolve())]
+    return cmd
+
+
+def key_note(args: argparse.Namespace) -> str:
+    """'site_key.pub path, its fingerprint' when --key has its .pub beside it, else ''."""
+    pub = Path(args.key).with_name(Path(args.key).name + ".pub") if args.key else None
+    return f"{pub}, {key_fingerprint(pub.read_bytes())}" if pub is not None and pub.is_file() else ""
+
+
+def announce(args: argparse.Namespace, site: str, counts: dict, log: Path, policy) -> str:
+    """What this site is about to do: its data, device and coordinator, its key, the log, its
+    policy. -> the key's note (:func:`key_note`), which a refusal repeats."""
     ev = counts.get("--eval-data")
     say(
         f"site {site}: {counts['--data'][0]} training records ({counts['--data'][1]} unusable)"
         + (f", {ev[0]} evaluation records" if ev else ", evaluation on a held-out split")
         + f"; device {args.device}; joining {args.server} ({'NO TLS' if args.insecure else 'TLS'})"
     )
-    pub = Path(args.key).with_name(Path(args.key).name + ".pub") if args.key else None
-    key_note = f"{pub}, {key_fingerprint(pub.read_bytes())}" if pub is not None and pub.is_file() else ""
-    if key_note:
-        say(f"site key ({key_note})")
+    note = key_note(args)
+    if note:
+        say(f"site key ({note})")
     say(f"SuperNode log: {log}")
     for line in policy.describe():
         say(f"site policy: {line}")
+    return note
 
+
+def site_identity(args: argparse.Namespace):
+    """The key secure aggregation signs with: the site key the SuperNode signs in with (read here,
+    never sent; without --key, i.e. --insecure, one made for this process, trusted on first use),
+    and the --peer-keys pins."""
     from fedtune.common.secagg import load_identity, new_identity
 
-    from .app import handle
-    from .policy import install as install_policy
     from .secure import Identity, load_pins
-    from .worker import ResidentExecutor
 
-    # Secure aggregation signs with the site key the SuperNode signs in with (read here, never
-    # sent; without --key, i.e. --insecure, with a key made for this process, trusted on first use).
     identity = Identity(
         load_identity(Path(args.key).read_bytes()) if args.key else new_identity(),
         load_pins(args.peer_keys) if args.peer_keys else None,
@@ -303,7 +309,65 @@ def join(args: argparse.Namespace) -> int:
         say(
             f"secure aggregation: shares secrets only with the {len(identity.pinned)} site key(s) pinned in {args.peer_keys}"
         )
+    return identity
 
+
+@dataclass
+class NodeOutput:
+    """What ftclient learns from the SuperNode's log, line by line: whether the coordinator
+    refused this site's key (:data:`REFUSED_MARKERS`) and whether TLS failed on the server's
+    certificate. :meth:`read` also says which lines the site's operator sees."""
+
+    refused: bool = False
+    tls: bool = False
+
+    def read(self, line: str) -> str | None:
+        """Note what ``line`` tells; -> the line to show the operator (ANSI colours stripped), or None."""
+        text = ANSI.sub("", line).strip()
+        tls = "CERTIFICATE_VERIFY_FAILED" in text
+        if any(m in text for m in REFUSED_MARKERS):
+            self.refused = True
+        self.tls |= tls
+        if "EXPERIMENTAL: SuperExec authentication" in text:
+            return None  # Flower's notice about the secret we use for the local task API; not for the site's operator
+        if text.startswith(("ERROR", "WARNING")) or tls:
+            return text
+        return None
+
+    def relay(self, line: str) -> None:
+        text = self.read(line)
+        if text is not None:
+            say(f"SuperNode: {text}")
+
+
+def node_exit(
+    args: argparse.Namespace, seen: NodeOutput, note: str, returncode: int | None, log: Path
+) -> tuple[int, str]:
+    """Why the SuperNode stopped, as ftclient tells it: -> (exit code, message). A refused key
+    (:data:`EXIT_REFUSED`) and a TLS failure say what to do; else the SuperNode's code and log tail."""
+    if seen.refused:
+        fp = f" ({note})" if note else ""
+        return EXIT_REFUSED, (
+            f"ftclient: REFUSED by the coordinator at {args.server}: this site's key{fp} is not registered there. "
+            "Send site_key.pub to the coordinator, who adds it to ftserver's --authorized-keys folder; then start ftclient again."
+        )
+    if seen.tls:
+        return 1, (
+            f"ftclient: TLS: the server at {args.server} presented a certificate that --ca-cert {args.ca_cert} does not vouch for "
+            "(another CA, or a host name the certificate does not list). Get the coordinator's current ca.crt, and dial a "
+            "name or IP given to 'ftserver init --host'."
+        )
+    return 1, f"ftclient: the SuperNode exited (code {returncode}); its log ({log}):\n{tail(log)}"
+
+
+def run_site(args: argparse.Namespace, cmd: list[str], log: Path, port: int, secret: bytes, policy, note: str) -> int:
+    """Start the SuperNode, serve its tasks in this process until it exits or ftclient is stopped
+    (Ctrl-C, SIGTERM: 0), relaying its warnings; -> ftclient's exit code (:func:`node_exit`)."""
+    from .app import handle
+    from .policy import install as install_policy
+    from .worker import ResidentExecutor
+
+    identity = site_identity(args)
     device = None if args.device == "auto" else args.device
     if args.threads:
         import torch
@@ -315,24 +379,13 @@ def join(args: argparse.Namespace) -> int:
         f"127.0.0.1:{port}", lambda m, c, t, r: handle(m, c, t, r, device, identity, policy=policy), secret=secret
     )
     log_stop = threading.Event()
-    seen: dict[str, bool] = {"refused": False, "tls": False}
-
-    def relay(line: str) -> None:
-        text = ANSI.sub("", line).strip()
-        tls = "CERTIFICATE_VERIFY_FAILED" in text
-        if any(m in text for m in REFUSED_MARKERS):
-            seen["refused"] = True
-        seen["tls"] |= tls
-        if "EXPERIMENTAL: SuperExec authentication" in text:
-            return  # Flower's notice about the secret we use for the local task API; not for the site's operator
-        if text.startswith(("ERROR", "WARNING")) or tls:
-            say(f"SuperNode: {text}")
+    seen = NodeOutput()
 
     def watch_node() -> None:
         node.wait()
         executor.stop()
 
-    follower = threading.Thread(target=follow, args=(log, log_stop, relay, True), daemon=True)
+    follower = threading.Thread(target=follow, args=(log, log_stop, seen.relay, True), daemon=True)
     follower.start()
     threading.Thread(target=watch_node, daemon=True).start()
     sigterm_as_interrupt()
@@ -342,31 +395,8 @@ def join(args: argparse.Namespace) -> int:
         executor.serve()
         log_stop.set()
         follower.join(5)  # it reads the SuperNode's log to its end once stopped
-        if seen["refused"]:
-            fp = f" ({key_note})" if key_note else ""
-            print(
-                f"ftclient: REFUSED by the coordinator at {args.server}: this site's key{fp} is not registered there. "
-                "Send site_key.pub to the coordinator, who adds it to ftserver's --authorized-keys folder; then start ftclient again.",
-                file=sys.stderr,
-                flush=True,
-            )
-            code = EXIT_REFUSED
-        elif seen["tls"]:
-            print(
-                f"ftclient: TLS: the server at {args.server} presented a certificate that --ca-cert {args.ca_cert} does not vouch for "
-                "(another CA, or a host name the certificate does not list). Get the coordinator's current ca.crt, and dial a "
-                "name or IP given to 'ftserver init --host'.",
-                file=sys.stderr,
-                flush=True,
-            )
-            code = 1
-        else:
-            print(
-                f"ftclient: the SuperNode exited (code {node.returncode}); its log ({log}):\n{tail(log)}",
-                file=sys.stderr,
-                flush=True,
-            )
-            code = 1
+        code, text = node_exit(args, seen, note, node.returncode, log)
+        print(text, file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         say(f"stopping ({executor.tasks_done} task(s) served)")
         code = 0
@@ -375,3 +405,29 @@ def join(args: argparse.Namespace) -> int:
         log_stop.set()
         stop(node, 10)
     return code
+
+
+def join(args: argparse.Namespace) -> int:
+    """ftclient's join: check everything local, then run the site (:func:`run_site`); -> the exit
+    code (2: a bad flag or input, before anything starts)."""
+    try:
+        site, counts = check_inputs(args)
+        node_cfg = node_config(site, args, verbose=True)  # a site's operator follows its rounds
+    except JoinError as e:
+        print(f"ftclient: {e}", file=sys.stderr)
+        return 2
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    work = work_dir(args)
+    try:
+        policy = site_policy(args, work)
+    except JoinError as e:
+        print(f"ftclient: {e}", file=sys.stderr)
+        return 2
+    secret = os.urandom(32)
+    write_private_file(work / "runtime.secret", secret)
+    port = free_port()
+    log = work / "supernode.log"
+    cmd = supernode_command(args, port, work / "runtime.secret", node_cfg)
+    note = announce(args, site, counts, log, policy)
+    return run_site(args, cmd, log, port, secret, policy, note)

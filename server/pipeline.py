@@ -44,13 +44,15 @@ class SiteUpdate:
     clipped_by_coordinator: bool | None = None  # None: no bound, so clip did nothing
 
 
-def pad_rank(u: SiteUpdate, spec: dict, ranked: bool) -> SiteUpdate:
-    """Mixed-rank methods: read the update's rank (ValueError when its shapes are no LoRA rank of
-    the spec) and zero-pad a lower one to the global rank. Other methods: unchanged."""
-    rank = methods.rank_of(u.arrays, spec) if ranked else None
+def pad_rank(u: SiteUpdate, spec: dict, method: str | None) -> SiteUpdate:
+    """``method``: the fine-tuning method when it has mixed ranks (the registry's ``mixed_ranks``),
+    else None. Read the update's rank along the method's rank axes and zero-pad a lower one to the
+    global rank; an update whose shapes are no rank of the spec, or ``method`` None: unchanged
+    (validate then refuses shapes that are not the spec's)."""
+    rank = methods.rank_of(u.arrays, spec, method) if method is not None else None
     if rank is None:
         return u
-    return replace(u, arrays=methods.pad_rank(u.arrays, spec), rank=rank)
+    return replace(u, arrays=methods.pad_rank(u.arrays, spec, method), rank=rank)
 
 
 def validate(u: SiteUpdate, spec: dict, max_examples: int) -> SiteUpdate:
@@ -69,10 +71,10 @@ def clip(u: SiteUpdate, bound: float | None) -> SiteUpdate:
     return replace(u, arrays=c.update, clipped_by_coordinator=bool(c.norm > bound * (1 + 1e-4)))
 
 
-def prepare(u: SiteUpdate, spec: dict, ranked: bool, max_examples: int, bound: float | None) -> SiteUpdate:
+def prepare(u: SiteUpdate, spec: dict, rank_method: str | None, max_examples: int, bound: float | None) -> SiteUpdate:
     """pad_rank -> validate -> clip. Raises Rejected, or ValueError/KeyError/TypeError from a
     malformed update (the caller treats both as a rejection)."""
-    return clip(validate(pad_rank(u, spec, ranked), spec, max_examples), bound)
+    return clip(validate(pad_rank(u, spec, rank_method), spec, max_examples), bound)
 
 
 @dataclass

@@ -24,7 +24,6 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.common import adapters, messages, methods, privacy
-from fedtune.common.config import MIXED_RANK_METHODS
 from fedtune.common.messages import EvalMetrics, TrainMetrics
 from fedtune.common.metrics import weighted_scores
 
@@ -99,7 +98,7 @@ class TrainPlan:
     spec: dict  # their shapes: every update must match exactly
     n_values: int
     bound: float | None  # the update-norm bound (privacy.clip under DP), or None
-    ranked: bool  # a mixed-rank method: lower-rank updates are padded
+    rank_method: str | None  # the method, when the registry says it has mixed ranks (lower ranks are padded)
     secure: bool
     dp: bool
     content: RecordDict  # the TRAIN message's content
@@ -120,7 +119,7 @@ def configure_train(rs: RunState, rnd: int, nodes: list[int], population: int | 
         spec=spec,
         n_values=n_values,
         bound=privacy.bound_of(cfg, n_values),
-        ranked=cfg.peft.method in MIXED_RANK_METHODS,
+        rank_method=cfg.peft.method if methods.get(cfg.peft.method).mixed_ranks else None,
         secure=bool(cfg.secure_aggregation.enabled),
         dp=dp,
         content=broadcast_content(rs, rnd, trainable, population if dp else None),
@@ -243,7 +242,7 @@ class TrainReplies:
         try:
             u = decode_update(m, name, tm, plan)
             info["bytes_sent"] = adapters.record_nbytes(m.content[messages.ARRAYS])
-            u = prepare(u, plan.spec, plan.ranked, rs.cfg.federation.max_examples_per_update, plan.bound)
+            u = prepare(u, plan.spec, plan.rank_method, rs.cfg.federation.max_examples_per_update, plan.bound)
         except Rejected as e:
             problems = e.problems
         except (ValueError, KeyError, TypeError) as e:
@@ -304,11 +303,11 @@ def measures(rs: RunState, plan: TrainPlan, replies: TrainReplies, update: dict,
         return {}
     for (name, _, _), align in zip(measured, site_alignment([a for _, a, _ in measured], update, rs.layer_of)):
         replies.sites[name].update(align)
-    if not plan.ranked:
+    if plan.rank_method is None:
         return {}
     return lora_product_error(
         rs.global_state, [a for _, a, _ in measured], [r for _, _, r in measured], [weight[n] for n, _, _ in measured],
-        update, methods.lora_pairs(rs.global_state),
+        update, methods.lora_pairs(rs.global_state, plan.rank_method),
     )  # fmt: skip
 
 

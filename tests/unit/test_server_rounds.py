@@ -411,12 +411,12 @@ def _lora_update(r: int, value: float = 1.0) -> dict:
 def test_pad_rank_zero_pads_a_lower_rank_and_records_it():
     from fedtune.server import pipeline
 
-    u = pipeline.pad_rank(pipeline.SiteUpdate("a", _lora_update(2), 10), _lora_spec(4), ranked=True)
+    u = pipeline.pad_rank(pipeline.SiteUpdate("a", _lora_update(2), 10), _lora_spec(4), "lora")
     assert u.rank == 2 and {k: v.shape for k, v in u.arrays.items()} == _lora_spec(4)
     a, b = u.arrays["m.lora_A.weight"], u.arrays["m.lora_B.weight"]
     assert (a[:2] == 1).all() and (a[2:] == 0).all() and (b[:, :2] == 1).all() and (b[:, 2:] == 0).all()
     full = pipeline.SiteUpdate("b", _lora_update(4), 10)
-    assert pipeline.pad_rank(full, _lora_spec(4), ranked=False) is full  # a method without ranks: as it came
+    assert pipeline.pad_rank(full, _lora_spec(4), None) is full  # a method without ranks: as it came
 
 
 def test_validate_passes_a_matching_update_and_rejects_with_the_problems():
@@ -473,10 +473,10 @@ def test_fold_weighs_by_examples_capped_equal_or_keeps_for_a_robust_aggregator()
 def test_prepare_pads_before_it_validates_so_a_lower_rank_passes():
     from fedtune.server import pipeline
 
-    u = pipeline.prepare(pipeline.SiteUpdate("a", _lora_update(2), 10), _lora_spec(4), True, 1000, None)
+    u = pipeline.prepare(pipeline.SiteUpdate("a", _lora_update(2), 10), _lora_spec(4), "lora", 1000, None)
     assert u.rank == 2 and u.clipped_by_coordinator is None
     with pytest.raises(pipeline.Rejected):  # without padding, the shapes are not the global adapter's
-        pipeline.prepare(pipeline.SiteUpdate("a", _lora_update(2), 10), _lora_spec(4), False, 1000, None)
+        pipeline.prepare(pipeline.SiteUpdate("a", _lora_update(2), 10), _lora_spec(4), None, 1000, None)
 
 
 # ---- the run loop's stop conditions (server/app.py) ------------------------------------------------

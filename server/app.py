@@ -129,7 +129,7 @@ def general_knowledge(cfg: FedTuneConfig, state: OrderedDict | None) -> dict:
     device = None if cfg.model.device == "auto" else cfg.model.device
     if state is None:
         model, tokenizer, device = load_base_model(
-            cfg.model, device, four_bit=cfg.peft if cfg.peft.method == "qlora" else None
+            cfg.model, device, four_bit=cfg.peft if methods.get(cfg.peft.method).four_bit else None
         )
     else:
         model, tokenizer, device = methods.load_model(cfg, device)
@@ -169,7 +169,7 @@ def keep_best(rs: RunState, rnd: int, say: Printer) -> int:
 def save_artifacts(rs: RunState, say: Printer) -> None:
     """After the last round: full fine-tuning's Hugging Face model folder ``model/``; with
     output.merged, a LoRA-family adapter folded into its base as ``merged/``."""
-    if rs.peft_config is None:
+    if methods.get(rs.cfg.peft.method).artifact == "model":
         path = methods.export_full(rs.cfg, adapters.to_tensors(rs.global_state), rs.out / "model")
         say(f"model: {path} (a Hugging Face model folder: AutoModelForCausalLM.from_pretrained)")
     if rs.cfg.output.merged:
@@ -270,7 +270,7 @@ def start_run(cfg: FedTuneConfig, out: Path, say: Printer, resume: bool, site_ke
         except RuntimeError as e:
             raise FederationError(str(e)) from None
     check_free_space(rs, resume)
-    what = "weights (full fine-tuning)" if init.peft_config is None else "adapter"
+    what = "weights (full fine-tuning)" if methods.get(cfg.peft.method).artifact == "model" else "adapter"
     n = rs.trainable_params
     say(f"{cfg.peft.method} {what}: {n:,} trainable parameters ({n * 4 / 1e6:.1f} MB as float32)")
     return rs

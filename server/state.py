@@ -216,7 +216,7 @@ class RunState:
         return {
             "fedtune": {
                 "peft": cfg.peft.method,
-                "artifact": "model" if self.peft_config is None else "adapter",
+                "artifact": methods.get(cfg.peft.method).artifact,
                 "strategy": cfg.federation.strategy,
                 "aggregator": cfg.federation.aggregator,
                 "secure_aggregation": bool(cfg.secure_aggregation.enabled),

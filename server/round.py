@@ -105,6 +105,9 @@ class TrainPlan:
 
 
 def configure_train(rs: RunState, rnd: int, nodes: list[int], population: int | None = None) -> TrainPlan:
+    """Round ``rnd``'s TRAIN message for ``nodes`` and what their replies are held to: the
+    trainable set (layer-wise control), its shapes, the norm bound, whether ranks may be lower.
+    ``population``: the sites connected, which ``nodes`` were drawn from (default: ``nodes``)."""
     cfg = rs.cfg
     dp = rs.accountant is not None
     population = population or len(nodes)

@@ -309,6 +309,179 @@ def _say(site: SiteFiles, text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] site {site.name}: {text}", file=sys.stderr, flush=True)
 
 
+def data_counts(st: SiteState) -> dict:
+    """A site's data counts (:class:`TrainMetrics` fields), which every reply past loading its data carries."""
+    return {"records": st.n_records, "invalid_records": st.n_invalid, "dropped_too_long": st.dropped_too_long}
+
+
+class _Refused(Exception):
+    """:func:`handle_train` ends early: the site refuses the round with ``reason`` (and the
+    counts in ``metrics``); ``forget``: it also drops its part in a secure round."""
+
+    def __init__(self, reason: str, metrics: TrainMetrics | None = None, forget: bool = False):
+        super().__init__(reason)
+        self.reason, self.metrics, self.forget = reason, metrics, forget
+
+
+@dataclass
+class _TrainRound:
+    """One TRAIN task as this site runs it (what :func:`handle_train`'s steps share)."""
+
+    task: TrainTask
+    site: SiteFiles
+    cfg: FedTuneConfig  # the run's config as the site's policy admitted it
+    population: int  # the sites the DP noise is sized for (0: no DP)
+    rt: Runtime
+    st: SiteState
+    full_global: dict  # the global adapter at the run's rank
+    global_state: dict  # ... as this site holds it (cut to its rank: HetLoRA)
+    verbose: bool  # a real site (ftclient) prints its progress; ftsim prints per round at the coordinator
+
+    @property
+    def secure(self) -> messages.SecureTrainRequest | None:
+        return self.task.secure
+
+    @property
+    def refused(self) -> TrainMetrics:
+        """The metrics of a refusal once the data is loaded: its counts, no examples trained."""
+        return TrainMetrics(num_examples=0, **data_counts(self.st))
+
+
+def _read_train_task(msg: Message, site: SiteFiles) -> TrainTask:
+    try:
+        return TrainTask.from_record(msg.content)
+    except MessageError as e:  # not a train task: nothing loads, nothing trains
+        _say(site, f"refused a malformed train task: {e}")
+        raise _Refused(str(e), forget=messages.SECAGG in msg.content) from None
+
+
+def _admit_round(
+    task: TrainTask, site: SiteFiles, device: str | None, policy: SitePolicy, verbose: bool
+) -> _TrainRound:
+    """The site's policy on the round (plaintext, DP, model, paths), then its model and data."""
+    cfg, full_global = task.config, adapters.to_tensors(task.adapter)
+    population = (task.round.dp_population or 0) if cfg.privacy.enabled else 0
+    try:
+        policy.check_round(cfg, secure=task.secure is not None, population=population)
+        cfg = policy.admit(cfg)
+        rt, st, global_state = site_model(cfg, site, full_global, device, policy)
+    except SiteRefusal as e:
+        _say(site, f"round {task.server_round}: refused: {e}")
+        raise _Refused(str(e), forget=task.secure is not None) from None
+    return _TrainRound(task, site, cfg, population, rt, st, full_global, global_state, verbose)
+
+
+def _prepare_model(context: Context, r: _TrainRound) -> None:
+    """Before spending the round training: a secure round to mask for, the global adapter
+    loaded, the coordinator's trainable set, and (DP) a population to size the noise for."""
+    if r.secure is not None:
+        try:
+            secure.ready_to_train(context, r.secure)
+        except SecAggError as e:
+            raise _Refused(str(e), r.refused) from None
+    methods.set_state(r.rt.model, r.global_state)
+    try:
+        methods.set_trainable(r.rt.model, r.task.trainable)
+    except (KeyError, ValueError) as e:  # the coordinator and this site disagree on what trains
+        raise _Refused(f"trainable set: {e}", r.refused, forget=r.secure is not None) from None
+    if r.cfg.privacy.enabled and r.population < 1:  # the noise cannot be sized
+        raise _Refused("differential privacy: the round names no site population", r.refused, r.secure is not None)
+
+
+def _train(r: _TrainRound) -> TrainStats:
+    """The round's local training (progress printed on a verbose site)."""
+    site, server_round, cfg = r.site, r.task.server_round, r.cfg
+    if r.verbose:
+        _say(site, f"round {server_round}: training on {len(r.st.train_items)} examples")
+
+    def progress(step: int, n: int, loss: float) -> None:
+        if step == n or step % max(1, n // 4) == 0:
+            _say(site, f"round {server_round}: step {step}/{n} loss {loss:.3f}")
+
+    stats = train_local(
+        cfg,
+        r.rt,
+        r.st.train_items,
+        site_seed(cfg, site.name),
+        server_round,
+        progress=progress if r.verbose else None,
+        proximal_mu=cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0,
+        validation=r.st.eval_examples,
+    )
+    if cfg.train.local_patience is not None and r.verbose:
+        _say_local_stopping(site, server_round, stats)
+    return stats
+
+
+def _release(r: _TrainRound) -> tuple[dict, dict]:
+    """The trained update (local - global over the trainable set) as it may leave the site
+    (clipped, DP noise under secure aggregation) -> (update, its norm metrics)."""
+    trainable = r.task.trainable
+    local = methods.get_state(r.rt.model)
+    delta = adapters.delta({k: local[k] for k in trainable}, {k: r.global_state[k] for k in trainable})
+    try:
+        return privacy.site_release(r.cfg, delta, secure=r.secure is not None, n_sites=r.population)
+    except privacy.NonFiniteUpdate as e:  # a diverged model: refuse the round, never send zeros or NaN
+        if r.verbose:
+            _say(r.site, str(e))
+        raise _Refused(str(e), r.refused, forget=r.secure is not None) from None
+
+
+def _metric_fields(reported: dict) -> dict:
+    """Metrics privacy.site_release and secure.masked_input report under their wire keys
+    ('update-norm'), as :class:`TrainMetrics` fields ('update_norm')."""
+    return {k.replace("-", "_"): v for k, v in reported.items()}
+
+
+def train_metrics(
+    site: SiteFiles,
+    st: SiteState,
+    stats: TrainStats,
+    released: dict,
+    *,
+    received: float,
+    arrived: float,
+    local_stopping: bool,
+) -> TrainMetrics:
+    """What a site reports of a round it trained: its data counts, the training's losses, steps,
+    time and tokens, the download (``arrived`` -> ``received``) and the start-up (``received`` ->
+    the first step), its rank, the update's norm (``released``: privacy.site_release's) and, with
+    ``local_stopping``, :func:`local_stopping_metrics`."""
+    return TrainMetrics(
+        num_examples=len(st.train_items),
+        train_loss=stats.loss_mean,
+        train_loss_first=stats.loss_first,
+        train_loss_last=stats.loss_last,
+        train_steps=stats.steps,
+        train_seconds=stats.seconds,
+        train_tokens=stats.tokens,
+        receive_seconds=received - arrived,
+        startup_seconds=stats.first_step_at - received,
+        lora_rank=site.rank,
+        **data_counts(st),
+        **_metric_fields(released),  # the update's norm and whether it was clipped
+        **(local_stopping_metrics(stats) if local_stopping else {}),
+    )
+
+
+def _mask(context: Context, r: _TrainRound, delta: dict, metrics: TrainMetrics) -> tuple[object, TrainMetrics]:
+    """Secure round: the update goes straight from training to masking; only the masked vector
+    leaves. -> (the masked vector, the metrics with the masking's)."""
+    cfg, site = r.cfg, r.site
+    try:
+        reference = {k: r.full_global[k] for k in r.task.trainable}
+        flat = secure.flatten_update(methods.pad_rank(delta, {k: v.shape for k, v in reference.items()}), reference)
+        # Under DP and federation.weighting "equal" every site weighs the same; else its
+        # example count, which masked_input caps at the round's weight cap.
+        weight = 1 if cfg.privacy.enabled or cfg.federation.weighting == "equal" else len(r.st.train_items)
+        y, extra = secure.masked_input(context, r.secure, flat, weight, site_seed(cfg, site.name) + r.task.server_round)
+    except SecAggError as e:  # a site that refuses is out of this round
+        if r.verbose:
+            _say(site, f"secure aggregation: {e}")
+        raise _Refused(str(e), metrics, forget=True) from None
+    return y, dataclasses.replace(metrics, **_metric_fields(extra))
+
+
 def handle_train(
     msg: Message,
     context: Context,
@@ -326,112 +499,27 @@ def handle_train(
     received = time.time() if received is None else received
     arrived = received if arrived is None else arrived
     site = resolve_site(context, sites)
-    verbose = node_settings(context).verbose  # a real site (ftclient); ftsim prints per round at the coordinator
-    secure_round = messages.SECAGG in msg.content
+    verbose = node_settings(context).verbose
     try:
-        task = TrainTask.from_record(msg.content)
-    except MessageError as e:  # not a train task: nothing loads, nothing trains
-        _say(site, f"refused a malformed train task: {e}")
-        if secure_round:
-            secure.forget(context)
-        return _refuse_train(msg, site, str(e))
-    cfg, server_round, full_global = task.config, task.server_round, adapters.to_tensors(task.adapter)
-    sa = task.secure
-    policy = policy or site_policy.active()
-    population = (task.round.dp_population or 0) if cfg.privacy.enabled else 0
-    try:
-        policy.check_round(cfg, secure=sa is not None, population=population)
-        cfg = policy.admit(cfg)
-        rt, st, global_state = site_model(cfg, site, full_global, device, policy)
-    except SiteRefusal as e:
-        _say(site, f"round {server_round}: refused: {e}")
-        if sa is not None:
-            secure.forget(context)
-        return _refuse_train(msg, site, str(e))
-    counts = {"records": st.n_records, "invalid_records": st.n_invalid, "dropped_too_long": st.dropped_too_long}
-    if st.problem:
-        # A site with nothing usable never sends an update.
-        return _reply(msg, TrainReply(_status(site, st.problem), TrainMetrics(num_examples=0, **counts)))
-    refused = TrainMetrics(num_examples=0, **counts)
-    if sa is not None:
-        try:
-            secure.ready_to_train(context, sa)  # before spending the round training for nothing
-        except SecAggError as e:
-            return _refuse_train(msg, site, str(e), refused)
-    methods.set_state(rt.model, global_state)
-    trainable = task.trainable
-    try:
-        methods.set_trainable(rt.model, trainable)
-    except (KeyError, ValueError) as e:  # the coordinator and this site disagree on what trains
-        if sa is not None:
-            secure.forget(context)
-        return _refuse_train(msg, site, f"trainable set: {e}", refused)
-    if cfg.privacy.enabled and population < 1:  # the noise cannot be sized: refuse before spending the round training
-        if sa is not None:
-            secure.forget(context)
-        return _refuse_train(msg, site, "differential privacy: the round names no site population", refused)
-    if verbose:
-        _say(site, f"round {server_round}: training on {len(st.train_items)} examples")
-
-    def progress(step: int, n: int, loss: float) -> None:
-        if step == n or step % max(1, n // 4) == 0:
-            _say(site, f"round {server_round}: step {step}/{n} loss {loss:.3f}")
-
-    stats = train_local(
-        cfg,
-        rt,
-        st.train_items,
-        site_seed(cfg, site.name),
-        server_round,
-        progress=progress if verbose else None,
-        proximal_mu=cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0,
-        validation=st.eval_examples,
-    )
-    stopping = cfg.train.local_patience is not None
-    if stopping and verbose:
-        _say_local_stopping(site, server_round, stats)
-    local = methods.get_state(rt.model)
-    delta = adapters.delta({k: local[k] for k in trainable}, {k: global_state[k] for k in trainable})
-    try:
-        delta, bounded = privacy.site_release(cfg, delta, secure=sa is not None, n_sites=population)
-    except privacy.NonFiniteUpdate as e:  # a diverged model: refuse the round, never send zeros or NaN
-        if sa is not None:
-            secure.forget(context)
-        if verbose:
-            _say(site, str(e))
-        return _refuse_train(msg, site, str(e), refused)
-    metrics = TrainMetrics(
-        num_examples=len(st.train_items),
-        train_loss=stats.loss_mean,
-        train_loss_first=stats.loss_first,
-        train_loss_last=stats.loss_last,
-        train_steps=stats.steps,
-        train_seconds=stats.seconds,
-        train_tokens=stats.tokens,
-        receive_seconds=received - arrived,
-        startup_seconds=stats.first_step_at - received,
-        lora_rank=site.rank,
-        **counts,
-        **{k.replace("-", "_"): v for k, v in bounded.items()},  # the update's norm and whether it was clipped
-        **(local_stopping_metrics(stats) if stopping else {}),
-    )
-    if sa is not None:
-        # Secure round: the update goes straight from training to masking; only the masked vector leaves.
-        try:
-            reference = {k: full_global[k] for k in trainable}
-            flat = secure.flatten_update(methods.pad_rank(delta, {k: v.shape for k, v in reference.items()}), reference)
-            # Under DP and federation.weighting "equal" every site weighs the same; else its
-            # example count, which masked_input caps at the round's weight cap.
-            weight = 1 if cfg.privacy.enabled or cfg.federation.weighting == "equal" else len(st.train_items)
-            y, extra = secure.masked_input(context, sa, flat, weight, site_seed(cfg, site.name) + server_round)
-        except SecAggError as e:
-            secure.forget(context)  # a site that refuses is out of this round
-            if verbose:
-                _say(site, f"secure aggregation: {e}")
-            return _refuse_train(msg, site, str(e), metrics)
-        metrics = dataclasses.replace(metrics, **{k.replace("-", "_"): v for k, v in extra.items()})
+        task = _read_train_task(msg, site)
+        r = _admit_round(task, site, device, policy or site_policy.active(), verbose)
+        if r.st.problem:  # a site with nothing usable never sends an update
+            return _reply(msg, TrainReply(_status(site, r.st.problem), r.refused))
+        _prepare_model(context, r)
+        stats = _train(r)
+        delta, released = _release(r)
+        stopping = r.cfg.train.local_patience is not None
+        metrics = train_metrics(
+            site, r.st, stats, released, received=received, arrived=arrived, local_stopping=stopping
+        )
+        if r.secure is None:  # upload-bytes: the arrays' bytes
+            return _reply(msg, TrainReply(_status(site, "ok"), metrics, update=delta))
+        y, metrics = _mask(context, r, delta, metrics)
         return _reply(msg, TrainReply(_status(site, "ok"), metrics, masked=y))  # upload-bytes: 4 a value
-    return _reply(msg, TrainReply(_status(site, "ok"), metrics, update=delta))  # upload-bytes: the arrays' bytes
+    except _Refused as e:
+        if e.forget:
+            secure.forget(context)
+        return _refuse_train(msg, site, e.reason, e.metrics)
 
 
 def _example_count(msg: Message, site: SiteFiles, device: str | None) -> int | None:

@@ -413,3 +413,115 @@ def test_a_site_whose_training_diverged_refuses_the_round_instead_of_sending_nan
     assert r.site.status == "refused"
     assert "not finite" in r.site.reason
     assert r.update is None and r.metrics.num_examples == 0
+
+
+def test_train_metrics_report_counts_losses_times_rank_and_the_released_norm():
+    st = client_app.SiteState(n_records=10, n_invalid=2, train_items=[1, 2, 3], dropped_too_long=1, eval_examples=[])
+    stats = client_app.TrainStats(
+        steps=4,
+        examples_seen=8,
+        loss_first=2.0,
+        loss_last=1.0,
+        loss_mean=1.5,
+        seconds=3.5,
+        tokens=99,
+        first_step_at=105.0,
+        planned_steps=6,
+        stopped_at=4,
+        best_step=3,
+        val_losses=[(0, 2.25), (3, 1.125)],
+    )
+    released = {"update-norm": 0.5, "update-clipped": 1}  # privacy.site_release's, under their wire keys
+    m = client_app.train_metrics(
+        SiteFiles("bank", "x", rank=2), st, stats, released, received=100.0, arrived=97.5, local_stopping=True
+    )
+    assert m == messages.TrainMetrics(
+        num_examples=3,
+        records=10,
+        invalid_records=2,
+        dropped_too_long=1,
+        train_loss=1.5,
+        train_loss_first=2.0,
+        train_loss_last=1.0,
+        train_steps=4,
+        train_seconds=3.5,
+        train_tokens=99,
+        receive_seconds=2.5,  # arrived -> received: the download
+        startup_seconds=5.0,  # received -> the first step
+        lora_rank=2,
+        update_norm=0.5,
+        update_clipped=1,
+        planned_steps=6,
+        local_stopped_at=4,
+        local_best_step=3,
+        local_val_start=2.25,
+        local_val_best=1.125,
+    )
+    assert messages.TrainMetrics.from_record(m.to_record()) == m  # all of it a site may send
+    plain = client_app.train_metrics(
+        SiteFiles("bank", "x"), st, stats, {}, received=100.0, arrived=100.0, local_stopping=False
+    )
+    assert plain.receive_seconds == 0.0 and plain.lora_rank is None and plain.update_norm is None
+    assert plain.planned_steps is None and plain.local_best_step is None and plain.local_val_best is None
+
+
+@pytest.fixture
+def secure_site(tmp_path, monkeypatch):
+    """An ftclient site in a secure round past key sharing (a stand-in for its round state)."""
+    from fedtune.common.secagg import protocol as p
+
+    monkeypatch.setattr(client_app.secure, "ready_to_train", lambda context, sa: None)
+    ctx = site(write_site(tmp_path / "bank.jsonl"), "bank", verbose=True)
+    ctx.state[p.STATE] = ConfigRecord({"stage": p.DONE_SHARE})
+    return ctx
+
+
+def secure_task(cfg, state, population=None, trainable=None) -> Message:
+    return message(
+        cfg, state, 1, MessageType.TRAIN, trainable, population, messages.SecureTrainRequest(b"t" * 16, [], [])
+    )
+
+
+def dp_secure(tiny_config):
+    doc = json.loads(tiny_config.to_json())
+    doc["secure_aggregation"]["enabled"] = True
+    doc["privacy"].update({"epsilon": 8.0, "noise_multiplier": 5.0})
+    return type(tiny_config).model_validate(doc)
+
+
+@pytest.mark.parametrize("case", ["malformed", "trainable", "no-population", "masking"])
+def test_a_secure_round_the_site_refuses_drops_its_secrets(case, secure_site, tiny_config, global_state, monkeypatch):
+    """Each refusal of a secure TRAIN task once the site holds the round's keys: the reason goes
+    back, nothing (masked or not) leaves, and the site forgets the round (its keys cannot be
+    used again); refused at masking, it still reports what it trained."""
+    from fedtune.common.secagg import SecAggError
+    from fedtune.common.secagg import protocol as p
+
+    if case == "malformed":
+        msg = envelope(
+            RecordDict({messages.SECAGG: messages.SecureTrainRequest(b"t" * 16, [], []).to_record()}), "train"
+        )
+        needle = "train task: missing record"
+    elif case == "trainable":
+        msg, needle = (
+            secure_task(tiny_config, global_state, trainable=["model.layers.0.mlp.up_proj.weight"]),
+            "trainable set",
+        )
+    elif case == "no-population":
+        msg, needle = secure_task(dp_secure(tiny_config), global_state), "names no site population"
+    else:
+
+        def refuse(*args, **kwargs):
+            raise SecAggError("only 0 neighbour(s) shared keys: refused")
+
+        monkeypatch.setattr(client_app.secure, "masked_input", refuse)
+        msg, needle = secure_task(tiny_config, global_state), "only 0 neighbour(s)"
+    r = train_reply(handle_train(msg, secure_site, None, "cpu"))
+    assert r.site.status == "refused" and needle in r.site.reason, r.site
+    assert r.update is None and r.masked is None
+    assert p.STATE not in secure_site.state  # the round is forgotten
+    if case == "masking":  # trained: the counts and the training's metrics, no update
+        assert r.metrics.num_examples > 0 and r.metrics.train_steps == tiny_config.train.local_steps
+    else:
+        assert r.metrics.num_examples == 0 and r.metrics.train_steps is None
+        assert (r.metrics.records == 8) == (case != "malformed")  # counts once the data is loaded

@@ -504,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         f"done in {time.time() - t0:.0f} s. Final global eval: "
         + ", ".join(f"{k} {v:.3f}" for k, v in last.get("aggregate", {}).items())
     )
+    from fedtune.simulations.report_sections import write_ftsim_report
+
+    write_ftsim_report(out, plots=cfg.output.plots, say=say)  # the report with ftsim's sections (the sites' data)
     if cfg.simulation.baselines:
         from fedtune.simulations.baselines import BaselineError, add_baselines
 

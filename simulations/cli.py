@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedtune.common import methods
 from fedtune.common.config import (
     ConfigError,
     FedTuneConfig,
@@ -521,11 +522,12 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 130
-    artifact = out / ("model" if cfg.peft.method == "full" else "adapter")
+    saves = methods.get(cfg.peft.method).artifact  # "model" (full fine-tuning) or "adapter"
+    artifact = out / saves
     merged = f"   merged: {out / 'merged'}" if cfg.output.merged else ""
     say(f"{artifact.name}: {artifact}{merged}   metrics: {out / 'metrics.json'}   report: {out / 'report.md'}")
     best = rs.best()
-    if best is not None and cfg.peft.method != "full":
+    if best is not None and saves == "adapter":
         say(f"best round: {best['round']} ({best['metric']} {best['value']:.3f}), its adapter in {out / 'best'}")
     return 0
 

@@ -88,7 +88,12 @@ def join_parser() -> argparse.ArgumentParser:
         "site then shares its secrets only with sites whose keys are among them (without it, it trusts the keys the coordinator "
         "publishes, and a malicious coordinator could enrol keys of its own)",
     )
-    # This site's policy (fedtune.client.policy): what it refuses whatever the coordinator asks.
+    add_policy_flags(p)
+    return p
+
+
+def add_policy_flags(p: argparse.ArgumentParser) -> None:
+    """This site's policy (fedtune.client.policy): what it refuses whatever the coordinator asks."""
     pol = p.add_argument_group(
         "site policy (checked before every round trains; a refusal says why here and to the coordinator)"
     )
@@ -126,7 +131,6 @@ def join_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a folder a run's local model may be in, besides the cache and --work-dir (repeatable)",
     )
-    return p
 
 
 def site_policy(args: argparse.Namespace, work: Path):

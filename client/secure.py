@@ -301,6 +301,23 @@ def _check_peers(context: Context, nodes: list[str], pks: list[bytes], identity:
     return {**seen, **dict(zip(nodes, pks))}
 
 
+def _round_settings(req: ShareKeysRequest, st: ConfigRecord, n_sites: int) -> tuple[int, int]:
+    """The round's Shamir threshold (for ``n_sites`` with this one) and weight cap as the
+    coordinator set them, checked against this site's own limits -> (threshold, weight cap)."""
+    threshold = req.threshold
+    why = check_threshold(threshold, n_sites)
+    if why:
+        raise SecAggError(f"{why}: refused")
+    cap = req.weight_cap
+    if not 1 <= cap <= int(st["max-weight"]):
+        raise SecAggError(f"weight cap {cap}: expected a whole number in 1..{int(st['max-weight'])}: refused")
+    try:
+        _quantizer(st, cap)
+    except ValueError as e:
+        raise SecAggError(f"quantization settings: {e}: refused") from None
+    return threshold, cap
+
+
 @_refusal_ends_round
 def share_keys(context: Context, sa: ConfigRecord | ShareKeysRequest, identity: Identity | None = None) -> ConfigRecord:
     """Stage 2: check every neighbour's signed keys against its published identity key, then
@@ -334,17 +351,7 @@ def share_keys(context: Context, sa: ConfigRecord | ShareKeysRequest, identity: 
         raise SecAggError(
             f"the advertised keys of site(s) {forged[:5]} are not signed by their published identity keys (substituted keys?): refused"
         )
-    threshold = req.threshold
-    why = check_threshold(threshold, len(ids) + 1)
-    if why:
-        raise SecAggError(f"{why}: refused")
-    cap = req.weight_cap
-    if not 1 <= cap <= int(st["max-weight"]):
-        raise SecAggError(f"weight cap {cap}: expected a whole number in 1..{int(st['max-weight'])}: refused")
-    try:
-        _quantizer(st, cap)
-    except ValueError as e:
-        raise SecAggError(f"quantization settings: {e}: refused") from None
+    threshold, cap = _round_settings(req, st, len(ids) + 1)
     keys = dict(zip(ids, zip(c_pubs, s_pubs)))
     try:
         sealed = site.share_keys(keys, ids, threshold)

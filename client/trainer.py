@@ -128,6 +128,18 @@ class LocalStopping:
         self.best_step, self.best_loss, self.since = 0, math.nan, 0
         self.losses: list[tuple[int, float]] = []
 
+    @classmethod
+    def started(
+        cls, validate: Callable[[], float] | None, params: list, cfg: TrainConfig, n_steps: int
+    ) -> LocalStopping | None:
+        """A round's local early stopping with its first check (the round's start) done, or None
+        when it is off (no ``validate``, or no cfg.local_patience)."""
+        if validate is None or cfg.local_patience is None:
+            return None
+        stopping = cls(validate, params, cfg, n_steps)
+        stopping.stop_after(0)
+        return stopping
+
     def stop_after(self, step: int) -> bool:
         """Check at ``step`` if one is due; True once ``patience`` checks in a row did not improve."""
         if step % self.every and step != self.n_steps:
@@ -171,6 +183,68 @@ def add_proximal_grad(params: list, anchors: list, mu: float) -> None:
             p.grad.add_(g)
 
 
+def _pulls(params: list, proximal_mu: float, base_anchor: tuple[float, list] | None) -> list[tuple[list, float]]:
+    """The weights the loss pulls toward, as (weights, mu): FedProx's (the round's start, copied
+    now) when ``proximal_mu`` > 0, then the base anchor's when its mu > 0."""
+    pulls = [([p.detach().clone() for p in params], proximal_mu)] if proximal_mu > 0 else []
+    if base_anchor is not None and base_anchor[0] > 0:
+        pulls.append((base_anchor[1], base_anchor[0]))
+    return pulls
+
+
+def _backward(model, chunks: list[dict], n_tok: int, device) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches, the loss weighted by answer
+    token (``n_tok``: those of all the micro-batches) -> (the summed token loss, tokens seen)."""
+    step_loss, tokens = 0.0, 0
+    for batch in chunks:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss_sum = token_nll(text_logits(out.logits, batch["input_ids"])[:, :-1], batch["labels"][:, 1:]).sum()
+        (loss_sum / max(n_tok, 1)).backward()
+        step_loss += float(loss_sum.detach())
+        tokens += int(batch["attention_mask"].sum())
+    return step_loss, tokens
+
+
+def _update(params: list, optimizer, scheduler, cfg: TrainConfig, pulls: list[tuple[list, float]]) -> None:
+    """One optimizer step: each pull's gradient (``pulls``: (anchor weights, mu), FedProx's and
+    the base anchor's, in that order), clipping at cfg.max_grad_norm, then the step and the schedule's."""
+    for anchors, mu in pulls:
+        add_proximal_grad(params, anchors, mu)
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _stats(
+    losses: list[float],
+    per_step: int,
+    seconds: float,
+    tokens: int,
+    first_step_at: float,
+    n_steps: int,
+    stopped_at: int | None,
+    stopping: LocalStopping | None,
+) -> TrainStats:
+    """The round's :class:`TrainStats` (``per_step``: examples an optimizer step sees)."""
+    return TrainStats(
+        steps=len(losses),
+        examples_seen=len(losses) * per_step,
+        loss_first=losses[0],
+        loss_last=losses[-1],
+        loss_mean=sum(losses) / len(losses),
+        seconds=seconds,
+        tokens=tokens,
+        first_step_at=first_step_at,
+        planned_steps=n_steps,
+        stopped_at=stopped_at,
+        best_step=stopping.best_step if stopping is not None else len(losses),
+        val_losses=stopping.losses if stopping is not None else [],
+    )
+
+
 def train_round(
     model,
     items: list[dict],
@@ -202,7 +276,7 @@ def train_round(
     optimizer = make_optimizer(model, cfg, lr_groups)
     scheduler = make_scheduler(optimizer, cfg, n_steps * total_rounds, (server_round - 1) * n_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    pulls = _pulls(params, proximal_mu, base_anchor)
     torch.manual_seed(dropout_seed(seed, server_round))
     model.train()
     losses: list[float] = []
@@ -210,35 +284,14 @@ def train_round(
     t0 = time.perf_counter()
     first_step_at = time.time()
     # Checks count as training time (train-seconds): they are what local early stopping costs.
-    stopping = (
-        LocalStopping(validate, params, cfg, n_steps)
-        if validate is not None and cfg.local_patience is not None
-        else None
-    )
-    if stopping is not None:
-        stopping.stop_after(0)
+    stopping = LocalStopping.started(validate, params, cfg, n_steps)
     stopped_at = None
     for step in range(n_steps):
-        step_loss = 0.0
-        # Token-weighted loss over the micro-batches of one optimizer step.
         chunks = [collate([items[i] for i in order[step * micro + m]], pad_id) for m in range(micro)]
         n_tok = sum(int((c["labels"][:, 1:] != IGNORE_INDEX).sum()) for c in chunks)
-        for batch in chunks:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            loss_sum = token_nll(text_logits(out.logits, batch["input_ids"])[:, :-1], batch["labels"][:, 1:]).sum()
-            (loss_sum / max(n_tok, 1)).backward()
-            step_loss += float(loss_sum.detach())
-            tokens += int(batch["attention_mask"].sum())
-        if anchors is not None:
-            add_proximal_grad(params, anchors, proximal_mu)
-        if base_anchor is not None and base_anchor[0] > 0:
-            add_proximal_grad(params, base_anchor[1], base_anchor[0])
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_loss, step_tokens = _backward(model, chunks, n_tok, device)
+        tokens += step_tokens
+        _update(params, optimizer, scheduler, cfg, pulls)
         losses.append(step_loss / max(n_tok, 1))
         if progress is not None:
             progress(step + 1, n_steps, losses[-1])
@@ -248,17 +301,4 @@ def train_round(
     if stopping is not None:
         stopping.restore_best(len(losses))
     seconds = time.perf_counter() - t0
-    return TrainStats(
-        steps=len(losses),
-        examples_seen=len(losses) * micro * cfg.batch_size,
-        loss_first=losses[0],
-        loss_last=losses[-1],
-        loss_mean=sum(losses) / len(losses),
-        seconds=seconds,
-        tokens=tokens,
-        first_step_at=first_step_at,
-        planned_steps=n_steps,
-        stopped_at=stopped_at,
-        best_step=stopping.best_step if stopping is not None else len(losses),
-        val_losses=stopping.losses if stopping is not None else [],
-    )
+    return _stats(losses, micro * cfg.batch_size, seconds, tokens, first_step_at, n_steps, stopped_at, stopping)

@@ -385,7 +385,8 @@ def _prepare_model(context: Context, r: _TrainRound) -> None:
     except (KeyError, ValueError) as e:  # the coordinator and this site disagree on what trains
         raise _Refused(f"trainable set: {e}", r.refused, forget=r.secure is not None) from None
     if r.cfg.privacy.enabled and r.population < 1:  # the noise cannot be sized
-        raise _Refused("differential privacy: the round names no site population", r.refused, r.secure is not None)
+        why = "differential privacy: the round names no site population"
+        raise _Refused(why, r.refused, forget=r.secure is not None)
 
 
 def _train(r: _TrainRound) -> TrainStats:

@@ -46,7 +46,7 @@ keeps the protocol's names, what is signed, and the masked vector's encoding.
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord
 
 from .primitives import SHARE_BYTES
 
@@ -93,16 +93,6 @@ def alive_payload(run_id: int, tag: bytes, alive) -> bytes:
         + tag
         + _ids(sorted(int(a) for a in alive))
     )
-
-
-def share_keys_record(tag: bytes, threshold: int, cap: int, ids: list[int], keys, signed, node_of) -> ConfigRecord:
-    """Stage 2's request to one site: its neighbours ``ids`` with their X25519 keys
-    (``keys[j]`` = (c, s)), each neighbour's identity key and signature on them
-    (``signed[j]`` = (identity, signature)) and Flower node id (``node_of[j]``), the threshold
-    and the round's weight cap. The record is :class:`fedtune.common.messages.ShareKeysRequest`."""
-    from fedtune.common.messages import ShareKeysRequest  # messages imports this module
-
-    return ShareKeysRequest.build(tag, threshold, cap, ids, keys, signed, node_of).to_record()
 
 
 def ints_to_bytes(values: list[int]) -> list[bytes]:

@@ -152,10 +152,8 @@ def test_every_secure_stage_message_round_trips():
 
 
 def test_the_share_keys_record_the_coordinator_sends_is_the_typed_request():
-    from fedtune.common.secagg import protocol as p
-
     keys, signed, node_of = {2: (b"c2", b"s2")}, {2: (b"k2", b"g2")}, {2: 42}
-    rec = p.share_keys_record(TAG, 2, 5, [2], keys, signed, node_of)
+    rec = ShareKeysRequest.build(TAG, 2, 5, [2], keys, signed, node_of).to_record()
     assert ShareKeysRequest.from_record(rec) == ShareKeysRequest(
         TAG, 2, 5, [2], [b"c2"], [b"s2"], [b"g2"], [b"k2"], ["42"]
     )

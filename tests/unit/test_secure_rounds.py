@@ -262,7 +262,7 @@ TAG = b"t" * p.TAG_BYTES
 
 def share_record(tag, i, ids, keys, signed, cap=360, threshold=3, **changes) -> ConfigRecord:
     """What an honest coordinator sends site ``i`` at key sharing (node ids are the site numbers here)."""
-    rec = p.share_keys_record(tag, threshold, cap, ids, keys, signed, {j: j for j in ids})
+    rec = messages.ShareKeysRequest.build(tag, threshold, cap, ids, keys, signed, {j: j for j in ids}).to_record()
     return ConfigRecord({**dict(rec.items()), **changes})
 
 

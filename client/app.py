@@ -50,6 +50,7 @@ from fedtune.common.messages import (
     RoundConfig,
     SiteStatus,
     StageReply,
+    StageTask,
     TrainMetrics,
     TrainReply,
     TrainTask,
@@ -523,20 +524,27 @@ def handle_train(
         return _refuse_train(msg, site, e.reason, e.metrics)
 
 
-def _example_count(msg: Message, site: SiteFiles, device: str | None) -> int | None:
+def _example_count(round_config: RoundConfig | None, site: SiteFiles, device: str | None) -> int | None:
     """What a site reports at key advertisement: its example count when the run weights sites by
-    examples (and has no DP), else None. SiteRefusal when it has nothing to train on (or the
-    round's config is not one)."""
-    try:
-        cfg = RoundConfig.from_record(msg.content[messages.CONFIG]).config
-    except MessageError as e:
-        raise SiteRefusal(str(e)) from None
+    examples (and has no DP), else None (also when the task carries no round config). SiteRefusal
+    when it has nothing to train on."""
+    if round_config is None:
+        return None
+    cfg = round_config.config
     if cfg.privacy.enabled or cfg.federation.weighting == "equal":
         return None
     _, st, _ = site_model(cfg, site, {}, device)  # the data as training will see it (cached)
     if st.problem:
         raise SiteRefusal(st.problem)
     return len(st.train_items)
+
+
+def _stage_task(msg: Message, kind: str) -> StageTask:
+    """The stage's task read by its class (records, keys, types, sizes); SecAggError naming the key when it is not one."""
+    try:
+        return StageTask.from_record(msg.content, kind)
+    except MessageError as e:
+        raise SecAggError(f"{e}: refused") from None
 
 
 def handle_secure_stage(
@@ -549,8 +557,10 @@ def handle_secure_stage(
     """The stages of a secure round around training (key advertisement, key sharing, the
     consistency check, unmasking). The masked upload is the TRAIN reply (:func:`handle_train`).
     ``identity``: the site's signing key (ftclient's site key); else the site table's (ftsim),
-    else one made for the run. Each stage's request is read (keys, types, sizes) by its class in
-    :mod:`fedtune.common.messages`; the protocol's checks are :mod:`fedtune.client.secure`'s."""
+    else one made for the run. Whether the task is for this site's round and its next stage is
+    checked first (:func:`fedtune.client.secure.check_order`), then the task is read (keys, types,
+    sizes) by its class in :mod:`fedtune.common.messages`; the protocol's checks are
+    :mod:`fedtune.client.secure`'s."""
     site = resolve_site(context, sites)
     if identity is None and site.key is not None:
         identity = secure.Identity(load_identity(site.key))
@@ -558,21 +568,20 @@ def handle_secure_stage(
     if kind not in messages.STAGES:
         raise ValueError(f"this site does not handle {kind!r} messages")
     try:
-        if set(msg.content.keys()) - {messages.SECAGG, messages.CONFIG} or messages.SECAGG not in msg.content:
-            raise SecAggError(f"{kind} task: expected the records 'secagg' (and, advertising, 'config')")
-        sa = msg.content[messages.SECAGG]
+        secure.check_order(context, kind, msg.content)
+        task = _stage_task(msg, kind)
         if kind == messages.ADVERTISE:
             try:
-                examples = _example_count(msg, site, device) if messages.CONFIG in msg.content else None
+                examples = _example_count(task.round, site, device)
             except SiteRefusal as e:
                 secure.forget(context)
                 return _reply(msg, StageReply(_status(site, "refused", str(e))))
-            return _reply(msg, _stage_reply(site, kind, secure.advertise(context, sa, identity, examples)))
+            return _reply(msg, _stage_reply(site, kind, secure.advertise(context, task.request, identity, examples)))
         if kind == messages.SHARE_KEYS:
-            return _reply(msg, _stage_reply(site, kind, secure.share_keys(context, sa, identity)))
+            return _reply(msg, _stage_reply(site, kind, secure.share_keys(context, task.request, identity)))
         if kind == messages.CONSISTENCY:
-            return _reply(msg, _stage_reply(site, kind, secure.consistency(context, sa, identity)))
-        return _reply(msg, _stage_reply(site, kind, secure.unmask(context, sa)))
+            return _reply(msg, _stage_reply(site, kind, secure.consistency(context, task.request, identity)))
+        return _reply(msg, _stage_reply(site, kind, secure.unmask(context, task.request)))
     except SecAggError as e:  # the site has forgotten the round
         secure.forget(context)
         if node_settings(context).verbose:

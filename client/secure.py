@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Context
 
 from fedtune.common.messages import (
+    ROUND_TAG_KEY,
     AdvertiseReply,
     AdvertiseRequest,
     ConsistencyReply,
@@ -43,6 +44,7 @@ from fedtune.common.messages import (
     SecureTrainRequest,
     ShareKeysReply,
     ShareKeysRequest,
+    StageTask,
     UnmaskReply,
     UnmaskRequest,
 )
@@ -136,10 +138,10 @@ def flatten_update(delta: Mapping[str, object], reference: Mapping[str, object])
 
 
 def _tag(sa) -> bytes:
-    """The round tag of a request (a stage class of fedtune.common.messages, or its record)."""
-    tag = sa.round_tag if hasattr(sa, "round_tag") else sa.get("round-tag")
+    """The round tag of a request: a stage class of fedtune.common.messages, its record, or the tag as sent."""
+    tag = sa.round_tag if hasattr(sa, "round_tag") else sa.get(ROUND_TAG_KEY) if hasattr(sa, "get") else sa
     if not isinstance(tag, bytes) or len(tag) != p.TAG_BYTES:
-        raise SecAggError(f"round tag: expected {p.TAG_BYTES} bytes")
+        raise SecAggError(f"round tag (key {ROUND_TAG_KEY!r}): expected {p.TAG_BYTES} bytes: refused")
     return tag
 
 
@@ -247,6 +249,20 @@ def _refusal_ends_round(stage):
             raise
 
     return run
+
+
+# stage -> the stage a site must have completed of the same round to answer it (advertising starts a round)
+_AFTER = {p.SHARE_KEYS: p.DONE_ADVERTISE, p.CONSISTENCY: p.DONE_UPLOAD, p.UNMASK: p.DONE_CONSISTENCY}
+
+
+@_refusal_ends_round
+def check_order(context: Context, stage: str, content) -> None:
+    """Before a stage's task (``content``: the message's RecordDict) is read: is a round in
+    progress at this site, is the task for that round, and for the stage that comes next?
+    First, so that a task for another round or stage is refused as that, whatever else is
+    wrong with it; the stage functions check it again on the request they are given."""
+    if stage in _AFTER:
+        _state(context, StageTask.round_tag(content), _AFTER[stage])
 
 
 @_refusal_ends_round

@@ -70,6 +70,7 @@ MASKED = secagg_protocol.MASKED  # record: a secure round's masked upload
 CONFIG_KEY = "fedtune-config"
 ROUND_KEY = "server-round"
 TRAINABLE_KEY = "trainable"
+ROUND_TAG_KEY = "round-tag"  # in every secure stage's request: the round it is for
 # Under differential privacy (TRAIN): how many sites the round was drawn from. With the config it
 # fixes the sampling rate, hence the noise multiplier every site adds its share of.
 DP_POPULATION_KEY = "dp-population"
@@ -725,7 +726,7 @@ _KEYS = dict(size=MAX_SITES, item=MAX_KEY_BYTES)
 class AdvertiseRequest(_Record):
     """Stage 1 (train.advertise): this site's number in the round and the quantization settings."""
 
-    round_tag: bytes = _key("round-tag", "bytes", **_TAG)
+    round_tag: bytes = _key(ROUND_TAG_KEY, "bytes", **_TAG)
     sid: int = _key("sid", "int")
     n_sites: int = _key("n-sites", "int")
     clip: float = _key("clip", "float")
@@ -751,7 +752,7 @@ class AdvertiseReply(_Record):
 class ShareKeysRequest(_Record):
     """Stage 2 (train.share_keys): the neighbours, their signed keys, identity keys and Flower nodes."""
 
-    round_tag: bytes = _key("round-tag", "bytes", **_TAG)
+    round_tag: bytes = _key(ROUND_TAG_KEY, "bytes", **_TAG)
     threshold: int = _key("threshold", "int")
     weight_cap: int = _key("weight-cap", "int")
     nbr_ids: list[int] = _key("nbr-ids", "ints", **_SITES)
@@ -793,7 +794,7 @@ class ShareKeysReply(_Record):
 class SecureTrainRequest(_Record):
     """Stage 3 (the TRAIN message's ``secagg`` record): the shares sealed to this site, by sender."""
 
-    round_tag: bytes = _key("round-tag", "bytes", **_TAG)
+    round_tag: bytes = _key(ROUND_TAG_KEY, "bytes", **_TAG)
     senders: list[int] = _key("from", "ints", **_SITES)
     sealed: list[bytes] = _key("sealed", "bytes-list", **_KEYS)
 
@@ -804,7 +805,7 @@ class SecureTrainRequest(_Record):
 class ConsistencyRequest(_Record):
     """Stage 4 (train.consistency): the alive set U3 to sign."""
 
-    round_tag: bytes = _key("round-tag", "bytes", **_TAG)
+    round_tag: bytes = _key(ROUND_TAG_KEY, "bytes", **_TAG)
     alive: list[int] = _key("alive", "ints", **_SITES)
 
     WHAT: ClassVar[str] = "train.consistency request"
@@ -823,7 +824,7 @@ class ConsistencyReply(_Record):
 class UnmaskRequest(_Record):
     """Stage 5 (train.unmask): U3, this site's view of it, and its share holders' signatures on U3."""
 
-    round_tag: bytes = _key("round-tag", "bytes", **_TAG)
+    round_tag: bytes = _key(ROUND_TAG_KEY, "bytes", **_TAG)
     u3: list[int] = _key("u3", "ints", **_SITES)
     alive: list[int] = _key("alive", "ints", **_SITES)
     dropped: list[int] = _key("dropped", "ints", **_SITES)
@@ -880,6 +881,16 @@ class StageTask:
         elif self.config_record is not None:
             records[CONFIG] = self.config_record
         return RecordDict(records)
+
+    @staticmethod
+    def round_tag(content) -> object:
+        """The round tag a stage task names, as sent, unchecked (None when it names none): read
+        before the task itself, so that a site first checks that a task is for the round and the
+        stage it is at, and refuses a task for another stage as that, not as a malformed one."""
+        try:
+            return content[SECAGG].get(ROUND_TAG_KEY) if SECAGG in content else None
+        except (AttributeError, TypeError):
+            return None
 
     @classmethod
     def from_record(cls, content, stage: str) -> StageTask:

@@ -525,3 +525,44 @@ def test_a_secure_round_the_site_refuses_drops_its_secrets(case, secure_site, ti
     else:
         assert r.metrics.num_examples == 0 and r.metrics.train_steps is None
         assert (r.metrics.records == 8) == (case != "malformed")  # counts once the data is loaded
+
+
+@pytest.mark.parametrize(
+    "stage, done, content, needle",
+    [
+        # A task for another stage is refused as that, though it is malformed too (a hostile
+        # coordinator's records: hand-built).
+        (messages.UNMASK, "advertise", {"round-tag": b"t" * 16, "bogus": 1}, "out of order"),
+        (messages.CONSISTENCY, "upload", {"round-tag": b"u" * 16, "bogus": 1}, "another round"),
+        (messages.SHARE_KEYS, None, {"round-tag": b"t" * 16}, "no secure round in progress"),
+        (messages.CONSISTENCY, "upload", {"alive": [1]}, "round tag (key 'round-tag')"),
+        # The right round and stage: the task is read by its class, and the reason names the key.
+        (messages.CONSISTENCY, "upload", {"round-tag": b"t" * 16}, "missing key 'alive'"),
+        (messages.UNMASK, "consistency", {"round-tag": b"t" * 16, "u3": "1,2"}, "key 'u3': expected a list"),
+    ],
+)
+def test_a_secure_stage_task_is_checked_for_its_round_and_stage_before_it_is_read(
+    tmp_path, stage, done, content, needle
+):
+    from fedtune.common.secagg import protocol as p
+
+    ctx = site(write_site(tmp_path / "bank.jsonl"), "bank")
+    if done is not None:
+        at = {"advertise": p.DONE_ADVERTISE, "upload": p.DONE_UPLOAD, "consistency": p.DONE_CONSISTENCY}[done]
+        ctx.state[p.STATE] = ConfigRecord({"round-tag": b"t" * 16, "stage": at})
+    msg = envelope(RecordDict({messages.SECAGG: ConfigRecord(content)}), stage)
+    reply = messages.StageReply.from_record(client_app.handle_secure_stage(msg, ctx, None).content, stage)
+    assert reply.site.status == "refused" and needle in reply.site.reason, reply.site
+    assert reply.reply is None and p.STATE not in ctx.state  # nothing given away; the round is forgotten
+
+
+def test_a_key_advertisement_with_a_malformed_config_is_refused_naming_the_key(tmp_path):
+    from fedtune.common.secagg import protocol as p
+
+    ctx = site(write_site(tmp_path / "bank.jsonl"), "bank")
+    request = messages.AdvertiseRequest(b"t" * 16, 1, 2, 0.1, 1000).to_record()
+    config = ConfigRecord({messages.CONFIG_KEY: "{}"})  # a hostile coordinator's: no round number
+    msg = envelope(RecordDict({messages.SECAGG: request, messages.CONFIG: config}), messages.ADVERTISE)
+    reply = messages.StageReply.from_record(client_app.handle_secure_stage(msg, ctx, None).content, messages.ADVERTISE)
+    assert reply.site.status == "refused" and f"missing key {messages.ROUND_KEY!r}" in reply.site.reason, reply.site
+    assert reply.reply is None and p.STATE not in ctx.state

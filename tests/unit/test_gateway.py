@@ -5,6 +5,7 @@ HTTP) except the TLS test, which starts the gateway as ftserver does, as a proce
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import sys
@@ -431,3 +432,102 @@ def test_ftserver_refuses_a_tiny_body_cap_and_a_certificate_without_loopback(tmp
                 "port": None,
             }
         )
+
+
+class _Child:
+    """A stand-in child process: running (None) until it is given an exit code."""
+
+    def __init__(self, code: int | None = None):
+        self.returncode = code
+
+    def poll(self):
+        return self.returncode
+
+
+@pytest.fixture
+def play_ftserver(tmp_path, monkeypatch):
+    """ftserver's start-up, run and exit played with stand-in children: ``run(submit)`` runs
+    ``ftserver --out RUN --insecure`` with ``submit(co)`` in place of ``flwr run`` (it sets
+    ``co.run_proc`` and writes what the ServerApp would) -> (exit code, the children stopped)."""
+    from fedtune.server import cli
+
+    stopped: list = []
+    monkeypatch.setattr(cli, "spawn_capped", lambda cmd, log, env=None, cwd=None: _Child())
+    monkeypatch.setattr(cli, "wait_for_port", lambda host, port, proc, timeout: True)
+    monkeypatch.setattr(cli, "stop", lambda proc, timeout=15.0: stopped.append(proc))
+    monkeypatch.setattr(cli, "sigterm_as_interrupt", lambda: None)
+
+    def run(submit) -> tuple[int, list]:
+        monkeypatch.setattr(cli.Coordinator, "submit", submit)
+        return cli.main(["--out", str(tmp_path / "run"), "--insecure"]), stopped
+
+    return run
+
+
+def _ran(status: dict | None, log_line: str = ""):
+    def submit(co):
+        if log_line:
+            with open(co.out / "server.log", "a") as f:
+                f.write(log_line + "\n")
+        if status is not None:
+            (co.out / "run-status.json").write_text(json.dumps(status))
+        co.run_proc = _Child(0)
+
+    return submit
+
+
+def test_ftserver_starts_its_children_says_what_it_runs_and_reports_a_completed_run(play_ftserver, tmp_path, capsys):
+    code, stopped = play_ftserver(_ran({"status": "completed", "rounds": 3}, "round 1: done"))
+    out, err = capsys.readouterr()
+    run = tmp_path / "run"
+    assert code == 0
+    assert "TLS is OFF" in err and "secure aggregation is OFF" not in err
+    said = [line.split("] ", 1)[1] for line in out.splitlines() if line.startswith("[ftserver ")]
+    assert said[0].startswith("starting the SuperLink on loopback (NO TLS; no site authentication; ")
+    assert said[1] == (
+        "sites connect to 127.0.0.1:8000 (NO TLS): the gateway serves only the Fleet API; requests up to 64 MB"
+    )
+    assert said[2].startswith("run: model ") and said[2].endswith(f"output {run}")
+    assert said[3] == (
+        f"done: 3 rounds. adapter: {run / 'adapter'}  metrics: {run / 'metrics.json'}  report: {run / 'report.md'}"
+    )
+    assert "round 1: done" in out.splitlines()  # the ServerApp's progress lines, relayed
+    assert json.loads((run / "server.json").read_text())["insecure"] is True
+    assert json.loads((run / "config.json").read_text())["secure_aggregation"]["enabled"] is True
+    assert len(stopped) == 4  # flwr run, the gateway, the SuperExec, the SuperLink
+
+
+def test_ftserver_says_why_a_run_failed_and_how_to_resume_it(play_ftserver, tmp_path, capsys):
+    code, _ = play_ftserver(_ran({"status": "failed", "reason": "every site dropped out"}))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "ftserver: run failed: every site dropped out" in err
+    assert f"continue with: ftserver --resume {tmp_path / 'run'}" in err
+
+
+def test_ftserver_without_a_status_points_at_the_serverapp_log(play_ftserver, tmp_path, capsys):
+    code, _ = play_ftserver(_ran(None))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert (
+        f"run failed: the ServerApp ended without a result; see {tmp_path / 'run' / '.ftserver' / 'serverapp.log'}"
+        in err
+    )
+
+
+def test_ftserver_ends_when_a_child_exits_and_on_an_interrupt(play_ftserver, tmp_path, capsys):
+    def link_dies(co):
+        co.run_proc = _Child()
+        co.link.returncode = 3
+
+    code, stopped = play_ftserver(link_dies)
+    assert code == 1 and "ftserver: the SuperLink exited (code 3); its log:" in capsys.readouterr().err
+    assert len(stopped) == 4
+
+    def interrupted(co):
+        raise KeyboardInterrupt
+
+    (tmp_path / "run" / "metrics.json").unlink(missing_ok=True)
+    code, _ = play_ftserver(interrupted)
+    assert code == 130
+    assert f"interrupted; checkpoints so far are in {tmp_path / 'run' / 'checkpoints'}" in capsys.readouterr().out

@@ -100,8 +100,20 @@ def split_indices(
     a seeded random order). Raises ConfigError when the spec cannot give every site at least
     ``min_records`` records.
     """
-    n = len(keys)
     domains = list(dict.fromkeys(d for d, _ in keys))
+    n_sites = _site_count(len(keys), domains, spec, n_sites, min_records)
+    rng = np.random.default_rng(seed)
+    if spec.kind == "iid":
+        sites = [list(a) for a in np.array_split(rng.permutation(len(keys)), n_sites)]
+    elif spec.kind == "domain":
+        sites = _by_domain(keys, domains, min_records)
+    else:
+        sites = _skewed(keys, spec, n_sites, rng, min_records, max_tries)
+    return [[int(i) for i in rng.permutation(s)] for s in sites]
+
+
+def _site_count(n: int, domains: list[str], spec: PartitionSpec, n_sites: int | None, min_records: int) -> int:
+    """The number of sites the split makes (domain: one per domain), checked against the records."""
     if spec.kind == "domain":
         if n_sites is not None and n_sites != len(domains):
             raise ConfigError(
@@ -117,43 +129,61 @@ def split_indices(
         raise ConfigError(
             f"--partition {spec}: {n} record(s) cannot give each of {n_sites} sites at least {min_records}; lower --sites or add data"
         )
-    rng = np.random.default_rng(seed)
+    return n_sites
 
-    if spec.kind == "iid":
-        sites = [list(a) for a in np.array_split(rng.permutation(n), n_sites)]
-    elif spec.kind == "domain":
-        sites = [[i for i, (d, _) in enumerate(keys) if d == dom] for dom in domains]
-        small = [f"{dom} ({len(s)})" for dom, s in zip(domains, sites) if len(s) < min_records]
-        if small:
-            raise ConfigError(
-                f"--partition domain: each site needs at least {min_records} records; too few in {', '.join(small)}"
-            )
-    else:
-        sites = None
-        by_cat: dict[str, list[int]] = {}
-        for i, (_, c) in enumerate(keys):
-            by_cat.setdefault(c, []).append(i)
-        for _ in range(max_tries):
-            if spec.kind == "quantity":
-                p = rng.dirichlet(np.full(n_sites, spec.alpha))
-                draw = [list(a) for a in np.split(rng.permutation(n), _cuts(p, n))]
-            else:  # dirichlet: label skew, category by category
-                draw = [[] for _ in range(n_sites)]
-                for c in sorted(by_cat):
-                    idx = rng.permutation(by_cat[c])
-                    p = rng.dirichlet(np.full(n_sites, spec.alpha))
-                    for site, part in zip(draw, np.split(idx, _cuts(p, len(idx)))):
-                        site.extend(part.tolist())
-            if min(len(s) for s in draw) >= min_records:
-                sites = draw
-                break
-        if sites is None:
-            what = "categories" if spec.kind == "dirichlet" else "site sizes"
-            raise ConfigError(
-                f"--partition {spec}: alpha {spec.alpha:g} skews the {what} so much that {max_tries} seeded draws all left a site "
-                f"with fewer than {min_records} records ({n} records, {n_sites} sites); raise ALPHA, lower --sites, or add data"
-            )
-    return [[int(i) for i in rng.permutation(s)] for s in sites]
+
+def _by_domain(keys: Sequence[tuple[str, str]], domains: list[str], min_records: int) -> list[list[int]]:
+    """``domain``: every domain's records on a site of their own."""
+    sites = [[i for i, (d, _) in enumerate(keys) if d == dom] for dom in domains]
+    small = [f"{dom} ({len(s)})" for dom, s in zip(domains, sites) if len(s) < min_records]
+    if small:
+        raise ConfigError(
+            f"--partition domain: each site needs at least {min_records} records; too few in {', '.join(small)}"
+        )
+    return sites
+
+
+def _skewed(
+    keys: Sequence[tuple[str, str]],
+    spec: PartitionSpec,
+    n_sites: int,
+    rng: np.random.Generator,
+    min_records: int,
+    max_tries: int,
+) -> list[list[int]]:
+    """``quantity`` and ``dirichlet``: seeded draws until one leaves every site ``min_records``."""
+    by_cat: dict[str, list[int]] = {}
+    for i, (_, c) in enumerate(keys):
+        by_cat.setdefault(c, []).append(i)
+    for _ in range(max_tries):
+        if spec.kind == "quantity":
+            draw = _quantity_draw(len(keys), spec.alpha, n_sites, rng)
+        else:
+            draw = _label_draw(by_cat, spec.alpha, n_sites, rng)
+        if min(len(s) for s in draw) >= min_records:
+            return draw
+    what = "categories" if spec.kind == "dirichlet" else "site sizes"
+    raise ConfigError(
+        f"--partition {spec}: alpha {spec.alpha:g} skews the {what} so much that {max_tries} seeded draws all left a site "
+        f"with fewer than {min_records} records ({len(keys)} records, {n_sites} sites); raise ALPHA, lower --sites, or add data"
+    )
+
+
+def _quantity_draw(n: int, alpha: float, n_sites: int, rng: np.random.Generator) -> list[list[int]]:
+    """Quantity skew: site sizes proportional to one Dirichlet(alpha) draw."""
+    p = rng.dirichlet(np.full(n_sites, alpha))
+    return [list(a) for a in np.split(rng.permutation(n), _cuts(p, n))]
+
+
+def _label_draw(by_cat: dict[str, list[int]], alpha: float, n_sites: int, rng: np.random.Generator) -> list[list[int]]:
+    """Label skew, category by category: each one's records over the sites by a Dirichlet(alpha) draw."""
+    draw: list[list[int]] = [[] for _ in range(n_sites)]
+    for c in sorted(by_cat):
+        idx = rng.permutation(by_cat[c])
+        p = rng.dirichlet(np.full(n_sites, alpha))
+        for site, part in zip(draw, np.split(idx, _cuts(p, len(idx)))):
+            site.extend(part.tolist())
+    return draw
 
 
 # ---------------------------------------------------------------- the records

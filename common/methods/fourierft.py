@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from .spec import Method
+from .spec import Method, PeftBuilder
 
-
-def build(model, peft, seed: int):
-    import peft as P
-
-    from .targets import resolve_targets
-
-    # The spectral locations are drawn from random_loc_seed (peft's default 777) at every site alike;
-    # the update is linear in the trained coefficients, so averaging them is exact.
-    return P.FourierFTConfig(n_frequency=peft.n_frequency, target_modules=resolve_targets(model, peft))
-
+# The spectral locations are drawn from random_loc_seed (peft's default 777) at every site alike;
+# the update is linear in the trained coefficients, so averaging them is exact.
+build = PeftBuilder("FourierFTConfig", {"n_frequency": "n_frequency"})
 
 FOURIERFT = Method(
     name="fourierft",

@@ -8,15 +8,9 @@ Added through the registry as one file and one entry in :data:`fedtune.common.me
 
 from __future__ import annotations
 
-from .spec import Method
+from .spec import Method, PeftBuilder
 
-
-def build(model, peft, seed: int):
-    import peft as P
-
-    from .targets import resolve_targets
-
-    return P.HRAConfig(r=peft.r, target_modules=resolve_targets(model, peft))
+build = PeftBuilder("HRAConfig", {"r": "r"})
 
 
 def check(peft) -> None:

@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-from .spec import Method
+from .spec import Method, PeftBuilder
 
-
-def build(model, peft, seed: int):
-    import peft as P
-
-    from .targets import resolve_targets
-
-    return P.OFTConfig(
-        oft_block_size=peft.oft_block_size,
-        r=0,
-        module_dropout=peft.dropout,
-        target_modules=resolve_targets(model, peft),
-    )
-
+build = PeftBuilder("OFTConfig", {"oft_block_size": "oft_block_size", "module_dropout": "dropout"}, fixed={"r": 0})
 
 OFT = Method(
     name="oft",

@@ -3,19 +3,10 @@ input tokens). One tensor for all layers, so layer-wise control does not apply; 
 
 from __future__ import annotations
 
-from .spec import Method
+from .spec import Method, PeftBuilder
 
-
-def build_prefix(model, peft, seed: int):
-    import peft as P
-
-    return P.PrefixTuningConfig(num_virtual_tokens=peft.num_virtual_tokens)
-
-
-def build_prompt(model, peft, seed: int):
-    import peft as P
-
-    return P.PromptTuningConfig(num_virtual_tokens=peft.num_virtual_tokens)
+build_prefix = PeftBuilder("PrefixTuningConfig", {"num_virtual_tokens": "num_virtual_tokens"}, targets=False)
+build_prompt = PeftBuilder("PromptTuningConfig", {"num_virtual_tokens": "num_virtual_tokens"}, targets=False)
 
 
 def label(peft) -> str:

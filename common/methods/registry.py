@@ -10,9 +10,11 @@ Adding a method
 
 One file and one entry. Say peft has ``FooConfig``:
 
-1. ``common/methods/foo.py``: a builder ``build(model, peft, seed) -> FooConfig`` (import peft inside
-   it; :func:`~fedtune.common.methods.targets.resolve_targets` turns ``peft.target_modules`` into
-   what peft takes), and ``FOO = Method(name="foo", summary=..., build=build, default_lr=...,
+1. ``common/methods/foo.py``: its builder, as data when its config is its settings passed on
+   (``build = PeftBuilder("FooConfig", {"r": "r", "foo_dropout": "dropout"})``: peft's class, its
+   arguments' settings, fixed arguments, the seed's argument, ``target_modules`` resolved; see
+   :mod:`fedtune.common.methods.vera`), or a function ``build(model, peft, seed) -> FooConfig`` for
+   one with quirks (import peft inside it; :mod:`fedtune.common.methods.ia3`), and ``FOO = Method(name="foo", summary=..., build=build, default_lr=...,
    trained_keys=("foo_",), ...)`` declaring what it is: whether ``peft.r`` sizes it (``rank``),
    whether its update is a B·A product whose rank sites may lower (``rank_axes``), whether it merges
    into the base (``mergeable``), whether the ``layers`` section applies (``layered``), whether

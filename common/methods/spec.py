@@ -21,6 +21,32 @@ Check = Callable[["PeftSettings"], None]
 
 
 @dataclass(frozen=True)
+class PeftBuilder:
+    """A builder written as data, for a method whose peft config is its settings passed on: peft's class
+    ``config`` (by name: this module imports no peft) called with ``settings`` (its argument -> the
+    ``peft.*`` setting it takes), the ``fixed`` arguments, the run's seed as ``seed_arg`` (when given) and,
+    when ``targets``, ``target_modules`` from :func:`~fedtune.common.methods.targets.resolve_targets`."""
+
+    config: str
+    settings: Mapping[str, str] = field(default_factory=dict)
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    seed_arg: str | None = None
+    targets: bool = True
+
+    def __call__(self, model, peft: PeftSettings, seed: int):
+        import peft as P
+
+        kwargs = {arg: getattr(peft, name) for arg, name in self.settings.items()} | dict(self.fixed)
+        if self.seed_arg:
+            kwargs[self.seed_arg] = seed
+        if self.targets:
+            from .targets import resolve_targets
+
+            kwargs["target_modules"] = resolve_targets(model, peft)
+        return getattr(P, self.config)(**kwargs)
+
+
+@dataclass(frozen=True)
 class Method:
     """One fine-tuning method: what it is, how it is built, and what the federation may do with it.
 

@@ -3,18 +3,9 @@ projections are drawn from the run's seed, so every site has the same ones and t
 
 from __future__ import annotations
 
-from .spec import Method
+from .spec import Method, PeftBuilder
 
-
-def build(model, peft, seed: int):
-    import peft as P
-
-    from .targets import resolve_targets
-
-    return P.VeraConfig(
-        r=peft.r, vera_dropout=peft.dropout, target_modules=resolve_targets(model, peft), projection_prng_key=seed
-    )
-
+build = PeftBuilder("VeraConfig", {"r": "r", "vera_dropout": "dropout"}, seed_arg="projection_prng_key")
 
 VERA = Method(
     name="vera",

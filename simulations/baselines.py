@@ -264,6 +264,27 @@ def run_baselines(
     """Train and score the baselines for the finished run in ``out`` (its ``rounds`` records).
     -> the ``baselines`` document that metrics.json keeps."""
     plan = plan_of(rounds)
+    start = _starting_adapter(out, plan)
+    folder = out / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    done = _finished(folder / RESULTS, plan)
+    sites = client_app.sites_from_config(cfg)
+    bar = _Progress(_announce(cfg, plan, sites, done, say), say)
+    # Each site alone, at its own LoRA rank when it has one (as it trains in the federation).
+    for site in sites:
+        if site.name in done.setdefault("alone", {}):
+            continue
+        done["alone"][site.name] = _alone(cfg, site, plan, start, folder, bar, device)
+        _keep(folder / RESULTS, plan, done)
+    if POOLED not in done:
+        done[POOLED] = _pooled(cfg, sites, plan, start, folder, bar, device)
+        _keep(folder / RESULTS, plan, done)
+    return baselines_doc(cfg, plan, rounds, done, [s.name for s in sites])
+
+
+def _starting_adapter(out: Path, plan: Plan) -> dict:
+    """The federation's round-0 adapter, where every baseline starts; BaselineError when the
+    federation trained nothing to compare with or the checkpoint does not verify."""
     if plan.total() == 0:
         raise BaselineError(
             "the federation ran no training steps that reached the global adapter: there is nothing to compare with"
@@ -274,13 +295,11 @@ def run_baselines(
         raise BaselineError(
             f"{start_dir}: the run's starting adapter is needed for the baselines and does not verify: {why}"
         )
-    start = load_adapter_state(start_dir)
-    folder = out / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    results_path = folder / RESULTS
-    done = _finished(results_path, plan)
-    sites = client_app.sites_from_config(cfg)
-    names = [s.name for s in sites]
+    return load_adapter_state(start_dir)
+
+
+def _announce(cfg: FedTuneConfig, plan: Plan, sites: list, done: dict, say: Callable[[str], None]) -> int:
+    """Say what the baselines will train (and what a previous run already did). -> the steps to go."""
     alone_todo = [s.name for s in sites if s.name not in done.get("alone", {})]
     n_todo = len(alone_todo) + (POOLED not in done)
     remaining = sum(n for name in alone_todo for _, n in plan.alone(name)) + (plan.total() if POOLED not in done else 0)
@@ -290,58 +309,58 @@ def run_baselines(
         + (f"{len(sites) + 1 - n_todo} of {len(sites) + 1} trainings already done, " if n_todo < len(sites) + 1 else "")
         + f"{remaining} steps to go"
     )
-    bar = _Progress(remaining, say)
+    return remaining
 
-    def record() -> None:
-        atomic_write_json(results_path, {"plan": plan.as_json(), **done})
 
-    # Each site alone, at its own LoRA rank when it has one (as it trains in the federation).
-    for site in sites:
-        if site.name in done.setdefault("alone", {}):
-            continue
-        rt, st, site_start = client_app.site_model(cfg, site, start, device)
-        if st.problem:
-            done["alone"][site.name] = {"steps": 0, "problem": st.problem}
-        else:
-            t = time.time()
-            ran = _train(
-                cfg,
-                rt,
-                st.train_items,
-                site.name,
-                plan.alone(site.name),
-                site_start,
-                f"{site.name} alone",
-                bar,
-                st.eval_examples,
-            )
-            done["alone"][site.name] = {
-                "steps": ran,
-                "score": _score(cfg, rt, st.eval_examples),
-                "adapter": _save(rt, cfg, folder / "alone" / site.name),
-                "seconds": round(time.time() - t, 1),
-            }
-        record()
-    # All data pooled: the run's rank, every site's training examples, the federation's total steps.
-    if POOLED not in done:
-        t = time.time()
-        rt = client_app.runtime(cfg, device)
-        states = {s.name: client_app.site_state(client_app.SiteFiles(s.name, s.train, s.eval), cfg, rt) for s in sites}
-        items = [it for st in states.values() if not st.problem for it in st.train_items]
-        # Round-robin over the sites, so the first eval.max_examples a check uses cover every site.
-        splits = [st.eval_examples for st in states.values() if not st.problem]
-        validation = [split[i] for i in range(max(map(len, splits), default=0)) for split in splits if i < len(split)]
-        ran = _train(cfg, rt, items, POOLED_SEED_NAME, plan.pooled(), start, "all data pooled", bar, validation)
-        scores = {name: None if st.problem else _score(cfg, rt, st.eval_examples) for name, st in states.items()}
-        done[POOLED] = {
-            "steps": ran,
-            "examples": len(items),
-            "scores": scores,
-            "adapter": _save(rt, cfg, folder / POOLED),
-            "seconds": round(time.time() - t, 1),
-        }
-        record()
-    return baselines_doc(cfg, plan, rounds, done, names)
+def _keep(path: Path, plan: Plan, done: dict) -> None:
+    """results.json as it stands: each finished training kept at once, for a rerun to continue."""
+    atomic_write_json(path, {"plan": plan.as_json(), **done})
+
+
+def _alone(cfg: FedTuneConfig, site, plan: Plan, start: dict, folder: Path, bar: _Progress, device) -> dict:
+    """One site training by itself on its own data, at the steps it ran in the federation -> its results."""
+    rt, st, site_start = client_app.site_model(cfg, site, start, device)
+    if st.problem:
+        return {"steps": 0, "problem": st.problem}
+    t = time.time()
+    ran = _train(
+        cfg,
+        rt,
+        st.train_items,
+        site.name,
+        plan.alone(site.name),
+        site_start,
+        f"{site.name} alone",
+        bar,
+        st.eval_examples,
+    )
+    return {
+        "steps": ran,
+        "score": _score(cfg, rt, st.eval_examples),
+        "adapter": _save(rt, cfg, folder / "alone" / site.name),
+        "seconds": round(time.time() - t, 1),
+    }
+
+
+def _pooled(cfg: FedTuneConfig, sites: list, plan: Plan, start: dict, folder: Path, bar: _Progress, device) -> dict:
+    """All data pooled: the run's rank, every site's training examples, the federation's total
+    steps -> its results (every site's score)."""
+    t = time.time()
+    rt = client_app.runtime(cfg, device)
+    states = {s.name: client_app.site_state(client_app.SiteFiles(s.name, s.train, s.eval), cfg, rt) for s in sites}
+    items = [it for st in states.values() if not st.problem for it in st.train_items]
+    # Round-robin over the sites, so the first eval.max_examples a check uses cover every site.
+    splits = [st.eval_examples for st in states.values() if not st.problem]
+    validation = [split[i] for i in range(max(map(len, splits), default=0)) for split in splits if i < len(split)]
+    ran = _train(cfg, rt, items, POOLED_SEED_NAME, plan.pooled(), start, "all data pooled", bar, validation)
+    scores = {name: None if st.problem else _score(cfg, rt, st.eval_examples) for name, st in states.items()}
+    return {
+        "steps": ran,
+        "examples": len(items),
+        "scores": scores,
+        "adapter": _save(rt, cfg, folder / POOLED),
+        "seconds": round(time.time() - t, 1),
+    }
 
 
 def _finished(path: Path, plan: Plan) -> dict:

@@ -9,11 +9,5 @@ from .spec import Method, PeftBuilder
 build = PeftBuilder("FourierFTConfig", {"n_frequency": "n_frequency"})
 
 FOURIERFT = Method(
-    name="fourierft",
-    summary="peft's FourierFT",
-    build=build,
-    default_lr=1e-2,
-    trained_keys=("fourierft_",),
-    options=("n_frequency",),
-    mergeable=True,
+    "fourierft", "peft's FourierFT", build, default_lr=1e-2, trained_keys=("fourierft_",), mergeable=True
 )

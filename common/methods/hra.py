@@ -19,12 +19,11 @@ def check(peft) -> None:
 
 
 HRA = Method(
-    name="hra",
-    summary="peft's HRA (Householder reflections)",
-    build=build,
+    "hra",
+    "peft's HRA (Householder reflections)",
+    build,
     default_lr=2e-4,
     trained_keys=("hra_u",),
-    options=("r",),
     rank=True,
     mergeable=True,
     check=check,

@@ -19,10 +19,5 @@ def build(model, peft, seed: int):
 
 
 IA3 = Method(
-    name="ia3",
-    summary="IA3 (a scaling vector per adapted layer)",
-    build=build,
-    default_lr=3e-3,
-    trained_keys=("ia3_l",),
-    mergeable=True,
+    "ia3", "IA3 (a scaling vector per adapted layer)", build, default_lr=3e-3, trained_keys=("ia3_l",), mergeable=True
 )

@@ -8,6 +8,6 @@ _ARGS = {"r": "r", "alpha": "alpha", "module_dropout": "dropout"}
 build_loha = PeftBuilder("LoHaConfig", _ARGS)
 build_lokr = PeftBuilder("LoKrConfig", _ARGS)
 
-_LYCORIS = dict(default_lr=2e-4, options=("r", "alpha", "dropout"), rank=True, mergeable=True)
+_LYCORIS = dict(default_lr=2e-4, rank=True, mergeable=True)
 LOHA = Method(name="loha", summary="peft's LoHa", build=build_loha, trained_keys=("hada_",), **_LYCORIS)
 LOKR = Method(name="lokr", summary="peft's LoKr", build=build_lokr, trained_keys=("lokr_",), **_LYCORIS)

@@ -6,12 +6,4 @@ from .spec import Method, PeftBuilder
 
 build = PeftBuilder("OFTConfig", {"oft_block_size": "oft_block_size", "module_dropout": "dropout"}, fixed={"r": 0})
 
-OFT = Method(
-    name="oft",
-    summary="peft's OFT",
-    build=build,
-    default_lr=2e-4,
-    trained_keys=("oft_",),
-    options=("oft_block_size", "dropout"),
-    mergeable=True,
-)
+OFT = Method("oft", "peft's OFT", build, default_lr=2e-4, trained_keys=("oft_",), mergeable=True)

@@ -13,8 +13,6 @@ def label(peft) -> str:
     return f"{peft.method} tuning, {peft.num_virtual_tokens} virtual tokens"
 
 
-_PROMPTS = dict(
-    trained_keys=("prompt_embeddings",), options=("num_virtual_tokens",), layered=False, targets=False, label=label
-)
+_PROMPTS = dict(trained_keys=("prompt_embeddings",), layered=False, targets=False, label=label)
 PREFIX = Method(name="prefix", summary="prefix tuning", build=build_prefix, default_lr=5e-3, **_PROMPTS)
 PROMPT = Method(name="prompt", summary="prompt tuning", build=build_prompt, default_lr=3e-2, **_PROMPTS)

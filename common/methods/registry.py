@@ -14,8 +14,9 @@ One file and one entry. Say peft has ``FooConfig``:
    (``build = PeftBuilder("FooConfig", {"r": "r", "foo_dropout": "dropout"})``: peft's class, its
    arguments' settings, fixed arguments, the seed's argument, ``target_modules`` resolved; see
    :mod:`fedtune.common.methods.vera`), or a function ``build(model, peft, seed) -> FooConfig`` for
-   one with quirks (import peft inside it; :mod:`fedtune.common.methods.ia3`), and ``FOO = Method(name="foo", summary=..., build=build, default_lr=...,
-   trained_keys=("foo_",), ...)`` declaring what it is: whether ``peft.r`` sizes it (``rank``),
+   one with quirks (import peft inside it; :mod:`fedtune.common.methods.ia3`), and ``FOO = Method("foo", summary, build, default_lr=...,
+   trained_keys=("foo_",), ...)`` declaring what it is (the ``peft.*`` settings it reads are
+   its ``PeftBuilder``'s; a builder function's are its ``options=``): whether ``peft.r`` sizes it (``rank``),
    whether its update is a B·A product whose rank sites may lower (``rank_axes``), whether it merges
    into the base (``mergeable``), whether the ``layers`` section applies (``layered``), whether
    ``peft.target_modules`` does (``targets``), a 4-bit base (``four_bit``), its own setting checks

@@ -63,8 +63,9 @@ class Method:
     """``train.lr`` when the config leaves it unset: what the method is usually trained with."""
     trained_keys: tuple[str, ...]
     """Every state key it trains contains one of these (e.g. ``lora_``); empty: the model's own parameter names."""
-    options: tuple[str, ...] = ()
-    """The ``peft.*`` settings it reads besides ``method`` (and ``target_modules`` when :attr:`targets`)."""
+    options: tuple[str, ...] | None = None
+    """The ``peft.*`` settings it reads besides ``method`` (and ``target_modules`` when :attr:`targets`);
+    None: those its :class:`PeftBuilder` passes on (none for a builder function)."""
     rank: bool = False
     """``peft.r`` sets its size (the run's header says ``r=``)."""
     rank_axes: Mapping[str, int] | None = None
@@ -86,6 +87,11 @@ class Method:
     """The run's header line, e.g. ``prefix tuning, 16 virtual tokens`` (default: ``NAME r=R`` or ``NAME``)."""
     check: Check | None = field(default=None, compare=False)
     """Its own constraints on the settings, checked with the config: raises ValueError naming the key."""
+
+    def __post_init__(self) -> None:
+        if self.options is None:
+            passed = self.build.settings.values() if isinstance(self.build, PeftBuilder) else ()
+            object.__setattr__(self, "options", tuple(dict.fromkeys(passed)))
 
     @property
     def artifact(self) -> Literal["adapter", "model"]:

@@ -7,13 +7,4 @@ from .spec import Method, PeftBuilder
 
 build = PeftBuilder("VeraConfig", {"r": "r", "vera_dropout": "dropout"}, seed_arg="projection_prng_key")
 
-VERA = Method(
-    name="vera",
-    summary="peft's VeRA",
-    build=build,
-    default_lr=4e-3,
-    trained_keys=("vera_lambda",),
-    options=("r", "dropout"),
-    rank=True,
-    mergeable=True,
-)
+VERA = Method("vera", "peft's VeRA", build, default_lr=4e-3, trained_keys=("vera_lambda",), rank=True, mergeable=True)

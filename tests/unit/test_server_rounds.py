@@ -11,11 +11,12 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.error import Error
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.common import adapters
+from fedtune.common import adapters, messages
+from fedtune.common.messages import EvalMetrics, EvalReply, RoundConfig, SiteStatus, TrainMetrics, TrainReply, TrainTask
 from fedtune.server import app as server
 
 Handler = Callable[[Message], "RecordDict | Error | None"]
@@ -61,22 +62,37 @@ def _state(shape=(2, 3), value=0.0) -> OrderedDict:
     return OrderedDict(a=np.full(shape, value, np.float32), b=np.full((4,), value, np.float32))
 
 
-def trainer(name: str, value: float = 1.0, n: int = 10, bad: str | None = None) -> Handler:
-    """A site that answers TRAIN with a constant delta and EVALUATE with a loss."""
+def server_round(m: Message) -> int:
+    """The round a coordinator's TRAIN or EVALUATE message is for."""
+    return RoundConfig.from_record(m.content[messages.CONFIG]).server_round
+
+
+def global_adapter(m: Message) -> OrderedDict:
+    """The global adapter a coordinator's TRAIN message carries."""
+    return TrainTask.from_record(m.content).adapter
+
+
+def trainer(
+    name: str,
+    value: float = 1.0,
+    n: int = 10,
+    bad: str | None = None,
+    delta: Callable[[Message], dict] | None = None,
+    **metrics,
+) -> Handler:
+    """A site that answers TRAIN with a constant delta (or ``delta(message)``; ``metrics``: more
+    it reports) and EVALUATE with a loss."""
 
     def handle(m: Message):
-        site = ConfigRecord({"name": name, "status": "ok"})
-        if m.metadata.message_type == "evaluate":
-            return RecordDict({"metrics": MetricRecord({"num-examples": 4, "eval-loss": 1.0 + value}), "site": site})
-        delta = adapters.to_tensors(_state(value=value))
+        site = SiteStatus(name, "ok")
+        if m.metadata.message_type == messages.EVALUATE:
+            return EvalReply(site, EvalMetrics(num_examples=4, eval_loss=1.0 + value)).to_record()
+        update = delta(m) if delta is not None else adapters.to_tensors(_state(value=value))
         if bad == "nan":
-            delta["a"][0, 0] = math.nan
-        content = RecordDict(
-            {"metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, "startup-seconds": 0.01}), "site": site}
-        )
-        for k, v in adapters.adapter_records(delta).items():
-            content[k] = v
-        if bad == "layout":
+            update["a"][0, 0] = math.nan
+        reply = TrainMetrics(num_examples=n, train_loss=1.0, startup_seconds=0.01, **metrics)
+        content = TrainReply(site, reply, update).to_record()
+        if bad == "layout":  # a torn update: its layout is not its arrays' (no honest site sends it, so by hand)
             content[adapters.LAYOUT_KEY] = ConfigRecord({"names": ["a"], "ndims": [1], "dims": [1]})
         return content
 
@@ -190,17 +206,14 @@ def test_run_federation_resumes_with_round_numbering_and_server_state(tiny_confi
     import torch
 
     def site(name, dies_in_round=None):
+        def delta(m: Message):  # a delta shaped like the real adapter
+            return OrderedDict((k, torch.full(v.shape, 0.01)) for k, v in global_adapter(m).items())
+
         def handle(m: Message):
-            rnd = int(m.content["config"]["server-round"])
-            if dies_in_round is not None and rnd >= dies_in_round and m.metadata.message_type == "train":
+            rnd = server_round(m)
+            if dies_in_round is not None and rnd >= dies_in_round and m.metadata.message_type == messages.TRAIN:
                 return None
-            content = trainer(name, 0.0)(m)
-            if m.metadata.message_type == "train":  # a delta shaped like the real adapter
-                glob = adapters.read_adapter(m.content)
-                delta = OrderedDict((k, torch.full(v.shape, 0.01)) for k, v in glob.items())
-                for k, v in adapters.adapter_records(delta).items():
-                    content[k] = v
-            return content
+            return trainer(name, 0.0, delta=delta)(m)
 
         return handle
 
@@ -243,17 +256,14 @@ def test_a_resumed_fedadam_run_ends_exactly_where_an_uninterrupted_one_does(tiny
     )
 
     def site(name, scale, dies_in_round=None):
+        def delta(m: Message):
+            return OrderedDict((k, torch.full(v.shape, scale * server_round(m))) for k, v in global_adapter(m).items())
+
         def handle(m: Message):
-            rnd = int(m.content["config"]["server-round"])
-            if dies_in_round is not None and rnd >= dies_in_round and m.metadata.message_type == "train":
+            rnd = server_round(m)
+            if dies_in_round is not None and rnd >= dies_in_round and m.metadata.message_type == messages.TRAIN:
                 return None
-            content = trainer(name, 0.0)(m)
-            if m.metadata.message_type == "train":
-                glob = adapters.read_adapter(m.content)
-                delta = OrderedDict((k, torch.full(v.shape, scale * rnd)) for k, v in glob.items())
-                for k, v in adapters.adapter_records(delta).items():
-                    content[k] = v
-            return content
+            return trainer(name, 0.0, delta=delta)(m)
 
         return handle
 
@@ -296,17 +306,13 @@ def test_a_site_that_fails_evaluation_is_recorded_as_such(tiny_config, tmp_path)
     )
     import torch
 
+    def zeros(m: Message):
+        return OrderedDict((k, torch.zeros(v.shape)) for k, v in global_adapter(m).items())
+
     def flaky(m: Message):
-        if m.metadata.message_type == "evaluate" and int(m.content["config"]["server-round"]) == 1:
+        if m.metadata.message_type == messages.EVALUATE and server_round(m) == 1:
             return Error(code=0, reason="Node Unavailable")
-        content = trainer("flaky", 0.0)(m)
-        if m.metadata.message_type == "train":
-            glob = adapters.read_adapter(m.content)
-            for k, v in adapters.adapter_records(
-                OrderedDict((k, torch.zeros(v.shape)) for k, v in glob.items())
-            ).items():
-                content[k] = v
-        return content
+        return trainer("flaky", 0.0, delta=zeros)(m)
 
     rs = server.run_federation(FakeGrid({1: flaky}), cfg, tmp_path / "run", lambda s: None)
     entry = rs.rounds[1]["sites"]["flaky"]
@@ -361,20 +367,15 @@ def test_progress_bar_shows_the_share_of_the_run_done_and_an_eta(tiny_config, tm
 
 
 def test_a_sites_local_early_stop_is_recorded_and_shown(tiny_config, tmp_path):
-    def stopping(m: Message):
-        content = trainer("alpha")(m)
-        if m.metadata.message_type != "evaluate":
-            stop = {
-                "train-steps": 6,
-                "planned-steps": 10,
-                "local-stopped-at": 6,
-                "local-best-step": 4,
-                "local-val-start": 2.5,
-                "local-val-best": 1.25,
-            }
-            content["metrics"] = MetricRecord({**dict(content["metrics"].items()), **stop})
-        return content
-
+    stopping = trainer(
+        "alpha",
+        train_steps=6,
+        planned_steps=10,
+        local_stopped_at=6,
+        local_best_step=4,
+        local_val_start=2.5,
+        local_val_best=1.25,
+    )
     rs = run_state(tiny_config, tmp_path, min_sites=1, round_timeout_s=5)
     said: list[str] = []
     r = server.run_training_round(FakeGrid({1: stopping, 2: trainer("beta")}), [1, 2], rs, 1, said.append)
@@ -521,7 +522,7 @@ def test_the_config_a_site_gets_names_no_sites_paths_nor_the_output_folder(tiny_
     server.run_evaluation(grid, [1, 2], rs, 1, lambda s: None)
     assert len(grid.sent) == 4
     for m in grid.sent:
-        text = m.content["config"]["fedtune-config"]
+        text = m.content[messages.CONFIG][messages.CONFIG_KEY]  # as sent (RoundConfig would parse it)
         sent = json.loads(text)
         assert sent["federation"]["sites"] == [] and sent["output"]["dir"] is None and "/secret/" not in text
         assert sent["model"] == data["model"] and sent["train"] == data["train"]  # the rest as it is

@@ -38,7 +38,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fedtune.common import adapters, messages, methods, privacy
-from fedtune.common.config import MIXED_RANK_METHODS, FedTuneConfig
+from fedtune.common.config import FedTuneConfig
 from fedtune.common.data import DataError, Example, load_site_data, split_examples, tokenize_all
 from fedtune.common.evaluation import answer_nll, evaluate_examples
 from fedtune.common.messages import (
@@ -185,17 +185,14 @@ def site_model(
     SiteRefusal (defined there) when the site will not take the run's model."""
     policy = policy or site_policy.active()
     cfg = policy.admit(cfg)
-    if site.rank is not None and cfg.peft.method not in MIXED_RANK_METHODS:
-        raise SiteRefusal(
-            f"this site trains LoRA rank {site.rank}, and the run's method {cfg.peft.method} has no LoRA rank"
-        )
-    if site.rank is not None and site.rank > cfg.peft.r:
-        raise SiteRefusal(f"this site's LoRA rank {site.rank} is above the run's peft.r {cfg.peft.r}")
+    problem = methods.site_rank_problem(cfg, site.rank)
+    if problem:
+        raise SiteRefusal(problem)
     own = methods.site_config(cfg, site.rank)
     policy.check_weights(own)  # provisioned (in the site's own cache), not yet loaded
     rt = runtime(own, device)
     st = site_state(site, own, rt)
-    return rt, st, (global_state if own is cfg else methods.truncate_rank(global_state, site.rank))
+    return rt, st, (global_state if own is cfg else methods.truncate_rank(global_state, site.rank, cfg.peft.method))
 
 
 def train_local(
@@ -472,7 +469,9 @@ def _mask(context: Context, r: _TrainRound, delta: dict, metrics: TrainMetrics) 
     cfg, site = r.cfg, r.site
     try:
         reference = {k: r.full_global[k] for k in r.task.trainable}
-        flat = secure.flatten_update(methods.pad_rank(delta, {k: v.shape for k, v in reference.items()}), reference)
+        flat = secure.flatten_update(
+            methods.pad_rank(delta, {k: v.shape for k, v in reference.items()}, cfg.peft.method), reference
+        )
         # Under DP and federation.weighting "equal" every site weighs the same; else its
         # example count, which masked_input caps at the round's weight cap.
         weight = 1 if cfg.privacy.enabled or cfg.federation.weighting == "equal" else len(r.st.train_items)

@@ -26,20 +26,17 @@ import sys
 
 
 def check(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from fedtune.common.config import DataConfig, ModelConfig, config_overrides
-    from fedtune.common.data import DataError, RecordError, read_valid_records, tokenize_example, truncate_item
+    """``ftclient check``: read and tokenize the site's data file as training would, and say what
+    it holds (counts, token lengths, where each problem is, never what it holds) and whether it is
+    usable. -> 0 usable, 1 not usable, 2 bad settings or an unreadable file or model."""
+    from fedtune.common.data import DataError, read_valid_records
     from fedtune.common.modeling import ModelError, load_tokenizer, resolve_model_source
 
-    given = config_overrides(args, "ftclient check")  # --format, --max-length, ...: the schema's flags
-    try:
-        cfg = DataConfig(**_section(given, "data"), max_invalid_fraction=1.0)
-        model = ModelConfig(**_section(given, "model"))
-    except ValidationError as e:  # named by its key, e.g. data.max_record_bytes
-        section = "model" if e.title == ModelConfig.__name__ else "data"
-        print(f"ftclient check: {section}.{e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", file=sys.stderr)
+    settings = _check_settings(args)
+    if isinstance(settings, str):
+        print(f"ftclient check: {settings}", file=sys.stderr)
         return 2
+    cfg, model = settings
     try:
         # Streamed: memory stays about one record (--max-record-bytes) whatever the file holds.
         data = read_valid_records(args.data, cfg)
@@ -48,7 +45,41 @@ def check(args: argparse.Namespace) -> int:
     except (DataError, ModelError) as e:
         print(f"ftclient check: {e}", file=sys.stderr)
         return 2
-    # Tokenize once untruncated (for lengths), then cut each to max_length (for usability).
+    full, invalid = _tokenize_untruncated(data, tok, cfg)
+    n_valid = len(data.valid) - (len(invalid) - len(data.invalid))
+    usable = _print_check(args.data, data, cfg, full, invalid, n_valid)
+    ok = n_valid > 0 and usable > 0
+    verdict = (
+        "usable"
+        if ok and not invalid
+        else "usable, with problems above"
+        if ok
+        else "NOT usable: no example to train on"
+    )
+    print(f"verdict         {verdict}")
+    return 0 if ok else 1
+
+
+def _check_settings(args: argparse.Namespace):
+    """The data and model settings ``ftclient check`` was given -> (DataConfig, ModelConfig), or
+    what is wrong, named by its key (e.g. ``data.max_record_bytes: ...``)."""
+    from pydantic import ValidationError
+
+    from fedtune.common.config import DataConfig, ModelConfig, config_overrides
+
+    given = config_overrides(args, "ftclient check")  # --format, --max-length, ...: the schema's flags
+    try:
+        return DataConfig(**_section(given, "data"), max_invalid_fraction=1.0), ModelConfig(**_section(given, "model"))
+    except ValidationError as e:
+        section = "model" if e.title == ModelConfig.__name__ else "data"
+        return f"{section}.{e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}"
+
+
+def _tokenize_untruncated(data, tok, cfg) -> tuple[list, list]:
+    """Each valid record tokenized once untruncated (for its length) -> (the tokenized examples,
+    every invalid record's (where, why): the reader's and those that cannot be tokenized)."""
+    from fedtune.common.data import RecordError, tokenize_example
+
     full, invalid = [], list(data.invalid)
     for where, _, ex in data.valid:
         try:
@@ -58,39 +89,35 @@ def check(args: argparse.Namespace) -> int:
             continue
         if t is not None:
             full.append(t)
+    return full, invalid
+
+
+def _print_check(path, data, cfg, full: list, invalid: list, n_valid: int) -> int:
+    """Print the file's counts, token lengths and first problems. -> how many examples keep part
+    of their answer when cut to ``data.max_length`` (the usable ones)."""
+    from fedtune.common.data import truncate_item
+
     lengths = sorted(len(t["input_ids"]) for t in full)
     usable = sum(1 for t in full if truncate_item(t, cfg.max_length) is not None)
-    n_valid = len(data.valid) - (len(invalid) - len(data.invalid))
-    print(f"file            {args.data}")
+    print(f"file            {path}")
     print(f"format          {data.format or 'unknown'}")
     print(f"records         {data.records_read}")
     print(f"valid           {n_valid}")
     print(f"invalid         {len(invalid)}")
     if lengths:
         p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
-        print(
-            f"tokens/example  min {lengths[0]}  median {int(statistics.median(lengths))}  p95 {p95}  max {lengths[-1]}"
-        )
+        median = int(statistics.median(lengths))
+        print(f"tokens/example  min {lengths[0]}  median {median}  p95 {p95}  max {lengths[-1]}")
         over = sum(1 for n in lengths if n > cfg.max_length)
         print(
-            f"over max_length {over} of {len(lengths)} (max_length {cfg.max_length}: truncated; {len(lengths) - usable} lose their whole answer and are dropped)"
+            f"over max_length {over} of {len(lengths)} (max_length {cfg.max_length}: truncated; "
+            f"{len(lengths) - usable} lose their whole answer and are dropped)"
         )
     for where, why in invalid[:20]:
-        print(f"problem         {args.data}: {where}: {why}")
+        print(f"problem         {path}: {where}: {why}")
     if len(invalid) > 20:
         print(f"problem         ... and {len(invalid) - 20} more")
-    ok = n_valid > 0 and usable > 0
-    print(
-        "verdict         "
-        + (
-            "usable"
-            if ok and not invalid
-            else "usable, with problems above"
-            if ok
-            else "NOT usable: no example to train on"
-        )
-    )
-    return 0 if ok else 1
+    return usable
 
 
 def _section(overrides: dict, section: str) -> dict:

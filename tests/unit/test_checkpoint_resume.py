@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from fedtune.common import checkpoint as ck
+from fedtune.common import messages
 from fedtune.common.checkpoint import ADAPTER_WEIGHTS, MANIFEST, save_adapter, verify_checkpoint
+from fedtune.common.messages import EvalMetrics, EvalReply, SiteStatus
 from fedtune.server import app as server
 
 from .test_hostile_sites import constant, tiny_run_config
-from .test_server_rounds import FakeGrid, _task_identity  # noqa: F401  (fixture)
+from .test_server_rounds import FakeGrid, _task_identity, server_round  # noqa: F401  (_task_identity: fixture)
 
 
 def folder(tmp_path: Path, name: str = "ck") -> Path:
@@ -97,11 +99,9 @@ def scripted(losses: dict[int, float], name: str, value: float = 1e-3):
     """A site whose eval loss in round r is losses[r] (round 0: the base model)."""
 
     def handle(m):
-        rnd = int(m.content["config"]["server-round"])
-        if m.metadata.message_type == "evaluate":
-            from .test_hostile_sites import reply
-
-            return reply(name, None, {"num-examples": 4, "eval-loss": losses[rnd]})
+        if m.metadata.message_type == messages.EVALUATE:
+            metrics = EvalMetrics(num_examples=4, eval_loss=losses[server_round(m)])
+            return EvalReply(SiteStatus(name, "ok"), metrics).to_record()
         return constant(value, name=name)(m)
 
     return handle

@@ -8,15 +8,16 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from fedtune.common import messages
 from fedtune.common.checkpoint import load_adapter_state
 from fedtune.common.config import ConfigError, load_config
+from fedtune.common.messages import EvalMetrics, EvalReply
 from fedtune.server import app as server
 
 from .test_client_app import fresh_caches  # noqa: F401  (autouse fixture)
 from .test_methods import method_config, real_sites, tiny_config  # noqa: F401  (fixture: the 64-wide tiny model)
-from .test_server_rounds import _task_identity  # noqa: F401  (fixture)
+from .test_server_rounds import _task_identity, server_round  # noqa: F401  (_task_identity: fixture)
 
 
 def rounds_of(values, metric="eval_loss"):
@@ -65,16 +66,10 @@ def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_
     for node, handle in list(grid.sites.items()):
 
         def scripted(m, handle=handle):
-            if m.metadata.message_type != "evaluate":
+            if m.metadata.message_type != messages.EVALUATE:
                 return handle(m)
-            rnd = int(m.content["config"]["server-round"])
-            site = handle(m)["site"]
-            return RecordDict(
-                {
-                    "metrics": MetricRecord({"num-examples": 4, "eval-loss": script[rnd]}),
-                    "site": ConfigRecord(dict(site)),
-                }
-            )
+            site = EvalReply.from_record(handle(m)).site
+            return EvalReply(site, EvalMetrics(num_examples=4, eval_loss=script[server_round(m)])).to_record()
 
         grid.sites[node] = scripted
     said: list[str] = []

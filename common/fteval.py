@@ -68,69 +68,93 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pydantic import ValidationError
 
-    from .data import load_site_data
-    from .evaluation import evaluate_examples
-    from .methods import export_merged, load_trained
     from .modeling import ModelError
 
     try:
-        model_cfg = ModelConfig(name=args.model or base_of(args.adapter), device=args.device)
-        data_cfg = DataConfig(
-            format=args.format, max_length=args.max_length, max_invalid_fraction=args.max_invalid_fraction
-        )
-        eval_cfg = EvalConfig(
-            max_examples=args.max_examples or 1_000_000,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            exact_match=not args.no_generate,
-        )
-        labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
-        if args.labels is not None and not labels:
-            raise ConfigError("--labels: give at least one label, e.g. --labels positive,negative,neutral")
-        if args.adapter and not (Path(args.adapter) / ADAPTER_CONFIG).is_file():
-            raise ConfigError(f"--adapter {args.adapter}: no {ADAPTER_CONFIG}; not a PEFT adapter folder")
+        model_cfg, data_cfg, eval_cfg, labels = _settings(args)
         if args.export_merged:
-            if not args.adapter:
-                raise ConfigError("--export-merged: give the --adapter to fold into its base")
-            path = export_merged(model_cfg, args.adapter, args.export_merged)
-            print(f"merged model: {path} (load it with AutoModelForCausalLM.from_pretrained)")
+            _export(args, model_cfg)
             if not args.data:
                 return 0
         if not args.data:
             raise ConfigError("--data: give a data file to score (or --export-merged DIR with --adapter)")
-        data = load_site_data(args.data, data_cfg)
-        t0 = time.time()
-        model, tokenizer, device = load_trained(model_cfg, args.adapter)
-        res = evaluate_examples(model, tokenizer, data.examples, data_cfg, eval_cfg, device, labels=labels)
+        data, res, seconds = _score(args, model_cfg, data_cfg, eval_cfg, labels)
     except (ConfigError, DataError, ModelError) as e:
         print(f"fteval: {e}", file=sys.stderr)
         return 2
     except ValidationError as e:
         print(f"fteval: invalid option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", file=sys.stderr)
         return 2
-    out = {
-        "model": model_cfg.name,
-        "adapter": args.adapter,
-        "data": args.data,
-        "format": data.format,
-        "records": data.records_read,
-        "invalid_records": data.n_invalid,
-        **res.as_dict(),
-        "seconds": round(time.time() - t0, 2),
-    }
-    print(
-        f"examples        {res.examples}" + (f"  (skipped {data.n_invalid} invalid records)" if data.n_invalid else "")
+    _print_scores(data, res, labels)
+    if args.out:
+        out = {
+            "model": model_cfg.name,
+            "adapter": args.adapter,
+            "data": args.data,
+            "format": data.format,
+            "records": data.records_read,
+            "invalid_records": data.n_invalid,
+            **res.as_dict(),
+            "seconds": seconds,
+        }
+        atomic_write_json(args.out, out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, EvalConfig, list[str] | None]:
+    """The command line as the schema's sections (ValidationError naming the option) and the labels;
+    ConfigError for a combination that cannot work."""
+    model_cfg = ModelConfig(name=args.model or base_of(args.adapter), device=args.device)
+    data_cfg = DataConfig(
+        format=args.format, max_length=args.max_length, max_invalid_fraction=args.max_invalid_fraction
     )
+    eval_cfg = EvalConfig(
+        max_examples=args.max_examples or 1_000_000,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        exact_match=not args.no_generate,
+    )
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
+    if args.labels is not None and not labels:
+        raise ConfigError("--labels: give at least one label, e.g. --labels positive,negative,neutral")
+    if args.adapter and not (Path(args.adapter) / ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"--adapter {args.adapter}: no {ADAPTER_CONFIG}; not a PEFT adapter folder")
+    return model_cfg, data_cfg, eval_cfg, labels
+
+
+def _export(args: argparse.Namespace, model_cfg: ModelConfig) -> None:
+    """``--export-merged DIR``: the adapter folded into its base, saved as a plain model folder."""
+    from .methods import export_merged
+
+    if not args.adapter:
+        raise ConfigError("--export-merged: give the --adapter to fold into its base")
+    path = export_merged(model_cfg, args.adapter, args.export_merged)
+    print(f"merged model: {path} (load it with AutoModelForCausalLM.from_pretrained)")
+
+
+def _score(args, model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig, labels):
+    """Load the data and the model (with its adapter) and score it. -> (data, result, seconds)."""
+    from .data import load_site_data
+    from .evaluation import evaluate_examples
+    from .methods import load_trained
+
+    data = load_site_data(args.data, data_cfg)
+    t0 = time.time()
+    model, tokenizer, device = load_trained(model_cfg, args.adapter)
+    res = evaluate_examples(model, tokenizer, data.examples, data_cfg, eval_cfg, device, labels=labels)
+    return data, res, round(time.time() - t0, 2)
+
+
+def _print_scores(data, res, labels: list[str] | None) -> None:
+    skipped = f"  (skipped {data.n_invalid} invalid records)" if data.n_invalid else ""
+    print(f"examples        {res.examples}{skipped}")
     print(f"loss            {res.loss:.4f}  (mean over {res.answer_tokens} answer tokens)")
     print(f"perplexity      {res.perplexity:.3f}")
     if res.exact_match is not None:
         print(f"exact match     {res.exact_match:.4f}")
     if res.label_accuracy is not None:
         print(f"label accuracy  {res.label_accuracy:.4f}  (labels: {', '.join(labels)})")
-    if args.out:
-        atomic_write_json(args.out, out)
-        print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

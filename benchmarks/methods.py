@@ -42,21 +42,7 @@ from fedtune.common.methods import REGISTRY
 
 FINANCE = REPO.parent / "shared" / "data" / "finance" / "train.jsonl"
 # The methods a plain run benchmarks (those benchmarks/README.md has figures for); --only takes any registered one.
-METHODS = [
-    "lora",
-    "qlora",
-    "dora",
-    "ia3",
-    "adapter",
-    "prefix",
-    "prompt",
-    "full",
-    "loha",
-    "lokr",
-    "vera",
-    "oft",
-    "fourierft",
-]
+METHODS = [m for m in REGISTRY if m != "hra"]  # hra came later: no figures yet
 
 
 def child(method: str, steps: int, n_eval: int, device: str = "cpu") -> dict:

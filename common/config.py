@@ -697,7 +697,7 @@ class OutputConfig(_Strict):
     )
     merged: bool = Field(
         False,
-        description="Also save merged/: a LoRA-family adapter folded into its base (a plain HF model folder).",
+        description="Also save merged/: the adapter folded into its base (a plain HF model folder); for the methods that merge (all but adapter, prefix, prompt and full).",
         json_schema_extra=flag("--merged"),
     )
     tensorboard: bool = Field(

@@ -9,7 +9,7 @@ or under secure aggregation :func:`fedtune.server.secure.secure_mean` (which yie
 weighted mean). :func:`run_training_round` and :func:`run_evaluation` put the pieces together.
 
 What a message carries is built and read only here (``configure_*``, :func:`train_info`,
-:func:`eval_info`, :func:`decode_update`), so the typed messages can replace it in one place.
+:func:`eval_info`, :func:`decode_update`), through the typed messages of :mod:`fedtune.common.messages`.
 """
 
 from __future__ import annotations

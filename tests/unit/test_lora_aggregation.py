@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from fedtune.client import app as client_app
-from fedtune.common import adapters, methods
+from fedtune.common import messages, methods
 from fedtune.common.config import ConfigError, load_config
+from fedtune.common.messages import TrainReply
 from fedtune.server import app as server
 from fedtune.server.aggregation import lora_product_error, weighted_mean
 
@@ -120,9 +121,9 @@ def test_mixed_ranks_pad_with_zeros_and_report_the_error(tiny_config, tmp_path):
     assert r1["accepted"] == 2 and r1["sites"]["medical"]["rank"] == 4 and "rank" not in r1["sites"]["financial"]
     assert r1["sites"]["medical"]["bytes_sent"] < 0.75 * r1["sites"]["financial"]["bytes_sent"]
     replies = {}
-    for m in (m for m in grid.sent if m.metadata.message_type == "train"):
-        out = grid.sites[m.metadata.dst_node_id](m)
-        replies[out["site"]["name"]] = (adapters.read_adapter(out), out["metrics"]["num-examples"])
+    for m in (m for m in grid.sent if m.metadata.message_type == messages.TRAIN):
+        out = TrainReply.from_record(grid.sites[m.metadata.dst_node_id](m))
+        replies[out.site.name] = (out.update, out.metrics.num_examples)
     (d_med, w_med), (d_fin, w_fin) = replies["medical"], replies["financial"]
     a_key = next(k for k in init.state if ".lora_A." in k)
     assert d_med[a_key].shape[0] == 4 and d_fin[a_key].shape[0] == 8 and rs.global_state[a_key].shape[0] == 8

@@ -14,9 +14,10 @@ import torch
 from flwr.app import Context, RecordDict
 
 from fedtune.client import app as client_app
-from fedtune.common import adapters, methods
+from fedtune.common import adapters, messages, methods
 from fedtune.common.checkpoint import ADAPTER_CONFIG, load_adapter_state
 from fedtune.common.config import ConfigError, LayerConfig, load_config
+from fedtune.common.messages import NodeConfig, SiteStatus, TrainMetrics, TrainReply, TrainTask
 from fedtune.common.methods import REGISTRY
 from fedtune.common.modeling import load_base_model
 from fedtune.server import app as server
@@ -81,13 +82,14 @@ def real_sites(
     ]
 
     def site(i: int):
-        ctx = Context(run_id=1, node_id=i + 1, node_config={"partition-id": i}, state=RecordDict(), run_config={})
+        node_config = NodeConfig(partition_id=i).to_record()
+        ctx = Context(run_id=1, node_id=i + 1, node_config=node_config, state=RecordDict(), run_config={})
 
         def handle(m):
             kind = m.metadata.message_type
-            if kind == "train":
+            if kind == messages.TRAIN:
                 return client_app.handle_train(m, ctx, files, "cpu").content
-            if kind == "evaluate":
+            if kind == messages.EVALUATE:
                 return client_app.handle_evaluate(m, ctx, files, "cpu").content
             return client_app.handle_secure_stage(m, ctx, files).content  # secure aggregation's stages
 
@@ -325,8 +327,8 @@ def test_progressive_unfreezing_federated(tiny_config, tmp_path):
     for k in init.state:
         moved = not np.array_equal(after1[k].numpy(), init.state[k])
         assert moved == (".layers.1." in k), k
-    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
-    assert sorted(len(list(m.content["config"]["trainable"])) for m in sent) == [14, 14, 28, 28]
+    sent = [m for m in grid.sent if m.metadata.message_type == messages.TRAIN]
+    assert sorted(len(TrainTask.from_record(m.content).trainable) for m in sent) == [14, 14, 28, 28]
 
 
 def test_progressive_unfreezing_under_secure_aggregation_gives_the_plain_result(tiny_config, tmp_path):
@@ -356,8 +358,6 @@ def test_progressive_unfreezing_under_secure_aggregation_gives_the_plain_result(
 
 def test_updates_that_do_not_match_the_trainable_set_are_rejected(tiny_config, tmp_path):
     """A site that trains (and sends) more than the round's set is rejected, not averaged."""
-    from flwr.app import ConfigRecord, MetricRecord
-
     cfg = method_config(tiny_config, "lora", unfreeze_start=1)
     init = server.initial_adapter(cfg)
     rs = server.RunState(
@@ -370,26 +370,14 @@ def test_updates_that_do_not_match_the_trainable_set_are_rejected(tiny_config, t
         n_layers=init.n_layers,
     )
 
-    def greedy(m):  # sends a delta for every tensor, frozen ones included
+    def greedy(m):  # sends a delta for every tensor, frozen ones included (a well-formed reply: its content is wrong)
         delta = adapters.to_tensors(OrderedDict((k, np.full(v.shape, 0.01, np.float32)) for k, v in init.state.items()))
-        return RecordDict(
-            {
-                "metrics": MetricRecord({"num-examples": 5}),
-                "site": ConfigRecord({"name": "greedy", "status": "ok"}),
-                **adapters.adapter_records(delta),
-            }
-        )
+        return TrainReply(SiteStatus("greedy", "ok"), TrainMetrics(num_examples=5), delta).to_record()
 
     def honest(m):
-        keys = list(m.content["config"]["trainable"])
+        keys = TrainTask.from_record(m.content).trainable
         delta = adapters.to_tensors(OrderedDict((k, np.full(init.state[k].shape, 0.01, np.float32)) for k in keys))
-        return RecordDict(
-            {
-                "metrics": MetricRecord({"num-examples": 5}),
-                "site": ConfigRecord({"name": "honest", "status": "ok"}),
-                **adapters.adapter_records(delta),
-            }
-        )
+        return TrainReply(SiteStatus("honest", "ok"), TrainMetrics(num_examples=5), delta).to_record()
 
     out = server.run_training_round(FakeGrid({1: greedy, 2: honest}), [1, 2], rs, 1, lambda s: None)
     # Refused on its declared size before it is read (more values than the round's trainable set), or by name.
@@ -406,12 +394,15 @@ def test_a_site_refuses_a_trainable_set_its_model_does_not_train(tiny_config, tm
     cfg = method_config(tiny_config, "lora")
     state = methods.get_state(methods.load_model(cfg, "cpu")[0])
     files = [client_app.SiteFiles("medical", str(DATA_DIR / "medical" / "train.jsonl"))]
-    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    reply = client_app.handle_train(
-        message(cfg, state, 1, "train", trainable=["model.layers.0.mlp.up_proj.weight"]), ctx, files, "cpu"
+    ctx = Context(
+        run_id=1, node_id=7, node_config=NodeConfig(partition_id=0).to_record(), state=RecordDict(), run_config={}
     )
-    assert reply.content["site"]["status"] == "refused"
-    assert "trainable set" in reply.content["site"]["reason"] and "arrays" not in reply.content
+    reply = client_app.handle_train(
+        message(cfg, state, 1, messages.TRAIN, trainable=["model.layers.0.mlp.up_proj.weight"]), ctx, files, "cpu"
+    )
+    read = TrainReply.from_record(reply.content)
+    assert read.site.status == "refused"
+    assert "trainable set" in read.site.reason and read.update is None and messages.ARRAYS not in reply.content
 
 
 # ---- fteval on what the methods save ----------------------------------------------------------------
@@ -524,15 +515,14 @@ def test_ffa_lora_trains_b_only_and_averages_the_products_exactly(tiny_config, t
         client_app._RUNTIME, client_app._SITE_CACHE = None, {}
         init = server.initial_adapter(cfg)
         rs = server.run_federation(grid, cfg, tmp_path / str(ffa), lambda s: None)
-        replies = [m for m in grid.sent if m.metadata.message_type == "train"]
+        replies = [m for m in grid.sent if m.metadata.message_type == messages.TRAIN]
         assert len(replies) == 2
         # Each site's own adapter after training: the global start plus its delta (from its reply).
         site_states, weights = [], []
         for m in replies:
-            out = grid.sites[m.metadata.dst_node_id](m)
-            delta = adapters.read_adapter(out)
-            site_states.append({k: init.state[k] + delta.get(k, 0.0) for k in init.state})
-            weights.append(out["metrics"]["num-examples"])
+            out = TrainReply.from_record(grid.sites[m.metadata.dst_node_id](m))
+            site_states.append({k: init.state[k] + out.update.get(k, 0.0) for k in init.state})
+            weights.append(out.metrics.num_examples)
         errors = []
         for a_key in (k for k in init.state if ".lora_A." in k):
             b_key = a_key.replace(".lora_A.", ".lora_B.")

@@ -233,16 +233,14 @@ def test_node_config_quotes_paths_safely(tmp_path):
     from flwr.common.config import parse_config_args
 
     from fedtune.client.join import node_config
+    from fedtune.common.messages import NodeConfig
 
     for name in ['we"ird dir', "it's here", "back\\slash"]:
         weird = tmp_path / name / "train.jsonl"
         args = argparse.Namespace(data=str(weird), eval_data=str(weird))
         parsed = parse_config_args([node_config("site a", args)])
-        assert parsed == {
-            "site-name": "site a",
-            "data-path": str(weird.resolve()),
-            "eval-data-path": str(weird.resolve()),
-        }
+        path = str(weird.resolve())
+        assert parsed == NodeConfig(site_name="site a", data_path=path, eval_data_path=path).to_record()
     args = argparse.Namespace(data=str(tmp_path / "both'\"quotes.jsonl"), eval_data=None)
     with pytest.raises(ValueError, match="cannot be passed to Flower"):
         node_config("a", args)
@@ -254,9 +252,10 @@ def test_ftclient_join_rank_reaches_the_node_config(tmp_path):
     from flwr.common.config import parse_config_args
 
     from fedtune.client.join import JoinError, node_config
+    from fedtune.common.messages import NodeConfig
 
     args = argparse.Namespace(data=str(tmp_path / "t.jsonl"), eval_data=None, rank=4)
-    assert parse_config_args([node_config("s", args)])["lora-rank"] == 4
+    assert NodeConfig.from_record(parse_config_args([node_config("s", args)])).lora_rank == 4
     with pytest.raises(JoinError, match="--rank 0: expected a positive LoRA rank"):
         node_config("s", argparse.Namespace(data="t.jsonl", eval_data=None, rank=0))
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ from .checkpoints import (  # noqa: F401  (re-exported: tests and tools reach th
 from .messaging import FederationError, Printer
 from .record import FILE as RECORD_FILE
 from .record import RecordError, write_record
-from .report import write_report
+from .report import ReportSection, write_report
 from .round import (  # noqa: F401  (re-exported)
     KEEP_MAX_VALUES,
     aggregate_evaluate,
@@ -395,24 +395,32 @@ def run_rounds(grid: Grid, rs: RunState, first: int, say: Printer) -> None:
             break
 
 
-def finish_run(rs: RunState, say: Printer) -> None:
+def finish_run(rs: RunState, say: Printer, report_sections: Sequence[ReportSection] = ()) -> None:
     """After the last round: the final general-knowledge score, metrics.json with the elapsed time
-    (and, if it stopped early, why), the exported artifacts, the report."""
+    (and, if it stopped early, why), the exported artifacts, the report (with ``report_sections``,
+    the parts the program running the coordinator contributes: :class:`~fedtune.server.report.ReportSection`)."""
     if rs.cfg.eval.forgetting:
         measure_forgetting(rs, "final", rs.global_state, say)
     write_metrics(rs)
     if rs.events is not None:
         rs.events.close()
     save_artifacts(rs, say)
-    write_report(rs.out, rs.metrics_doc(), plots=rs.cfg.output.plots)
+    write_report(rs.out, rs.metrics_doc(), plots=rs.cfg.output.plots, sections=report_sections)
     say(f"report: {rs.out / 'report.md'}")
 
 
 def run_federation(
-    grid: Grid, cfg: FedTuneConfig, out: Path, say: Printer = print, resume: bool = False, site_keys=None
+    grid: Grid,
+    cfg: FedTuneConfig,
+    out: Path,
+    say: Printer = print,
+    resume: bool = False,
+    site_keys=None,
+    report_sections: Sequence[ReportSection] = (),
 ) -> RunState:
     """``site_keys``: the registered sites' identity keys (SEC1 P-384 bytes) that secure
-    aggregation publishes to the sites; None: the keys the sites present."""
+    aggregation publishes to the sites; None: the keys the sites present. ``report_sections``:
+    the caller's parts of the end-of-run report (ftsim's sites' data), rendered with it once."""
     rs = start_run(cfg, out, say, resume, site_keys)
     first = resume_run(rs, say) if resume else begin_run(rs)
     fed = cfg.federation
@@ -433,7 +441,7 @@ def run_federation(
         )
     rs.first_round, rs.first_round_at = first, time.time()
     run_rounds(grid, rs, first, say)
-    finish_run(rs, say)
+    finish_run(rs, say, report_sections)
     return rs
 
 
@@ -444,13 +452,18 @@ def make_server_app(
     result: list | None = None,
     resume: bool = False,
     site_keys=None,
+    report_sections: Sequence[ReportSection] = (),
 ) -> ServerApp:
+    """The ServerApp that runs :func:`run_federation` (its RunState, or the FederationError that
+    ended it, appended to ``result``); ``report_sections`` go into the end-of-run report."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            rs = run_federation(grid, cfg, out, say, resume=resume, site_keys=site_keys)
+            rs = run_federation(
+                grid, cfg, out, say, resume=resume, site_keys=site_keys, report_sections=report_sections
+            )
         except FederationError as e:
             say(f"FAILED: {e}")
             if result is not None:

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -84,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=TRAIN[:EVAL]",
         help="a virtual site and its data files (repeatable)",
     )
+    _add_partition_flags(p)
+    _add_run_flags(p)
+    add_config_flags(p, "ftsim")  # --rounds, --lr, --out, --secure-aggregation, ...: declared in common/config.py
+    return p
+
+
+def _add_partition_flags(p: argparse.ArgumentParser) -> None:
+    """--data, --partition, --sites, --label-key: one dataset split into virtual sites."""
     p.add_argument(
         "--data",
         action="append",
@@ -107,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="--partition: a record's category is this top-level field (e.g. completion for a label), not its file",
     )
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """--resume, --site-rank, --set: ftsim's own flags over the run's config."""
     p.add_argument(
         "--resume",
         metavar="DIR",
@@ -126,8 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any config key, e.g. train.lr=1e-4 (repeatable)",
     )
-    add_config_flags(p, "ftsim")  # --rounds, --lr, --out, --secure-aggregation, ...: declared in common/config.py
-    return p
 
 
 def default_out_dir() -> str:
@@ -240,69 +251,97 @@ def _with_ranks(cfg: FedTuneConfig, ranks: dict[str, int]) -> FedTuneConfig:
 
 
 def _resolve_run(args: argparse.Namespace) -> Resolved:
-    cfg_path = Path(args.config) if args.config else None
-    partition_flags = bool(
-        args.data or args.partition is not None or args.sites is not None or args.label_key is not None
-    )
-    if cfg_path is None and not args.site and not partition_flags:
-        cfg_path = bundled_path("configs", DEFAULT_CONFIG)
+    partition_flags = _has_partition_flags(args)
     overrides = config_overrides(args, "ftsim")  # --out among them: output.dir
     if args.resume:
-        # The run's own record holds its config; flags may change what is safe to change (e.g. --rounds).
-        # A partitioned run's saved config lists its sites' files in DIR/partitions: never split again.
-        if args.config or args.site or args.out or partition_flags:
-            raise ConfigError(
-                f"--resume DIR takes the run's saved config (its sites too) and writes to DIR; don't combine it with --config, --site, --out, {PARTITION_FLAGS}"
-            )
-        record = Path(args.resume) / "metrics.json"
-        try:
-            saved = json.loads(record.read_text())["config"]
-        except (OSError, ValueError, KeyError):
-            raise ConfigError(f"--resume {args.resume}: nothing to resume (no readable {record.name})") from None
-        overrides["output.dir"] = str(Path(args.resume))
-        return Resolved(_check_sites(load_config(None, overrides, base=saved, source=str(record))))
+        return _resumed(args, overrides, partition_flags)
     if args.site and partition_flags:
         raise ConfigError(
             f"--site lists the sites and {PARTITION_FLAGS} split one dataset into sites: use one or the other"
         )
-    raw: dict[str, Any] = read_config_file(cfg_path) if cfg_path is not None else {}
-    section = None
-    if isinstance(raw.get("simulation"), dict) and "partition" in raw["simulation"]:
-        # simulation.partition is ftsim's own, read here (--site overrides it); the run's saved
-        # config lists the sites it made.
-        section = None if args.site else raw["simulation"]["partition"]
-        raw = {**raw, "simulation": {k: v for k, v in raw["simulation"].items() if k != "partition"}}
+    cfg_path = Path(args.config) if args.config else None
+    if cfg_path is None and not args.site and not partition_flags:
+        cfg_path = bundled_path("configs", DEFAULT_CONFIG)
+    raw, section = _read_config(cfg_path, keep_partition=not args.site)
     request = _partition_request(args, section, cfg_path)
+    load = _loader(raw, cfg_path)
+    if request is not None:
+        if section is not None and not partition_flags and _lists_sites(raw):
+            raise ConfigError(f"{cfg_path}: both federation.sites and simulation.partition give the sites: keep one")
+        return _partitioned(request, overrides, load)
+    if args.site:
+        overrides["federation.sites"] = [parse_site(s) for s in args.site]
+    elif cfg_path is not None and isinstance(sites := _config_sites(raw), list):
+        overrides.setdefault("federation.sites", _relative_to(sites, cfg_path))
+    return Resolved(_check_sites(load(overrides)))
+
+
+def _has_partition_flags(args: argparse.Namespace) -> bool:
+    return bool(args.data or args.partition is not None or args.sites is not None or args.label_key is not None)
+
+
+def _resumed(args: argparse.Namespace, overrides: dict, partition_flags: bool) -> Resolved:
+    """--resume DIR: the run's own record holds its config; flags may change what is safe to
+    change (e.g. --rounds). A partitioned run's saved config lists its sites' files in
+    DIR/partitions: never split again."""
+    from fedtune.server.record import FILE, RecordError, read_record
+
+    if args.config or args.site or args.out or partition_flags:
+        raise ConfigError(
+            f"--resume DIR takes the run's saved config (its sites too) and writes to DIR; don't combine it with --config, --site, --out, {PARTITION_FLAGS}"
+        )
+    record = Path(args.resume) / FILE
+    if not record.is_file():
+        raise ConfigError(f"--resume {args.resume}: nothing to resume (no readable {record.name})")
+    try:
+        saved = read_record(record).config
+    except RecordError as e:  # names the key that is wrong, or the version that is not read
+        raise ConfigError(f"--resume {args.resume}: nothing to resume ({e})") from None
+    overrides["output.dir"] = str(Path(args.resume))
+    return Resolved(_check_sites(load_config(None, overrides, base=saved, source=str(record))))
+
+
+def _read_config(cfg_path: Path | None, keep_partition: bool) -> tuple[dict[str, Any], Any]:
+    """The config file's contents without ``simulation.partition``, and that section (None
+    without one, or when ``keep_partition`` is false: --site overrides it). The section is
+    ftsim's own, read here; the run's saved config lists the sites it made."""
+    raw: dict[str, Any] = read_config_file(cfg_path) if cfg_path is not None else {}
+    if not (isinstance(raw.get("simulation"), dict) and "partition" in raw["simulation"]):
+        return raw, None
+    section = raw["simulation"]["partition"] if keep_partition else None
+    return {**raw, "simulation": {k: v for k, v in raw["simulation"].items() if k != "partition"}}, section
+
+
+def _loader(raw: dict[str, Any], cfg_path: Path | None) -> Callable[[dict], FedTuneConfig]:
+    """overrides -> the config: the defaults, under the config file's contents when there is one."""
     source = str(cfg_path) if cfg_path is not None else None
 
     def load(ovr: dict) -> FedTuneConfig:
         return load_config(None, ovr, base=raw, source=source) if cfg_path is not None else load_config(None, ovr)
 
-    if request is not None:
-        if (
-            section is not None
-            and not partition_flags
-            and isinstance(raw.get("federation"), dict)
-            and raw["federation"].get("sites")
-        ):
-            raise ConfigError(f"{cfg_path}: both federation.sites and simulation.partition give the sites: keep one")
-        return _partitioned(request, overrides, load)
-    if args.site:
-        overrides["federation.sites"] = [parse_site(s) for s in args.site]
-    elif cfg_path is not None:
-        # Site files in a config are relative to the config file.
-        sites = (raw.get("federation") or {}).get("sites") if isinstance(raw.get("federation"), dict) else None
-        if isinstance(sites, list):
-            fixed = []
-            for s in sites:
-                if isinstance(s, dict):
-                    s = dict(s)
-                    for key in ("train", "eval"):
-                        if isinstance(s.get(key), str) and not Path(s[key]).expanduser().is_absolute():
-                            s[key] = str((cfg_path.parent / s[key]).resolve())
-                fixed.append(s)
-            overrides.setdefault("federation.sites", fixed)
-    return Resolved(_check_sites(load(overrides)))
+    return load
+
+
+def _config_sites(raw: dict[str, Any]) -> Any:
+    """The config file's federation.sites (None without a federation mapping)."""
+    return (raw.get("federation") or {}).get("sites") if isinstance(raw.get("federation"), dict) else None
+
+
+def _lists_sites(raw: dict[str, Any]) -> bool:
+    return isinstance(raw.get("federation"), dict) and bool(raw["federation"].get("sites"))
+
+
+def _relative_to(sites: list, cfg_path: Path) -> list:
+    """Site files in a config are relative to the config file."""
+    fixed = []
+    for s in sites:
+        if isinstance(s, dict):
+            s = dict(s)
+            for key in ("train", "eval"):
+                if isinstance(s.get(key), str) and not Path(s[key]).expanduser().is_absolute():
+                    s[key] = str((cfg_path.parent / s[key]).resolve())
+        fixed.append(s)
+    return fixed
 
 
 def _partitioned(request: _PartitionRequest, overrides: dict, load) -> Resolved:
@@ -418,19 +457,23 @@ def with_site_keys(sites: list) -> tuple[list, frozenset]:
 
 
 def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
-    """Run the simulation; returns the server's RunState. Ray is shut down on every path."""
+    """Run the simulation; returns the server's RunState. Ray is shut down on every path. The
+    coordinator writes the report, with ftsim's sections (:func:`.report_sections.federation_sections`)."""
     from flwr.simulation import run_simulation
 
     from fedtune.client.app import make_client_app, sites_from_config
     from fedtune.common.modeling import resolve_model_source
     from fedtune.server.app import make_server_app
+    from fedtune.simulations.report_sections import federation_sections
 
     resolve_model_source(cfg.model)  # provision the model here, once, before workers start
     sites, site_keys = with_site_keys(sites_from_config(cfg))
     cpus = min(cfg.simulation.cpus_per_site, float(os.cpu_count() or 1))
     backend_config = {"client_resources": {"num_cpus": cpus, "num_gpus": cfg.simulation.gpus_per_site}}
     result: list = []
-    server_app = make_server_app(cfg, out, say, result, resume=resume, site_keys=site_keys)
+    # ftsim's sections (the sites' data) go into the coordinator's end-of-run report: rendered once.
+    sections = federation_sections(out)
+    server_app = make_server_app(cfg, out, say, result, resume=resume, site_keys=site_keys, report_sections=sections)
     client_app = make_client_app(sites, device=None if cfg.model.device == "auto" else cfg.model.device)
     prepare_engine()
     try:
@@ -465,33 +508,61 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.output.dir or default_out_dir())
     t0 = time.time()
     say = make_say(t0)
-    names = ", ".join(s.name for s in cfg.federation.sites)
+    announce(resolved, out, say)
+    sigterm_as_interrupt()
+    rs = _federate(cfg, out, say, resume=bool(args.resume))
+    if rs is None:
+        return 1
     say(
-        f"{len(cfg.federation.sites)} site{'s' if len(cfg.federation.sites) != 1 else ''} ({names}); model {cfg.model.name}; {cfg.peft.describe()}; "
-        f"{cfg.federation.strategy}{' with secure aggregation (SecAgg+)' if cfg.secure_aggregation.enabled else ''}; {cfg.federation.rounds} rounds x "
-        f"{cfg.train.local_steps or str(cfg.train.local_epochs) + ' epochs'} local steps; output {out}"
+        f"done in {time.time() - t0:.0f} s. Final global eval: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in rs.rounds[-1].get("aggregate", {}).items())
     )
+    if cfg.simulation.baselines and (code := _baselines(cfg, out, say)):
+        return code
+    _say_outputs(cfg, out, rs, say)
+    return 0
+
+
+def announce(resolved: Resolved, out: Path, say) -> None:
+    """What is about to run: the sites, model, method and rounds; the safeguards; the partition."""
+    cfg = resolved.cfg
+    say(_run_line(cfg, out))
     ranked = [f"{s.name} r={s.rank}" for s in cfg.federation.sites if s.rank is not None]
     if ranked:
         say(f"mixed LoRA ranks (HetLoRA zero-padding): {', '.join(ranked)}; the others r={cfg.peft.r}")
-    if cfg.privacy.enabled:
-        say(
-            f"client-level differential privacy: budget epsilon {cfg.privacy.epsilon:g} at delta {cfg.privacy.delta:g}; updates clipped to L2 norm {cfg.privacy.clip:g}"
-        )
-    elif cfg.federation.update_norm_bound not in (None, "off"):
-        bound = cfg.federation.update_norm_bound
-        say(
-            f"update-norm bound: each site clips its update to L2 norm {'auto (10 x lr x steps x sqrt(values))' if bound == 'auto' else f'{bound:g}'}"
-        )
+    if (line := _safeguard_line(cfg)) is not None:
+        say(line)
     if resolved.partition is not None:
         # Counts only: site records never reach the console or a log.
         say(resolved.partition.summary())
         for line in resolved.partition.lines():
             say(line)
         say(f"sites' files and composition: {out / 'partitions'}")
-    sigterm_as_interrupt()
+
+
+def _run_line(cfg: FedTuneConfig, out: Path) -> str:
+    names = ", ".join(s.name for s in cfg.federation.sites)
+    return (
+        f"{len(cfg.federation.sites)} site{'s' if len(cfg.federation.sites) != 1 else ''} ({names}); model {cfg.model.name}; {cfg.peft.describe()}; "
+        f"{cfg.federation.strategy}{' with secure aggregation (SecAgg+)' if cfg.secure_aggregation.enabled else ''}; {cfg.federation.rounds} rounds x "
+        f"{cfg.train.local_steps or str(cfg.train.local_epochs) + ' epochs'} local steps; output {out}"
+    )
+
+
+def _safeguard_line(cfg: FedTuneConfig) -> str | None:
+    """Differential privacy's budget, or else the update-norm bound; None without either."""
+    if cfg.privacy.enabled:
+        return f"client-level differential privacy: budget epsilon {cfg.privacy.epsilon:g} at delta {cfg.privacy.delta:g}; updates clipped to L2 norm {cfg.privacy.clip:g}"
+    bound = cfg.federation.update_norm_bound
+    if bound in (None, "off"):
+        return None
+    return f"update-norm bound: each site clips its update to L2 norm {'auto (10 x lr x steps x sqrt(values))' if bound == 'auto' else f'{bound:g}'}"
+
+
+def _federate(cfg: FedTuneConfig, out: Path, say, resume: bool):
+    """The federation (:func:`run`) -> its RunState; None when it failed (said on stderr)."""
     try:
-        rs = run(cfg, out, say, resume=bool(args.resume))
+        return run(cfg, out, say, resume=resume)
     except KeyboardInterrupt:
         # run() has shut Ray down; the ServerApp thread (not a daemon) may still be waiting on
         # replies that will never come, so leave without joining it.
@@ -499,37 +570,36 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(130)
     except Exception as e:  # noqa: BLE001 - one clear line for the user, details above
         print(f"ftsim: failed: {e}", file=sys.stderr)
+        return None
+
+
+def _baselines(cfg: FedTuneConfig, out: Path, say) -> int | None:
+    """ftsim --baselines after the federation -> the exit code when they did not finish, else None."""
+    from fedtune.simulations.baselines import BaselineError, add_baselines
+
+    try:
+        add_baselines(cfg, out, say)
+    except BaselineError as e:
+        print(f"ftsim: baselines: {e}", file=sys.stderr)
         return 1
-    last = rs.rounds[-1]
-    say(
-        f"done in {time.time() - t0:.0f} s. Final global eval: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in last.get("aggregate", {}).items())
-    )
-    from fedtune.simulations.report_sections import write_ftsim_report
+    except KeyboardInterrupt:
+        print(
+            f"ftsim: interrupted; the baselines finished so far are kept in {out / 'baselines'} (continue with: ftsim --resume {out})",
+            file=sys.stderr,
+        )
+        return 130
+    return None
 
-    write_ftsim_report(out, plots=cfg.output.plots, say=say)  # the report with ftsim's sections (the sites' data)
-    if cfg.simulation.baselines:
-        from fedtune.simulations.baselines import BaselineError, add_baselines
 
-        try:
-            add_baselines(cfg, out, say)
-        except BaselineError as e:
-            print(f"ftsim: baselines: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(
-                f"ftsim: interrupted; the baselines finished so far are kept in {out / 'baselines'} (continue with: ftsim --resume {out})",
-                file=sys.stderr,
-            )
-            return 130
+def _say_outputs(cfg: FedTuneConfig, out: Path, rs, say) -> None:
+    """Where the run's artifact, metrics and report are; the best round's adapter."""
     saves = methods.get(cfg.peft.method).artifact  # "model" (full fine-tuning) or "adapter"
     artifact = out / saves
     merged = f"   merged: {out / 'merged'}" if cfg.output.merged else ""
     say(f"{artifact.name}: {artifact}{merged}   metrics: {out / 'metrics.json'}   report: {out / 'report.md'}")
     best = rs.best()
     if best is not None and saves == "adapter":
-        say(f"best round: {best['round']} ({best['metric']} {best['value']:.3f}), its adapter in {out / 'best'}")
-    return 0
+        say(f"best round: {best['round']} ({best['metric']} {best['value']:.4f}), its adapter in {out / 'best'}")
 
 
 if __name__ == "__main__":

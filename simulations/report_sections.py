@@ -3,9 +3,10 @@ and the baselines (``ftsim --baselines``).
 
 The coordinator's report (:mod:`fedtune.server.report`) knows neither: they are ftsim's, so ftsim
 builds them here as sections (:class:`~fedtune.server.report.ReportSection`) and passes them to
-:func:`~fedtune.server.report.write_report`. :func:`write_ftsim_report` rewrites a finished run's
-report with them; ``ftsim`` calls it after the federation, and ``ftsim --baselines`` after the
-baselines.
+:func:`~fedtune.server.report.write_report`. ``ftsim`` hands :func:`federation_sections` to the
+coordinator (``make_server_app(report_sections=...)``), whose end-of-run report is then rendered
+once, with them; :func:`write_ftsim_report` rewrites a finished run's report with them, which
+``ftsim --baselines`` does after the baselines.
 """
 
 from __future__ import annotations
@@ -196,6 +197,14 @@ def sections_for(composition: dict | None, record: RunRecord) -> list[ReportSect
         *([partition_section(composition)] if composition else []),
         *([baselines_section()] if record.baselines else []),
     ]
+
+
+def federation_sections(out: Path) -> list[ReportSection]:
+    """ftsim's sections for the coordinator's end-of-run report of the run in ``out``: the sites'
+    data when it was partitioned (its composition is written before the federation starts). The
+    coordinator's record has no baselines (they come after it, and add theirs)."""
+    composition = read_composition(out)
+    return [partition_section(composition)] if composition else []
 
 
 def write_ftsim_report(

@@ -15,6 +15,7 @@ import pytest
 
 from fedtune.common.config import ConfigError
 from fedtune.common.data import DataError
+from fedtune.server.record import MethodInfo, RunRecord, write_record
 from fedtune.simulations import cli as ftsim
 from fedtune.simulations.partition import (
     MIN_RECORDS,
@@ -359,7 +360,16 @@ def test_ftsim_partition_sites_and_output_dir_in_the_config(tmp_path, monkeypatc
     assert all(Path(s.train).is_file() and s.eval is None for s in res.cfg.federation.sites)
 
     # --resume DIR reads the sites from the run's saved config and does not split again.
-    (out / "metrics.json").write_text(json.dumps({"config": json.loads(res.cfg.to_json()), "rounds": []}))
+    # (a run record as the coordinator writes it: read back through server.record.read_record).
+    record = RunRecord(
+        fedtune=MethodInfo(peft=res.cfg.peft.method, strategy=res.cfg.federation.strategy),
+        model=res.cfg.model.name,
+        trainable_params=0,
+        config=json.loads(res.cfg.to_json()),
+        rounds=[],
+        elapsed_s=0.0,
+    )
+    write_record(out / "metrics.json", record)
     before = {p: p.stat().st_mtime_ns for p in (out / "partitions").rglob("*.json*")}
     resumed = ftsim.resolve_run(ftsim.build_parser().parse_args(["--resume", str(out), "--rounds", "5"]))
     assert resumed.partition is None and resumed.cfg.federation.sites == res.cfg.federation.sites
@@ -367,6 +377,10 @@ def test_ftsim_partition_sites_and_output_dir_in_the_config(tmp_path, monkeypatc
     # ... and a new split will not overwrite that run.
     with pytest.raises(ConfigError, match="already holds a run"):
         ftsim.resolve_run(ftsim.build_parser().parse_args(["--data", str(fin), "--sites", "3", "--out", str(out)]))
+    # A record that is not a run record is refused, naming what is wrong.
+    (out / "metrics.json").write_text(json.dumps({"config": json.loads(res.cfg.to_json()), "rounds": []}))
+    with pytest.raises(ConfigError, match=r"nothing to resume \(.*metrics.json: not a valid run record: fedtune"):
+        ftsim.resolve_run(ftsim.build_parser().parse_args(["--resume", str(out)]))
 
 
 def test_ftsim_reads_a_partition_section_from_the_config_file(tmp_path):

@@ -260,26 +260,50 @@ def test_the_sites_data_section_is_ftsims_and_the_coordinators_report_reads_no_f
     assert write_ftsim_report(tmp_path, plots=False) is None
 
 
-def test_ftsim_writes_its_report_with_the_sites_data_after_the_run(tmp_path, monkeypatch):
-    """ftsim's call site: after the federation (stubbed here: it leaves a record), the report of
-    a partitioned run gets the sites' data section from simulations/."""
-    from types import SimpleNamespace
+def test_ftsim_renders_a_partitioned_runs_report_once_with_the_sites_data(tmp_path, monkeypatch):
+    """ftsim's call site: ftsim hands its sections to the coordinator (make_server_app), whose
+    end-of-run report of a partitioned run is rendered once, with the sites' data from
+    simulations/; ftsim does not render it again. The engine is stubbed: the ServerApp is called
+    as run_simulation calls it, and its federation only ends a run (the real finish_run) whose
+    rounds are the hand-made record's."""
+    from collections import OrderedDict
 
-    from fedtune.server.record import write_record
+    import flwr.simulation
+
+    from fedtune.common import modeling
+    from fedtune.server import app as server
+    from fedtune.server import report
+    from fedtune.server.state import RunState
     from fedtune.simulations import cli as ftsim
 
     from .test_partition import finance_like
 
     data, _ = finance_like(tmp_path)
     out = tmp_path / "run"
+    renders: list[list[str]] = []
+    render = report.render_markdown
 
-    def federation(cfg, out_dir, say, resume=False):
-        write_record(out_dir / "metrics.json", make_doc())
-        write_report(out_dir, make_doc(), plots=False)  # the coordinator's report
-        return SimpleNamespace(rounds=make_doc()["rounds"], best=lambda: None)
+    def counting(doc, plots, sections=()):
+        renders.append([section.where for section in sections])
+        return render(doc, plots, sections)
 
-    monkeypatch.setattr(ftsim, "run", federation)
+    def federation(grid, cfg, out_dir, say, resume=False, site_keys=None, report_sections=()):
+        rs = RunState(cfg, out_dir, OrderedDict(), None, 4096)
+        rs.rounds.extend(make_doc()["rounds"])
+        server.finish_run(rs, say, report_sections)
+        return rs
+
+    def simulation(server_app, client_app, num_supernodes, backend_config):
+        server_app(None, None)
+
+    monkeypatch.setattr(report, "render_markdown", counting)
+    monkeypatch.setattr(server, "run_federation", federation)
+    monkeypatch.setattr(flwr.simulation, "run_simulation", simulation)
+    monkeypatch.setattr(modeling, "resolve_model_source", lambda model: None)
+    monkeypatch.setattr(ftsim, "prepare_engine", lambda: None)
+    monkeypatch.setattr(ftsim, "start_ray", lambda: None)
     argv = ["--data", str(data), "--partition", "iid", "--sites", "2", "--out", str(out), "--no-plots"]
-    assert ftsim.main(argv) == 0
+    assert ftsim.main([*argv, "--set", "eval.forgetting=false"]) == 0
+    assert renders == [["before_per_site"]], "the report is rendered once, with ftsim's section"
     md = (out / "report.md").read_text()
     assert "## Sites' data" in md and "split by `iid`" in md and md.index("## Sites' data") < md.index("## Per site")

@@ -110,6 +110,112 @@ def _drop_listed_in_connection(headers) -> set[str]:
     return {t.strip().lower() for v in headers for t in v.split(",") if t.strip()}
 
 
+def upstream_client(
+    upstream: str, verify: ssl.SSLContext | bool, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """The client the gateway reaches the SuperLink with (one per app, opened by its lifespan)."""
+    return httpx.AsyncClient(
+        base_url=upstream,
+        verify=verify,
+        transport=transport,
+        trust_env=False,  # never an HTTP(S)_PROXY from the environment between us and loopback
+        follow_redirects=False,
+        timeout=httpx.Timeout(connect=10.0, read=600.0, write=600.0, pool=60.0),
+        limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+    )
+
+
+def _refusal(request: Request, max_body: int) -> Response | None:
+    """What is refused before anything is read or forwarded (the method, the path's spelling, the
+    declared length) -> the refusal, or None for a request to forward."""
+    path = request.scope["path"]
+    if request.method != "POST":
+        return _refuse(request, 405, "Method Not Allowed")
+    # Routing matched the decoded path; the bytes on the wire must be that path exactly
+    # (no %-escapes, no query), and what goes upstream is our own constant, not theirs.
+    if request.scope.get("raw_path", path.encode()) != path.encode("ascii") or request.scope.get("query_string"):
+        return _refuse(request, 404, "Not Found")
+    lengths = request.headers.getlist("content-length")
+    if lengths:
+        if len(set(lengths)) != 1 or not lengths[0].strip().isdigit():
+            return _refuse(request, 400, "bad Content-Length")
+        if int(lengths[0]) > max_body:
+            return _refuse(request, 413, f"request body over {max_body} bytes")
+    return None
+
+
+def _upstream_headers(request: Request) -> list[tuple[str, str]]:
+    """The caller's headers less hop-by-hop and NOT_FORWARDED ones, with the gateway's own
+    Content-Length (the one _refusal checked) and X-Forwarded-For."""
+    drop = NOT_FORWARDED | _drop_listed_in_connection(request.headers.getlist("connection"))
+    headers = [(k, v) for k, v in request.headers.items() if k not in drop]
+    lengths = request.headers.getlist("content-length")
+    if lengths:
+        headers.append(("content-length", lengths[0].strip()))
+    if request.client:
+        headers.append(("x-forwarded-for", request.client.host))
+    return headers
+
+
+async def _capped_body(request: Request, max_body: int):
+    """The request's body as it arrives; BodyTooLarge the moment it passes max_body (a chunked
+    body declares no length for _refusal to check)."""
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > max_body:
+            raise BodyTooLarge
+        if chunk:
+            yield chunk
+
+
+async def _forward(client: httpx.AsyncClient, request: Request, max_body: int) -> Response:
+    """Send a request _refusal let through to the SuperLink -> its answer, relayed; 413 for a body
+    that grew past the cap on the way, 504/502 when the SuperLink times out or can't be reached."""
+    path = request.scope["path"]
+    body = _capped_body(request, max_body)
+    upstream_request = client.build_request("POST", path, headers=_upstream_headers(request), content=body)
+    try:
+        resp = await client.send(upstream_request, stream=True)
+    except BodyTooLarge:
+        return _refuse(request, 413, f"request body over {max_body} bytes")
+    except httpx.TimeoutException as e:
+        log.error("upstream timeout on %s: %s", path, type(e).__name__)
+        return PlainTextResponse("upstream timeout", status_code=504)
+    except httpx.TransportError as e:
+        log.error("upstream unreachable on %s: %s: %s", path, type(e).__name__, e)
+        return PlainTextResponse("upstream unreachable", status_code=502)
+    return _relayed(resp)
+
+
+def _relayed(resp: httpx.Response) -> StreamingResponse:
+    """The SuperLink's answer streamed back as it came: its status, its body, its headers less
+    hop-by-hop ones."""
+    drop = HOP_BY_HOP | _drop_listed_in_connection(resp.headers.get_list("connection"))
+
+    async def relay():
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+        finally:
+            await resp.aclose()
+
+    out = StreamingResponse(relay(), status_code=resp.status_code, background=BackgroundTask(resp.aclose))
+    # Raw bytes (no decoding), so the upstream's content-length/-encoding still hold.
+    out.raw_headers = [
+        (k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in resp.headers.multi_items()
+        if k.lower() not in drop
+    ]
+    return out
+
+
+async def _not_found(scope, receive, send) -> None:
+    if scope["type"] != "http":
+        return
+    await _refuse(Request(scope), 404, "Not Found")(scope, receive, send)
+
+
 def build_app(
     upstream: str, verify: ssl.SSLContext | bool, max_body: int, transport: httpx.AsyncBaseTransport | None = None
 ) -> Router:
@@ -118,89 +224,20 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        client["c"] = httpx.AsyncClient(
-            base_url=upstream,
-            verify=verify,
-            transport=transport,
-            trust_env=False,  # never an HTTP(S)_PROXY from the environment between us and loopback
-            follow_redirects=False,
-            timeout=httpx.Timeout(connect=10.0, read=600.0, write=600.0, pool=60.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
-        )
+        client["c"] = upstream_client(upstream, verify, transport)
         try:
             yield
         finally:
             await client["c"].aclose()
 
     async def forward(request: Request) -> Response:
-        path = request.scope["path"]
-        if request.method != "POST":
-            return _refuse(request, 405, "Method Not Allowed")
-        # Routing matched the decoded path; the bytes on the wire must be that path exactly
-        # (no %-escapes, no query), and what goes upstream is our own constant, not theirs.
-        if request.scope.get("raw_path", path.encode()) != path.encode("ascii") or request.scope.get("query_string"):
-            return _refuse(request, 404, "Not Found")
-        lengths = request.headers.getlist("content-length")
-        if lengths:
-            if len(set(lengths)) != 1 or not lengths[0].strip().isdigit():
-                return _refuse(request, 400, "bad Content-Length")
-            if int(lengths[0]) > max_body:
-                return _refuse(request, 413, f"request body over {max_body} bytes")
-
-        async def body():
-            seen = 0
-            async for chunk in request.stream():
-                seen += len(chunk)
-                if seen > max_body:
-                    raise BodyTooLarge
-                if chunk:
-                    yield chunk
-
-        drop = NOT_FORWARDED | _drop_listed_in_connection(request.headers.getlist("connection"))
-        headers = [(k, v) for k, v in request.headers.items() if k not in drop]
-        if lengths:
-            headers.append(("content-length", lengths[0].strip()))
-        if request.client:
-            headers.append(("x-forwarded-for", request.client.host))
-        upstream_request = client["c"].build_request("POST", path, headers=headers, content=body())
-        try:
-            resp = await client["c"].send(upstream_request, stream=True)
-        except BodyTooLarge:
-            return _refuse(request, 413, f"request body over {max_body} bytes")
-        except httpx.TimeoutException as e:
-            log.error("upstream timeout on %s: %s", path, type(e).__name__)
-            return PlainTextResponse("upstream timeout", status_code=504)
-        except httpx.TransportError as e:
-            log.error("upstream unreachable on %s: %s: %s", path, type(e).__name__, e)
-            return PlainTextResponse("upstream unreachable", status_code=502)
-
-        drop = HOP_BY_HOP | _drop_listed_in_connection(resp.headers.get_list("connection"))
-
-        async def relay():
-            try:
-                async for chunk in resp.aiter_raw():
-                    yield chunk
-            finally:
-                await resp.aclose()
-
-        out = StreamingResponse(relay(), status_code=resp.status_code, background=BackgroundTask(resp.aclose))
-        # Raw bytes (no decoding), so the upstream's content-length/-encoding still hold.
-        out.raw_headers = [
-            (k.lower().encode("latin-1"), v.encode("latin-1"))
-            for k, v in resp.headers.multi_items()
-            if k.lower() not in drop
-        ]
-        return out
-
-    async def not_found(scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return
-        await _refuse(Request(scope), 404, "Not Found")(scope, receive, send)
+        refused = _refusal(request, max_body)
+        return refused if refused is not None else await _forward(client["c"], request, max_body)
 
     # Every method reaches forward, which refuses (and logs) all but POST.
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
     routes = [Route(p, forward, methods=methods) for p in FLEET_PATHS]
-    return Router(routes=routes, redirect_slashes=False, default=not_found, lifespan=lifespan)
+    return Router(routes=routes, redirect_slashes=False, default=_not_found, lifespan=lifespan)
 
 
 def _loopback(url: str) -> bool:

@@ -164,27 +164,7 @@ def resolve(args: argparse.Namespace) -> tuple[FedTuneConfig, Path, dict]:
     }
     net["max_message_mb"] = args.max_message_mb
     if args.resume:
-        if args.config or args.out:
-            raise ConfigError(
-                "--resume DIR takes the run's saved config and writes to DIR; don't combine it with --config or --out"
-            )
-        out = Path(args.resume).resolve()
-        saved_cfg, saved_net = out / CONFIG_JSON, out / SERVER_JSON
-        try:
-            base = json.loads(saved_cfg.read_text())
-            old_net = json.loads(saved_net.read_text())
-        except (OSError, ValueError):
-            raise ConfigError(
-                f"--resume {args.resume}: nothing to resume (no readable {CONFIG_JSON} and {SERVER_JSON}: not an ftserver run folder)"
-            ) from None
-        if not (out / "metrics.json").is_file():
-            raise ConfigError(
-                f"--resume {args.resume}: the run never finished its first evaluation (no metrics.json); start it again instead"
-            )
-        for k, v in old_net.items():  # flags given now win over the saved ones
-            if net.get(k) in (None, False):
-                net[k] = v
-        return load_config(None, overrides, base=base, source=str(saved_cfg)).with_secure_default(True), out, net
+        return resolve_resumed(args, overrides, net)
     if not args.out:
         raise ConfigError("--out DIR is required: where the run's adapter, checkpoints and metrics go")
     out = Path(args.out).resolve()
@@ -201,6 +181,32 @@ def resolve(args: argparse.Namespace) -> tuple[FedTuneConfig, Path, dict]:
         fed.setdefault("expected_sites", n)
         base = {**base, "federation": fed}
     return load_config(None, overrides, base=base, source=source).with_secure_default(True), out, net
+
+
+def resolve_resumed(args: argparse.Namespace, overrides: dict, net: dict) -> tuple[FedTuneConfig, Path, dict]:
+    """resolve for --resume DIR: the config and network settings saved in DIR, flags given now
+    winning over the saved ones."""
+    if args.config or args.out:
+        raise ConfigError(
+            "--resume DIR takes the run's saved config and writes to DIR; don't combine it with --config or --out"
+        )
+    out = Path(args.resume).resolve()
+    saved_cfg, saved_net = out / CONFIG_JSON, out / SERVER_JSON
+    try:
+        base = json.loads(saved_cfg.read_text())
+        old_net = json.loads(saved_net.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"--resume {args.resume}: nothing to resume (no readable {CONFIG_JSON} and {SERVER_JSON}: not an ftserver run folder)"
+        ) from None
+    if not (out / "metrics.json").is_file():
+        raise ConfigError(
+            f"--resume {args.resume}: the run never finished its first evaluation (no metrics.json); start it again instead"
+        )
+    for k, v in old_net.items():  # flags given now win over the saved ones
+        if net.get(k) in (None, False):
+            net[k] = v
+    return load_config(None, overrides, base=base, source=str(saved_cfg)).with_secure_default(True), out, net
 
 
 def check_network(net: dict) -> dict:
@@ -467,6 +473,38 @@ class Coordinator:
             except Exception as e:  # noqa: BLE001 - keep watching
                 say(f"key registration: {e}")
 
+    def start(self, say) -> None:
+        """The SuperLink, the SuperExec, the site keys (registered, then watched) and the gateway,
+        with what ftserver says of each and of the run."""
+        net, cfg, fed = self.net, self.cfg, self.cfg.federation
+        tls = "TLS" if not net["insecure"] else "NO TLS"
+        auth = f"site keys from {net['authorized_keys']}" if net["authorized_keys"] else "no site authentication"
+        say(
+            f"starting the SuperLink on loopback ({tls}; {auth}; runtime dependency installation off; ServerApp under a SuperExec with a secret)"
+        )
+        self.start_link()
+        self.start_superexec()
+        self.register_keys(say)
+        threading.Thread(target=self.watch_keys, args=(say,), daemon=True).start()
+        self.start_gateway()
+        say(
+            f"sites connect to {net['host']}:{net['port']} ({tls}): the gateway serves only the Fleet API; requests up to {net['max_message_mb']:g} MB"
+        )
+        say(
+            f"{'resuming' if self.resume else 'run'}: model {cfg.model.name}; {cfg.peft.describe()}; {fed.strategy}; "
+            f"secure aggregation {'on (SecAgg+)' if cfg.secure_aggregation.enabled else 'OFF'}; {fed.rounds} rounds; "
+            f"waiting up to {fed.join_timeout_s:.0f} s for {fed.expected_sites or fed.min_sites} site(s) (min {fed.min_sites}); output {self.out}"
+        )
+
+    def submit_and_wait(self) -> None:
+        """Submit the run and wait for ``flwr run`` to end; ServerError as soon as another child exits."""
+        (self.out / "run-status.json").unlink(missing_ok=True)  # only this run's ServerApp may write it
+        self.submit()
+        while self.run_proc.poll() is None:
+            self.check_children()
+            self.run_id()
+            time.sleep(0.5)
+
     def submit(self) -> None:
         from .deploy import write_app_dir
 
@@ -527,63 +565,46 @@ def hold_folder(out: Path):
     return f
 
 
-def serve(args: argparse.Namespace) -> int:
-    try:
-        cfg, out, net = resolve(args)
-        net = check_network(net)
-    except ConfigError as e:
-        print(f"ftserver: {e}", file=sys.stderr)
-        return 2
+def _say(msg: str) -> None:
+    """A progress line of ftserver's own, on stdout."""
+    print(f"[ftserver {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def prepare(args: argparse.Namespace):
+    """The run's config, output folder and checked network settings, with a warning for each
+    protection that is off, and the run folder locked -> (config, out, net, the lock's file).
+    Raises ConfigError."""
+    cfg, out, net = resolve(args)
+    net = check_network(net)
     if net["insecure"]:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     if not cfg.secure_aggregation.enabled:
         print(NO_SECAGG_WARNING, file=sys.stderr, flush=True)
-
-    def say(msg: str) -> None:
-        print(f"[ftserver {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        owner = hold_folder(out)
-    except ConfigError as e:
-        print(f"ftserver: {e}", file=sys.stderr)
-        return 2
+    return cfg, out, net, hold_folder(out)
+
+
+def save_settings(out: Path, cfg: FedTuneConfig, net: dict) -> None:
+    """config.json (what the ServerApp runs and --resume reads back) and server.json (the network
+    settings --resume starts from)."""
     atomic_write_bytes(out / CONFIG_JSON, cfg.to_json().encode())
     atomic_write_json(out / SERVER_JSON, net)
-    co = Coordinator(cfg, out, net, resume=bool(args.resume))
-    co.folder_lock = owner
-    sigterm_as_interrupt()
+
+
+def run_children(co: Coordinator) -> int | None:
+    """Start the children, relay server.log, submit the run and wait for it, then stop every child
+    whatever happened -> 130 on an interrupt, 1 if a child failed, None once the run ended (how,
+    run-status.json says: :func:`outcome`)."""
     follower_stop = threading.Event()
-    follower = threading.Thread(target=follow, args=(out / "server.log", follower_stop, print), daemon=True)
+    follower = threading.Thread(target=follow, args=(co.out / "server.log", follower_stop, print), daemon=True)
     try:
-        tls = "TLS" if not net["insecure"] else "NO TLS"
-        auth = f"site keys from {net['authorized_keys']}" if net["authorized_keys"] else "no site authentication"
-        say(
-            f"starting the SuperLink on loopback ({tls}; {auth}; runtime dependency installation off; ServerApp under a SuperExec with a secret)"
-        )
-        co.start_link()
-        co.start_superexec()
-        co.register_keys(say)
-        threading.Thread(target=co.watch_keys, args=(say,), daemon=True).start()
-        co.start_gateway()
-        say(
-            f"sites connect to {net['host']}:{net['port']} ({tls}): the gateway serves only the Fleet API; requests up to {net['max_message_mb']:g} MB"
-        )
-        fed = cfg.federation
-        say(
-            f"{'resuming' if args.resume else 'run'}: model {cfg.model.name}; {cfg.peft.describe()}; {fed.strategy}; "
-            f"secure aggregation {'on (SecAgg+)' if cfg.secure_aggregation.enabled else 'OFF'}; {fed.rounds} rounds; "
-            f"waiting up to {fed.join_timeout_s:.0f} s for {fed.expected_sites or fed.min_sites} site(s) (min {fed.min_sites}); output {out}"
-        )
+        co.start(_say)
         follower.start()
-        (out / "run-status.json").unlink(missing_ok=True)  # only this run's ServerApp may write it
-        co.submit()
-        while co.run_proc.poll() is None:
-            co.check_children()
-            co.run_id()
-            time.sleep(0.5)
+        co.submit_and_wait()
     except KeyboardInterrupt:
-        say(f"interrupted; checkpoints so far are in {out / 'checkpoints'}; continue with: ftserver --resume {out}")
+        _say(
+            f"interrupted; checkpoints so far are in {co.out / 'checkpoints'}; continue with: ftserver --resume {co.out}"
+        )
         return 130
     except ServerError as e:
         print(f"ftserver: {e}", file=sys.stderr)
@@ -593,12 +614,19 @@ def serve(args: argparse.Namespace) -> int:
         follower_stop.set()
         if follower.is_alive():
             follower.join(5)
+    return None
+
+
+def outcome(co: Coordinator) -> int:
+    """How the run ended, from the ServerApp's run-status.json -> 0 when it completed; else 1,
+    with why it failed and how to resume it."""
+    out = co.out
     try:
         status = json.loads((out / "run-status.json").read_text())
     except (OSError, ValueError):
         status = {"status": "unknown"}
     if status.get("status") == "completed":
-        say(
+        _say(
             f"done: {status.get('rounds')} rounds. adapter: {out / 'adapter'}  metrics: {out / 'metrics.json'}  report: {out / 'report.md'}"
         )
         return 0
@@ -616,6 +644,20 @@ def serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        cfg, out, net, owner = prepare(args)
+    except ConfigError as e:
+        print(f"ftserver: {e}", file=sys.stderr)
+        return 2
+    save_settings(out, cfg, net)
+    co = Coordinator(cfg, out, net, resume=bool(args.resume))
+    co.folder_lock = owner
+    sigterm_as_interrupt()
+    code = run_children(co)
+    return outcome(co) if code is None else code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,16 @@ def _has(m: BaseModel, key: str) -> bool:
 _NO_SITE = SiteRound()
 
 
+def table_head(columns: Sequence[str], title: str | None = None, intro: Sequence[str] = ()) -> list[str]:
+    """A table's first lines in the report: a blank line; the section's ``## title`` (if any) and a
+    blank line; each ``intro`` paragraph and a blank line; the header row of ``columns`` and its
+    separator. The table's rows follow."""
+    lines = ["", *([f"## {title}", ""] if title else [])]
+    for paragraph in intro:
+        lines += [paragraph, ""]
+    return [*lines, "| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+
+
 @dataclass(frozen=True)
 class ReportSection:
     """A part of the report that is not the coordinator's to know: markdown lines placed before
@@ -255,17 +265,15 @@ def _forgetting_section(doc: RunRecord, plots: Sequence[str]) -> list[str]:
     rows = _forgetting_rows(doc)
     if not rows:
         return []
-    out = [
-        "",
-        "## What the model forgot",
-        "",
-        "The domains (the sites' weighted evaluation, round 0 against the last round) next to fedtune's general-knowledge "
-        "set (16 general paragraphs, 32 short general questions; answered = the expected answer appears in the greedy "
-        "reply), scored by the coordinator on the base model and on the final adapter.",
-        "",
-        "| measure | base model | after fine-tuning | change |",
-        "| --- | --- | --- | --- |",
-    ]
+    out = table_head(
+        ("measure", "base model", "after fine-tuning", "change"),
+        "What the model forgot",
+        [
+            "The domains (the sites' weighted evaluation, round 0 against the last round) next to fedtune's general-knowledge "
+            "set (16 general paragraphs, 32 short general questions; answered = the expected answer appears in the greedy "
+            "reply), scored by the coordinator on the base model and on the final adapter."
+        ],
+    )
     out += [f"| {name} | {b:.3f} | {f:.3f} | {f - b:+.3f} |" for name, b, f, _ in rows]
     if "forgetting.png" in plots:
         out += ["", "![forgetting.png](forgetting.png)"]
@@ -354,13 +362,12 @@ def _adaptation_section(doc: RunRecord, plots: Sequence[str]) -> list[str]:
     out.append("Largest total change: " + ", ".join(f"{lab} ({v:.3g})" for lab, v in top) + ".")
     pulls = [(r.round, n, s) for r in rounds for n, s in sorted(r.sites.items()) if _has(s, "cosine_to_aggregate")]
     if pulls:
-        out += [
-            "",
-            "Each site's update against the round's aggregate (cosine 1: along it; 0: across; below 0: against):",
-            "",
-            "| round | site | update norm | cosine to the aggregate |",
-            "| --- | --- | --- | --- |",
-        ]
+        out += table_head(
+            ("round", "site", "update norm", "cosine to the aggregate"),
+            intro=[
+                "Each site's update against the round's aggregate (cosine 1: along it; 0: across; below 0: against):"
+            ],
+        )
         out += [
             f"| {rnd} | {md(n)} | {fmt(s.update_norm, '.4g')} | {fmt(s.cosine_to_aggregate, '.3f')} |"
             for rnd, n, s in pulls
@@ -421,24 +428,28 @@ def _aggregation_section(doc: RunRecord) -> list[str]:
     ranked = any(_has(s, "rank") for r in rounds for s in r.sites.values())
     if not (has("aggregation_error") or has("privacy") or has("clipped_updates") or ranked):
         return []
-    out = ["", "## Aggregation and privacy", ""]
+    intro = []
     if has("aggregation_error"):
-        out += [
+        intro.append(
             "Aggregation error: how far the new global B·A is from the weighted mean of the sites' own B·A products, "
             "relative to how far that mean moved (0: exact, as FFA-LoRA is; plain LoRA averages A and B apart). "
-            "Not measurable under secure aggregation, where the coordinator never sees a single site's update.",
-            "",
-        ]
+            "Not measurable under secure aggregation, where the coordinator never sees a single site's update."
+        )
     if has("privacy"):
-        out += [
+        intro.append(
             f"Client-level differential privacy: each update clipped to L2 norm {doc.setting('privacy', 'clip')}, Gaussian noise on the sum; "
-            f"(epsilon, delta) from an RDP accountant (dp-accounting), delta {doc.setting('privacy', 'delta')}, budget epsilon {doc.setting('privacy', 'epsilon')}.",
-            "",
-        ]
-    out += [
-        "| round | site ranks | update norm | aggregation error (rel.) | updates clipped | noise multiplier | epsilon spent |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+            f"(epsilon, delta) from an RDP accountant (dp-accounting), delta {doc.setting('privacy', 'delta')}, budget epsilon {doc.setting('privacy', 'epsilon')}."
+        )
+    columns = (
+        "round",
+        "site ranks",
+        "update norm",
+        "aggregation error (rel.)",
+        "updates clipped",
+        "noise multiplier",
+        "epsilon spent",
+    )
+    out = table_head(columns, "Aggregation and privacy", intro)
     for r in rounds:
         ranks = ", ".join(f"{md(n)} r={s.rank}" for n, s in sorted(r.sites.items()) if _has(s, "rank")) or "–"
         p = r.privacy
@@ -493,13 +504,16 @@ def _header_lines(doc: RunRecord) -> list[str]:
 
 def _per_site_table(doc: RunRecord) -> list[str]:
     """Each site's evaluation on the base model (round 0) against the final round."""
-    lines = [
-        "",
-        "## Per site: base model (round 0) against the final round",
-        "",
-        "| site | eval loss, base | eval loss, final | exact match, base | exact match, final | examples | bytes sent / round |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    columns = (
+        "site",
+        "eval loss, base",
+        "eval loss, final",
+        "exact match, base",
+        "exact match, final",
+        "examples",
+        "bytes sent / round",
+    )
+    lines = table_head(columns, "Per site: base model (round 0) against the final round")
     first = doc.rounds[0].sites if doc.rounds else {}
     final = doc.rounds[-1].sites if doc.rounds else {}
     for n in doc.site_names():
@@ -514,13 +528,8 @@ def _per_site_table(doc: RunRecord) -> list[str]:
 
 def _rounds_table(doc: RunRecord) -> list[str]:
     """Every site in every round: its status, losses, steps, time and upload."""
-    lines = [
-        "",
-        "## Rounds",
-        "",
-        "| round | site | status | train loss | eval loss | exact match | steps | train s | bytes sent |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    columns = ("round", "site", "status", "train loss", "eval loss", "exact match", "steps", "train s", "bytes sent")
+    lines = table_head(columns, "Rounds")
     names = doc.site_names()
     for r in doc.rounds:
         for n in names:
@@ -543,15 +552,21 @@ def _secure_section(doc: RunRecord) -> list[str]:
     secure = [(r.round, r.secure_aggregation) for r in doc.rounds if r.secure_aggregation is not None]
     if not secure:
         return []
-    lines = [
-        "",
-        "## Secure aggregation (SecAgg+)",
-        "",
-        "The coordinator saw only masked vectors and, per round, the weighted mean of the sites summed.",
-        "",
-        "| round | sites summed | threshold | dropped | quantization error bound | values clipped | upload B/param | stage seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    columns = (
+        "round",
+        "sites summed",
+        "threshold",
+        "dropped",
+        "quantization error bound",
+        "values clipped",
+        "upload B/param",
+        "stage seconds",
+    )
+    lines = table_head(
+        columns,
+        "Secure aggregation (SecAgg+)",
+        ["The coordinator saw only masked vectors and, per round, the weighted mean of the sites summed."],
+    )
     for rnd, st in secure:
         dropped = (
             "; ".join(f"{md(stage)}: {', '.join(md(x) for x in names_)}" for stage, names_ in st.dropped.items())

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedtune.server.record import FILE, RecordError, RunRecord, read_record
-from fedtune.server.report import ReportSection, fmt, md, write_report
+from fedtune.server.report import ReportSection, fmt, md, table_head, write_report
 
 from .baselines import TRAININGS, BaselinesRecord, MeanScores, TrainingScores
 from .partition import COMPOSITION_FILE, PARTITIONS_DIR
@@ -43,16 +43,14 @@ def partition_section(composition: dict) -> ReportSection:
         sites = composition.get("sites", {})
         cats = sorted({c for s in sites.values() for c in s.get("by_category", {})})
         by = f"the field `{composition['label_key']}`" if composition.get("label_key") else "domain (file)"
-        out = [
-            "",
-            "## Sites' data",
-            "",
-            f"One dataset of {composition.get('records', '?')} records from {len(composition.get('data', []))} file(s), split by "
-            f"`{composition.get('spec')}` (seed {composition.get('seed')}) over categories by {by}.",
-            "",
-            "| site | records | " + " | ".join(cats) + " |",
-            "| --- | --- | " + " | ".join("---" for _ in cats) + " |",
-        ]
+        out = table_head(
+            ("site", "records", *cats),
+            "Sites' data",
+            [
+                f"One dataset of {composition.get('records', '?')} records from {len(composition.get('data', []))} file(s), split by "
+                f"`{composition.get('spec')}` (seed {composition.get('seed')}) over categories by {by}."
+            ],
+        )
         for name, s in sorted(sites.items()):
             out.append(
                 f"| {md(name)} | {s.get('records')} | "
@@ -164,11 +162,10 @@ def _baselines_lines(record: RunRecord, plots: Sequence[str]) -> list[str]:
     for key in _metrics(b):
         loss = key == "eval_loss"
         spec = ".3f" if loss else ".2f"
-        out += [
-            "",
-            f"| site: {'eval loss (lower is better)' if loss else 'exact match (higher is better)'} | base model | alone | pooled | federation | federation against alone |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
+        measure = "eval loss (lower is better)" if loss else "exact match (higher is better)"
+        out += table_head(
+            (f"site: {measure}", "base model", "alone", "pooled", "federation", "federation against alone")
+        )
         for name, row in [*((md(n), r) for n, r in b.sites.items()), ("**mean**", b.mean)]:
             v = {t: _value(row, t, key) for t, _, _ in BASELINES}
             gain = "–"

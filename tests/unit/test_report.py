@@ -307,3 +307,86 @@ def test_ftsim_renders_a_partitioned_runs_report_once_with_the_sites_data(tmp_pa
     assert renders == [["before_per_site"]], "the report is rendered once, with ftsim's section"
     md = (out / "report.md").read_text()
     assert "## Sites' data" in md and "split by `iid`" in md and md.index("## Sites' data") < md.index("## Per site")
+
+
+def full_doc() -> dict:
+    """make_doc with every table's section: forgetting, per-layer change and pulls, mixed ranks,
+    aggregation error and privacy, secure aggregation, and ftsim's baselines."""
+    doc = make_doc()
+    doc["config"] = {"privacy": {"clip": 0.5, "delta": 1e-5, "epsilon": 8.0}}
+    doc["forgetting"] = {
+        "base": {"text_loss": 2.0, "qa_loss": 1.5, "qa_accuracy": 0.5},
+        "final": {"text_loss": 2.1, "qa_loss": 1.6, "qa_accuracy": 0.45},
+    }
+    r1 = doc["rounds"][1]
+    r1.update(
+        seconds=3.5,
+        update_norm=0.25,
+        aggregation_error=0.1,
+        aggregation_error_rel=0.01,
+        privacy={"epsilon": 1.25, "noise_multiplier": 1.1},
+        layer_change={"0": 0.5, "1": 0.25},
+        secure_aggregation={
+            "threshold": 2,
+            "sites_per_stage": [2, 2, 2, 2, 2, 2],
+            "clipped_values": 0,
+            "quantization_error_bound": 1e-6,
+            "upload_bytes_per_param": 4.0,
+        },
+    )
+    r1["sites"]["clinic"].update(rank=4, update_norm=0.3, cosine_to_aggregate=0.9)
+    score = {"eval_loss": 2.0, "exact_match": 0.5, "eval_examples": 4}
+    doc["baselines"] = {
+        "compute": "equal",
+        "examples_per_step": 4,
+        "steps": {"federation": {"clinic": 2, "total": 2}, "alone": {"clinic": 2}, "pooled": 2},
+        "sites": {"clinic": {t: score for t in ("base", "alone", "pooled", "federation")}},
+        "mean": {t: {"eval_loss": 2.0, "exact_match": 0.5} for t in ("base", "alone", "pooled", "federation")},
+    }
+    return doc
+
+
+def test_every_tables_head_is_rendered_as_it_always_was():
+    """The heads of the report's tables (server/report.py's and ftsim's sections, all built by
+    table_head) pinned byte for byte: blank line, title, blank line, intro, header row, separator."""
+    from fedtune.simulations.report_sections import baselines_section, partition_section
+
+    composition = {
+        "spec": "iid",
+        "seed": 1,
+        "data": [{}],
+        "records": 3,
+        "sites": {"clinic": {"records": 3, "by_category": {"a": 2, "b": 1}}},
+    }
+    md = render_markdown(full_doc(), [], [partition_section(composition), baselines_section()])
+    heads = [
+        "\n\n## Sites' data\n\nOne dataset of 3 records from 1 file(s), split by `iid` (seed 1) over categories by "
+        "domain (file).\n\n| site | records | a | b |\n| --- | --- | --- | --- |\n| clinic | 3 | 2 | 1 |\n",
+        "\n\n## Per site: base model (round 0) against the final round\n\n| site | eval loss, base | eval loss, final | "
+        "exact match, base | exact match, final | examples | bytes sent / round |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "\n\n| site: eval loss (lower is better) | base model | alone | pooled | federation | federation against alone |\n"
+        "| --- | --- | --- | --- | --- | --- |\n| clinic |",
+        "\n\n| site: exact match (higher is better) | base model | alone | pooled | federation | federation against alone |\n"
+        "| --- | --- | --- | --- | --- | --- |\n| clinic |",
+        "\n\n## Rounds\n\n| round | site | status | train loss | eval loss | exact match | steps | train s | bytes sent |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n| 0 |",
+        "\n\n## Secure aggregation (SecAgg+)\n\nThe coordinator saw only masked vectors and, per round, the weighted mean "
+        "of the sites summed.\n\n| round | sites summed | threshold | dropped | quantization error bound | values clipped | "
+        "upload B/param | stage seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n| 1 |",
+        "\n\n## What the model forgot\n\nThe domains (the sites' weighted evaluation, round 0 against the last round) "
+        "next to fedtune's general-knowledge set (16 general paragraphs, 32 short general questions; answered = the "
+        "expected answer appears in the greedy reply), scored by the coordinator on the base model and on the final "
+        "adapter.\n\n| measure | base model | after fine-tuning | change |\n| --- | --- | --- | --- |\n| general text loss |",
+        "\n\n## Aggregation and privacy\n\nAggregation error: how far the new global B·A is from the weighted mean of "
+        "the sites' own B·A products, relative to how far that mean moved (0: exact, as FFA-LoRA is; plain LoRA averages "
+        "A and B apart). Not measurable under secure aggregation, where the coordinator never sees a single site's "
+        "update.\n\nClient-level differential privacy: each update clipped to L2 norm 0.5, Gaussian noise on the sum; "
+        "(epsilon, delta) from an RDP accountant (dp-accounting), delta 1e-05, budget epsilon 8.0.\n\n| round | site "
+        "ranks | update norm | aggregation error (rel.) | updates clipped | noise multiplier | epsilon spent |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |\n| 1 | clinic r=4 |",
+        "\n\nEach site's update against the round's aggregate (cosine 1: along it; 0: across; below 0: against):\n\n"
+        "| round | site | update norm | cosine to the aggregate |\n| --- | --- | --- | --- |\n| 1 | clinic |",
+    ]
+    for head in heads:
+        assert head in md, head
+    assert [md.index(head) for head in heads] == sorted(md.index(head) for head in heads)

@@ -13,6 +13,7 @@ from its config (without the gguf quantization_config) and load the state dict i
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import os
@@ -190,6 +191,26 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, bool]:
     if p.suffix or cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") > 1:
         raise ModelError(f"model.name: {cfg.name} is not an existing directory or .gguf file")
     return cfg.name, False  # a hub id the user named explicitly
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_sha256(folder: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """sha256 over a model folder's weight files (``*.safetensors`` then ``*.bin``, each by name
+    and content, in name order): what names the exact base an adapter was trained on. Cached per
+    process while the files' sizes and times stay the same."""
+    files = sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin"))
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _weights_sha256(str(Path(folder).resolve()), stamp)
 
 
 def pick_device(cfg: ModelConfig, override: str | None = None) -> torch.device:

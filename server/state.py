@@ -250,7 +250,7 @@ def initial_adapter(cfg: FedTuneConfig) -> InitialAdapter:
     state = methods.get_state(model)
     out = InitialAdapter(
         OrderedDict((k, v.numpy()) for k, v in state.items()),
-        methods.saved_peft_config(model, cfg.model.name) if methods.is_peft(model) else None,
+        methods.saved_peft_config(model, methods.base_reference(cfg.model)) if methods.is_peft(model) else None,
         methods.trainable_capable(model),
         methods.n_layers_of(model),
     )

@@ -248,7 +248,7 @@ def _save(rt, cfg: FedTuneConfig, folder: Path) -> str | None:
     save_adapter(
         folder,
         methods.get_state(rt.model),
-        methods.saved_peft_config(rt.model, cfg.model.name),
+        methods.saved_peft_config(rt.model, methods.base_reference(cfg.model)),
         {methods.METHOD_FILE: methods.method_info(cfg)},
     )
     return str(folder)

@@ -34,6 +34,8 @@ _LAZY = {
         "set_trainable",
         "load_model",
         "saved_peft_config",
+        "base_reference",
+        "base_fingerprint",
         "method_info",
         "read_method_info",
         "load_trained",

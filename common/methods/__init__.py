@@ -38,6 +38,7 @@ _LAZY = {
         "base_fingerprint",
         "method_info",
         "read_method_info",
+        "relink",
         "load_trained",
         "export_merged",
         "export_full",

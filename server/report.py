@@ -391,7 +391,7 @@ def _artifact_line(doc: RunRecord) -> str:
     if doc.fedtune.artifact == "model":
         return "- final model: `model/` (a Hugging Face model folder: `AutoModelForCausalLM.from_pretrained('model')`); per-round checkpoints in `checkpoints/`"
     merged = "; merged into the base: `merged/`" if doc.setting("output", "merged") else ""
-    return f"- final adapter: `adapter/` (loads with `PeftModel.from_pretrained(base, 'adapter')`){merged}; per-round checkpoints in `checkpoints/`"
+    return f"- final adapter: `adapter/` (loads with `AutoPeftModelForCausalLM.from_pretrained('adapter')`){merged}; per-round checkpoints in `checkpoints/`"
 
 
 def _best_lines(doc: RunRecord) -> list[str]:

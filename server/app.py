@@ -168,13 +168,17 @@ def keep_best(rs: RunState, rnd: int, say: Printer) -> int:
 
 def save_artifacts(rs: RunState, say: Printer) -> None:
     """After the last round: full fine-tuning's Hugging Face model folder ``model/``; with
-    output.merged, a LoRA-family adapter folded into its base as ``merged/``."""
+    output.merged, a LoRA-family adapter folded into its base as ``merged/``; then every
+    artifact folder's model card (README.md) with the run's final figures."""
     if methods.get(rs.cfg.peft.method).artifact == "model":
         path = methods.export_full(rs.cfg, adapters.to_tensors(rs.global_state), rs.out / "model")
         say(f"model: {path} (a Hugging Face model folder: AutoModelForCausalLM.from_pretrained)")
     if rs.cfg.output.merged:
         path = methods.export_merged(rs.cfg.model, rs.out / "adapter", rs.out / "merged")
         say(f"merged: {path} (the adapter folded into the base: a plain Hugging Face model folder)")
+    from .checkpoints import write_final_cards
+
+    write_final_cards(rs)  # README.md of adapter/, best/, merged/, model/: the final figures
 
 
 def resume_accountant(rs: RunState, say: Printer) -> None:

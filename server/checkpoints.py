@@ -1,6 +1,6 @@
 """The coordinator's checkpoint store: ``checkpoints/round-NNNN`` (the global adapter, the
 coordinator's state, the server optimizer's moments), ``adapter/`` and ``best/`` (the global
-adapter as a PEFT folder), pruning by output.keep_checkpoints, the disk-space check before a run,
+adapter as a PEFT folder, with its model card: README.md, :mod:`fedtune.common.card`), pruning by output.keep_checkpoints, the disk-space check before a run,
 and the resume point: the last recorded round whose checkpoint verifies and loads."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.common import adapters, methods
+from fedtune.common import adapters, card, methods
 from fedtune.common.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -25,7 +25,7 @@ from fedtune.common.checkpoint import (
 from .aggregation import spec_of
 from .messaging import FederationError, Printer
 from .record import FILE as RECORD_FILE
-from .record import RecordError, read_document
+from .record import RecordError, RoundRecord, read_document, validate_record
 from .state import RunState
 
 SERVER_STATE = "server_state.json"
@@ -45,15 +45,131 @@ def save_round(rs: RunState, rnd: int) -> None:
         {SERVER_STATE: rs.server_state(rnd), **info},
         {OPTIMIZER_ARRAYS: arrays} if arrays else None,
     )
-    save_global_adapter(rs, "adapter")
+    save_global_adapter(rs, "adapter", rnd)
 
 
-def save_global_adapter(rs: RunState, folder: str) -> None:
+def save_global_adapter(rs: RunState, folder: str, rnd: int | None = None) -> None:
     """``rs.out/folder``: the global adapter as a PEFT folder, with the method record beside it
-    (adapter methods; full fine-tuning has no adapter folder)."""
+    and its model card (adapter methods; full fine-tuning has no adapter folder). ``rnd``: the
+    round the global adapter is of (default: the last recorded round)."""
     if rs.peft_config is not None:
-        info = {methods.METHOD_FILE: methods.method_info(rs.cfg)}
-        save_adapter(rs.out / folder, adapters.to_tensors(rs.global_state), rs.peft_config, info)
+        info = methods.method_info(rs.cfg)
+        save_adapter(rs.out / folder, adapters.to_tensors(rs.global_state), rs.peft_config, {methods.METHOD_FILE: info})
+        write_model_card(rs, folder, rnd, info)
+
+
+# ---- model cards ------------------------------------------------------------------------------
+
+CARD_FOLDERS: dict[str, card.Kind] = {"adapter": "adapter", "best": "best", "merged": "merged", "model": "model"}
+
+
+def _evaluation_of(rounds: list[RoundRecord], rnd: int) -> RoundRecord | None:
+    """The recorded evaluation of round ``rnd``'s global weights: that round's record, or (a DP
+    round skipped: nothing released, the weights unchanged) the last trained one before it.
+    None: round ``rnd`` is not recorded yet (its checkpoint is written before its evaluation)."""
+    if not any(r.round == rnd for r in rounds):
+        return None
+    return next((r for r in reversed(rounds) if r.round <= rnd and not r.skipped), None)
+
+
+def _site_facts(rounds: list[RoundRecord], evaluation: RoundRecord | None, rnd: int) -> list[card.SiteFacts]:
+    """Each site of the record: its latest example counts up to round ``rnd``, its round-0 score
+    (the base model) and its score in ``evaluation``. Counts and scores only, never a reason or
+    a status (the sites write those)."""
+    first = rounds[0] if rounds and rounds[0].round == 0 else None
+    names = sorted({n for r in rounds if r.round <= rnd for n in r.sites})
+    out = []
+    for name in names:
+        train = evals = None
+        for r in rounds:
+            s = r.sites.get(name)
+            if r.round > rnd or s is None:
+                continue
+            train = s.examples if s.examples is not None else train
+            evals = s.eval_examples if s.eval_examples is not None else evals
+        base = first.sites.get(name) if first else None
+        final = evaluation.sites.get(name) if evaluation else None
+        out.append(
+            card.SiteFacts(
+                name,
+                train,
+                evals,
+                card.Score(base.eval_loss, base.exact_match) if base else None,
+                card.Score(final.eval_loss, final.exact_match) if final else None,
+            )
+        )
+    return out
+
+
+def card_facts(
+    rs: RunState, folder: str, rnd: int | None = None, info: dict | None = None, finished: bool = False
+) -> card.CardFacts:
+    """The facts of ``rs.out/folder``'s model card, from the run state and its typed record:
+    ``rnd``, the round the folder's weights are of (default: best/'s the best round, the others'
+    the last recorded); ``info``: the folder's fedtune_method.json (default: the config's)."""
+    kind = CARD_FOLDERS[folder]
+    cfg = rs.cfg
+    record = validate_record(rs.metrics_doc())
+    rounds = record.rounds
+    best = rs.best()
+    if kind == "best" and best is not None:
+        rnd = best["round"]
+    if rnd is None:
+        rnd = rounds[-1].round if rounds else 0
+    evaluation = _evaluation_of(rounds, rnd)
+    first = rounds[0] if rounds and rounds[0].round == 0 else None
+    dp = cfg.privacy
+    privacy = (
+        {"epsilon": rs.accountant.epsilon(), "delta": dp.delta, "budget": dp.epsilon, "clip": dp.clip}
+        if rs.accountant is not None
+        else None
+    )
+    return card.CardFacts(
+        kind=kind,
+        folder=str(rs.out / folder),
+        **card.method_facts(cfg, methods.method_info(cfg) if info is None else info),
+        sites=_site_facts(rounds, evaluation, rnd),
+        round=rnd,
+        evaluated=evaluation is not None,
+        rounds_planned=cfg.federation.rounds,
+        finished=finished,
+        stopped=rs.stopped if finished else None,
+        strategy=cfg.federation.strategy,
+        aggregator=cfg.federation.aggregator,
+        secure_aggregation=bool(cfg.secure_aggregation.enabled),
+        privacy=privacy,
+        federated=(
+            card.Score(first.aggregate.eval_loss, first.aggregate.exact_match) if first else None,
+            card.Score(evaluation.aggregate.eval_loss, evaluation.aggregate.exact_match) if evaluation else None,
+        ),
+        best=best,
+        forgetting=rs.forgetting or None,
+    )
+
+
+def write_model_card(
+    rs: RunState, folder: str, rnd: int | None = None, info: dict | None = None, finished: bool = False
+) -> None:
+    """``rs.out/folder/README.md``: the folder's model card (:func:`card_facts`), written atomically,
+    outside the folder's manifest. ``adapter/``'s is rewritten with every round's checkpoint and
+    with the final figures at the end (:func:`write_final_cards`)."""
+    card.write_card(rs.out / folder, card_facts(rs, folder, rnd, info, finished))
+
+
+def write_final_cards(rs: RunState) -> None:
+    """After the last round and the exports: the cards of the run's folders with the final
+    figures (the last round's scores, forgetting, the best round of the whole run): ``adapter/``
+    and ``best/`` (adapter methods), ``merged/`` (output.merged), ``model/`` (full fine-tuning)."""
+    wanted = []
+    if rs.peft_config is not None:
+        wanted += ["adapter", "best"]
+    if rs.cfg.output.merged:
+        wanted.append("merged")
+    if methods.get(rs.cfg.peft.method).artifact == "model":
+        wanted.append("model")
+    for folder in wanted:
+        if (rs.out / folder).is_dir():
+            write_model_card(rs, folder, finished=True)
 
 
 def prune_checkpoints(rs: RunState, say: Printer) -> None:

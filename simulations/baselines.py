@@ -241,15 +241,31 @@ def _train(
     return ran
 
 
-def _save(rt, cfg: FedTuneConfig, folder: Path) -> str | None:
-    """The training's adapter as a PEFT folder (adapter methods; full fine-tuning's whole model is not kept)."""
+def _save(
+    rt, cfg: FedTuneConfig, folder: Path, site: str | None = None, steps: int | None = None, examples: int | None = None
+) -> str | None:
+    """The training's adapter as a PEFT folder, with its model card (adapter methods; full
+    fine-tuning's whole model is not kept). ``site``: the site that trained alone (None: all data
+    pooled); ``steps``, ``examples``: the optimizer steps it ran and the training examples it drew on."""
+    from fedtune.common import card
+
     if not methods.is_peft(rt.model):
         return None
+    info = methods.method_info(cfg)
     save_adapter(
         folder,
         methods.get_state(rt.model),
         methods.saved_peft_config(rt.model, methods.base_reference(cfg.model)),
-        {methods.METHOD_FILE: methods.method_info(cfg)},
+        {methods.METHOD_FILE: info},
+    )
+    card.write_card(
+        folder,
+        card.CardFacts(
+            kind="pooled" if site is None else "alone",
+            folder=str(folder),
+            **card.method_facts(cfg, info),
+            baseline=card.Baseline(site, steps, examples, cfg.train.batch_size * cfg.train.grad_accum),
+        ),
     )
     return str(folder)
 
@@ -337,7 +353,7 @@ def _alone(cfg: FedTuneConfig, site, plan: Plan, start: dict, folder: Path, bar:
     return {
         "steps": ran,
         "score": _score(cfg, rt, st.eval_examples),
-        "adapter": _save(rt, cfg, folder / "alone" / site.name),
+        "adapter": _save(rt, cfg, folder / "alone" / site.name, site.name, ran, len(st.train_items)),
         "seconds": round(time.time() - t, 1),
     }
 
@@ -358,7 +374,7 @@ def _pooled(cfg: FedTuneConfig, sites: list, plan: Plan, start: dict, folder: Pa
         "steps": ran,
         "examples": len(items),
         "scores": scores,
-        "adapter": _save(rt, cfg, folder / POOLED),
+        "adapter": _save(rt, cfg, folder / POOLED, None, ran, len(items)),
         "seconds": round(time.time() - t, 1),
     }
 

@@ -408,7 +408,10 @@ def _load_lines(f: CardFacts) -> list[str]:
         if f.quant is not None:
             out += [
                 "",
-                "The bitsandbytes line is the 4-bit base it trained on (`fedtune_method.json`); on a CPU, compute in torch.float32.",
+                "The bitsandbytes line is the 4-bit base it trained on (`fedtune_method.json`); on a CPU, compute in "
+                "torch.float32. On a CPU with AVX512-BF16, bitsandbytes rounds each 4-bit layer's scales to bf16 the "
+                "first time it runs in inference, so the logits move by about 0.1 from those it trained to, unless "
+                "every module's `support_avx512bf16_for_cpu` is set to False first (fedtune does that).",
             ]
     else:
         out += [

@@ -6,6 +6,7 @@ and the resume point: the last recorded round whose checkpoint verifies and load
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections import OrderedDict
@@ -27,6 +28,8 @@ from .messaging import FederationError, Printer
 from .record import FILE as RECORD_FILE
 from .record import RecordError, RoundRecord, read_document, validate_record
 from .state import RunState
+
+log = logging.getLogger("fedtune.checkpoints")
 
 SERVER_STATE = "server_state.json"
 OPTIMIZER_ARRAYS = "server_optimizer.safetensors"
@@ -152,8 +155,12 @@ def write_model_card(
 ) -> None:
     """``rs.out/folder/README.md``: the folder's model card (:func:`card_facts`), written atomically,
     outside the folder's manifest. ``adapter/``'s is rewritten with every round's checkpoint and
-    with the final figures at the end (:func:`write_final_cards`)."""
-    card.write_card(rs.out / folder, card_facts(rs, folder, rnd, info, finished))
+    with the final figures at the end (:func:`write_final_cards`). A card that cannot be written
+    is a warning: the adapter beside it is saved and the run goes on."""
+    try:
+        card.write_card(rs.out / folder, card_facts(rs, folder, rnd, info, finished))
+    except (RecordError, OSError, ValueError) as e:
+        log.warning("%s/README.md: the model card is not written: %s", folder, e)
 
 
 def write_final_cards(rs: RunState) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -255,3 +256,18 @@ def test_every_methods_card_states_the_settings_it_reads(tiny_config, method):
     for option in spec.options:
         assert f"`peft.{option}` = " in body
     assert ("`peft.target_modules` = " in body) == spec.targets
+
+
+def test_a_card_that_cannot_be_written_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    """The card is derived: when writing it fails, the adapter beside it is still saved and the
+    round goes on, with a warning naming the folder."""
+    from fedtune.server import checkpoints
+
+    def refuse(folder, facts):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(card, "write_card", refuse)
+    monkeypatch.setattr(checkpoints, "card_facts", lambda *a, **k: None)
+    with caplog.at_level("WARNING", logger="fedtune.checkpoints"):
+        checkpoints.write_model_card(SimpleNamespace(out=tmp_path), "adapter", 1)
+    assert "adapter/README.md: the model card is not written" in caplog.text and "No space left" in caplog.text

@@ -241,3 +241,31 @@ def test_the_tests_the_threat_model_names_exist():
             missing.append(f"{last}::{function}: no such test")
     assert named >= 30, f"only {named} test references found in the threat model"
     assert not missing, "\n".join(missing)
+
+
+def test_the_readmes_loading_snippet_loads_a_saved_adapter_offline(tiny_config, tiny_peft_model, tmp_path):
+    """The README's Python snippet, run as written (only the folder replaced) in a clean process
+    with the hub switched off, loads an adapter saved as a run saves it, with its tokenizer."""
+    import os
+    import subprocess
+    import sys
+
+    from fedtune.common import methods
+    from fedtune.common.checkpoint import save_adapter
+
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    snippet = next(b for b in blocks if "AutoPeftModelForCausalLM" in b)
+    model, _, _ = tiny_peft_model
+    folder = tmp_path / "run" / "adapter"
+    save_adapter(
+        folder,
+        methods.get_state(model),
+        methods.saved_peft_config(model, methods.base_reference(tiny_config.model)),
+        {methods.METHOD_FILE: methods.method_info(tiny_config)},
+    )
+    assert "ftsim-runs/RUN/adapter" in snippet
+    code = snippet.replace("ftsim-runs/RUN/adapter", str(folder)) + "\nprint(type(model).__name__, len(tokenizer))\n"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == "PeftModelForCausalLM"

@@ -298,11 +298,15 @@ def _base_lines(f: CardFacts) -> list[str]:
 
 
 def _sites_lines(f: CardFacts) -> list[str]:
-    if not f.sites or f.baseline is not None:
+    if not f.sites:
         return []
-    what = {"merged": "the final adapter", "model": "this model", "best": f"round {f.round}"}.get(
-        f.kind, "this adapter"
-    )
+    what = {
+        "merged": "the final adapter",
+        "model": "this model",
+        "best": f"round {f.round}",
+        "alone": "the site alone",
+        "pooled": "pooled",
+    }.get(f.kind, "this adapter")
     out = [
         "",
         "## Sites and scores",

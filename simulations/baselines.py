@@ -258,16 +258,52 @@ def _save(
         methods.saved_peft_config(rt.model, methods.base_reference(cfg.model)),
         {methods.METHOD_FILE: info},
     )
-    card.write_card(
-        folder,
-        card.CardFacts(
-            kind="pooled" if site is None else "alone",
-            folder=str(folder),
-            **card.method_facts(cfg, info),
-            baseline=card.Baseline(site, steps, examples, cfg.train.batch_size * cfg.train.grad_accum),
-        ),
-    )
+    card.write_card(folder, _card_facts(cfg, folder, info, site, steps, examples))
     return str(folder)
+
+
+def _card_facts(cfg: FedTuneConfig, folder: Path, info: dict, site, steps, examples, sites=()):
+    """A baseline adapter's model card: which training it is, and (once every baseline is scored,
+    :func:`_scored_cards`) the sites' scores under the base model and under it."""
+    from fedtune.common import card
+
+    return card.CardFacts(
+        kind="pooled" if site is None else "alone",
+        folder=str(folder),
+        **card.method_facts(cfg, info),
+        baseline=card.Baseline(site, steps, examples, cfg.train.batch_size * cfg.train.grad_accum),
+        sites=sites,
+        evaluated=bool(sites),
+    )
+
+
+def _scored_cards(cfg: FedTuneConfig, doc: dict, done: dict) -> None:
+    """Every baseline adapter's card again, now with its scores: a site alone on its own split,
+    pooled on every site's, each beside the base model's (the federation's round 0)."""
+    from fedtune.common import card
+
+    record = BaselinesRecord.model_validate(doc)
+
+    def as_card(score: Score | None):
+        return card.Score(score.eval_loss, score.exact_match) if score else None
+
+    def facts(name: str, training: str):
+        row = record.sites.get(name)
+        base, score = (row.base, getattr(row, training)) if row else (None, None)
+        return card.SiteFacts(name, None, score.eval_examples if score else None, as_card(base), as_card(score))
+
+    trainings = [(name, res, "alone", name) for name, res in done.get("alone", {}).items()]
+    trainings += [(None, done[POOLED], "pooled", None)] if POOLED in done else []
+    for site, res, training, only in trainings:
+        if not res.get("adapter") or not Path(res["adapter"]).is_dir():
+            continue
+        folder = Path(res["adapter"])
+        names = [only] if only else list(record.sites)
+        examples = res.get("examples")
+        sites = [facts(n, training) for n in names]
+        card.write_card(
+            folder, _card_facts(cfg, folder, methods.read_method_info(folder), site, res.get("steps"), examples, sites)
+        )
 
 
 def run_baselines(
@@ -295,7 +331,9 @@ def run_baselines(
     if POOLED not in done:
         done[POOLED] = _pooled(cfg, sites, plan, start, folder, bar, device)
         _keep(folder / RESULTS, plan, done)
-    return baselines_doc(cfg, plan, rounds, done, [s.name for s in sites])
+    doc = baselines_doc(cfg, plan, rounds, done, [s.name for s in sites])
+    _scored_cards(cfg, doc, done)
+    return doc
 
 
 def _starting_adapter(out: Path, plan: Plan) -> dict:
@@ -353,6 +391,7 @@ def _alone(cfg: FedTuneConfig, site, plan: Plan, start: dict, folder: Path, bar:
     return {
         "steps": ran,
         "score": _score(cfg, rt, st.eval_examples),
+        "examples": len(st.train_items),
         "adapter": _save(rt, cfg, folder / "alone" / site.name, site.name, ran, len(st.train_items)),
         "seconds": round(time.time() - t, 1),
     }

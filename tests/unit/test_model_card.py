@@ -131,6 +131,17 @@ def test_every_artifact_folder_has_a_card_with_the_hubs_header(finished_run):
     assert "all sites' data pooled" in body
     pooled = doc["pooled"]
     assert f"- trained: {pooled['steps']} optimizer steps" in body and f"drawing on {pooled['examples']:,}" in body
+    # Once every baseline is scored, each card carries its scores beside the base model's.
+    base = {name: rs.rounds[0]["sites"][name]["eval_loss"] for name in NAMES}
+    for name in NAMES:
+        _, body = split_card(out / "baselines" / "alone" / name / card.FILE)
+        score = doc["alone"][name]["score"]
+        assert f"| {name} | – | {score['eval_examples']} | {base[name]:.4f} | {score['eval_loss']:.4f} |" in body
+        assert "eval loss, the site alone" in body and [n for n in NAMES if n != name][0] + " |" not in body
+    _, body = split_card(out / "baselines" / "pooled" / card.FILE)
+    for name in NAMES:
+        score = pooled["scores"][name]
+        assert f"| {name} | – | {score['eval_examples']} | {base[name]:.4f} | {score['eval_loss']:.4f} |" in body
 
 
 def test_no_card_holds_any_record_text(finished_run):

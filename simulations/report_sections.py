@@ -12,7 +12,7 @@ once, with them; :func:`write_ftsim_report` rewrites a finished run's report wit
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fedtune.server.record import FILE, RecordError, RunRecord, read_record
@@ -124,6 +124,22 @@ def _draw_baselines(plt, out: Path, record: RunRecord) -> list[str]:
     return [BASELINES_PLOT]
 
 
+def gain_share(v: Mapping[str, float | None], other: str, lower_is_better: bool) -> float | None:
+    """The federation's gain over the base model as a share of ``other``'s (``alone``, ``pooled``):
+    1.0 is as far as it got, above 1 further. None when a score is missing or ``other`` did not
+    gain (a share of nothing says nothing)."""
+    base, fed, ref = v.get("base"), v.get("federation"), v.get(other)
+    if base is None or fed is None or ref is None:
+        return None
+    sign = -1.0 if lower_is_better else 1.0
+    reached = sign * (ref - base)
+    return None if reached <= 1e-12 else sign * (fed - base) / reached
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0%}"
+
+
 def _baselines_lines(record: RunRecord, plots: Sequence[str]) -> list[str]:
     b = BaselinesRecord.of(record)
     if b is None:
@@ -159,12 +175,31 @@ def _baselines_lines(record: RunRecord, plots: Sequence[str]) -> list[str]:
                 else ""
             )
         )
+    shares = {n: gain_share(v, "pooled", True) for n, v in scored.items()}
+    shares = {n: x for n, x in shares.items() if x is not None}
+    if shares:
+        low = min(shares, key=shares.get)
+        mean = gain_share({t: _value(b.mean, t, "eval_loss") for t, _, _ in BASELINES}, "pooled", True)
+        out.append(
+            f"- eval loss: the federation's gain over the base model was {_share(shares[low])} to "
+            f"{_share(max(shares.values()))} of pooled training's (lowest at {md(low)})"
+            + (f"; {_share(mean)} on the mean over sites" if mean is not None else "")
+        )
     for key in _metrics(b):
         loss = key == "eval_loss"
         spec = ".3f" if loss else ".2f"
         measure = "eval loss (lower is better)" if loss else "exact match (higher is better)"
         out += table_head(
-            (f"site: {measure}", "base model", "alone", "pooled", "federation", "federation against alone")
+            (
+                f"site: {measure}",
+                "base model",
+                "alone",
+                "pooled",
+                "federation",
+                "federation against alone",
+                "federation's gain, share of alone's",
+                "federation's gain, share of pooled's",
+            )
         )
         for name, row in [*((md(n), r) for n, r in b.sites.items()), ("**mean**", b.mean)]:
             v = {t: _value(row, t, key) for t, _, _ in BASELINES}
@@ -173,7 +208,10 @@ def _baselines_lines(record: RunRecord, plots: Sequence[str]) -> list[str]:
                 d = v["federation"] - v["alone"]
                 better = d < 0 if loss else d > 0
                 gain = f"{d:+{spec}} ({'better' if better else 'worse' if d else 'same'})"
-            out.append(f"| {name} | " + " | ".join(fmt(v[t], spec) for t, _, _ in BASELINES) + f" | {gain} |")
+            shares = " | ".join(_share(gain_share(v, other, loss)) for other in ("alone", "pooled"))
+            out.append(
+                f"| {name} | " + " | ".join(fmt(v[t], spec) for t, _, _ in BASELINES) + f" | {gain} | {shares} |"
+            )
     if BASELINES_PLOT in plots:
         out += ["", f"![{BASELINES_PLOT}]({BASELINES_PLOT})"]
     return out

@@ -364,10 +364,12 @@ def test_every_tables_head_is_rendered_as_it_always_was():
         "domain (file).\n\n| site | records | a | b |\n| --- | --- | --- | --- |\n| clinic | 3 | 2 | 1 |\n",
         "\n\n## Per site: base model (round 0) against the final round\n\n| site | eval loss, base | eval loss, final | "
         "exact match, base | exact match, final | examples | bytes sent / round |\n| --- | --- | --- | --- | --- | --- | --- |\n",
-        "\n\n| site: eval loss (lower is better) | base model | alone | pooled | federation | federation against alone |\n"
-        "| --- | --- | --- | --- | --- | --- |\n| clinic |",
-        "\n\n| site: exact match (higher is better) | base model | alone | pooled | federation | federation against alone |\n"
-        "| --- | --- | --- | --- | --- | --- |\n| clinic |",
+        "\n\n| site: eval loss (lower is better) | base model | alone | pooled | federation | federation against alone | "
+        "federation's gain, share of alone's | federation's gain, share of pooled's |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |\n| clinic |",
+        "\n\n| site: exact match (higher is better) | base model | alone | pooled | federation | federation against alone | "
+        "federation's gain, share of alone's | federation's gain, share of pooled's |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |\n| clinic |",
         "\n\n## Rounds\n\n| round | site | status | train loss | eval loss | exact match | steps | train s | bytes sent |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n| 0 |",
         "\n\n## Secure aggregation (SecAgg+)\n\nThe coordinator saw only masked vectors and, per round, the weighted mean "
@@ -390,3 +392,35 @@ def test_every_tables_head_is_rendered_as_it_always_was():
     for head in heads:
         assert head in md, head
     assert [md.index(head) for head in heads] == sorted(md.index(head) for head in heads)
+
+
+def test_the_baselines_say_the_federations_gain_as_a_share_of_alones_and_pooleds():
+    """Per site and on the mean: (base - federation) / (base - alone or pooled) for eval loss,
+    the other way round for exact match; '–' where the other training gained nothing."""
+    from fedtune.simulations.report_sections import baselines_section, gain_share
+
+    assert gain_share({"base": 2.0, "alone": 1.0, "pooled": 0.5, "federation": 1.25}, "pooled", True) == 0.5
+    assert gain_share({"base": 2.0, "alone": 1.0, "pooled": 0.5, "federation": 1.25}, "alone", True) == 0.75
+    assert gain_share({"base": 0.1, "pooled": 0.9, "federation": 0.5}, "pooled", False) == 0.5
+    assert gain_share({"base": 2.0, "pooled": 2.1, "federation": 1.0}, "pooled", True) is None  # pooled got worse
+    assert gain_share({"base": 2.0, "pooled": None, "federation": 1.0}, "pooled", True) is None
+
+    doc = full_doc()
+
+    def at(loss, em):
+        return {"eval_loss": loss, "exact_match": em, "eval_examples": 4}
+
+    doc["baselines"]["sites"] = {
+        "clinic": {"base": at(2.0, 0.0), "alone": at(1.0, 0.5), "pooled": at(0.5, 1.0), "federation": at(1.25, 0.75)},
+        "bank": {"base": at(3.0, 0.0), "alone": at(2.0, 0.2), "pooled": at(1.0, 0.4), "federation": at(1.2, 0.4)},
+    }
+    doc["baselines"]["mean"] = {
+        t: {"eval_loss": (a["eval_loss"] + b["eval_loss"]) / 2, "exact_match": (a["exact_match"] + b["exact_match"]) / 2}
+        for t, a, b in ((t, doc["baselines"]["sites"]["clinic"][t], doc["baselines"]["sites"]["bank"][t]) for t in
+                        ("base", "alone", "pooled", "federation"))
+    }  # fmt: skip
+    md = render_markdown(doc, [], [baselines_section()])
+    assert "| clinic | 2.000 | 1.000 | 0.500 | 1.250 | +0.250 (worse) | 75% | 50% |" in md
+    assert "| bank | 3.000 | 2.000 | 1.000 | 1.200 | -0.800 (better) | 180% | 90% |" in md
+    assert "| clinic | 0.00 | 0.50 | 1.00 | 0.75 | +0.25 (better) | 150% | 75% |" in md
+    assert "gain over the base model was 50% to 90% of pooled training's (lowest at clinic); 73% on the mean" in md

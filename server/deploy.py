@@ -21,8 +21,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import os
 import shutil
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -70,6 +72,32 @@ def write_app_dir(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "pyproject.toml").write_text(APP_PYPROJECT)
     return directory
+
+
+ORPHAN_GRACE_S = 10.0
+EXIT_ORPHANED = 70
+
+
+def exit_when_orphaned(grace_s: float = ORPHAN_GRACE_S, poll_s: float = 0.5, on_exit=None) -> None:
+    """End this process when the process that started it is gone (ftserver killed, its SuperExec
+    with it). Flower's own monitor interrupts the main thread then, but a ServerApp waiting on
+    object pulls whose retries never end against the dead SuperLink outlives it, holding the run's
+    lock, so a resumed run would find "another ServerApp still running". After ``grace_s`` for the
+    graceful path, the process exits at once: every checkpoint is written atomically, so nothing
+    is torn, and the kernel drops the run lock. ``on_exit``: called first (writes the run status)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        time.sleep(grace_s)
+        try:
+            if on_exit is not None:
+                on_exit()
+        finally:
+            os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="fedtune-orphan-watch", daemon=True).start()
 
 
 def hold_run_lock(out: Path, wait_s: float = 60.0):
@@ -207,6 +235,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     (out / RUN_STATUS).unlink(missing_ok=True)
     hold_reserve(out)
+    exit_when_orphaned(on_exit=lambda: write_status(out, {"status": "stopped", "reason": "the coordinator is gone"}))
     try:
         cfg = FedTuneConfig.from_json(Path(str(rc["config-path"])).read_text())
         # Secure aggregation publishes the registered site keys (--authorized-keys) to the sites.

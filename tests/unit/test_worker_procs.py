@@ -140,3 +140,53 @@ def test_stop_ends_the_child_and_what_it_started(tmp_path):
     while alive() and time.time() < deadline:
         time.sleep(0.1)
     assert alive() == []
+
+
+ORPHAN = """
+import signal, sys, threading
+from fedtune.server.deploy import exit_when_orphaned
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])  # as deaf as a ServerApp stuck in endless pull retries
+exit_when_orphaned(grace_s=0.2, poll_s=0.05, on_exit=lambda: print("status written", flush=True))
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+def _orphan_outlives_its_parent(tmp_path, child_code: str) -> tuple[bool, str]:
+    """Start a parent that starts ``child_code`` and exits once the child is ready, the way
+    ftserver's SuperExec dies under its ServerApp. -> (the child still runs 4 s later, its output)."""
+    import os
+
+    out = tmp_path / "child.out"
+    parent = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {child_code!r}], stdout=open({str(out)!r}, 'w'), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n"
+        f"while 'ready' not in open({str(out)!r}).read(): time.sleep(0.05)\n"
+    )
+    pid = int(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60).stdout)
+    try:
+        deadline = time.time() + 4
+        while time.time() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False, out.read_text()
+            time.sleep(0.1)
+        return True, out.read_text()
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_serverapp_whose_coordinator_is_gone_exits_and_says_so(tmp_path):
+    """A ServerApp that cannot be interrupted (Flower's parent monitor SIGINTs it; one stuck in
+    object-pull retries against the dead SuperLink never returns) still ends once its parent is
+    gone, after writing its status, so a resumed run does not wait on its lock."""
+    alive, said = _orphan_outlives_its_parent(tmp_path, ORPHAN)
+    assert not alive and "status written" in said
+    # The attack's premise: without the watch, such a process outlives its parent.
+    alive, _ = _orphan_outlives_its_parent(tmp_path, ORPHAN.replace("exit_when_orphaned(", "(lambda **k: None)("))
+    assert alive

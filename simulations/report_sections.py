@@ -144,9 +144,6 @@ def _baselines_lines(record: RunRecord, plots: Sequence[str]) -> list[str]:
     b = BaselinesRecord.of(record)
     if b is None:
         return []
-    steps = b.steps
-    fed = ", ".join(f"{md(n)} {v}" for n, v in steps.federation.items() if n != "total")
-    alone = ", ".join(f"{md(n)} {v}" for n, v in steps.alone.items())
     out = [
         "",
         "## Does federation help? Baselines at equal compute",
@@ -155,14 +152,35 @@ def _baselines_lines(record: RunRecord, plots: Sequence[str]) -> list[str]:
         "alone, on its own data, running the optimizer steps it ran in the federation; all sites' data pooled in one "
         "place, running their sum; and the federation. Alone and pooled train without the federation's clipping or noise.",
         "",
+        _steps_line(b),
+        *_summary_lines(b),
+    ]
+    for key in _metrics(b):
+        out += _scores_table(b, key)
+    if BASELINES_PLOT in plots:
+        out += ["", f"![{BASELINES_PLOT}]({BASELINES_PLOT})"]
+    return out
+
+
+def _steps_line(b: BaselinesRecord) -> str:
+    steps = b.steps
+    fed = ", ".join(f"{md(n)} {v}" for n, v in steps.federation.items() if n != "total")
+    alone = ", ".join(f"{md(n)} {v}" for n, v in steps.alone.items())
+    return (
         f"- optimizer steps of {b.examples_per_step} examples: federation {steps.federation['total']} ({fed}); "
         f"alone {alone}; pooled {steps.pooled}"
         + (
             f" (budget {steps.budget} each: local early stopping ended some rounds sooner)"
             if steps.budget not in (None, steps.federation["total"])
             else ""
-        ),
-    ]
+        )
+    )
+
+
+def _summary_lines(b: BaselinesRecord) -> list[str]:
+    """In eval loss: at how many sites the federation beat the site alone (and pooled was best),
+    and the range of the federation's gain as a share of pooled training's."""
+    out = []
     scored = {n: {t: _value(row, t, "eval_loss") for t, _, _ in BASELINES} for n, row in b.sites.items()}
     both = [v for v in scored.values() if v["alone"] is not None and v["federation"] is not None]
     if both:
@@ -185,35 +203,36 @@ def _baselines_lines(record: RunRecord, plots: Sequence[str]) -> list[str]:
             f"{_share(max(shares.values()))} of pooled training's (lowest at {md(low)})"
             + (f"; {_share(mean)} on the mean over sites" if mean is not None else "")
         )
-    for key in _metrics(b):
-        loss = key == "eval_loss"
-        spec = ".3f" if loss else ".2f"
-        measure = "eval loss (lower is better)" if loss else "exact match (higher is better)"
-        out += table_head(
-            (
-                f"site: {measure}",
-                "base model",
-                "alone",
-                "pooled",
-                "federation",
-                "federation against alone",
-                "federation's gain, share of alone's",
-                "federation's gain, share of pooled's",
-            )
+    return out
+
+
+def _scores_table(b: BaselinesRecord, key: str) -> list[str]:
+    """One metric's table: each site's (and the mean's) score under every training, the federation
+    against alone, and the federation's gain as a share of alone's and pooled's."""
+    loss = key == "eval_loss"
+    spec = ".3f" if loss else ".2f"
+    measure = "eval loss (lower is better)" if loss else "exact match (higher is better)"
+    out = table_head(
+        (
+            f"site: {measure}",
+            "base model",
+            "alone",
+            "pooled",
+            "federation",
+            "federation against alone",
+            "federation's gain, share of alone's",
+            "federation's gain, share of pooled's",
         )
-        for name, row in [*((md(n), r) for n, r in b.sites.items()), ("**mean**", b.mean)]:
-            v = {t: _value(row, t, key) for t, _, _ in BASELINES}
-            gain = "–"
-            if v["alone"] is not None and v["federation"] is not None:
-                d = v["federation"] - v["alone"]
-                better = d < 0 if loss else d > 0
-                gain = f"{d:+{spec}} ({'better' if better else 'worse' if d else 'same'})"
-            shares = " | ".join(_share(gain_share(v, other, loss)) for other in ("alone", "pooled"))
-            out.append(
-                f"| {name} | " + " | ".join(fmt(v[t], spec) for t, _, _ in BASELINES) + f" | {gain} | {shares} |"
-            )
-    if BASELINES_PLOT in plots:
-        out += ["", f"![{BASELINES_PLOT}]({BASELINES_PLOT})"]
+    )
+    for name, row in [*((md(n), r) for n, r in b.sites.items()), ("**mean**", b.mean)]:
+        v = {t: _value(row, t, key) for t, _, _ in BASELINES}
+        gain = "–"
+        if v["alone"] is not None and v["federation"] is not None:
+            d = v["federation"] - v["alone"]
+            better = d < 0 if loss else d > 0
+            gain = f"{d:+{spec}} ({'better' if better else 'worse' if d else 'same'})"
+        shares = " | ".join(_share(gain_share(v, other, loss)) for other in ("alone", "pooled"))
+        out.append(f"| {name} | " + " | ".join(fmt(v[t], spec) for t, _, _ in BASELINES) + f" | {gain} | {shares} |")
     return out
 
 

@@ -182,7 +182,7 @@ def write_final_cards(rs: RunState) -> None:
 def prune_checkpoints(rs: RunState, say: Printer) -> None:
     """After a round is recorded: delete the round checkpoints that output.keep_checkpoints does
     not keep. Kept: the last ``keep`` rounds' (the newest is the resume point) and the best
-    round's. Each goes by an atomic rename to ``.pruned-round-NNNN`` first, then is deleted, so a
+    round's, and under ``simulation.baselines`` round 0's (the start every baseline trains from). Each goes by an atomic rename to ``.pruned-round-NNNN`` first, then is deleted, so a
     crash midway never leaves a torn ``round-NNNN`` (and the next prune finishes the deletion)."""
     keep = rs.cfg.output.keep_checkpoints
     root = rs.out / "checkpoints"
@@ -193,6 +193,8 @@ def prune_checkpoints(rs: RunState, say: Printer) -> None:
     latest = max(recorded, default=-1)
     best = rs.best()
     kept = set(rounds[-keep:]) | {latest} | ({best["round"]} if best else set())
+    if rs.cfg.simulation.baselines:
+        kept.add(0)
     for rnd in rounds:
         if rnd in kept or rnd > latest:  # never one not yet recorded (the round in progress)
             continue

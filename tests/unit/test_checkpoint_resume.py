@@ -124,6 +124,28 @@ def test_old_checkpoints_are_pruned_but_never_the_resume_point_or_the_best(tiny_
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0002", "round-0005", "round-0006"]
 
 
+def test_with_baselines_the_starting_checkpoint_is_never_pruned(tiny_config, tmp_path):
+    """ftsim --baselines trains every baseline from round 0's adapter: the demo's 3 rounds with
+    keep_checkpoints 3 used to prune it, and the baselines then refused to start."""
+    losses = {0: 3.0, 1: 2.5, 2: 1.0, 3: 2.0, 4: 2.0}
+    cfg = tiny_run_config(tiny_config, rounds=4)
+    cfg = cfg.model_copy(
+        update={
+            "output": cfg.output.model_copy(update={"keep_checkpoints": 2}),
+            "simulation": cfg.simulation.model_copy(update={"baselines": True}),
+        }
+    )
+    out = tmp_path / "run"
+    server.run_federation(FakeGrid({1: scripted(losses, "a")}), cfg, out, lambda s: None)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "round-0000",
+        "round-0002",
+        "round-0003",
+        "round-0004",
+    ]
+    assert verify_checkpoint(out / "checkpoints" / "round-0000") is None
+
+
 def test_a_pruning_interrupted_midway_leaves_no_torn_checkpoint_and_is_finished_later(tiny_config, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_run_config(tiny_config, rounds=3)

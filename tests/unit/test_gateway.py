@@ -531,3 +531,29 @@ def test_ftserver_ends_when_a_child_exits_and_on_an_interrupt(play_ftserver, tmp
     code, _ = play_ftserver(interrupted)
     assert code == 130
     assert f"interrupted; checkpoints so far are in {tmp_path / 'run' / 'checkpoints'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "lengths", [[b"2", b"3"], [b"+2"], [b"2 2"], [b"-1"], [b"0x10"]], ids=["two", "plus", "space", "negative", "hex"]
+)
+def test_a_conflicting_or_malformed_content_length_is_refused(lengths):
+    """Behind uvicorn's parser, the gateway checks the declared length itself before it reads or
+    forwards anything: more than one value, or one that is not plain digits, is a 400."""
+    from starlette.requests import Request
+
+    from fedtune.server.gateway import _refusal
+
+    headers = [(b"content-length", v) for v in lengths]
+    path = "/v1/fleet/push-object"
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": headers,
+    }
+    refused = _refusal(Request(scope), CAP)
+    assert refused is not None and refused.status_code == 400
+    ok = Request({**scope, "headers": [(b"content-length", b"2")]})
+    assert _refusal(ok, CAP) is None

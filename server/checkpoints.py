@@ -40,23 +40,23 @@ def save_round(rs: RunState, rnd: int) -> None:
     PEFT folder. Full fine-tuning writes its model folder once, at the end (:func:`save_artifacts`)."""
     state = adapters.to_tensors(rs.global_state)
     arrays = rs.optimizer.state()[1]
-    info = {methods.METHOD_FILE: methods.method_info(rs.cfg)}
+    info = methods.method_info(rs.cfg)
     save_adapter(
         rs.out / "checkpoints" / f"round-{rnd:04d}",
         state,
         rs.peft_config,
-        {SERVER_STATE: rs.server_state(rnd), **info},
+        {SERVER_STATE: rs.server_state(rnd), methods.METHOD_FILE: info},
         {OPTIMIZER_ARRAYS: arrays} if arrays else None,
     )
-    save_global_adapter(rs, "adapter", rnd)
+    save_global_adapter(rs, "adapter", rnd, info)
 
 
-def save_global_adapter(rs: RunState, folder: str, rnd: int | None = None) -> None:
+def save_global_adapter(rs: RunState, folder: str, rnd: int | None = None, info: dict | None = None) -> None:
     """``rs.out/folder``: the global adapter as a PEFT folder, with the method record beside it
     and its model card (adapter methods; full fine-tuning has no adapter folder). ``rnd``: the
     round the global adapter is of (default: the last recorded round)."""
     if rs.peft_config is not None:
-        info = methods.method_info(rs.cfg)
+        info = info or methods.method_info(rs.cfg)
         save_adapter(rs.out / folder, adapters.to_tensors(rs.global_state), rs.peft_config, {methods.METHOD_FILE: info})
         write_model_card(rs, folder, rnd, info)
 

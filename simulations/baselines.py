@@ -68,6 +68,9 @@ POOLED = "pooled"
 # The pooled trainer's data-order seed: not a possible site name (those have no spaces), so it
 # never repeats a site's.
 POOLED_SEED_NAME = "all sites pooled"
+# Up to this many sites, each alone model is also scored on every other site's split: is the
+# federation's model better for everyone than the best one site could train for itself?
+ON_ALL_MAX_SITES = 5
 
 
 class BaselineError(RuntimeError):
@@ -124,6 +127,8 @@ class BaselinesRecord(_Record):
     mean: MeanScores
     adapters: dict[str, str] = {}
     seconds: dict[str, float | None] = {}
+    # site -> its alone model's score on every site's split (at most ON_ALL_MAX_SITES sites)
+    alone_on_all: dict[str, dict[str, Score | None]] = {}
 
     @classmethod
     def of(cls, record: RunRecord) -> BaselinesRecord | None:
@@ -326,7 +331,7 @@ def run_baselines(
     for site in sites:
         if site.name in done.setdefault("alone", {}):
             continue
-        done["alone"][site.name] = _alone(cfg, site, plan, start, folder, bar, device)
+        done["alone"][site.name] = _alone(cfg, site, plan, start, folder, bar, device, sites)
         _keep(folder / RESULTS, plan, done)
     if POOLED not in done:
         done[POOLED] = _pooled(cfg, sites, plan, start, folder, bar, device)
@@ -371,8 +376,9 @@ def _keep(path: Path, plan: Plan, done: dict) -> None:
     atomic_write_json(path, {"plan": plan.as_json(), **done})
 
 
-def _alone(cfg: FedTuneConfig, site, plan: Plan, start: dict, folder: Path, bar: _Progress, device) -> dict:
-    """One site training by itself on its own data, at the steps it ran in the federation -> its results."""
+def _alone(cfg: FedTuneConfig, site, plan: Plan, start: dict, folder: Path, bar: _Progress, device, sites) -> dict:
+    """One site training by itself on its own data, at the steps it ran in the federation -> its results
+    (with ``on_all``, its score on every site's split, when there are at most ON_ALL_MAX_SITES)."""
     rt, st, site_start = client_app.site_model(cfg, site, start, device)
     if st.problem:
         return {"steps": 0, "problem": st.problem}
@@ -388,13 +394,29 @@ def _alone(cfg: FedTuneConfig, site, plan: Plan, start: dict, folder: Path, bar:
         bar,
         st.eval_examples,
     )
+    own = _score(cfg, rt, st.eval_examples)
     return {
         "steps": ran,
-        "score": _score(cfg, rt, st.eval_examples),
+        "score": own,
+        **({"on_all": _on_all(cfg, rt, sites, site.name, own)} if len(sites) <= ON_ALL_MAX_SITES else {}),
         "examples": len(st.train_items),
         "adapter": _save(rt, cfg, folder / "alone" / site.name, site.name, ran, len(st.train_items)),
         "seconds": round(time.time() - t, 1),
     }
+
+
+def _on_all(cfg: FedTuneConfig, rt, sites: list, own_name: str, own: dict | None) -> dict:
+    """A site's alone model scored on every site's validation split (its own: ``own``). The
+    splits are the ones the sites score the global adapter on: the same files, or the same
+    seeded share of train."""
+    scores = {}
+    for s in sites:
+        if s.name == own_name:
+            scores[s.name] = own
+            continue
+        st = client_app.site_state(client_app.SiteFiles(s.name, s.train, s.eval), cfg, rt)
+        scores[s.name] = None if st.problem else _score(cfg, rt, st.eval_examples)
+    return scores
 
 
 def _pooled(cfg: FedTuneConfig, sites: list, plan: Plan, start: dict, folder: Path, bar: _Progress, device) -> dict:
@@ -468,6 +490,7 @@ def baselines_doc(
             **({POOLED: pooled["adapter"]} if pooled.get("adapter") else {}),
         },
         "seconds": {**{n: a.get("seconds") for n, a in alone.items()}, POOLED: pooled.get("seconds")},
+        "alone_on_all": {n: a["on_all"] for n in names if (a := alone.get(n) or {}).get("on_all")},
     }
 
 
@@ -503,6 +526,10 @@ def summary_lines(doc: BaselinesRecord | Mapping) -> list[str]:
         if gains
         else []
     )
+    from .report_sections import on_all_verdict
+
+    on_all = on_all_verdict(b)
+    verdict += [on_all.removeprefix("- ").replace("*", "")] if on_all else []
     return [f"eval loss{' / exact match' if em else ''} per site (lower / higher is better):", head, *rows, *verdict]
 
 

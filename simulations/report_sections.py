@@ -157,6 +157,7 @@ def _baselines_lines(record: RunRecord, plots: Sequence[str]) -> list[str]:
     ]
     for key in _metrics(b):
         out += _scores_table(b, key)
+    out += _on_all_table(b)
     if BASELINES_PLOT in plots:
         out += ["", f"![{BASELINES_PLOT}]({BASELINES_PLOT})"]
     return out
@@ -234,6 +235,45 @@ def _scores_table(b: BaselinesRecord, key: str) -> list[str]:
         shares = " | ".join(_share(gain_share(v, other, loss)) for other in ("alone", "pooled"))
         out.append(f"| {name} | " + " | ".join(fmt(v[t], spec) for t, _, _ in BASELINES) + f" | {gain} | {shares} |")
     return out
+
+
+def _on_all_table(b: BaselinesRecord) -> list[str]:
+    """Each site's alone model scored on every site's split, beside the federation's global model:
+    is the federation better for everyone than the best model any one site trains for itself?"""
+    if not b.alone_on_all:
+        return []
+    names = list(b.sites)
+    rows = [(f"{md(t)} alone", by_site) for t, by_site in b.alone_on_all.items()]
+    rows.append(("**federation**", {n: row.federation for n, row in b.sites.items()}))
+    out = ["", "Each site's alone model on every site's split (eval loss; mean: example-weighted over the sites):"]
+    out += table_head(("model", *(md(n) for n in names), "mean"))
+    for label, by_site in rows:
+        cells = [fmt(s.eval_loss if (s := by_site.get(n)) else None, ".3f") for n in names]
+        out.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(on_all_mean(by_site), '.3f')} |")
+    return out + [v for v in [on_all_verdict(b)] if v]
+
+
+def on_all_mean(by_site: Mapping) -> float | None:
+    """Example-weighted mean eval loss over the sites' splits (None unless every split is scored)."""
+    rows = [s for s in by_site.values()]
+    if not rows or any(s is None or s.eval_loss is None for s in rows):
+        return None
+    return sum(s.eval_loss * s.eval_examples for s in rows) / sum(s.eval_examples for s in rows)
+
+
+def on_all_verdict(b: BaselinesRecord) -> str | None:
+    """One line: the federation's mean eval loss over all sites' splits against the best alone model's."""
+    means = {t: on_all_mean(by_site) for t, by_site in b.alone_on_all.items()}
+    means = {t: m for t, m in means.items() if m is not None}
+    fed = on_all_mean({n: row.federation for n, row in b.sites.items()})
+    if not means or fed is None:
+        return None
+    best = min(means, key=means.get)
+    verdict = "better than" if fed < means[best] else "not better than"
+    return (
+        f"- on every site's split (mean eval loss), the federation's model {fed:.3f} is {verdict} the best site "
+        f"alone's ({md(best)}, {means[best]:.3f})"
+    )
 
 
 def baselines_section() -> ReportSection:

@@ -154,6 +154,26 @@ def test_baselines_run_at_the_federations_compute_and_seed(federated_run, monkey
     )
     assert any("ETA" in line for line in said) and any("financial alone: round 2/2" in line for line in said)
 
+    # Two sites (at most 5): each alone model is also scored on the other's split, as that site
+    # scores a model: medical's alone adapter on financial's eval file equals fteval's way of it.
+    on_all = doc["alone_on_all"]
+    assert set(on_all) == set(NAMES) and all(set(by_site) == set(NAMES) for by_site in on_all.values())
+    assert all(on_all[n][n] == doc["sites"][n]["alone"] for n in NAMES)
+    medical, financial = client_app.sites_from_config(cfg)
+    rt, _, state = client_app.site_model(
+        cfg, medical, load_adapter_state(out / "baselines" / "alone" / "medical"), "cpu"
+    )
+    methods.set_state(rt.model, state)
+    fin_split = client_app.site_state(financial, cfg, rt).eval_examples
+    res = evaluate_examples(rt.model, rt.tokenizer, fin_split, cfg.data, cfg.eval, rt.device)
+    assert on_all["medical"]["financial"]["eval_loss"] == pytest.approx(res.loss, rel=1e-5)
+    assert on_all["medical"]["financial"]["eval_examples"] == min(len(fin_split), cfg.eval.max_examples)
+    assert on_all["medical"]["financial"]["eval_loss"] != doc["sites"]["financial"]["alone"]["eval_loss"]
+    assert any(
+        "on every site's split (mean eval loss), the federation's model" in line
+        for line in baselines.summary_lines(doc)
+    )
+
     # A second call (ftsim --resume DIR --baselines) reuses what is done: no training.
     calls.clear()
     again = baselines.run_baselines(cfg, out, rs.rounds, said.append, "cpu")
@@ -185,7 +205,14 @@ def test_the_report_shows_the_baselines_table_and_plot(federated_run):
         rs.rounds,
         {
             "alone": {
-                "medical": {"steps": 6, "score": {"eval_loss": 2.0, "exact_match": 0.5, "eval_examples": 4}},
+                "medical": {
+                    "steps": 6,
+                    "score": {"eval_loss": 2.0, "exact_match": 0.5, "eval_examples": 4},
+                    "on_all": {
+                        "medical": {"eval_loss": 2.0, "exact_match": 0.5, "eval_examples": 4},
+                        "financial": {"eval_loss": 4.0, "eval_examples": 12},
+                    },
+                },
                 "financial": {"steps": 6, "score": None},
             },
             "pooled": {
@@ -213,6 +240,17 @@ def test_the_report_shows_the_baselines_table_and_plot(federated_run):
     # The verdict counts only sites scored under both (financial alone has no score).
     assert (
         f"- eval loss: the federation did better than the site alone at {int(fed < 2.0)} of 1 site(s); all data pooled did best of the four at 1 of 1"
+        in md
+    )
+    # Medical's alone model on every split: (2.0 x 4 + 4.0 x 12) / 16 = 3.5, against the federation's mean.
+    assert "| medical alone | 2.000 | 4.000 | 3.500 |" in md
+    fed_sites = rs.rounds[-1]["sites"]
+    fed_mean = sum(fed_sites[n]["eval_loss"] * fed_sites[n]["eval_examples"] for n in NAMES) / sum(
+        fed_sites[n]["eval_examples"] for n in NAMES
+    )
+    verdict = "better than" if fed_mean < 3.5 else "not better than"
+    assert (
+        f"- on every site's split (mean eval loss), the federation's model {fed_mean:.3f} is {verdict} the best site alone's (medical, 3.500)"
         in md
     )
     html = (out / "report.html").read_text()

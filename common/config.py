@@ -429,6 +429,8 @@ class SiteConfig(_Strict):
 
 
 Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+# The strategies that add (a multiple of) the round's mean update: federation.server_lr 'sites' applies.
+SUMMING_STRATEGIES = ("fedavg", "fedprox", "fedavgm")
 
 
 class FederationConfig(_Strict):
@@ -444,11 +446,12 @@ class FederationConfig(_Strict):
         "fedadam, fedyogi and fedadagrad use it as a pseudo-gradient for an adaptive server optimizer (Reddi et al. 2021).",
         json_schema_extra=flag("--strategy"),
     )
-    server_lr: float | None = Field(
+    server_lr: Annotated[float, Field(gt=0, le=100.0)] | Literal["sites"] | None = Field(
         None,
-        gt=0,
-        le=100.0,
-        description="Server learning rate (default: 1.0 for fedavg/fedprox/fedavgm, 1e-3 for the adaptive ones, sized for LoRA deltas).",
+        description="Server learning rate: fedavg, fedprox and fedavgm add it times the round's mean update; the adaptive ones "
+        "take steps of about its size. 'sites' (fedavg, fedprox, fedavgm): the number of sites whose updates the round "
+        "combined, so the global moves by their sum, as far as pooled training would at the same compute. Default: 1.0 for "
+        "fedavg/fedprox/fedavgm, 1e-3 for the adaptive ones.",
     )
     proximal_mu: float = Field(
         0.01, ge=0, le=1e4, description="fedprox: weight mu of the proximal term in each site's loss."
@@ -542,6 +545,15 @@ class FederationConfig(_Strict):
             )
         if self.expected_sites is not None and self.expected_sites < self.min_sites:
             raise ValueError(f"expected_sites ({self.expected_sites}) is below min_sites ({self.min_sites})")
+        return self
+
+    @model_validator(mode="after")
+    def _sites_lr(self) -> "FederationConfig":
+        if self.server_lr == "sites" and self.strategy not in SUMMING_STRATEGIES:
+            raise ValueError(
+                f"server_lr 'sites' scales the round's mean update, which {self.strategy} does not add (it is an adaptive "
+                f"optimizer's pseudo-gradient): use it with {', '.join(SUMMING_STRATEGIES)}, or give {self.strategy} a number"
+            )
         return self
 
     @field_validator("update_norm_bound", mode="before")

@@ -262,7 +262,7 @@ class ServerOptimizer:
     def __init__(
         self,
         strategy: str,
-        lr: float | None = None,
+        lr: float | str | None = None,
         momentum: float = 0.9,
         beta1: float = 0.9,
         beta2: float = 0.99,
@@ -271,6 +271,8 @@ class ServerOptimizer:
         if strategy not in DEFAULT_SERVER_LR:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(DEFAULT_SERVER_LR)}")
         self.strategy = strategy
+        if lr == "sites" and strategy not in ("fedavg", "fedprox", "fedavgm"):
+            raise ValueError(f"server lr 'sites' is for fedavg, fedprox and fedavgm, not {strategy}")
         self.lr = DEFAULT_SERVER_LR[strategy] if lr is None else lr
         self.momentum, self.beta1, self.beta2, self.tau = momentum, beta1, beta2, tau
         self.t = 0
@@ -281,12 +283,18 @@ class ServerOptimizer:
     def from_config(cls, fed) -> "ServerOptimizer":
         return cls(fed.strategy, fed.server_lr, fed.server_momentum, fed.server_beta1, fed.server_beta2, fed.server_tau)
 
+    def round_lr(self, n_sites: int = 1) -> float:
+        """η for a round that combined ``n_sites`` updates (server lr 'sites': that number)."""
+        return float(max(n_sites, 1)) if self.lr == "sites" else float(self.lr)
+
     def step(
-        self, global_state: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]
+        self, global_state: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], n_sites: int = 1
     ) -> OrderedDict[str, np.ndarray]:
-        """The new global state; ``delta`` may cover only the tensors that trained this round."""
+        """The new global state; ``delta`` may cover only the tensors that trained this round, the
+        mean of ``n_sites`` sites' updates."""
         self.t += 1
         s = self.strategy
+        eta = self.round_lr(n_sites)
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for k, x in global_state.items():
             if k not in delta:  # frozen this round (layer-wise control): untouched, moments kept
@@ -294,10 +302,10 @@ class ServerOptimizer:
                 continue
             d = delta[k].astype(np.float64)
             if s in ("fedavg", "fedprox"):  # FedProx differs at the sites (the proximal term), not here
-                step = self.lr * d
+                step = eta * d
             elif s == "fedavgm":
                 v = self.v[k] = self.momentum * self.v.get(k, 0.0) + d
-                step = self.lr * v
+                step = eta * v
             else:
                 m = self.m[k] = self.beta1 * self.m.get(k, 0.0) + (1 - self.beta1) * d
                 v_old = self.v.get(k, np.zeros_like(d))
@@ -309,7 +317,7 @@ class ServerOptimizer:
                 else:  # fedadagrad
                     v = v_old + d2
                 self.v[k] = v
-                lr = self.lr
+                lr = eta
                 if s in ("fedadam", "fedyogi"):
                     lr *= math.sqrt(1 - self.beta2**self.t) / (1 - self.beta1**self.t)
                 step = lr * m / (np.sqrt(v) + self.tau)

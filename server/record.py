@@ -177,6 +177,7 @@ class RoundRecord(_Record):
     accepted: int | None = None
     applied: bool | None = None
     update_norm: float | None = None
+    server_lr: float | None = None  # the server learning rate the round's update was applied with
     trainable_tensors: int | None = None
     trainable_params: int | None = None  # what trained this round (layer-wise control changes it)
     update_bytes: int | None = None  # the most one site sent

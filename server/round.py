@@ -376,7 +376,8 @@ def aggregate_train(
     if plan.dp:
         record["privacy"] = charge_privacy(rs, plan)
     before = rs.global_state
-    rs.global_state = rs.model.step(plan.rnd, update)
+    rs.global_state = rs.model.step(plan.rnd, update, accepted or 1)
+    record["server_lr"] = rs.model.optimizer.round_lr(accepted or 1)
     record["layer_change"] = change_by_layer(before, rs.global_state, rs.layer_of)
     return {
         "sites": sites,

@@ -78,15 +78,15 @@ class GlobalModel:
         """The layer a state tensor belongs to (-1: embeddings, n_layers: above the top layer)."""
         return methods.position(key, self.n_layers)
 
-    def step(self, rnd: int, update: dict) -> OrderedDict:
-        """The server optimizer's step with the round's mean update -> the new global state, refused
+    def step(self, rnd: int, update: dict, n_sites: int = 1) -> OrderedDict:
+        """The server optimizer's step with the round's mean update (of ``n_sites`` sites) -> the new global state, refused
         (FederationError; the global and the optimizer's moments stay at round ``rnd - 1``) when any
         value of it is not finite: clipped, finite updates can still overflow float32 over rounds.
         Does not replace :attr:`state`: the caller does, once the round's record is built."""
         opt = self.optimizer
         saved = (opt.t, OrderedDict(opt.m), OrderedDict(opt.v))
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
-            new = opt.step(self.state, update)
+            new = opt.step(self.state, update, n_sites)
         bad = [k for k, v in new.items() if not np.isfinite(v).all()]
         if bad:
             opt.t, opt.m, opt.v = saved

@@ -286,6 +286,29 @@ def test_fedprox_server_step_is_fedavgs():
     )
 
 
+def test_server_lr_sites_adds_the_sum_of_the_sites_updates():
+    """server_lr 'sites': x += K * mean delta, K the round's combined updates (fedavg, fedprox, and
+    fedavgm's velocity); a number stays a number whatever K; the adaptive strategies refuse it,
+    in the optimizer and in the config (naming the key and the strategy)."""
+    from fedtune.common.config import ConfigError, load_config
+    from fedtune.server.aggregation import ServerOptimizer
+
+    x = OrderedDict(a=np.array([1.0, -2.0], np.float32))
+    d = OrderedDict(a=np.array([0.25, 0.5], np.float32))
+    for strategy in ("fedavg", "fedprox", "fedavgm"):
+        opt = ServerOptimizer(strategy, lr="sites")
+        assert opt.round_lr(3) == 3.0 and opt.round_lr(0) == 1.0
+        assert np.array_equal(opt.step(x, d, n_sites=3)["a"], np.array([1.75, -0.5], np.float32))
+    assert np.array_equal(
+        ServerOptimizer("fedavg", lr=2.0).step(x, d, n_sites=3)["a"], np.array([1.5, -1.0], np.float32)
+    )
+    with pytest.raises(ValueError, match="fedadam"):
+        ServerOptimizer("fedadam", lr="sites")
+    with pytest.raises(ConfigError, match=r"federation.*server_lr 'sites'.*fedyogi"):
+        load_config(None, overrides={"federation.strategy": "fedyogi", "federation.server_lr": "sites"})
+    assert load_config(None, overrides={"federation.server_lr": "sites"}).federation.server_lr == "sites"
+
+
 def test_capped_mean_equals_the_weighted_mean_with_capped_weights():
     """Counts 10, 10, 30, 40, 1e7 (lower median 30, cap 3 -> limit 90): weights 10, 10, 30, 40, 90,
     whatever order the updates arrive in; equal counts share one sum (bucket)."""

@@ -336,6 +336,12 @@ def run_baselines(
     if POOLED not in done:
         done[POOLED] = _pooled(cfg, sites, plan, start, folder, bar, device)
         _keep(folder / RESULTS, plan, done)
+    # A training a previous version finished without scoring it on every split: score its saved adapter.
+    for site in sites if len(sites) <= ON_ALL_MAX_SITES else []:
+        res = done["alone"].get(site.name) or {}
+        if "on_all" not in res and res.get("adapter") and Path(res["adapter"]).is_dir():
+            res["on_all"] = _on_all_saved(cfg, site, res, start, sites, device)
+            _keep(folder / RESULTS, plan, done)
     doc = baselines_doc(cfg, plan, rounds, done, [s.name for s in sites])
     _scored_cards(cfg, doc, done)
     return doc
@@ -417,6 +423,13 @@ def _on_all(cfg: FedTuneConfig, rt, sites: list, own_name: str, own: dict | None
         st = client_app.site_state(client_app.SiteFiles(s.name, s.train, s.eval), cfg, rt)
         scores[s.name] = None if st.problem else _score(cfg, rt, st.eval_examples)
     return scores
+
+
+def _on_all_saved(cfg: FedTuneConfig, site, res: dict, start: dict, sites: list, device) -> dict:
+    """:func:`_on_all` for a site's alone model that is on disk (``res["adapter"]``)."""
+    rt, _, _ = client_app.site_model(cfg, site, start, device)
+    methods.set_state(rt.model, load_adapter_state(Path(res["adapter"])))
+    return _on_all(cfg, rt, sites, site.name, res.get("score"))
 
 
 def _pooled(cfg: FedTuneConfig, sites: list, plan: Plan, start: dict, folder: Path, bar: _Progress, device) -> dict:

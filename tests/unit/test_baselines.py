@@ -178,6 +178,18 @@ def test_baselines_run_at_the_federations_compute_and_seed(federated_run, monkey
     calls.clear()
     again = baselines.run_baselines(cfg, out, rs.rounds, said.append, "cpu")
     assert calls == [] and again["sites"] == doc["sites"]
+    # Results from before the scores on every split: the saved alone adapters are scored, the same figures.
+    results = json.loads((out / "baselines" / "results.json").read_text())
+    for res in results["alone"].values():
+        del res["on_all"]
+    (out / "baselines" / "results.json").write_text(json.dumps(results))
+    again = baselines.run_baselines(cfg, out, rs.rounds, said.append, "cpu")
+    assert calls == [] and again["alone_on_all"]["medical"]["financial"]["eval_loss"] == pytest.approx(
+        on_all["medical"]["financial"]["eval_loss"], rel=1e-5
+    )
+    assert again["alone_on_all"]["financial"]["medical"]["eval_loss"] == pytest.approx(
+        on_all["financial"]["medical"]["eval_loss"], rel=1e-5
+    )
     # A federation with more rounds since is a different plan: everything trains again.
     more = [*rs.rounds, {"round": 3, "sites": {n: {"status": "ok", "steps": 3} for n in NAMES}}]
     baselines.run_baselines(cfg, out, more, said.append, "cpu")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,11 @@ def commit() -> str:
         ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
     )
     return res.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def slug(name: str) -> str:
+    """A candidate's folder name: its name, lower case, runs of other characters as one '-'."""
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
 
 
 def run_one(args: list[str], out: Path, fresh: bool) -> dict | None:
@@ -186,11 +192,11 @@ def main() -> int:
         first = next(iter(cands))
         wanted = [c for c in cands if c == first or not args.only or any(c.startswith(p) for p in args.only)]
         rows, baselines, sites = {}, None, []
-        for i, cand in enumerate(wanted):
+        for cand in wanted:
             extra = cands[cand] + (["--baselines"] if cand == first else [])
             flags = DATASETS[ds] + extra + ["--no-plots"] + quick
             say(f"{ds} / {cand}: ftsim {' '.join(extra)}")
-            doc = run_one(flags, out / ds / f"{i:02d}", args.fresh)
+            doc = run_one(flags, out / ds / slug(cand), args.fresh)
             if doc is None:
                 rows[cand] = None
                 continue

@@ -450,8 +450,9 @@ class FederationConfig(_Strict):
         None,
         description="Server learning rate: fedavg, fedprox and fedavgm add it times the round's mean update; the adaptive ones "
         "take steps of about its size. 'sites' (fedavg, fedprox, fedavgm): the number of sites whose updates the round "
-        "combined, so the global moves by their sum, as far as pooled training would at the same compute. Default: 1.0 for "
-        "fedavg/fedprox/fedavgm, 1e-3 for the adaptive ones.",
+        "combined, so the global moves by their sum, about as far as pooled training would at the same compute. Default: "
+        "'sites' for fedavg and fedprox (measured: benchmarks/README.md, 'Learning speed'; 1 is classic FedAvg's mean), 1.0 "
+        "for fedavgm, 1e-3 for the adaptive ones.",
     )
     proximal_mu: float = Field(
         0.01, ge=0, le=1e4, description="fedprox: weight mu of the proximal term in each site's loss."

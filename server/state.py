@@ -151,7 +151,7 @@ class RunState:
         self.cfg, self.out = cfg, out
         self.model = GlobalModel(
             global_state, peft_config, trainable_params, list(trainable_keys or []), n_layers,
-            optimizer or ServerOptimizer("fedavg"),
+            optimizer or ServerOptimizer.from_config(cfg.federation),
         )  # fmt: skip
         self.history = History()
         # The coordinator's own randomness (which sites train when sites_per_round is set); its

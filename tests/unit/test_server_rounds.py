@@ -334,6 +334,24 @@ def test_each_sites_pull_and_the_change_per_layer_are_recorded(tiny_config, tmp_
     assert r["update_norm"] == pytest.approx(0.5 * math.sqrt(10))
 
 
+def test_by_default_fedavg_adds_the_sum_of_the_round_s_updates(tiny_config, tmp_path):
+    """server_lr unset (the default, 'sites'): the same round moves the global by 2 x the mean, the
+    number of updates combined, and the record says so; a site that does not answer is not counted."""
+    rs = run_state(tiny_config, tmp_path, min_sites=1, round_timeout_s=5, server_lr=None)
+    before = {k: v.copy() for k, v in rs.global_state.items()}
+    grid = FakeGrid({1: trainer("alpha", 1.0, n=10), 2: trainer("beta", -1.0, n=30)})
+    r = server.run_training_round(grid, [1, 2], rs, 1, lambda s: None)
+    assert r["accepted"] == 2 and r["server_lr"] == 2.0
+    for k, v in rs.global_state.items():
+        assert np.allclose(v - before[k], -1.0)  # 2 x (10 x 1 - 30 x 1) / 40
+    assert r["layer_change"] == {"0": pytest.approx(math.sqrt(10))}
+
+    rs = run_state(tiny_config, tmp_path / "one", min_sites=1, round_timeout_s=1, server_lr=None)
+    grid = FakeGrid({1: trainer("alpha", 1.0, n=10), 2: lambda m: None})
+    r = server.run_training_round(grid, [1, 2], rs, 1, lambda s: None)
+    assert r["accepted"] == 1 and r["server_lr"] == 1.0
+
+
 def test_each_sites_pull_per_layer():
     """Site a pulls along the aggregate in layer 0 and against it in layer 1; b has no layer-1
     update (cosine unknown there); the per-layer norms make up the whole."""

@@ -38,6 +38,9 @@ from pathlib import Path
 
 from _common import REPO, log_tail, run_ftsim, say
 
+from fedtune.common.metrics import weighted_scores
+from fedtune.simulations.report_sections import gain_share
+
 SHARED = REPO.parent / "shared" / "data"
 DEMO = REPO / "simulations" / "configs" / "default.yaml"
 
@@ -107,17 +110,13 @@ def site_scores(doc: dict) -> dict[str, dict]:
 
 
 def weighted(scores: dict[str, dict | None], key: str) -> float | None:
-    rows = [(s[key], s["eval_examples"]) for s in scores.values() if s and s.get(key) is not None]
-    n = sum(w for _, w in rows)
-    return sum(v * w for v, w in rows) / n if n else None
+    """The example-weighted mean of ``key`` over the sites, as metrics.json's means."""
+    return weighted_scores(scores.values(), (key,)).get(key)
 
 
 def share(value, base, ref, lower_is_better: bool) -> float | None:
-    if None in (value, base, ref):
-        return None
-    sign = -1.0 if lower_is_better else 1.0
-    reached = sign * (ref - base)
-    return None if reached <= 1e-12 else sign * (value - base) / reached
+    """``value``'s gain over ``base`` as a share of ``ref``'s, as the baselines report computes it."""
+    return gain_share({"base": base, "federation": value, "ref": ref}, "ref", lower_is_better)
 
 
 def fmt(x, spec=".3f") -> str:

@@ -278,7 +278,7 @@ class ServerOptimizer:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(DEFAULT_SERVER_LR)}")
         self.strategy = strategy
         if lr == "sites" and strategy not in SUMMING_STRATEGIES:
-            raise ValueError(f"server lr 'sites' is for fedavg, fedprox and fedavgm, not {strategy}")
+            raise ValueError(f"server lr 'sites' is for {', '.join(SUMMING_STRATEGIES)}, not {strategy}")
         self.lr = DEFAULT_SERVER_LR[strategy] if lr is None else lr
         self.momentum, self.beta1, self.beta2, self.tau = momentum, beta1, beta2, tau
         self.t = 0

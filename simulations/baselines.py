@@ -49,7 +49,7 @@ from fedtune.common import methods, progress
 from fedtune.common.checkpoint import atomic_write_json, load_adapter_state, save_adapter, verify_checkpoint
 from fedtune.common.config import FedTuneConfig
 from fedtune.common.evaluation import evaluate_examples
-from fedtune.common.metrics import weighted_scores
+from fedtune.common.metrics import weighted_mean, weighted_scores
 from fedtune.server.record import (
     FILE,
     RecordError,
@@ -511,6 +511,30 @@ def _score_of(row: TrainingScores | MeanScores, training: str) -> Score | Scores
     return getattr(row, training)
 
 
+def on_all_mean(by_site: Mapping[str, Score | None]) -> float | None:
+    """Example-weighted mean eval loss over the sites' splits (None unless every split is scored)."""
+    rows = list(by_site.values())
+    if not rows or any(s is None or s.eval_loss is None for s in rows):
+        return None
+    return weighted_mean([s.eval_loss for s in rows], [s.eval_examples for s in rows])
+
+
+def on_all_verdict(b: BaselinesRecord, name: Callable[[str], str] = str) -> str | None:
+    """One line: the federation's mean eval loss over all sites' splits against the best alone
+    model's (``name``: how a site's name is written, e.g. escaped for markdown)."""
+    means = {t: on_all_mean(by_site) for t, by_site in b.alone_on_all.items()}
+    means = {t: m for t, m in means.items() if m is not None}
+    fed = on_all_mean({n: row.federation for n, row in b.sites.items()})
+    if not means or fed is None:
+        return None
+    best = min(means, key=means.get)
+    verdict = "better than" if fed < means[best] else "not better than"
+    return (
+        f"on every site's split (mean eval loss), the federation's model {fed:.3f} is {verdict} the best site "
+        f"alone's ({name(best)}, {means[best]:.3f})"
+    )
+
+
 def summary_lines(doc: BaselinesRecord | Mapping) -> list[str]:
     """The table for the console: each site's eval loss (and exact match) under each training."""
     b = doc if isinstance(doc, BaselinesRecord) else BaselinesRecord.model_validate(doc)
@@ -539,10 +563,8 @@ def summary_lines(doc: BaselinesRecord | Mapping) -> list[str]:
         if gains
         else []
     )
-    from .report_sections import on_all_verdict
-
     on_all = on_all_verdict(b)
-    verdict += [on_all.removeprefix("- ").replace("*", "")] if on_all else []
+    verdict += [on_all] if on_all else []
     return [f"eval loss{' / exact match' if em else ''} per site (lower / higher is better):", head, *rows, *verdict]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from fedtune.server.record import FILE, RecordError, RunRecord, read_record
 from fedtune.server.report import ReportSection, fmt, md, table_head, write_report
 
-from .baselines import TRAININGS, BaselinesRecord, MeanScores, TrainingScores
+from .baselines import TRAININGS, BaselinesRecord, MeanScores, TrainingScores, on_all_mean, on_all_verdict
 from .partition import COMPOSITION_FILE, PARTITIONS_DIR
 
 # The trainings in the table and the plot: (key, label, colour).
@@ -250,30 +250,8 @@ def _on_all_table(b: BaselinesRecord) -> list[str]:
     for label, by_site in rows:
         cells = [fmt(s.eval_loss if (s := by_site.get(n)) else None, ".3f") for n in names]
         out.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(on_all_mean(by_site), '.3f')} |")
-    return out + [v for v in [on_all_verdict(b)] if v]
-
-
-def on_all_mean(by_site: Mapping) -> float | None:
-    """Example-weighted mean eval loss over the sites' splits (None unless every split is scored)."""
-    rows = [s for s in by_site.values()]
-    if not rows or any(s is None or s.eval_loss is None for s in rows):
-        return None
-    return sum(s.eval_loss * s.eval_examples for s in rows) / sum(s.eval_examples for s in rows)
-
-
-def on_all_verdict(b: BaselinesRecord) -> str | None:
-    """One line: the federation's mean eval loss over all sites' splits against the best alone model's."""
-    means = {t: on_all_mean(by_site) for t, by_site in b.alone_on_all.items()}
-    means = {t: m for t, m in means.items() if m is not None}
-    fed = on_all_mean({n: row.federation for n, row in b.sites.items()})
-    if not means or fed is None:
-        return None
-    best = min(means, key=means.get)
-    verdict = "better than" if fed < means[best] else "not better than"
-    return (
-        f"- on every site's split (mean eval loss), the federation's model {fed:.3f} is {verdict} the best site "
-        f"alone's ({md(best)}, {means[best]:.3f})"
-    )
+    verdict = on_all_verdict(b, md)
+    return out + ([f"- {verdict}"] if verdict else [])
 
 
 def baselines_section() -> ReportSection:

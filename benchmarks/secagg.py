@@ -127,7 +127,12 @@ def fedtune_round(
 
     cfg = FedTuneConfig.model_validate(
         {
-            "federation": {"rounds": 1, "min_sites": 2, "round_timeout_s": 3600},
+            "federation": {
+                "rounds": 1,
+                "min_sites": 2,
+                "round_timeout_s": 3600,
+                "server_lr": 1.0,
+            },  # the new global is the mean, compared with Flower's
             "secure_aggregation": {"enabled": secure, "clip": clip, "max_weight": max_weight},
         }
     )

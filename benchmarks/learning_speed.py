@@ -4,7 +4,7 @@
     python benchmarks/learning_speed.py --dataset demo --only "fedavg, server lr K"
     python benchmarks/learning_speed.py --quick          # 1 round of 2 steps, 4 eval examples: a smoke run
 
-For each data set, the first candidate (plain FedAvg) runs with ``--baselines``: base model, each site alone, all data pooled, at the federation's
+For each data set, the first candidate run (plain FedAvg, or with ``--only`` the first chosen) runs with ``--baselines``: base model, each site alone, all data pooled, at the federation's
 compute (see simulations/baselines.py), each alone model also scored on every site's split.
 Every other candidate is the same ``ftsim`` run with only its aggregation flags changed (same
 seed, data, rounds x local steps unless the candidate is a split of the same compute), so the
@@ -54,7 +54,7 @@ DATASETS = {
 N_SITES = {"demo": 3, "domains": 2, "iid": 2}
 
 
-# The first candidate runs with --baselines (base, alone, pooled: the same for every candidate of
+# The first candidate run carries --baselines (base, alone, pooled: the same for every candidate of
 # the same rounds x steps). "secure aggregation" and "DP" run the chosen default (WINNER).
 WINNER = ["--strategy", "fedavg", "--set", "federation.server_lr=sites"]
 
@@ -188,8 +188,11 @@ def main() -> int:
     report = []
     for ds in args.dataset or list(DATASETS):
         cands = candidates(N_SITES[ds])
-        first = next(iter(cands))
-        wanted = [c for c in cands if c == first or not args.only or any(c.startswith(p) for p in args.only)]
+        wanted = [c for c in cands if not args.only or any(c.startswith(p) for p in args.only)]
+        if not wanted:
+            say(f"{ds}: no candidate starts with {args.only}; the candidates: {list(cands)}")
+            return 2
+        first = wanted[0]
         rows, baselines, sites = {}, None, []
         for cand in wanted:
             extra = cands[cand] + (["--baselines"] if cand == first else [])

@@ -58,8 +58,8 @@ from fedtune.common.messages import (
 from fedtune.common.metrics import mean_loss
 from fedtune.common.secagg import SecAggError, load_identity
 
+from . import personal, secure
 from . import policy as site_policy
-from . import secure
 from .policy import SitePolicy, SiteRefusal
 from .trainer import TrainStats, train_round
 
@@ -72,6 +72,8 @@ class SiteFiles:
     train: str
     eval: str | None = None
     rank: int | None = None  # this site's LoRA rank when below the run's (mixed ranks)
+    # federation.personalization: where this site keeps its private part (ftsim: OUT/sites/NAME). Never sent.
+    state_dir: str | None = None
     # Secure aggregation: this site's signing key (PEM; ftsim makes one per virtual site). Never sent.
     key: bytes | None = field(default=None, repr=False, compare=False)
 
@@ -167,7 +169,8 @@ def node_settings(context: Context) -> NodeConfig:
 def resolve_site(context: Context, sites: list[SiteFiles] | None) -> SiteFiles:
     nc = node_settings(context)
     if nc.data_path is not None:
-        return SiteFiles(nc.site_name or f"site-{context.node_id}", nc.data_path, nc.eval_data_path, nc.lora_rank)
+        name = nc.site_name or f"site-{context.node_id}"
+        return SiteFiles(name, nc.data_path, nc.eval_data_path, nc.lora_rank, state_dir=nc.state_dir)
     if sites is not None and nc.partition_id is not None:
         pid = nc.partition_id
         if not 0 <= pid < len(sites):
@@ -622,12 +625,37 @@ def handle_evaluate(
         num_examples=res.examples, eval_loss=res.loss, answer_tokens=res.answer_tokens, exact_match=res.exact_match
     )
     if verbose:
-        _say(
-            site,
-            f"evaluation: loss {res.loss:.3f}"
-            + (f", exact match {res.exact_match:.2f}" if res.exact_match is not None else ""),
-        )
+        _say(site, f"evaluation: {_scores(res)}")
+    if cfg.federation.personalization != "none" and task.server_round >= 1:
+        metrics = _personalize(cfg, rt, st, site, global_state, task.server_round, metrics, verbose)
     return _reply(msg, EvalReply(_status(site, "ok"), metrics))
+
+
+def _scores(res) -> str:
+    return f"loss {res.loss:.3f}" + (f", exact match {res.exact_match:.2f}" if res.exact_match is not None else "")
+
+
+def _personalize(
+    cfg: FedTuneConfig, rt: Runtime, st: SiteState, site: SiteFiles, global_state: dict, rnd: int, metrics, verbose
+) -> EvalMetrics:
+    """federation.personalization: train and score this site's private part (client/personal.py)
+    -> the metrics with its scores. A site with nowhere to keep it reports the global scores alone."""
+    if not site.state_dir:
+        _say(site, f"round {rnd}: personalization needs a folder for the private part (ftclient --work-dir): skipped")
+        return metrics
+    if not st.train_items:
+        return metrics
+    p = personal.personalize(
+        cfg, rt, st.train_items, st.eval_examples, global_state, site.state_dir, site_seed(cfg, site.name), rnd
+    )
+    if verbose:
+        _say(site, f"round {rnd}: personalized ({p.stats.steps} private steps): {_scores(p.result)}")
+    return dataclasses.replace(
+        metrics,
+        personal_eval_loss=p.result.loss,
+        personal_exact_match=p.result.exact_match,
+        personal_steps=p.stats.steps,
+    )
 
 
 def handle(

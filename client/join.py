@@ -79,7 +79,8 @@ def join_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--work-dir",
         metavar="DIR",
-        help="folder for the SuperNode's log and runtime secret (default: a new private temp folder)",
+        help="folder for the SuperNode's log, its runtime secret and, when a run personalizes, this site's private "
+        "part (site-state/; give the same folder again to keep it across restarts; default: a new private temp folder)",
     )
     p.add_argument(
         "--peer-keys",
@@ -215,10 +216,14 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, dict]:
     return args.name or socket.gethostname(), counts
 
 
-def node_config(site: str, args: argparse.Namespace, verbose: bool = False) -> str:
+SITE_STATE = "site-state"  # under --work-dir: what the site keeps to itself (federation.personalization)
+
+
+def node_config(site: str, args: argparse.Namespace, verbose: bool = False, state_dir: Path | None = None) -> str:
     """The SuperNode's node config (:class:`fedtune.common.messages.NodeConfig`): where this
-    site's data is (it never leaves this machine), its name and rank, and ``verbose`` (ftclient
-    prints the site's progress; ftsim's virtual sites do not)."""
+    site's data is (it never leaves this machine), its name and rank, ``verbose`` (ftclient
+    prints the site's progress; ftsim's virtual sites do not) and ``state_dir``, the folder its
+    private part lives in when a run personalizes (client/personal.py)."""
     from fedtune.common.messages import MessageError, NodeConfig
 
     if getattr(args, "rank", None) is not None and args.rank < 1:
@@ -230,6 +235,7 @@ def node_config(site: str, args: argparse.Namespace, verbose: bool = False) -> s
             eval_data_path=str(Path(args.eval_data).resolve()) if args.eval_data else None,
             lora_rank=int(args.rank) if getattr(args, "rank", None) is not None else None,
             verbose=verbose,
+            state_dir=str(state_dir) if state_dir is not None else None,
         )
         return flwr_config_string(nc.to_record())
     except MessageError as e:
@@ -416,13 +422,14 @@ def join(args: argparse.Namespace) -> int:
     code (2: a bad flag or input, before anything starts)."""
     try:
         site, counts = check_inputs(args)
-        node_cfg = node_config(site, args, verbose=True)  # a site's operator follows its rounds
+        work = work_dir(args)
+        # a site's operator follows its rounds; a personalized run keeps the private part in the work folder
+        node_cfg = node_config(site, args, verbose=True, state_dir=work / SITE_STATE)
     except JoinError as e:
         print(f"ftclient: {e}", file=sys.stderr)
         return 2
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
-    work = work_dir(args)
     try:
         policy = site_policy(args, work)
     except JoinError as e:

@@ -128,6 +128,8 @@ MERGEABLE_METHODS = method_names(mergeable=True)
 RANKED_METHODS = method_names(rank=True)
 LAYERED_METHODS = method_names(layered=True)
 MIXED_RANK_METHODS = method_names(mixed_ranks=True)
+STACKABLE_METHODS = method_names(stackable=True)
+PERSONAL_STEPS = 10  # federation.personal_steps under train.local_epochs (no step count to copy)
 # train.lr when it is not set: what each method is usually trained with (its paper or peft's examples).
 DEFAULT_LR = {name: m.default_lr for name, m in METHOD_REGISTRY.items()}
 
@@ -532,6 +534,26 @@ class FederationConfig(_Strict):
         "(null: no relative cap; max_examples_per_update and secure_aggregation.max_weight still bound it). Under secure "
         "aggregation the cap is applied by each site before masking and the weight travels inside the masked vector.",
     )
+    personalization: Literal["none", "finetune", "dual"] = Field(
+        "none",
+        description="Each site also keeps a personalized model that never leaves it (in ftsim under OUT/sites/NAME, in "
+        "deployment in the site's --work-dir), trained and scored on the site's own data at every evaluation from round 1; "
+        "only its scores are reported. 'finetune': a copy of the round's global adapter fine-tuned for personal_steps (local "
+        "fine-tuning, the baseline personalization must beat); 'dual': a private LoRA adapter (personal_rank) kept beside the "
+        "global one across rounds and trained with the global frozen for personal_steps; the personalized model is their "
+        "sum (FedDPA's dual adapters). The global adapter trains and travels as without it.",
+        json_schema_extra=flag("--personalize", metavar="METHOD"),
+    )
+    personal_steps: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Personalization: the site's private optimizer steps at each evaluation (default: train.local_steps, "
+        f"else {PERSONAL_STEPS}). They come on top of the federation's compute.",
+    )
+    personal_rank: int | None = Field(
+        None, ge=1, le=1024, description="personalization 'dual': the private LoRA adapter's rank (default: peft.r)."
+    )
     sites: list[SiteConfig] = Field(
         default_factory=list,
         description="ftsim's virtual sites, each a name and its files (ftserver: the sites bring their own data; "
@@ -776,6 +798,33 @@ class FedTuneConfig(_Strict):
                 raise ValueError(
                     f"federation.sites[{s.name}].rank {s.rank}: at most peft.r ({self.peft.r}), the global adapter's rank"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _personalization_fits(self) -> "FedTuneConfig":
+        fed, method = self.federation, self.peft.method
+        if fed.personalization == "none":
+            for key in ("personal_steps", "personal_rank"):
+                if getattr(fed, key) is not None:
+                    raise ValueError(f"federation.{key} is set, but federation.personalization is 'none': set a method")
+            return self
+        spec = method_spec(method)
+        if spec.artifact == "model":
+            raise ValueError(
+                f"federation.personalization {fed.personalization!r}: with peft.method {method!r} every site would keep a "
+                "whole private copy of the model; personalize an adapter method"
+            )
+        if fed.personalization == "dual" and not spec.stackable:
+            raise ValueError(
+                f"federation.personalization 'dual' adds a private LoRA beside the global adapter and saves their sum as one "
+                f"adapter; peft.method {method!r} does not add that way: use one of {', '.join(STACKABLE_METHODS)}, or "
+                "personalization 'finetune'"
+            )
+        if fed.personalization == "finetune" and fed.personal_rank is not None:
+            raise ValueError(
+                "federation.personal_rank sizes the 'dual' method's private adapter; 'finetune' fine-tunes the global "
+                "adapter itself: leave personal_rank out"
+            )
         return self
 
     @model_validator(mode="after")

@@ -617,9 +617,17 @@ class EvalMetrics(_Metrics):
     eval_loss: float | None = _metric(float, 0.0, math.inf)
     exact_match: float | None = _metric(float, 0.0, 1.0)
     answer_tokens: int | None = _metric(int)
+    # federation.personalization: the site's personalized model on the same examples (scores only;
+    # the private part never leaves the site), and the private steps it trained this round.
+    personal_eval_loss: float | None = _metric(float, 0.0, math.inf)
+    personal_exact_match: float | None = _metric(float, 0.0, 1.0)
+    personal_steps: int | None = _metric(int)
 
     WHAT: ClassVar[str] = "eval metrics"
 
+
+# The personalized model's scores a site reports beside the global adapter's (federation.personalization).
+PERSONAL_SCORES = ("personal_eval_loss", "personal_exact_match")
 
 # The declarations the coordinator's tolerant readers use (wire key -> (kind, low, high)).
 TRAIN_METRICS: dict[str, tuple] = TrainMetrics.schema()
@@ -948,6 +956,9 @@ class NodeConfig(_Record):
     eval_data_path: str | None = _opt("eval-data-path", "str", size=MAX_PATH_CHARS)
     lora_rank: int | None = _opt("lora-rank", "int")
     verbose: bool = _key("verbose", "bool", required=False, default=False)
+    # federation.personalization: the folder this site keeps its private part in (ftclient: in its
+    # --work-dir). Set by the site, never by the coordinator.
+    state_dir: str | None = _opt("state-dir", "str", size=MAX_PATH_CHARS)
     partition_id: int | None = _opt("partition-id", "int")
     num_partitions: int | None = _opt("num-partitions", "int")
 

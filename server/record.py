@@ -113,6 +113,10 @@ class SiteRound(_Record):
     eval_loss: float | None = None
     exact_match: float | None = None
     eval_examples: int | None = None
+    # federation.personalization: the site's personalized model on the same examples, and its private steps
+    personal_eval_loss: float | None = None
+    personal_exact_match: float | None = None
+    personal_steps: int | None = None
     eval_metrics_dropped: int | None = None
 
 
@@ -124,6 +128,8 @@ class Scores(_Record):
 
     eval_loss: float | None = None
     exact_match: float | None = None
+    personal_eval_loss: float | None = None  # federation.personalization: the personalized models'
+    personal_exact_match: float | None = None
 
 
 class RoundPrivacy(_Record):

@@ -503,26 +503,39 @@ def _header_lines(doc: RunRecord) -> list[str]:
 
 
 def _per_site_table(doc: RunRecord) -> list[str]:
-    """Each site's evaluation on the base model (round 0) against the final round."""
+    """Each site's evaluation on the base model (round 0) against the final round (and, when the
+    run personalized, the final round's personalized model at each site)."""
+    first = doc.rounds[0].sites if doc.rounds else {}
+    final = doc.rounds[-1].sites if doc.rounds else {}
+    personal = any(s.personal_eval_loss is not None for s in final.values())
     columns = (
         "site",
         "eval loss, base",
         "eval loss, final",
+        *(("eval loss, personalized",) if personal else ()),
         "exact match, base",
         "exact match, final",
+        *(("exact match, personalized",) if personal else ()),
         "examples",
         "bytes sent / round",
     )
     lines = table_head(columns, "Per site: base model (round 0) against the final round")
-    first = doc.rounds[0].sites if doc.rounds else {}
-    final = doc.rounds[-1].sites if doc.rounds else {}
     for n in doc.site_names():
         f0, f1 = first.get(n, _NO_SITE), final.get(n, _NO_SITE)
         sent = f1.bytes_sent
+        p_loss = f" {fmt(f1.personal_eval_loss)} |" if personal else ""
+        p_em = f" {fmt(f1.personal_exact_match, '.2f')} |" if personal else ""
         lines.append(
-            f"| {md(n)} | {fmt(f0.eval_loss)} | {fmt(f1.eval_loss)} | {fmt(f0.exact_match, '.2f')} | "
-            f"{fmt(f1.exact_match, '.2f')} | {_get(f1, 'examples')} | {f'{sent:,}' if isinstance(sent, int) else '–'} |"
+            f"| {md(n)} | {fmt(f0.eval_loss)} | {fmt(f1.eval_loss)} |{p_loss} {fmt(f0.exact_match, '.2f')} | "
+            f"{fmt(f1.exact_match, '.2f')} |{p_em} {_get(f1, 'examples')} | {f'{sent:,}' if isinstance(sent, int) else '–'} |"
         )
+    if personal:
+        lines += [
+            "",
+            "Personalized: each site's own model (federation.personalization), scored by the site on the same "
+            "examples; the coordinator received the scores only. In ftsim the models are under sites/NAME/personalized "
+            "(in a deployment they stay at each site).",
+        ]
     return lines
 
 

@@ -24,7 +24,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.common import adapters, messages, methods, privacy
-from fedtune.common.messages import EvalMetrics, TrainMetrics
+from fedtune.common.messages import PERSONAL_SCORES, EvalMetrics, TrainMetrics
 from fedtune.common.metrics import weighted_scores
 
 from .aggregation import (
@@ -432,10 +432,16 @@ def eval_info(m: Message, node: int, rs: RunState) -> tuple[str, dict]:
     em, dropped = metrics_of(m, EvalMetrics)
     if status != "ok":
         return name, {"status": status}
+    personal = {
+        k: num(getattr(em, k)) for k in PERSONAL_SCORES if getattr(em, k) is not None
+    }  # federation.personalization: the site's private model's scores (never the model)
+    if em.personal_steps is not None:
+        personal["personal_steps"] = max(int(em.personal_steps), 0)
     return name, {
         "eval_loss": num(em.eval_loss),
         "exact_match": num(em.exact_match),
         "eval_examples": max(int(em.num_examples or 0), 0),
+        **personal,
         **({"eval_metrics_dropped": dropped} if dropped else {}),
     }
 
@@ -450,10 +456,20 @@ def aggregate_evaluate(rs: RunState, rnd: int, results: dict[str, dict], say: Pr
     weights = (
         [1.0] * len(counts) if fed.weighting == "equal" else capped_weights(counts, fed.weight_cap) if counts else []
     )
-    agg = weighted_scores([{**v, "eval_examples": w} for v, w in zip(ok.values(), weights)])
+    agg = weighted_scores(
+        [{**v, "eval_examples": w} for v, w in zip(ok.values(), weights)],
+        ("eval_loss", "exact_match", *PERSONAL_SCORES),
+    )
     summary = "  ".join(
         f"{n}: loss {_fmt(v['eval_loss'])}"
         + (f" EM {v['exact_match']:.2f}" if v.get("exact_match") is not None else "")
+        + (
+            f" (personalized {_fmt(v['personal_eval_loss'])}"
+            + (f" EM {v['personal_exact_match']:.2f}" if v.get("personal_exact_match") is not None else "")
+            + ")"
+            if v.get("personal_eval_loss") is not None
+            else ""
+        )
         for n, v in sorted(ok.items())
     )
     say(f"round {rnd} eval  | {summary}" if summary else f"round {rnd} eval  | no site evaluated")

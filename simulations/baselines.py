@@ -64,6 +64,8 @@ from fedtune.server.record import (
 FOLDER = "baselines"
 RESULTS = "results.json"
 TRAININGS = ("base", "alone", "pooled", "federation")
+# federation.personalization: each site's own model after the last round (scored by the site, beside the global).
+PERSONALIZED = "personalized"
 POOLED = "pooled"
 # The pooled trainer's data-order seed: not a possible site name (those have no spaces), so it
 # never repeats a site's.
@@ -97,6 +99,7 @@ class TrainingScores(_Record):
     alone: Score | None = None
     pooled: Score | None = None
     federation: Score | None = None
+    personalized: Score | None = None  # a personalized run's site model
 
 
 class MeanScores(_Record):
@@ -106,6 +109,7 @@ class MeanScores(_Record):
     alone: Scores = Scores()
     pooled: Scores = Scores()
     federation: Scores = Scores()
+    personalized: Scores = Scores()
 
 
 class Steps(_Record):
@@ -201,6 +205,14 @@ def _score(cfg: FedTuneConfig, rt, examples: list) -> dict | None:
         **({"exact_match": res.exact_match} if res.exact_match is not None else {}),
         "eval_examples": res.examples,
     }
+
+
+def _personal_score(site: SiteRound | None) -> dict | None:
+    """A site's personalized model in a round (federation.personalization), as a baseline score."""
+    if site is None or site.personal_eval_loss is None or not site.eval_examples:
+        return None
+    out = {"eval_loss": site.personal_eval_loss, "eval_examples": site.eval_examples}
+    return out | ({"exact_match": site.personal_exact_match} if site.personal_exact_match is not None else {})
 
 
 def _round_score(site: SiteRound | None) -> dict | None:
@@ -479,6 +491,7 @@ def baselines_doc(
             "alone": (alone.get(name) or {}).get("score"),
             "pooled": (pooled.get("scores") or {}).get(name),
             "federation": _round_score(last.get(name)),
+            PERSONALIZED: _personal_score(last.get(name)),
         }
         for name in names
     }
@@ -497,7 +510,7 @@ def baselines_doc(
             "pooled": pooled.get("steps", 0),
         },
         "sites": sites,
-        "mean": {t: weighted_scores(sites[n][t] for n in names) for t in TRAININGS},
+        "mean": {t: weighted_scores(sites[n][t] for n in names) for t in (*TRAININGS, PERSONALIZED)},
         "adapters": {
             **{n: a["adapter"] for n, a in alone.items() if a.get("adapter")},
             **({POOLED: pooled["adapter"]} if pooled.get("adapter") else {}),
@@ -509,6 +522,26 @@ def baselines_doc(
 
 def _score_of(row: TrainingScores | MeanScores, training: str) -> Score | Scores | None:
     return getattr(row, training)
+
+
+def trainings_of(b: BaselinesRecord) -> tuple[str, ...]:
+    """The trainings the record scores: TRAININGS, and PERSONALIZED for a personalized run."""
+    return TRAININGS + ((PERSONALIZED,) if any(row.personalized for row in b.sites.values()) else ())
+
+
+def personal_verdict(b: BaselinesRecord) -> str | None:
+    """One line: at how many sites the personalized model beat the site alone, and by how much (eval loss)."""
+    d = {
+        n: row.personalized.eval_loss - row.alone.eval_loss
+        for n, row in b.sites.items()
+        if row.personalized and row.alone and None not in (row.personalized.eval_loss, row.alone.eval_loss)
+    }
+    if not d:
+        return None
+    return (
+        f"each site's personalized model against the site alone, eval loss: {', '.join(f'{n} {x:+.3f}' for n, x in d.items())} "
+        f"(negative: better); better at {sum(x < 0 for x in d.values())} of {len(d)} site(s)"
+    )
 
 
 def on_all_mean(by_site: Mapping[str, Score | None]) -> float | None:
@@ -538,9 +571,10 @@ def on_all_verdict(b: BaselinesRecord, name: Callable[[str], str] = str) -> str 
 def summary_lines(doc: BaselinesRecord | Mapping) -> list[str]:
     """The table for the console: each site's eval loss (and exact match) under each training."""
     b = doc if isinstance(doc, BaselinesRecord) else BaselinesRecord.model_validate(doc)
-    em = any((s := _score_of(row, t)) and s.exact_match is not None for row in b.sites.values() for t in TRAININGS)
+    shown = trainings_of(b)
+    em = any((s := _score_of(row, t)) and s.exact_match is not None for row in b.sites.values() for t in shown)
     w = max(6, *(len(n) + 2 for n in b.sites))
-    head = f"{'site':<{w}}" + "".join(f"{t:>16}" for t in TRAININGS)
+    head = f"{'site':<{w}}" + "".join(f"{t:>16}" for t in shown)
 
     def cell(s: Score | Scores | None) -> str:
         if s is None or s.eval_loss is None:
@@ -548,8 +582,8 @@ def summary_lines(doc: BaselinesRecord | Mapping) -> list[str]:
         text = f"{s.eval_loss:.3f}" + (f" / {s.exact_match:.2f}" if em and s.exact_match is not None else "")
         return f"{text:>16}"
 
-    rows = [f"{name:<{w}}" + "".join(cell(_score_of(row, t)) for t in TRAININGS) for name, row in b.sites.items()]
-    rows.append(f"{'mean':<{w}}" + "".join(cell(_score_of(b.mean, t)) for t in TRAININGS))
+    rows = [f"{name:<{w}}" + "".join(cell(_score_of(row, t)) for t in shown) for name, row in b.sites.items()]
+    rows.append(f"{'mean':<{w}}" + "".join(cell(_score_of(b.mean, t)) for t in shown))
     gains = [
         (name, row.federation.eval_loss - row.alone.eval_loss)
         for name, row in b.sites.items()
@@ -563,8 +597,7 @@ def summary_lines(doc: BaselinesRecord | Mapping) -> list[str]:
         if gains
         else []
     )
-    on_all = on_all_verdict(b)
-    verdict += [on_all] if on_all else []
+    verdict += [line for line in (personal_verdict(b), on_all_verdict(b)) if line]
     return [f"eval loss{' / exact match' if em else ''} per site (lower / higher is better):", head, *rows, *verdict]
 
 

@@ -437,6 +437,27 @@ def prepare_engine() -> None:
     tune_simulation()
 
 
+SITES_NOTE = """# What each virtual site kept to itself
+
+federation.personalization: each folder here is one virtual site's own: `private/round-NNNN/` its
+private part after that round (a PEFT folder), `personalized/` its newest personalized model (a
+PEFT adapter folder on the run's base: `fteval --adapter sites/NAME/personalized --data FILE`).
+The coordinator never received any of it, only each site's scores. In a deployment these stay at
+each site, in its ftclient `--work-dir`; ftsim keeps them side by side because it plays every site.
+"""
+
+
+def private_folders(sites: list, out: Path) -> list:
+    """Each virtual site with the folder it keeps its private part in: ``out/sites/NAME`` (and
+    ``out/sites/README.md`` saying what they are)."""
+    from dataclasses import replace
+
+    root = out / "sites"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "README.md").write_text(SITES_NOTE, encoding="utf-8")
+    return [replace(s, state_dir=str(root / s.name)) for s in sites]
+
+
 def with_site_keys(sites: list) -> tuple[list, frozenset]:
     """Each virtual site with a signing key of its own (made here, in memory, for this run: what
     ``ftclient keygen`` is to a real site), and the registered set of their public keys, which
@@ -468,6 +489,8 @@ def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
 
     resolve_model_source(cfg.model)  # provision the model here, once, before workers start
     sites, site_keys = with_site_keys(sites_from_config(cfg))
+    if cfg.federation.personalization != "none":
+        sites = private_folders(sites, out)
     cpus = min(cfg.simulation.cpus_per_site, float(os.cpu_count() or 1))
     backend_config = {"client_resources": {"num_cpus": cpus, "num_gpus": cfg.simulation.gpus_per_site}}
     result: list = []

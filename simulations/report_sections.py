@@ -18,7 +18,16 @@ from pathlib import Path
 from fedtune.server.record import FILE, RecordError, RunRecord, read_record
 from fedtune.server.report import ReportSection, fmt, md, table_head, write_report
 
-from .baselines import TRAININGS, BaselinesRecord, MeanScores, TrainingScores, on_all_mean, on_all_verdict
+from .baselines import (
+    TRAININGS,
+    BaselinesRecord,
+    MeanScores,
+    TrainingScores,
+    on_all_mean,
+    on_all_verdict,
+    personal_verdict,
+    trainings_of,
+)
 from .partition import COMPOSITION_FILE, PARTITIONS_DIR
 
 # The trainings in the table and the plot: (key, label, colour).
@@ -27,8 +36,17 @@ BASELINES = (
     ("alone", "each site alone", "tab:orange"),
     ("pooled", "all data pooled", "tab:purple"),
     ("federation", "federation", "tab:green"),
+    ("personalized", "personalized (each site's own model)", "tab:blue"),  # a personalized run's
 )
-assert tuple(t for t, _, _ in BASELINES) == TRAININGS
+assert tuple(t for t, _, _ in BASELINES[: len(TRAININGS)]) == TRAININGS
+
+
+def _shown(b: BaselinesRecord) -> tuple[tuple[str, str, str], ...]:
+    """The trainings of BASELINES this record scores (personalized only in a personalized run)."""
+    keep = trainings_of(b)
+    return tuple(row for row in BASELINES if row[0] in keep)
+
+
 BASELINES_PLOT = "baselines.png"
 
 
@@ -104,11 +122,12 @@ def _draw_baselines(plt, out: Path, record: RunRecord) -> list[str]:
     fig, axes = plt.subplots(
         1, len(keys), figsize=(max(6, 1.8 * len(groups) + 2) * len(keys), 4.4), constrained_layout=True, squeeze=False
     )
-    width = 0.8 / len(BASELINES)
+    shown = _shown(b)
+    width = 0.8 / len(shown)
     for ax, key in zip(axes[0], keys):
-        for j, (t, label, color) in enumerate(BASELINES):
+        for j, (t, label, color) in enumerate(shown):
             vals = [_value(row, t, key) for _, row in rows]
-            xs = [i + (j - (len(BASELINES) - 1) / 2) * width for i in range(len(groups))]
+            xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(groups))]
             bars = ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=label, color=color)
             ax.bar_label(bars, [fmt(v, ".2f") for v in vals], fontsize=7, padding=1)
         ax.set_xticks(range(len(groups)), groups)
@@ -117,7 +136,7 @@ def _draw_baselines(plt, out: Path, record: RunRecord) -> list[str]:
             ax.set_ylim(0, 1.08)
         ax.grid(alpha=0.3, axis="y")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(BASELINES), fontsize=9)
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(shown), fontsize=9)
     fig.suptitle("does federation help? each site's validation score at equal compute")
     fig.savefig(out / BASELINES_PLOT, dpi=110)
     plt.close(fig)
@@ -178,11 +197,18 @@ def _steps_line(b: BaselinesRecord) -> str:
     )
 
 
+def _against(d: float, lower_is_better: bool, spec: str) -> str:
+    """A difference to the site alone, with its word."""
+    better = d < 0 if lower_is_better else d > 0
+    return f"{d:+{spec}} ({'better' if better else 'worse' if d else 'same'})"
+
+
 def _summary_lines(b: BaselinesRecord) -> list[str]:
     """In eval loss: at how many sites the federation beat the site alone (and pooled was best),
-    and the range of the federation's gain as a share of pooled training's."""
+    the range of the federation's gain as a share of pooled training's, and (a personalized run)
+    at how many the personalized model beat the site alone."""
     out = []
-    scored = {n: {t: _value(row, t, "eval_loss") for t, _, _ in BASELINES} for n, row in b.sites.items()}
+    scored = {n: {t: _value(row, t, "eval_loss") for t in TRAININGS} for n, row in b.sites.items()}
     both = [v for v in scored.values() if v["alone"] is not None and v["federation"] is not None]
     if both:
         full = [v for v in scored.values() if all(x is not None for x in v.values())]
@@ -198,21 +224,26 @@ def _summary_lines(b: BaselinesRecord) -> list[str]:
     shares = {n: x for n, x in shares.items() if x is not None}
     if shares:
         low = min(shares, key=shares.get)
-        mean = gain_share({t: _value(b.mean, t, "eval_loss") for t, _, _ in BASELINES}, "pooled", True)
+        mean = gain_share({t: _value(b.mean, t, "eval_loss") for t in TRAININGS}, "pooled", True)
         out.append(
             f"- eval loss: the federation's gain over the base model was {_share(shares[low])} to "
             f"{_share(max(shares.values()))} of pooled training's (lowest at {md(low)})"
             + (f"; {_share(mean)} on the mean over sites" if mean is not None else "")
         )
+    personal = personal_verdict(b)
+    out += [f"- {personal}"] if personal else []
     return out
 
 
 def _scores_table(b: BaselinesRecord, key: str) -> list[str]:
     """One metric's table: each site's (and the mean's) score under every training, the federation
-    against alone, and the federation's gain as a share of alone's and pooled's."""
+    (and, a personalized run, the personalized model) against alone, and the federation's gain as a
+    share of alone's and pooled's."""
     loss = key == "eval_loss"
     spec = ".3f" if loss else ".2f"
     measure = "eval loss (lower is better)" if loss else "exact match (higher is better)"
+    shown = [t for t, _, _ in _shown(b)]
+    personal = "personalized" in shown
     out = table_head(
         (
             f"site: {measure}",
@@ -220,20 +251,23 @@ def _scores_table(b: BaselinesRecord, key: str) -> list[str]:
             "alone",
             "pooled",
             "federation",
+            *(("personalized",) if personal else ()),
             "federation against alone",
+            *(("personalized against alone",) if personal else ()),
             "federation's gain, share of alone's",
             "federation's gain, share of pooled's",
         )
     )
     for name, row in [*((md(n), r) for n, r in b.sites.items()), ("**mean**", b.mean)]:
-        v = {t: _value(row, t, key) for t, _, _ in BASELINES}
-        gain = "–"
-        if v["alone"] is not None and v["federation"] is not None:
-            d = v["federation"] - v["alone"]
-            better = d < 0 if loss else d > 0
-            gain = f"{d:+{spec}} ({'better' if better else 'worse' if d else 'same'})"
+        v = {t: _value(row, t, key) for t in shown}
+        against = [
+            _against(v[t] - v["alone"], loss, spec) if v["alone"] is not None and v[t] is not None else "–"
+            for t in ("federation", *(("personalized",) if personal else ()))
+        ]
         shares = " | ".join(_share(gain_share(v, other, loss)) for other in ("alone", "pooled"))
-        out.append(f"| {name} | " + " | ".join(fmt(v[t], spec) for t, _, _ in BASELINES) + f" | {gain} | {shares} |")
+        out.append(
+            f"| {name} | " + " | ".join(fmt(v[t], spec) for t in shown) + f" | {' | '.join(against)} | {shares} |"
+        )
     return out
 
 

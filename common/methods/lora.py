@@ -41,13 +41,16 @@ _LORA = dict(
     label=label,
 )
 
-LORA = Method(name="lora", summary="LoRA (peft LoraConfig)", options=LORA_OPTIONS, ffa_frozen=".lora_A.", **_LORA)
+LORA = Method(
+    name="lora", summary="LoRA (peft LoraConfig)", options=LORA_OPTIONS, ffa_frozen=".lora_A.", stackable=True, **_LORA
+)
 QLORA = Method(
     name="qlora",
     summary="QLoRA: a 4-bit NF4 base (bitsandbytes) with LoRA on top",
     options=(*LORA_OPTIONS, "quant_type", "double_quant"),
     four_bit=True,
     ffa_frozen=".lora_A.",
+    stackable=True,
     **_LORA,
 )
 DORA = Method(name="dora", summary="DoRA (LoRA with a learned magnitude per column)", options=LORA_OPTIONS[:3], **_LORA)

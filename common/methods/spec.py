@@ -81,6 +81,9 @@ class Method:
     """``peft.target_modules`` chooses what it adapts (False for methods that add learned tokens)."""
     four_bit: bool = False
     """The base loads in 4 bits through bitsandbytes (the ``qlora`` extra); recorded beside the adapter."""
+    stackable: bool = False
+    """A second adapter of its kind can sit beside it and their effects add (personalization 'dual'),
+    and the sum saves as one adapter of the two ranks together (LoRA: B·A products side by side)."""
     ffa_frozen: str | None = None
     """FFA-LoRA (``peft.ffa``) applies: the state-key part frozen at the shared init (LoRA: ``.lora_A.``)."""
     label: Label | None = field(default=None, compare=False)

@@ -336,3 +336,52 @@ def test_the_baselines_section_of_the_record_is_typed(tiny_config):
     doc["steps"]["pooled"] = "3"
     with pytest.raises(RecordError, match=r"baselines\.steps\.pooled"):
         baselines.BaselinesRecord.of(validate_record({**make_doc(), "baselines": doc}))
+
+
+def test_a_personalized_run_gets_its_column_and_verdict(tiny_config, tmp_path):
+    """The last round's personalized scores (each site's own model) sit beside the four trainings,
+    in the console, metrics.json and the report, with how many sites beat training alone."""
+    from fedtune.server.record import validate_record
+
+    from .test_report import make_doc
+
+    last = {"status": "ok", "steps": 3, "eval_loss": 1.5, "eval_examples": 4}
+    rounds = [
+        {"round": 0, "sites": {"a": {"eval_loss": 2.0, "eval_examples": 4}, "b": {"eval_loss": 2.2, "eval_examples": 4}}},
+        {
+            "round": 1,
+            "sites": {
+                "a": {**last, "personal_eval_loss": 1.2, "personal_exact_match": 0.75},
+                "b": {**last, "personal_eval_loss": 1.9},
+            },
+        },
+    ]
+    done = {
+        "alone": {n: {"steps": 3, "score": {"eval_loss": 1.7, "eval_examples": 4}} for n in "ab"},
+        "pooled": {"steps": 6, "scores": {"a": None, "b": None}},
+    }
+    doc = baselines.baselines_doc(tiny_config, baselines.plan_of(rounds), rounds, done, ["a", "b"])
+    b = baselines.BaselinesRecord.model_validate(doc)
+    assert b.sites["a"].personalized.eval_loss == 1.2 and b.sites["a"].personalized.exact_match == 0.75
+    assert b.mean.personalized.eval_loss == pytest.approx(1.55)
+    lines = baselines.summary_lines(b)
+    assert lines[1].split() == ["site", *baselines.TRAININGS, "personalized"]
+    assert any(
+        line.startswith("each site's personalized model against the site alone, eval loss: a -0.500, b +0.200")
+        and line.endswith("better at 1 of 2 site(s)")
+        for line in lines
+    )
+    plain = baselines.baselines_doc(
+        tiny_config, baselines.plan_of(rounds[:1] + [{"round": 1, "sites": {"a": last, "b": last}}]),
+        [rounds[0], {"round": 1, "sites": {"a": last, "b": last}}], done, ["a", "b"],
+    )  # fmt: skip
+    assert "personalized" not in baselines.summary_lines(plain)[1]
+    out = tmp_path / "run"
+    out.mkdir()
+    record = {**make_doc(), "baselines": doc}
+    validate_record(record)
+    write_record(out / "metrics.json", record)
+    write_ftsim_report(out, plots=False)
+    md = (out / "report.md").read_text()
+    assert "| personalized | federation against alone | personalized against alone |" in md
+    assert "- each site's personalized model against the site alone" in md

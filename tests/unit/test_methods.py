@@ -71,12 +71,17 @@ def method_config(tiny_config, method: str, **layers):
 
 
 def real_sites(
-    names=("medical", "financial"), ranks: dict[str, int] | None = None
+    names=("medical", "financial"), ranks: dict[str, int] | None = None, state_root: Path | None = None
 ) -> tuple[FakeGrid, list[client_app.SiteFiles]]:
-    """Sites that run the real ClientApp handlers on the bundled data (``ranks``: a site's own LoRA rank)."""
+    """Sites that run the real ClientApp handlers on the bundled data (``ranks``: a site's own LoRA
+    rank; ``state_root``: each keeps its private part in ``state_root/NAME``, as ftsim's do)."""
     files = [
         client_app.SiteFiles(
-            n, str(DATA_DIR / n / "train.jsonl"), str(DATA_DIR / n / "eval.jsonl"), (ranks or {}).get(n)
+            n,
+            str(DATA_DIR / n / "train.jsonl"),
+            str(DATA_DIR / n / "eval.jsonl"),
+            (ranks or {}).get(n),
+            state_dir=str(state_root / n) if state_root else None,
         )
         for n in names
     ]

@@ -626,9 +626,6 @@ class EvalMetrics(_Metrics):
     WHAT: ClassVar[str] = "eval metrics"
 
 
-# The personalized model's scores a site reports beside the global adapter's (federation.personalization).
-PERSONAL_SCORES = ("personal_eval_loss", "personal_exact_match")
-
 # The declarations the coordinator's tolerant readers use (wire key -> (kind, low, high)).
 TRAIN_METRICS: dict[str, tuple] = TrainMetrics.schema()
 EVAL_METRICS: dict[str, tuple] = EvalMetrics.schema()

@@ -6,6 +6,9 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
+# The personalized model's scores a site reports beside the global adapter's (federation.personalization).
+PERSONAL_SCORES = ("personal_eval_loss", "personal_exact_match")
+
 
 def mean_loss(total_nll: float, n_tokens: int) -> float:
     """Mean negative log-likelihood per answer token (nan when there are none)."""

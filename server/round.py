@@ -24,8 +24,8 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.common import adapters, messages, methods, privacy
-from fedtune.common.messages import PERSONAL_SCORES, EvalMetrics, TrainMetrics
-from fedtune.common.metrics import weighted_scores
+from fedtune.common.messages import EvalMetrics, TrainMetrics
+from fedtune.common.metrics import PERSONAL_SCORES, weighted_scores
 
 from .aggregation import (
     capped_weights,

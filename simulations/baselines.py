@@ -491,10 +491,11 @@ def baselines_doc(
             "alone": (alone.get(name) or {}).get("score"),
             "pooled": (pooled.get("scores") or {}).get(name),
             "federation": _round_score(last.get(name)),
-            PERSONALIZED: _personal_score(last.get(name)),
+            **({PERSONALIZED: p} if (p := _personal_score(last.get(name))) else {}),  # a personalized run's
         }
         for name in names
     }
+    shown = TRAININGS + ((PERSONALIZED,) if any(PERSONALIZED in row for row in sites.values()) else ())
     fed_steps = {name: plan.ran.get(name, 0) for name in names}
     return {
         "compute": (
@@ -510,7 +511,7 @@ def baselines_doc(
             "pooled": pooled.get("steps", 0),
         },
         "sites": sites,
-        "mean": {t: weighted_scores(sites[n][t] for n in names) for t in (*TRAININGS, PERSONALIZED)},
+        "mean": {t: weighted_scores(sites[n].get(t) for n in names) for t in shown},
         "adapters": {
             **{n: a["adapter"] for n, a in alone.items() if a.get("adapter")},
             **({POOLED: pooled["adapter"]} if pooled.get("adapter") else {}),

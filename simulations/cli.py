@@ -41,6 +41,7 @@ from fedtune.common.config import (
     load_config,
     read_config_file,
 )
+from fedtune.common.metrics import PERSONAL_SCORES
 from fedtune.common.procs import sigterm_as_interrupt
 
 if TYPE_CHECKING:
@@ -536,9 +537,17 @@ def main(argv: list[str] | None = None) -> int:
     rs = _federate(cfg, out, say, resume=bool(args.resume))
     if rs is None:
         return 1
+    agg = rs.rounds[-1].get("aggregate", {})
+    personal = {k.removeprefix("personal_"): v for k, v in agg.items() if k in PERSONAL_SCORES}
     say(
         f"done in {time.time() - t0:.0f} s. Final global eval: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in rs.rounds[-1].get("aggregate", {}).items())
+        + ", ".join(f"{k} {v:.3f}" for k, v in agg.items() if k not in PERSONAL_SCORES)
+        + (
+            "; each site's personalized model (mean over sites): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in personal.items())
+            if personal
+            else ""
+        )
     )
     if cfg.simulation.baselines and (code := _baselines(cfg, out, say)):
         return code

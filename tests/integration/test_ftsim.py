@@ -134,7 +134,13 @@ def test_two_sites_two_rounds_tiny_model(tiny_model_dir, tmp_path):
     }  # fmt: skip
     for name in ("medical", "legal"):
         assert all(b["sites"][name][t]["eval_loss"] > 0 for t in ("base", "alone", "pooled", "federation"))
-    assert b["sites"]["broken"] == {"base": None, "alone": None, "pooled": None, "federation": None}
+    assert b["sites"]["broken"] == {
+        "base": None,
+        "alone": None,
+        "pooled": None,
+        "federation": None,
+        "personalized": None,
+    }
     assert (out / "baselines" / "alone" / "medical" / "adapter_model.safetensors").is_file() and (
         out / "baselines" / "pooled"
     ).is_dir()
@@ -146,6 +152,45 @@ def test_two_sites_two_rounds_tiny_model(tiny_model_dir, tmp_path):
     assert "baselines | legal alone: round 2/2, 3 steps" in log and "eval loss / exact match per site" in log
     left = _wait_gone(before)
     assert not left, f"ftsim left Ray processes behind: {sorted(left)}"
+
+
+def test_personalized_sites_keep_their_own_models_and_resume_them(tiny_model_dir, tmp_path):
+    """ftsim --personalize dual: every round after 0 records each site's personalized scores, each
+    site's model is a PEFT folder under OUT/sites/NAME, and --resume with more rounds carries on
+    from the private part each site kept."""
+    out = tmp_path / "run"
+    common = [
+        "--model", str(tiny_model_dir),
+        "--site", f"medical={DATA / 'medical/train.jsonl'}:{DATA / 'medical/eval.jsonl'}",
+        "--site", f"legal={DATA / 'legal/train.jsonl'}:{DATA / 'legal/eval.jsonl'}",
+        "--local-steps", "2", "--batch-size", "2", "--max-length", "160",
+        "--set", "eval.max_examples=4", "--set", "eval.max_new_tokens=4", "--set", "peft.r=4",
+        "--personalize", "dual", "--set", "federation.personal_rank=2", "--no-plots", "--out", str(out),
+    ]  # fmt: skip
+    proc = _ftsim([*common, "--rounds", "2"], timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "(personalized " in log and "each site's personalized model (mean over sites): eval_loss" in log
+    doc = json.loads((out / "metrics.json").read_text())
+    for r in doc["rounds"][1:]:
+        for name in ("medical", "legal"):
+            assert r["sites"][name]["personal_eval_loss"] > 0 and r["sites"][name]["personal_steps"] == 2
+    assert (out / "sites" / "README.md").is_file()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for name in ("medical", "legal"):
+        folder = out / "sites" / name / "personalized"
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
+        assert model.peft_config["default"].r == 6  # the global rank 4 and the private 2 side by side
+    proc = _ftsim(["--resume", str(out), "--rounds", "3"], timeout=600)  # the saved config holds the rest
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [0, 1, 2, 3]
+    assert doc["rounds"][3]["sites"]["legal"]["personal_eval_loss"] > 0
+    kept = sorted(p.name for p in (out / "sites" / "legal" / "private").iterdir())
+    assert kept == ["round-0002", "round-0003"]
 
 
 def test_bad_config_fails_at_start_naming_the_key(tmp_path):

@@ -347,7 +347,10 @@ def test_a_personalized_run_gets_its_column_and_verdict(tiny_config, tmp_path):
 
     last = {"status": "ok", "steps": 3, "eval_loss": 1.5, "eval_examples": 4}
     rounds = [
-        {"round": 0, "sites": {"a": {"eval_loss": 2.0, "eval_examples": 4}, "b": {"eval_loss": 2.2, "eval_examples": 4}}},
+        {
+            "round": 0,
+            "sites": {"a": {"eval_loss": 2.0, "eval_examples": 4}, "b": {"eval_loss": 2.2, "eval_examples": 4}},
+        },
         {
             "round": 1,
             "sites": {

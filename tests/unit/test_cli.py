@@ -260,6 +260,29 @@ def test_ftclient_join_rank_reaches_the_node_config(tmp_path):
         node_config("s", argparse.Namespace(data="t.jsonl", eval_data=None, rank=0))
 
 
+def test_ftclient_keeps_a_personalized_sites_private_part_in_its_work_dir(tmp_path, monkeypatch):
+    """The folder a site keeps its private part in is the site's own choice (--work-dir), passed
+    to its ClientApp in the node config: the same --work-dir again finds the same part."""
+    import argparse
+
+    from flwr.common.config import parse_config_args
+
+    from fedtune.client import join
+    from fedtune.common.messages import NodeConfig
+
+    seen = {}
+    monkeypatch.setattr(join, "check_inputs", lambda args: ("bank", {}))
+    monkeypatch.setattr(join, "site_policy", lambda args, work: (_ for _ in ()).throw(join.JoinError("stop here")))
+    real = join.node_config
+    monkeypatch.setattr(join, "node_config", lambda *a, **k: seen.setdefault("nc", real(*a, **k)))
+    args = argparse.Namespace(
+        data=str(tmp_path / "t.jsonl"), eval_data=None, rank=None, work_dir=str(tmp_path / "w"), insecure=False
+    )
+    assert join.join(args) == 2
+    nc = NodeConfig.from_record(parse_config_args([seen["nc"]]))
+    assert nc.state_dir == str((tmp_path / "w" / join.SITE_STATE).resolve())
+
+
 def test_ftclient_site_policy_comes_from_its_own_flags(tmp_path, monkeypatch):
     from fedtune.client.join import JoinError, join_parser, site_policy
 
@@ -401,6 +424,7 @@ LEGACY_SHARED = {
     "--dp-noise-multiplier": "privacy.noise_multiplier",
     "--rounds": "federation.rounds",
     "--no-plots": "output.plots",
+    "--personalize": "federation.personalization",
 }
 LEGACY_FTSIM = LEGACY_SHARED | {
     "--model": "model.name",

@@ -131,12 +131,16 @@ def write_plots(out: Path, doc: RunRecord | Mapping, sections: Sequence[ReportSe
     return made
 
 
-def _panel(ax, doc: RunRecord, key: str, title: str, xlabel: str, ylabel: str) -> None:
-    """One line per site of its figure ``key`` over the rounds."""
+def _panel(ax, doc: RunRecord, key: str, title: str, xlabel: str, ylabel: str, personal: str | None = None) -> None:
+    """One line per site of its figure ``key`` over the rounds (and, dashed in the same colour, its
+    personalized model's figure ``personal`` where the run personalized)."""
     for name in doc.site_names():
         xs, ys = series(doc, name, key)
         if xs:
-            ax.plot(xs, ys, marker="o", label=name)
+            (line,) = ax.plot(xs, ys, marker="o", label=name)
+            px, py = series(doc, name, personal) if personal else ([], [])
+            if px:
+                ax.plot(px, py, marker="s", ls="--", color=line.get_color(), label=f"{name}, personalized")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -169,7 +173,9 @@ def _plot_losses(plt, out: Path, doc: RunRecord) -> list[str]:
     """loss.png: train and eval loss per site per round."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     _panel(axes[0], doc, "train_loss", "train loss (mean over local steps)", "round", "loss")
-    _panel(axes[1], doc, "eval_loss", "eval loss (answer tokens)", "round (0 = base model)", "loss")
+    _panel(
+        axes[1], doc, "eval_loss", "eval loss (answer tokens)", "round (0 = base model)", "loss", "personal_eval_loss"
+    )
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
     return ["loss.png"]
@@ -181,7 +187,13 @@ def _plot_exact_match(plt, out: Path, doc: RunRecord) -> list[str]:
         return []
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
     _panel(
-        ax, doc, "exact_match", "exact match of the greedy answer, per site", "round (0 = base model)", "exact match"
+        ax,
+        doc,
+        "exact_match",
+        "exact match of the greedy answer, per site",
+        "round (0 = base model)",
+        "exact match",
+        "personal_exact_match",
     )
     ax.set_ylim(-0.02, 1.02)
     fig.savefig(out / "exact_match.png", dpi=110)

@@ -209,3 +209,22 @@ def test_a_personalized_federation_records_every_sites_scores_and_the_coordinato
         if f.is_file():
             blob = f.read_bytes()
             assert not any(row in blob for row in rows), f
+
+
+def test_a_lower_rank_site_stacks_its_own_rank_with_the_private_one(
+    tmp_path, tiny_config, tiny_model_dir, global_state
+):
+    """Mixed ranks (HetLoRA): a site at LoRA rank 2 of the run's 4 personalizes on the global
+    adapter cut to its rank; its personalized model is rank 2 + personal_rank and scores as reported."""
+    cfg = personalized(tiny_config, "dual", personal_steps=2, personal_rank=3)
+    train = write_site(tmp_path / "t.jsonl", 8)
+    ev = write_site(tmp_path / "e.jsonl", 3)
+    ctx = site(train, "small", eval_data_path=str(ev), lora_rank=2, state_dir=str(tmp_path / "state"))
+    m = evaluate(cfg, global_state, 1, ctx).metrics
+    folder = tmp_path / "state" / personal.ARTIFACT_DIR
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 5
+    out = tmp_path / "scores.json"
+    args = ["--model", str(tiny_model_dir), "--adapter", str(folder), "--data", str(ev), "--out", str(out)]
+    args += ["--max-length", "192", "--max-new-tokens", "4", "--batch-size", "4", "--device", "cpu"]
+    assert fteval_main(args) == 0
+    assert json.loads(out.read_text())["loss"] == pytest.approx(m.personal_eval_loss, rel=1e-4)

@@ -85,11 +85,20 @@ def round_over_train(workdir: Path, rounds: int, local_steps: int, eval_examples
 
 
 def memory_ratio(
-    workdir: Path, n_small: int, n_large: int, local_steps: int, eval_examples: int, env: dict, interval: float
+    workdir: Path,
+    n_small: int,
+    n_large: int,
+    local_steps: int,
+    eval_examples: int,
+    env: dict,
+    interval: float,
+    extra: list[str] | None = None,
 ) -> dict:
+    """``extra``: more ftsim flags for both runs (e.g. ``--personalize dual``: each site's private part on disk)."""
     runs = {}
     for n in (n_small, n_large):
         args = [
+            *(extra or []),
             "--config",
             str(DEFAULT_CONFIG),
             "--rounds",
@@ -126,6 +135,7 @@ def memory_ratio(
             "eval.max_examples": eval_examples,
             "sample_interval_s": interval,
             "config": "simulations/configs/default.yaml",
+            "extra_flags": " ".join(extra or []),
             "ftsim_wall_s": {n: round(r.wall_s, 1) for n, r in runs.items()},
         },
     }

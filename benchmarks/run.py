@@ -58,6 +58,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--reps", type=int, help="fig 1: interleaved repetitions (full 6, quick 1)")
     ap.add_argument(
+        "--personalize",
+        metavar="METHOD",
+        help="fig 3 with ftsim --personalize METHOD: every site also keeps its private part (on disk, not in memory)",
+    )
+    ap.add_argument(
         "--steps", type=int, help="fig 1: optimizer steps per repetition, i.e. per handle_train call (full 4, quick 1)"
     )
     ap.add_argument(
@@ -144,8 +149,16 @@ def main(argv=None) -> int:
             import bench_sim
 
             n_small, n_large = (1, 2) if q else (3, 12)
+            extra = ["--personalize", a.personalize] if a.personalize else []
             r = bench_sim.memory_ratio(
-                workdir, n_small, n_large, local_steps=1, eval_examples=1 if q else 4, env=env, interval=0.2
+                workdir,
+                n_small,
+                n_large,
+                local_steps=1,
+                eval_examples=1 if q else 4,
+                env=env,
+                interval=0.2,
+                extra=extra,
             )
             runs = r.pop("runs")
             docs.extend(run.metrics() for run in runs.values())

@@ -14,29 +14,20 @@ from flwr.app import MessageType
 from fedtune.client import app as client_app
 from fedtune.client import personal
 from fedtune.client.app import handle_evaluate, handle_train
-from fedtune.common import methods
 from fedtune.common.checkpoint import load_adapter_state
 from fedtune.common.config import ConfigError, load_config
 from fedtune.common.fteval import main as fteval_main
 
-from .test_client_app import eval_reply, message, site, train_reply, write_site
+from .test_client_app import (  # noqa: F401  (fresh_caches: autouse; global_state: a fixture)
+    eval_reply,
+    fresh_caches,
+    global_state,
+    message,
+    site,
+    train_reply,
+    write_site,
+)
 from .test_server_rounds import _task_identity  # noqa: F401  (fixture: Flower's Message needs a task identity)
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches(monkeypatch):
-    monkeypatch.setattr(client_app, "_RUNTIME", None)
-    monkeypatch.setattr(client_app, "_SITE_CACHE", {})
-
-
-@pytest.fixture
-def global_state(tiny_config):
-    from fedtune.common.modeling import load_base_model
-
-    model, _, _ = load_base_model(tiny_config.model, "cpu")
-    state = methods.get_state(methods.wrap(model, tiny_config.peft, seed=tiny_config.train.seed))
-    g = torch.Generator().manual_seed(3)
-    return {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}
 
 
 def personalized(cfg, how: str, **fed):

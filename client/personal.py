@@ -117,11 +117,15 @@ def _ensure_private(cfg: FedTuneConfig, rt) -> OrderedDict:
     from peft import get_peft_model_state_dict
 
     model = rt.model
+    want = _private_config(cfg, model)
+    have = model.peft_config.get(PRIVATE)
+    if have is not None and (have.r, have.lora_alpha) != (want.r, want.lora_alpha):
+        model.delete_adapter(PRIVATE)  # an earlier run in this process used another personal_rank
     if PRIVATE not in model.peft_config:
         methods.trainable_capable(model)  # caches the global adapter's keys before a second adapter exists
         with torch.random.fork_rng():  # the same fresh private adapter in every process, the process's RNG untouched
             torch.manual_seed(cfg.train.seed)
-            model.add_adapter(PRIVATE, _private_config(cfg, model))
+            model.add_adapter(PRIVATE, want)
         model.base_model.set_adapter(methods.ADAPTER_NAME)
         model.fedtune_private_init = _cpu(get_peft_model_state_dict(model, adapter_name=PRIVATE))
     return model.fedtune_private_init
@@ -201,6 +205,12 @@ def personalize(
         if dual:
             init = _ensure_private(cfg, rt)
             kept = latest_private(state_dir, server_round)
+            if kept and {k: v.shape for k, v in kept[1].items()} != {k: v.shape for k, v in init.items()}:
+                log.warning(
+                    "private part of round %d has other shapes than this run's (personal_rank?): starting afresh",
+                    kept[0],
+                )
+                kept = None
             set_peft_model_state_dict(model, dict(kept[1] if kept else init), adapter_name=PRIVATE)
             model.base_model.set_adapter([methods.ADAPTER_NAME, PRIVATE])
             for name, p in model.named_parameters():  # the global adapter frozen, the private one trains

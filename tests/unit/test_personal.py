@@ -219,3 +219,16 @@ def test_a_lower_rank_site_stacks_its_own_rank_with_the_private_one(
     args += ["--max-length", "192", "--max-new-tokens", "4", "--batch-size", "4", "--device", "cpu"]
     assert fteval_main(args) == 0
     assert json.loads(out.read_text())["loss"] == pytest.approx(m.personal_eval_loss, rel=1e-4)
+
+
+def test_a_private_part_of_another_rank_is_not_loaded_and_the_process_follows_the_new_rank(
+    tmp_path, tiny_config, global_state
+):
+    """The site's folder holds a private part from a run with personal_rank 2; a run with rank 3
+    in the same process starts afresh at rank 3 instead of failing on the shapes."""
+    ctx, _ = a_site(tmp_path)
+    evaluate(personalized(tiny_config, "dual", personal_rank=2, personal_steps=1), global_state, 1, ctx)
+    m = evaluate(personalized(tiny_config, "dual", personal_rank=3, personal_steps=1), global_state, 2, ctx).metrics
+    assert m.personal_eval_loss is not None
+    state = load_adapter_state(tmp_path / "state" / "bank" / "private" / "round-0002")
+    assert {v.shape[0] for k, v in state.items() if ".lora_A." in k} == {3}

@@ -646,7 +646,15 @@ def _personalize(
     if not st.train_items:
         return metrics
     p = personal.personalize(
-        cfg, rt, st.train_items, st.eval_examples, global_state, site.state_dir, site_seed(cfg, site.name), rnd
+        cfg,
+        rt,
+        st.train_items,
+        st.eval_examples,
+        global_state,
+        site.state_dir,
+        site_seed(cfg, site.name),
+        rnd,
+        site.name,
     )
     if verbose:
         _say(site, f"round {rnd}: personalized ({p.stats.steps} private steps): {_scores(p.result)}")

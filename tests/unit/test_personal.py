@@ -219,6 +219,8 @@ def test_a_lower_rank_site_stacks_its_own_rank_with_the_private_one(
     m = evaluate(cfg, global_state, 1, ctx).metrics
     folder = tmp_path / "state" / personal.ARTIFACT_DIR
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 5
+    # the card names the site, not its folder (ftclient's folder is site-state/)
+    assert "# fedtune: lora, site small's personalized model" in (folder / "README.md").read_text()
     out = tmp_path / "scores.json"
     args = ["--model", str(tiny_model_dir), "--adapter", str(folder), "--data", str(ev), "--out", str(out)]
     args += ["--max-length", "192", "--max-new-tokens", "4", "--batch-size", "4", "--device", "cpu"]

@@ -173,6 +173,41 @@ def table(name: str, rows: dict[str, dict], baselines: dict, sites: list[str]) -
     return out
 
 
+QUICK = ["--rounds", "1", "--local-steps", "2", "--set", "eval.max_examples=4"]
+
+
+def run_candidates(
+    ds: str, base: list[str], cands: dict[str, list[str]], out: Path, fresh: bool, quick: list[str], score
+) -> tuple[dict, dict | None, list[str]]:
+    """Data set ``ds``: ftsim BASE + each candidate's flags (the first with ``--baselines``), each in
+    ``out/ds/<slug>`` (a finished run is reused) -> ({candidate: score(metrics.json) or None when it
+    failed}, the first run's baselines, their sites)."""
+    rows, baselines, sites = {}, None, []
+    for i, (cand, flags) in enumerate(cands.items()):
+        extra = flags + (["--baselines"] if i == 0 else [])
+        say(f"{ds} / {cand}: ftsim {' '.join(extra)}")
+        doc = run_one(base + extra + ["--no-plots"] + quick, out / ds / slug(cand), fresh)
+        if doc is None:
+            rows[cand] = None
+            continue
+        if i == 0:
+            baselines = doc.get("baselines")
+            sites = list(baselines["sites"]) if baselines else []
+        rows[cand] = score(doc)
+        last = site_scores(doc)
+        say(f"  {json.dumps({n: (s['eval_loss'], s.get('exact_match')) for n, s in last.items()})}")
+    return rows, baselines, sites
+
+
+def write_tables(out: Path, report: list[str]) -> None:
+    """The tables to ``out/tables.md`` and the console."""
+    text = "\n".join(report)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tables.md").write_text(text)
+    print("\n" + text)
+    print(f"tables: {out / 'tables.md'}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "learning_speed"))
@@ -184,7 +219,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 round of 2 steps, 4 eval examples")
     args = ap.parse_args()
     out = Path(args.out)
-    quick = ["--rounds", "1", "--local-steps", "2", "--set", "eval.max_examples=4"] if args.quick else []
+    quick = QUICK if args.quick else []
     report = []
     for ds in args.dataset or list(DATASETS):
         cands = candidates(N_SITES[ds])
@@ -192,30 +227,14 @@ def main() -> int:
         if not wanted:
             say(f"{ds}: no candidate starts with {args.only}; the candidates: {list(cands)}")
             return 2
-        first = wanted[0]
-        rows, baselines, sites = {}, None, []
-        for cand in wanted:
-            extra = cands[cand] + (["--baselines"] if cand == first else [])
-            flags = DATASETS[ds] + extra + ["--no-plots"] + quick
-            say(f"{ds} / {cand}: ftsim {' '.join(extra)}")
-            doc = run_one(flags, out / ds / slug(cand), args.fresh)
-            if doc is None:
-                rows[cand] = None
-                continue
-            if cand == first:
-                baselines = doc.get("baselines")
-                sites = list(baselines["sites"]) if baselines else []
-            rows[cand] = site_scores(doc)
-            say(f"  {json.dumps({n: (s['eval_loss'], s.get('exact_match')) for n, s in rows[cand].items()})}")
+        rows, baselines, sites = run_candidates(
+            ds, DATASETS[ds], {c: cands[c] for c in wanted}, out, args.fresh, quick, site_scores
+        )
         if baselines is None:
             say(f"{ds}: no baselines (the first run failed): no table")
             continue
         report += table(ds, rows, baselines, sites) + [""]
-    text = "\n".join(report)
-    (out / "tables.md").parent.mkdir(parents=True, exist_ok=True)
-    (out / "tables.md").write_text(text)
-    print("\n" + text)
-    print(f"tables: {out / 'tables.md'}")
+    write_tables(out, report)
     return 0
 
 

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from _common import REPO, say
-from learning_speed import DEMO, SHARED, fmt, run_one, site_scores, slug, weighted
+from learning_speed import DEMO, QUICK, SHARED, fmt, run_candidates, site_scores, weighted, write_tables
 
 SHARED_FILES = ["--data", str(SHARED / "finance" / "train.jsonl"), "--data", str(SHARED / "medical" / "train.jsonl")]
 SMALL = ["--rounds", "3", "--local-steps", "5", "--lr", "1e-3", "--max-length", "256"]
@@ -102,31 +102,19 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 round of 2 steps, 4 eval examples")
     args = ap.parse_args()
     out = Path(args.out)
-    quick = ["--rounds", "1", "--local-steps", "2", "--set", "eval.max_examples=4"] if args.quick else []
+    quick = QUICK if args.quick else []
     report = []
     for ds in args.dataset or ["demo"]:
         wanted = [m for m in METHODS if not args.only or m in args.only]
-        rows, baselines, sites = {}, None, []
-        for i, method in enumerate(wanted):
-            extra = METHODS[method] + (["--baselines"] if i == 0 else [])
-            say(f"{ds} / {method}: ftsim {' '.join(extra)}")
-            doc = run_one(DATASETS[ds] + extra + ["--no-plots"] + quick, out / ds / slug(method), args.fresh)
-            if doc is None:
-                rows[method] = None
-                continue
-            if i == 0:
-                baselines = doc.get("baselines")
-                sites = list(baselines["sites"]) if baselines else []
-            rows[method] = (site_scores(doc), personal_scores(doc))
+        rows, baselines, sites = run_candidates(
+            ds, DATASETS[ds], {m: METHODS[m] for m in wanted}, out, args.fresh, quick,
+            lambda doc: (site_scores(doc), personal_scores(doc)),
+        )  # fmt: skip
         if baselines is None:
             say(f"{ds}: no baselines (the first run failed): no table")
             continue
         report += table(ds, rows, baselines, sites) + [""]
-    text = "\n".join(report)
-    (out / "tables.md").parent.mkdir(parents=True, exist_ok=True)
-    (out / "tables.md").write_text(text)
-    print("\n" + text)
-    print(f"tables: {out / 'tables.md'}")
+    write_tables(out, report)
     return 0
 
 

@@ -173,6 +173,10 @@ def test_node_config_round_trips_and_verbosity_is_explicit():
         NodeConfig.from_record({"data-path": "x", "lora-rank": "4"})
     with pytest.raises(MessageError, match="'lora-rank': expected a positive LoRA rank"):
         NodeConfig.from_record({"data-path": "x", "lora-rank": -1})
+    # state-dir (a personalized site's private folder) is a path: bounded as the data paths are
+    assert NodeConfig.from_record({"data-path": "x", "state-dir": "/w/site-state"}).state_dir == "/w/site-state"
+    with pytest.raises(MessageError, match="'state-dir'"):
+        NodeConfig.from_record({"data-path": "x", "state-dir": "/" + "a" * messages.MAX_PATH_CHARS})
 
 
 def test_ftclient_sets_verbose_in_the_node_config_it_passes(tmp_path):

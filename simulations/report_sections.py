@@ -19,6 +19,7 @@ from fedtune.server.record import FILE, RecordError, RunRecord, read_record
 from fedtune.server.report import ReportSection, fmt, md, table_head, write_report
 
 from .baselines import (
+    PERSONALIZED,
     TRAININGS,
     BaselinesRecord,
     MeanScores,
@@ -36,7 +37,7 @@ BASELINES = (
     ("alone", "each site alone", "tab:orange"),
     ("pooled", "all data pooled", "tab:purple"),
     ("federation", "federation", "tab:green"),
-    ("personalized", "personalized (each site's own model)", "tab:blue"),  # a personalized run's
+    (PERSONALIZED, "personalized (each site's own model)", "tab:blue"),  # a personalized run's
 )
 assert tuple(t for t, _, _ in BASELINES[: len(TRAININGS)]) == TRAININGS
 
@@ -243,7 +244,7 @@ def _scores_table(b: BaselinesRecord, key: str) -> list[str]:
     spec = ".3f" if loss else ".2f"
     measure = "eval loss (lower is better)" if loss else "exact match (higher is better)"
     shown = [t for t, _, _ in _shown(b)]
-    personal = "personalized" in shown
+    personal = PERSONALIZED in shown
     out = table_head(
         (
             f"site: {measure}",
@@ -262,7 +263,7 @@ def _scores_table(b: BaselinesRecord, key: str) -> list[str]:
         v = {t: _value(row, t, key) for t in shown}
         against = [
             _against(v[t] - v["alone"], loss, spec) if v["alone"] is not None and v[t] is not None else "–"
-            for t in ("federation", *(("personalized",) if personal else ()))
+            for t in ("federation", *((PERSONALIZED,) if personal else ()))
         ]
         shares = " | ".join(_share(gain_share(v, other, loss)) for other in ("alone", "pooled"))
         out.append(

@@ -139,7 +139,6 @@ def test_two_sites_two_rounds_tiny_model(tiny_model_dir, tmp_path):
         "alone": None,
         "pooled": None,
         "federation": None,
-        "personalized": None,
     }
     assert (out / "baselines" / "alone" / "medical" / "adapter_model.safetensors").is_file() and (
         out / "baselines" / "pooled"

@@ -395,7 +395,7 @@ def run_site(args: argparse.Namespace, cmd: list[str], log: Path, port: int, sec
         node.wait()
         executor.stop()
 
-    follower = threading.Thread(target=follow, args=(log, log_stop, seen.relay, True), daemon=True)
+    follower = threading.Thread(target=follow, args=(log, log_stop, seen.relay), daemon=True)
     follower.start()
     threading.Thread(target=watch_node, daemon=True).start()
     sigterm_as_interrupt()

@@ -175,9 +175,19 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def follow(path: Path, stop_event: threading.Event, emit, from_start: bool = False) -> None:
-    """Hand each line appended to ``path`` to ``emit`` until stop_event is set (then drain the rest)."""
-    pos = 0 if from_start or not path.exists() else path.stat().st_size
+def end_of(path: Path) -> int:
+    """The size of ``path`` (0 when it does not exist): where :func:`follow` starts to relay
+    only what is written from now on. Taken by the caller before the follower thread starts,
+    so lines written before the thread first runs are not skipped."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def follow(path: Path, stop_event: threading.Event, emit, pos: int = 0) -> None:
+    """Hand each line of ``path`` from byte ``pos`` on (the lines appended later too) to ``emit``
+    until stop_event is set (then drain the rest)."""
     partial = ""
     while True:
         stopping = stop_event.is_set()

@@ -54,6 +54,7 @@ from fedtune.common.config import (
     read_config_file,
 )
 from fedtune.common.procs import (
+    end_of,
     flwr_config_string,
     follow,
     free_port,
@@ -596,7 +597,8 @@ def run_children(co: Coordinator) -> int | None:
     whatever happened -> 130 on an interrupt, 1 if a child failed, None once the run ended (how,
     run-status.json says: :func:`outcome`)."""
     follower_stop = threading.Event()
-    follower = threading.Thread(target=follow, args=(co.out / "server.log", follower_stop, print), daemon=True)
+    log = co.out / "server.log"
+    follower = threading.Thread(target=follow, args=(log, follower_stop, print, end_of(log)), daemon=True)
     try:
         co.start(_say)
         follower.start()

@@ -13,7 +13,7 @@ from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUn
 
 from fedtune.client.worker import ResidentExecutor
 from fedtune.common import flwr_latency
-from fedtune.common.procs import flwr_config_string, follow, spawn, stop
+from fedtune.common.procs import end_of, flwr_config_string, follow, spawn, stop
 
 
 def _executor(newer: list) -> ResidentExecutor:
@@ -106,7 +106,9 @@ def test_follow_hands_over_whole_lines_as_they_are_written(tmp_path):
     log.write_text("old line\n")
     got: list[str] = []
     done = threading.Event()
-    t = threading.Thread(target=follow, args=(log, done, got.append))
+    t = threading.Thread(target=follow, args=(log, done, got.append, end_of(log)))
+    with open(log, "a") as f:
+        f.write("before the thread ran\n")  # written after the caller took the end, before the thread started
     t.start()
     time.sleep(0.4)
     with open(log, "a") as f:
@@ -117,7 +119,7 @@ def test_follow_hands_over_whole_lines_as_they_are_written(tmp_path):
     time.sleep(0.5)
     done.set()
     t.join(5)
-    assert got == ["first", "second"]  # not the old line, and the split line whole
+    assert got == ["before the thread ran", "first", "second"]  # not the old line, and the split line whole
 
 
 def test_stop_ends_the_child_and_what_it_started(tmp_path):

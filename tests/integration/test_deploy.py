@@ -3,9 +3,9 @@ TLS with freshly made certificates, site keys, the tiny model.
 
 - two registered sites complete two rounds and leave a loadable adapter; a third site with an
   unregistered key is refused and told why; no site record reaches the coordinator's output;
-- a site killed mid-round: the round completes with the others (min_sites 2), or the run stops
-  with a clear message (min_sites 3);
-- the coordinator killed with SIGKILL mid-run, then ``ftserver --resume``: same final round count.
+- a site killed mid-round: the round completes with the others (min_sites 2);
+- (the coordinator killed with SIGKILL mid-run, then ``ftserver --resume``, is played in
+  test_gateway.py, on the same federation as the attack on the public port.)
 """
 
 from __future__ import annotations
@@ -252,11 +252,14 @@ def test_registered_sites_train_two_rounds_and_an_unregistered_site_is_refused(f
     assert SECRET not in out
 
 
-@pytest.mark.parametrize("min_sites", [2, 3])
-def test_site_killed_mid_round(federation, min_sites):
+def test_site_killed_mid_round(federation):
+    # (With min_sites above the sites left, secure aggregation aborts the round and releases
+    # nothing: test_secure_rounds.py::test_three_dropouts_abort_the_round_and_release_nothing
+    # through the real handlers, and ftserver's failed-run message in unit/test_gateway.py. A
+    # second real federation for it here cost CI a minute and a half.)
     # Long enough rounds (150 steps, ~4 s) to kill a site while it trains; a dead site is noticed
     # when Flower's heartbeat lapses or round_timeout_s passes, whichever is first.
-    fed = federation(rounds=2, min_sites=min_sites, expected_sites=3, round_timeout_s=25)
+    fed = federation(rounds=2, min_sites=2, expected_sites=3, round_timeout_s=25)
     cfg = json.loads(fed.config.read_text())
     cfg["train"]["local_steps"] = 150
     fed.config.write_text(json.dumps(cfg))
@@ -271,46 +274,15 @@ def test_site_killed_mid_round(federation, min_sites):
 
     code = fed.finish(server, 240)
     out = fed.text("server.out")
-    if min_sites == 2:
-        assert code == 0, out[-4000:]
-        rounds = _rounds(fed.out)
-        assert [r["round"] for r in rounds] == [0, 1, 2]
-        r1 = rounds[1]
-        assert r1["accepted"] == 2 and r1["sites"]["alpha"]["status"] == "ok" and r1["sites"]["beta"]["status"] == "ok"
-        assert r1["sites"].get("gamma", {}).get("status", "missing") != "ok"
-        # Not asked to train again once gone. (Flower lists a dead node until its heartbeat lapses,
-        # about a minute; if round 2 starts before that, gamma is asked again, fails when the
-        # heartbeat lapses, and is recorded as failed.)
-        g2 = rounds[2]["sites"].get("gamma", {})
-        assert "train_loss" not in g2 and g2.get("eval_status", "error") == "error"
-        assert rounds[2]["accepted"] == 2
-    else:
-        assert code == 1
-        # Secure aggregation (on by default) aborts the round when fewer than min_sites remain; nothing is released.
-        assert "round 1: secure aggregation aborted at masked upload (after training): 2 site(s) left, 3 needed" in out
-        assert "federation.min_sites 3" in out and "nothing was unmasked or released" in out
-        assert "continue with: ftserver --resume" in out
-        assert [r["round"] for r in _rounds(fed.out)] == [0]
-        assert verify_checkpoint(fed.out / "checkpoints" / "round-0000") is None
-        assert not (fed.out / "checkpoints" / "round-0001").exists()
-        assert json.loads((fed.out / "run-status.json").read_text())["status"] == "failed"
-
-
-def test_coordinator_killed_with_sigkill_then_resumed(federation):
-    fed = federation(rounds=3)
-    server, _ = fed.two_sites_one_round_in()
-    os.kill(server.pid, signal.SIGKILL)  # the coordinator only; its SuperLink goes with it
-    server.wait(10)
-    first = _rounds(fed.out)
-    assert first[-1]["round"] in (1, 2)
-
-    resumed = fed.server("--resume", str(fed.out), log="resumed.out")
-    assert fed.finish(resumed, 240, "resumed.out") == 0, fed.text("resumed.out")[-4000:]
-    said = fed.text("resumed.out")
-    assert "resuming after round" in said and "site key registered" in said
+    assert code == 0, out[-4000:]
     rounds = _rounds(fed.out)
-    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
-    assert rounds[1] == first[1]  # history before the crash is kept as it was
-    assert all(r["accepted"] == 2 for r in rounds[1:])
-    state = json.loads((fed.out / "checkpoints" / "round-0003" / "server_state.json").read_text())
-    assert state["round"] == 3 and state["rng"]["bit_generator"] == "PCG64"
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    r1 = rounds[1]
+    assert r1["accepted"] == 2 and r1["sites"]["alpha"]["status"] == "ok" and r1["sites"]["beta"]["status"] == "ok"
+    assert r1["sites"].get("gamma", {}).get("status", "missing") != "ok"
+    # Not asked to train again once gone. (Flower lists a dead node until its heartbeat lapses,
+    # about a minute; if round 2 starts before that, gamma is asked again, fails when the
+    # heartbeat lapses, and is recorded as failed.)
+    g2 = rounds[2]["sites"].get("gamma", {})
+    assert "train_loss" not in g2 and g2.get("eval_status", "error") == "error"
+    assert rounds[2]["accepted"] == 2

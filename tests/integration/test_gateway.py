@@ -1,7 +1,8 @@
 """The network sees only the Fleet API: an attacker on the coordinator's public port, holding a
 registered site's private key and ca.crt, tries the Control API, the Runtime API, the Fleet
 API's own node (un)registration, an oversized body and spelled-around paths, while registered
-sites complete their rounds. Every attempt is refused and the federation completes.
+sites complete their rounds. Every attempt is refused and the federation goes on; then the
+coordinator is killed with SIGKILL mid-run and ``ftserver --resume`` finishes it.
 
 ftserver and ftclient run as real processes (TLS, site keys, the tiny model), as in
 test_deploy.py. The attacker posts Flower's own protobuf requests with httpx, as Flower's
@@ -12,6 +13,8 @@ sends (flwr/supernode/node_auth_http_interceptor.py) where the key is any use.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import sqlite3
 import ssl
@@ -181,8 +184,11 @@ def attack(a: Attacker, db: Path, port: int, ca: Path) -> dict[str, tuple[bool, 
     return out
 
 
-def test_attacker_on_the_public_port_gets_only_the_fleet_api(federation, tmp_path):  # noqa: F811
-    fed = federation(rounds=3)
+def test_attacker_on_the_public_port_gets_only_the_fleet_api_and_a_killed_coordinator_resumes(federation, tmp_path):  # noqa: F811
+    """One federation for two real-process checks (each start of ftserver and two ftclients is
+    a minute of this machine's CPU): the attack while the rounds go on, then the coordinator
+    killed with SIGKILL mid-run and ``ftserver --resume``, ending at the same round count."""
+    fed = federation(rounds=4)
     server, keys = fed.two_sites_one_round_in()
 
     state = fed.out / ".ftserver"
@@ -200,10 +206,8 @@ def test_attacker_on_the_public_port_gets_only_the_fleet_api(federation, tmp_pat
                    headers={"content-type": "application/protobuf", **VERSION}, verify=a.ctx, trust_env=False)  # fmt: skip
     assert r.status_code == 401, f"{r.status_code} {r.text[:200]}"
 
-    # The federation completes as if nothing happened.
-    assert fed.finish(server, 240) == 0, fed.text("server.out")[-4000:]
-    rounds = json.loads((fed.out / "metrics.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [0, 1, 2, 3] and all(r["accepted"] == 2 for r in rounds[1:])
+    # The federation goes on as if nothing happened: the next round completes with both sites.
+    fed.wait_for("server.out", "round 2/4 done", 180)
     # No Sybil node, no second run, alpha still registered.
     with sqlite3.connect(db) as c:
         nodes = {bytes(k): status for k, status in c.execute("SELECT public_key, status FROM node")}
@@ -213,8 +217,25 @@ def test_attacker_on_the_public_port_gets_only_the_fleet_api(federation, tmp_pat
         for k in keys.values()
     }
     assert set(nodes) == site_keys and "unregistered" not in nodes.values(), nodes.values()
-    # Refusals are logged by the gateway; nothing of ftserver's is left running.
+    # Refusals are logged by the gateway.
     assert "refused POST b'/v1/control/start-run'" in (state / "gateway.log").read_text()
+
+    # The coordinator killed with SIGKILL mid-run (its SuperLink goes with it), then resumed.
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait(10)
+    first = json.loads((fed.out / "metrics.json").read_text())["rounds"]
+    assert first[-1]["round"] in (2, 3) and all(r["accepted"] == 2 for r in first[1:])
+    resumed = fed.server("--resume", str(fed.out), log="resumed.out")
+    assert fed.finish(resumed, 240, "resumed.out") == 0, fed.text("resumed.out")[-4000:]
+    said = fed.text("resumed.out")
+    assert "resuming after round" in said and "site key registered" in said
+    rounds = json.loads((fed.out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4] and all(r["accepted"] == 2 for r in rounds[1:])
+    assert rounds[1] == first[1]  # history before the crash is kept as it was
+    st = json.loads((fed.out / "checkpoints" / "round-0004" / "server_state.json").read_text())
+    assert st["round"] == 4 and st["rng"]["bit_generator"] == "PCG64"
+
+    # Nothing of ftserver's is left running, and neither port still listens.
     leftovers = [
         p.info
         for p in psutil.process_iter(["pid", "cmdline"])

@@ -31,6 +31,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Its module fixtures are built once, on one worker, not once per worker.
+pytestmark = pytest.mark.xdist_group("docker")
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10

@@ -35,6 +35,9 @@ from fedtune.simulations import baselines
 from .test_baselines import federate
 from .test_methods import method_config, real_sites
 
+# Its module fixtures are built once, on one worker, not once per worker.
+pytestmark = pytest.mark.xdist_group("ecosystem")
+
 BATCH = [[1, 40, 41, 42, 43, 44, 45, 2], [1, 50, 51, 52, 53, 54, 55, 56]]
 
 # What a user types, in a process that never imports fedtune. One process for every folder (the

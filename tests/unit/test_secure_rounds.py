@@ -134,11 +134,11 @@ class SecureSite:
 
 
 def secure_state(tiny_config, tmp_path, sa: dict | None = None, site_keys=REGISTERED, **federation) -> server.RunState:
-    fed = tiny_config.federation.model_copy(update={"round_timeout_s": 2.0, **federation})
+    fed = tiny_config.federation.model_copy(update={"round_timeout_s": 0.5, **federation})
     cfg = tiny_config.model_copy(
         update={
             "federation": fed,
-            "secure_aggregation": SecureAggregationConfig(enabled=True, stage_timeout_s=2.0, **(sa or {})),
+            "secure_aggregation": SecureAggregationConfig(enabled=True, stage_timeout_s=0.5, **(sa or {})),
         }
     )
     return server.RunState(

@@ -32,7 +32,7 @@ from flwr.proto import control_pb2, fab_pb2, fleet_pb2, message_pb2, runtime_pb2
 from flwr.supercore.date import now
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 
-from .test_deploy import DATA, federation  # noqa: F401 - the fixture
+from .test_deploy import DATA, _rounds, federation  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
 
@@ -223,13 +223,13 @@ def test_attacker_on_the_public_port_gets_only_the_fleet_api_and_a_killed_coordi
     # The coordinator killed with SIGKILL mid-run (its SuperLink goes with it), then resumed.
     os.kill(server.pid, signal.SIGKILL)
     server.wait(10)
-    first = json.loads((fed.out / "metrics.json").read_text())["rounds"]
+    first = _rounds(fed.out)
     assert first[-1]["round"] in (2, 3) and all(r["accepted"] == 2 for r in first[1:])
     resumed = fed.server("--resume", str(fed.out), log="resumed.out")
     assert fed.finish(resumed, 240, "resumed.out") == 0, fed.text("resumed.out")[-4000:]
     said = fed.text("resumed.out")
     assert "resuming after round" in said and "site key registered" in said
-    rounds = json.loads((fed.out / "metrics.json").read_text())["rounds"]
+    rounds = _rounds(fed.out)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4] and all(r["accepted"] == 2 for r in rounds[1:])
     assert rounds[1] == first[1]  # history before the crash is kept as it was
     st = json.loads((fed.out / "checkpoints" / "round-0004" / "server_state.json").read_text())

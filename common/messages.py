@@ -621,7 +621,7 @@ class EvalMetrics(_Metrics):
     # the private part never leaves the site), and the private steps it trained this round.
     personal_eval_loss: float | None = _metric(float, 0.0, math.inf)
     personal_exact_match: float | None = _metric(float, 0.0, 1.0)
-    personal_steps: int | None = _metric(int)
+    personal_steps: int | None = _metric(int, 0)
 
     WHAT: ClassVar[str] = "eval metrics"
 

@@ -384,8 +384,8 @@ def test_a_site_claiming_many_eval_examples_does_not_set_the_federated_score_alo
 
 def test_personalized_scores_out_of_range_are_dropped_not_recorded_or_averaged(tiny_config, tmp_path):
     """A site reports a personalized eval loss below 0 and an exact match above 1 (to look better
-    than training alone in the baselines' verdict): the coordinator drops both, counts them, and
-    neither reaches the site's record or the round's mean."""
+    than training alone in the baselines' verdict), and a negative count of private steps: the
+    coordinator drops all three, counts them, and none reaches the site's record or the round's mean."""
     cfg = tiny_run_config(tiny_config)
     out = tmp_path / "run"
     honest = constant(1e-3, name="alpha")
@@ -393,12 +393,13 @@ def test_personalized_scores_out_of_range_are_dropped_not_recorded_or_averaged(t
     def braggart(m):
         if m.metadata.message_type == messages.EVALUATE:
             ok = EvalMetrics(num_examples=4, eval_loss=1.0).to_dict()
-            return reply("bragg", None, {**ok, "personal-eval-loss": -5.0, "personal-exact-match": 7.0})
+            return reply("bragg", None, {**ok, "personal-eval-loss": -5.0, "personal-exact-match": 7.0, "personal-steps": -3})
         return honest(m)
 
     server.run_federation(FakeGrid({1: honest, 2: braggart}), cfg, out, lambda s: None)
     doc = json.loads((out / "metrics.json").read_text())
     r = doc["rounds"][1]
-    assert r["sites"]["bragg"]["eval_metrics_dropped"] == 2
-    assert "personal_eval_loss" not in r["sites"]["bragg"] and "personal_exact_match" not in r["sites"]["bragg"]
+    assert r["sites"]["bragg"]["eval_metrics_dropped"] == 3
+    for key in ("personal_eval_loss", "personal_exact_match", "personal_steps"):
+        assert key not in r["sites"]["bragg"], key
     assert "personal_eval_loss" not in r["aggregate"]

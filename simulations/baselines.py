@@ -495,7 +495,7 @@ def baselines_doc(
         }
         for name in names
     }
-    shown = TRAININGS + ((PERSONALIZED,) if any(PERSONALIZED in row for row in sites.values()) else ())
+    shown = _trainings(any(PERSONALIZED in row for row in sites.values()))
     fed_steps = {name: plan.ran.get(name, 0) for name in names}
     return {
         "compute": (
@@ -525,9 +525,14 @@ def _score_of(row: TrainingScores | MeanScores, training: str) -> Score | Scores
     return getattr(row, training)
 
 
+def _trainings(personalized: bool) -> tuple[str, ...]:
+    """The trainings a record scores: TRAININGS, and PERSONALIZED for a personalized run."""
+    return TRAININGS + ((PERSONALIZED,) if personalized else ())
+
+
 def trainings_of(b: BaselinesRecord) -> tuple[str, ...]:
-    """The trainings the record scores: TRAININGS, and PERSONALIZED for a personalized run."""
-    return TRAININGS + ((PERSONALIZED,) if any(row.personalized for row in b.sites.values()) else ())
+    """The trainings the record scores (:func:`_trainings`)."""
+    return _trainings(any(row.personalized for row in b.sites.values()))
 
 
 def personal_verdict(b: BaselinesRecord) -> str | None:

@@ -1,6 +1,6 @@
 """How fast does the federated global model learn, against pooled training at equal compute?
 
-    python benchmarks/learning_speed.py                  # every data set, every candidate (~100 min on 2 cores)
+    python benchmarks/learning_speed.py                  # every data set, every candidate (hours on 2 cores: 15-30 min a run)
     python benchmarks/learning_speed.py --dataset demo --only "fedavg, server lr K"
     python benchmarks/learning_speed.py --quick          # 1 round of 2 steps, 4 eval examples: a smoke run
 
@@ -66,8 +66,11 @@ def candidates(k: int) -> dict[str, list[str]]:
         f"fedavg, server lr sqrt(K) = {math.sqrt(k):.2f}": ["--strategy", "fedavg", "--set", f"federation.server_lr={math.sqrt(k):.4f}"],
         f"fedavg, server lr K = {k} ('sites')": WINNER,
         "fedavgm, server lr 1, momentum 0.9": ["--strategy", "fedavgm", "--set", "federation.server_lr=1"],
+        "fedavgm, server lr K, momentum 0.9": ["--strategy", "fedavgm", "--set", "federation.server_lr=sites"],
         "fedadam, server lr 3e-3": ["--strategy", "fedadam", "--set", "federation.server_lr=3e-3"],
         "fedavg, server lr K, 6 rounds x 5 steps": [*WINNER, "--rounds", "6", "--local-steps", "5"],
+        "fedavg, server lr K, 10 rounds x 3 steps": [*WINNER, "--rounds", "10", "--local-steps", "3"],
+        "server lr K + FFA-LoRA (A frozen, exact aggregation)": [*WINNER, "--set", "peft.ffa=true"],
         "server lr K + secure aggregation": [*WINNER, "--secure-aggregation"],
         "server lr K + DP (epsilon 8)": [*WINNER, "--dp-epsilon", "8"],
     }  # fmt: skip

@@ -393,7 +393,9 @@ def test_personalized_scores_out_of_range_are_dropped_not_recorded_or_averaged(t
     def braggart(m):
         if m.metadata.message_type == messages.EVALUATE:
             ok = EvalMetrics(num_examples=4, eval_loss=1.0).to_dict()
-            return reply("bragg", None, {**ok, "personal-eval-loss": -5.0, "personal-exact-match": 7.0, "personal-steps": -3})
+            return reply(
+                "bragg", None, {**ok, "personal-eval-loss": -5.0, "personal-exact-match": 7.0, "personal-steps": -3}
+            )
         return honest(m)
 
     server.run_federation(FakeGrid({1: honest, 2: braggart}), cfg, out, lambda s: None)

@@ -436,7 +436,7 @@ def eval_info(m: Message, node: int, rs: RunState) -> tuple[str, dict]:
         k: num(getattr(em, k)) for k in PERSONAL_SCORES if getattr(em, k) is not None
     }  # federation.personalization: the site's private model's scores (never the model)
     if em.personal_steps is not None:
-        personal["personal_steps"] = int(em.personal_steps)
+        personal["personal_steps"] = em.personal_steps  # an int >= 0: EvalMetrics declares it so
     return name, {
         "eval_loss": num(em.eval_loss),
         "exact_match": num(em.exact_match),

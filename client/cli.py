@@ -14,8 +14,10 @@
     ftclient keygen --out DIR [--force]
         makes the site's key pair: DIR/site_key stays here, DIR/site_key.pub goes to the coordinator.
 
-Exit codes: 0 stopped by the operator; 2 bad arguments or data; 3 refused by the coordinator
-(this site's key is not registered there); 1 anything else (TLS failures say so).
+Exit codes: the table below (``fedtune.common.exits``, the same for all four commands): 0 done
+(check: usable; join: stopped by the operator), 1 failed while running (TLS failures say so),
+2 bad arguments or data (check: NOT usable), 3 refused by the coordinator (this site's key is
+not registered there), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,40 +26,57 @@ import argparse
 import statistics
 import sys
 
+from fedtune.common import exits
+
 
 def check(args: argparse.Namespace) -> int:
     """``ftclient check``: read and tokenize the site's data file as training would, and say what
     it holds (counts, token lengths, where each problem is, never what it holds) and whether it is
-    usable. -> 0 usable, 1 not usable, 2 bad settings or an unreadable file or model."""
+    usable by the rule every tool applies. -> 0 usable; 2 NOT usable, bad settings, or an unreadable
+    file or model (``fedtune.common.exits``)."""
     from fedtune.common.data import DataError, read_valid_records
     from fedtune.common.modeling import ModelError, load_tokenizer, resolve_model_source
 
     settings = _check_settings(args)
     if isinstance(settings, str):
         print(f"ftclient check: {settings}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     cfg, model = settings
     try:
-        # Streamed: memory stays about one record (--max-record-bytes) whatever the file holds.
-        data = read_valid_records(args.data, cfg)
+        # Streamed: memory stays about one record (--max-record-bytes) whatever the file holds. Read
+        # at full tolerance so every problem is listed; the verdict applies the run's tolerance.
+        data = read_valid_records(args.data, cfg.model_copy(update={"max_invalid_fraction": 1.0}))
         source, is_local = resolve_model_source(model)
         tok = load_tokenizer(source, is_local)
     except (DataError, ModelError) as e:
         print(f"ftclient check: {e}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     full, invalid = _tokenize_untruncated(data, tok, cfg)
     n_valid = len(data.valid) - (len(invalid) - len(data.invalid))
     usable = _print_check(args.data, data, cfg, full, invalid, n_valid)
-    ok = n_valid > 0 and usable > 0
-    verdict = (
-        "usable"
-        if ok and not invalid
-        else "usable, with problems above"
-        if ok
-        else "NOT usable: no example to train on"
-    )
+    verdict = _verdict(data, cfg, len(invalid) - len(data.invalid), usable)
     print(f"verdict         {verdict}")
-    return 0 if ok else 1
+    return exits.OK if verdict.startswith("usable") else exits.BAD_INPUT
+
+
+def _verdict(data, cfg, untokenizable: int, usable: int) -> str:
+    """What ftsim, a site and fteval would do with the file, by their rule (data.tolerance_problem
+    at the same data.max_invalid_fraction): 'usable...' or 'NOT usable: why'."""
+    from fedtune.common.data import TOLERANCE, tolerance_problem
+
+    refused = tolerance_problem(len(data.invalid), data.records_read, cfg.max_invalid_fraction)
+    if refused is not None:
+        return f"NOT usable: {refused}"
+    if untokenizable:
+        return f"NOT usable: {untokenizable} record(s) cannot be tokenized (see the problems above)"
+    if usable == 0:
+        return "NOT usable: no example keeps part of its answer within max_length, nothing to train on"
+    if data.invalid:
+        return (
+            f"usable: {len(data.invalid)} of {data.records_read} records will be skipped "
+            f"(within {TOLERANCE} {cfg.max_invalid_fraction:g})"
+        )
+    return "usable"
 
 
 def _check_settings(args: argparse.Namespace):
@@ -69,7 +88,7 @@ def _check_settings(args: argparse.Namespace):
 
     given = config_overrides(args, "ftclient check")  # --format, --max-length, ...: the schema's flags
     try:
-        return DataConfig(**_section(given, "data"), max_invalid_fraction=1.0), ModelConfig(**_section(given, "model"))
+        return DataConfig(**_section(given, "data")), ModelConfig(**_section(given, "model"))
     except ValidationError as e:
         section = "model" if e.title == ModelConfig.__name__ else "data"
         return f"{section}.{e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}"
@@ -134,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             prog="ftclient check",
             description="Validate a site's data file locally; nothing is sent. Token lengths are measured with "
             "--model's tokenizer.",
+            epilog=exits.epilog(),
+            formatter_class=exits.HelpFormatter,
         )
         p.add_argument(
             "--data", required=True, metavar="FILE", help="the site's data file (JSONL, JSON, CSV or Parquet)"
@@ -144,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         from .keys import create_site_keys
 
         p = argparse.ArgumentParser(
-            prog="ftclient keygen", description="Make this site's key pair for site authentication."
+            prog="ftclient keygen",
+            description="Make this site's key pair for site authentication.",
+            epilog=exits.epilog(),
+            formatter_class=exits.HelpFormatter,
         )
         p.add_argument("--out", required=True, help="folder for site_key (private, stays here) and site_key.pub")
         p.add_argument("--force", action="store_true", help="replace an existing key pair")
@@ -153,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             priv, pub = create_site_keys(args.out, force=args.force)
         except FileExistsError as e:
             print(f"ftclient keygen: {e}", file=sys.stderr)
-            return 2
+            return exits.BAD_INPUT
         print(f"wrote {priv} (private: keep it here, mode 0600) and {pub}")
         print(f"give {pub} to the coordinator to register this site")
-        return 0
+        return exits.OK
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 0
+        print(exits.epilog())
+        return exits.OK
     from .join import join, join_parser
 
     return join(join_parser().parse_args(argv))

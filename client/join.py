@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtune.common import exits
 from fedtune.common.checkpoint import write_private_file
 from fedtune.common.procs import (
     flwr_config_string,
@@ -33,8 +34,9 @@ from fedtune.common.procs import (
     tail,
     tool_env,
 )
+from fedtune.common.threads import add_device_flags, set_threads
 
-EXIT_REFUSED = 3
+EXIT_REFUSED = exits.REFUSED
 REFUSED_MARKERS = ("[code: 2004]", "Failed to activate SuperNode")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -54,6 +56,8 @@ def join_parser() -> argparse.ArgumentParser:
         prog="ftclient",
         description="Join a federation as a site (subcommands: 'ftclient check', 'ftclient keygen'). "
         "Data paths and the device stay at this site; only adapter updates and metrics are sent.",
+        epilog=exits.epilog(),
+        formatter_class=exits.HelpFormatter,
     )
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the coordinator's address")
     p.add_argument(
@@ -64,13 +68,7 @@ def join_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-cert", metavar="FILE", help="the coordinator's ca.crt (required with TLS)")
     p.add_argument("--key", metavar="FILE", help="this site's private key from 'ftclient keygen' (required with TLS)")
     p.add_argument("--insecure", action="store_true", help="no TLS (test networks only)")
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="where this site trains (default: cuda if available)",
-    )
-    p.add_argument("--threads", type=int, help="CPU threads for training (default: torch's choice, all cores)")
+    add_device_flags(p, "trains")
     p.add_argument(
         "--rank",
         type=int,
@@ -164,7 +162,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, dict]:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from fedtune.common.config import DataConfig
-    from fedtune.common.data import DataError, load_site_data
+    from fedtune.common.data import DataError, load_site_data, tolerance_problem
 
     host, sep, port = args.server.rpartition(":")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
@@ -184,6 +182,16 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, dict]:
                 f"{label} {path}: no usable record among {d.records_read} (run 'ftclient check --data {path}' for details)"
             )
         counts[label] = (len(d.examples), d.n_invalid)
+        # The coordinator's data.max_invalid_fraction decides at each round; at the default, say now.
+        if (over := tolerance_problem(d.n_invalid, d.records_read, DataConfig().max_invalid_fraction)) is not None:
+            print(
+                f"ftclient: warning: {label} {path}: {over}. The coordinator's setting decides; at the default this "
+                f"site sends no update ('ftclient check --data {path}' lists the problems)",
+                file=sys.stderr,
+                flush=True,
+            )
+    if args.threads is not None and args.threads < 1:
+        raise JoinError(f"--threads {args.threads}: expected at least 1")
     if getattr(args, "peer_keys", None):
         from .secure import load_pins
 
@@ -362,12 +370,12 @@ def node_exit(
             "Send site_key.pub to the coordinator, who adds it to ftserver's --authorized-keys folder; then start ftclient again."
         )
     if seen.tls:
-        return 1, (
+        return exits.FAILED, (
             f"ftclient: TLS: the server at {args.server} presented a certificate that --ca-cert {args.ca_cert} does not vouch for "
             "(another CA, or a host name the certificate does not list). Get the coordinator's current ca.crt, and dial a "
             "name or IP given to 'ftserver init --host'."
         )
-    return 1, f"ftclient: the SuperNode exited (code {returncode}); its log ({log}):\n{tail(log)}"
+    return exits.FAILED, f"ftclient: the SuperNode exited (code {returncode}); its log ({log}):\n{tail(log)}"
 
 
 def run_site(args: argparse.Namespace, cmd: list[str], log: Path, port: int, secret: bytes, policy, note: str) -> int:
@@ -379,10 +387,7 @@ def run_site(args: argparse.Namespace, cmd: list[str], log: Path, port: int, sec
 
     identity = site_identity(args)
     device = None if args.device == "auto" else args.device
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    say(f"training on {set_threads(args.threads)} CPU thread(s) (--threads N to choose)")
     install_policy(policy)  # also for the paths that load a model without being handed one (key advertisement)
     node = spawn(cmd, log, env=tool_env())
     executor = ResidentExecutor(
@@ -399,7 +404,7 @@ def run_site(args: argparse.Namespace, cmd: list[str], log: Path, port: int, sec
     follower.start()
     threading.Thread(target=watch_node, daemon=True).start()
     sigterm_as_interrupt()
-    code = 0
+    code = exits.OK
     try:
         say("ready; runs until stopped (Ctrl-C). The model loads with the first task and then stays loaded")
         executor.serve()
@@ -409,7 +414,7 @@ def run_site(args: argparse.Namespace, cmd: list[str], log: Path, port: int, sec
         print(text, file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         say(f"stopping ({executor.tasks_done} task(s) served)")
-        code = 0
+        code = exits.OK  # stopped by its operator: the site's normal end
     finally:
         executor.stop()
         log_stop.set()
@@ -427,14 +432,14 @@ def join(args: argparse.Namespace) -> int:
         node_cfg = node_config(site, args, verbose=True, state_dir=work / SITE_STATE)
     except JoinError as e:
         print(f"ftclient: {e}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     try:
         policy = site_policy(args, work)
     except JoinError as e:
         print(f"ftclient: {e}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     secret = os.urandom(32)
     write_private_file(work / "runtime.secret", secret)
     port = free_port()

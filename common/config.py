@@ -272,7 +272,9 @@ class DataConfig(_Strict):
         0.0,
         ge=0.0,
         le=1.0,
-        description="Bad records skipped and counted up to this share; above it the file is refused.",
+        description="Bad records skipped and counted up to this share of a file's records; above it the file is "
+        "refused (ftclient check says NOT usable), the same rule in every tool.",
+        json_schema_extra=flag("--max-invalid-fraction", "ftsim", "ftserver", "ftclient check", metavar="F"),
     )
     max_record_bytes: int = Field(
         1 << 20,
@@ -317,7 +319,9 @@ class TrainConfig(_Strict):
         None,
         gt=0,
         le=1.0,
-        description="Peak learning rate (default: the method's, see DEFAULT_LR).",
+        description="Peak learning rate (default: the method's own: "
+        + ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
+        + ").",
         json_schema_extra=flag("--lr", "ftsim"),
     )
     weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW's weight decay.")
@@ -1083,10 +1087,17 @@ class ConfigFlag:
 
     @property
     def help(self) -> str:
+        return self.help_with()
+
+    def help_with(self, demo: Any = None) -> str:
+        """The flag's help; ``demo``: the value a tool's built-in run gives the key (ftsim's demo
+        config), said beside the default when it differs."""
         if self.const is not None:
             said = f"sets {self.key}: {yaml_text(self.const)}"
         else:
             said = self.key + ("" if self.default is None else f"; default {yaml_text(self.default)}")
+            if demo is not None and demo != self.default:
+                said += f"; the demo: {yaml_text(demo)}"
         return f"{self.description} [{said}]".replace("%", "%%")  # argparse formats help with %
 
     def usage(self) -> str:
@@ -1170,20 +1181,22 @@ def _value_or_word(kind: type, words: tuple[str, ...]):
     return parse
 
 
-def add_config_flags(parser, tool: str, description: str | None = None) -> None:
+def add_config_flags(parser, tool: str, description: str | None = None, demo: dict[str, Any] | None = None) -> None:
     """``tool``'s flags from the schema on an argparse parser, in a group of their own. Each
-    defaults to None, meaning not given: the config's value stands."""
+    defaults to None, meaning not given: the config's value stands. ``demo``: dotted key -> the
+    value the tool's built-in run uses (ftsim with no config), shown in the help beside the default."""
     group = parser.add_argument_group(
         "config flags",
         description
         or "each sets the config key in brackets (every key: docs/configuration.md); a flag wins over --set and the config file",
     )
     for f in config_flags(tool):
+        shown = f.help_with((demo or {}).get(f.key))
         if f.const is not None:
-            group.add_argument(f.name, dest=f.dest, action="store_const", const=f.const, default=None, help=f.help)
+            group.add_argument(f.name, dest=f.dest, action="store_const", const=f.const, default=None, help=shown)
         else:
             group.add_argument(
-                f.name, dest=f.dest, type=f.type, choices=f.choices, metavar=f.metavar, default=None, help=f.help
+                f.name, dest=f.dest, type=f.type, choices=f.choices, metavar=f.metavar, default=None, help=shown
             )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -583,15 +584,31 @@ def read_valid_records(path: str | Path, cfg: DataConfig) -> ValidRecords:
         invalid.append((where, problem))
     if n == 0:
         raise DataError(f"{p}: no records")
-    if invalid and len(invalid) > cfg.max_invalid_fraction * n:
+    if (problem := tolerance_problem(len(invalid), n, cfg.max_invalid_fraction)) is not None:
         shown = "; ".join(f"{w}: {why}" for w, why in invalid[:5])
         more = f" (and {len(invalid) - 5} more)" if len(invalid) > 5 else ""
-        tol = f"{cfg.max_invalid_fraction:g}"
-        raise DataError(
-            f"{p}: {len(invalid)} of {n} records unusable, above the tolerance data.max_invalid_fraction={tol}: "
-            f"{shown}{more}"
-        )
+        raise DataError(f"{p}: {problem}: {shown}{more}")
     return ValidRecords(p, fmt, valid, n, invalid)
+
+
+TOLERANCE = (
+    "--max-invalid-fraction"  # the flag of ftsim, ftserver, ftclient check and fteval (data.max_invalid_fraction)
+)
+
+
+def tolerance_problem(n_invalid: int, n: int, fraction: float) -> str | None:
+    """Why ``n_invalid`` unusable records of ``n`` refuse a file at the tolerance ``fraction``
+    (data.max_invalid_fraction), naming the flag every tool takes and the least value that would
+    skip them; None when they are within it. The one rule: each tool and ``ftclient check`` apply it."""
+    if n_invalid == 0 or n_invalid <= fraction * n:
+        return None
+    if n_invalid >= n:
+        return f"all {n} records unusable"
+    least = math.ceil(n_invalid / n * 1000) / 1000  # rounded up: the value given as the fix does skip them
+    return (
+        f"{n_invalid} of {n} records unusable, above the tolerance {TOLERANCE} {fraction:g} "
+        f"(data.max_invalid_fraction); fix them, or skip them with {TOLERANCE} {least:g} or more"
+    )
 
 
 def load_site_data(path: str | Path, cfg: DataConfig) -> SiteData:

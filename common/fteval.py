@@ -26,14 +26,19 @@ import sys
 import time
 from pathlib import Path
 
+from . import exits
 from .checkpoint import ADAPTER_CONFIG, atomic_write_json
 from .config import DEFAULT_MODEL, ConfigError, DataConfig, EvalConfig, ModelConfig
 from .data import DataError
+from .threads import add_device_flags, set_threads, usable_cores
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fteval", description="Score a model (optionally with a PEFT adapter) on a data file."
+        prog="fteval",
+        description="Score a model (optionally with a PEFT adapter) on a data file.",
+        epilog=exits.epilog(),
+        formatter_class=exits.HelpFormatter,
     )
     p.add_argument(
         "--model",
@@ -55,14 +60,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--labels", help="comma-separated label set: also score by the most likely label")
     p.add_argument("--out", help="write the scores as JSON here")
-    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "prompt_completion", "text"])
-    p.add_argument("--max-examples", type=int, default=None, help="score only the first N examples")
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "alpaca", "messages", "prompt_completion", "text"],
+        help="the records' format (default: %(default)s, detected from the first record)",
+    )
+    p.add_argument("--max-examples", type=int, default=None, help="score only the first N examples (default: all)")
+    p.add_argument(
+        "--max-length", type=int, default=1024, help="tokens per example; longer ones are cut (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="tokens generated per example for exact match (default: %(default)s)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="examples scored at once (default: %(default)s)")
     p.add_argument("--no-generate", action="store_true", help="skip greedy generation (loss only; faster)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--max-invalid-fraction", type=float, default=0.0, help="skip up to this share of bad records")
+    add_device_flags(p, "runs")
+    p.add_argument(
+        "--max-invalid-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="skip up to this share of a file's records when they are unusable; above it the file is refused, "
+        "as ftsim, a site and ftclient check refuse it (default: %(default)s)",
+    )
     return p
 
 
@@ -93,20 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.relink:
             _relink(args, model_cfg)
             if not (args.data or args.export_merged):
-                return 0
+                return exits.OK
         if args.export_merged:
             _export(args, model_cfg)
             if not args.data:
-                return 0
+                return exits.OK
         if not args.data:
             raise ConfigError("--data: give a data file to score (or --export-merged DIR with --adapter)")
         data, res, seconds = _score(args, model_cfg, data_cfg, eval_cfg, labels)
     except (ConfigError, DataError, ModelError) as e:
         print(f"fteval: {e}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     except ValidationError as e:
         print(f"fteval: invalid option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     _print_scores(data, res, labels)
     if args.out:
         out = {
@@ -121,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         atomic_write_json(args.out, out)
         print(f"wrote {args.out}")
-    return 0
+    return exits.OK
 
 
 def _settings(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, EvalConfig, list[str] | None]:
@@ -171,6 +195,10 @@ def _score(args, model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalCon
     from .methods import load_trained
 
     data = load_site_data(args.data, data_cfg)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: expected at least 1")
+    threads = set_threads(args.threads)
+    print(f"threads         {threads}" + ("" if args.threads else f" (of {usable_cores()} usable cores; --threads N)"))
     t0 = time.time()
     model, tokenizer, device = load_trained(model_cfg, args.adapter)
     res = evaluate_examples(model, tokenizer, data.examples, data_cfg, eval_cfg, device, labels=labels)

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -51,11 +52,30 @@ def cache_root(cfg: ModelConfig | None = None) -> Path:
 
 
 @contextmanager
-def _file_lock(path: Path):
-    """Serialise provisioning between processes (ftsim's workers all start at once)."""
+def _file_lock(path: Path, what: str = "the model", quiet_s: float = 1.0):
+    """Serialise provisioning between processes (ftsim's workers all start at once). A wait
+    longer than ``quiet_s`` (another process converting ``what``) is said on stderr, so a first
+    run on a shared machine does not sit silent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - t0 >= quiet_s:
+                    print(
+                        f"[fedtune] waiting for another process to finish preparing {what} (lock {path}) ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                    print(
+                        f"[fedtune] {what} is ready (waited {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True
+                    )
+                    break
+                time.sleep(0.05)
         try:
             yield
         finally:
@@ -160,7 +180,7 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, bool]:
     root = cache_root(cfg)
     if cfg.name == DEFAULT_MODEL:
         target = root / "models" / DEFAULT_DIRNAME
-        with _file_lock(root / ".provision.lock"):
+        with _file_lock(root / ".provision.lock", "the default model"):
             if not (target / "config.json").is_file():
                 convert_gguf(_find_default_gguf(root), target)
         return str(target), True
@@ -180,7 +200,7 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, bool]:
         st = gguf.stat()
         key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
         target = root / "models" / f"{gguf.stem}-{key}"
-        with _file_lock(root / ".provision.lock"):
+        with _file_lock(root / ".provision.lock", f"the model from {gguf.name}"):
             if not (target / "config.json").is_file():
                 convert_gguf(gguf, target)
         return str(target), True

@@ -284,7 +284,8 @@ def resume_run(rs: RunState, say: Printer) -> int:
     """The global adapter, the round records and the coordinator's state of the resume point
     (:func:`resume_point`), the DP accountant reconciled with the ledger -> the first round to run."""
     rp = resume_point(rs.out, say, spec_of(rs.global_state), peft=rs.peft_config is not None)
-    rs.global_state, rs.rounds, rs.started = rp.state, rp.rounds, time.time() - rp.elapsed
+    # The wall time goes on from where it stopped: this session's from its start, plus the earlier ones'.
+    rs.global_state, rs.rounds, rs.started = rp.state, rp.rounds, rs.started - rp.elapsed
     if rp.server_state is not None:
         try:
             rs.restore_server_state(rp.server_state, rp.optimizer_arrays)
@@ -409,6 +410,10 @@ def finish_run(rs: RunState, say: Printer, report_sections: Sequence[ReportSecti
     if rs.events is not None:
         rs.events.close()
     save_artifacts(rs, say)
+    # The wall time the report, metrics.json and the console's "done in" all give from now on; a
+    # --resume of a finished run stops before any work (unless it adds rounds), so it stays true.
+    rs.history.finished_s = round(time.time() - rs.history.started, 2)
+    write_metrics(rs)
     write_report(rs.out, rs.metrics_doc(), plots=rs.cfg.output.plots, sections=report_sections)
     say(f"report: {rs.out / 'report.md'}")
 
@@ -421,11 +426,19 @@ def run_federation(
     resume: bool = False,
     site_keys=None,
     report_sections: Sequence[ReportSection] = (),
+    explain_site: Callable[[str, str], str | None] | None = None,
+    started: float | None = None,
 ) -> RunState:
     """``site_keys``: the registered sites' identity keys (SEC1 P-384 bytes) that secure
     aggregation publishes to the sites; None: the keys the sites present. ``report_sections``:
-    the caller's parts of the end-of-run report (ftsim's sites' data), rendered with it once."""
+    the caller's parts of the end-of-run report (ftsim's sites' data), rendered with it once.
+    ``explain_site``: ftsim's (site, status) -> why, read from that site's files (RunState).
+    ``started``: when the run's clock starts (ftsim's own start, so that the report's wall time is
+    what its console shows); None: now."""
     rs = start_run(cfg, out, say, resume, site_keys)
+    rs.explain_site = explain_site
+    if started is not None:
+        rs.started = started
     first = resume_run(rs, say) if resume else begin_run(rs)
     fed = cfg.federation
     minimum = fewest_sites(cfg)
@@ -457,6 +470,8 @@ def make_server_app(
     resume: bool = False,
     site_keys=None,
     report_sections: Sequence[ReportSection] = (),
+    explain_site: Callable[[str, str], str | None] | None = None,
+    started: float | None = None,
 ) -> ServerApp:
     """The ServerApp that runs :func:`run_federation` (its RunState, or the FederationError that
     ended it, appended to ``result``); ``report_sections`` go into the end-of-run report."""
@@ -466,7 +481,7 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         try:
             rs = run_federation(
-                grid, cfg, out, say, resume=resume, site_keys=site_keys, report_sections=report_sections
+                grid, cfg, out, say, resume, site_keys, report_sections, explain_site=explain_site, started=started
             )
         except FederationError as e:
             say(f"FAILED: {e}")

@@ -44,6 +44,7 @@ import threading
 import time
 from pathlib import Path
 
+from fedtune.common import exits
 from fedtune.common.checkpoint import atomic_write_bytes, atomic_write_json, write_private_file
 from fedtune.common.config import (
     ConfigError,
@@ -95,7 +96,10 @@ def init(argv: list[str]) -> int:
     from .certs import create_certificates
 
     p = argparse.ArgumentParser(
-        prog="ftserver init", description="Create a CA and a server certificate for the coordinator."
+        prog="ftserver init",
+        description="Create a CA and a server certificate for the coordinator.",
+        epilog=exits.epilog(),
+        formatter_class=exits.HelpFormatter,
     )
     p.add_argument("dir")
     p.add_argument(
@@ -108,11 +112,11 @@ def init(argv: list[str]) -> int:
         paths = create_certificates(args.dir, args.host, days=args.days, force=args.force)
     except (ValueError, FileExistsError) as e:
         print(f"ftserver init: {e}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     print(f"wrote {', '.join(str(x) for x in paths.values())}")
     print(f"certificate valid for: {', '.join(args.host)} (and localhost, for ftserver itself) ({args.days} days)")
     print(f"give {paths['ca.crt']} to every site; keep ca.key and server.key here (mode 0600)")
-    return 0
+    return exits.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ftserver",
         description="Run the coordinator: a Flower SuperLink with TLS and site authentication, and fedtune's ServerApp. "
         "'ftserver init DIR --host NAME' makes the certificates.",
+        epilog=exits.epilog(),
+        formatter_class=exits.HelpFormatter,
     )
     p.add_argument(
         "--config",
@@ -585,6 +591,16 @@ def prepare(args: argparse.Namespace):
     return cfg, out, net, hold_folder(out)
 
 
+def finished_run(out: Path, rounds: int) -> str | None:
+    """--resume OUT of a finished run that ``rounds`` does not extend: what to say (else None)."""
+    from .record import FILE, RecordError, finished_note, read_record
+
+    try:
+        return finished_note(read_record(out / FILE), out, rounds)
+    except RecordError:  # the ServerApp's own resume says what is wrong with it
+        return None
+
+
 def save_settings(out: Path, cfg: FedTuneConfig, net: dict) -> None:
     """config.json (what the ServerApp runs and --resume reads back) and server.json (the network
     settings --resume starts from)."""
@@ -594,7 +610,7 @@ def save_settings(out: Path, cfg: FedTuneConfig, net: dict) -> None:
 
 def run_children(co: Coordinator) -> int | None:
     """Start the children, relay server.log, submit the run and wait for it, then stop every child
-    whatever happened -> 130 on an interrupt, 1 if a child failed, None once the run ended (how,
+    whatever happened -> 130 on an interrupt, 1 if a child failed (``fedtune.common.exits``), None once the run ended (how,
     run-status.json says: :func:`outcome`)."""
     follower_stop = threading.Event()
     log = co.out / "server.log"
@@ -607,10 +623,10 @@ def run_children(co: Coordinator) -> int | None:
         _say(
             f"interrupted; checkpoints so far are in {co.out / 'checkpoints'}; continue with: ftserver --resume {co.out}"
         )
-        return 130
+        return exits.INTERRUPTED
     except ServerError as e:
         print(f"ftserver: {e}", file=sys.stderr)
-        return 1
+        return exits.FAILED
     finally:
         co.shutdown()
         follower_stop.set()
@@ -631,7 +647,7 @@ def outcome(co: Coordinator) -> int:
         _say(
             f"done: {status.get('rounds')} rounds. adapter: {out / 'adapter'}  metrics: {out / 'metrics.json'}  report: {out / 'report.md'}"
         )
-        return 0
+        return exits.OK
     from .deploy import missing_status_reason
 
     logs = "\n".join(tail(co.state / name, 400) for name in ("serverapp.log", "superexec.out"))
@@ -645,7 +661,7 @@ def outcome(co: Coordinator) -> int:
         f"ftserver: checkpoints so far are in {out / 'checkpoints'}; continue with: ftserver --resume {out}",
         file=sys.stderr,
     )
-    return 1
+    return exits.FAILED
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -653,7 +669,11 @@ def serve(args: argparse.Namespace) -> int:
         cfg, out, net, owner = prepare(args)
     except ConfigError as e:
         print(f"ftserver: {e}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
+    if args.resume and (note := finished_run(out, cfg.federation.rounds)) is not None:
+        print(f"ftserver: {note}")  # nothing started: no round run again, no score taken again
+        owner.close()
+        return exits.OK
     save_settings(out, cfg, net)
     co = Coordinator(cfg, out, net, resume=bool(args.resume))
     co.folder_lock = owner

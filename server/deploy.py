@@ -35,6 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.common.checkpoint import atomic_write_bytes, atomic_write_json
 from fedtune.common.config import FedTuneConfig
 from fedtune.common.flwr_latency import tune_serverapp
+from fedtune.common.threads import set_threads
 
 from .app import FederationError, run_federation
 from .secure import KeyFolder
@@ -238,6 +239,7 @@ def main(grid: Grid, context: Context) -> None:
     exit_when_orphaned(on_exit=lambda: write_status(out, {"status": "stopped", "reason": "the coordinator is gone"}))
     try:
         cfg = FedTuneConfig.from_json(Path(str(rc["config-path"])).read_text())
+        say(f"the coordinator's scoring and exports use {set_threads()} CPU thread(s)")
         # Secure aggregation publishes the registered site keys (--authorized-keys) to the sites.
         rs = run_federation(grid, cfg, out, say, resume=bool(rc.get("resume", False)), site_keys=KeyFolder.of_run(out))
     except FederationError as e:

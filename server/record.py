@@ -231,6 +231,8 @@ class GeneralScores(_Record):
     text_loss: float
     qa_loss: float
     qa_accuracy: float
+    qa_wrong_loss: float | None = None  # a wrong answer of the same form (records before it have none)
+    qa_reply_words: float | None = None  # the greedy replies' mean length in words
 
 
 class Forgetting(_Record):
@@ -254,7 +256,8 @@ class RunRecord(_Record):
     n_layers: int = 0
     config: dict[str, Any]  # FedTuneConfig.model_dump(mode="json")
     rounds: list[RoundRecord]
-    elapsed_s: float
+    elapsed_s: float  # the run's wall time (all its sessions, resumed ones too); when finished, fixed then
+    finished: bool = False  # the run reached its end (its last round, or stopped early): nothing left to resume
     baselines: dict[str, Any] | None = None  # ftsim --baselines (simulations.baselines.BaselinesRecord)
 
     def site_names(self) -> list[str]:
@@ -350,3 +353,19 @@ def read_document(path: Path) -> dict:
     record = read_record(path)
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
     return {"schema_version": record.schema_version, **{k: v for k, v in doc.items() if k != "schema_version"}}
+
+
+def finished_note(record: RunRecord, out: Path, rounds: int) -> str | None:
+    """What ``--resume OUT`` says and does nothing else for, when the run is finished and
+    ``rounds`` (federation.rounds as resumed, --rounds included) does not extend it; else None."""
+    if not record.finished:
+        return None
+    saved = record.setting("federation", "rounds", 0)
+    if rounds > saved:
+        return None
+    done = record.rounds[-1].round if record.rounds else 0
+    how = f"stopped early after round {done}: {record.stopped}" if record.stopped else f"{done} of {saved} rounds run"
+    return (
+        f"{out} is finished ({how}; {record.elapsed_s:.0f} s); its report: {out / 'report.md'}. "
+        f"Nothing to resume: add --rounds N (N > {saved}) to extend it"
+    )

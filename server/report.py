@@ -45,6 +45,17 @@ def fmt(x, spec=".3f") -> str:
     return format(x, spec)
 
 
+def human_bytes(n: int | None) -> str:
+    """A byte count as people read it (decimal units: 19.5 MB, 16.4 kB, 512 B); a dash for none."""
+    if n is None:
+        return "–"
+    for size, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        v = n / size
+        if round(v, 1) >= 1:
+            return f"{v:.1f} {unit}" if v < 99.95 else f"{v:.0f} {unit}"
+    return f"{n:,} B"
+
+
 def _get(m: BaseModel, key: str, default: object = "–") -> object:
     """``m.key`` when the record holds the key (even as null), else ``default``: a cell shows a
     dash for a figure that was never recorded."""
@@ -105,6 +116,12 @@ def series(doc: RunRecord | Mapping, site: str, key: str) -> tuple[list[int], li
     return xs, ys
 
 
+PLOT_DPI = 110
+# The widest a plot gets: 1045 px at PLOT_DPI, inside report.html's column (1100 px less its
+# padding), so the page shows every plot at its own size, never shrunk until its text is unreadable.
+PLOT_MAX_WIDTH_IN = 9.5
+
+
 def write_plots(out: Path, doc: RunRecord | Mapping, sections: Sequence[ReportSection] = ()) -> list[str]:
     """layers.png, sites.png, loss.png, exact_match.png, forgetting.png, rounds.png (those the
     record has figures for) and the sections' plots. -> the file names written."""
@@ -149,34 +166,52 @@ def _panel(ax, doc: RunRecord, key: str, title: str, xlabel: str, ylabel: str, p
     ax.xaxis.get_major_locator().set_params(integer=True)
 
 
+def _round_ticks(ax, rounds: Sequence[int], labels: Sequence[str] | None = None, most: int = 10) -> None:
+    """The x ticks of a heatmap over ``rounds`` (one column each): every round's, or every k-th
+    round's when there are more than ``most`` (so their labels never run into each other)."""
+    step = max(1, math.ceil(len(rounds) / most))
+    shown = range(0, len(rounds), step)
+    ax.set_xticks(list(shown), [(labels or [str(r) for r in rounds])[i] for i in shown])
+
+
+def _per_round_share(grid: list[list[float]]) -> tuple[list[list[float]], list[float]]:
+    """value[layer][round] divided by that round's largest value -> (the grid, each round's
+    largest): every round spans the whole colour scale, however small its change was."""
+    tops = [max(col) for col in zip(*grid)]
+    return [[v / t if t > 0 else 0.0 for v, t in zip(row, tops)] for row in grid], tops
+
+
 def _plot_layers(plt, out: Path, doc: RunRecord) -> list[str]:
-    """layers.png: the norm of the global change per layer and round."""
+    """layers.png: the norm of the global change per layer, relative to the round's largest
+    (one colour scale per round: later rounds change less, and would all be one dark band)."""
     labels, rounds, grid = _layer_matrix(doc)
     if not labels:
         return []
+    shares, tops = _per_round_share(grid)
     fig, ax = plt.subplots(
-        figsize=(max(5, 1.2 * len(rounds) + 3), max(3, 0.22 * len(labels) + 1.5)), constrained_layout=True
+        figsize=(min(PLOT_MAX_WIDTH_IN, max(5, 0.8 * len(rounds) + 3.5)), max(3, 0.22 * len(labels) + 1.8)),
+        constrained_layout=True,
     )
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
-    ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])
+    im = ax.imshow(shares, aspect="auto", cmap="viridis", origin="lower", vmin=0, vmax=1)
+    _round_ticks(ax, rounds, [f"{r}\nmax {t:.2g}" for r, t in zip(rounds, tops)], most=6)
     ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("round")
+    ax.set_xlabel("round (and its largest layer's L2 norm)")
     ax.set_ylabel("layer")
-    ax.set_title("where adaptation happens: norm of the global change per layer")
-    fig.colorbar(im, ax=ax, label="L2 norm of the change")
-    fig.savefig(out / "layers.png", dpi=110)
+    ax.set_title("where adaptation happens: change per layer, within each round")
+    fig.colorbar(im, ax=ax, label="L2 norm of the change / the round's largest")
+    fig.savefig(out / "layers.png", dpi=PLOT_DPI)
     plt.close(fig)
     return ["layers.png"]
 
 
 def _plot_losses(plt, out: Path, doc: RunRecord) -> list[str]:
     """loss.png: train and eval loss per site per round."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(PLOT_MAX_WIDTH_IN, 4), constrained_layout=True)
     _panel(axes[0], doc, "train_loss", "train loss (mean over local steps)", "round", "loss")
     _panel(
         axes[1], doc, "eval_loss", "eval loss (answer tokens)", "round (0 = base model)", "loss", "personal_eval_loss"
     )
-    fig.savefig(out / "loss.png", dpi=110)
+    fig.savefig(out / "loss.png", dpi=PLOT_DPI)
     plt.close(fig)
     return ["loss.png"]
 
@@ -196,7 +231,7 @@ def _plot_exact_match(plt, out: Path, doc: RunRecord) -> list[str]:
         "personal_exact_match",
     )
     ax.set_ylim(-0.02, 1.02)
-    fig.savefig(out / "exact_match.png", dpi=110)
+    fig.savefig(out / "exact_match.png", dpi=PLOT_DPI)
     plt.close(fig)
     return ["exact_match.png"]
 
@@ -206,7 +241,7 @@ def _plot_forgetting(plt, out: Path, doc: RunRecord) -> list[str]:
     table = _forgetting_rows(doc)
     if not table:
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(PLOT_MAX_WIDTH_IN, 4.2), constrained_layout=True)
     for ax, kind in zip(axes, ("loss", "score")):
         rows = [r for r in table if r[3] == kind]
         xs = range(len(rows))
@@ -215,41 +250,72 @@ def _plot_forgetting(plt, out: Path, doc: RunRecord) -> list[str]:
         ax.set_xticks(list(xs), [r[0] for r in rows], fontsize=8)
         ax.set_title("losses (lower is better)" if kind == "loss" else "scores (higher is better)")
         ax.grid(alpha=0.3, axis="y")
-        ax.legend()
+    # one legend for both panels, below them: inside an axes it covered a bar
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2)
     fig.suptitle("domain gains against general knowledge (forgetting)")
-    fig.savefig(out / "forgetting.png", dpi=110)
+    fig.savefig(out / "forgetting.png", dpi=PLOT_DPI)
     plt.close(fig)
     return ["forgetting.png"]
 
 
+def _bytes_note(trained: Sequence[RoundRecord]) -> str | None:
+    """One line for the bytes sent when a bar per round would say nothing (the same every
+    round, or never recorded); None when they change between rounds (then they get bars)."""
+    most = {r.update_bytes for r in trained}
+    if most == {None}:
+        return "bytes sent: not recorded"
+    if len(most) > 1:
+        return None
+    (n,) = most
+    sent = {s.bytes_sent for r in trained for s in r.sites.values()}  # None: a site that sent nothing
+    if sent == {n}:
+        return f"each site sent {human_bytes(n)} every round"
+    if sent - {None} == {n}:
+        return f"each site sent {human_bytes(n)} every round it trained"
+    return f"the most one site sent: {human_bytes(n)} every round"
+
+
 def _plot_rounds(plt, out: Path, doc: RunRecord) -> list[str]:
-    """rounds.png: per trained round, the bytes one site sent, the time, and the privacy spent."""
+    """rounds.png: per trained round, the bytes one site sent (a line of text when they are the
+    same every round), the time, and the privacy spent."""
     trained = [r for r in doc.rounds if r.round > 0 and r.seconds is not None]
     if not trained:
         return []
     eps = [(r.round, r.privacy.epsilon) for r in trained if r.privacy is not None]
-    fig, axes = plt.subplots(1, 3 if eps else 2, figsize=(15 if eps else 10, 3.6), constrained_layout=True)
+    note = _bytes_note(trained)
+    n = 1 + (note is None) + bool(eps)
+    fig, axes = plt.subplots(
+        1, n, figsize=(min(PLOT_MAX_WIDTH_IN, max(6, 4.75 * n)), 3.6), constrained_layout=True, squeeze=False
+    )
+    axes = list(axes[0])
     xs = [r.round for r in trained]
-    axes[0].bar(xs, [(r.update_bytes or 0) / 1e6 for r in trained], color="tab:blue")
-    axes[0].set_title("bytes one site sent per round")
-    axes[0].set_ylabel("MB")
-    axes[1].bar(xs, [r.seconds for r in trained], color="tab:orange")
-    axes[1].set_title("time per round (train + evaluate)")
-    axes[1].set_ylabel("seconds")
+    if note is None:
+        ax = axes.pop(0)
+        ax.bar(xs, [(r.update_bytes or 0) / 1e6 for r in trained], color="tab:blue")
+        ax.set_title("bytes one site sent per round")
+        ax.set_ylabel("MB")
+    else:
+        fig.suptitle(f"upload: {note}")
+    axes[0].bar(xs, [r.seconds for r in trained], color="tab:orange")
+    axes[0].set_title("time per round (train + evaluate)")
+    axes[0].set_ylabel("seconds")
     if eps:
-        budget = doc.setting("privacy", "epsilon")
-        axes[2].plot([x for x, _ in eps], [e for _, e in eps], marker="o", color="tab:red", label="spent")
-        if budget:
-            axes[2].axhline(budget, linestyle="--", color="grey", label="budget")
-        axes[2].set_title("privacy: cumulative epsilon")
-        axes[2].legend()
-    for ax in axes:
+        _privacy_panel(axes[1], eps, doc.setting("privacy", "epsilon"))
+    for ax in fig.axes:
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.savefig(out / "rounds.png", dpi=110)
+    fig.savefig(out / "rounds.png", dpi=PLOT_DPI)
     plt.close(fig)
     return ["rounds.png"]
+
+
+def _privacy_panel(ax, eps: Sequence[tuple[int, float]], budget: float | None) -> None:
+    ax.plot([x for x, _ in eps], [e for _, e in eps], marker="o", color="tab:red", label="spent")
+    if budget:
+        ax.axhline(budget, linestyle="--", color="grey", label="budget")
+    ax.set_title("privacy: cumulative epsilon")
+    ax.legend()
 
 
 def _forgetting_rows(doc: RunRecord) -> list[tuple[str, float, float, str]]:
@@ -267,10 +333,41 @@ def _forgetting_rows(doc: RunRecord) -> list[tuple[str, float, float, str]]:
         ("general text loss", base.text_loss, final.text_loss, "loss"),
         ("general question loss", base.qa_loss, final.qa_loss, "loss"),
     ]
+    if base.qa_wrong_loss is not None and final.qa_wrong_loss is not None:
+        rows.append(("general question loss, a wrong answer", base.qa_wrong_loss, final.qa_wrong_loss, "loss"))
     if first.exact_match is not None and last.exact_match is not None:
         rows.append(("domain exact match", first.exact_match, last.exact_match, "score"))
     rows.append(("general questions answered", base.qa_accuracy, final.qa_accuracy, "score"))
     return rows
+
+
+def _form_or_facts(doc: RunRecord) -> str | None:
+    """Why the general question loss can fall while fewer questions are answered, in the run's
+    figures: the loss of a wrong answer of the same form says whether the facts are still ranked
+    above wrong ones (knowledge), the replies' length whether the way of answering changed (form)."""
+    base, final = doc.forgetting.base, doc.forgetting.final
+    if base.qa_wrong_loss is None or final.qa_wrong_loss is None:
+        return None
+    gap_b, gap_f = base.qa_wrong_loss - base.qa_loss, final.qa_wrong_loss - final.qa_loss
+    said = (
+        f"Right short answers' loss moved {final.qa_loss - base.qa_loss:+.3f}, a wrong answer's of the same form "
+        f"(another question's) {final.qa_wrong_loss - base.qa_wrong_loss:+.3f}: the right answer's lead over a wrong "
+        f"one went from {gap_b:.3f} to {gap_f:.3f} nats per answer token, so the model "
+        + (
+            "kept the facts"
+            if gap_f >= 0.9 * gap_b
+            else "kept part of the facts"
+            if gap_f >= 0.5 * gap_b
+            else "lost most of the facts"
+        )
+        + f". Questions answered went from {base.qa_accuracy:.2f} to {final.qa_accuracy:.2f}"
+    )
+    words = (base.qa_reply_words, final.qa_reply_words)
+    if None not in words:
+        said += f", with greedy replies of {words[0]:.1f} words on average before and {words[1]:.1f} after"
+        if gap_f >= 0.9 * gap_b and final.qa_accuracy < base.qa_accuracy - 0.1:
+            said += ": what fell is how it answers (in the form the sites' answers taught it), more than what it knows"
+    return said + "."
 
 
 def _forgetting_section(doc: RunRecord, plots: Sequence[str]) -> list[str]:
@@ -287,6 +384,8 @@ def _forgetting_section(doc: RunRecord, plots: Sequence[str]) -> list[str]:
         ],
     )
     out += [f"| {name} | {b:.3f} | {f:.3f} | {f - b:+.3f} |" for name, b, f, _ in rows]
+    if (why := _form_or_facts(doc)) is not None:
+        out += ["", why]
     if "forgetting.png" in plots:
         out += ["", "![forgetting.png](forgetting.png)"]
     return out
@@ -333,30 +432,56 @@ def _site_layer_cosines(doc: RunRecord) -> dict[str, tuple[list[str], list[int],
     return out
 
 
+def _cosine_scale(grids: Sequence[list[list[float]]]) -> tuple[str, float, float]:
+    """(colour map, vmin, vmax) fitted to the cosines' range: blues when every site pulled along
+    the aggregate, reds when every one pulled against it, red-white-blue centred on 0 (white:
+    across) when the values cross zero."""
+    vals = [v for g in grids for row in g for v in row if math.isfinite(v)] or [0.0]
+    lo, hi = min(vals), max(vals)
+    if lo < 0 < hi:
+        top = max(-lo, hi)
+        return "RdBu", -top, top
+    if hi - lo < 0.02:  # one value: a visible band around it
+        lo, hi = lo - 0.01, hi + 0.01
+    return ("Blues", lo, hi) if lo >= 0 else ("Reds_r", lo, hi)
+
+
+def _panel_grid(n: int, panel_w: float) -> tuple[int, int]:
+    """(rows, columns) for ``n`` panels of ``panel_w`` inches within the widest a plot gets."""
+    cols = max(1, min(n, int(PLOT_MAX_WIDTH_IN // panel_w)))
+    return math.ceil(n / cols), cols
+
+
 def _plot_site_pulls(plt, out: Path, doc: RunRecord) -> list[str]:
-    """sites.png: which way each site pulled, per layer and round (its cosine to the aggregate)."""
+    """sites.png: which way each site pulled, per layer and round (its cosine to the aggregate),
+    one panel per site, in rows when they do not fit side by side."""
     per_site = _site_layer_cosines(doc)
     if not per_site:
         return []
     n_labels = max(len(v[0]) for v in per_site.values())
     n_rounds = max(len(v[1]) for v in per_site.values())
+    panel_w = min(PLOT_MAX_WIDTH_IN - 1, max(2.6, 0.45 * n_rounds + 1.2))
+    rows, cols = _panel_grid(len(per_site), panel_w)
     fig, axes = plt.subplots(
-        1,
-        len(per_site),
-        figsize=(max(4.5, 1.0 * n_rounds + 3) * len(per_site), max(3, 0.22 * n_labels + 1.8)),
+        rows,
+        cols,
+        figsize=(min(PLOT_MAX_WIDTH_IN, panel_w * cols + 1.6), rows * max(2.4, 0.2 * n_labels + 1.1) + 0.4),
         constrained_layout=True,
         squeeze=False,
     )
-    im = None
-    for i, (ax, (name, (labels, rounds, grid))) in enumerate(zip(axes[0], per_site.items())):
-        im = ax.imshow(grid, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, origin="lower")
-        ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])
-        ax.set_yticks(range(len(labels)), labels if i == 0 else [""] * len(labels))
+    cmap, vmin, vmax = _cosine_scale([grid for _, _, grid in per_site.values()])
+    flat = [ax for row in axes for ax in row]
+    for i, (ax, (name, (labels, rounds, grid))) in enumerate(zip(flat, per_site.items())):
+        im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
+        _round_ticks(ax, rounds, most=max(2, int(panel_w * 1.6)))
+        ax.set_yticks(range(len(labels)), labels if i % cols == 0 else [""] * len(labels))
         ax.set_xlabel("round")
         ax.set_title(name)
-    fig.colorbar(im, ax=list(axes[0]), label="cosine to the aggregate (1 along, -1 against)")
+    for ax in flat[len(per_site) :]:
+        ax.set_axis_off()
+    fig.colorbar(im, ax=flat, label="cosine to the aggregate\n(1 along, 0 across, -1 against)")
     fig.suptitle("which way each site pulled, per layer")
-    fig.savefig(out / "sites.png", dpi=110)
+    fig.savefig(out / "sites.png", dpi=PLOT_DPI)
     plt.close(fig)
     return ["sites.png"]
 
@@ -387,7 +512,8 @@ def _adaptation_section(doc: RunRecord, plots: Sequence[str]) -> list[str]:
         if "sites.png" in plots:
             out += [
                 "",
-                "The same per layer: blue where a site pulled along the aggregate, red where it pulled against it.",
+                "The same per layer (the colours span the cosines' range: blue where a site pulled along the "
+                "aggregate, red where it pulled against it, white across it when some did each):",
                 "",
                 "![sites.png](sites.png)",
             ]
@@ -425,10 +551,10 @@ def _best_lines(doc: RunRecord) -> list[str]:
 
 def _update_size_line(rounds: Sequence[RoundRecord]) -> str:
     """What trained and travelled per round (layer-wise control changes it between rounds)."""
-    sizes = [(r.round, r.trainable_params, r.update_bytes or 0) for r in rounds if _has(r, "trainable_params")]
+    sizes = [(r.round, r.trainable_params, r.update_bytes) for r in rounds if _has(r, "trainable_params")]
     if not sizes:
         return "- update size per round: not recorded"
-    parts = "; ".join(f"round {n}: {p:,} parameters, {b / 1e6:.2f} MB per site" for n, p, b in sizes)
+    parts = "; ".join(f"round {n}: {p:,} parameters, {human_bytes(b)} per site" for n, p, b in sizes)
     return f"- update size per round: {parts}"
 
 
@@ -528,18 +654,17 @@ def _per_site_table(doc: RunRecord) -> list[str]:
         "exact match, base",
         "exact match, final",
         *(("exact match, personalized",) if personal else ()),
-        "examples",
+        "train examples",
         "bytes sent / round",
     )
     lines = table_head(columns, "Per site: base model (round 0) against the final round")
     for n in doc.site_names():
         f0, f1 = first.get(n, _NO_SITE), final.get(n, _NO_SITE)
-        sent = f1.bytes_sent
         p_loss = f" {fmt(f1.personal_eval_loss)} |" if personal else ""
         p_em = f" {fmt(f1.personal_exact_match, '.2f')} |" if personal else ""
         lines.append(
             f"| {md(n)} | {fmt(f0.eval_loss)} | {fmt(f1.eval_loss)} |{p_loss} {fmt(f0.exact_match, '.2f')} | "
-            f"{fmt(f1.exact_match, '.2f')} |{p_em} {_get(f1, 'examples')} | {f'{sent:,}' if isinstance(sent, int) else '–'} |"
+            f"{fmt(f1.exact_match, '.2f')} |{p_em} {fmt(f1.examples, ',')} | {human_bytes(f1.bytes_sent)} |"
         )
     if personal:
         lines += [
@@ -567,7 +692,7 @@ def _rounds_table(doc: RunRecord) -> list[str]:
             lines.append(
                 f"| {r.round} | {md(n)} | {md(status)} | {fmt(s.train_loss)} | "
                 f"{fmt(s.eval_loss)} | {fmt(s.exact_match, '.2f')} | {_get(s, 'steps')} | "
-                f"{fmt(s.train_seconds, '.1f')} | {_get(s, 'bytes_sent')} |"
+                f"{fmt(s.train_seconds, '.1f')} | {human_bytes(s.bytes_sent)} |"
             )
     return lines
 
@@ -633,7 +758,7 @@ _IMAGE = re.compile(r"^!\[([^\]]*)\]\(([^)]+)\)$")
 HTML_STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-    "th{background:#f3f3f3}img{max-width:100%;margin:0.5em 0}code{background:#f3f3f3;padding:0 3px}"
+    "th{background:#f3f3f3}img{max-width:100%;height:auto;margin:0.5em 0}code{background:#f3f3f3;padding:0 3px}"
 )
 
 

@@ -147,6 +147,12 @@ def new_fold(rs: RunState, plan: TrainPlan) -> Fold:
     )
 
 
+def with_detail(rs: RunState, name: str, status: str, reason: str) -> str:
+    """``reason``, and what ``rs.explain_site`` (ftsim) reads from the site's files about it."""
+    detail = rs.explain_site(name, status) if rs.explain_site is not None and status != "ok" else None
+    return f"{reason}: {detail}" if detail else reason
+
+
 def refusal_info(m: Message, status: str, tm: TrainMetrics, dropped: int) -> dict:
     """The record of a site that sent no update: its status, its reason, its data's counts."""
     info = {"status": status, "reason": site_reason(m, status)}
@@ -232,7 +238,7 @@ class TrainReplies:
         count = f"[{n}/{of} sites, {time.time() - self.t0:.0f} s] {rs.progress(plan.rnd, n, of)}"
         if status != "ok":
             info = self.sites[name] = refusal_info(m, status, tm, dropped)
-            self.say(f"{where}: no update ({info['reason']}) {count}")
+            self.say(f"{where}: no update ({with_detail(rs, name, status, info['reason'])}) {count}")
             return
         info = self.sites[name] = train_info(tm, dropped)
         trained = trained_line(info)
@@ -472,7 +478,12 @@ def aggregate_evaluate(rs: RunState, rnd: int, results: dict[str, dict], say: Pr
         )
         for n, v in sorted(ok.items())
     )
-    say(f"round {rnd} eval  | {summary}" if summary else f"round {rnd} eval  | no site evaluated")
+    silent = "  ".join(
+        f"{n}: not evaluated ({with_detail(rs, n, v.get('status', 'no eval examples'), v.get('status', 'no eval examples'))})"
+        for n, v in sorted(results.items())
+        if n not in ok
+    )
+    say(f"round {rnd} eval  | " + ("  ".join(x for x in (summary, silent) if x) or "no site replied"))
     return {"sites": results, "aggregate": agg}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,7 @@ class History:
     rounds: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     stopped: str | None = None  # why the run stopped before its last round
+    finished_s: float | None = None  # the run's wall time when it finished (metrics.json's elapsed_s from then on)
     forgetting: dict = field(default_factory=dict)  # general knowledge: {"base": ..., "final": ...}
     first_round: int = 1  # where this process started training (after a resume, later)
     first_round_at: float | None = None
@@ -161,6 +163,9 @@ class RunState:
         self.accountant = accountant
         # Flower node id -> the site name it reported, so a site that later fails is still named.
         self.node_names: dict = SiteNames()
+        # ftsim plays every site, so it can say why one sent nothing from that site's own files
+        # ((name, status) -> the reason, or None); a deployment's coordinator has only the status.
+        self.explain_site: Callable[[str, str], str | None] | None = None
         self.events = None  # output.tensorboard: an events.EventWriter
         # Secure aggregation: the registered sites' identity keys (SEC1 P-384; a KeyFolder), if known.
         self.site_keys = site_keys
@@ -231,7 +236,8 @@ class RunState:
             "n_layers": self.n_layers,
             "config": cfg.model_dump(mode="json"),
             "rounds": h.rounds,
-            "elapsed_s": round(time.time() - h.started, 2),
+            "elapsed_s": h.finished_s if h.finished_s is not None else round(time.time() - h.started, 2),
+            **({"finished": True} if h.finished_s is not None else {}),
         }
 
 

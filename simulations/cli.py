@@ -27,12 +27,12 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.common import methods
+from fedtune.common import exits, methods
 from fedtune.common.config import (
     ConfigError,
     FedTuneConfig,
@@ -43,6 +43,7 @@ from fedtune.common.config import (
 )
 from fedtune.common.metrics import PERSONAL_SCORES
 from fedtune.common.procs import sigterm_as_interrupt
+from fedtune.common.threads import set_threads, usable_cores
 
 if TYPE_CHECKING:
     from fedtune.simulations.partition import Partition
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ftsim",
         description="Run a federated fine-tuning simulation with virtual sites on this machine. "
         "With no arguments: the built-in demo (medical, legal and financial sites, bundled data, default model).",
+        epilog=exits.epilog(),
+        formatter_class=exits.HelpFormatter,
     )
     p.add_argument("--config", help="YAML or TOML config file (see simulations/configs/default.yaml)")
     p.add_argument(
@@ -88,8 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_partition_flags(p)
     _add_run_flags(p)
-    add_config_flags(p, "ftsim")  # --rounds, --lr, --out, --secure-aggregation, ...: declared in common/config.py
+    # --rounds, --lr, --out, --secure-aggregation, ...: declared in common/config.py; the help says
+    # what the built-in demo (no --config, --site or --data) sets beside each default.
+    add_config_flags(p, "ftsim", demo=demo_settings())
     return p
+
+
+def demo_settings() -> dict[str, Any]:
+    """The bundled demo config's values as dotted keys ({'federation.rounds': 3, ...}; not its sites)."""
+    raw = read_config_file(bundled_path("configs", DEFAULT_CONFIG))
+    return {
+        f"{section}.{key}": value
+        for section, values in raw.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+        if not isinstance(value, (dict, list))
+    }
 
 
 def _add_partition_flags(p: argparse.ArgumentParser) -> None:
@@ -150,6 +167,7 @@ def default_out_dir() -> str:
 class Resolved:
     cfg: FedTuneConfig
     partition: Partition | None = None  # set when the sites were split from --data
+    finished: str | None = None  # --resume of a finished run that the flags do not extend: what to say
 
 
 PARTITION_FLAGS = "--data, --partition, --sites or --label-key"
@@ -285,7 +303,7 @@ def _resumed(args: argparse.Namespace, overrides: dict, partition_flags: bool) -
     """--resume DIR: the run's own record holds its config; flags may change what is safe to
     change (e.g. --rounds). A partitioned run's saved config lists its sites' files in
     DIR/partitions: never split again."""
-    from fedtune.server.record import FILE, RecordError, read_record
+    from fedtune.server.record import FILE, RecordError, finished_note, read_record
 
     if args.config or args.site or args.out or partition_flags:
         raise ConfigError(
@@ -295,11 +313,12 @@ def _resumed(args: argparse.Namespace, overrides: dict, partition_flags: bool) -
     if not record.is_file():
         raise ConfigError(f"--resume {args.resume}: nothing to resume (no readable {record.name})")
     try:
-        saved = read_record(record).config
+        doc = read_record(record)
     except RecordError as e:  # names the key that is wrong, or the version that is not read
         raise ConfigError(f"--resume {args.resume}: nothing to resume ({e})") from None
     overrides["output.dir"] = str(Path(args.resume))
-    return Resolved(_check_sites(load_config(None, overrides, base=saved, source=str(record))))
+    cfg = _check_sites(load_config(None, overrides, base=doc.config, source=str(record)))
+    return Resolved(cfg, finished=finished_note(doc, Path(args.resume), cfg.federation.rounds))
 
 
 def _read_config(cfg_path: Path | None, keep_partition: bool) -> tuple[dict[str, Any], Any]:
@@ -382,6 +401,59 @@ def _check_sites(cfg: FedTuneConfig, check_files: bool = True) -> FedTuneConfig:
             if f is not None and not Path(f).is_file():
                 raise ConfigError(f"federation.sites[{s.name}].{label}: file {f} not found")
     return cfg.with_secure_default(False)
+
+
+def site_problem(site, data_cfg) -> str | None:
+    """Why no site would train on this site's files (file, line and what is wrong, as ``ftclient
+    check`` says it; counts only, never a record), or None."""
+    from fedtune.common.data import DataError, read_valid_records
+
+    for f in (site.train, site.eval):
+        if f is not None:
+            try:
+                read_valid_records(f, data_cfg)  # streamed; the same rule and tolerance as the site's
+            except DataError as e:
+                return str(e)
+    return None
+
+
+def refuse_unusable_sites(cfg: FedTuneConfig) -> int | None:
+    """Every site's files read here, before a model is provisioned or a worker starts: the exit
+    code (each bad site and its reason said on stderr) when one is not usable, else None."""
+    problems = {s.name: why for s in cfg.federation.sites if (why := site_problem(s, cfg.data)) is not None}
+    for name, why in problems.items():
+        print(f"ftsim: site {name}: {why}", file=sys.stderr)
+    if not problems:
+        return None
+    print(
+        f"ftsim: {len(problems)} of {len(cfg.federation.sites)} sites have data that cannot be used; nothing was "
+        "started. `ftclient check --data FILE` lists each file's problems.",
+        file=sys.stderr,
+    )
+    return exits.BAD_INPUT
+
+
+@dataclass
+class SiteExplainer:
+    """What ftsim, playing every site, reads from a site's own files about why it sent nothing
+    (the coordinator's RunState.explain_site); ``explained``: the sites it had a reason for."""
+
+    cfg: FedTuneConfig
+    explained: set[str] = field(default_factory=set)
+
+    def __call__(self, name: str, status: str) -> str | None:
+        site = next((s for s in self.cfg.federation.sites if s.name == name), None)
+        why = None
+        if site is not None and status == "data-error":
+            why = site_problem(site, self.cfg.data)
+        elif site is not None and status == "no-usable-examples":
+            why = (
+                f"every training example loses its whole answer at data.max_length {self.cfg.data.max_length} "
+                f"(ftclient check --data {site.train} --max-length N shows the token lengths)"
+            )
+        if why is not None:
+            self.explained.add(name)
+        return why
 
 
 def make_say(t0: float):
@@ -478,7 +550,12 @@ def with_site_keys(sites: list) -> tuple[list, frozenset]:
     return [replace(s, key=k) for s, k in zip(sites, pem)], frozenset(identity_public(k) for k in keys)
 
 
-def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
+def _site_cpus(cfg: FedTuneConfig) -> float:
+    """The CPUs Ray gives each virtual site's worker (its torch threads: Ray sets OMP_NUM_THREADS)."""
+    return min(cfg.simulation.cpus_per_site, float(usable_cores()))
+
+
+def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False, started: float | None = None):
     """Run the simulation; returns the server's RunState. Ray is shut down on every path. The
     coordinator writes the report, with ftsim's sections (:func:`.report_sections.federation_sections`)."""
     from flwr.simulation import run_simulation
@@ -492,12 +569,15 @@ def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
     sites, site_keys = with_site_keys(sites_from_config(cfg))
     if cfg.federation.personalization != "none":
         sites = private_folders(sites, out)
-    cpus = min(cfg.simulation.cpus_per_site, float(os.cpu_count() or 1))
+    cpus = _site_cpus(cfg)
     backend_config = {"client_resources": {"num_cpus": cpus, "num_gpus": cfg.simulation.gpus_per_site}}
     result: list = []
     # ftsim's sections (the sites' data) go into the coordinator's end-of-run report: rendered once.
     sections = federation_sections(out)
-    server_app = make_server_app(cfg, out, say, result, resume=resume, site_keys=site_keys, report_sections=sections)
+    explain = SiteExplainer(cfg)
+    server_app = make_server_app(
+        cfg, out, say, result, resume, site_keys, report_sections=sections, explain_site=explain, started=started
+    )
     client_app = make_client_app(sites, device=None if cfg.model.device == "auto" else cfg.model.device)
     prepare_engine()
     try:
@@ -516,7 +596,8 @@ def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False):
     if not result:
         raise RuntimeError("the simulation ended without finishing its rounds (see the messages above)")
     if isinstance(result[0], Exception):
-        hint = f" (continue with: ftsim --resume {out})" if (out / "metrics.json").is_file() else ""
+        fix = f"fix the data of {', '.join(sorted(explain.explained))} (above), then " if explain.explained else ""
+        hint = f" ({fix}continue with: ftsim --resume {out})" if (out / "metrics.json").is_file() else ""
         raise RuntimeError(f"{result[0]}{hint}")
     return result[0]
 
@@ -527,20 +608,30 @@ def main(argv: list[str] | None = None) -> int:
         resolved = resolve_run(args)
     except ConfigError as e:
         print(f"ftsim: {e}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     cfg = resolved.cfg
     out = Path(cfg.output.dir or default_out_dir())
     t0 = time.time()
     say = make_say(t0)
+    if resolved.finished is not None:
+        say(resolved.finished)
+        if not cfg.simulation.baselines:
+            return exits.OK
+        return _baselines(cfg, out, say) or exits.OK  # the baselines a finished run has not run yet
+    if (code := refuse_unusable_sites(cfg)) is not None:
+        return code
     announce(resolved, out, say)
+    say(f"the coordinator's scoring and exports use {set_threads()} CPU thread(s); each site {_site_cpus(cfg):g}")
     sigterm_as_interrupt()
-    rs = _federate(cfg, out, say, resume=bool(args.resume))
+    rs = _federate(cfg, out, say, resume=bool(args.resume), started=t0)
     if rs is None:
-        return 1
+        return exits.FAILED
     agg = rs.rounds[-1].get("aggregate", {})
     personal = {k.removeprefix("personal_"): v for k, v in agg.items() if k in PERSONAL_SCORES}
     say(
-        f"done in {time.time() - t0:.0f} s. Final global eval: "
+        f"done in {rs.history.finished_s:.0f} s"
+        + (f" (all its sessions; this one {time.time() - t0:.0f} s)" if args.resume else "")
+        + ". Final global eval: "
         + ", ".join(f"{k} {v:.3f}" for k, v in agg.items() if k not in PERSONAL_SCORES)
         + (
             "; each site's personalized model (mean over sites): "
@@ -552,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.simulation.baselines and (code := _baselines(cfg, out, say)):
         return code
     _say_outputs(cfg, out, rs, say)
-    return 0
+    return exits.OK
 
 
 def announce(resolved: Resolved, out: Path, say) -> None:
@@ -591,15 +682,15 @@ def _safeguard_line(cfg: FedTuneConfig) -> str | None:
     return f"update-norm bound: each site clips its update to L2 norm {'auto (10 x lr x steps x sqrt(values))' if bound == 'auto' else f'{bound:g}'}"
 
 
-def _federate(cfg: FedTuneConfig, out: Path, say, resume: bool):
+def _federate(cfg: FedTuneConfig, out: Path, say, resume: bool, started: float):
     """The federation (:func:`run`) -> its RunState; None when it failed (said on stderr)."""
     try:
-        return run(cfg, out, say, resume=resume)
+        return run(cfg, out, say, resume=resume, started=started)
     except KeyboardInterrupt:
         # run() has shut Ray down; the ServerApp thread (not a daemon) may still be waiting on
         # replies that will never come, so leave without joining it.
         print(f"ftsim: interrupted; checkpoints so far are in {out / 'checkpoints'}", file=sys.stderr, flush=True)
-        os._exit(130)
+        os._exit(exits.INTERRUPTED)
     except Exception as e:  # noqa: BLE001 - one clear line for the user, details above
         print(f"ftsim: failed: {e}", file=sys.stderr)
         return None
@@ -613,13 +704,13 @@ def _baselines(cfg: FedTuneConfig, out: Path, say) -> int | None:
         add_baselines(cfg, out, say)
     except BaselineError as e:
         print(f"ftsim: baselines: {e}", file=sys.stderr)
-        return 1
+        return exits.FAILED
     except KeyboardInterrupt:
         print(
             f"ftsim: interrupted; the baselines finished so far are kept in {out / 'baselines'} (continue with: ftsim --resume {out})",
             file=sys.stderr,
         )
-        return 130
+        return exits.INTERRUPTED
     return None
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fedtune.server.record import FILE, RecordError, RunRecord, read_record
-from fedtune.server.report import ReportSection, fmt, md, table_head, write_report
+from fedtune.server.report import PLOT_DPI, PLOT_MAX_WIDTH_IN, ReportSection, fmt, md, table_head, write_report
 
 from .baselines import (
     PERSONALIZED,
@@ -113,19 +113,28 @@ def _rows(b: BaselinesRecord) -> list[tuple[str, TrainingScores | MeanScores]]:
 
 
 def _draw_baselines(plt, out: Path, record: RunRecord) -> list[str]:
-    """baselines.png: every site's score (and the mean) under each training, side by side."""
+    """baselines.png: every site's score (and the mean) under each training, the metrics side by side
+    (one under the other where side by side would be wider than a plot gets)."""
     b = BaselinesRecord.of(record)
     keys = _metrics(b) if b is not None else []
     if not keys:
         return []
     rows = _rows(b)
     groups = [g for g, _ in rows]
+    panel_w = max(6, 1.8 * len(groups) + 2)
+    side_by_side = panel_w * len(keys) <= PLOT_MAX_WIDTH_IN  # else one under the other: report.html shows it unshrunk
+    n_rows, n_cols = (1, len(keys)) if side_by_side else (len(keys), 1)
     fig, axes = plt.subplots(
-        1, len(keys), figsize=(max(6, 1.8 * len(groups) + 2) * len(keys), 4.4), constrained_layout=True, squeeze=False
+        n_rows,
+        n_cols,
+        figsize=(min(PLOT_MAX_WIDTH_IN, panel_w * n_cols), 4.4 * n_rows),
+        constrained_layout=True,
+        squeeze=False,
     )
+    axes = [ax for row in axes for ax in row]
     shown = _shown(b)
     width = 0.8 / len(shown)
-    for ax, key in zip(axes[0], keys):
+    for ax, key in zip(axes, keys):
         for j, (t, label, color) in enumerate(shown):
             vals = [_value(row, t, key) for _, row in rows]
             xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(groups))]
@@ -136,10 +145,10 @@ def _draw_baselines(plt, out: Path, record: RunRecord) -> list[str]:
         if key == "exact_match":
             ax.set_ylim(0, 1.08)
         ax.grid(alpha=0.3, axis="y")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(shown), fontsize=9)
     fig.suptitle("does federation help? each site's validation score at equal compute")
-    fig.savefig(out / BASELINES_PLOT, dpi=110)
+    fig.savefig(out / BASELINES_PLOT, dpi=PLOT_DPI)
     plt.close(fig)
     return [BASELINES_PLOT]
 

@@ -1,6 +1,7 @@
 """ftsim end to end, as a user runs it: a real process, Flower's simulation engine (Ray).
 
-- a 2-site, 2-round run on the tiny model, plus a third site whose file is unusable, with its baselines;
+- a 2-site, 2-round run on the tiny model, with its baselines (a third site whose file is unusable
+  is refused before anything starts, tests/unit/test_first_use.py);
 - one run on the real default model (1 round, a few steps) that checks the loss falls.
 """
 
@@ -60,17 +61,22 @@ def test_two_sites_two_rounds_tiny_model(tiny_model_dir, tmp_path):
     secret = "PATIENT-SECRET-4711"
     bad.write_bytes(b'{"prompt": "' + secret.encode() + b'"}\n{not json\n\xff\xfe\n')
     out = tmp_path / "run"
+    sites = [
+        "--model",
+        str(tiny_model_dir),
+        "--site",
+        f"medical={DATA / 'medical/train.jsonl'}:{DATA / 'medical/eval.jsonl'}",
+        "--site",
+        f"legal={DATA / 'legal/train.jsonl'}",
+    ]
+    # A site whose file no site can use: refused at once, named with its file's reason, and nothing started.
+    refused = _ftsim([*sites, "--site", f"broken={bad}", "--out", str(out)], timeout=120)
+    assert refused.returncode == 2 and f"ftsim: site broken: {bad}: all 3 records unusable" in refused.stderr
+    assert "line 2" in refused.stderr and secret not in refused.stdout + refused.stderr and not out.exists()
     before = _ray_processes()
     proc = _ftsim(
         [
-            "--model",
-            str(tiny_model_dir),
-            "--site",
-            f"medical={DATA / 'medical/train.jsonl'}:{DATA / 'medical/eval.jsonl'}",
-            "--site",
-            f"legal={DATA / 'legal/train.jsonl'}",
-            "--site",
-            f"broken={bad}",
+            *sites,
             "--rounds",
             "2",
             "--local-steps",
@@ -93,17 +99,17 @@ def test_two_sites_two_rounds_tiny_model(tiny_model_dir, tmp_path):
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    assert secret not in log  # site records never reach logs
 
     doc = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in doc["rounds"]] == [0, 1, 2]
+    assert doc["finished"] and f"done in {doc['elapsed_s']:.0f} s." in log  # the console's figure is the report's
+    assert f"wall time: {doc['elapsed_s']:.0f} s" in (out / "report.md").read_text()
     for r in doc["rounds"][1:]:
-        sites = r["sites"]
-        assert sites["medical"]["status"] == "ok" and sites["legal"]["status"] == "ok"
-        assert sites["broken"]["status"] == "data-error"  # never sends an update
+        by_site = r["sites"]
+        assert by_site["medical"]["status"] == "ok" and by_site["legal"]["status"] == "ok"
         assert r["accepted"] == 2 and r["applied"]
         for name in ("medical", "legal"):
-            s = sites[name]
+            s = by_site[name]
             assert s["examples"] > 0 and s["steps"] == 3
             assert s["bytes_sent"] >= 4 * doc["trainable_params"]
             assert s["train_loss"] > 0 and s["eval_loss"] > 0
@@ -132,16 +138,10 @@ def test_two_sites_two_rounds_tiny_model(tiny_model_dir, tmp_path):
     # --baselines: each usable site alone and the pooled data at the federation's compute (2 rounds x 3 steps a site).
     b = doc["baselines"]
     assert b["steps"] == {
-        "budget": 12, "federation": {"medical": 6, "legal": 6, "broken": 0, "total": 12}, "alone": {"medical": 6, "legal": 6, "broken": 0}, "pooled": 12,
+        "budget": 12, "federation": {"medical": 6, "legal": 6, "total": 12}, "alone": {"medical": 6, "legal": 6}, "pooled": 12,
     }  # fmt: skip
     for name in ("medical", "legal"):
         assert all(b["sites"][name][t]["eval_loss"] > 0 for t in ("base", "alone", "pooled", "federation"))
-    assert b["sites"]["broken"] == {
-        "base": None,
-        "alone": None,
-        "pooled": None,
-        "federation": None,
-    }
     assert (out / "baselines" / "alone" / "medical" / "adapter_model.safetensors").is_file() and (
         out / "baselines" / "pooled"
     ).is_dir()

@@ -72,7 +72,10 @@ def test_ftclient_check_reports_counts_and_problems(tiny_model_dir, tmp_path, ca
     f.write_bytes(b'{"prompt": "Categorize: SHOP 12", "completion": "groceries"}\n{oops\n\xff\n')
     rc = ftclient.main(["check", "--data", str(f), "--model", str(tiny_model_dir)])
     out = capsys.readouterr().out
-    assert rc == 0
+    assert rc == 2 and "NOT usable: 2 of 3 records unusable, above the tolerance --max-invalid-fraction 0" in out
+    rc = ftclient.main(["check", "--data", str(f), "--model", str(tiny_model_dir), "--max-invalid-fraction", "0.7"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "usable: 2 of 3 records will be skipped" in out
     assert "records         3" in out and "valid           1" in out and "invalid         2" in out
     assert "line 2: malformed JSON" in out and "line 3: not valid UTF-8" in out
     assert "SHOP 12" not in out
@@ -100,7 +103,7 @@ def test_ftclient_check_reports_a_50_mb_line_deep_nesting_and_a_lone_surrogate_a
         out.write(b'{"prompt": "SHOP 12 \\ud800", "completion": "b"}\n')
     tracemalloc.start()
     t0 = time.perf_counter()
-    rc = ftclient.main(["check", "--data", str(f), "--model", str(tiny_model_dir)])
+    rc = ftclient.main(["check", "--data", str(f), "--model", str(tiny_model_dir), "--max-invalid-fraction", "0.75"])
     seconds, (_, peak) = time.perf_counter() - t0, tracemalloc.get_traced_memory()
     tracemalloc.stop()
     out = capsys.readouterr().out
@@ -116,7 +119,8 @@ def test_ftclient_check_reports_a_50_mb_line_deep_nesting_and_a_lone_surrogate_a
 def test_ftclient_check_takes_the_record_cap(tiny_model_dir, tmp_path, capsys):
     f = tmp_path / "site.jsonl"
     f.write_text('{"prompt": "' + "q" * 5000 + '", "completion": "a"}\n{"prompt": "q", "completion": "a"}\n')
-    assert ftclient.main(["check", "--data", str(f), "--model", str(tiny_model_dir), "--max-record-bytes", "4096"]) == 0
+    cap = ["--max-record-bytes", "4096", "--max-invalid-fraction", "0.5"]
+    assert ftclient.main(["check", "--data", str(f), "--model", str(tiny_model_dir), *cap]) == 0
     assert "line 1: longer than data.max_record_bytes (4096 bytes)" in capsys.readouterr().out
     assert ftclient.main(["check", "--data", str(f), "--model", str(tiny_model_dir), "--max-record-bytes", "10"]) == 2
     assert "max_record_bytes" in capsys.readouterr().err
@@ -425,6 +429,7 @@ LEGACY_SHARED = {
     "--rounds": "federation.rounds",
     "--no-plots": "output.plots",
     "--personalize": "federation.personalization",
+    "--max-invalid-fraction": "data.max_invalid_fraction",  # issue 22: one tolerance, the same flag in every tool
 }
 LEGACY_FTSIM = LEGACY_SHARED | {
     "--model": "model.name",
@@ -451,6 +456,7 @@ LEGACY_CHECK = {
     "--format": "data.format",
     "--max-length": "data.max_length",
     "--max-record-bytes": "data.max_record_bytes",
+    "--max-invalid-fraction": "data.max_invalid_fraction",
 }
 
 
@@ -606,9 +612,13 @@ def test_a_flag_help_is_its_key_description_and_names_the_key(monkeypatch):
     for f in config_flags():
         assert f.description == described[f.key] and f.description
         assert f.help.startswith(f.description.replace("%", "%%")) and f.key in f.help
+    from fedtune.simulations.cli import demo_settings
+
+    demo = {"ftsim": demo_settings()}  # ftsim's help also says what its built-in demo sets
     helps = {tool: " ".join(p.format_help().split()) for tool, p in _tool_parsers().items()}
     for tool, text in helps.items():
-        assert all(" ".join(f.help.replace("%%", "%").split()) in text for f in config_flags(tool)), tool
+        shown = [f.help_with(demo.get(tool, {}).get(f.key)) for f in config_flags(tool)]
+        assert all(" ".join(h.replace("%%", "%").split()) in text for h in shown), tool
     text = helps["ftserver"]
     assert "[federation.join_timeout_s; default 600.0]" in text
     assert "[sets secure_aggregation.enabled: false]" in text

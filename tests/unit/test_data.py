@@ -397,7 +397,8 @@ def test_tolerance_exceeded(tmp_path):
     with pytest.raises(DataError) as ei:
         load_site_data(_ten_with_bad(tmp_path, 2), DataConfig(max_invalid_fraction=0.1))
     msg = str(ei.value)
-    assert "2 of 10 records unusable" in msg and "max_invalid_fraction=0.1" in msg
+    assert "2 of 10 records unusable" in msg and "--max-invalid-fraction 0.1 (data.max_invalid_fraction)" in msg
+    assert "skip them with --max-invalid-fraction 0.2 or more" in msg
     assert "line 9" in msg and "line 10" in msg
 
 

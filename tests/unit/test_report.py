@@ -101,12 +101,12 @@ def test_write_report_with_plots(tmp_path):
     assert path == tmp_path / "report.md"
     md = path.read_text(encoding="utf-8")
     assert (
-        "| site | eval loss, base | eval loss, final | exact match, base | exact match, final | examples | bytes sent / round |"
+        "| site | eval loss, base | eval loss, final | exact match, base | exact match, final | train examples | bytes sent / round |"
         in md
     )
-    assert "| clinic | 2.500 | 1.500 | 0.25 | 0.75 | 10 | 16,384 |" in md
-    assert "| bank | 3.000 | 2.625 | 0.00 | 0.25 | 8 | 16,384 |" in md
-    assert "| 1 | bank | rejected | – | 2.900 | 0.00 | 2 | 1.0 | 16384 |" in md
+    assert "| clinic | 2.500 | 1.500 | 0.25 | 0.75 | 10 | 16.4 kB |" in md
+    assert "| bank | 3.000 | 2.625 | 0.00 | 0.25 | 8 | 16.4 kB |" in md
+    assert "| 1 | bank | rejected | – | 2.900 | 0.00 | 2 | 1.0 | 16.4 kB |" in md
     assert "| 0 | clinic | ok | – | 2.500 | 0.25 | – | – | – |" in md
     assert "- round 1, bank: a: 2 non-finite value(s)" in md
     assert "sites: bank, clinic; rounds: 2; wall time: 42 s" in md
@@ -122,7 +122,7 @@ def test_no_exact_match_plot_without_exact_match(tmp_path):
     md = write_report(tmp_path, make_doc(with_em=False)).read_text()
     assert (tmp_path / "loss.png").is_file()
     assert not (tmp_path / "exact_match.png").exists()
-    assert "| clinic | 2.500 | 1.500 | – | – | 10 | 16,384 |" in md
+    assert "| clinic | 2.500 | 1.500 | – | – | 10 | 16.4 kB |" in md
 
 
 def test_report_without_plots(tmp_path):
@@ -168,7 +168,7 @@ def test_report_names_the_artifact_and_each_rounds_update_size():
     doc["rounds"][1] |= {"trainable_params": 2048, "update_bytes": 8320}
     doc["rounds"][2] |= {"trainable_params": 4096, "update_bytes": 16512}
     md = render_markdown(doc, [])
-    assert "round 1: 2,048 parameters, 0.01 MB per site; round 2: 4,096 parameters, 0.02 MB per site" in md
+    assert "round 1: 2,048 parameters, 8.3 kB per site; round 2: 4,096 parameters, 16.5 kB per site" in md
     assert "final adapter: `adapter/`" in md and "merged/" not in md
     doc["config"] = {"output": {"merged": True}}
     assert "merged into the base: `merged/`" in render_markdown(doc, [])
@@ -287,7 +287,7 @@ def test_ftsim_renders_a_partitioned_runs_report_once_with_the_sites_data(tmp_pa
         renders.append([section.where for section in sections])
         return render(doc, plots, sections)
 
-    def federation(grid, cfg, out_dir, say, resume=False, site_keys=None, report_sections=()):
+    def federation(grid, cfg, out_dir, say, resume=False, site_keys=None, report_sections=(), **_):
         rs = RunState(cfg, out_dir, OrderedDict(), None, 4096)
         rs.rounds.extend(make_doc()["rounds"])
         server.finish_run(rs, say, report_sections)
@@ -363,7 +363,7 @@ def test_every_tables_head_is_rendered_as_it_always_was():
         "\n\n## Sites' data\n\nOne dataset of 3 records from 1 file(s), split by `iid` (seed 1) over categories by "
         "domain (file).\n\n| site | records | a | b |\n| --- | --- | --- | --- |\n| clinic | 3 | 2 | 1 |\n",
         "\n\n## Per site: base model (round 0) against the final round\n\n| site | eval loss, base | eval loss, final | "
-        "exact match, base | exact match, final | examples | bytes sent / round |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "exact match, base | exact match, final | train examples | bytes sent / round |\n| --- | --- | --- | --- | --- | --- | --- |\n",
         "\n\n| site: eval loss (lower is better) | base model | alone | pooled | federation | federation against alone | "
         "federation's gain, share of alone's | federation's gain, share of pooled's |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- |\n| clinic |",

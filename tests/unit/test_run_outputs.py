@@ -101,7 +101,8 @@ def test_the_best_round_is_kept_and_the_run_stops_after_patience_rounds_without_
     assert "![sites.png](sites.png)" in report
     # Forgetting: the general-knowledge set, base model against the final adapter, beside the domains.
     f = doc["forgetting"]
-    assert set(f) == {"base", "final", "change"} and set(f["base"]) == {"text_loss", "qa_loss", "qa_accuracy"}
+    assert set(f) == {"base", "final", "change"}
+    assert set(f["base"]) == {"text_loss", "qa_loss", "qa_accuracy", "qa_wrong_loss", "qa_reply_words"}
     assert f["change"]["qa_loss"] == pytest.approx(f["final"]["qa_loss"] - f["base"]["qa_loss"])
     assert f["base"]["qa_loss"] != f["final"]["qa_loss"]  # the final adapter (round 3) is not the base model
     assert "## What the model forgot" in report and "| domain eval loss | 3.000 | 2.600 | -0.400 |" in report
@@ -138,5 +139,39 @@ def test_the_general_knowledge_set_loads_and_scores(tiny_config):
     assert forgetting.contains_answer("It is 56", "56") and not forgetting.contains_answer("156", "56")
     model, tok, dev = methods.load_model(tiny_config, "cpu")
     scores = forgetting.general_knowledge(model, tok, dev)
-    assert set(scores) == {"text_loss", "qa_loss", "qa_accuracy"}
+    assert set(scores) == {"text_loss", "qa_loss", "qa_accuracy", "qa_wrong_loss", "qa_reply_words"}
     assert scores["text_loss"] > 0 and scores["qa_loss"] > 0 and 0 <= scores["qa_accuracy"] <= 1
+    assert (
+        scores["qa_wrong_loss"] > 0 and scores["qa_wrong_loss"] != scores["qa_loss"] and scores["qa_reply_words"] >= 0
+    )
+    # The wrong answers: each question with the next one's answer, the form kept.
+    wrong = forgetting.wrong_answers(qa)
+    answers = [ex.messages[-1]["content"] for ex in qa]
+    assert [ex.messages[-1]["content"] for ex in wrong] == answers[1:] + answers[:1]
+    assert all(w.messages[:-1] == q.messages[:-1] for w, q in zip(wrong, qa))
+    assert all(a != b for a, b in zip(answers, answers[1:] + answers[:1]))  # every one is wrong
+
+
+@pytest.mark.parametrize(
+    "final, said",
+    [
+        # The demo's own figures (2026-12-07): the lead grew, the replies shrank to one word.
+        ({"qa_loss": 1.685, "qa_wrong_loss": 4.145, "qa_accuracy": 0.03, "qa_reply_words": 1.0},
+         "so the model kept the facts. Questions answered went from 0.62 to 0.03, with greedy replies of 7.5 words on "
+         "average before and 1.0 after: what fell is how it answers"),
+        ({"qa_loss": 3.0, "qa_wrong_loss": 3.2, "qa_accuracy": 0.2, "qa_reply_words": 7.0}, "so the model lost most of the facts."),
+        ({"qa_loss": 3.0, "qa_wrong_loss": 4.4, "qa_accuracy": 0.5, "qa_reply_words": 7.0}, "so the model kept part of the facts."),
+    ],
+)  # fmt: skip
+def test_the_report_says_whether_the_model_lost_facts_or_changed_its_form(final, said):
+    from fedtune.server.record import RunRecord
+    from fedtune.server.report import render_markdown
+
+    from .test_report import make_doc
+
+    doc = make_doc()
+    base = {"text_loss": 2.606, "qa_loss": 3.628, "qa_wrong_loss": 5.569, "qa_accuracy": 0.62, "qa_reply_words": 7.5}
+    doc["forgetting"] = {"base": base, "final": {"text_loss": 2.606, **final}}
+    md = render_markdown(RunRecord.model_validate(doc), [])
+    assert "the right answer's lead over a wrong one went from 1.941 to" in md and said in md
+    assert "| general question loss, a wrong answer | 5.569 |" in md

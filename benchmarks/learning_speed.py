@@ -65,6 +65,7 @@ def candidates(k: int) -> dict[str, list[str]]:
         "fedavg, server lr 1 (FedAvg)": ["--strategy", "fedavg", "--set", "federation.server_lr=1"],
         f"fedavg, server lr sqrt(K) = {math.sqrt(k):.2f}": ["--strategy", "fedavg", "--set", f"federation.server_lr={math.sqrt(k):.4f}"],
         f"fedavg, server lr K = {k} ('sites')": WINNER,
+        f"fedavg, server lr 2K = {2 * k}": ["--strategy", "fedavg", "--set", f"federation.server_lr={2 * k}"],
         "fedavgm, server lr 1, momentum 0.9": ["--strategy", "fedavgm", "--set", "federation.server_lr=1"],
         "fedavgm, server lr K, momentum 0.9": ["--strategy", "fedavgm", "--set", "federation.server_lr=sites"],
         "fedadam, server lr 3e-3": ["--strategy", "fedadam", "--set", "federation.server_lr=3e-3"],

@@ -591,9 +591,8 @@ def read_valid_records(path: str | Path, cfg: DataConfig) -> ValidRecords:
     return ValidRecords(p, fmt, valid, n, invalid)
 
 
-TOLERANCE = (
-    "--max-invalid-fraction"  # the flag of ftsim, ftserver, ftclient check and fteval (data.max_invalid_fraction)
-)
+# The flag of ftsim, ftserver, ftclient check and fteval that sets data.max_invalid_fraction.
+TOLERANCE = "--max-invalid-fraction"
 
 
 def tolerance_problem(n_invalid: int, n: int, fraction: float) -> str | None:

@@ -1,7 +1,7 @@
 """The exit codes of ftsim, ftserver, ftclient and fteval: one table, the same for all four.
 
 Each command's ``--help`` ends with :func:`epilog`; docs/user-guide.md#exit-codes shows the same
-table, and tests/unit/test_exit_codes.py plays each row through the real commands.
+table, and tests/unit/test_first_use.py checks both against the commands (and the codes they return).
 """
 
 from __future__ import annotations

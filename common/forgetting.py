@@ -46,24 +46,26 @@ def wrong_answers(questions: list[Example]) -> list[Example]:
 
 
 def general_knowledge(model, tokenizer, device, max_length: int = 256, batch_size: int = 8) -> dict[str, float]:
-    """-> {text_loss, qa_loss, qa_accuracy} of ``model`` (with whatever adapter it carries)."""
+    """-> {text_loss, qa_loss, qa_wrong_loss, qa_accuracy, qa_reply_words} of ``model`` (with
+    whatever adapter it carries)."""
     was_training = model.training
     model.eval()
     out: dict[str, float] = {}
     examples = {}
+
+    def answer_loss(exs: list[Example], cfg: DataConfig) -> float:
+        total, count, _ = answer_nll(
+            model, tokenize_all(exs, tokenizer, cfg).items, tokenizer.pad_token_id, device, batch_size
+        )
+        return metrics.mean_loss(total, count)
+
     for name, fmt in (("text", "text"), ("qa", "messages")):
         cfg = DataConfig(format=fmt, max_length=max_length)
         examples[name] = load_site_data(GENERAL_DIR / f"{name}.jsonl", cfg).examples
-        total, count, _ = answer_nll(
-            model, tokenize_all(examples[name], tokenizer, cfg).items, tokenizer.pad_token_id, device, batch_size
-        )
-        out[f"{name}_loss"] = metrics.mean_loss(total, count)
-    wrong = wrong_answers(examples["qa"])
-    cfg = DataConfig(format="messages", max_length=max_length)
-    total, count, _ = answer_nll(
-        model, tokenize_all(wrong, tokenizer, cfg).items, tokenizer.pad_token_id, device, batch_size
+        out[f"{name}_loss"] = answer_loss(examples[name], cfg)
+    out["qa_wrong_loss"] = answer_loss(
+        wrong_answers(examples["qa"]), DataConfig(format="messages", max_length=max_length)
     )
-    out["qa_wrong_loss"] = metrics.mean_loss(total, count)
     pairs = [prompt_and_reference(ex, tokenizer) for ex in examples["qa"]]
     preds = generate_answers(model, tokenizer, [p for p, _ in pairs], device, MAX_NEW_TOKENS, batch_size)
     out["qa_accuracy"] = sum(contains_answer(p, r) for p, (_, r) in zip(preds, pairs)) / len(pairs)

@@ -26,7 +26,7 @@ def usable_cores() -> int:
     try:
         quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
         if quota != "max":
-            cores = min(cores, max(1, int(int(quota) // int(period))))
+            cores = min(cores, max(1, int(quota) // int(period)))
     except (OSError, ValueError):
         pass
     return max(1, cores)
@@ -56,6 +56,8 @@ def busy_cores(cores: int, window_s: float = 0.3) -> float:
             return 0.0
     time.sleep(window_s)
     second = _cpu_times()
+    if second is None:
+        return 0.0
     idle, total = second[0] - first[0], second[1] - first[1]
     return 0.0 if total <= 0 else min(1.0, max(0.0, 1 - idle / total)) * cores
 

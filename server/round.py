@@ -479,9 +479,9 @@ def aggregate_evaluate(rs: RunState, rnd: int, results: dict[str, dict], say: Pr
         for n, v in sorted(ok.items())
     )
     silent = "  ".join(
-        f"{n}: not evaluated ({with_detail(rs, n, v.get('status', 'no eval examples'), v.get('status', 'no eval examples'))})"
+        f"{n}: not evaluated ({with_detail(rs, n, status, status)})"
         for n, v in sorted(results.items())
-        if n not in ok
+        if n not in ok and (status := v.get("status", "no eval examples"))
     )
     say(f"round {rnd} eval  | " + ("  ".join(x for x in (summary, silent) if x) or "no site replied"))
     return {"sites": results, "aggregate": agg}

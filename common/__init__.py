@@ -16,6 +16,26 @@ class _NoKernelsHubFetch(_logging.Filter):
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubFetch())
 
 
+def _no_hub_kernels() -> None:
+    """transformers >= 5.25 installs the ``kernels`` package and uses hub kernels by default, and
+    with the package there bitsandbytes (imported by peft) asks the Hugging Face hub for a CPU
+    kernel when it is imported on an AVX512-BF16 CPU (``get_kernel("kernels-community/
+    quantization-bitsandbytes")``): downloads of code at run time that nobody named, which
+    fedtune never does. Two switches, each the owner's own: ``USE_HUB_KERNELS=NO`` is
+    transformers' (``from_pretrained`` then kernelizes nothing; set here, so Ray workers and
+    child processes inherit it), and marking the module absent (the import system's
+    ``sys.modules[name] = None``) makes bitsandbytes' import of it fail, so it falls back to its
+    plain CPU path as it does without the package."""
+    import os
+    import sys
+
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
+    sys.modules.setdefault("kernels", None)
+
+
+_no_hub_kernels()
+
+
 def quiet_dependency_warnings() -> None:
     """Hide a dependency's deprecation notice that is not for our users: importing bitsandbytes
     (peft does, whenever it is installed) imports torch.utils.mkldnn, which uses

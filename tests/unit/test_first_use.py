@@ -314,3 +314,24 @@ def test_ftclient_join_warns_of_a_file_above_the_default_tolerance(tmp_path, cap
     assert capsys.readouterr().err == ""
     with pytest.raises(JoinError, match="--threads 0: expected at least 1"):
         check_inputs(join_parser().parse_args(["--server", "h:9", "--data", str(bad), "--insecure", "--threads", "0"]))
+
+
+def test_importing_fedtune_keeps_bitsandbytes_from_fetching_a_kernel_from_the_hub():
+    """transformers >= 5.25 brings the ``kernels`` package; bitsandbytes (imported by peft) then
+    asks the hub for a CPU kernel at import on an AVX512-BF16 CPU, a download nobody named (seen
+    in a fresh clone's test run: 'Skipping publisher trust check for kernels-community/...'). In a
+    clean process, hub not disabled, fedtune's import leaves ``kernels`` unimportable."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedtune.common, peft\n"
+        "try:\n    import bitsandbytes\nexcept ImportError:\n    pass\n"
+        "import transformers.utils.import_utils as iu\n"
+        "print(sys.modules.get('kernels') is None, iu.is_kernels_available())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["True", "False"] and "kernels-community" not in res.stderr

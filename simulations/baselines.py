@@ -6,7 +6,7 @@ After the federation, with its compute and its seed, ftsim scores every site und
   adapter, which is exactly the base model for every method but prompt and prefix tuning
   (their initial virtual tokens already change the output).
 - **alone**: each site trains by itself on its own data. It runs the optimizer steps it ran in
-  the federation, round by round, with the same batches, learning-rate schedule and seeds:
+  the federation (in a personalized run, its private steps too), round by round, with the same batches, learning-rate schedule and seeds:
   :func:`fedtune.client.app.train_local`, the function a site trains with in the federation.
   Only the averaging is missing: a site's round starts from its own previous round.
 - **pooled** (centralized): one trainer on all the sites' training data pooled, running in each
@@ -182,16 +182,22 @@ class Plan:
 
 def plan_of(rounds: Sequence[RoundRecord | Mapping]) -> Plan:
     """The steps each site ran per round, from metrics.json's round records: updates that were
-    accepted (and, under secure aggregation, summed)."""
+    accepted (and, under secure aggregation, summed), plus, in a personalized run, the private
+    steps the site ran on its own part that round (federation.personal_steps): a site's compute
+    is every optimizer step it ran, so alone and pooled get those steps as well."""
     steps: dict[str, dict[int, int]] = {}
     ran: dict[str, int] = {}
     for r in _rounds(rounds):
         if r.round < 1 or r.skipped:
             continue
         for name, s in r.sites.items():
+            n = 0
             if s.status == "ok" and s.summed is not False and (s.steps or 0) > 0:
-                steps.setdefault(name, {})[r.round] = s.planned_steps or s.steps
-                ran[name] = ran.get(name, 0) + s.steps
+                n, ran[name] = s.planned_steps or s.steps, ran.get(name, 0) + s.steps
+            if s.personal_steps:  # a personalized run's private steps are the site's compute too
+                n, ran[name] = n + s.personal_steps, ran.get(name, 0) + s.personal_steps
+            if n:
+                steps.setdefault(name, {})[r.round] = n
     return Plan(steps, ran)
 
 
@@ -500,7 +506,8 @@ def baselines_doc(
     return {
         "compute": (
             "optimizer steps of train.batch_size x train.grad_accum examples: each site alone has the steps it had in the "
-            "federation, round by round; the pooled run, the sum of all sites' steps each round (budget: the steps planned; "
+            "federation, round by round (a personalized run's private steps included); the pooled run, the sum of all sites' "
+            "steps each round (budget: the steps planned; "
             "federation, alone, pooled: the steps run, fewer than planned only where local early stopping ended a round)"
         ),
         "examples_per_step": cfg.train.batch_size * cfg.train.grad_accum,

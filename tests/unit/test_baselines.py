@@ -58,6 +58,19 @@ def test_the_plan_counts_only_the_steps_that_reached_the_global_adapter():
     # With local early stopping the budget is the planned steps; what ran is counted apart.
     plan = baselines.plan_of([{"round": 1, "sites": {"a": {"status": "ok", "steps": 4, "planned_steps": 10}}}])
     assert plan.alone("a") == [(1, 10)] and plan.ran == {"a": 4}
+    # A personalized run: the private steps a site ran on its own part count as its compute, even in a
+    # round whose shared update did not reach the global model.
+    plan = baselines.plan_of(
+        [
+            {
+                "round": 1,
+                "sites": {"a": {"status": "ok", "steps": 5, "personal_steps": 5}, "b": {"status": "ok", "steps": 5}},
+            },
+            {"round": 2, "sites": {"a": {"status": "rejected", "steps": 5, "personal_steps": 5}}},
+        ]
+    )
+    assert plan.alone("a") == [(1, 10), (2, 5)] and plan.alone("b") == [(1, 5)]
+    assert plan.pooled() == [(1, 15), (2, 5)] and plan.ran == {"a": 15, "b": 5}
 
 
 def test_scores_are_weighted_by_examples():

@@ -204,6 +204,11 @@ def _steps_line(b: BaselinesRecord) -> str:
             if steps.budget not in (None, steps.federation["total"])
             else ""
         )
+        + (
+            "; each site's private steps (personalization) are counted in its compute, so alone and pooled have them too"
+            if any(row.personalized for row in b.sites.values())
+            else ""
+        )
     )
 
 

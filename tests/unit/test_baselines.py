@@ -401,3 +401,4 @@ def test_a_personalized_run_gets_its_column_and_verdict(tiny_config, tmp_path):
     md = (out / "report.md").read_text()
     assert "| personalized | federation against alone | personalized against alone |" in md
     assert "- each site's personalized model against the site alone" in md
+    assert "private steps (personalization) are counted in its compute" in md

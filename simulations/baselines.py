@@ -8,7 +8,8 @@ After the federation, with its compute and its seed, ftsim scores every site und
 - **alone**: each site trains by itself on its own data. It runs the optimizer steps it ran in
   the federation (in a personalized run, its private steps too), round by round, with the same
   batches, learning-rate schedule and seeds: :func:`fedtune.client.app.train_local`, the
-  function a site trains with in the federation. Only the averaging is missing: a site's round starts from its own previous round.
+  function a site trains with in the federation. Only the averaging is missing: a site's round
+  starts from its own previous round.
 - **pooled** (centralized): one trainer on all the sites' training data pooled, running in each
   round the sum of the steps the sites ran in that round, so its compute equals the
   federation's.

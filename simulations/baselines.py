@@ -538,9 +538,14 @@ def _trainings(personalized: bool) -> tuple[str, ...]:
     return TRAININGS + ((PERSONALIZED,) if personalized else ())
 
 
+def is_personalized(b: BaselinesRecord) -> bool:
+    """Whether the record scores each site's personalized model (a personalized federation's)."""
+    return any(row.personalized for row in b.sites.values())
+
+
 def trainings_of(b: BaselinesRecord) -> tuple[str, ...]:
     """The trainings the record scores (:func:`_trainings`)."""
-    return _trainings(any(row.personalized for row in b.sites.values()))
+    return _trainings(is_personalized(b))
 
 
 def personal_verdict(b: BaselinesRecord) -> str | None:

@@ -24,6 +24,7 @@ from .baselines import (
     BaselinesRecord,
     MeanScores,
     TrainingScores,
+    is_personalized,
     on_all_mean,
     on_all_verdict,
     personal_verdict,
@@ -206,7 +207,7 @@ def _steps_line(b: BaselinesRecord) -> str:
         )
         + (
             "; each site's private steps (personalization) are counted in its compute, so alone and pooled have them too"
-            if any(row.personalized for row in b.sites.values())
+            if is_personalized(b)
             else ""
         )
     )

@@ -172,3 +172,24 @@ def tiny_peft_model(tiny_config):
 
     seed_everything(0)
     return load_model(tiny_config, "cpu")
+
+
+@pytest.fixture
+def holds_no_private_row():
+    """``check(private_dirs, folder)``: every site's private adapter (each ``private_dirs`` item, a
+    PEFT folder) has nonzero LoRA B rows, and no file under the coordinator's ``folder`` holds one
+    of those rows' bytes (personalization's promise: the private part never leaves the site)."""
+    from fedtune.common.checkpoint import load_adapter_state
+
+    def check(private_dirs, folder: Path) -> None:
+        rows = []
+        for d in private_dirs:
+            private = load_adapter_state(d)
+            rows += [v.numpy().astype(np.float32)[0].tobytes() for k, v in private.items() if ".lora_B." in k]
+        assert rows and all(any(b) for b in rows)
+        for f in Path(folder).rglob("*"):
+            if f.is_file():
+                blob = f.read_bytes()
+                assert not any(row in blob for row in rows), f
+
+    return check

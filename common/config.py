@@ -62,7 +62,7 @@ class _Strict(BaseModel):
 
 # The tools whose command-line flags are declared here, on the Field each flag sets (see the
 # flag section at the end of this module, which builds their argparse arguments).
-FLAG_TOOLS = ("ftsim", "ftserver", "ftclient check")
+FLAG_TOOLS = ("ftsim", "ftserver", "ftclient check", "ftsim tune")
 _FLAG_NAME = re.compile(r"^--[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
@@ -753,6 +753,129 @@ class OutputConfig(_Strict):
     )
 
 
+# The federated validation metrics a study can optimise (server/record.py's Scores), and which way.
+TUNE_METRICS = {
+    "eval_loss": "minimize",
+    "exact_match": "maximize",
+    "personal_eval_loss": "minimize",
+    "personal_exact_match": "maximize",
+}
+
+
+class TuneParam(_Strict):
+    """One key of a study's search space: a float or int range (log-uniform with ``log``, on a
+    grid with ``step``) or a list of ``choices``. In a config file a bare list is the choices."""
+
+    type: Literal["float", "int", "categorical"] = Field(description="float, int or categorical.")
+    low: float | None = Field(None, description="The smallest value (float, int).")
+    high: float | None = Field(None, description="The largest value (float, int).")
+    log: bool = Field(False, description="Sample on a log scale (float, int; low > 0).")
+    step: float | None = Field(None, gt=0, description="Only values low + k x step (float, int; not with log).")
+    choices: list[Any] | None = Field(None, description="The values to choose among (categorical).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _choices_alone(cls, data: Any) -> Any:
+        # YAML: `peft.method: [lora, dora]` means the choices.
+        return {"type": "categorical", "choices": data} if isinstance(data, list) else data
+
+    @model_validator(mode="after")
+    def _fits(self) -> "TuneParam":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical: give choices, a non-empty list")
+            if any(not isinstance(c, (str, int, float, bool)) and c is not None for c in self.choices):
+                raise ValueError("choices: each must be a number, a word, true/false or null")
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("categorical: give choices only (low, high, log and step are for float and int)")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"{self.type}: give low and high, not choices (choices are for categorical)")
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.type}: give low < high (got low {self.low}, high {self.high})")
+        if self.type == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError(f"int: low and high must be whole numbers (got {self.low}, {self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: low must be above 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("log and step: give one of them")
+        return self
+
+
+class TuneConfig(_Strict):
+    """ftsim tune only: the hyperparameter study (Optuna). ftsim and ftserver ignore this section,
+    so the file a study ran from also runs as it is."""
+
+    space: dict[str, TuneParam] = Field(
+        default_factory=dict,
+        description="The search space: config key -> {type: float|int|categorical, low, high, log, step} or a list "
+        "of choices, e.g. {train.lr: {type: float, low: 1e-4, high: 3e-3, log: true}, peft.r: [4, 8, 16]}.",
+    )
+    trials: int = Field(
+        12,
+        ge=1,
+        le=100_000,
+        description="Trials to finish (completed or pruned), counted over every process sharing the study.",
+        json_schema_extra=flag("--trials", "ftsim tune", metavar="N"),
+    )
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=1e9,
+        description="Start no new trial after this many seconds (this process; default: no limit).",
+        json_schema_extra=flag("--timeout", "ftsim tune", metavar="SECONDS"),
+    )
+    metric: Literal["eval_loss", "exact_match", "personal_eval_loss", "personal_exact_match"] = Field(
+        "eval_loss",
+        description="The objective: the federated validation metric of a trial's last round (loss minimised, exact "
+        "match maximised; personal_*: the sites' personalized models, with federation.personalization).",
+    )
+    sampler: Literal["tpe", "random", "gp", "qmc"] = Field(
+        "tpe", description="Optuna's sampler: TPE, random, Gaussian process or quasi-Monte Carlo."
+    )
+    startup_trials: int | None = Field(
+        None,
+        ge=0,
+        le=100_000,
+        description="Random trials before TPE or GP models the results, and finished trials before the pruner "
+        "prunes (default: a quarter of tune.trials, at least 2).",
+    )
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median",
+        description="Stops a trial after a round whose federated metric is worse than the median of earlier trials' "
+        "at that round (median), or by successive halving over rounds (hyperband); none: every trial runs all rounds.",
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="The sampler's seed (a study's first process).")
+    storage: str | None = Field(
+        None,
+        description="Optuna storage URL shared by every process of the study (sqlite:///PATH, postgresql://..., "
+        "mysql://...); default: sqlite in the study folder (study.db).",
+        json_schema_extra=flag("--storage", "ftsim tune", metavar="URL"),
+    )
+    study: str = Field(
+        "fedtune",
+        min_length=1,
+        max_length=200,
+        description="The study's name in the storage.",
+        json_schema_extra=flag("--study", "ftsim tune", metavar="NAME"),
+    )
+    include_config: bool = Field(
+        True,
+        description="The study's first trial runs the config's own values of the searched keys (where they lie in "
+        "the space), so the study measures what it improves on.",
+    )
+    keep: int = Field(3, ge=0, le=100_000, description="Completed trials whose folders are kept: the best this many.")
+    keep_pruned: bool = Field(False, description="Keep pruned trials' folders too (default: removed).")
+
+    @property
+    def direction(self) -> str:
+        return TUNE_METRICS[self.metric]
+
+    @property
+    def startup(self) -> int:
+        return self.startup_trials if self.startup_trials is not None else max(2, self.trials // 4)
+
+
 class FedTuneConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     peft: PeftSettings = Field(default_factory=PeftSettings)
@@ -765,6 +888,7 @@ class FedTuneConfig(_Strict):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
     def _method_defaults(self) -> "FedTuneConfig":

@@ -257,13 +257,15 @@ _CONFIG_CACHE_SIZE = 8
 
 def site_config(cfg: FedTuneConfig) -> FedTuneConfig:
     """``cfg`` as it travels to a site: without what only the coordinator needs, i.e. the site
-    table (``federation.sites``: every site's name, data paths and rank) and the coordinator's
-    output folder (``output.dir``). Not re-validated (nothing it drops makes a config invalid);
-    the site side works with it as it is."""
+    table (``federation.sites``: every site's name, data paths and rank), the coordinator's
+    output folder (``output.dir``) and the study settings of ``ftsim tune`` (``tune``: its storage
+    URL may hold a database password). Not re-validated (nothing it drops makes a config
+    invalid); the site side works with it as it is."""
     return cfg.model_copy(
         update={
             "federation": cfg.federation.model_copy(update={"sites": []}),
             "output": cfg.output.model_copy(update={"dir": None}),
+            "tune": type(cfg.tune)(),
         }
     )
 

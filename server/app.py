@@ -370,9 +370,11 @@ def train_and_evaluate(
     keep_best(rs, rnd, say)
 
 
-def run_rounds(grid: Grid, rs: RunState, first: int, say: Printer) -> None:
-    """Rounds ``first``..federation.rounds, until a stop condition says otherwise."""
+def run_rounds(grid: Grid, rs: RunState, first: int, say: Printer, stop_after: Sequence[StopCondition] = ()) -> None:
+    """Rounds ``first``..federation.rounds, until a stop condition (:data:`STOP_BEFORE`,
+    :data:`STOP_AFTER`, then the caller's ``stop_after``) says otherwise."""
     last = rs.cfg.federation.rounds
+    after = (*STOP_AFTER, *stop_after)
     for rnd in range(first, last + 1):
         t = time.time()
         train, nodes = sites_for_round(grid, rs, say)
@@ -386,7 +388,7 @@ def run_rounds(grid: Grid, rs: RunState, first: int, say: Printer) -> None:
         train_and_evaluate(grid, rs, rnd, train, nodes, t, say)
         if rs.events is not None:
             rs.events.round(rs.rounds[-1])
-        if stop := why_stop(STOP_AFTER, rs, rnd, len(nodes)):
+        if stop := why_stop(after, rs, rnd, len(nodes)):
             rs.stopped = stop
         write_metrics(rs)
         prune_checkpoints(rs, say)
@@ -428,13 +430,15 @@ def run_federation(
     report_sections: Sequence[ReportSection] = (),
     explain_site: Callable[[str, str], str | None] | None = None,
     started: float | None = None,
+    stop_after: Sequence[StopCondition] = (),
 ) -> RunState:
     """``site_keys``: the registered sites' identity keys (SEC1 P-384 bytes) that secure
     aggregation publishes to the sites; None: the keys the sites present. ``report_sections``:
     the caller's parts of the end-of-run report (ftsim's sites' data), rendered with it once.
     ``explain_site``: ftsim's (site, status) -> why, read from that site's files (RunState).
     ``started``: when the run's clock starts (ftsim's own start, so that the report's wall time is
-    what its console shows); None: now."""
+    what its console shows); None: now. ``stop_after``: the caller's stop conditions, asked after
+    each recorded round as :data:`STOP_AFTER` are (``ftsim tune``'s pruner)."""
     rs = start_run(cfg, out, say, resume, site_keys)
     rs.explain_site = explain_site
     if started is not None:
@@ -457,7 +461,7 @@ def run_federation(
             f"budget epsilon {dp.epsilon:g} at delta {dp.delta:g}; spent so far {rs.accountant.epsilon():.3f}"
         )
     rs.first_round, rs.first_round_at = first, time.time()
-    run_rounds(grid, rs, first, say)
+    run_rounds(grid, rs, first, say, stop_after)
     finish_run(rs, say, report_sections)
     return rs
 
@@ -472,6 +476,7 @@ def make_server_app(
     report_sections: Sequence[ReportSection] = (),
     explain_site: Callable[[str, str], str | None] | None = None,
     started: float | None = None,
+    stop_after: Sequence[StopCondition] = (),
 ) -> ServerApp:
     """The ServerApp that runs :func:`run_federation` (its RunState, or the FederationError that
     ended it, appended to ``result``); ``report_sections`` go into the end-of-run report."""
@@ -481,7 +486,16 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         try:
             rs = run_federation(
-                grid, cfg, out, say, resume, site_keys, report_sections, explain_site=explain_site, started=started
+                grid,
+                cfg,
+                out,
+                say,
+                resume,
+                site_keys,
+                report_sections,
+                explain_site=explain_site,
+                started=started,
+                stop_after=stop_after,
             )
         except FederationError as e:
             say(f"FAILED: {e}")

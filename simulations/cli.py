@@ -270,7 +270,7 @@ def _with_ranks(cfg: FedTuneConfig, ranks: dict[str, int]) -> FedTuneConfig:
 
 
 def _resolve_run(args: argparse.Namespace) -> Resolved:
-    partition_flags = _has_partition_flags(args)
+    partition_flags = has_partition_flags(args)
     overrides = config_overrides(args, "ftsim")  # --out among them: output.dir
     if args.resume:
         return _resumed(args, overrides, partition_flags)
@@ -295,7 +295,7 @@ def _resolve_run(args: argparse.Namespace) -> Resolved:
     return Resolved(_check_sites(load(overrides)))
 
 
-def _has_partition_flags(args: argparse.Namespace) -> bool:
+def has_partition_flags(args: argparse.Namespace) -> bool:
     return bool(args.data or args.partition is not None or args.sites is not None or args.label_key is not None)
 
 
@@ -555,9 +555,10 @@ def _site_cpus(cfg: FedTuneConfig) -> float:
     return min(cfg.simulation.cpus_per_site, float(usable_cores()))
 
 
-def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False, started: float | None = None):
+def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False, started: float | None = None, stop_after=()):
     """Run the simulation; returns the server's RunState. Ray is shut down on every path. The
-    coordinator writes the report, with ftsim's sections (:func:`.report_sections.federation_sections`)."""
+    coordinator writes the report, with ftsim's sections (:func:`.report_sections.federation_sections`).
+    ``stop_after``: more stop conditions for the rounds (:func:`fedtune.server.app.run_federation`)."""
     from flwr.simulation import run_simulation
 
     from fedtune.client.app import make_client_app, sites_from_config
@@ -576,7 +577,16 @@ def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False, started:
     sections = federation_sections(out)
     explain = SiteExplainer(cfg)
     server_app = make_server_app(
-        cfg, out, say, result, resume, site_keys, report_sections=sections, explain_site=explain, started=started
+        cfg,
+        out,
+        say,
+        result,
+        resume,
+        site_keys,
+        report_sections=sections,
+        explain_site=explain,
+        started=started,
+        stop_after=stop_after,
     )
     client_app = make_client_app(sites, device=None if cfg.model.device == "auto" else cfg.model.device)
     prepare_engine()
@@ -603,6 +613,11 @@ def run(cfg: FedTuneConfig, out: Path, say=print, resume: bool = False, started:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tune"]:  # ftsim tune: a hyperparameter study over federations (simulations/tune.py)
+        from fedtune.simulations.tune import main as tune_main
+
+        return tune_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         resolved = resolve_run(args)

@@ -523,3 +523,68 @@ def test_partitioned_sites_mixed_ranks_and_dp_under_secure_aggregation(tiny_mode
     assert "## Sites' data" in report and "client-level differential privacy" in report
     for name, site in composition["sites"].items():
         assert f"| {name} | {site['records']} | " in report
+
+
+def test_a_study_killed_mid_trial_resumes_and_finishes_its_trials(tiny_model_dir, tmp_path):
+    """ftsim tune as a user runs it (real processes, Ray): kill -9 while trial 1 trains, then
+    --resume: the study finishes its 3 trials; trial 0 is not trained again, trial 1 goes on from
+    its folder's checkpoint; best.yaml runs as ftsim's config; no Ray process is left."""
+    import signal
+
+    import yaml
+
+    from fedtune.common.config import load_config
+
+    study = {
+        "model": {"name": str(tiny_model_dir), "device": "cpu", "dtype": "float32"},
+        "peft": {"r": 4, "alpha": 8.0},
+        "data": {"max_length": 192},
+        "train": {"local_steps": 2, "batch_size": 2},
+        "eval": {"max_examples": 2, "exact_match": False, "forgetting": False},
+        "federation": {
+            "rounds": 3,
+            "sites": [{"name": "a", "train": str(DATA / "legal/train.jsonl")}, {"name": "b", "train": str(DATA / "medical/train.jsonl")}],
+        },
+        "tune": {"space": {"train.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}, "trials": 3, "sampler": "random", "pruner": "none"},
+    }  # fmt: skip
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(yaml.safe_dump(study), encoding="utf-8")
+    out = tmp_path / "study"
+    before = _ray_processes()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedtune.simulations.cli", "tune", "--config", str(cfg), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def recorded(trial: int) -> list[int]:
+        try:
+            doc = json.loads((out / "trials" / f"trial-{trial:04d}" / "metrics.json").read_text())
+            return [r["round"] for r in doc["rounds"]]
+        except (OSError, ValueError, KeyError):
+            return []
+
+    deadline = time.time() + 400
+    while time.time() < deadline and max(recorded(1), default=0) < 1:
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert recorded(0) == [0, 1, 2, 3] and max(recorded(1)) in (1, 2)
+    trial0 = (out / "trials" / "trial-0000" / "metrics.json").read_bytes()
+    _wait_gone(before, 30)
+
+    res = _ftsim(["tune", "--resume", str(out)], timeout=600)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    assert "interrupted trial(s) 1 go on from their last checkpoint" in log
+    assert "trial 2 (trial 1 continued)" in log and "best of 3 trials" in log
+    assert (out / "trials" / "trial-0000" / "metrics.json").read_bytes() == trial0
+    assert recorded(1) == [0, 1, 2, 3]
+    assert "resuming after round" in (out / "trials" / "trial-0001" / "ftsim.log").read_text()
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in rows[1:]] == ["complete", "fail", "complete", "complete"]
+    best = load_config(out / "best.yaml")
+    assert 1e-3 <= best.train.lr <= 3e-2 and [s.name for s in best.federation.sites] == ["a", "b"]
+    assert "history.png" in (out / "report.md").read_text() and (out / "history.png").is_file()
+    assert not _wait_gone(before)

@@ -465,10 +465,16 @@ def _tool_parsers():
 
     from fedtune.common.config import add_config_flags
     from fedtune.simulations import cli as ftsim
+    from fedtune.simulations import tune as fttune
 
     check = argparse.ArgumentParser(prog="ftclient check")
     add_config_flags(check, "ftclient check")
-    return {"ftsim": ftsim.build_parser(), "ftserver": ftserver.build_parser(), "ftclient check": check}
+    return {
+        "ftsim": ftsim.build_parser(),
+        "ftserver": ftserver.build_parser(),
+        "ftclient check": check,
+        "ftsim tune": fttune.build_parser(),
+    }
 
 
 def _sample(f) -> list[str]:

@@ -530,10 +530,12 @@ def test_a_new_stop_condition_is_one_function_in_the_list(tiny_config, tmp_path,
 
 
 def test_the_config_a_site_gets_names_no_sites_paths_nor_the_output_folder(tiny_config, tmp_path):
+    """Nor the study's settings (ftsim tune): its storage URL may carry a database password."""
     rs = run_state(tiny_config, tmp_path)
     sites = [{"name": "alpha", "train": "/secret/alpha/train.jsonl"}, {"name": "beta", "train": "/secret/beta.jsonl"}]
     data = json.loads(rs.cfg.to_json())
     data["federation"]["sites"], data["output"]["dir"] = sites, str(tmp_path / "out")
+    data["tune"].update(storage="postgresql://tuner:hunter2@db/secret", study="secret-study")
     rs.cfg = type(rs.cfg).model_validate(data)
     grid = FakeGrid({1: trainer("alpha"), 2: trainer("beta")})
     server.run_training_round(grid, [1, 2], rs, 1, lambda s: None)
@@ -543,4 +545,5 @@ def test_the_config_a_site_gets_names_no_sites_paths_nor_the_output_folder(tiny_
         text = m.content[messages.CONFIG][messages.CONFIG_KEY]  # as sent (RoundConfig would parse it)
         sent = json.loads(text)
         assert sent["federation"]["sites"] == [] and sent["output"]["dir"] is None and "/secret/" not in text
+        assert "hunter2" not in text and "secret" not in text
         assert sent["model"] == data["model"] and sent["train"] == data["train"]  # the rest as it is

@@ -289,6 +289,17 @@ def own_values(cfg: FedTuneConfig) -> dict[str, Any]:
     return own
 
 
+def in_space(p: TuneParam, value: Any) -> bool:
+    """Whether ``value`` is one the search space's key ``p`` can take."""
+    if p.type == "categorical":
+        return any(value == c and type(value) is type(c) for c in p.choices)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not p.low <= value <= p.high:
+        return False
+    if p.type == "int" and not float(value).is_integer():
+        return False
+    return True
+
+
 def suggest(trial, space: dict[str, TuneParam]) -> dict[str, Any]:
     params = {}
     for key, p in space.items():
@@ -311,7 +322,7 @@ def _optuna():
         import optuna
     except ImportError:
         raise ImportError("ftsim tune needs Optuna: pip install 'fedtune[tune]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # what a trial did, ftsim tune says itself
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 
@@ -561,17 +572,25 @@ class Study:
     def objective(self, trial) -> float:
         tc = self.cfg.tune
         origin = trial.user_attrs.get(RESUMES, trial.number)
-        params = suggest(trial, tc.space)
+        if isinstance(origin, bool) or not isinstance(origin, int) or not 0 <= origin <= trial.number:
+            origin = trial.number  # not a trial this study had: a folder of its own
+        try:
+            params = suggest(trial, tc.space)
+        except ValueError as e:  # an enqueued categorical value that is not a choice
+            trial.set_user_attr(INVALID, f"not run: outside the search space: {e}")
+            self.say(f"trial {trial.number} not run (recorded as failed): outside the search space: {e}")
+            raise InvalidTrial(str(e)) from None
         folder = self.trials_dir / f"trial-{origin:04d}"
         own = " (the config's own values)" if trial.user_attrs.get(OWN) else ""
         label = f"trial {trial.number}" + (f" (trial {origin} continued)" if origin != trial.number else own)
         try:
+            outside = [f"{k} {v!r}" for k, v in params.items() if not in_space(tc.space[k], v)]
+            if outside:  # an enqueued trial's fixed values: Optuna uses them even out of range
+                raise InvalidTrial(f"not run: outside the search space:\n{', '.join(outside)}")
             tcfg = trial_config(self.cfg, params, folder)
         except InvalidTrial as e:
             trial.set_user_attr(INVALID, str(e))
-            self.say(
-                f"{label}: its parameters do not make a valid config, recorded as failed: {str(e).splitlines()[-1].strip()}"
-            )
+            self.say(f"{label} not run (recorded as failed): " + " ".join(line.strip() for line in str(e).splitlines()))
             raise
         steps = (tcfg.train.local_steps or 0) * len(tcfg.federation.sites)
         for k, v in {

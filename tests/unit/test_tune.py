@@ -203,6 +203,29 @@ def test_a_killed_process_s_trial_is_continued_and_a_live_one_is_left_alone(tmp_
     assert tune.requeue_interrupted(study, out / "trials") == []  # once
 
 
+def test_a_trial_written_into_the_storage_outside_the_search_space_is_not_run(tmp_path, tiny_config, capsys):
+    """Whoever can write a shared study's storage can enqueue trials, and Optuna uses an enqueued
+    trial's values even out of range: each process runs only values its own search space allows."""
+    out = tmp_path / "study"
+    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}, "peft.r": [2, 4]}
+    cfg = study_file(tmp_path, tiny_config, space, trials=1, include_config=False)
+    out.mkdir()
+    hostile = optuna.create_study(study_name="fedtune", storage=f"sqlite:///{out / tune.DB_FILE}")
+    hostile.enqueue_trial({"train.lr": 50.0, "peft.r": 4}, user_attrs={tune.RESUMES: "../../elsewhere"})
+    hostile.enqueue_trial({"train.lr": 1e-2, "peft.r": 64})
+    runs = InProcess()
+    with pytest.warns(UserWarning, match="Fixed parameter train.lr with value 50.0 is out of range"):  # Optuna's own
+        assert tune.main(["--config", cfg, "--out", str(out)], federate=runs) == exits.OK
+    first, second, third = load(out).get_trials()
+    assert first.state.name == second.state.name == "FAIL" and third.state.name == "COMPLETE"
+    assert "train.lr 50.0" in first.user_attrs[tune.INVALID] and "'64' not in (2, 4)" in second.user_attrs[tune.INVALID]
+    assert runs.calls == [("trial-0002", False)]  # neither hostile trial trained, nor named a folder
+    assert (
+        "trial 0 not run (recorded as failed): not run: outside the search space: train.lr 50.0"
+        in capsys.readouterr().out
+    )
+
+
 @pytest.mark.parametrize(
     "space, expected",
     [

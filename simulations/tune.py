@@ -178,9 +178,9 @@ def resolve_study(args) -> tuple[FedTuneConfig, Path]:
     tune_flags = config_overrides(_without_set(args), "ftsim tune")
     if args.resume:
         return _resumed(args, tune_flags)
-    if args.out is None:
-        args.out = f"ftsim-runs/tune-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(args.out)
+    # Absolute: the trials' folders are recorded in the storage, and a resume may start elsewhere.
+    out = Path(args.out or f"ftsim-runs/tune-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    args.out = str(out)
     if (out / STUDY_FILE).is_file():
         raise ConfigError(f"--out {out} already holds a study; continue it with: ftsim tune --resume {out}")
     demo = not (args.config or args.site or cli.has_partition_flags(args))
@@ -213,7 +213,7 @@ def _resumed(args, tune_flags: dict) -> tuple[FedTuneConfig, Path]:
             f"--resume DIR continues the study with its saved config; don't combine it with {', '.join(given) or '--set or the partition flags'} "
             "(the study's own flags, such as --trials, may be given)"
         )
-    out = Path(args.resume)
+    out = Path(args.resume).resolve()
     path = out / STUDY_FILE
     if not path.is_file():
         raise ConfigError(f"--resume {out}: no study to resume (no {STUDY_FILE})")
@@ -533,6 +533,8 @@ class Study:
         self.trials_dir = out / TRIALS_DIR
         self.started = time.time()
         self.ran: list[float] = []  # this process's trials' wall times
+        self.invalid_in_row = 0  # sampled trials whose parameters made no valid config, one after another
+        self.all_invalid = False  # the study stopped on them
 
     # -- counting
     def finished(self) -> list:
@@ -624,6 +626,11 @@ class Study:
 
     def _after_trial(self, study, frozen) -> None:
         st = self.optuna.trial.TrialState
+        self.invalid_in_row = self.invalid_in_row + 1 if INVALID in frozen.user_attrs else 0
+        if self.invalid_in_row >= max(10, self.cfg.tune.trials):
+            self.say(f"stopping: {self.invalid_in_row} trials in a row did not make a valid config (see above)")
+            self.all_invalid = True
+            study.stop()
         done = len(self.finished())
         left = max(self.cfg.tune.trials - done, 0)
         eta = f"; ETA {_duration(sum(self.ran) / len(self.ran) * left)}" if self.ran and left else ""
@@ -682,7 +689,7 @@ class Study:
         done = len(self.finished())
         if best is None:
             self.say(f"{done} trial(s) finished and none completed: no best config (see {self.out / 'report.md'})")
-            return exits.FAILED if done else exits.OK
+            return exits.BAD_INPUT if self.all_invalid else exits.FAILED if done else exits.OK
         self.say(
             f"best of {done} trials: trial {best.number}, {self.cfg.tune.metric} {best.value:.4f} ({shown_params(best.params)})"
         )

@@ -226,6 +226,18 @@ def test_a_trial_written_into_the_storage_outside_the_search_space_is_not_run(tm
     )
 
 
+def test_a_space_whose_every_combination_is_invalid_stops_instead_of_sampling_forever(tmp_path, tiny_config, capsys):
+    """Each value alone makes a valid config, together they never do ('dual' stacks a LoRA, IA3 does not)."""
+    space = {"federation.personalization": ["dual"], "peft.method": ["ia3"]}
+    runs = InProcess()
+    cfg = study_file(tmp_path, tiny_config, space, trials=2)
+    assert tune.main(["--config", cfg, "--out", str(tmp_path / "s")], federate=runs) == exits.BAD_INPUT
+    assert not runs.calls and len(load(tmp_path / "s").get_trials()) == 10
+    printed = capsys.readouterr().out
+    assert "stopping: 10 trials in a row did not make a valid config" in printed
+    assert "federation.personalization 'dual' adds a private LoRA" in printed
+
+
 @pytest.mark.parametrize(
     "space, expected",
     [

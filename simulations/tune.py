@@ -221,6 +221,11 @@ def _resumed(args, tune_flags: dict) -> tuple[FedTuneConfig, Path]:
         saved = json.loads(path.read_text(encoding="utf-8"))["config"]
     except (ValueError, KeyError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not a study file ({e})") from None
+    stored = (saved.get("tune") or {}).get("storage")
+    if isinstance(stored, str) and "***" in stored and "tune.storage" not in tune_flags:  # written by open_study
+        raise ConfigError(
+            f"--resume {out}: the study's storage is {stored}; give its URL with the password: --storage URL"
+        )
     return load_config(None, tune_flags, base=saved, source=str(path)), out
 
 
@@ -391,8 +396,17 @@ def open_study(cfg: FedTuneConfig, out: Path):
         )
     if joined:  # another process's trials are in it: seed this one apart, or it would suggest what they did
         study.sampler = _sampler(optuna, cfg, len(study.trials))
-    atomic_write_json(out / STUDY_FILE, {"config": json.loads(cfg.to_json()), "storage": shown_url(url)})
+    atomic_write_json(out / STUDY_FILE, study_record(cfg, url))
     return study
+
+
+def study_record(cfg: FedTuneConfig, url: str) -> dict:
+    """OUT/study.json: the study's config and storage, never a database password (a resume of a
+    study whose URL has one is given the URL again)."""
+    saved = json.loads(cfg.to_json())
+    if cfg.tune.storage:
+        saved["tune"]["storage"] = shown_url(cfg.tune.storage)
+    return {"config": saved, "storage": shown_url(url)}
 
 
 def _sampler(optuna, cfg: FedTuneConfig, offset: int):

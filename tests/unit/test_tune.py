@@ -260,6 +260,19 @@ def test_the_search_space_is_checked_against_the_schema_naming_the_key(tmp_path,
     assert expected in capsys.readouterr().err
 
 
+def test_the_study_folder_never_holds_the_storage_password_and_a_resume_asks_for_it(tmp_path, tiny_config, capsys):
+    space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    data = json.loads(load_config(study_file(tmp_path, tiny_config, space)).to_json())
+    data["tune"]["storage"] = url = "postgresql://tuner:hunter2@db.example/studies"
+    out = tmp_path / "study"
+    out.mkdir()
+    record = json.dumps(tune.study_record(load_config(None, base=data), url))
+    assert "hunter2" not in record and "postgresql://tuner:***@db.example/studies" in record
+    (out / tune.STUDY_FILE).write_text(record)
+    assert tune.main(["--resume", str(out)], federate=InProcess()) == exits.BAD_INPUT
+    assert "give its URL with the password: --storage URL" in capsys.readouterr().err
+
+
 def test_a_process_that_joins_a_study_with_another_config_is_refused_naming_the_key(tmp_path, tiny_config):
     space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
     cfg = load_config(study_file(tmp_path, tiny_config, space))

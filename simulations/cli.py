@@ -5,6 +5,7 @@
     ftsim --data FILE ... --partition dirichlet:0.3 --sites 4   # one dataset split into virtual sites
     ftsim --config run.yaml --rounds 5 --set train.lr=1e-4
     ftsim --baselines                       # then each site alone and all data pooled, at equal compute
+    ftsim tune --config study.yaml          # a hyperparameter study over such runs (simulations/tune.py)
 
 Flags override the config file, which overrides the defaults. The run's outputs go to
 ``--out`` (default ``ftsim-runs/<time>``): ``adapter/``, ``checkpoints/``, ``metrics.json``,
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ftsim",
         description="Run a federated fine-tuning simulation with virtual sites on this machine. "
-        "With no arguments: the built-in demo (medical, legal and financial sites, bundled data, default model).",
+        "With no arguments: the built-in demo (medical, legal and financial sites, bundled data, default model). "
+        "'ftsim tune ...' searches hyperparameters over such runs (ftsim tune --help).",
         epilog=exits.epilog(),
         formatter_class=exits.HelpFormatter,
     )

@@ -106,6 +106,11 @@ def build_parser():
     add_config_flags(
         p, "ftsim tune", description="the study (the config's tune section; every key: docs/configuration.md)"
     )
+    for action in p._actions:
+        if "--resume" in action.option_strings:
+            action.help = "continue the study in DIR (its config is in DIR/study.json; --trials N raises its budget)"
+        elif "--out" in action.option_strings:
+            action.help = "the study's folder: study.db, trials/, best.yaml, report.md (default ftsim-runs/tune-<time>)"
     return p
 
 

@@ -741,6 +741,11 @@ def best_config(cfg: FedTuneConfig, params: dict[str, Any]) -> dict:
     full = trial_config(cfg, params, None)
     data = full.model_dump(mode="json", exclude_defaults=True)
     data.pop("tune", None)
+    secure = data.get("secure_aggregation") or {}
+    if secure.get("enabled") is False:  # ftsim's default (off): left to each tool, so ftserver keeps it on
+        secure.pop("enabled")
+        if not secure:
+            data.pop("secure_aggregation")
     (data.get("output") or {}).pop("dir", None)
     if not data.get("output"):
         data.pop("output", None)

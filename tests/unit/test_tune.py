@@ -107,6 +107,7 @@ def test_a_study_completes_and_hands_back_a_best_yaml_that_runs_as_a_config(tmp_
     args = ftserver.build_parser().parse_args(["--config", str(out / "best.yaml"), "--out", str(tmp_path / "srv")])
     served, _, _ = ftserver.resolve(args)  # the coordinator's reading: sites' paths dropped, their count kept
     assert served.train.lr == best_cfg.train.lr and served.federation.expected_sites == 2
+    assert served.secure_aggregation.enabled  # the trials ran without it (ftsim's default): ftserver's default stands
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert [int(r["trial"]) for r in rows] == [0, 1, 2] and {r["state"] for r in rows} == {"complete"}
     report = (out / "report.md").read_text()

@@ -169,6 +169,7 @@ def _plots(runner: Study) -> tuple[list[str], dict[str, str]]:
                 warnings.simplefilter("ignore")
                 axes = draw()
             fig = _figure(axes)
+            _label(name, axes, runner.cfg.tune.metric)
             fig.savefig(path, dpi=PLOT_DPI, bbox_inches="tight")
             plt.close(fig)
             made.append(name)
@@ -176,6 +177,25 @@ def _plots(runner: Study) -> tuple[list[str], dict[str, str]]:
             skipped[name] = f"{type(e).__name__}: {e}"
             plt.close("all")
     return made, skipped
+
+
+def _label(name: str, axes, metric: str) -> None:
+    """Optuna's generic labels in the study's words: rounds, the metric; log axes without minor labels."""
+    from matplotlib.ticker import NullFormatter
+
+    every = list(axes.flat) if hasattr(axes, "flat") else [axes]
+    for ax in every:
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_minor_formatter(NullFormatter())
+    first = every[0]
+    if name == "rounds.png":
+        first.set_xlabel("round")
+        first.set_ylabel(f"federated {metric}")
+        first.set_title("Each trial's rounds (what the pruner saw)")
+    elif name == "history.png":
+        first.set_ylabel(f"federated {metric}")
+    elif name == "slice.png":
+        first.set_ylabel(f"federated {metric}")
 
 
 def _figure(axes):
